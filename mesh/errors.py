@@ -1,0 +1,87 @@
+"""Errors of the mesh package.
+
+Rule 1: nothing outside `mesh/` ever sees a libp2p, msgpack or PyNaCl exception; each home
+module converts them to one of these at its boundary.
+Rule 2: keep trio's distinction between the remote side misbehaving (`PeerProtocolError`,
+which raises the peer's ban score), an outside failure (`TransportBroken`) and our own
+close (`ClosedError`).
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error raised by `mesh`."""
+
+
+class PeerProtocolError(MeshError):
+    """The remote side sent something it must not send. Counts against its score."""
+
+
+class MalformedMessage(PeerProtocolError):
+    """Bytes that do not decode to the expected typed record."""
+
+
+class OversizeMessage(MalformedMessage):
+    """A frame or payload over the configured size cap."""
+
+
+class InvalidSignature(PeerProtocolError):
+    """A signature that does not verify for the claimed sender and domain."""
+
+
+class WrongDomain(InvalidSignature):
+    """A validly signed message for another purpose (domain separation)."""
+
+
+class StaleMessage(PeerProtocolError):
+    """A timestamp older than the accepted window."""
+
+
+class FutureMessage(PeerProtocolError):
+    """A timestamp further ahead than the accepted clock drift."""
+
+
+class ReplayedMessage(PeerProtocolError):
+    """A nonce already seen inside the window."""
+
+
+class UnknownSender(PeerProtocolError):
+    """A sender that is not (or no longer) a member."""
+
+
+class TransportBroken(MeshError):
+    """An outside failure: connection reset, peer gone, deadline passed."""
+
+
+class ClosedError(MeshError):
+    """We closed this resource ourselves; using it afterwards is a bug of the caller."""
+
+
+class DecryptionFailed(PeerProtocolError):
+    """Ciphertext that does not authenticate under our key (forged, corrupted or not for us)."""
+
+
+class KeyFileError(MeshError):
+    """A node key file that cannot be used: wrong format, wrong size or unsafe permissions."""
+
+
+class InsecureKeyFile(KeyFileError):
+    """A node key file readable or writable by group or others."""
+
+
+class KeyFileExists(KeyFileError):
+    """Refusing to overwrite an existing node key file (pass force=True to replace it)."""
+
+
+class NoRoute(MeshError):
+    """No live, non-excluded host covers some atom a job needs (`mesh.routing`).
+
+    Args:
+        message: what was asked, which atom is missing and how many hosts were considered.
+        atom: the first atom index that no usable host covers.
+    """
+
+    def __init__(self, message: str, *, atom: int) -> None:
+        super().__init__(message)
+        self.atom = atom

@@ -1,0 +1,158 @@
+"""The local job API server: a Unix socket of mode 0600 speaking framed `mesh.wire` records.
+
+Rule 1: one request per connection, then replies; intermediate replies are of a type in
+`protocol.EVENT_TYPES`, anything else ends the exchange.
+Rule 2: a bad request gets an `ErrorReply` and the server keeps serving: a malformed frame,
+an unknown request type, a request over the size cap, a slow client (deadline) or a handler
+bug never take the daemon down.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import structlog
+import trio
+
+from mesh.errors import MalformedMessage, OversizeMessage
+from mesh.wire import FrameDecoder, decode_any, encode, frame
+
+from .errors import NEXUS_ERRORS, ApiError
+from .metrics import Metrics
+from .protocol import ErrorReply
+
+log = structlog.get_logger(__name__)
+
+Emit = Callable[[object], Awaitable[None]]
+Handler = Callable[[Any, Emit], Awaitable[object]]
+
+
+class ApiServer:
+    """Serves registered request types on a Unix socket.
+
+    Args:
+        path: the socket file; created 0600, replaced if stale (the caller holds the node lock).
+        max_request_bytes: cap on one request frame.
+        request_timeout_s: deadline for reading the request (not for the job itself).
+        max_clients: connections served at once; more wait in the kernel backlog.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_request_bytes: int,
+        request_timeout_s: float,
+        max_clients: int,
+        metrics: Metrics,
+    ) -> None:
+        self.path = path
+        self._max = max_request_bytes
+        self._timeout = request_timeout_s
+        self._slots = trio.CapacityLimiter(max_clients)
+        self._routes: dict[type, Handler] = {}
+        self._metrics = metrics
+
+    def route(self, request_type: type, handler: Handler) -> None:
+        """Serve `request_type` with `handler(request, emit) -> final reply`."""
+        self._routes[request_type] = handler
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """Listen and serve forever; `task_status.started()` once the socket accepts."""
+        sock = await self._bind()
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._serve_one, stream)
+        finally:
+            self.path.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+    async def _bind(self) -> trio.socket.SocketType:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        self.path.unlink(missing_ok=True)  # stale: we hold the node lock, no daemon owns it
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is born 0600: no window where others can connect
+        try:
+            await sock.bind(str(self.path))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.ENAMETOOLONG or "too long" in str(exc):
+                raise ApiError("bad_request", f"socket path too long: {self.path}") from None
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(128)
+        return sock
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
+        async with self._slots, stream:
+            try:
+                request = await self._read_request(stream)
+                reply = await self._dispatch(request, stream)
+            except ApiError as exc:
+                self._metrics.inc("api_requests_refused_total", code=exc.code)
+                log.info("api_request_refused", code=exc.code, reason=exc.message)
+                reply = ErrorReply(exc.code, exc.message)
+            except NEXUS_ERRORS as exc:
+                self._metrics.inc("api_requests_refused_total", code="failed")
+                log.warning("api_request_failed", error=type(exc).__name__, reason=str(exc))
+                reply = ErrorReply("failed", f"{type(exc).__name__}: {exc}")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("api_client_gone")
+                return
+            except Exception as exc:  # boundary: one client's request, never the daemon
+                log.exception("api_handler_crashed", error=type(exc).__name__)
+                self._metrics.inc("api_requests_refused_total", code="internal")
+                reply = ErrorReply("internal", f"internal error ({type(exc).__name__}); see log")
+            try:
+                with trio.fail_after(self._timeout):
+                    await stream.send_all(frame(encode(reply), max_frame_bytes=self._max))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                log.debug("api_client_gone_before_reply")
+
+    async def _read_request(self, stream: trio.SocketStream) -> object:
+        decoder = FrameDecoder(self._max)
+        try:
+            with trio.fail_after(self._timeout):
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        raise ApiError("malformed", "connection closed before a whole request")
+                    frames = decoder.feed(data)
+                    if frames:
+                        break
+        except trio.TooSlowError:
+            raise ApiError("malformed", f"no whole request within {self._timeout} s") from None
+        except OversizeMessage as exc:
+            raise ApiError("malformed", f"request too large: {exc}") from None
+        if len(frames) > 1 or decoder.pending_bytes:
+            raise ApiError("malformed", "one request per connection; got more bytes after it")
+        try:
+            return decode_any(frames[0], tuple(self._routes))
+        except MalformedMessage as exc:
+            raise ApiError("malformed", str(exc)) from None
+
+    async def _dispatch(self, request: object, stream: trio.SocketStream) -> object:
+        handler = self._routes[type(request)]
+        kind = type(request).__name__
+        self._metrics.inc("api_requests_total", kind=kind)
+        log.debug("api_request", kind=kind)
+
+        async def emit(event: object) -> None:
+            await stream.send_all(frame(encode(event), max_frame_bytes=self._max))
+
+        return await handler(request, emit)
+
+

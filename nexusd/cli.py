@@ -1,0 +1,146 @@
+"""The `nexusd` command line.
+
+Rule 1: `main(argv) -> int` never calls sys.exit and is tested in-process.
+Rule 2: flags that set config keys are declared with `dest="section.key"` and merged by one
+generic function (`_flag_overrides`), so each flag is one line and precedence is uniform:
+defaults < file < NEXUSD_* environment < flags.
+Rule 3: every command that prints data accepts `--json`; errors go to stderr as one line
+`nexusd: error: ...` with exit code 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .config import Config, load_config
+from .errors import NEXUS_ERRORS, ApiError
+from .logging import configure_logging
+from .paths import NodePaths, resolve_paths
+
+Command = Callable[[argparse.Namespace, Config, NodePaths], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `nexusd` command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        cfg = _load(args)
+        paths = resolve_paths(
+            cfg.node.data_dir, cfg.node.runtime_dir, os.environ, cfg.api.socket_path
+        )
+        stream = sys.stdout if args.command == "run" else sys.stderr
+        configure_logging(args.log_level or cfg.log.level, cfg.log.format, stream)
+        handler: Command = args.handler
+        return handler(args, cfg, paths)
+    except ApiError as exc:
+        print(f"nexusd: error: {exc.message} [{exc.code}]", file=sys.stderr)
+        return 1
+    except NEXUS_ERRORS as exc:
+        print(f"nexusd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nexusd: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """Config from the file, then env, then flags.
+
+    The file: --config, else $NEXUSD_CONFIG, else $CONFIGURATION_DIRECTORY/config.toml
+    (systemd) if it exists, else DATA_DIR/config.toml if it exists, else none.
+    """
+    overrides = _flag_overrides(args)
+    explicit = args.config or os.environ.get("NEXUSD_CONFIG")
+    systemd_conf = Path(os.environ.get("CONFIGURATION_DIRECTORY", "/nonexistent")) / "config.toml"
+    if explicit:
+        path: Path | None = Path(explicit)
+    elif systemd_conf.exists():
+        path = systemd_conf
+    else:
+        data_dir = overrides.get("node.data_dir") or os.environ.get("NEXUSD_NODE__DATA_DIR", "")
+        probe = resolve_paths(str(data_dir), "", os.environ)
+        path = probe.config_file if probe.config_file.exists() else None
+    return load_config(path, env=os.environ, overrides=overrides)
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k, v in vars(args).items() if "." in k and v is not None}
+
+
+def emit(args: argparse.Namespace, data: object, human: Callable[[], str]) -> None:
+    """Print `data` as JSON with --json, else the human rendering."""
+    if getattr(args, "json", False):
+        print(json.dumps(_jsonable(data), indent=2, sort_keys=True))
+    else:
+        print(human())
+
+
+def _jsonable(data: object) -> object:
+    if is_dataclass(data) and not isinstance(data, type):
+        return _jsonable(asdict(data))
+    if isinstance(data, dict):
+        return {str(k): _jsonable(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_jsonable(v) for v in data]
+    if isinstance(data, bytes):
+        return data.hex()
+    if isinstance(data, Path):
+        return str(data)
+    return data
+
+
+def call_daemon(paths: NodePaths, request: object, **kwargs: object) -> object:
+    """Send one request to the local daemon (blocking; the CLI has nothing else to do)."""
+    from .client import call
+
+    return trio.run(lambda: call(paths.socket, request, **kwargs))  # type: ignore[arg-type]
+
+
+# ---- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nexusd",
+        description=(
+            "NEXUS mesh node: run neural networks across the devices you own. "
+            "Every device runs `nexusd run`; the other commands talk to the local daemon "
+            "through its Unix socket."
+        ),
+        epilog="Quick start: nexusd demo   (a local 3-node mesh with real jobs)",
+    )
+    parser.add_argument("--version", action="version", version=f"nexusd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import commands
+
+    for spec in commands.COMMANDS:
+        p = sub.add_parser(spec.name, help=spec.help, description=spec.description or spec.help)
+        _common(p, json_flag=spec.json)
+        spec.configure(p)
+        p.set_defaults(handler=spec.run)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--data-dir", dest="node.data_dir", metavar="DIR",
+                   help="node data directory (default: $XDG_DATA_HOME/nexusd)")
+    g.add_argument("--config", metavar="FILE",
+                   help="config file (default: $NEXUSD_CONFIG, else DATA_DIR/config.toml)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="log verbosity (config: log.level)")
+    if json_flag:
+        g.add_argument("--json", action="store_true", help="print machine-readable JSON")

@@ -1,0 +1,8 @@
+"""All `nexusd` subcommands, one module per area; `COMMANDS` is the ordered list."""
+
+from __future__ import annotations
+
+from .base import CommandSpec as CommandSpec
+from .node import NODE_COMMANDS
+
+COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS,)

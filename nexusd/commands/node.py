@@ -1,0 +1,91 @@
+"""Node commands: init, run, status, stop."""
+
+from __future__ import annotations
+
+import argparse
+
+import trio
+
+from ..cli import call_daemon, emit
+from ..config import Config
+from ..daemon import run_daemon
+from ..node_files import init_node
+from ..paths import NodePaths
+from ..protocol import OkReply, ShutdownRequest, StatusReply, StatusRequest
+from .base import CommandSpec, human_duration, no_flags
+
+
+def _init_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="a human name for this node (default: the host name)")
+    p.add_argument("--port", dest="mesh.listen_port", type=int, metavar="P",
+                   help="mesh listen port (0: any free port; config: mesh.listen_port)")
+    p.add_argument("--listen-host", dest="mesh.listen_host", metavar="H",
+                   help="mesh listen address (config: mesh.listen_host)")
+    p.add_argument("--new-mesh", action="store_true",
+                   help="also create a new mesh with this node as its founder and admin")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing node key / mesh (the node becomes a new node)")
+
+
+def _init(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
+    res = init_node(paths, cfg, name=args.name or "", new_mesh=args.new_mesh, force=args.force)
+    emit(args, res, lambda: "\n".join([
+        f"initialised node {res.node_id[:16]}… ({res.name}) in {res.data_dir}",
+        f"config: {res.config_file}",
+        f"mesh:   {res.mesh_id} (founder: this node)" if res.mesh_id
+        else "mesh:   none yet (create one with --new-mesh, or `nexusd join TOKEN`)",
+    ]))  # fmt: skip
+    return 0
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", dest="mesh.listen_port", type=int, metavar="P",
+                   help="mesh listen port (config: mesh.listen_port)")
+    p.add_argument("--listen-host", dest="mesh.listen_host", metavar="H",
+                   help="mesh listen address (config: mesh.listen_host)")
+    p.add_argument("--metrics-port", dest="metrics.listen_port", type=int, metavar="P",
+                   help="serve Prometheus metrics on 127.0.0.1:P (config: metrics.listen_port)")
+
+
+def _run(_args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
+    trio.run(run_daemon, cfg, paths)
+    return 0
+
+
+def _status(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, StatusRequest())
+    assert isinstance(reply, StatusReply)
+    emit(args, reply, lambda: _status_text(reply))
+    return 0
+
+
+def _status_text(r: StatusReply) -> str:
+    rows = [
+        ("node", f"{r.node_id[:16]}… ({r.name})"),
+        ("version", r.version),
+        ("pid / uptime", f"{r.pid} / {human_duration(r.uptime_s)}"),
+        ("mesh", r.mesh_id or "none (nexusd join TOKEN)"),
+        ("listening", ", ".join(r.listen_addrs) or "-"),
+        ("peers", f"{r.peers_connected} connected, {r.members} members"),
+        ("hosting", ", ".join(r.hosted) or "-"),
+        ("data dir", r.data_dir),
+        ("socket", r.socket_path),
+    ]
+    return "\n".join(f"{k:<13} {v}" for k, v in rows)
+
+
+def _stop(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, ShutdownRequest())
+    assert isinstance(reply, OkReply)
+    emit(args, {"stopping": True}, lambda: "daemon is stopping")
+    return 0
+
+
+NODE_COMMANDS = (
+    CommandSpec("init", "create this node's key, config and optionally a new mesh", _init_flags,
+                _init),
+    CommandSpec("run", "run the daemon in the foreground (systemd supervises it)", _run_flags,
+                _run, json=False),
+    CommandSpec("status", "show the local daemon's status", no_flags, _status),
+    CommandSpec("stop", "ask the local daemon to shut down gracefully", no_flags, _stop),
+)

@@ -1,0 +1,337 @@
+"""Typed configuration: defaults < file < `NEXUSD_*` environment < command-line flags.
+
+Rule 1: every knob is a typed field of a frozen section dataclass, with its unit in its name.
+Rule 2: an unknown key or a wrong type is a `ConfigError` naming the full key path; nothing
+is ever silently ignored.
+Rule 3: configuration is read once, here, and passed down as these objects; `mesh/` and
+`atoms/` never read files or the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+ENV_PREFIX = "NEXUSD_"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """[node]: this device."""
+
+    name: str = ""  # empty: the host name
+    data_dir: str = ""  # empty: $STATE_DIRECTORY, else $XDG_DATA_HOME/nexusd
+    runtime_dir: str = ""  # empty: $RUNTIME_DIRECTORY, else <data_dir>/run
+    shutdown_grace_s: float = 5.0
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("node.shutdown_grace_s", self.shutdown_grace_s)
+        _positive("node.torch_threads", self.torch_threads)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """[mesh]: networking, gossip, security windows."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7420  # 0: any free port
+    bootstrap: tuple[str, ...] = ()
+    max_frame_bytes: int = 64 * MiB
+    read_timeout_s: float = 10.0
+    write_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    gossip_heartbeat_s: float = 1.0
+    advert_refresh_s: float = 10.0
+    advert_lease_s: float = 30.0
+    anti_entropy_interval_s: float = 15.0
+    ping_interval_s: float = 5.0
+    max_clock_drift_s: float = 5.0
+    envelope_window_s: float = 120.0
+    replay_cache_entries: int = 100_000
+    ban_score_threshold: float = 10.0
+    ban_base_s: float = 15.0
+    ban_max_s: float = 3600.0
+    join_attempts_per_minute: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"mesh.listen_port: expected 0..65535, got {self.listen_port}")
+        for name in (
+            "max_frame_bytes", "read_timeout_s", "write_timeout_s", "connect_timeout_s",
+            "gossip_heartbeat_s", "advert_refresh_s", "advert_lease_s",
+            "anti_entropy_interval_s", "ping_interval_s", "max_clock_drift_s",
+            "envelope_window_s", "replay_cache_entries", "ban_score_threshold", "ban_base_s",
+            "ban_max_s", "join_attempts_per_minute",
+        ):  # fmt: skip
+            _positive(f"mesh.{name}", getattr(self, name))
+        if self.advert_lease_s < 2 * self.advert_refresh_s:
+            raise ConfigError(
+                "mesh.advert_lease_s: expected at least 2 x mesh.advert_refresh_s "
+                f"({2 * self.advert_refresh_s}), got {self.advert_lease_s}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class AtomsConfig:
+    """[atoms]: models this node hosts and the memory it gives them."""
+
+    models_dir: str = ""  # empty: <data_dir>/models
+    host: tuple[str, ...] = ()  # "MODEL" or "MODEL:START-END", e.g. "nexus-1.1:0-4"
+    dtype: str = "float32"
+    kv_cache_budget_bytes: int = 512 * MiB
+    session_idle_s: float = 300.0
+    max_sessions: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"atoms.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+        _positive("atoms.kv_cache_budget_bytes", self.kv_cache_budget_bytes)
+        _positive("atoms.session_idle_s", self.session_idle_s)
+        _positive("atoms.max_sessions", self.max_sessions)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """[api]: the local Unix socket the CLI talks to."""
+
+    socket_path: str = ""  # empty: <runtime_dir>/nexusd.sock
+    max_request_bytes: int = 16 * MiB
+    request_timeout_s: float = 30.0
+    max_clients: int = 64
+
+    def __post_init__(self) -> None:
+        _positive("api.max_request_bytes", self.max_request_bytes)
+        _positive("api.request_timeout_s", self.request_timeout_s)
+        _positive("api.max_clients", self.max_clients)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """[log]: structured logs."""
+
+    level: str = "info"
+    format: str = "auto"  # auto: console on a TTY, JSON otherwise
+
+    def __post_init__(self) -> None:
+        if self.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log.level: expected debug/info/warning/error, got {self.level!r}")
+        if self.format not in ("auto", "console", "json"):
+            raise ConfigError(f"log.format: expected auto/console/json, got {self.format!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: Prometheus text exposition on a local port."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0  # 0: metrics endpoint off
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"metrics.listen_port: expected 0..65535, got {self.listen_port}")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration of one daemon."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    atoms: AtomsConfig = field(default_factory=AtomsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+Overrides = Mapping[str, object]  # "section.key" -> value (already typed, e.g. from flags)
+
+
+def load_config(
+    path: Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Overrides | None = None,
+) -> Config:
+    """Build a `Config` from defaults, then `path`, then `NEXUSD_*` env, then `overrides`.
+
+    Args:
+        path: a TOML file, or None for none. A missing file named explicitly is an error.
+        env: the environment to read `NEXUSD_SECTION__KEY` variables from (default: none).
+        overrides: "section.key" -> value, e.g. from command-line flags; None values are skipped.
+
+    Raises:
+        ConfigError: naming the key path of an unknown key, a wrong type or a bad value.
+    """
+    layers: list[dict[str, dict[str, object]]] = []
+    if path is not None:
+        layers.append(_read_toml(path))
+    if env is not None:
+        layers.append(_env_layer(env))
+    if overrides:
+        layers.append(_dotted_layer({k: v for k, v in overrides.items() if v is not None}, "flag"))
+    merged: dict[str, dict[str, object]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    return _build(Config, merged)
+
+
+def _read_toml(path: Path) -> dict[str, dict[str, object]]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    out: dict[str, dict[str, object]] = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a [section] table, got {type(values).__name__}")
+        out[section] = dict(values)
+    return out
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    """`NEXUSD_MESH__LISTEN_PORT=7421` -> {"mesh": {"listen_port": "7421"}} (typed later)."""
+    dotted: dict[str, object] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if "__" not in rest:
+            continue  # NEXUSD_CONFIG and similar belong to the CLI, not to sections
+        section, key = rest.lower().split("__", 1)
+        dotted[f"{section}.{key}"] = _EnvString(raw, name)
+    return _dotted_layer(dotted, "env")
+
+
+class _EnvString(str):
+    """A string from the environment, parsed according to the field type it lands in."""
+
+    source: str
+
+    def __new__(cls, value: str, source: str) -> _EnvString:
+        obj = super().__new__(cls, value)
+        obj.source = source
+        return obj
+
+
+def _dotted_layer(values: Mapping[str, object], origin: str) -> dict[str, dict[str, object]]:
+    out: dict[str, dict[str, object]] = {}
+    for dotted, value in values.items():
+        section, sep, key = dotted.partition(".")
+        if not sep or not key:
+            raise ConfigError(f"{origin} override {dotted!r}: expected 'section.key'")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+_T = typing.TypeVar("_T")
+
+
+def _build(cls: type[_T], data: Mapping[str, object], prefix: str = "") -> _T:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown key {prefix}{key}")
+    kwargs: dict[str, object] = {}
+    for name in known:
+        if name not in data:
+            continue
+        hint = hints[name]
+        path = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            section = data[name]
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"{path}: expected a table, got {type(section).__name__}")
+            kwargs[name] = _build(hint, section, f"{path}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(path, hint, data[name])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _coerce(path: str, hint: object, value: object) -> object:
+    if isinstance(value, _EnvString):
+        value = _parse_env(path, hint, value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return str(value)
+    elif typing.get_origin(hint) is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value))
+    else:  # pragma: no cover - a field type this loader does not know is our bug
+        raise TypeError(f"config field {path} has unsupported type {hint!r}")
+    expected = typing.get_args(hint)[0].__name__ + " list" if typing.get_origin(hint) else getattr(
+        hint, "__name__", str(hint)
+    )
+    raise ConfigError(f"{path}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _parse_env(path: str, hint: object, raw: _EnvString) -> object:
+    if hint is str:
+        return str(raw)
+    try:
+        parsed = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if typing.get_origin(hint) is tuple:  # a bare comma list: a,b,c
+            return [s.strip() for s in str(raw).split(",") if s.strip()]
+        raise ConfigError(f"{path} (from {raw.source}): cannot parse {str(raw)!r}") from None
+    return parsed
+
+
+def _positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}: expected a positive number, got {value}")
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Render a config as TOML (what `nexusd init` writes; every key, current values)."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def env_overrides_present(env: Mapping[str, str]) -> list[str]:
+    """Names of `NEXUSD_*` variables in `env` (for `nexusd doctor`)."""
+    return sorted(k for k in env if k.startswith(ENV_PREFIX))
+

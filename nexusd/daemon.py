@@ -1,0 +1,157 @@
+"""The daemon: composes the node's services under one nursery and one lifetime.
+
+Rule 1: one daemon per data directory, enforced by an exclusive lock taken before anything
+else is touched; a second daemon is refused with the holder's pid.
+Rule 2: shutdown is graceful and bounded: a stop request (signal or API) first drains (no
+new jobs, running ones may finish) for at most `node.shutdown_grace_s`, then cancels
+everything; a second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+import structlog
+import trio
+
+from . import __version__
+from .api import ApiServer, Emit
+from .config import Config
+from .errors import AlreadyRunning
+from .metrics import Metrics, serve_metrics
+from .node_files import MeshInfo, load_name, load_node_key
+from .paths import NodePaths, ensure_private_dir
+from .protocol import OkReply, ShutdownRequest, StatusReply, StatusRequest
+
+log = structlog.get_logger(__name__)
+
+
+@contextmanager
+def node_lock(paths: NodePaths) -> Iterator[IO[str]]:
+    """Hold the data directory's exclusive lock for the lifetime of the block.
+
+    Raises:
+        AlreadyRunning: another process holds it (its pid is in the message).
+    """
+    ensure_private_dir(paths.data_dir)
+    fh = open(paths.lock_file, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise AlreadyRunning(
+                f"another nexusd (pid {holder}) is running with data dir {paths.data_dir}"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield fh
+    finally:
+        fh.close()
+
+
+class Daemon:
+    """One node: its key, its local API, its metrics, and (when set up) its mesh and atoms."""
+
+    def __init__(self, cfg: Config, paths: NodePaths) -> None:
+        self.cfg = cfg
+        self.paths = paths
+        self.metrics = Metrics()
+        self.key = load_node_key(paths)
+        self.name = load_name(paths, cfg)
+        self.mesh_info = MeshInfo.load(paths.mesh_file)
+        self.started_at = time.monotonic()
+        self._stop = trio.Event()
+        self.api = ApiServer(
+            paths.socket,
+            max_request_bytes=cfg.api.max_request_bytes,
+            request_timeout_s=cfg.api.request_timeout_s,
+            max_clients=cfg.api.max_clients,
+            metrics=self.metrics,
+        )
+        self.api.route(StatusRequest, self._status)
+        self.api.route(ShutdownRequest, self._shutdown)
+
+    def __repr__(self) -> str:
+        return f"Daemon(node={self.key.node_id.hex()[:8]}, data_dir={self.paths.data_dir})"
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until a stop is requested, then drain for at most the grace period."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.api.run)
+            if self.cfg.metrics.listen_port:
+                await nursery.start(
+                    serve_metrics, self.metrics, self.cfg.metrics.listen_host,
+                    self.cfg.metrics.listen_port,
+                )  # fmt: skip
+            log.info(
+                "daemon_started",
+                node=self.key.node_id.hex()[:8],
+                name=self.name,
+                socket=str(self.api.path),
+                version=__version__,
+            )
+            task_status.started()
+            await self._stop.wait()
+            log.info("daemon_stopping", grace_s=self.cfg.node.shutdown_grace_s)
+            nursery.cancel_scope.deadline = trio.current_time() + self.cfg.node.shutdown_grace_s
+            nursery.cancel_scope.cancel()
+        log.info("daemon_stopped")
+
+    async def _status(self, _req: StatusRequest, _emit: Emit) -> StatusReply:
+        return StatusReply(
+            node_id=self.key.node_id.hex(),
+            name=self.name,
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self.started_at, 3),
+            data_dir=str(self.paths.data_dir),
+            socket_path=str(self.api.path),
+            mesh_id=self.mesh_info.mesh_id if self.mesh_info else "",
+            listen_addrs=(),
+            peers_connected=0,
+            members=0,
+            hosted=(),
+        )
+
+    async def _shutdown(self, _req: ShutdownRequest, _emit: Emit) -> OkReply:
+        self.request_stop()
+        return OkReply("stopping")
+
+
+async def run_daemon(cfg: Config, paths: NodePaths) -> None:
+    """`nexusd run`: hold the lock, run the daemon, stop on SIGINT/SIGTERM.
+
+    The first signal asks for a graceful stop; a second one cancels at once.
+    """
+    with node_lock(paths):
+        daemon = Daemon(cfg, paths)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_signals() -> None:
+                    count = 0
+                    async for signum in signals:
+                        count += 1
+                        log.info("signal_received", signal=signal.Signals(signum).name)
+                        if count == 1:
+                            daemon.request_stop()
+                        else:
+                            nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_signals)
+                await daemon.run()
+                nursery.cancel_scope.cancel()
