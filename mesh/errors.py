@@ -9,6 +9,11 @@ close (`ClosedError`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mesh.membership import JoinRefusal
+
 
 class MeshError(Exception):
     """Root of every error raised by `mesh`."""
@@ -85,3 +90,45 @@ class NoRoute(MeshError):
     def __init__(self, message: str, *, atom: int) -> None:
         super().__init__(message)
         self.atom = atom
+
+
+class ForbiddenWrite(PeerProtocolError):
+    """A replicated-state entry its author may not write (`mesh.state` write rules)."""
+
+
+class ForeignSlot(ForbiddenWrite):
+    """An advert or load entry written by a node other than the one it describes."""
+
+
+class NotAdmin(ForbiddenWrite):
+    """A certificate, removal, revocation or model manifest by a non-admin author."""
+
+
+class NotMember(ForbiddenWrite):
+    """An advert or load entry by a node holding no certificate valid at the entry's time."""
+
+
+class WrongMesh(PeerProtocolError):
+    """A certificate or revocation that names another mesh."""
+
+
+class InconsistentEntry(MalformedMessage):
+    """A state entry whose payload disagrees with its slot or author."""
+
+
+class JoinRefused(MeshError):
+    """The admin refused our join request (`mesh.membership`), or our invite is unusable.
+
+    Args:
+        reason: the `JoinRefusal` the admin gave.
+        detail: its explanation, for the operator.
+    """
+
+    def __init__(self, reason: JoinRefusal, detail: str) -> None:
+        super().__init__(f"join refused ({reason.value}): {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class StateStoreError(MeshError):
+    """The state database cannot be opened or has a schema this code does not know."""

@@ -1,0 +1,661 @@
+"""Typed, versioned wire records and sans-IO length-prefixed framing.
+
+A record is a frozen dataclass registered with `@record("kind")`. On the wire it is the
+msgpack array `[WIRE_VERSION, kind, *fields]`; a record nested inside another is
+`[kind, *fields]`. Field types come from the dataclass annotations and are checked
+recursively on decode, so a decoded object is always a valid, fully typed record.
+
+Rule 1: msgpack is imported here and nowhere else; no msgpack exception leaves this module.
+Rule 2: everything from a peer is bounded before it is parsed: total size first, then
+string/bytes/array/map lengths inside msgpack, then nesting depth while converting.
+Rule 3: decode either returns a valid record or raises `MalformedMessage` (or its subclass
+`OversizeMessage`); it never returns a partially checked object.
+Rule 4: no ExtType, no pickle, no global ExtType registry; the only global is the table of
+record kinds, filled at import time by `@record` and never changed afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import struct
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgpack
+
+from mesh.errors import MalformedMessage, OversizeMessage
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
+
+WIRE_VERSION: int = 1
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied to every decode.
+
+    Attributes:
+        max_bytes: total encoded size, and the cap for any single str/bytes inside.
+        max_depth: containers nested inside each other (the top-level array is depth 1).
+        max_items: elements of any one array or map.
+    """
+
+    max_bytes: int = 16 * MiB
+    max_depth: int = 8
+    max_items: int = 65536
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_depth", "max_items"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name}: expected a positive int, got {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+_KIND_RE = re.compile(r"[A-Za-z][A-Za-z0-9_./-]{0,63}")
+_KINDS: dict[str, type] = {}  # kind -> record class; filled by @record at import time
+_SCHEMAS: dict[type, _RecordSchema] = {}  # built lazily: annotations may name later classes
+
+
+def record(kind: str) -> Callable[[type[T]], type[T]]:
+    """Register a frozen dataclass as a wire record of the given kind.
+
+    Apply it above `@dataclass(frozen=True, slots=True)`. Field types are resolved lazily
+    (on first encode/decode), so a record may refer to classes defined after it, or to itself.
+
+    Args:
+        kind: short unique name written on the wire.
+
+    Returns:
+        The class decorator.
+
+    Raises:
+        TypeError: not a frozen dataclass, or a field that is not part of `__init__`.
+        ValueError: the kind is malformed or already taken by another class.
+    """
+    if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+        raise ValueError(f"record kind: expected {_KIND_RE.pattern}, got {kind!r}")
+
+    def register(cls: type[T]) -> type[T]:
+        params = getattr(cls, "__dataclass_params__", None)
+        if params is None or not params.frozen:
+            raise TypeError(
+                f"@record({kind!r}): {cls.__name__} must be a frozen dataclass "
+                "(put @record above @dataclass(frozen=True, slots=True))"
+            )
+        if any(not f.init for f in dataclasses.fields(cls)):  # type: ignore[arg-type]
+            raise TypeError(f"@record({kind!r}): every field of {cls.__name__} must be in __init__")
+        other = _KINDS.get(kind)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise ValueError(f"@record({kind!r}): kind already used by {other.__qualname__}")
+        _KINDS[kind] = cls
+        cls.__wire_kind__ = kind  # type: ignore[attr-defined]
+        return cls
+
+    return register
+
+
+def kind_of(cls: type) -> str:
+    """Return the wire kind of a record class (TypeError if it is not a record)."""
+    kind = getattr(cls, "__wire_kind__", None)
+    if kind is None or _KINDS.get(kind) is not cls:
+        raise TypeError(f"{cls!r} is not a @record class")
+    return typing.cast("str", kind)
+
+
+# ---------------------------------------------------------------------------------------
+# Type specs: one small object per annotation, with enc (our object -> msgpack-able)
+# and dec (msgpack object -> our object, checked). `kind` and `path` name the record
+# and the field (e.g. "shape[2]") in error messages.
+
+
+class _Ctx:
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
+
+def _got(value: object) -> str:
+    names = {list: "array", dict: "map", type(None): "None"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _type_error(kind: str, path: str, expected: str, value: object) -> MalformedMessage:
+    return MalformedMessage(
+        f"record {kind!r} field {path!r}: expected {expected}, got {_got(value)}"
+    )
+
+
+def _check_depth(ctx: _Ctx, depth: int) -> None:
+    if depth > ctx.limits.max_depth:
+        raise MalformedMessage(f"nesting deeper than {ctx.limits.max_depth}")
+
+
+class _Spec:
+    name: str = "?"
+
+    def shape_ok(self, raw: Any) -> bool:
+        """Cheap check of the msgpack type alone (used by `_Optional` for its message)."""
+        return True
+
+    def enc(self, value: Any, path: str) -> Any:
+        raise NotImplementedError
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        raise NotImplementedError
+
+
+class _Scalar(_Spec):
+    """bool, int, str, bytes, None: exact types (a bool is never an int here)."""
+
+    def __init__(self, tp: type) -> None:
+        self.tp = tp
+        self.name = "None" if tp is type(None) else tp.__name__
+
+    def shape_ok(self, raw: Any) -> bool:
+        return self._ok(raw)
+
+    def _ok(self, value: object) -> bool:
+        return type(value) is self.tp or (
+            self.tp is int and isinstance(value, int) and not isinstance(value, bool)
+        )
+
+    def enc(self, value: Any, path: str) -> Any:
+        if not self._ok(value):
+            raise TypeError(f"field {path!r}: expected {self.name}, got {_got(value)}")
+        if self.tp is int and not -(2**63) <= value < 2**64:
+            raise ValueError(f"field {path!r}: int {value} does not fit in 64 bits")
+        return int(value) if self.tp is int else value
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if not self._ok(raw):
+            raise _type_error(kind, path, self.name, raw)
+        return raw
+
+
+class _Float(_Spec):
+    name = "float"
+
+    def shape_ok(self, raw: Any) -> bool:
+        return isinstance(raw, (int, float)) and not isinstance(raw, bool)
+
+    def enc(self, value: Any, path: str) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"field {path!r}: expected float, got {_got(value)}")
+        return float(value)
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise _type_error(kind, path, self.name, raw)
+        if isinstance(raw, int) and abs(raw) > 2**53:  # would silently lose precision
+            raise _type_error(kind, path, "float (int beyond 2**53)", raw)
+        return float(raw)
+
+
+class _Optional(_Spec):
+    def __init__(self, inner: _Spec) -> None:
+        self.inner = inner
+        self.name = f"{inner.name} | None"
+
+    def enc(self, value: Any, path: str) -> Any:
+        return None if value is None else self.inner.enc(value, path)
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if raw is None:
+            return None
+        if not self.inner.shape_ok(raw):
+            raise _type_error(kind, path, self.name, raw)
+        return self.inner.dec(raw, ctx, depth, kind, path)
+
+
+class _VarTuple(_Spec):
+    def __init__(self, item: _Spec) -> None:
+        self.item = item
+        self.name = f"tuple[{item.name}, ...]"
+
+    def shape_ok(self, raw: Any) -> bool:
+        return type(raw) is list
+
+    def enc(self, value: Any, path: str) -> Any:
+        if not isinstance(value, tuple):
+            raise TypeError(f"field {path!r}: expected {self.name}, got {_got(value)}")
+        return [self.item.enc(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if type(raw) is not list:
+            raise _type_error(kind, path, self.name, raw)
+        _check_depth(ctx, depth + 1)
+        return tuple(
+            self.item.dec(v, ctx, depth + 1, kind, f"{path}[{i}]") for i, v in enumerate(raw)
+        )
+
+
+class _FixedTuple(_Spec):
+    def __init__(self, items: tuple[_Spec, ...]) -> None:
+        self.items = items
+        self.name = f"tuple[{', '.join(s.name for s in items) or '()'}]"
+
+    def shape_ok(self, raw: Any) -> bool:
+        return type(raw) is list
+
+    def enc(self, value: Any, path: str) -> Any:
+        if not isinstance(value, tuple) or len(value) != len(self.items):
+            raise TypeError(f"field {path!r}: expected {self.name}, got {value!r:.60}")
+        return [
+            s.enc(v, f"{path}[{i}]") for i, (s, v) in enumerate(zip(self.items, value, strict=True))
+        ]
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if type(raw) is not list:
+            raise _type_error(kind, path, self.name, raw)
+        if len(raw) != len(self.items):
+            raise MalformedMessage(
+                f"record {kind!r} field {path!r}: expected {self.name} of {len(self.items)} "
+                f"items, got {len(raw)} items"
+            )
+        _check_depth(ctx, depth + 1)
+        pairs = enumerate(zip(self.items, raw, strict=True))
+        return tuple(s.dec(v, ctx, depth + 1, kind, f"{path}[{i}]") for i, (s, v) in pairs)
+
+
+class _Dict(_Spec):
+    def __init__(self, value: _Spec) -> None:
+        self.value = value
+        self.name = f"dict[str, {value.name}]"
+
+    def shape_ok(self, raw: Any) -> bool:
+        return type(raw) is dict
+
+    def enc(self, value: Any, path: str) -> Any:
+        if not isinstance(value, dict) or not all(type(k) is str for k in value):
+            raise TypeError(f"field {path!r}: expected {self.name}, got {_got(value)}")
+        # sorted keys: the same record always encodes to the same bytes
+        return {k: self.value.enc(value[k], f"{path}[{k!r}]") for k in sorted(value)}
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if type(raw) is not dict:
+            raise _type_error(kind, path, self.name, raw)
+        _check_depth(ctx, depth + 1)
+        out = {}
+        for k, v in raw.items():
+            if type(k) is not str:
+                raise _type_error(kind, f"{path} key", "str", k)
+            out[k] = self.value.dec(v, ctx, depth + 1, kind, f"{path}[{k!r}]")
+        return out
+
+
+class _Enum(_Spec):
+    def __init__(self, tp: type[enum.Enum]) -> None:
+        self.tp = tp
+        self.name = tp.__name__
+
+    def shape_ok(self, raw: Any) -> bool:
+        return isinstance(raw, (int, str)) and not isinstance(raw, bool)
+
+    def enc(self, value: Any, path: str) -> Any:
+        if not isinstance(value, self.tp):
+            raise TypeError(f"field {path!r}: expected {self.name}, got {_got(value)}")
+        if isinstance(value.value, bool) or not isinstance(value.value, (int, str)):
+            raise TypeError(f"field {path!r}: enum {self.name} values must be int or str")
+        return value.value
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise _type_error(kind, path, self.name, raw)
+        try:
+            return self.tp(raw)
+        except ValueError:
+            raise MalformedMessage(
+                f"record {kind!r} field {path!r}: expected a {self.name} value, got {raw!r:.40}"
+            ) from None
+
+
+class _Nested(_Spec):
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.name = cls.__name__
+
+    def shape_ok(self, raw: Any) -> bool:
+        return type(raw) is list
+
+    def enc(self, value: Any, path: str) -> Any:
+        if type(value) is not self.cls:
+            raise TypeError(f"field {path!r}: expected {self.name}, got {_got(value)}")
+        schema = _schema(self.cls)
+        return [schema.kind, *schema.enc_fields(value)]
+
+    def dec(self, raw: Any, ctx: _Ctx, depth: int, kind: str, path: str) -> Any:
+        if type(raw) is not list:
+            raise _type_error(kind, path, self.name, raw)
+        _check_depth(ctx, depth + 1)
+        schema = _schema(self.cls)
+        if not raw or raw[0] != schema.kind:
+            got = repr(raw[0])[:40] if raw else "an empty array"
+            raise MalformedMessage(
+                f"record {kind!r} field {path!r}: expected record {schema.kind!r}, got {got}"
+            )
+        return schema.dec_fields(raw[1:], ctx, depth + 1)
+
+
+_SCALARS = {bool, int, str, bytes, type(None)}
+
+
+def _compile(tp: Any, owner: str) -> _Spec:
+    """Turn one resolved annotation into a spec; TypeError for anything not allowed."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is None or tp in _SCALARS:
+        return _Scalar(type(None) if tp is None else tp)
+    if tp is float:
+        return _Float()
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _Enum(tp)
+    if isinstance(tp, type) and getattr(tp, "__wire_kind__", None) is not None:
+        return _Nested(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(args) == 2 and len(rest) == 1:
+            return _Optional(_compile(rest[0], owner))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _VarTuple(_compile(args[0], owner))
+        if args == ((),):
+            return _FixedTuple(())
+        return _FixedTuple(tuple(_compile(a, owner) for a in args))
+    if origin is dict and len(args) == 2 and args[0] is str:
+        return _Dict(_compile(args[1], owner))
+    raise TypeError(f"record {owner}: field type {tp!r} is not allowed on the wire")
+
+
+class _RecordSchema:
+    __slots__ = ("cls", "fields", "kind", "names")
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.kind: str = cls.__wire_kind__  # type: ignore[attr-defined]
+        try:
+            hints = typing.get_type_hints(cls)
+        except NameError as exc:  # e.g. a record defined inside a function
+            raise TypeError(f"record {self.kind!r}: cannot resolve field types: {exc}") from None
+        self.names = tuple(f.name for f in dataclasses.fields(cls))
+        self.fields = tuple(_compile(hints[n], self.kind) for n in self.names)
+
+    def enc_fields(self, rec: object) -> list[Any]:
+        return [s.enc(getattr(rec, n), n) for s, n in zip(self.fields, self.names, strict=True)]
+
+    def dec_fields(self, raw: list[Any], ctx: _Ctx, depth: int) -> object:
+        if len(raw) != len(self.fields):
+            raise MalformedMessage(
+                f"record {self.kind!r}: expected {len(self.fields)} fields, got {len(raw)}"
+            )
+        values = [
+            s.dec(v, ctx, depth, self.kind, n)
+            for s, v, n in zip(self.fields, raw, self.names, strict=True)
+        ]
+        try:
+            return self.cls(*values)
+        except (ValueError, TypeError) as exc:  # __post_init__ rejected the values
+            raise MalformedMessage(f"record {self.kind!r}: invalid: {exc}") from None
+
+
+def _schema(cls: type) -> _RecordSchema:
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        kind_of(cls)
+        schema = _SCHEMAS[cls] = _RecordSchema(cls)
+    return schema
+
+
+# ---------------------------------------------------------------------------------------
+# encode / decode
+
+
+def encode(rec: object) -> bytes:
+    """Encode a record as the msgpack array `[WIRE_VERSION, kind, *fields]`.
+
+    Args:
+        rec: an instance of a `@record` class.
+
+    Returns:
+        The encoded bytes; equal records give equal bytes (map keys are sorted).
+
+    Raises:
+        TypeError: `rec` is not a record, or a field value does not match its annotation.
+        ValueError: an int does not fit in 64 bits.
+    """
+    schema = _schema(type(rec))
+    out: bytes = msgpack.packb(
+        [WIRE_VERSION, schema.kind, *schema.enc_fields(rec)], use_bin_type=True
+    )
+    return out
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise MalformedMessage(f"msgpack ExtType {code} is not allowed")
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise MalformedMessage("map with duplicate keys")
+    return out
+
+
+def _unpack(buf: bytes, limits: Limits) -> Any:
+    """Bounded msgpack parse, every failure as MalformedMessage / OversizeMessage."""
+    if len(buf) > limits.max_bytes:
+        raise OversizeMessage(f"message of {len(buf)} bytes, over the limit of {limits.max_bytes}")
+    # msgpack 1.x `unpackb` has no max_buffer_size; the size check above plays its role.
+    try:
+        return msgpack.unpackb(
+            buf, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
+            object_pairs_hook=_pairs, max_bin_len=limits.max_bytes,
+            max_str_len=limits.max_bytes, max_array_len=limits.max_items,
+            max_map_len=limits.max_items,
+        )  # fmt: skip
+    except msgpack.ExtraData as exc:
+        raise MalformedMessage(f"trailing bytes after message ({len(exc.extra)} extra)") from None
+    except msgpack.StackError:
+        raise MalformedMessage(f"nesting deeper than {limits.max_depth}") from None
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(f"string is not valid UTF-8 at byte {exc.start}") from None
+    except msgpack.FormatError:
+        raise MalformedMessage("invalid msgpack: reserved type byte") from None
+    except ValueError as exc:  # msgpack reports truncation and length caps as ValueError
+        if "incomplete input" in str(exc):
+            raise MalformedMessage(f"truncated message ({len(buf)} bytes)") from None
+        raise MalformedMessage(f"invalid msgpack: {exc}") from None
+
+
+def _decode_top(buf: bytes, expect: tuple[type, ...], limits: Limits) -> object:
+    schemas = {_schema(cls).kind: _schema(cls) for cls in expect}
+    raw = _unpack(bytes(buf) if not isinstance(buf, bytes) else buf, limits)
+    if type(raw) is not list or len(raw) < 2:
+        raise MalformedMessage(f"expected an array [version, kind, ...], got {_got(raw)}")
+    version, kind = raw[0], raw[1]
+    if type(version) is not int or version != WIRE_VERSION:
+        raise MalformedMessage(f"unsupported wire version {version!r:.20}, expected {WIRE_VERSION}")
+    if type(kind) is not str:
+        raise MalformedMessage(f"record kind: expected str, got {_got(kind)}")
+    schema = schemas.get(kind)
+    if schema is None:
+        wanted = " or ".join(repr(k) for k in schemas)
+        if kind not in _KINDS:
+            raise MalformedMessage(f"unknown record kind {kind!r:.40}, expected {wanted}")
+        raise MalformedMessage(f"wrong record kind {kind!r}, expected {wanted}")
+    return schema.dec_fields(raw[2:], _Ctx(limits), 1)
+
+
+def decode(buf: bytes, expect: type[T], *, limits: Limits = DEFAULT_LIMITS) -> T:
+    """Decode bytes from a peer into one record type, checking every field.
+
+    Args:
+        buf: the encoded message (exactly one; trailing bytes are an error).
+        expect: the record class required here.
+        limits: size, depth and item bounds.
+
+    Returns:
+        A valid instance of `expect`.
+
+    Raises:
+        OversizeMessage: `buf` is larger than `limits.max_bytes`.
+        MalformedMessage: anything else wrong; the message says what and where.
+    """
+    return typing.cast("T", _decode_top(buf, (expect,), limits))
+
+
+def decode_any(buf: bytes, expect: tuple[type, ...], *, limits: Limits = DEFAULT_LIMITS) -> object:
+    """Decode bytes into whichever of several record types the kind names.
+
+    Args:
+        buf: the encoded message.
+        expect: the record classes accepted here (dispatch with `match` / isinstance).
+        limits: size, depth and item bounds.
+
+    Returns:
+        A valid instance of one of `expect`.
+
+    Raises:
+        OversizeMessage, MalformedMessage: as for `decode`.
+    """
+    return _decode_top(buf, expect, limits)
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors
+
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1,
+    "uint8": 1, "int32": 4, "int64": 8, "bool": 1,
+}  # fmt: skip
+MAX_NDIM = 8
+_CODEC_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+
+
+@record("tensor")
+@dataclass(frozen=True, slots=True)
+class TensorBlob:
+    """A tensor on the wire: dtype name, shape and encoded bytes.
+
+    For codec "raw", `data` is the C-contiguous little-endian buffer and its length is
+    checked here; other codecs (e.g. "int8-absmax") are checked by whoever decodes them.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str
+    data: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_ITEMSIZE:
+            raise ValueError(
+                f"tensor dtype: expected one of {sorted(DTYPE_ITEMSIZE)}, got {self.dtype!r:.40}"
+            )
+        if len(self.shape) > MAX_NDIM:
+            raise ValueError(
+                f"tensor shape: expected at most {MAX_NDIM} dims, got {len(self.shape)}"
+            )
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"tensor shape: expected non-negative dims, got {self.shape}")
+        if not _CODEC_RE.fullmatch(self.codec):
+            raise ValueError(f"tensor codec: expected a short identifier, got {self.codec!r:.40}")
+        if self.codec == "raw" and len(self.data) != self.raw_nbytes:
+            raise ValueError(
+                f"tensor data: expected {self.raw_nbytes} bytes for "
+                f"{self.dtype}{list(self.shape)}, "
+                f"got {len(self.data)}"
+            )
+
+    @property
+    def numel(self) -> int:
+        """Number of elements, prod(shape)."""
+        return math.prod(self.shape)
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Size of the uncompressed tensor in bytes."""
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+
+# ---------------------------------------------------------------------------------------
+# Framing: 4-byte big-endian length, then the payload. Sans-IO: bytes in, frames out.
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME_LIMIT = 2**32 - 1
+
+
+def frame(payload: bytes, *, max_frame_bytes: int) -> bytes:
+    """Prefix a payload with its 4-byte big-endian length.
+
+    Raises:
+        OversizeMessage: the payload is longer than `max_frame_bytes`.
+    """
+    if len(payload) > min(max_frame_bytes, MAX_FRAME_LIMIT):
+        raise OversizeMessage(f"frame of {len(payload)} bytes, over the limit of {max_frame_bytes}")
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Split a byte stream into length-prefixed frames.
+
+    Error handling: an oversize length raises `OversizeMessage` as soon as its 4-byte
+    header arrives, before any of the body is buffered. The decoder is then broken: the
+    stream must be closed, and every later `feed` raises the same error again. Frames that
+    completed earlier in the failing `feed` call are dropped with the stream.
+    """
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        if not 0 <= max_frame_bytes <= MAX_FRAME_LIMIT:
+            raise ValueError(
+                f"max_frame_bytes: expected 0..{MAX_FRAME_LIMIT}, got {max_frame_bytes}"
+            )
+        self._max = max_frame_bytes
+        self._buf = bytearray()
+        self._error: OversizeMessage | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received that are not yet part of a complete frame (header included)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the frames they complete, in order.
+
+        Raises:
+            OversizeMessage: a header announces a frame over `max_frame_bytes`.
+        """
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        frames: list[bytes] = []
+        pos = 0
+        while len(self._buf) - pos >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buf, pos)
+            if length > self._max:
+                self._buf.clear()
+                self._error = OversizeMessage(
+                    f"frame of {length} bytes announced, over the limit of {self._max}"
+                )
+                raise self._error
+            end = pos + _HEADER.size + length
+            if end > len(self._buf):
+                break
+            frames.append(bytes(self._buf[pos + _HEADER.size : end]))
+            pos = end
+        del self._buf[:pos]
+        return frames
+
+    def __repr__(self) -> str:
+        state = "broken" if self._error else "ok"
+        return f"FrameDecoder(max_frame_bytes={self._max}, pending_bytes={len(self._buf)}, {state})"
