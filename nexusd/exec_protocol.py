@@ -1,0 +1,212 @@
+"""The execution protocol: activations between an origin and the hosts of a route.
+
+Rule 1: every message is two frames on a long-lived stream: a signed envelope (domain
+`nexus/act/1`) whose header is one of the records below, then the tensor payload (empty
+when the message has none). The envelope signs the payload's BLAKE2b digest, so a
+tampered or truncated tensor is rejected before it is decoded.
+Rule 2: tensors are decoded only through `atoms.codecs` (length, dtype, finiteness
+checked); a host or origin never trusts a peer's tensor before that.
+Rule 3: steps of a session carry consecutive ids; a host applies each id once and answers
+a repeated id from its stored result (the origin may resend after a timeout).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+import torch
+
+from atoms.codecs import Encoded, decode
+from mesh.errors import InvalidSignature
+from mesh.hlc import HybridClock
+from mesh.identity import EnvelopeVerifier, NodeKey, seal_large
+from mesh.wire import decode_any, encode, record
+
+log = structlog.get_logger(__name__)
+
+EXEC_PROTOCOL = "/nexus/exec/1.0.0"
+EXEC_DOMAIN = "nexus/act/1"
+SESSION_ID_BYTES = 16
+
+
+@record("x.tensor")
+@dataclass(frozen=True, slots=True)
+class TensorHeader:
+    """Metadata of the tensor that follows as the payload frame."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str
+
+
+@record("x.open")
+@dataclass(frozen=True, slots=True)
+class OpenSession:
+    """Start a session on atoms [start, end) of a model; max_len 0 means no KV cache."""
+
+    session_id: bytes
+    model_id: str
+    start: int
+    end: int
+    batch: int
+    max_len: int
+    reply_codec: str = "raw"
+
+    def __post_init__(self) -> None:
+        if len(self.session_id) != SESSION_ID_BYTES:
+            raise ValueError(f"session_id: expected {SESSION_ID_BYTES} bytes, got {len(self.session_id)}")
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"span: expected 0 <= start < end, got [{self.start}, {self.end})")
+        if not 1 <= self.batch <= 4096 or not 0 <= self.max_len <= 1 << 20:
+            raise ValueError(f"batch 1..4096 and max_len 0..2^20 expected, got {self.batch}, {self.max_len}")
+
+
+@record("x.opened")
+@dataclass(frozen=True, slots=True)
+class SessionOpened:
+    session_id: bytes
+    cache_bytes: int
+
+
+@record("x.step")
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One forward step: the tensor is the span's input; `position` is the first new token's.
+
+    `pad_mask` is B x (position + T) bytes of 0/1 (1 = real token), or empty for none.
+    """
+
+    session_id: bytes
+    step_id: int
+    position: int
+    causal: bool
+    tensor: TensorHeader
+    pad_mask: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.step_id < 0 or self.position < 0:
+            raise ValueError(f"step_id and position must be >= 0, got {self.step_id}, {self.position}")
+
+
+@record("x.result")
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    session_id: bytes
+    step_id: int
+    tensor: TensorHeader
+    compute_s: float
+    queue_s: float
+
+
+@record("x.close")
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    session_id: bytes
+
+
+@record("x.fail")
+@dataclass(frozen=True, slots=True)
+class ExecFailure:
+    """A host's refusal of a message; `code` is stable (see FAILURE_CODES)."""
+
+    session_id: bytes
+    step_id: int
+    code: str
+    message: str
+
+
+FAILURE_CODES = (
+    "bad_input", "not_hosted", "no_session", "out_of_order", "cache_exhausted", "busy",
+    "internal",
+)  # fmt: skip
+HOST_INBOUND = (OpenSession, Step, CloseSession)
+ORIGIN_INBOUND = (SessionOpened, StepResult, ExecFailure)
+
+
+class FrameStream(Protocol):
+    """What the channel needs of a transport stream (mesh.transport.base.Stream)."""
+
+    remote_id: bytes
+
+    async def send(self, payload: bytes) -> None: ...
+    async def receive(self, *, timeout_s: float | None = None) -> bytes: ...
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """Our key and clock, shared by every channel of the daemon."""
+
+    key: NodeKey
+    clock: HybridClock
+
+
+class ExecChannel:
+    """A stream carrying signed exec messages in both directions.
+
+    Args:
+        stream: the transport stream (its remote id was authenticated by the transport).
+        signer: our key and clock.
+        verifier: the daemon's envelope verifier (shared replay cache).
+        is_member: whether a node id may talk to us.
+        expect: the record types this side accepts.
+    """
+
+    def __init__(
+        self,
+        stream: FrameStream,
+        signer: Signer,
+        verifier: EnvelopeVerifier,
+        is_member: IsMember,
+        expect: tuple[type, ...],
+    ) -> None:
+        self.stream = stream
+        self._signer = signer
+        self._verifier = verifier
+        self._is_member = is_member
+        self._expect = expect
+
+    async def send(self, msg: object, tensor: Encoded | None = None) -> None:
+        payload = tensor.data if tensor is not None else b""
+        env = seal_large(
+            self._signer.key, EXEC_DOMAIN, encode(msg), payload,
+            clock=self._signer.clock, now=time.time(),
+        )  # fmt: skip
+        await self.stream.send(env)
+        await self.stream.send(payload)
+
+    async def receive(self, *, timeout_s: float | None = None) -> tuple[object, bytes]:
+        """The next message and its raw payload bytes (decode tensors with `tensor_of`).
+
+        Raises:
+            PeerProtocolError (and subclasses): a bad signature, replay, foreign sender,
+                sender other than the stream's authenticated peer, or malformed record.
+            TransportBroken: the stream broke or the deadline passed.
+        """
+        raw = await self.stream.receive(timeout_s=timeout_s)
+        payload = await self.stream.receive(timeout_s=timeout_s)
+        env, large = self._verifier.open_large(
+            raw, payload, domain=EXEC_DOMAIN, now=time.time(), is_known=self._is_member
+        )
+        if env.sender != self.stream.remote_id:
+            raise InvalidSignature("exec message signed by a node other than the stream's peer")
+        return decode_any(large.header, self._expect), payload
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class IsMember(Protocol):
+    def __call__(self, node_id: bytes, /) -> bool: ...
+
+
+def tensor_of(header: TensorHeader, payload: bytes) -> torch.Tensor:
+    """Decode a message's tensor (validated: dtype, length, finiteness)."""
+    return decode(Encoded(header.dtype, header.shape, header.codec, payload))
+
+
+def header_of(enc: Encoded) -> TensorHeader:
+    return TensorHeader(enc.dtype, enc.shape, enc.codec)

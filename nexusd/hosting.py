@@ -1,0 +1,277 @@
+"""Serving hosted spans: sessions, KV caches, step ids, idle reclaim, torch off the loop.
+
+Rule 1: a session belongs to the peer that opened it: (peer, session id) is the key, so no
+origin can touch another's cache.
+Rule 2: all sessions share one KV byte budget; a session that does not fit is refused with
+`cache_exhausted` (the origin routes elsewhere), never allocated partially.
+Rule 3: a step id is applied once; a repeat is answered from the stored result; a step that
+fails mid-way drops its session (its cache may be half-written) and says so.
+Rule 4: torch runs in worker threads behind one CapacityLimiter per device; the time spent
+waiting for it is the step's queue time, reported back with the compute time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+import trio
+
+from atoms.atom import ForwardContext, IOKind
+from atoms.cache import SessionCache
+from atoms.codecs import Encoded, encode
+from atoms.errors import AtomError, CacheExhausted, CacheNotReady
+from atoms.span import Span
+from mesh.errors import MeshError, PeerProtocolError
+
+from .exec_protocol import (
+    CloseSession,
+    ExecChannel,
+    ExecFailure,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+    header_of,
+    tensor_of,
+)
+from .metrics import Metrics
+
+log = structlog.get_logger(__name__)
+KEPT_RESULTS = 4  # answers kept per session for repeated step ids
+
+
+class ExecRefused(Exception):
+    """A request this host refuses; becomes an `ExecFailure(code, message)` on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Session:
+    span: Span
+    cache: SessionCache | None
+    batch: int
+    reply_codec: str
+    last_used: float
+    next_step: int = 0
+    results: OrderedDict[int, tuple[StepResult, Encoded]] = field(default_factory=OrderedDict)
+
+
+@dataclass(frozen=True, slots=True)
+class HostedSpan:
+    """A span this node serves, as advertised."""
+
+    model_id: str
+    start: int
+    end: int
+    dtype: str
+
+
+class SpanHost:
+    """The spans of this node and the sessions origins run on them.
+
+    Args:
+        spans: the loaded spans (several models, or several ranges, are fine).
+        kv_budget_bytes: KV cache memory shared by all sessions.
+        max_sessions: sessions at once; more are refused with `busy`.
+        limiter: the device's CapacityLimiter (torch threads).
+        metrics: counters and gauges.
+        clock: monotonic seconds (injected for tests).
+    """
+
+    def __init__(
+        self,
+        spans: Sequence[Span],
+        *,
+        kv_budget_bytes: int,
+        max_sessions: int,
+        limiter: trio.CapacityLimiter,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._spans = list(spans)
+        self._budget = kv_budget_bytes
+        self._max_sessions = max_sessions
+        self._limiter = limiter
+        self._metrics = metrics
+        self._clock = clock
+        self._sessions: dict[tuple[bytes, bytes], _Session] = {}
+        self.queued = 0  # steps waiting for the device: the congestion signal we advertise
+
+    def __repr__(self) -> str:
+        spans = ", ".join(f"{s.model_id}[{s.start},{s.end})" for s in self._spans)
+        return f"SpanHost({spans}; {len(self._sessions)} sessions, {self.kv_bytes_used} KV bytes)"
+
+    def hosted(self) -> list[HostedSpan]:
+        out = []
+        for s in self._spans:
+            dtype = s.atom_list()[0].spec.dtype
+            out.append(HostedSpan(s.model_id, s.start, s.end, dtype))
+        return out
+
+    @property
+    def kv_bytes_used(self) -> int:
+        return sum(s.cache.nbytes for s in self._sessions.values() if s.cache is not None)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def span_for(self, model_id: str, start: int, end: int) -> Span:
+        """A span covering exactly [start, end), cut from a hosted one."""
+        for s in self._spans:
+            if s.model_id == model_id and s.start <= start and end <= s.end:
+                if (s.start, s.end) == (start, end):
+                    return s
+                atoms = s.atom_list()[start - s.start : end - s.start]
+                return Span(atoms)
+        raise ExecRefused("not_hosted", f"atoms {model_id}[{start},{end}) are not hosted here")
+
+    def open(self, peer: bytes, msg: OpenSession) -> SessionOpened:
+        """Create a session (idempotent for the same peer and id)."""
+        key = (peer, msg.session_id)
+        if key in self._sessions:
+            sess = self._sessions[key]
+            return SessionOpened(msg.session_id, sess.cache.nbytes if sess.cache else 0)
+        if len(self._sessions) >= self._max_sessions:
+            raise ExecRefused("busy", f"host serves its maximum of {self._max_sessions} sessions")
+        span = self.span_for(msg.model_id, msg.start, msg.end)
+        cache = None
+        if msg.max_len > 0 and span.kv_layouts():
+            remaining = self._budget - self.kv_bytes_used
+            try:
+                cache = span.new_session_cache(msg.batch, msg.max_len, remaining)
+            except CacheExhausted as exc:
+                self._metrics.inc("exec_refused_total", code="cache_exhausted")
+                raise ExecRefused("cache_exhausted", f"{exc} (host budget {self._budget})") from None
+        self._sessions[key] = _Session(span, cache, msg.batch, msg.reply_codec, self._clock())
+        self._metrics.set("host_sessions", len(self._sessions))
+        return SessionOpened(msg.session_id, cache.nbytes if cache else 0)
+
+    def close(self, peer: bytes, session_id: bytes) -> None:
+        self._sessions.pop((peer, session_id), None)
+        self._metrics.set("host_sessions", len(self._sessions))
+
+    def reclaim_idle(self, idle_s: float) -> int:
+        """Drop sessions unused for `idle_s`; returns how many."""
+        cutoff = self._clock() - idle_s
+        stale = [k for k, s in self._sessions.items() if s.last_used < cutoff]
+        for k in stale:
+            del self._sessions[k]
+        if stale:
+            log.info("sessions_reclaimed", count=len(stale), idle_s=idle_s)
+            self._metrics.set("host_sessions", len(self._sessions))
+        return len(stale)
+
+    async def step(self, peer: bytes, msg: Step, payload: bytes) -> tuple[StepResult, Encoded]:
+        """Apply one step (or answer a repeated one) and return the result and its tensor."""
+        sess = self._sessions.get((peer, msg.session_id))
+        if sess is None:
+            raise ExecRefused("no_session", "no such session here (expired, reclaimed or failed)")
+        sess.last_used = self._clock()
+        if msg.step_id < sess.next_step:
+            if msg.step_id in sess.results:
+                self._metrics.inc("exec_duplicate_steps_total")
+                return sess.results[msg.step_id]
+            raise ExecRefused("out_of_order", f"step {msg.step_id} is too old to answer again")
+        if msg.step_id > sess.next_step:
+            raise ExecRefused("out_of_order", f"expected step {sess.next_step}, got {msg.step_id}")
+        try:
+            x = tensor_of(msg.tensor, payload)
+            ctx = self._context(sess, msg, x)
+        except AtomError as exc:
+            raise ExecRefused("bad_input", str(exc)) from None
+        result, enc = await self._compute(peer, sess, msg, x, ctx)
+        sess.next_step += 1
+        sess.results[msg.step_id] = (result, enc)
+        while len(sess.results) > KEPT_RESULTS:
+            sess.results.popitem(last=False)
+        return result, enc
+
+    def _context(self, sess: _Session, msg: Step, x: torch.Tensor) -> ForwardContext:
+        if x.shape[:1] != (sess.batch,) and sess.cache is not None:
+            raise ExecRefused("bad_input", f"session batch is {sess.batch}, got {tuple(x.shape)}")
+        tokens = x.shape[1] if sess.span.in_kind in (IOKind.IDS, IOKind.HIDDEN) else 1
+        if sess.cache is not None and sess.cache.length != msg.position:
+            raise ExecRefused(
+                "out_of_order", f"cache holds {sess.cache.length} tokens, step starts at {msg.position}"
+            )
+        pad = None
+        if msg.pad_mask:
+            total = msg.position + tokens
+            if len(msg.pad_mask) != x.shape[0] * total:
+                raise ExecRefused(
+                    "bad_input", f"pad_mask: expected {x.shape[0] * total} bytes, got {len(msg.pad_mask)}"
+                )
+            pad = torch.frombuffer(bytearray(msg.pad_mask), dtype=torch.uint8).view(x.shape[0], total).bool()
+        return ForwardContext.for_tokens(
+            x.shape[0], tokens, start=msg.position, causal=msg.causal, pad_mask=pad, cache=sess.cache
+        )
+
+    async def _compute(
+        self, peer: bytes, sess: _Session, msg: Step, x: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[StepResult, Encoded]:
+        queued_at = time.perf_counter()
+        started: list[float] = []
+
+        def run() -> torch.Tensor:
+            started.append(time.perf_counter())
+            with torch.inference_mode():
+                return sess.span(x, ctx)
+
+        self.queued += 1
+        self._metrics.set("host_queue_depth", self.queued)
+        try:
+            out = await trio.to_thread.run_sync(run, limiter=self._limiter)
+        except (AtomError, ValueError, RuntimeError) as exc:
+            self._sessions.pop((peer, msg.session_id), None)  # its cache may be half-written
+            code = "cache_exhausted" if isinstance(exc, CacheExhausted) else "bad_input"
+            if isinstance(exc, CacheNotReady):
+                code = "internal"
+            self._metrics.inc("exec_refused_total", code=code)
+            raise ExecRefused(code, f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self.queued -= 1
+            self._metrics.set("host_queue_depth", self.queued)
+        done = time.perf_counter()
+        enc = encode(out, sess.reply_codec)
+        queue_s = started[0] - queued_at if started else 0.0
+        self._metrics.inc("exec_steps_total", model=sess.span.model_id)
+        result = StepResult(msg.session_id, msg.step_id, header_of(enc), done - started[0], queue_s)
+        return result, enc
+
+    async def serve(self, channel: ExecChannel, *, idle_timeout_s: float) -> None:
+        """Answer one origin's stream until it closes, idles out, or misbehaves.
+
+        Error handling: refusals go back as `ExecFailure`; a peer protocol error (bad
+        signature, malformed record) or a broken stream ends the loop and propagates to the
+        caller, which scores the peer and closes the stream.
+        """
+        peer = channel.stream.remote_id
+        while True:
+            try:
+                msg, payload = await channel.receive(timeout_s=idle_timeout_s)
+            except MeshError as exc:
+                if isinstance(exc, PeerProtocolError):
+                    raise
+                return  # idle or gone: sessions stay until reclaimed, a new stream may resume
+            try:
+                if isinstance(msg, OpenSession):
+                    await channel.send(self.open(peer, msg))
+                elif isinstance(msg, Step):
+                    result, enc = await self.step(peer, msg, payload)
+                    await channel.send(result, enc)
+                elif isinstance(msg, CloseSession):
+                    self.close(peer, msg.session_id)
+            except ExecRefused as exc:
+                sid = getattr(msg, "session_id", b"")
+                step_id = getattr(msg, "step_id", -1)
+                log.info("exec_refused", peer=peer.hex()[:8], code=exc.code, reason=str(exc))
+                await channel.send(ExecFailure(sid, step_id, exc.code, str(exc)))

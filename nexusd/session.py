@@ -1,0 +1,328 @@
+"""The origin's side of a job: a session routed through the hosts of several spans.
+
+Rule 1: the origin keeps every input it sent to each hop. When a hop fails (stream broken,
+deadline passed, refusal, or invalid output), its host is reported (ban with backoff), only
+that hop's span is re-planned, the stored inputs are replayed through the replacement so
+its KV caches are rebuilt, and the step continues: the result equals a run without the
+failure (replay uses the very same step shapes, so caches are bit-identical).
+Rule 2: outputs are checked before use: decodable, finite, and of the batch/token shape
+the input had.
+Rule 3: every step reports, per hop, compute, queue and transfer time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+import torch
+import trio
+
+from atoms.codecs import encode
+from atoms.errors import AtomError
+from mesh.errors import MeshError
+
+from .errors import NexusError
+from .exec_protocol import (
+    SESSION_ID_BYTES,
+    CloseSession,
+    ExecChannel,
+    ExecFailure,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+    header_of,
+    tensor_of,
+)
+from .hosting import ExecRefused, SpanHost
+
+log = structlog.get_logger(__name__)
+
+
+class HopFailed(NexusError):
+    """A hop could not give a valid answer; the session fails over if it can."""
+
+    def __init__(self, host: bytes, reason: str, *, retryable: bool = True) -> None:
+        super().__init__(f"host {host.hex()[:8]}: {reason}")
+        self.host = host
+        self.reason = reason
+        self.retryable = retryable
+
+
+class JobFailed(NexusError):
+    """The job cannot complete (no route left, input rejected, too many failovers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HopPlan:
+    """One span of a route: atoms [start, end) on `host`."""
+
+    host: bytes
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class HopTiming:
+    """What one hop cost for one step (seconds; bytes of the tensors each way)."""
+
+    host: bytes
+    start: int
+    end: int
+    compute_s: float
+    queue_s: float
+    transfer_s: float
+    bytes_out: int
+    bytes_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    x: torch.Tensor
+    position: int
+    causal: bool
+    pad_mask: bytes
+
+
+class Hop(Protocol):
+    plan: HopPlan
+
+    async def open(self, batch: int, max_len: int) -> None: ...
+    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]: ...
+    async def close(self) -> None: ...
+
+
+class RemoteHop:
+    """A span on another node, reached over an `ExecChannel`."""
+
+    def __init__(
+        self,
+        plan: HopPlan,
+        model_id: str,
+        channel: ExecChannel,
+        *,
+        step_timeout_s: float,
+        codec: str = "raw",
+    ) -> None:
+        self.plan = plan
+        self._model = model_id
+        self._ch = channel
+        self._timeout = step_timeout_s
+        self._codec = codec
+        self._sid = os.urandom(SESSION_ID_BYTES)
+
+    async def open(self, batch: int, max_len: int) -> None:
+        msg = OpenSession(self._sid, self._model, self.plan.start, self.plan.end, batch, max_len, self._codec)
+        reply, _ = await self._exchange(lambda: self._ch.send(msg))
+        if not isinstance(reply, SessionOpened):
+            raise HopFailed(self.plan.host, f"expected SessionOpened, got {type(reply).__name__}")
+
+    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
+        enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
+        msg = Step(self._sid, step_id, inp.position, inp.causal, header_of(enc), inp.pad_mask)
+        t0 = trio.current_time()
+        reply, payload = await self._exchange(lambda: self._ch.send(msg, enc))
+        elapsed = trio.current_time() - t0
+        if not isinstance(reply, StepResult) or reply.step_id != step_id:
+            raise HopFailed(self.plan.host, f"expected StepResult {step_id}, got {reply!r:.80}")
+        try:
+            out = tensor_of(reply.tensor, payload)
+        except AtomError as exc:
+            raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
+        _check_output(self.plan.host, inp.x, out)
+        timing = HopTiming(
+            self.plan.host, self.plan.start, self.plan.end, reply.compute_s, reply.queue_s,
+            max(0.0, elapsed - reply.compute_s - reply.queue_s), len(enc.data), len(payload),
+        )  # fmt: skip
+        return out, timing
+
+    async def close(self) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self._ch.send(CloseSession(self._sid))
+            except MeshError:
+                pass  # the host reclaims idle sessions anyway
+        await self._ch.aclose()
+
+    async def _exchange(self, send: Callable[[], Awaitable[None]]) -> tuple[object, bytes]:
+        try:
+            with trio.fail_after(self._timeout):
+                await send()
+                reply, payload = await self._ch.receive()
+        except trio.TooSlowError:
+            raise HopFailed(self.plan.host, f"no answer within {self._timeout} s") from None
+        except MeshError as exc:
+            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
+        if isinstance(reply, ExecFailure):
+            raise HopFailed(self.plan.host, f"refused: {reply.code}: {reply.message}",
+                            retryable=reply.code != "bad_input")  # fmt: skip
+        return reply, payload
+
+
+class LocalHop:
+    """A span this node hosts itself: no network, same session semantics."""
+
+    def __init__(self, plan: HopPlan, model_id: str, host: SpanHost, self_id: bytes) -> None:
+        self.plan = plan
+        self._model = model_id
+        self._host = host
+        self._self = self_id
+        self._sid = os.urandom(SESSION_ID_BYTES)
+
+    async def open(self, batch: int, max_len: int) -> None:
+        msg = OpenSession(self._sid, self._model, self.plan.start, self.plan.end, batch, max_len)
+        try:
+            self._host.open(self._self, msg)
+        except ExecRefused as exc:
+            raise HopFailed(self.plan.host, f"refused: {exc.code}: {exc}") from None
+
+    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
+        enc = encode(inp.x)
+        msg = Step(self._sid, step_id, inp.position, inp.causal, header_of(enc), inp.pad_mask)
+        try:
+            reply, out_enc = await self._host.step(self._self, msg, enc.data)
+        except ExecRefused as exc:
+            raise HopFailed(self.plan.host, f"refused: {exc.code}: {exc}",
+                            retryable=exc.code != "bad_input") from None  # fmt: skip
+        out = tensor_of(reply.tensor, out_enc.data)
+        timing = HopTiming(self.plan.host, self.plan.start, self.plan.end, reply.compute_s,
+                           reply.queue_s, 0.0, 0, 0)  # fmt: skip
+        return out, timing
+
+    async def close(self) -> None:
+        self._host.close(self._self, self._sid)
+
+
+def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor) -> None:
+    if out.dim() < 2 or out.shape[0] != x.shape[0]:
+        raise HopFailed(host, f"output shape {tuple(out.shape)} does not fit input {tuple(x.shape)}")
+    if x.dim() >= 2 and out.dim() >= 3 and x.dim() in (2, 3) and out.shape[1] != x.shape[1]:
+        raise HopFailed(host, f"output has {out.shape[1]} tokens, input had {x.shape[1]}")
+
+
+Planner = Callable[[int, int, frozenset[bytes]], list[HopPlan]]
+HopFactory = Callable[[HopPlan], Awaitable[Hop]]
+FailureReporter = Callable[[bytes, str], None]
+
+
+@dataclass(slots=True)
+class _Live:
+    hop: Hop
+    history: list[StepInput] = field(default_factory=list)
+
+
+class RoutedSession:
+    """A job's chain of hops over atoms [0, n_atoms), with failover and replay.
+
+    Args:
+        n_atoms: atoms of the model; the hops cover [0, n_atoms) contiguously.
+        plan: (start, end, excluded hosts) -> hops covering [start, end).
+        make_hop: opens the transport to a hop's host.
+        report_failure: called with (host, reason) on each failure (the daemon bans).
+        batch, max_len: session shape (max_len 0: no KV cache).
+        max_failovers: failures tolerated in this session before the job fails.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_atoms: int,
+        plan: Planner,
+        make_hop: HopFactory,
+        report_failure: FailureReporter,
+        batch: int,
+        max_len: int,
+        max_failovers: int = 4,
+    ) -> None:
+        self._n = n_atoms
+        self._plan = plan
+        self._make_hop = make_hop
+        self._report = report_failure
+        self._batch = batch
+        self._max_len = max_len
+        self._budget = max_failovers
+        self._excluded: set[bytes] = set()
+        self._hops: list[_Live] = []
+        self.failovers: list[str] = []
+
+    @property
+    def route(self) -> list[HopPlan]:
+        return [live.hop.plan for live in self._hops]
+
+    async def open(self) -> None:
+        self._hops = await self._open_chain(0, self._n)
+
+    async def _open_chain(self, start: int, end: int) -> list[_Live]:
+        while True:
+            plans = self._plan(start, end, frozenset(self._excluded))
+            opened: list[_Live] = []
+            try:
+                for p in plans:
+                    hop = await self._make_hop(p)
+                    opened.append(_Live(hop))
+                    await hop.open(self._batch, self._max_len)
+                return opened
+            except HopFailed as exc:
+                for live in opened:
+                    await live.hop.close()
+                self._fail(exc)
+
+    def _fail(self, exc: HopFailed) -> None:
+        self._report(exc.host, exc.reason)
+        if not exc.retryable:
+            raise JobFailed(str(exc)) from exc
+        self._excluded.add(exc.host)
+        self.failovers.append(str(exc))
+        log.warning("hop_failed", host=exc.host.hex()[:8], reason=exc.reason)
+        if len(self.failovers) > self._budget:
+            raise JobFailed(f"gave up after {len(self.failovers)} failovers; last: {exc}")
+
+    async def step(self, inp: StepInput) -> tuple[torch.Tensor, list[HopTiming]]:
+        """Run one step through every hop; fail over hops that fail."""
+        timings: list[HopTiming] = []
+        x = inp
+        i = 0
+        while i < len(self._hops):
+            live = self._hops[i]
+            try:
+                out, timing = await live.hop.step(len(live.history), x)
+            except HopFailed as exc:
+                self._fail(exc)
+                await self._replace(i)
+                continue  # the same step again, on the replacement
+            live.history.append(x)
+            timings.append(timing)
+            x = StepInput(out, x.position, x.causal, x.pad_mask)
+            i += 1
+        return x.x, timings
+
+    async def _replace(self, i: int) -> None:
+        """Swap hop i for a fresh chain over its span and replay its stored inputs."""
+        old = self._hops[i]
+        await old.hop.close()
+        while True:
+            new = await self._open_chain(old.hop.plan.start, old.hop.plan.end)
+            try:
+                for past in old.history:
+                    x = past
+                    for live in new:
+                        out, _ = await live.hop.step(len(live.history), x)
+                        live.history.append(x)
+                        x = StepInput(out, x.position, x.causal, x.pad_mask)
+            except HopFailed as exc:
+                for live in new:
+                    await live.hop.close()
+                self._fail(exc)
+                continue
+            self._hops[i : i + 1] = new
+            log.info("span_rerouted", start=old.hop.plan.start, end=old.hop.plan.end,
+                     replayed=len(old.history), hosts=[lv.hop.plan.host.hex()[:8] for lv in new])  # fmt: skip
+            return
+
+    async def close(self) -> None:
+        for live in self._hops:
+            await live.hop.close()

@@ -1,0 +1,182 @@
+"""Distributed execution equals one process; failover replays and stays identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+
+from atoms.atom import ForwardContext
+from atoms.span import Span
+from nexusd.session import HopFailed, JobFailed, RoutedSession, StepInput
+
+from .exec_fixtures import Cluster, Node, tiny_llama
+
+PROMPT = torch.tensor([[5, 17, 42, 8, 3]])
+
+
+def reference_greedy(model: Span, steps: int) -> list[int]:
+    cache = model.new_session_cache(1, 32, 1 << 24)
+    x, pos, out = PROMPT, 0, []
+    with torch.inference_mode():
+        for _ in range(steps):
+            ctx = ForwardContext.for_tokens(1, x.shape[1], start=pos, causal=True, cache=cache)
+            logits = model(x, ctx)
+            pos += x.shape[1]
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            x = torch.tensor([[nxt]])
+    return out
+
+
+async def routed_greedy(session: RoutedSession, steps: int, on_step=None) -> list[int]:
+    x, pos, out = PROMPT, 0, []
+    for i in range(steps):
+        if on_step:
+            on_step(i)
+        logits, timings = await session.step(StepInput(x, pos, True, b""))
+        assert len(timings) == len(session.route)
+        pos += x.shape[1]
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        x = torch.tensor([[nxt]])
+    return out
+
+
+def split(model: Span, cuts: list[tuple[int, int]]) -> list[Span]:
+    atoms = model.atom_list()
+    return [Span(atoms[s:e]) for s, e in cuts]
+
+
+async def test_three_hosts_equal_one_process() -> None:
+    model = tiny_llama()
+    want = reference_greedy(model, 12)
+    a, b, c = (Node(n, [s]) for n, s in zip("abc", split(model, [(0, 2), (2, 4), (4, 6)]), strict=True))
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b, c])
+        plan = cl.planner([(0, 2, [a.id]), (2, 4, [b.id]), (4, 6, [c.id])])
+        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
+                             batch=1, max_len=32)  # fmt: skip
+        await sess.open()
+        got = await routed_greedy(sess, 12)
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == want
+    assert cl.failures == []
+
+
+async def test_host_killed_mid_generation_output_identical() -> None:
+    model = tiny_llama()
+    want = reference_greedy(model, 12)
+    spans = split(model, [(0, 3), (3, 6)])
+    a, b1, b2 = Node("a", [spans[0]]), Node("b1", [spans[1]]), Node("b2", [split(model, [(3, 6)])[0]])
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b1, b2])
+        plan = cl.planner([(0, 3, [a.id]), (3, 6, [b1.id, b2.id])])
+        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
+                             batch=1, max_len=32)  # fmt: skip
+        await sess.open()
+
+        def kill(i: int) -> None:
+            if i == 6:
+                for s in b1.streams:
+                    s.break_()
+
+        got = await routed_greedy(sess, 12, kill)
+        assert [p.host for p in sess.route] == [a.id, b2.id]
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == want
+    assert [h for h, _ in cl.failures] == [b1.id]
+    assert b2.metrics.value("exec_steps_total", model="tiny") == 12 - 6 + 6  # replay + rest
+
+
+async def test_nan_output_is_rejected_and_rerouted() -> None:
+    model = tiny_llama()
+    want = reference_greedy(model, 4)
+    bad_span, good_span = split(model, [(0, 6)])[0], split(model, [(0, 6)])[0]
+    bad, good = Node("bad", [bad_span]), Node("good", [good_span])
+    original = bad.host._compute
+
+    async def poisoned(*args, **kwargs):  # a host that returns NaN logits
+        result, enc = await original(*args, **kwargs)
+        from atoms.codecs import encode
+
+        nan = torch.full(enc.shape, float("nan"))
+        return result, encode(nan)
+
+    bad.host._compute = poisoned  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [bad, good])
+        plan = cl.planner([(0, 6, [bad.id, good.id])])
+        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
+                             batch=1, max_len=32)  # fmt: skip
+        await sess.open()
+        got = await routed_greedy(sess, 4)
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == want
+    assert cl.failures[0][0] == bad.id and "NaN" in cl.failures[0][1]
+
+
+async def test_kv_budget_exhausted_is_refused_and_routed_elsewhere() -> None:
+    model = tiny_llama()
+    small, big = Node("small", [model], budget=10), Node("big", [model])
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [small, big])
+        plan = cl.planner([(0, 6, [small.id, big.id])])
+        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
+                             batch=1, max_len=32)  # fmt: skip
+        await sess.open()
+        assert [p.host for p in sess.route] == [big.id]
+        assert "cache_exhausted" in cl.failures[0][1]
+        assert small.metrics.value("exec_refused_total", code="cache_exhausted") == 1
+        await sess.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_host_left_fails_the_job_with_reason() -> None:
+    model = tiny_llama()
+    only = Node("only", [model])
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [only])
+        plan = cl.planner([(0, 6, [only.id])])
+        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
+                             batch=1, max_len=32)  # fmt: skip
+        await sess.open()
+        for s in only.streams:
+            s.break_()
+        with pytest.raises(LookupError, match=r"no host for \[0,6\)"):
+            await sess.step(StepInput(PROMPT, 0, True, b""))
+        nursery.cancel_scope.cancel()
+
+
+async def test_duplicate_step_is_answered_not_recomputed() -> None:
+    model = tiny_llama()
+    node = Node("h", [model])
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [node])
+        hop = await cl.make_hop(cl.planner([(0, 6, [node.id])])(0, 6, frozenset())[0])
+        await hop.open(1, 32)
+        first, _ = await hop.step(0, StepInput(PROMPT, 0, True, b""))
+        again, _ = await hop.step(0, StepInput(PROMPT, 0, True, b""))
+        assert torch.equal(first, again)
+        assert node.metrics.value("exec_steps_total", model="tiny") == 1
+        assert node.metrics.value("exec_duplicate_steps_total") == 1
+        with pytest.raises(HopFailed, match="out_of_order"):
+            await hop.step(5, StepInput(PROMPT, 5, True, b""))
+        nursery.cancel_scope.cancel()
+
+
+async def test_bad_input_fails_the_job_not_the_host() -> None:
+    model = tiny_llama()
+    node = Node("h", [model])
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [node])
+        plan = cl.planner([(0, 6, [node.id])])
+        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
+                             batch=1, max_len=32)  # fmt: skip
+        await sess.open()
+        with pytest.raises(JobFailed, match="bad_input"):
+            await sess.step(StepInput(torch.tensor([[1.5, 2.5]]), 0, True, b""))
+        nursery.cancel_scope.cancel()
