@@ -1,0 +1,215 @@
+"""Sampling, stopping, streaming and the sans-IO generation state machine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from atoms.errors import GenerationStateError, NonFiniteInput, ShapeMismatch
+from atoms.generation import (
+    Done,
+    GenerationParams,
+    StepRequest,
+    StopReason,
+    TokenGenerator,
+    generate,
+    sample_next,
+)
+from atoms.llama import LlamaConfig, build_llama_atoms, init_random
+
+VOCAB = "abcdefghijklmnopqrstuvwxyz .!"
+
+
+def decode(ids: Sequence[int]) -> str:
+    return "".join(VOCAB[i] for i in ids)
+
+
+def logits_for(token: int, vocab: int = len(VOCAB)) -> torch.Tensor:
+    out = torch.zeros(vocab)
+    out[token] = 10.0
+    return out
+
+
+def drive(gen: TokenGenerator, script: str, prompt: Sequence[int] = (0,)) -> Done:
+    """Feed logits that make the generator pick `script`'s characters one by one."""
+    req = gen.start(prompt)
+    for ch in script:
+        assert isinstance(req, StepRequest)
+        req = gen.feed(logits_for(VOCAB.index(ch)))
+        if isinstance(req, Done):
+            return req
+    raise AssertionError(f"generation did not stop, last request {req}")
+
+
+@pytest.fixture(scope="module")
+def tiny_atoms() -> list:
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    g = torch.Generator().manual_seed(0)
+    return [init_random(a, g, std=0.2) for a in build_llama_atoms(cfg, model_id="g")]
+
+
+# ------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1, got 0"),
+        ({"max_new_tokens": 2.0}, "max_new_tokens must be an int >= 1, got 2.0"),
+        ({"temperature": -0.1}, "temperature must be a finite number >= 0, got -0.1"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+        ({"top_k": -1}, r"top_k must be an int >= 0 \(0 = off\), got -1"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\] \(1 = off\), got 0.0"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\] \(1 = off\), got 1.5"),
+        ({"seed": -1}, r"seed must be None or an int in \[0, 2\*\*63\), got -1"),
+        ({"stop_token_ids": [2]}, r"stop_token_ids must be a tuple of ints >= 0, got \[2\]"),
+        ({"stop_sequences": ("",)}, "stop_sequences must be a tuple of non-empty strings"),
+    ],
+)
+def test_bad_params_are_rejected_with_clear_messages(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GenerationParams(**kwargs)
+
+
+def test_stop_sequences_need_a_decoder() -> None:
+    with pytest.raises(ValueError, match="stop_sequences need a decode function"):
+        TokenGenerator(GenerationParams(stop_sequences=("x",)))
+
+
+# ------------------------------------------------------------------------ sampling
+
+LOGITS = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+
+
+def test_greedy_is_argmax() -> None:
+    assert sample_next(LOGITS, GenerationParams()).tolist() == [0, 3]
+    assert int(sample_next(LOGITS[1], GenerationParams())) == 3
+
+
+def test_top_k_one_equals_greedy() -> None:
+    params = GenerationParams(temperature=1.5, top_k=1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        assert sample_next(LOGITS, params, g).tolist() == [0, 3]
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [(0.5, {0}), (0.7, {0, 1}), (0.8, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3})],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p: float, kept: set[int]) -> None:
+    params = GenerationParams(temperature=1.0, top_p=top_p)
+    g = torch.Generator().manual_seed(2)
+    draws = sample_next(LOGITS[0].expand(400, -1), params, g)
+    assert set(draws.tolist()) == kept
+
+
+def test_top_k_masks_before_sampling() -> None:
+    params = GenerationParams(temperature=1.0, top_k=2)
+    draws = sample_next(LOGITS[1].expand(400, -1), params, torch.Generator().manual_seed(3))
+    assert set(draws.tolist()) == {2, 3}
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tiny_atoms: list) -> None:
+    def run(seed: int) -> tuple[int, ...]:
+        params = GenerationParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
+        return generate(tiny_atoms, [1, 2, 3], params).token_ids
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+# ------------------------------------------------------------------------ stopping
+
+
+def test_stop_sequence_stops_and_is_never_streamed() -> None:
+    pieces: list[tuple[int, str]] = []
+    params = GenerationParams(max_new_tokens=50, stop_sequences=("end",))
+    gen = TokenGenerator(params, decode=decode, on_token=lambda t, p: pieces.append((t, p)))
+    done = drive(gen, "hi en e bend more")
+    assert done.reason is StopReason.STOP_SEQUENCE
+    assert done.text == "hi en e b"
+    assert "".join(p for _, p in pieces) == done.text
+    assert len(pieces) == len(done.token_ids) == len("hi en e bend")
+    assert pieces[3] == (VOCAB.index("e"), "")  # "e" could start "end": held back
+
+
+def test_stop_token_ends_and_is_kept_out_of_text() -> None:
+    eos = VOCAB.index("!")
+    gen = TokenGenerator(GenerationParams(max_new_tokens=50, stop_token_ids=(eos,)), decode=decode)
+    done = drive(gen, "ok!more")
+    assert done == Done(token_ids=(14, 10, eos), text="ok", reason=StopReason.STOP_TOKEN)
+
+
+def test_max_new_tokens_ends_with_all_text() -> None:
+    pieces: list[str] = []
+    params = GenerationParams(max_new_tokens=3, stop_sequences=("xyz",))
+    gen = TokenGenerator(params, decode=decode, on_token=lambda _t, p: pieces.append(p))
+    done = drive(gen, "abxyz")
+    assert (done.text, done.reason) == ("abx", StopReason.MAX_NEW_TOKENS)
+    assert pieces == ["a", "b", "x"]
+
+
+def test_requests_carry_positions_for_cached_decode() -> None:
+    gen = TokenGenerator(GenerationParams(max_new_tokens=3))
+    first = gen.start([4, 5, 6])
+    assert first == StepRequest(token_ids=(4, 5, 6), start=0, step=0)
+    second = gen.feed(logits_for(9)[None, None].expand(1, 3, -1))  # (1, T, V) is accepted
+    assert second == StepRequest(token_ids=(9,), start=3, step=1)
+    assert second.context().positions.tolist() == [[3]]
+    assert gen.sequence == (4, 5, 6, 9)
+
+
+# ------------------------------------------------------------------------ state errors
+
+
+def test_out_of_order_calls_raise() -> None:
+    gen = TokenGenerator(GenerationParams(max_new_tokens=1))
+    with pytest.raises(GenerationStateError, match="feed\\(\\) on a generator in state new"):
+        gen.feed(logits_for(0))
+    gen.start([1])
+    with pytest.raises(GenerationStateError, match="start\\(\\) on a generator in state running"):
+        gen.start([1])
+    assert isinstance(gen.feed(logits_for(0)), Done)
+    with pytest.raises(GenerationStateError, match="state done"):
+        gen.feed(logits_for(0))
+
+
+def test_bad_logits_and_prompts_are_rejected() -> None:
+    gen = TokenGenerator(GenerationParams())
+    with pytest.raises(ValueError, match="prompt must be a non-empty sequence"):
+        gen.start([])
+    gen.start([1])
+    with pytest.raises(ShapeMismatch, match=r"got \(2, 29\)"):
+        gen.feed(torch.zeros(2, len(VOCAB)))
+    bad = logits_for(0)
+    bad[3] = float("nan")
+    with pytest.raises(NonFiniteInput, match="NaN or Inf"):
+        gen.feed(bad)
+
+
+# ------------------------------------------------------------------------ local driver
+
+
+def test_cached_generation_equals_recomputation_and_streams(tiny_atoms: list) -> None:
+    seen: list[int] = []
+    params = GenerationParams(max_new_tokens=20)
+    cached = generate(tiny_atoms, [1, 2, 3, 4], params, on_token=lambda t, _p: seen.append(t))
+    full = generate(tiny_atoms, [1, 2, 3, 4], params, use_cache=False)
+    assert cached.token_ids == full.token_ids
+    assert tuple(seen) == cached.token_ids and len(seen) == 20
+
+
+def test_a_decoder_that_rewrites_text_keeps_done_text_exact() -> None:
+    def merging(ids: Sequence[int]) -> str:  # "ab" renders as "X", like a merged piece
+        return decode(ids).replace("ab", "X")
+
+    pieces: list[str] = []
+    gen = TokenGenerator(GenerationParams(max_new_tokens=3), decode=merging,
+                         on_token=lambda _t, p: pieces.append(p))
+    done = drive(gen, "abc")
+    assert done.text == "Xc"
+    assert pieces == ["a", "", "c"]
