@@ -15,19 +15,33 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 import structlog
 import trio
 
+import torch
+
+from mesh.hlc import HybridClock
+from mesh.identity import EnvelopeVerifier
+from mesh.routing import HostSpan
+
 from . import __version__
 from .api import ApiServer, Emit
 from .config import Config
 from .errors import AlreadyRunning
+from .exec_protocol import Signer
+from .hosting import HostedSpan, SpanHost
+from .job_service import JobService
+from .jobs import JobEngine
+from .journal import Journal
 from .metrics import Metrics, serve_metrics
+from .models import ModelRegistry, parse_host_spec
 from .node_files import MeshInfo, load_name, load_node_key
 from .paths import NodePaths, ensure_private_dir
-from .protocol import OkReply, ShutdownRequest, StatusReply, StatusRequest
+from .planner import DEFAULT_COMPUTE_S_PER_ATOM, LocalMesh, MeshView
+from .protocol import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +74,7 @@ def node_lock(paths: NodePaths) -> Iterator[IO[str]]:
 
 
 class Daemon:
-    """One node: its key, its local API, its metrics, and (when set up) its mesh and atoms."""
+    """One node: key, local API, metrics, hosted spans, job engine and (when set up) mesh."""
 
     def __init__(self, cfg: Config, paths: NodePaths) -> None:
         self.cfg = cfg
@@ -71,6 +85,23 @@ class Daemon:
         self.mesh_info = MeshInfo.load(paths.mesh_file)
         self.started_at = time.monotonic()
         self._stop = trio.Event()
+        self.registry = ModelRegistry(Path(cfg.atoms.models_dir) if cfg.atoms.models_dir
+                                      else paths.models_dir)  # fmt: skip
+        self.limiter = trio.CapacityLimiter(1)  # one device: torch work runs one at a time
+        self.host = SpanHost([], kv_budget_bytes=cfg.atoms.kv_cache_budget_bytes,
+                             max_sessions=cfg.atoms.max_sessions, limiter=self.limiter,
+                             metrics=self.metrics)  # fmt: skip
+        self.signer = Signer(self.key, HybridClock(max_drift_s=cfg.mesh.max_clock_drift_s))
+        self.verifier = EnvelopeVerifier(
+            clock=self.signer.clock, window_s=cfg.mesh.envelope_window_s,
+            max_body_bytes=cfg.mesh.max_frame_bytes, replay_capacity=cfg.mesh.replay_cache_entries,
+        )  # fmt: skip
+        self.view: MeshView = LocalMesh(self.key.node_id, self.name, [])
+        self.engine = JobEngine(view=self.view, host=self.host, registry=self.registry,
+                                signer=self.signer, verifier=self.verifier, metrics=self.metrics,
+                                step_timeout_s=cfg.mesh.read_timeout_s)  # fmt: skip
+        self.journal = Journal(paths.jobs_db)
+        self.jobs = JobService(self.engine, self.journal, self.metrics)
         self.api = ApiServer(
             paths.socket,
             max_request_bytes=cfg.api.max_request_bytes,
@@ -80,6 +111,8 @@ class Daemon:
         )
         self.api.route(StatusRequest, self._status)
         self.api.route(ShutdownRequest, self._shutdown)
+        self.api.route(HostRequest, self._host_request)
+        self.jobs.register(self.api)
 
     def __repr__(self) -> str:
         return f"Daemon(node={self.key.node_id.hex()[:8]}, data_dir={self.paths.data_dir})"
@@ -90,26 +123,59 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until a stop is requested, then drain for at most the grace period."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.api.run)
-            if self.cfg.metrics.listen_port:
-                await nursery.start(
-                    serve_metrics, self.metrics, self.cfg.metrics.listen_host,
-                    self.cfg.metrics.listen_port,
-                )  # fmt: skip
-            log.info(
-                "daemon_started",
-                node=self.key.node_id.hex()[:8],
-                name=self.name,
-                socket=str(self.api.path),
-                version=__version__,
-            )
-            task_status.started()
-            await self._stop.wait()
-            log.info("daemon_stopping", grace_s=self.cfg.node.shutdown_grace_s)
-            nursery.cancel_scope.deadline = trio.current_time() + self.cfg.node.shutdown_grace_s
-            nursery.cancel_scope.cancel()
+        torch.set_num_threads(self.cfg.node.torch_threads)
+        try:
+            async with trio.open_nursery() as nursery:
+                for spec in self.cfg.atoms.host:
+                    await self.host_span(spec)
+                await nursery.start(self.jobs.run)
+                await nursery.start(self.api.run)
+                if self.cfg.metrics.listen_port:
+                    await nursery.start(
+                        serve_metrics, self.metrics, self.cfg.metrics.listen_host,
+                        self.cfg.metrics.listen_port,
+                    )  # fmt: skip
+                nursery.start_soon(self._reclaim_sessions)
+                log.info(
+                    "daemon_started",
+                    node=self.key.node_id.hex()[:8],
+                    name=self.name,
+                    socket=str(self.api.path),
+                    hosted=[f"{h.model_id}:{h.start}-{h.end}" for h in self.host.hosted()],
+                    version=__version__,
+                )
+                task_status.started()
+                await self._stop.wait()
+                grace = self.cfg.node.shutdown_grace_s
+                log.info("daemon_stopping", grace_s=grace, running_jobs=self.jobs.running)
+                with trio.move_on_after(grace):
+                    await self.jobs.drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.journal.close()
         log.info("daemon_stopped")
+
+    async def host_span(self, spec: str) -> HostedSpan:
+        """Load and serve "MODEL" or "MODEL:START-END" (weights verified by digest)."""
+        model_id, start, end = await trio.to_thread.run_sync(parse_host_spec, spec, self.registry)
+        span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end)
+        hosted = self.host.add_span(span)
+        self._refresh_local_view()
+        log.info("span_hosted", model=model_id, start=start, end=end)
+        return hosted
+
+    def _refresh_local_view(self) -> None:
+        if isinstance(self.view, LocalMesh):
+            self.view.spans = [
+                HostSpan(self.key.node_id, h.model_id, h.start, h.end, DEFAULT_COMPUTE_S_PER_ATOM)
+                for h in self.host.hosted()
+            ]
+
+    async def _reclaim_sessions(self) -> None:
+        idle = self.cfg.atoms.session_idle_s
+        while True:
+            await trio.sleep(idle / 4)  # periodic housekeeping, not a wait for a condition
+            self.host.reclaim_idle(idle)
 
     async def _status(self, _req: StatusRequest, _emit: Emit) -> StatusReply:
         return StatusReply(
@@ -124,12 +190,16 @@ class Daemon:
             listen_addrs=(),
             peers_connected=0,
             members=0,
-            hosted=(),
+            hosted=tuple(f"{h.model_id}:{h.start}-{h.end}" for h in self.host.hosted()),
         )
 
     async def _shutdown(self, _req: ShutdownRequest, _emit: Emit) -> OkReply:
         self.request_stop()
         return OkReply("stopping")
+
+    async def _host_request(self, req: HostRequest, _emit: Emit) -> OkReply:
+        hosted = await self.host_span(req.spec)
+        return OkReply(f"hosting {hosted.model_id} atoms [{hosted.start},{hosted.end})")
 
 
 async def run_daemon(cfg: Config, paths: NodePaths) -> None:

@@ -109,6 +109,11 @@ class SpanHost:
         spans = ", ".join(f"{s.model_id}[{s.start},{s.end})" for s in self._spans)
         return f"SpanHost({spans}; {len(self._sessions)} sessions, {self.kv_bytes_used} KV bytes)"
 
+    def add_span(self, span: Span) -> HostedSpan:
+        """Serve one more span (atoms already loaded and verified)."""
+        self._spans.append(span)
+        return self.hosted()[-1]
+
     def hosted(self) -> list[HostedSpan]:
         out = []
         for s in self._spans:

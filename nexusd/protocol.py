@@ -77,5 +77,176 @@ class ShutdownRequest:
     """Ask the daemon to stop gracefully (as SIGTERM would)."""
 
 
-REPLY_TYPES: tuple[type, ...] = (ErrorReply, OkReply, StatusReply)
-EVENT_TYPES: tuple[type, ...] = ()
+# ---- jobs -------------------------------------------------------------------------------
+
+
+@record("api.hop")
+@dataclass(frozen=True, slots=True)
+class HopReport:
+    """One hop of a job's route with its summed costs over all steps (seconds, bytes)."""
+
+    host: str  # hex node id
+    name: str
+    start: int
+    end: int
+    steps: int
+    compute_s: float
+    queue_s: float
+    transfer_s: float
+    bytes_out: int
+    bytes_in: int
+
+
+@record("api.generate")
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """Generate text. `job_id` empty: the daemon picks one."""
+
+    prompt: str
+    model: str = "nexus-1.1"
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    job_id: str = ""
+    codec: str = "raw"
+
+
+@record("api.token")
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """A generated token and its text piece, streamed as produced."""
+
+    job_id: str
+    token_id: int
+    text: str
+
+
+@record("api.progress")
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """Progress of a long job: `done` of `total` units."""
+
+    job_id: str
+    done: int
+    total: int
+    message: str = ""
+
+
+@record("api.generate_reply")
+@dataclass(frozen=True, slots=True)
+class GenerateReply:
+    job_id: str
+    model: str
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: str
+    prompt_tokens: int
+    elapsed_s: float
+    tokens_per_s: float
+    route: tuple[HopReport, ...]
+    failovers: tuple[str, ...]
+
+
+@record("api.embed")
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """Embed texts (normalised sentence embeddings), micro-batched along the route."""
+
+    texts: tuple[str, ...]
+    model: str = "minilm"
+    micro_batch: int = 16
+    job_id: str = ""
+    codec: str = "raw"
+
+
+@record("api.embed_reply")
+@dataclass(frozen=True, slots=True)
+class EmbedReply:
+    job_id: str
+    model: str
+    count: int
+    dims: int
+    vectors: bytes  # count x dims float32, little-endian, row-major
+    elapsed_s: float
+    texts_per_s: float
+    route: tuple[HopReport, ...]
+    failovers: tuple[str, ...]
+
+
+@record("api.classify")
+@dataclass(frozen=True, slots=True)
+class ClassifyRequest:
+    """Zero-shot classification of texts among labels, by embedding similarity."""
+
+    texts: tuple[str, ...]
+    labels: tuple[str, ...]
+    model: str = "minilm"
+    template: str = "This text is about {}."
+    job_id: str = ""
+
+
+@record("api.classify_reply")
+@dataclass(frozen=True, slots=True)
+class ClassifyReply:
+    job_id: str
+    model: str
+    labels: tuple[str, ...]
+    predicted: tuple[str, ...]
+    scores: tuple[tuple[float, ...], ...]  # per text, softmax over labels
+    elapsed_s: float
+    route: tuple[HopReport, ...]
+
+
+@record("api.jobs")
+@dataclass(frozen=True, slots=True)
+class JobsRequest:
+    limit: int = 50
+
+
+@record("api.job_row")
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    job_id: str
+    kind: str
+    state: str
+    created_ms: int
+    updated_ms: int
+    attempts: int
+    error: str
+
+
+@record("api.jobs_reply")
+@dataclass(frozen=True, slots=True)
+class JobsReply:
+    jobs: tuple[JobRow, ...]
+
+
+@record("api.cancel")
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    job_id: str
+
+
+@record("api.result")
+@dataclass(frozen=True, slots=True)
+class ResultRequest:
+    """The stored result of a finished job (or its failure)."""
+
+    job_id: str
+
+
+@record("api.host")
+@dataclass(frozen=True, slots=True)
+class HostRequest:
+    """Load and serve atoms: "MODEL" (all) or "MODEL:START-END" (END exclusive)."""
+
+    spec: str
+
+
+REPLY_TYPES: tuple[type, ...] = (
+    ErrorReply, OkReply, StatusReply, GenerateReply, EmbedReply, ClassifyReply, JobsReply,
+)  # fmt: skip
+EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CommandSpec as CommandSpec
+from .jobs import JOB_COMMANDS
 from .node import NODE_COMMANDS
 
-COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS,)
+COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS, *JOB_COMMANDS)

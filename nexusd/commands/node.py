@@ -8,7 +8,6 @@ import trio
 
 from ..cli import call_daemon, emit
 from ..config import Config
-from ..daemon import run_daemon
 from ..node_files import init_node
 from ..paths import NodePaths
 from ..protocol import OkReply, ShutdownRequest, StatusReply, StatusRequest
@@ -48,6 +47,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run(_args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
+    from ..daemon import run_daemon  # torch and the mesh load only for the daemon itself
+
     trio.run(run_daemon, cfg, paths)
     return 0
 

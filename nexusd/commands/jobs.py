@@ -1,0 +1,238 @@
+"""Job commands: generate, embed, classify, jobs, result, cancel, host."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from pathlib import Path
+
+from ..cli import call_daemon, emit
+from ..config import Config
+from ..errors import ApiError
+from ..paths import NodePaths
+from ..protocol import (
+    CancelRequest,
+    ClassifyReply,
+    ClassifyRequest,
+    EmbedReply,
+    EmbedRequest,
+    GenerateReply,
+    GenerateRequest,
+    HopReport,
+    HostRequest,
+    JobsReply,
+    JobsRequest,
+    OkReply,
+    ProgressEvent,
+    ResultRequest,
+    TokenEvent,
+)
+from .base import CommandSpec, table
+
+
+def route_table(route: tuple[HopReport, ...]) -> str:
+    rows = [[h.name or h.host[:8], h.host[:8], f"{h.start}-{h.end - 1}", str(h.steps),
+             f"{h.compute_s * 1000:.1f}", f"{h.queue_s * 1000:.1f}", f"{h.transfer_s * 1000:.1f}",
+             f"{(h.bytes_out + h.bytes_in) / 1e6:.2f}"] for h in route]  # fmt: skip
+    return table(["host", "id", "atoms", "steps", "compute ms", "queue ms", "transfer ms", "MB"], rows)
+
+
+def _job_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--job-id", default="", help="idempotency key: resubmitting returns the stored result")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the route and per-hop timings")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up waiting after S seconds (the job keeps running; see `nexusd result`)")
+
+
+async def _print_event(event: object) -> None:
+    if isinstance(event, TokenEvent):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    elif isinstance(event, ProgressEvent):
+        sys.stderr.write(f"\r{event.message}: {event.done}/{event.total}")
+        if event.done == event.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def _quiet(_event: object) -> None:
+    return None
+
+
+# ---- generate ------------------------------------------------------------------------------
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", default="nexus-1.1", help="model id (default: nexus-1.1)")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens at most (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--codec", default="raw", choices=("raw", "fp16", "bf16", "int8"),
+                   help="wire codec for activations (default raw: exact)")
+    _job_flags(p)
+
+
+def _generate(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    req = GenerateRequest(args.prompt, args.model, args.max_tokens, args.temperature, args.top_k,
+                          args.top_p, args.seed, tuple(args.stop), args.job_id, args.codec)  # fmt: skip
+    streaming = not args.json
+    reply = call_daemon(paths, req, timeout_s=args.timeout,
+                        on_event=_print_event if streaming else _quiet)  # fmt: skip
+    assert isinstance(reply, GenerateReply)
+    if args.json:
+        emit(args, reply, str)
+        return 0
+    print()
+    if args.verbose:
+        print(f"\njob {reply.job_id}: {len(reply.token_ids)} tokens in {reply.elapsed_s:.2f}s "
+              f"({reply.tokens_per_s:.1f} tok/s), stop: {reply.stop_reason}")  # fmt: skip
+        print(route_table(reply.route))
+        for f in reply.failovers:
+            print(f"failover: {f}")
+    return 0
+
+
+# ---- embed / classify ----------------------------------------------------------------------
+
+
+def _texts(args: argparse.Namespace) -> tuple[str, ...]:
+    texts = list(args.texts)
+    if args.file:
+        src = sys.stdin if args.file == "-" else Path(args.file).open()
+        with src:
+            texts += [line.rstrip("\n") for line in src if line.strip()]
+    if not texts:
+        raise ApiError("bad_request", "no texts: give TEXT arguments or --file FILE (- for stdin)")
+    return tuple(texts)
+
+
+def _embed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
+    p.add_argument("--file", help="read texts, one per line, from FILE (- for stdin)")
+    p.add_argument("--model", default="minilm", help="model id (default: minilm)")
+    p.add_argument("--micro-batch", type=int, default=16, help="texts per micro-batch (default 16)")
+    p.add_argument("--codec", default="raw", choices=("raw", "fp16", "bf16", "int8"),
+                   help="wire codec for activations (default raw: exact)")
+    _job_flags(p)
+
+
+def vectors_of(reply: EmbedReply) -> list[list[float]]:
+    flat = struct.unpack(f"<{reply.count * reply.dims}f", reply.vectors)
+    return [list(flat[i * reply.dims : (i + 1) * reply.dims]) for i in range(reply.count)]
+
+
+def _embed(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    texts = _texts(args)
+    req = EmbedRequest(texts, args.model, args.micro_batch, args.job_id, args.codec)
+    reply = call_daemon(paths, req, timeout_s=args.timeout, on_event=_print_event)
+    assert isinstance(reply, EmbedReply)
+    vecs = vectors_of(reply)
+    if args.json:
+        data = {"job_id": reply.job_id, "model": reply.model, "dims": reply.dims, "vectors": vecs,
+                "elapsed_s": reply.elapsed_s, "texts_per_s": reply.texts_per_s,
+                "route": [_hop(h) for h in reply.route],
+                "failovers": list(reply.failovers)}  # fmt: skip
+        print(json.dumps(data))
+        return 0
+    for text, v in zip(texts, vecs, strict=True):
+        head = ", ".join(f"{x:+.3f}" for x in v[:4])
+        print(f"[{head}, …] ({reply.dims} dims)  {text[:60]}")
+    print(f"{reply.count} texts in {reply.elapsed_s:.2f}s ({reply.texts_per_s:.1f}/s)")
+    if args.verbose:
+        print(route_table(reply.route))
+    return 0
+
+
+def _hop(h: HopReport) -> dict[str, object]:
+    return {f: getattr(h, f) for f in h.__slots__}  # type: ignore[attr-defined]
+
+
+def _classify_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    p.add_argument("--labels", required=True, help="comma-separated labels, e.g. sports,politics")
+    p.add_argument("--file", help="read texts, one per line, from FILE (- for stdin)")
+    p.add_argument("--model", default="minilm", help="model id (default: minilm)")
+    p.add_argument("--template", default="This text is about {}.",
+                   help="how a label becomes a sentence ({} = the label)")
+    _job_flags(p)
+
+
+def _classify(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    texts = _texts(args)
+    labels = tuple(lab.strip() for lab in args.labels.split(",") if lab.strip())
+    req = ClassifyRequest(texts, labels, args.model, args.template, args.job_id)
+    reply = call_daemon(paths, req, timeout_s=args.timeout, on_event=_quiet)
+    assert isinstance(reply, ClassifyReply)
+    if args.json:
+        emit(args, reply, str)
+        return 0
+    for text, label, scores in zip(texts, reply.predicted, reply.scores, strict=True):
+        print(f"{label:<14} {max(scores):.2f}  {text[:70]}")
+    if args.verbose:
+        print(route_table(reply.route))
+    return 0
+
+
+# ---- jobs / result / cancel / host ---------------------------------------------------------
+
+
+def _jobs_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=20, help="newest N jobs (default 20)")
+
+
+def _jobs(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, JobsRequest(args.limit))
+    assert isinstance(reply, JobsReply)
+    rows = [[j.job_id, j.kind, j.state, str(j.attempts), j.error[:50]] for j in reply.jobs]
+    emit(args, reply, lambda: table(["job", "kind", "state", "attempts", "error"], rows))
+    return 0
+
+
+def _job_id_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job_id", help="the job id")
+
+
+def _result(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, ResultRequest(args.job_id), timeout_s=None)
+    emit(args, reply, lambda: getattr(reply, "text", "") or str(reply))
+    return 0
+
+
+def _cancel(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, CancelRequest(args.job_id))
+    assert isinstance(reply, OkReply)
+    emit(args, {"cancelled": args.job_id}, lambda: reply.message)
+    return 0
+
+
+def _host_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model id, e.g. nexus-1.1 or minilm")
+    p.add_argument("--atoms", metavar="A-B", help="host atoms A..B-1 only (default: all)")
+
+
+def _host(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    spec = f"{args.model}:{args.atoms}" if args.atoms else args.model
+    reply = call_daemon(paths, HostRequest(spec), timeout_s=600)
+    assert isinstance(reply, OkReply)
+    emit(args, {"hosting": spec}, lambda: reply.message)
+    return 0
+
+
+JOB_COMMANDS = (
+    CommandSpec("generate", "generate text across the mesh (tokens stream as produced)",
+                _generate_flags, _generate),
+    CommandSpec("embed", "sentence embeddings across the mesh (micro-batched)", _embed_flags, _embed),
+    CommandSpec("classify", "zero-shot classification of texts among labels", _classify_flags,
+                _classify),
+    CommandSpec("jobs", "list recent jobs and their states", _jobs_flags, _jobs),
+    CommandSpec("result", "print the stored result of a job (waits if it is running)",
+                _job_id_flag, _result),
+    CommandSpec("cancel", "cancel a running job", _job_id_flag, _cancel),
+    CommandSpec("host", "load and serve a model's atoms on this node", _host_flags, _host),
+)  # fmt: skip

@@ -1,0 +1,298 @@
+"""Running jobs across the mesh: generation, embeddings, zero-shot classification.
+
+Rule 1: the engine is the origin of every job it runs: it tokenises, plans a route through
+`MeshView`, drives a `RoutedSession` per stream of work, and turns outputs into replies.
+Rule 2: it never trusts what it cannot check: parameters are validated before anything
+runs (`bad_request` names the parameter), outputs are checked by the session.
+Rule 3: every reply carries the route and per-hop compute / queue / transfer time.
+Rule 4: batch work (embeddings) keeps several micro-batches in flight, one session each,
+so different hosts compute at the same time (pipeline parallelism), and batch routes are
+sampled among near-best replicas so concurrent clients spread out.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+import torch
+import trio
+
+from atoms.codecs import CODECS, wire_bytes
+from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
+from mesh.identity import EnvelopeVerifier
+
+from .errors import ApiError
+from .exec_protocol import ORIGIN_INBOUND, ExecChannel, Signer
+from .hosting import SpanHost
+from .metrics import Metrics
+from .models import ModelRegistry
+from .planner import MeshView, make_planner
+from .protocol import (
+    ClassifyReply,
+    ClassifyRequest,
+    EmbedReply,
+    EmbedRequest,
+    GenerateReply,
+    GenerateRequest,
+    HopReport,
+    ProgressEvent,
+    TokenEvent,
+)
+from .session import Hop, HopFailed, HopPlan, HopTiming, LocalHop, RemoteHop, RoutedSession, StepInput
+
+log = structlog.get_logger(__name__)
+
+Emit = Callable[[object], Awaitable[None]]
+MAX_TEXTS = 10_000
+MAX_TEXT_CHARS = 100_000
+MAX_NEW_TOKENS = 4096
+
+
+@dataclass(slots=True)
+class _Costs:
+    """Per-hop sums over a job's steps, keyed by (host, start, end)."""
+
+    hops: dict[tuple[bytes, int, int], list[float]] = field(default_factory=dict)
+
+    def add(self, timings: Sequence[HopTiming]) -> None:
+        for t in timings:
+            acc = self.hops.setdefault((t.host, t.start, t.end), [0, 0.0, 0.0, 0.0, 0, 0])
+            acc[0] += 1
+            acc[1] += t.compute_s
+            acc[2] += t.queue_s
+            acc[3] += t.transfer_s
+            acc[4] += t.bytes_out
+            acc[5] += t.bytes_in
+
+    def report(self, name_of: Callable[[bytes], str]) -> tuple[HopReport, ...]:
+        return tuple(
+            HopReport(h.hex(), name_of(h), s, e, int(a[0]), round(a[1], 6), round(a[2], 6),
+                      round(a[3], 6), int(a[4]), int(a[5]))  # fmt: skip
+            for (h, s, e), a in sorted(self.hops.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        )
+
+
+class JobEngine:
+    """Runs jobs from this node (the origin) over the mesh.
+
+    Args:
+        view: the mesh as the engine sees it (or `LocalMesh`).
+        host: this node's own span host (used directly for local hops).
+        registry: model folders and tokenizers.
+        signer, verifier: for exec channels to remote hosts.
+        step_timeout_s: deadline of one hop's answer (a frozen host is failed over).
+    """
+
+    def __init__(
+        self,
+        *,
+        view: MeshView,
+        host: SpanHost,
+        registry: ModelRegistry,
+        signer: Signer,
+        verifier: EnvelopeVerifier,
+        metrics: Metrics,
+        step_timeout_s: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.view = view
+        self.host = host
+        self.registry = registry
+        self._signer = signer
+        self._verifier = verifier
+        self._metrics = metrics
+        self._timeout = step_timeout_s
+        self._rng = rng or random.Random()
+
+    def __repr__(self) -> str:
+        return f"JobEngine(node={self.view.node_id.hex()[:8]}, models={self.registry.available()})"
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    def _session(
+        self, model_id: str, *, n_atoms: int, batch: int, max_len: int, bytes_per_hop: int,
+        kind: Literal["latency", "batch"], codec: str,
+    ) -> RoutedSession:  # fmt: skip
+        plan = make_planner(self.view, model_id=model_id, bytes_per_hop=bytes_per_hop,
+                            kv_tokens=max_len, kind=kind, rng=self._rng)  # fmt: skip
+
+        async def make_hop(p: HopPlan) -> Hop:
+            if p.host == self.view.node_id:
+                return LocalHop(p, model_id, self.host, self.view.node_id)
+            try:
+                stream = await self.view.open_exec_stream(p.host)
+            except (ApiError, OSError) as exc:
+                raise HopFailed(p.host, f"cannot open a stream: {exc}") from None
+            except Exception as exc:  # boundary: any transport failure is this hop's failure
+                raise HopFailed(p.host, f"cannot open a stream: {type(exc).__name__}: {exc}") from None
+            channel = ExecChannel(stream, self._signer, self._verifier, self.view.is_member,
+                                  ORIGIN_INBOUND)  # fmt: skip
+            return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=codec)
+
+        def report(host: bytes, reason: str) -> None:
+            self._metrics.inc("hop_failures_total")
+            self.view.report(host, reason)
+
+        return RoutedSession(n_atoms=n_atoms, plan=plan, make_hop=make_hop,
+                             report_failure=report, batch=batch, max_len=max_len)  # fmt: skip
+
+    # ---- generation ----------------------------------------------------------------------
+
+    async def generate(self, req: GenerateRequest, job_id: str, emit: Emit) -> GenerateReply:
+        """Generate text, streaming each token as a `TokenEvent`."""
+        _check_codec(req.codec)
+        info = self.registry.info(req.model)
+        if not info.causal:
+            raise ApiError("bad_request", f"model {req.model} is an encoder ({info.family}); "
+                                          "generation needs a decoder such as nexus-1.1")  # fmt: skip
+        if not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ApiError("bad_request", f"max_new_tokens: expected 1..{MAX_NEW_TOKENS}, got {req.max_new_tokens}")
+        if len(req.prompt) > MAX_TEXT_CHARS or not req.prompt:
+            raise ApiError("bad_request", f"prompt: expected 1..{MAX_TEXT_CHARS} characters, got {len(req.prompt)}")
+        try:
+            params = GenerationParams(
+                max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
+                top_p=req.top_p, seed=req.seed, stop_sequences=req.stop,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        tok = self.registry.tokenizer(req.model)
+        prompt_ids = tok.encode(req.prompt)
+        pending: list[TokenEvent] = []
+        gen = TokenGenerator(params, decode=tok.decode,
+                             on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)))  # fmt: skip
+        hidden = int(dict(self.registry.manifest(req.model).config).get("hidden_size", 0) or 0)  # type: ignore[call-overload]
+        session = self._session(
+            req.model, n_atoms=info.n_atoms, batch=1, max_len=len(prompt_ids) + req.max_new_tokens,
+            bytes_per_hop=wire_bytes(hidden, torch.float32, req.codec), kind="latency",
+            codec=req.codec,
+        )  # fmt: skip
+        costs = _Costs()
+        t0 = time.perf_counter()
+        try:
+            await session.open()
+            step: StepRequest | Done = gen.start(prompt_ids)
+            while isinstance(step, StepRequest):
+                logits, timings = await session.step(StepInput(step.input_ids(), step.start, True, b""))
+                costs.add(timings)
+                step = gen.feed(logits)
+                for event in pending:
+                    await emit(event)
+                pending.clear()
+        finally:
+            with trio.CancelScope(shield=True):
+                await session.close()
+        elapsed = time.perf_counter() - t0
+        self._metrics.inc("jobs_tokens_total", len(step.token_ids), model=req.model)
+        return GenerateReply(
+            job_id, req.model, step.text, step.token_ids, step.reason.value, len(prompt_ids),
+            round(elapsed, 6), round(len(step.token_ids) / elapsed, 3) if elapsed else 0.0,
+            costs.report(self.view.name_of), tuple(session.failovers),
+        )  # fmt: skip
+
+    # ---- embeddings ----------------------------------------------------------------------
+
+    async def embed(self, req: EmbedRequest, job_id: str, emit: Emit) -> EmbedReply:
+        """Embed texts, micro-batched, with several micro-batches in flight."""
+        vectors, costs, failovers, elapsed = await self._embed_texts(
+            req.model, req.texts, req.micro_batch, req.codec, job_id, emit
+        )
+        n, dims = vectors.shape
+        return EmbedReply(job_id, req.model, n, dims, vectors.contiguous().numpy().tobytes(),
+                          round(elapsed, 6), round(n / elapsed, 3) if elapsed else 0.0,
+                          costs.report(self.view.name_of), failovers)  # fmt: skip
+
+    async def _embed_texts(
+        self, model_id: str, texts: Sequence[str], micro_batch: int, codec: str, job_id: str,
+        emit: Emit,
+    ) -> tuple[torch.Tensor, _Costs, tuple[str, ...], float]:  # fmt: skip
+        _check_codec(codec)
+        if not texts or len(texts) > MAX_TEXTS:
+            raise ApiError("bad_request", f"texts: expected 1..{MAX_TEXTS}, got {len(texts)}")
+        if any(len(t) > MAX_TEXT_CHARS for t in texts):
+            raise ApiError("bad_request", f"texts: each at most {MAX_TEXT_CHARS} characters")
+        if not 1 <= micro_batch <= 256:
+            raise ApiError("bad_request", f"micro_batch: expected 1..256, got {micro_batch}")
+        info = self.registry.info(model_id)
+        if info.causal:
+            raise ApiError("bad_request", f"model {model_id} is a decoder; embeddings need an "
+                                          "encoder with pooling such as minilm")  # fmt: skip
+        tok = self.registry.tokenizer(model_id)
+        # Sort by length so micro-batches pad little; results go back in input order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+        hidden = int(dict(self.registry.manifest(model_id).config).get("hidden_size", 384) or 384)  # type: ignore[call-overload]
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        costs = _Costs()
+        failovers: list[str] = []
+        done = 0
+        lanes = min(3, len(batches))  # micro-batches in flight: enough to fill a 3-hop pipeline
+        work: trio.MemorySendChannel[list[int]]
+        work, todo = trio.open_memory_channel[list[int]](len(batches))
+        for b in batches:
+            work.send_nowait(b)
+        work.close()
+        t0 = time.perf_counter()
+
+        async def lane() -> None:
+            nonlocal done
+            avg_tokens = 32
+            session = self._session(model_id, n_atoms=info.n_atoms, batch=micro_batch, max_len=0,
+                                    bytes_per_hop=wire_bytes(micro_batch * avg_tokens * hidden,
+                                                             torch.float32, codec),
+                                    kind="batch", codec=codec)  # fmt: skip
+            try:
+                await session.open()
+                async for idx in todo:
+                    batch = tok.encode_batch([texts[i] for i in idx])
+                    mask = batch.attention_mask.to(torch.uint8).contiguous().numpy().tobytes()
+                    vec, timings = await session.step(StepInput(batch.ids, 0, False, mask))
+                    costs.add(timings)
+                    for row, i in enumerate(idx):
+                        out[i] = vec[row].float()
+                    done += len(idx)
+                    await emit(ProgressEvent(job_id, done, len(texts), "embedding"))
+            finally:
+                failovers.extend(session.failovers)
+                with trio.CancelScope(shield=True):
+                    await session.close()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(lanes):
+                nursery.start_soon(lane)
+        elapsed = time.perf_counter() - t0
+        self._metrics.inc("jobs_texts_embedded_total", len(texts), model=model_id)
+        vectors = torch.stack([v for v in out if v is not None])
+        return vectors, costs, tuple(failovers), elapsed
+
+    # ---- classification ------------------------------------------------------------------
+
+    async def classify(self, req: ClassifyRequest, job_id: str, emit: Emit) -> ClassifyReply:
+        """Zero-shot: embed texts and label descriptions, softmax over cosine similarity."""
+        labels = tuple(lab.strip() for lab in req.labels if lab.strip())
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ApiError("bad_request", f"labels: expected at least 2 distinct labels, got {list(req.labels)}")
+        if "{}" not in req.template:
+            raise ApiError("bad_request", "template: must contain {} where the label goes")
+        prompts = [req.template.replace("{}", lab) for lab in labels]
+        vectors, costs, _fo, elapsed = await self._embed_texts(
+            req.model, [*req.texts, *prompts], 16, "raw", job_id, emit
+        )
+        texts_v, labels_v = vectors[: len(req.texts)], vectors[len(req.texts) :]
+        sims = torch.nn.functional.normalize(texts_v, dim=-1) @ torch.nn.functional.normalize(labels_v, dim=-1).T
+        probs = torch.softmax(sims / 0.05, dim=-1)  # CLIP-style temperature over cosines
+        predicted = tuple(labels[int(i)] for i in probs.argmax(dim=-1))
+        scores = tuple(tuple(round(float(p), 6) for p in row) for row in probs)
+        return ClassifyReply(job_id, req.model, labels, predicted, scores, round(elapsed, 6),
+                             costs.report(self.view.name_of))  # fmt: skip
+
+
+def _check_codec(codec: str) -> None:
+    if codec not in CODECS:
+        raise ApiError("bad_request", f"codec: expected one of {sorted(CODECS)}, got {codec!r}")
+

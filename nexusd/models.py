@@ -1,0 +1,186 @@
+"""Which models a node can serve or drive, and where their files are.
+
+Rule 1: a model is a folder in the models directory in the `atoms.model.save_model`
+layout (manifest.json + content-addressed weights + tokenizer.json); a host loads only the
+atoms of its span, each verified against the manifest digest.
+Rule 2: the built-in models are materialised on first use, deterministically (the bundled
+MiniLM weights; Nexus 1.1 blocks from a fixed seed), so every node of a mesh builds
+byte-identical weights and the same manifest digest without transferring a byte.
+Rule 3: any other model id must be a folder the user put there (e.g. a Llama checkpoint
+imported with `nexusd models import`); an unknown id is a `not_found` error naming the
+directory searched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from atoms.errors import ModelFormatError, WeightsError
+from atoms.model import Model, load_model, load_span, read_manifest, save_model
+from atoms.partition import ModelManifest
+from atoms.span import Span
+from atoms.tokenizer import TextTokenizer
+from atoms.weights import digest_hex
+
+from .errors import ApiError
+
+log = structlog.get_logger(__name__)
+
+NEXUS_SEED = 11  # the seed of the built-in Nexus 1.1 blocks: same weights on every node
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the job engine needs to know of a model without loading its weights."""
+
+    model_id: str
+    family: str
+    n_atoms: int
+    causal: bool  # decoder (generation) vs encoder (embeddings)
+    digest: str
+    vocab_size: int
+
+
+def _build_minilm() -> Model:
+    from atoms.minilm import load_minilm
+
+    return load_minilm(model_id="minilm")
+
+
+def _build_nexus() -> Model:
+    from atoms.nexus import NexusConfig, build_nexus
+
+    return build_nexus(None, NexusConfig(), NEXUS_SEED, model_id="nexus-1.1")
+
+
+def _save(model: Model, folder: Path) -> None:
+    if model.family == "nexus":
+        from atoms.nexus import save_nexus
+
+        save_nexus(model, folder)
+    else:
+        save_model(model, folder)
+
+
+BUILTINS: dict[str, Callable[[], Model]] = {"minilm": _build_minilm, "nexus-1.1": _build_nexus}
+DEFAULT_GENERATE_MODEL = "nexus-1.1"
+DEFAULT_EMBED_MODEL = "minilm"
+
+
+class ModelRegistry:
+    """Model folders under `models_dir`; built-ins are created there when first needed."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._manifests: dict[str, ModelManifest] = {}
+
+    def __repr__(self) -> str:
+        return f"ModelRegistry({self.models_dir}, loaded={sorted(self._manifests)})"
+
+    def folder(self, model_id: str) -> Path:
+        """The model's folder, materialising a built-in if needed.
+
+        Raises:
+            ApiError(not_found): neither a built-in nor a folder in the models directory.
+        """
+        if not model_id or "/" in model_id or model_id.startswith("."):
+            raise ApiError("bad_request", f"invalid model id {model_id!r}")
+        folder = self.models_dir / model_id
+        if (folder / "manifest.json").is_file():
+            return folder
+        if model_id not in BUILTINS:
+            known = sorted(set(BUILTINS) | set(self.available()))
+            raise ApiError("not_found", f"unknown model {model_id!r}; known: {', '.join(known)} "
+                                        f"(folders in {self.models_dir})")  # fmt: skip
+        self._materialise(model_id, folder)
+        return folder
+
+    def available(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.models_dir.iterdir() if (p / "manifest.json").is_file())
+
+    def _materialise(self, model_id: str, folder: Path) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.models_dir / f".{model_id}.lock"
+        with open(lock_path, "w") as lock:  # several daemons may share a models dir
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            if (folder / "manifest.json").is_file():
+                return
+            log.info("model_materialising", model=model_id, folder=str(folder))
+            tmp = self.models_dir / f".{model_id}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _save(BUILTINS[model_id](), tmp)
+            os.replace(tmp, folder)
+
+    def manifest(self, model_id: str) -> ModelManifest:
+        if model_id not in self._manifests:
+            self._manifests[model_id] = read_manifest(self.folder(model_id))
+        return self._manifests[model_id]
+
+    def info(self, model_id: str) -> ModelInfo:
+        m = self.manifest(model_id)
+        config = dict(m.config)
+        causal = m.family in ("nexus", "llama")
+        vocab = int(config.get("vocab_size", 0) or 0)  # type: ignore[call-overload]
+        return ModelInfo(m.model_id, m.family, len(m.atoms), causal, m.digest, vocab)
+
+    def load_span(self, model_id: str, start: int, end: int) -> Span:
+        m = self.manifest(model_id)
+        if not 0 <= start < end <= len(m.atoms):
+            raise ApiError("bad_request", f"span [{start},{end}) is not inside {model_id} "
+                                          f"of {len(m.atoms)} atoms")  # fmt: skip
+        return load_span(self.folder(model_id), start, end)
+
+    def tokenizer(self, model_id: str) -> TextTokenizer:
+        """The model's tokenizer, its file verified against the manifest.
+
+        Raises:
+            ApiError(bad_request): the model takes no text.
+            WeightsError: the tokenizer file is missing or corrupt.
+        """
+        m = self.manifest(model_id)
+        if m.tokenizer is None:
+            raise ApiError("bad_request", f"model {model_id} has no tokenizer (it takes no text)")
+        path = self.folder(model_id) / "tokenizer.json"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise WeightsError(f"tokenizer file {path} is missing") from None
+        if digest_hex(raw) != m.tokenizer.digest:
+            raise WeightsError(f"tokenizer file {path} is corrupt (digest mismatch)")
+        return TextTokenizer.from_json(raw.decode(), max_length=m.tokenizer.max_length,
+                                       padding_side=m.tokenizer.padding_side)  # fmt: skip
+
+    def load_model(self, model_id: str) -> Model:
+        return load_model(self.folder(model_id))
+
+
+def parse_host_spec(spec: str, registry: ModelRegistry) -> tuple[str, int, int]:
+    """"MODEL" or "MODEL:START-END" -> (model, start, end); END exclusive.
+
+    Raises:
+        ApiError(bad_request): a malformed spec or a range outside the model.
+    """
+    model_id, sep, rng = spec.partition(":")
+    n = len(registry.manifest(model_id).atoms)
+    if not sep:
+        return model_id, 0, n
+    try:
+        a, b = (int(v) for v in rng.split("-", 1))
+    except ValueError:
+        raise ApiError("bad_request", f"host spec {spec!r}: expected MODEL:START-END") from None
+    if not 0 <= a < b <= n:
+        raise ApiError("bad_request", f"host spec {spec!r}: {model_id} has atoms 0..{n - 1}, "
+                                      f"expected 0 <= START < END <= {n}")  # fmt: skip
+    return model_id, a, b
+
+
+__all__ = ["ModelFormatError", "ModelInfo", "ModelRegistry", "parse_host_spec"]
