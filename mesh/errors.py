@@ -132,3 +132,15 @@ class JoinRefused(MeshError):
 
 class StateStoreError(MeshError):
     """The state database cannot be opened or has a schema this code does not know."""
+
+
+class NotJoined(MeshError):
+    """This node has no mesh identity yet (join a mesh or create one first)."""
+
+
+class AlreadyJoined(MeshError):
+    """This node already belongs to a mesh; a node joins at most one."""
+
+
+class AdminRequired(MeshError):
+    """A local operation only an admin of the mesh may perform (invite, revoke, publish)."""

@@ -1,0 +1,61 @@
+"""The tokenizer wrapper over the bundled MiniLM tokenizer.json."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from atoms.errors import ModelFormatError
+from atoms.minilm import minilm_dir
+from atoms.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return TextTokenizer.from_file(minilm_dir() / "tokenizer.json", max_length=8)
+
+
+def test_batch_pads_to_the_longest_with_a_mask(tok: TextTokenizer) -> None:
+    batch = tok.encode_batch(["Hello world", "a slightly longer sentence"])
+    assert batch.ids.dtype == torch.long
+    assert batch.ids.shape == (2, 6)
+    assert batch.ids[0].tolist() == [101, 7592, 2088, 102, 0, 0]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+    assert batch.lengths == [4, 6]
+    assert batch.pad_mask.dtype == torch.bool
+    assert batch.type_ids.abs().sum() == 0
+
+
+def test_truncation_keeps_special_tokens(tok: TextTokenizer) -> None:
+    ids = tok.encode("one two three four five six seven eight nine ten")
+    assert len(ids) == 8
+    assert ids[0] == 101
+    assert ids[-1] == 102
+
+
+def test_decode_round_trip_and_left_padding() -> None:
+    left = TextTokenizer.from_file(
+        minilm_dir() / "tokenizer.json", max_length=16, padding_side="left"
+    )
+    batch = left.encode_batch(["hi", "hello there friend"])
+    assert batch.attention_mask[0].tolist()[:2] == [0, 0]
+    assert left.decode(batch.ids[1]) == "hello there friend"
+    assert left.decode([101, 7592, 102], skip_special_tokens=False) == "[CLS] hello [SEP]"
+
+
+def test_bad_inputs(tok: TextTokenizer, tmp_path: Path) -> None:
+    assert tok.encode_batch([]).ids.shape == (0, 0)
+    with pytest.raises(TypeError, match="text 1 must be a str"):
+        tok.encode_batch(["ok", 3])  # type: ignore[list-item]
+    with pytest.raises(ModelFormatError, match="is missing"):
+        TextTokenizer.from_file(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="cannot be loaded"):
+        TextTokenizer.from_file(tmp_path / "tokenizer.json")
+    with pytest.raises(ModelFormatError, match="no pad token"):
+        TextTokenizer.from_file(minilm_dir() / "tokenizer.json", pad_token="<nope>")
