@@ -144,3 +144,7 @@ class AlreadyJoined(MeshError):
 
 class AdminRequired(MeshError):
     """A local operation only an admin of the mesh may perform (invite, revoke, publish)."""
+
+
+class UnexpectedPeer(PeerProtocolError):
+    """An authenticated peer that is not the node we meant to reach (`mesh.transport.direct`)."""

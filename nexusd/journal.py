@@ -55,7 +55,6 @@ SCHEMA_VERSION = 1
 DEFAULT_INTERRUPTED_REASON = "daemon restarted while the job was running"
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
-_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class JournalError(NexusError):
@@ -425,8 +424,7 @@ class Journal:
 
     def requeue(self, job_id: str, now_ms: int) -> JobRecord:
         """ACCEPTED or RUNNING -> ACCEPTED for a re-run: attempts + 1, progress 0."""
-        with self._tx("requeue") as conn:
-            return self._apply(conn, _require(conn, job_id), JobEvent.REQUEUE, now_ms)
+        return self._transition(job_id, JobEvent.REQUEUE, now_ms)
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -598,13 +596,8 @@ class Journal:
             if not durable:
                 conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate(conn):
                     yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
             finally:
                 if not durable:
                     conn.execute("PRAGMA synchronous = FULL")
@@ -625,8 +618,7 @@ def _setup(conn: sqlite3.Connection) -> int:
     if str(mode).lower() != "wal":
         raise JournalError(f"job journal: expected WAL journal mode, the filesystem gave {mode!r}")
     conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         version = 0 if row is None else int(row[0])
@@ -635,16 +627,26 @@ def _setup(conn: sqlite3.Connection) -> int:
                 f"job journal: schema version {version} is newer than this nexusd "
                 f"supports ({SCHEMA_VERSION})"
             )
-        for statements in _MIGRATIONS[version:]:
-            for sql in statements:
-                conn.execute(sql)
-        conn.execute("DELETE FROM schema_version")
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        if version < SCHEMA_VERSION:
+            for statements in _MIGRATIONS[version:]:
+                for sql in statements:
+                    conn.execute(sql)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
     return SCHEMA_VERSION
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One IMMEDIATE transaction: commit on success, else roll back (a failed COMMIT too)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _row(r: JobRecord) -> tuple[object, ...]:

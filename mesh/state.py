@@ -1,0 +1,796 @@
+"""The replicated state of a mesh: members, revocations, adverts, load and model manifests.
+
+Every piece of state is a `SignedEntry` in a slot, signed by its author over
+`b"nexus/state/1\\0" + mesh id + slot + author + hlc + payload`. `MeshState` keeps them in
+CRDTs from `mesh/crdt.py` and is synchronous and sans-IO: entries and `now_ms` come in,
+accepted entries come out (for re-gossip and persistence).
+
+Rule 1: nothing enters the state before its signature, payload and write rules check out.
+`apply` is atomic: it raises a precise `PeerProtocolError` subclass and leaves the state
+unchanged, or accepts the whole batch. Inside a batch, entries are admitted in dependency
+order (certificates before what they authorise) up to a fixpoint, so delivery order within
+a batch never matters.
+Rule 2: write rules. A node writes only its own advert and load slots, and only while it
+holds a certificate valid at the entry's HLC time. Certificates, removals, revocations and
+model manifests are written by admins: the founder, or a node holding a founder-issued
+certificate with role "admin" valid at the entry's HLC time. Only the founder grants
+"admin"; the founder cannot be revoked. Every rule depends only on the entry and on
+grow-only evidence (certificates are never deleted), so admission is monotone and
+`merge` is a join. Hence removing a certificate does not un-admit writes dated inside its
+validity; revocation is the way to withdraw rights.
+Rule 3: revocation wins. Revocations form a grow-only set; a revoked node is never a
+member again, whatever arrives later. Adverts, load reports and manifests authored by a
+revoked node are dropped on arrival and purged when the revocation arrives (keyed per
+author, so this is the same on every replica). Certificates and removals by a revoked
+author are kept as evidence but confer nothing; revocations always hold.
+Rule 4: leases. `live_adverts(now_ms)` hides expired adverts; `prune(now_ms)` turns expired
+adverts (and load reports older than `max_lease_ms`) into tombstones that keep the newest
+stamp, so an older copy can never come back through a merge.
+Rule 5: sync is compact: `digest()` is one small row per entry or LWW slot, and
+`missing_for(remote)` returns what the remote lacks, in admission order.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from mesh.crdt import AddWinsSet, Dot, GrowOnlySet, LWWMap, LWWRegister, Stamp
+from mesh.errors import (
+    ForbiddenWrite,
+    ForeignSlot,
+    FutureMessage,
+    InconsistentEntry,
+    NotAdmin,
+    NotMember,
+    PeerProtocolError,
+    WrongMesh,
+)
+from mesh.hlc import HybridClock, Timestamp, wall_ms_of
+from mesh.identity import NodeKey, digest, short_id, verify_signature
+from mesh.wire import Limits, decode, encode, record
+
+log = structlog.get_logger(__name__)
+
+DOMAIN = b"nexus/state/1\0"
+ADMIN_ROLE = "admin"
+NODE_ID_BYTES = 32
+SIGNATURE_BYTES = 64
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_MODEL_ID_BYTES = 128
+MAX_MESH_ID_BYTES = 64
+FP_BYTES = 8  # entry fingerprint prefix in digest rows
+_PAYLOAD_LIMITS = Limits(max_bytes=MAX_PAYLOAD_BYTES)
+_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+
+
+def _need(ok: bool, what: str, expected: str, got: object) -> None:
+    if not ok:
+        raise ValueError(f"{what}: expected {expected}, got {got!r:.60}")
+
+
+def _need_len(what: str, value: bytes | str | tuple[object, ...], lo: int, hi: int) -> None:
+    if not lo <= len(value) <= hi:
+        unit = "items" if isinstance(value, tuple) else type(value).__name__
+        raise ValueError(f"{what}: expected {lo}..{hi} {unit} long, got {len(value)}")
+
+
+def _need_id(what: str, value: bytes) -> None:
+    _need_len(what, value, NODE_ID_BYTES, NODE_ID_BYTES)
+
+
+def _need_name(what: str, *values: str) -> None:
+    for value in values:
+        _need(bool(_NAME_RE.fullmatch(value)), what, "a short lowercase identifier", value)
+
+
+class SlotKind(enum.IntEnum):
+    """What a slot holds. The numeric order is the admission (dependency) order."""
+
+    MEMBER = 1  # add of a MemberCert (add-wins set)
+    UNMEMBER = 2  # MemberRemoval of observed certificate dots
+    REVOKE = 3  # Revocation (grow-only set)
+    MODEL = 4  # ModelManifest (LWW per model id and author)
+    ADVERT = 5  # Advert (LWW, own slot only)
+    LOAD = 6  # LoadReport (LWW, own slot only)
+
+
+LWW_KINDS = frozenset({SlotKind.MODEL, SlotKind.ADVERT, SlotKind.LOAD})
+_SET_KINDS = (SlotKind.MEMBER, SlotKind.UNMEMBER, SlotKind.REVOKE)
+_ADMIN_KINDS = frozenset({SlotKind.MEMBER, SlotKind.UNMEMBER, SlotKind.REVOKE, SlotKind.MODEL})
+
+
+@record("state_slot")
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Where an entry lives: a kind and a key (a node id, or a UTF-8 model id for MODEL)."""
+
+    kind: SlotKind
+    key: bytes
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.kind, SlotKind), "slot kind", "a SlotKind", self.kind)
+        if self.kind is SlotKind.MODEL:
+            _need_len("model slot key", self.key, 1, MAX_MODEL_ID_BYTES)
+            try:
+                self.key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("model slot key: expected UTF-8, got invalid bytes") from None
+        else:
+            _need_id(f"{self.kind.name.lower()} slot key", self.key)
+
+    @classmethod
+    def model(cls, model_id: str) -> Slot:
+        """The manifest slot of a model."""
+        return cls(SlotKind.MODEL, model_id.encode("utf-8"))
+
+
+def signing_bytes(mesh_id: bytes, slot: Slot, author: bytes, hlc: int, payload: bytes) -> bytes:
+    """The exact bytes an entry's author signs (domain + mesh id separate every other use)."""
+    return b"".join((DOMAIN, bytes([len(mesh_id)]), mesh_id, encode(slot), author,
+                     hlc.to_bytes(8, "big"), payload))  # fmt: skip
+
+
+@record("state_entry")
+@dataclass(frozen=True, slots=True)
+class SignedEntry:
+    """One signed write: `payload` is the encoded record of the slot's kind."""
+
+    slot: Slot
+    author: bytes
+    hlc: int
+    payload: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _need_id("entry author", self.author)
+        _need(0 <= self.hlc < 1 << 63, "entry hlc", "a packed HLC in 0..2**63-1", self.hlc)
+        _need_len("entry payload", self.payload, 0, MAX_PAYLOAD_BYTES)
+        _need_len("entry signature", self.signature, SIGNATURE_BYTES, SIGNATURE_BYTES)
+
+    @property
+    def dot(self) -> Dot:
+        """The (author, hlc) tag of this write."""
+        return (self.author, self.hlc)
+
+    @property
+    def wall_ms(self) -> int:
+        """Physical part of the entry's HLC, in ms."""
+        return Timestamp.unpack(self.hlc).wall_ms
+
+
+@record("member_cert")
+@dataclass(frozen=True, slots=True)
+class MemberCert:
+    """Membership of `node_id` in `mesh_id`, issued (and signed, as the entry) by `issuer`."""
+
+    mesh_id: bytes
+    node_id: bytes
+    name: str
+    roles: tuple[str, ...]
+    issued_ms: int
+    expires_ms: int
+    issuer: bytes
+
+    def __post_init__(self) -> None:
+        _need_len("cert mesh_id", self.mesh_id, 1, MAX_MESH_ID_BYTES)
+        _need_id("cert node_id", self.node_id)
+        _need_id("cert issuer", self.issuer)
+        _need_len("cert name", self.name, 1, 64)
+        _need_len("cert roles", self.roles, 0, 8)
+        _need_name("cert role", *self.roles)
+        _need(len(set(self.roles)) == len(self.roles), "cert roles", "no duplicates", self.roles)
+        _need(0 <= self.issued_ms < self.expires_ms, "cert validity",
+              "0 <= issued_ms < expires_ms", (self.issued_ms, self.expires_ms))  # fmt: skip
+
+    @property
+    def is_admin(self) -> bool:
+        """True if the certificate carries the admin role."""
+        return ADMIN_ROLE in self.roles
+
+    def valid_at(self, ms: int) -> bool:
+        """True if `issued_ms <= ms < expires_ms`."""
+        return self.issued_ms <= ms < self.expires_ms
+
+
+@record("member_removal")
+@dataclass(frozen=True, slots=True)
+class MemberRemoval:
+    """Removal of the certificate adds of `node_id` that the remover observed (their dots)."""
+
+    node_id: bytes
+    dots: tuple[tuple[bytes, int], ...]
+
+    def __post_init__(self) -> None:
+        _need_id("removal node_id", self.node_id)
+        _need_len("removal dots", self.dots, 1, 1024)
+        for author, hlc in self.dots:
+            _need_id("removal dot author", author)
+            _need(0 <= hlc < 1 << 63, "removal dot hlc", "a packed HLC", hlc)
+
+
+@record("revocation")
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Permanent exclusion of `node_id` from `mesh_id`."""
+
+    mesh_id: bytes
+    node_id: bytes
+    reason: str
+    issued_ms: int
+
+    def __post_init__(self) -> None:
+        _need_len("revocation mesh_id", self.mesh_id, 1, MAX_MESH_ID_BYTES)
+        _need_id("revocation node_id", self.node_id)
+        _need_len("revocation reason", self.reason, 0, 256)
+        _need(self.issued_ms >= 0, "revocation issued_ms", ">= 0", self.issued_ms)
+
+
+@record("hosted_span")
+@dataclass(frozen=True, slots=True)
+class HostedSpan:
+    """Atoms `start..end-1` of `model_id`, hosted in `dtype`."""
+
+    model_id: str
+    start: int
+    end: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        _need_len("span model_id", self.model_id.encode(), 1, MAX_MODEL_ID_BYTES)
+        _need(0 <= self.start < self.end, "span range", "0 <= start < end", (self.start, self.end))
+        _need_name("span dtype", self.dtype)
+
+
+class NodeState(enum.Enum):
+    """Lifecycle of a node as advertised."""
+
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+
+
+@record("advert")
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """What a node offers: hosted spans, free room, codecs, addresses, state and lease."""
+
+    spans: tuple[HostedSpan, ...]
+    free_memory_bytes: int
+    free_kv_tokens: int
+    codecs: tuple[str, ...]
+    addrs: tuple[str, ...]
+    state: NodeState
+    lease_expires_ms: int
+
+    def __post_init__(self) -> None:
+        _need_len("advert spans", self.spans, 0, 256)
+        free = (self.free_memory_bytes, self.free_kv_tokens)
+        _need(min(free) >= 0, "advert free_memory_bytes, free_kv_tokens", ">= 0", free)
+        _need_len("advert codecs", self.codecs, 0, 16)
+        _need_name("advert codec", *self.codecs)
+        _need_len("advert addrs", self.addrs, 0, 16)
+        for addr in self.addrs:
+            _need_len("advert addr", addr, 1, 256)
+        _need(isinstance(self.state, NodeState), "advert state", "a NodeState", self.state)
+        _need(self.lease_expires_ms >= 0, "advert lease_expires_ms", ">= 0", self.lease_expires_ms)
+
+
+@record("load_report")
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """How busy a node is: queue, utilisation, (model_id, atom, tokens/s), (peer, rtt_ms)."""
+
+    queue_depth: int
+    utilisation: float
+    throughput: tuple[tuple[str, int, float], ...]
+    rtts: tuple[tuple[bytes, float], ...]
+
+    def __post_init__(self) -> None:
+        _need(self.queue_depth >= 0, "load queue_depth", ">= 0", self.queue_depth)
+        _need(0.0 <= self.utilisation <= 1.0, "load utilisation", "0..1", self.utilisation)
+        _need_len("load throughput", self.throughput, 0, 1024)
+        for model_id, atom, tps in self.throughput:
+            _need_len("throughput model_id", model_id.encode(), 1, MAX_MODEL_ID_BYTES)
+            _need(atom >= 0, "throughput atom_index", ">= 0", atom)
+            _need(math.isfinite(tps) and tps >= 0, "tokens_per_s", "finite, >= 0", tps)
+        _need_len("load rtts", self.rtts, 0, 256)
+        for peer, rtt_ms in self.rtts:
+            _need_id("rtt peer", peer)
+            _need(math.isfinite(rtt_ms) and rtt_ms >= 0, "rtt_ms", "finite, >= 0", rtt_ms)
+
+
+@record("atom_entry")
+@dataclass(frozen=True, slots=True)
+class AtomEntry:
+    """One atom of a model: position, kind, BLAKE2b-256 of its weights, size."""
+
+    index: int
+    kind: str
+    digest: bytes
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        _need(self.index >= 0, "atom index", ">= 0", self.index)
+        _need_name("atom kind", self.kind)
+        _need_len("atom digest", self.digest, 32, 32)
+        _need(self.nbytes >= 0, "atom nbytes", ">= 0", self.nbytes)
+
+
+@record("model_manifest")
+@dataclass(frozen=True, slots=True)
+class ModelManifest:
+    """A model: family, its config as a JSON object, and its atoms in order."""
+
+    family: str
+    config_json: str
+    atoms: tuple[AtomEntry, ...]
+
+    def __post_init__(self) -> None:
+        _need_name("manifest family", self.family)
+        try:
+            config = json.loads(self.config_json)
+        except ValueError:
+            raise ValueError("manifest config_json: expected JSON, got unparsable text") from None
+        kind = type(config).__name__
+        _need(isinstance(config, dict), "manifest config_json", "a JSON object", kind)
+        _need_len("manifest atoms", self.atoms, 0, 4096)
+        indices = tuple(a.index for a in self.atoms)
+        _need(indices == tuple(range(len(indices))), "manifest atom indices", "0..n-1", indices)
+
+
+_PAYLOAD: dict[SlotKind, type] = {
+    SlotKind.MEMBER: MemberCert, SlotKind.UNMEMBER: MemberRemoval, SlotKind.REVOKE: Revocation,
+    SlotKind.MODEL: ModelManifest, SlotKind.ADVERT: Advert, SlotKind.LOAD: LoadReport,
+}  # fmt: skip
+Payload = MemberCert | MemberRemoval | Revocation | ModelManifest | Advert | LoadReport
+
+
+DigestRow = tuple[int, bytes, bytes, int, bytes]
+
+
+@record("state_digest")
+@dataclass(frozen=True, slots=True)
+class StateDigest:
+    """Summary of a state for anti-entropy: one row per set entry or LWW register.
+
+    A row is (kind, slot key, author or b"" when the author is the key, packed hlc,
+    first 8 bytes of the entry's BLAKE2b-256). Tombstones appear too, so a peer does not
+    resend what we pruned.
+    """
+
+    rows: tuple[DigestRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """An accepted entry with its decoded payload and fingerprint (both derived, cached)."""
+
+    entry: SignedEntry
+    payload: Payload = field(compare=False)
+    fp: bytes = field(compare=False)
+
+
+_LwwKey = tuple[SlotKind, bytes, bytes]  # (kind, slot key, author): one LWW register each
+
+
+def _row(kind: SlotKind, key: bytes, author: bytes, hlc: int, fp: bytes) -> DigestRow:
+    return (int(kind), key, b"" if author == key else author, hlc, fp[:FP_BYTES])
+
+
+class MeshState:
+    """The replicated state of one mesh (see the module rules).
+
+    Args:
+        mesh_id: id of the mesh; signatures and certificates are bound to it.
+        founder: node id of the founder, the root admin.
+        max_drift_ms: how far ahead of `now_ms` an entry's HLC may be.
+        max_lease_ms: the longest advert lease (after the entry's HLC) and load report age.
+    """
+
+    def __init__(self, *, mesh_id: bytes, founder: bytes, max_drift_ms: int = 60_000,
+                 max_lease_ms: int = 600_000) -> None:  # fmt: skip
+        _need_len("mesh_id", mesh_id, 1, MAX_MESH_ID_BYTES)
+        _need_id("founder", founder)
+        limits = (max_drift_ms, max_lease_ms)
+        _need(max_drift_ms >= 0 < max_lease_ms, "max_drift_ms, max_lease_ms", ">= 0, > 0", limits)
+        self.mesh_id, self.founder = bytes(mesh_id), bytes(founder)
+        self.max_drift_ms, self.max_lease_ms = max_drift_ms, max_lease_ms
+        self._sets: dict[SlotKind, GrowOnlySet[_Held]] = {k: GrowOnlySet() for k in _SET_KINDS}
+        self._lww: LWWMap[_LwwKey, _Held] = LWWMap()
+        # Derived from the sets (grow-only, so kept incrementally): node -> (issued_ms,
+        # expires_ms, founder-issued admin) of every certificate ever accepted; revoked ids.
+        self._windows: dict[bytes, tuple[tuple[int, int, bool], ...]] = {}
+        self._revoked: frozenset[bytes] = frozenset()
+        self._members: dict[bytes, tuple[MemberCert, ...]] | None = None  # lazy view
+
+    # -- sync API -------------------------------------------------------------------------
+
+    def apply(self, entries: Iterable[SignedEntry], now_ms: int, *,
+              skip_invalid: bool = False) -> list[SignedEntry]:  # fmt: skip
+        """Verify and merge entries from a peer (or the store).
+
+        Args:
+            entries: signed entries in any order, duplicates allowed.
+            now_ms: current wall time (only used to refuse entries from the future).
+            skip_invalid: drop (and log) invalid entries instead of raising; for local
+                replays such as the store, never for peers.
+
+        Returns:
+            The new entries still held afterwards, in admission order (re-gossip, persist).
+
+        Raises:
+            InvalidSignature, MalformedMessage, InconsistentEntry, WrongMesh, FutureMessage,
+            ForeignSlot, NotAdmin, NotMember, ForbiddenWrite: the first invalid entry (in
+            admission order); the state is then unchanged.
+        """
+        checked: dict[SignedEntry, _Held] = {}
+        for entry in entries:
+            if entry in checked or self._holds(entry):
+                continue
+            try:
+                checked[entry] = self._check(entry, now_ms)
+            except PeerProtocolError as exc:
+                if not skip_invalid:
+                    raise
+                self._log_reject(entry, exc)
+        work = self._copy()
+        accepted = work._admit_all(sorted(checked.values(), key=self._held_order), skip_invalid)
+        self._become(work)
+        return [h.entry for h in accepted if self._holds(h.entry)]
+
+    def digest(self) -> StateDigest:
+        """Compact per-entry summary for anti-entropy (see `StateDigest`)."""
+        rows = [_row(h.entry.slot.kind, h.entry.slot.key, h.entry.author, h.entry.hlc, h.fp)
+                for h in self._held(sets_only=True)]  # fmt: skip
+        rows += [_row(*k, r.stamp.hlc, r.stamp.tiebreak) for k, r in self._lww.registers()]
+        return StateDigest(tuple(sorted(rows)))
+
+    def missing_for(self, remote: StateDigest, *,
+                    max_bytes: int | None = None) -> list[SignedEntry]:  # fmt: skip
+        """What a peer with digest `remote` lacks, in admission order (apply-ready).
+
+        An LWW entry is sent unless the peer has it or something newer for the same
+        (slot, author); a set entry unless the peer has that exact entry. With `max_bytes`,
+        only a prefix whose encodings fit (at least one entry): any prefix applies cleanly,
+        so a large sync is paged by repeating digest/missing_for.
+        """
+        have: dict[tuple[int, bytes, bytes], set[tuple[int, bytes]]] = {}
+        for kind, key, author, hlc, fp in remote.rows:
+            have.setdefault((kind, key, author or key), set()).add((hlc, fp))
+        out: list[SignedEntry] = []
+        for held in sorted(self._held(), key=self._held_order):
+            e = held.entry
+            theirs = have.get((e.slot.kind, e.slot.key, e.author), set())
+            if (e.hlc, held.fp[:FP_BYTES]) in theirs:
+                continue
+            if e.slot.kind in LWW_KINDS and any(hlc > e.hlc for hlc, _ in theirs):
+                continue
+            if max_bytes is not None:
+                max_bytes -= len(encode(e))
+                if max_bytes < 0 and out:
+                    break
+            out.append(e)
+        return out
+
+    def fingerprint(self) -> bytes:
+        """BLAKE2b-256 of the digest: equal fingerprints mean equal states."""
+        return digest(encode(self.digest()))
+
+    def merge(self, other: MeshState) -> MeshState:
+        """Return the join of two states of the same mesh (neither is changed).
+
+        Both inputs hold only admitted entries and admission is monotone (Rule 2), so the
+        join is the union followed by the revocation purge (Rule 3), tombstones included.
+
+        Raises:
+            ValueError: the states belong to different meshes or founders.
+        """
+        if (self.mesh_id, self.founder) != (other.mesh_id, other.founder):
+            raise ValueError("merge: expected states of the same mesh and founder, got another")
+        out = self._copy()
+        out._sets = {k: s.merge(other._sets[k]) for k, s in self._sets.items()}
+        out._lww = self._lww.merge(other._lww)
+        for held in other._sets[SlotKind.MEMBER]:
+            out._index_cert(held)
+        for held in other._sets[SlotKind.REVOKE]:
+            out._revoke(held)
+        out._lww = out._lww.without(lambda k: k[2] in out._revoked)  # both sides' revocations
+        return out
+
+    # -- local writes and time ------------------------------------------------------------
+
+    def local_write(self, key: NodeKey, slot: Slot, payload: Payload, clock: HybridClock,
+                    now: float) -> SignedEntry:  # fmt: skip
+        """Sign `payload` into `slot` as `key`, apply it locally and return it (to gossip).
+
+        The HLC is taken from `clock`, moved past our previous write to the same slot.
+
+        Raises:
+            TypeError: the payload type does not belong in this slot.
+            ForbiddenWrite (and subclasses), WrongMesh, InconsistentEntry: we may not
+                write this; the state is unchanged.
+        """
+        if type(payload) is not _PAYLOAD[slot.kind]:
+            raise TypeError(f"{slot.kind.name} slot: expected {_PAYLOAD[slot.kind].__name__}, "
+                            f"got {type(payload).__name__}")  # fmt: skip
+        ts = clock.now(now)
+        reg = self._lww.register((slot.kind, slot.key, key.node_id))
+        if reg is not None and reg.stamp.hlc >= ts.pack():
+            ts = clock.observe(Timestamp.unpack(reg.stamp.hlc), now)
+        body = encode(payload)
+        sig = key.sign(signing_bytes(self.mesh_id, slot, key.node_id, ts.pack(), body))
+        entry = SignedEntry(slot, key.node_id, ts.pack(), body, sig)
+        self.apply([entry], wall_ms_of(now))
+        return entry
+
+    def prune(self, now_ms: int) -> int:
+        """Tombstone expired adverts and load reports older than `max_lease_ms` (Rule 4).
+
+        Returns:
+            How many entries became tombstones.
+        """
+
+        def expired(key: _LwwKey, held: _Held) -> bool:
+            if isinstance(held.payload, Advert):
+                return held.payload.lease_expires_ms <= now_ms
+            if isinstance(held.payload, LoadReport):
+                return held.entry.wall_ms + self.max_lease_ms <= now_ms
+            return False
+
+        pruned = self._lww.prune(expired)
+        count = sum(1 for _ in self._lww.items()) - sum(1 for _ in pruned.items())
+        self._lww = pruned
+        return count
+
+    # -- views ----------------------------------------------------------------------------
+
+    def is_member(self, node_id: bytes, now_ms: int) -> bool:
+        """True for the founder, or a node with a present, unexpired certificate, not revoked."""
+        if node_id == self.founder or node_id in self._revoked:
+            return node_id == self.founder
+        return any(c.valid_at(now_ms) for c in self._present().get(node_id, ()))
+
+    def is_revoked(self, node_id: bytes) -> bool:
+        """True once any admin has revoked `node_id` (forever)."""
+        return node_id in self._revoked
+
+    def revoked(self) -> frozenset[bytes]:
+        """Every revoked node id."""
+        return self._revoked
+
+    def admins(self, now_ms: int | None = None) -> frozenset[bytes]:
+        """The founder plus holders of a present founder-issued admin certificate (unexpired
+        at `now_ms` if given), minus revoked nodes."""
+        out = {self.founder}
+        for node, certs in self._present().items():
+            if any(c.is_admin and c.issuer == self.founder
+                   and (now_ms is None or c.valid_at(now_ms)) for c in certs):  # fmt: skip
+                out.add(node)
+        return frozenset(out - self._revoked)
+
+    def members(self, now_ms: int) -> dict[bytes, MemberCert]:
+        """Members at `now_ms` (founder excluded unless certified) with their latest cert."""
+        out: dict[bytes, MemberCert] = {}
+        for node, certs in self._present().items():
+            valid = [c for c in certs if c.valid_at(now_ms)]
+            if valid and node not in self._revoked:
+                out[node] = max(valid, key=lambda c: (c.expires_ms, c.issued_ms, encode(c)))
+        return out
+
+    def cert_dots(self, node_id: bytes) -> tuple[Dot, ...]:
+        """Dots of the present certificates of `node_id` (what a MemberRemoval would cover)."""
+        live = self._member_set().live()
+        return tuple(sorted(dot for h, dot in live if h.entry.slot.key == node_id))
+
+    def advert(self, node_id: bytes) -> Advert | None:
+        """The newest advert of a node (even if its lease expired), or None."""
+        held = self._lww.get((SlotKind.ADVERT, node_id, node_id))
+        return None if held is None else held.payload  # type: ignore[return-value]
+
+    def live_adverts(self, now_ms: int) -> dict[bytes, Advert]:
+        """Adverts of current members whose lease has not expired at `now_ms`."""
+        return {k[1]: h.payload for k, h in self._lww.items()
+                if isinstance(h.payload, Advert) and h.payload.lease_expires_ms > now_ms
+                and self.is_member(k[1], now_ms)}  # fmt: skip
+
+    def loads(self) -> dict[bytes, LoadReport]:
+        """The newest load report of every node that has one (not pruned)."""
+        return {k[1]: h.payload for k, h in self._lww.items() if isinstance(h.payload, LoadReport)}
+
+    def models(self) -> dict[str, ModelManifest]:
+        """Each model's manifest: the newest write among its (non-revoked) admin authors."""
+        best: dict[bytes, LWWRegister[_Held]] = {}
+        for key, reg in self._lww.registers():
+            if key[0] is SlotKind.MODEL and reg.value is not None:
+                best[key[1]] = best[key[1]].merge(reg) if key[1] in best else reg
+        return {k.decode(): r.value.payload for k, r in best.items()}  # type: ignore[misc]
+
+    def entries(self) -> list[SignedEntry]:
+        """Every held entry, in admission order (tombstones have none)."""
+        return [h.entry for h in sorted(self._held(), key=self._held_order)]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, MeshState) and self.mesh_id == other.mesh_id
+                and self.founder == other.founder and self._sets == other._sets
+                and self._lww == other._lww)  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        sets = ", ".join(f"{k.name.lower()}={len(s)}" for k, s in self._sets.items())
+        return (f"MeshState(mesh={self.mesh_id.hex()[:8]}, founder={short_id(self.founder)}, "
+                f"{sets}, lww={len(self._lww)}, revoked={len(self._revoked)})")  # fmt: skip
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _held_order(self, held: _Held) -> tuple[int, bool, bytes, bytes, int]:
+        """Admission order: by kind, founder's writes first, then slot, author, hlc."""
+        e = held.entry
+        return (e.slot.kind, e.author != self.founder, e.slot.key, e.author, e.hlc)
+
+    def _held(self, *, sets_only: bool = False) -> Iterator[_Held]:
+        in_sets = (h for s in self._sets.values() for h in s)
+        return in_sets if sets_only else itertools.chain(in_sets, (h for _, h in self._lww.items()))
+
+    def _holds(self, entry: SignedEntry) -> bool:
+        kind = entry.slot.kind
+        if kind in LWW_KINDS:
+            held = self._lww.get((kind, entry.slot.key, entry.author))
+            return held is not None and held.entry == entry
+        return _Held(entry, None, b"") in self._sets[kind]  # type: ignore[arg-type]
+
+    def _copy(self) -> MeshState:
+        out = MeshState.__new__(MeshState)
+        out.mesh_id, out.founder = self.mesh_id, self.founder
+        out.max_drift_ms, out.max_lease_ms = self.max_drift_ms, self.max_lease_ms
+        out._sets, out._lww = dict(self._sets), self._lww
+        out._windows, out._revoked, out._members = dict(self._windows), self._revoked, None
+        return out
+
+    def _become(self, other: MeshState) -> None:
+        self._sets, self._lww, self._windows = other._sets, other._lww, other._windows
+        self._revoked, self._members = other._revoked, None
+
+    def _check(self, entry: SignedEntry, now_ms: int) -> _Held:
+        """Stateless checks: time, signature, payload, slot consistency (Rule 1)."""
+        if not isinstance(entry, SignedEntry):
+            raise TypeError(f"apply: expected SignedEntry, got {type(entry).__name__}")
+        what = f"{entry.slot.kind.name.lower()} entry by {short_id(entry.author)}"
+        if entry.wall_ms > now_ms + self.max_drift_ms:
+            raise FutureMessage(f"{what}: expected hlc at most {self.max_drift_ms} ms ahead, "
+                                f"got {entry.wall_ms - now_ms} ms ahead")  # fmt: skip
+        signed = signing_bytes(self.mesh_id, entry.slot, entry.author, entry.hlc, entry.payload)
+        verify_signature(entry.author, signed, entry.signature)
+        payload = decode(entry.payload, _PAYLOAD[entry.slot.kind], limits=_PAYLOAD_LIMITS)
+        self._check_payload(entry, payload, what)  # type: ignore[arg-type]
+        return _Held(entry, payload, digest(encode(entry)))  # type: ignore[arg-type]
+
+    def _check_payload(self, entry: SignedEntry, payload: Payload, what: str) -> None:
+        key, author = entry.slot.key, entry.author
+        subject = getattr(payload, "node_id", key)
+        if subject != key:
+            raise InconsistentEntry(f"{what}: expected payload node {short_id(key)} (the slot), "
+                                    f"got {short_id(subject)}")  # fmt: skip
+        mesh = getattr(payload, "mesh_id", self.mesh_id)
+        if mesh != self.mesh_id:
+            raise WrongMesh(f"{what}: expected mesh {self.mesh_id.hex()}, got {mesh.hex()}")
+        match payload:
+            case MemberCert() if payload.issuer != author:
+                raise InconsistentEntry(f"{what}: expected issuer = author, "
+                                        f"got issuer {short_id(payload.issuer)}")  # fmt: skip
+            case MemberCert() if payload.is_admin and author != self.founder:
+                raise ForbiddenWrite(f"{what}: only the founder grants the admin role, "
+                                     f"got a grant by {short_id(author)}")  # fmt: skip
+            case Revocation() if key == self.founder:
+                raise ForbiddenWrite(f"{what}: the founder cannot be revoked")
+            case Advert() | LoadReport() if author != key:
+                raise ForeignSlot(f"{what}: a node writes only its own slot, "
+                                  f"got a write to {short_id(key)}")  # fmt: skip
+            case Advert() if payload.lease_expires_ms - entry.wall_ms > self.max_lease_ms:
+                lease = payload.lease_expires_ms - entry.wall_ms
+                raise ForbiddenWrite(f"{what}: expected lease at most {self.max_lease_ms} ms "
+                                     f"after the entry, got {lease} ms")  # fmt: skip
+
+    def _authorize(self, entry: SignedEntry) -> None:
+        """State-dependent rules (Rule 2); a later entry of the same batch may satisfy them."""
+        author, wall = entry.author, entry.wall_ms
+        what = f"{entry.slot.kind.name.lower()} entry by {short_id(author)}"
+        windows = self._windows.get(author, ())
+        if entry.slot.kind in _ADMIN_KINDS:
+            if author != self.founder and not any(a and i <= wall < e for i, e, a in windows):
+                raise NotAdmin(f"{what}: expected an admin at {wall} ms (founder or "
+                               "founder-issued admin cert), got a non-admin")  # fmt: skip
+        elif author != self.founder and not any(i <= wall < e for i, e, _ in windows):
+            raise NotMember(f"{what}: expected a member at {wall} ms, "
+                            "got a node with no valid certificate")  # fmt: skip
+
+    def _admit_all(self, pending: list[_Held], skip_invalid: bool) -> list[_Held]:
+        """Admit checked entries up to a fixpoint (Rule 1); returns the newly added ones."""
+        accepted: list[_Held] = []
+        while pending:
+            retry: list[_Held] = []
+            errors: list[PeerProtocolError] = []
+            for held in pending:
+                try:
+                    if self._admit(held):
+                        accepted.append(held)
+                except (NotAdmin, NotMember) as exc:
+                    retry.append(held)
+                    errors.append(exc)
+            if len(retry) == len(pending):  # no progress: what is left is unauthorised
+                if not skip_invalid:
+                    raise errors[0]
+                for held, exc in zip(retry, errors):
+                    self._log_reject(held.entry, exc)
+                break
+            pending = retry
+        return accepted
+
+    def _admit(self, held: _Held) -> bool:
+        entry = held.entry
+        kind = entry.slot.kind
+        if kind in LWW_KINDS and entry.author in self._revoked:
+            return False  # Rule 3: revocation wins, not the sender's fault
+        self._authorize(entry)
+        if kind in LWW_KINDS:
+            reg = LWWRegister(Stamp(entry.hlc, entry.author, held.fp), held)
+            lww = self._lww.put((kind, entry.slot.key, entry.author), reg)
+            added, self._lww = lww is not self._lww, lww
+            return added
+        if held in self._sets[kind]:
+            return False
+        self._sets[kind] = self._sets[kind].add(held)
+        self._members = None
+        if kind is SlotKind.MEMBER:
+            self._index_cert(held)
+        elif kind is SlotKind.REVOKE:
+            self._revoke(held)
+        return True
+
+    def _index_cert(self, held: _Held) -> None:
+        cert = held.payload
+        assert isinstance(cert, MemberCert)
+        window = (cert.issued_ms, cert.expires_ms, cert.is_admin and cert.issuer == self.founder)
+        known = self._windows.get(cert.node_id, ())
+        if window not in known:
+            self._windows[cert.node_id] = (*known, window)
+
+    def _revoke(self, held: _Held) -> None:
+        node = held.entry.slot.key
+        if node in self._revoked:
+            return
+        self._revoked = self._revoked | {node}
+        self._lww = self._lww.without(lambda k: k[2] == node)
+        self._members = None
+        log.info("node_revoked", node=short_id(node), by=short_id(held.entry.author))
+
+    def _member_set(self) -> AddWinsSet[_Held]:
+        """Certificates as an add-wins set; writes of revoked authors confer nothing."""
+        live = [h for h in self._sets[SlotKind.MEMBER] if h.entry.author not in self._revoked]
+        removed = [dot for h in self._sets[SlotKind.UNMEMBER] if h.entry.author not in self._revoked
+                   for dot in h.payload.dots]  # type: ignore[union-attr]  # fmt: skip
+        return AddWinsSet(((h, h.entry.dot) for h in live), removed)
+
+    def _present(self) -> dict[bytes, tuple[MemberCert, ...]]:
+        if self._members is None:
+            present: dict[bytes, list[MemberCert]] = {}
+            for held in self._member_set().elements():
+                cert = held.payload
+                assert isinstance(cert, MemberCert)
+                present.setdefault(cert.node_id, []).append(cert)
+            self._members = {k: tuple(v) for k, v in present.items()}
+        return self._members
+
+    @staticmethod
+    def _log_reject(entry: SignedEntry, exc: PeerProtocolError) -> None:
+        log.warning("state_entry_rejected", kind=entry.slot.kind.name.lower(),
+                    author=short_id(entry.author), error=type(exc).__name__,
+                    reason=str(exc))  # fmt: skip
