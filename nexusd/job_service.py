@@ -27,7 +27,16 @@ from mesh.wire import decode_any, encode
 from .api import ApiServer, Emit
 from .errors import NEXUS_ERRORS, ApiError
 from .jobs import JobEngine
-from .journal import Journal, JobConflict, JobState, SubmitStatus, UnknownJob, new_job_id
+from .journal import (
+    IllegalTransition,
+    InvalidJob,
+    JobConflict,
+    JobState,
+    Journal,
+    SubmitStatus,
+    UnknownJob,
+    new_job_id,
+)
 from .metrics import Metrics
 from .protocol import (
     REPLY_TYPES,
@@ -123,6 +132,8 @@ class JobService:
             outcome = await trio.to_thread.run_sync(self.journal.submit, job_id, kind, params, now_ms())
         except JobConflict as exc:
             raise ApiError("conflict", str(exc)) from None
+        except InvalidJob as exc:
+            raise ApiError("bad_request", str(exc)) from None
         if outcome.status is SubmitStatus.EXISTING_DONE:
             return self._stored_outcome(outcome.record)
         running = self._running.get(job_id)
@@ -187,7 +198,10 @@ class JobService:
     async def _fail(self, job_id: str, kind: str, reason: str) -> None:
         self._metrics.inc("jobs_total", outcome="failed", kind=kind)
         log.warning("job_failed", kind=kind, reason=reason)
-        await trio.to_thread.run_sync(self.journal.fail, job_id, reason, now_ms())
+        try:
+            await trio.to_thread.run_sync(self.journal.fail, job_id, reason, now_ms())
+        except IllegalTransition as exc:  # it finished (or was cancelled) meanwhile
+            log.warning("job_fail_not_recorded", reason=str(exc))
 
     def _stored_outcome(self, rec: Any) -> object:
         if rec.state is JobState.SUCCEEDED and rec.result is not None:
