@@ -25,7 +25,7 @@ import torch
 
 from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier
-from mesh.routing import HostSpan
+from mesh.state import NodeState
 
 from . import __version__
 from .api import ApiServer, Emit
@@ -40,7 +40,8 @@ from .metrics import Metrics, serve_metrics
 from .models import ModelRegistry, parse_host_spec
 from .node_files import MeshInfo, load_name, load_node_key
 from .paths import NodePaths, ensure_private_dir
-from .planner import DEFAULT_COMPUTE_S_PER_ATOM, LocalMesh, MeshView
+from .mesh_service import MeshApi, MeshService, NodeView
+from .planner import MeshView
 from .protocol import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
 
 log = structlog.get_logger(__name__)
@@ -96,7 +97,9 @@ class Daemon:
             clock=self.signer.clock, window_s=cfg.mesh.envelope_window_s,
             max_body_bytes=cfg.mesh.max_frame_bytes, replay_capacity=cfg.mesh.replay_cache_entries,
         )  # fmt: skip
-        self.view: MeshView = LocalMesh(self.key.node_id, self.name, [])
+        self.mesh = MeshService(cfg, paths, self.signer, self.host, self.metrics, self.verifier,
+                                self.name)  # fmt: skip
+        self.view: MeshView = NodeView(self.mesh)
         self.engine = JobEngine(view=self.view, host=self.host, registry=self.registry,
                                 signer=self.signer, verifier=self.verifier, metrics=self.metrics,
                                 step_timeout_s=cfg.mesh.read_timeout_s)  # fmt: skip
@@ -113,6 +116,7 @@ class Daemon:
         self.api.route(ShutdownRequest, self._shutdown)
         self.api.route(HostRequest, self._host_request)
         self.jobs.register(self.api)
+        MeshApi(self.mesh, paths, self._joined).register(self.api)
 
     def __repr__(self) -> str:
         return f"Daemon(node={self.key.node_id.hex()[:8]}, data_dir={self.paths.data_dir})"
@@ -128,6 +132,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 for spec in self.cfg.atoms.host:
                     await self.host_span(spec)
+                await nursery.start(self.mesh.run)
                 await nursery.start(self.jobs.run)
                 await nursery.start(self.api.run)
                 if self.cfg.metrics.listen_port:
@@ -148,6 +153,7 @@ class Daemon:
                 await self._stop.wait()
                 grace = self.cfg.node.shutdown_grace_s
                 log.info("daemon_stopping", grace_s=grace, running_jobs=self.jobs.running)
+                self.mesh.refresh_advert(NodeState.DRAINING)
                 with trio.move_on_after(grace):
                     await self.jobs.drain()
                 nursery.cancel_scope.cancel()
@@ -160,16 +166,12 @@ class Daemon:
         model_id, start, end = await trio.to_thread.run_sync(parse_host_spec, spec, self.registry)
         span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end)
         hosted = self.host.add_span(span)
-        self._refresh_local_view()
+        self.mesh.refresh_advert()
         log.info("span_hosted", model=model_id, start=start, end=end)
         return hosted
 
-    def _refresh_local_view(self) -> None:
-        if isinstance(self.view, LocalMesh):
-            self.view.spans = [
-                HostSpan(self.key.node_id, h.model_id, h.start, h.end, DEFAULT_COMPUTE_S_PER_ATOM)
-                for h in self.host.hosted()
-            ]
+    def _joined(self) -> None:
+        self.mesh_info = MeshInfo.load(self.paths.mesh_file)
 
     async def _reclaim_sessions(self) -> None:
         idle = self.cfg.atoms.session_idle_s
@@ -178,6 +180,7 @@ class Daemon:
             self.host.reclaim_idle(idle)
 
     async def _status(self, _req: StatusRequest, _emit: Emit) -> StatusReply:
+        node = self.mesh.node
         return StatusReply(
             node_id=self.key.node_id.hex(),
             name=self.name,
@@ -187,9 +190,9 @@ class Daemon:
             data_dir=str(self.paths.data_dir),
             socket_path=str(self.api.path),
             mesh_id=self.mesh_info.mesh_id if self.mesh_info else "",
-            listen_addrs=(),
-            peers_connected=0,
-            members=0,
+            listen_addrs=tuple(node.transport.listen_addrs()) if node else (),
+            peers_connected=len(node.connected()) if node else 0,
+            members=len(node.members()) if node else 0,
             hosted=tuple(f"{h.model_id}:{h.start}-{h.end}" for h in self.host.hosted()),
         )
 

@@ -93,6 +93,14 @@ def init_node(
     return InitResult(paths.data_dir, key.node_id.hex(), node_name, paths.config_file, mesh_id)
 
 
+def write_mesh_files(paths: NodePaths, mesh_id: str, founder: str, secret: bytes) -> MeshInfo:
+    """Persist the mesh this node joined (public facts + the 0600 secret)."""
+    info = MeshInfo(mesh_id, founder, int(time.time() * 1000))
+    write_private_file(paths.mesh_secret, secret, force=True)
+    write_private_file(paths.mesh_file, info.to_toml().encode(), force=True)
+    return info
+
+
 def load_node_key(paths: NodePaths) -> NodeKey:
     """The node's key, or a SetupError that says how to create one."""
     if not paths.node_key.exists():

@@ -246,7 +246,85 @@ class HostRequest:
     spec: str
 
 
+# ---- mesh -------------------------------------------------------------------------------
+
+
+@record("api.invite")
+@dataclass(frozen=True, slots=True)
+class InviteRequest:
+    ttl_s: float = 3600.0
+    uses: int = 1
+    name: str = ""
+
+
+@record("api.invite_reply")
+@dataclass(frozen=True, slots=True)
+class InviteReply:
+    token: str
+    expires_in_s: float
+    uses: int
+    bootstrap: tuple[str, ...]
+
+
+@record("api.join")
+@dataclass(frozen=True, slots=True)
+class JoinMeshRequest:
+    token: str
+    name: str = ""
+
+
+@record("api.joined")
+@dataclass(frozen=True, slots=True)
+class JoinedReply:
+    mesh_id: str
+    founder: str
+    members: int
+
+
+@record("api.revoke")
+@dataclass(frozen=True, slots=True)
+class RevokeRequest:
+    node: str  # hex node id or a unique prefix of it (>= 8 chars)
+    reason: str = ""
+
+
+@record("api.peers")
+@dataclass(frozen=True, slots=True)
+class PeersRequest:
+    """List members; with `wait_hosts` > 0, first wait (at most `timeout_s`) until that many
+    live adverts host atoms of `model` (or of any model)."""
+
+    wait_hosts: int = 0
+    model: str = ""
+    timeout_s: float = 30.0
+
+
+@record("api.peer")
+@dataclass(frozen=True, slots=True)
+class PeerRow:
+    node_id: str
+    name: str
+    roles: tuple[str, ...]
+    is_self: bool
+    connected: bool
+    state: str  # advert state, or "no-advert"
+    rtt_ms: float  # -1: not measured
+    hosted: tuple[str, ...]
+    lease_left_s: float
+    queue_depth: int
+    banned: bool
+
+
+@record("api.peers_reply")
+@dataclass(frozen=True, slots=True)
+class PeersReply:
+    mesh_id: str
+    peers: tuple[PeerRow, ...]
+    counters: tuple[tuple[str, int], ...]
+
+
 REPLY_TYPES: tuple[type, ...] = (
     ErrorReply, OkReply, StatusReply, GenerateReply, EmbedReply, ClassifyReply, JobsReply,
+    InviteReply, JoinedReply, PeersReply,
 )  # fmt: skip
 EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent)

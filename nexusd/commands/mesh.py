@@ -1,0 +1,103 @@
+"""Mesh commands: invite, join, revoke, peers."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import call_daemon, emit
+from ..config import Config
+from ..errors import ApiError
+from ..paths import NodePaths
+from ..protocol import (
+    InviteReply,
+    InviteRequest,
+    JoinedReply,
+    JoinMeshRequest,
+    OkReply,
+    PeersReply,
+    PeersRequest,
+    RevokeRequest,
+)
+from .base import CommandSpec, table
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """ "90s", "15m", "1h", "7d" or plain seconds -> seconds."""
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in _UNITS:
+            return float(text[:-1]) * _UNITS[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ApiError("bad_request", f"duration {text!r}: expected e.g. 90s, 15m, 1h, 7d") from None
+
+
+def _invite_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ttl", default="1h", help="how long the invite is valid (default 1h)")
+    p.add_argument("--uses", type=int, default=1, help="how many nodes may join with it (default 1)")
+    p.add_argument("--name", default="", help="name the joining node will have")
+
+
+def _invite(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, InviteRequest(parse_duration(args.ttl), args.uses, args.name))
+    assert isinstance(reply, InviteReply)
+    emit(args, reply, lambda: "\n".join([
+        f"invite valid for {args.ttl}, {reply.uses} use(s); bootstrap: {', '.join(reply.bootstrap)}",
+        "on the new device run:  nexusd join TOKEN   (with its daemon running)",
+        reply.token,
+    ]))  # fmt: skip
+    return 0
+
+
+def _join_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("token", help="the invite token printed by `nexusd invite`")
+    p.add_argument("--name", default="", help="this node's name in the mesh")
+
+
+def _join(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, JoinMeshRequest(args.token, args.name), timeout_s=120)
+    assert isinstance(reply, JoinedReply)
+    emit(args, reply, lambda: f"joined mesh {reply.mesh_id} ({reply.members} members)")
+    return 0
+
+
+def _revoke_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("node", help="node id (or a unique prefix of >= 8 hex chars)")
+    p.add_argument("--reason", default="", help="recorded with the revocation")
+
+
+def _revoke(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, RevokeRequest(args.node, args.reason))
+    assert isinstance(reply, OkReply)
+    emit(args, {"revoked": args.node}, lambda: reply.message)
+    return 0
+
+
+def _peers_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-hosts", type=int, default=0, metavar="N",
+                   help="first wait until N nodes advertise atoms (of --model if given)")
+    p.add_argument("--model", default="", help="with --wait-hosts: count hosts of this model")
+    p.add_argument("--timeout", type=float, default=30.0, help="longest wait (default 30 s)")
+
+
+def _peers(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    reply = call_daemon(paths, PeersRequest(args.wait_hosts, args.model, args.timeout),
+                        timeout_s=args.timeout + 10)  # fmt: skip
+    assert isinstance(reply, PeersReply)
+    rows = [[(p.name or "?") + (" (self)" if p.is_self else ""), p.node_id[:12],
+             ",".join(p.roles) or "-", p.state, "yes" if p.connected else "no",
+             f"{p.rtt_ms:.2f}" if p.rtt_ms >= 0 else "-", " ".join(p.hosted) or "-",
+             str(p.queue_depth), "BANNED" if p.banned else ""] for p in reply.peers]  # fmt: skip
+    emit(args, reply, lambda: f"mesh {reply.mesh_id}\n" + table(
+        ["name", "node", "roles", "state", "conn", "rtt ms", "hosting", "queue", ""], rows))
+    return 0
+
+
+MESH_COMMANDS = (
+    CommandSpec("invite", "create an invite token for a new device (admins)", _invite_flags, _invite),
+    CommandSpec("join", "make the local daemon join a mesh with an invite token", _join_flags, _join),
+    CommandSpec("revoke", "revoke a member forever (admins)", _revoke_flags, _revoke),
+    CommandSpec("peers", "members, their state, RTTs and what they host", _peers_flags, _peers),
+)

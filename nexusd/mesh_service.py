@@ -1,0 +1,373 @@
+"""The daemon's mesh: libp2p transport + MeshNode, and what the rest of the daemon needs of it.
+
+Rule 1: this module is the only place in `nexusd` that knows the mesh's moving parts; the
+job engine sees it through `MeshView` (`NodeView` below), the API through four handlers.
+Rule 2: our advert always says what `SpanHost` really serves, and our load report what it
+really carries (queue depth, KV use); both are refreshed whenever they change.
+Rule 3: exec streams from members go to `SpanHost.serve`; a peer that breaks the protocol
+is scored by the mesh node (bans included), never trusted further.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+import structlog
+import trio
+
+from mesh.errors import AdminRequired, AlreadyJoined, JoinRefused, MeshError, PeerProtocolError
+from mesh.identity import MeshSecret
+from mesh.membership import parse_invite
+from mesh.node import MeshIdentity, MeshNode, MeshNodeConfig
+from mesh.routing import HostSpan, Link
+from mesh.state import HostedSpan as AdvertSpan
+from mesh.state import MeshState, NodeState
+from mesh.store import StateStore
+from mesh.transport.base import Stream, TransportConfig
+
+from .api import ApiServer, Emit
+from .config import Config
+from .errors import ApiError
+from .exec_protocol import EXEC_PROTOCOL, HOST_INBOUND, ExecChannel, Signer
+from .hosting import SpanHost
+from .metrics import Metrics
+from .node_files import MeshInfo, write_mesh_files
+from .paths import NodePaths
+from .planner import DEFAULT_COMPUTE_S_PER_ATOM, ExecStream
+from .protocol import (
+    InviteReply,
+    InviteRequest,
+    JoinedReply,
+    JoinMeshRequest,
+    OkReply,
+    PeerRow,
+    PeersReply,
+    PeersRequest,
+    RevokeRequest,
+)
+
+log = structlog.get_logger(__name__)
+CODECS = ("raw", "fp16", "bf16", "int8")
+LOOPBACK_BANDWIDTH = 200e6  # bytes/s assumed for a measured peer until bandwidth is probed
+
+
+def node_config(cfg: Config) -> MeshNodeConfig:
+    m = cfg.mesh
+    return MeshNodeConfig(
+        advert_refresh_s=m.advert_refresh_s, advert_lease_s=m.advert_lease_s,
+        anti_entropy_interval_s=m.anti_entropy_interval_s, ping_interval_s=m.ping_interval_s,
+        read_timeout_s=m.read_timeout_s, max_clock_drift_s=m.max_clock_drift_s,
+        envelope_window_s=m.envelope_window_s, replay_cache_entries=m.replay_cache_entries,
+        ban_score_threshold=m.ban_score_threshold, ban_base_s=m.ban_base_s,
+        ban_max_s=m.ban_max_s, join_attempts_per_minute=m.join_attempts_per_minute,
+        max_lease_s=max(600.0, m.advert_lease_s),
+    )  # fmt: skip
+
+
+class MeshService:
+    """Owns the transport and the mesh node of the daemon."""
+
+    def __init__(self, cfg: Config, paths: NodePaths, signer: Signer, host: SpanHost,
+                 metrics: Metrics, verifier_factory: object, name: str) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.paths = paths
+        self.signer = signer
+        self.host = host
+        self.metrics = metrics
+        self.name = name
+        self.node: MeshNode | None = None
+        self._verifier = verifier_factory
+        self._nursery: trio.Nursery | None = None
+        self._ready = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"MeshService(node={self.node!r})"
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        from mesh.transport.libp2p import open_libp2p_transport  # import cost only in daemons
+
+        key = self.signer.key
+        m = self.cfg.mesh
+        tcfg = TransportConfig(max_frame_bytes=m.max_frame_bytes, read_timeout_s=m.read_timeout_s,
+                               write_timeout_s=m.write_timeout_s,
+                               connect_timeout_s=m.connect_timeout_s)  # fmt: skip
+        async with open_libp2p_transport(key.seed, m.listen_port, tcfg,
+                                         listen_host=m.listen_host) as transport:  # fmt: skip
+            async with self._open_state() as (identity, state, store):
+                node = MeshNode(key=key, transport=transport, identity=identity, state=state,
+                                store=store, cfg=node_config(self.cfg), rng=random.Random(),
+                                invites_path=self.paths.data_dir / "invites.json")  # fmt: skip
+                node.set_stream_handler(EXEC_PROTOCOL, self._serve_exec)
+                self.node = node
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(node.run)
+                    for addr in m.bootstrap:
+                        nursery.start_soon(self._dial_bootstrap, addr)
+                    self.refresh_advert()
+                    nursery.start_soon(self._publish_load)
+                    log.info("mesh_listening", addrs=transport.listen_addrs())
+                    self._ready.set()
+                    task_status.started()
+                    await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @asynccontextmanager
+    async def _open_state(
+        self,
+    ) -> AsyncIterator[tuple[MeshIdentity | None, MeshState | None, StateStore | None]]:
+        info = MeshInfo.load(self.paths.mesh_file)
+        store = StateStore(self.paths.state_db)
+        try:
+            if info is None:
+                yield None, None, store
+                return
+            secret = MeshSecret.from_bytes(self.paths.mesh_secret.read_bytes())
+            identity = MeshIdentity(bytes.fromhex(info.mesh_id), bytes.fromhex(info.founder), secret)
+            state = MeshState(mesh_id=identity.mesh_id, founder=identity.founder,
+                              max_drift_ms=round(self.cfg.mesh.max_clock_drift_s * 1000),
+                              max_lease_ms=round(max(600.0, self.cfg.mesh.advert_lease_s) * 1000))  # fmt: skip
+            yield identity, state, store
+        finally:
+            store.close()
+
+    async def _dial_bootstrap(self, addr: str) -> None:
+        node = self.node
+        assert node is not None
+        try:
+            node_id = peer_node_id(addr)
+            node.add_peer_addrs(node_id, [addr])
+            with trio.fail_after(self.cfg.mesh.connect_timeout_s):
+                await node.transport.connect(node_id, [addr])
+        except (MeshError, ValueError, trio.TooSlowError) as exc:
+            log.warning("bootstrap_dial_failed", addr=addr, reason=str(exc))
+
+    async def _serve_exec(self, stream: Stream) -> None:
+        node = self.node
+        assert node is not None
+        channel = ExecChannel(stream, self.signer, self._verifier, self.is_member, HOST_INBOUND)  # type: ignore[arg-type]
+        try:
+            await self.host.serve(channel, idle_timeout_s=self.cfg.atoms.session_idle_s)
+        finally:
+            self.refresh_load()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    # ---- adverts and load ----------------------------------------------------------------
+
+    def refresh_advert(self, state: NodeState = NodeState.ONLINE) -> None:
+        if self.node is None:
+            return
+        spans = tuple(AdvertSpan(h.model_id, h.start, h.end, h.dtype) for h in self.host.hosted())
+        free_kv = max(0, self.cfg.atoms.kv_cache_budget_bytes - self.host.kv_bytes_used)
+        self.node.set_local_advert(spans, free_kv, free_kv // 4096, CODECS, state)
+        self.refresh_load()
+
+    def refresh_load(self) -> None:
+        if self.node is None:
+            return
+        util = min(1.0, self.host.sessions / max(1, self.cfg.atoms.max_sessions))
+        self.node.set_local_load(self.host.queued, util)
+
+    async def _publish_load(self) -> None:
+        while True:  # periodic: load changes continuously, adverts carry it every refresh
+            self.refresh_load()
+            await trio.sleep(self.cfg.mesh.advert_refresh_s / 2)
+
+    # ---- the view the job engine routes with -----------------------------------------------
+
+    def is_member(self, node_id: bytes) -> bool:
+        node = self.node
+        if node is None or node.state is None:
+            return node_id == self.signer.key.node_id
+        return node.state.is_member(node_id, int(time.time() * 1000)) or node_id == node.state.founder
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+
+class NodeView:
+    """`MeshView` over the mesh service (our own spans included, from `SpanHost`)."""
+
+    def __init__(self, service: MeshService) -> None:
+        self._svc = service
+        self.node_id = service.signer.key.node_id
+
+    def host_spans(self, model_id: str) -> list[HostSpan]:
+        svc = self._svc
+        out = [HostSpan(self.node_id, h.model_id, h.start, h.end, DEFAULT_COMPUTE_S_PER_ATOM,
+                        svc.host.queued, 0.0, 1 << 30) for h in svc.host.hosted()
+               if h.model_id == model_id]  # fmt: skip
+        node = svc.node
+        if node is None:
+            return out
+        loads = node.loads()
+        for peer, advert in sorted(node.live_adverts().items()):
+            if peer == self.node_id or node.is_banned(peer) or not self._svc.is_member(peer):
+                continue
+            if advert.state is not NodeState.ONLINE:
+                continue
+            load = loads.get(peer)
+            for s in advert.spans:
+                if s.model_id == model_id:
+                    out.append(HostSpan(peer, s.model_id, s.start, s.end, DEFAULT_COMPUTE_S_PER_ATOM,
+                                        load.queue_depth if load else 0,
+                                        min(1.0, load.utilisation) if load else 0.0,
+                                        advert.free_kv_tokens, node.penalty_s(peer)))  # fmt: skip
+        return out
+
+    def links(self) -> list[Link]:
+        node = self._svc.node
+        if node is None:
+            return []
+        return [Link(self.node_id, peer, rtt, LOOPBACK_BANDWIDTH)
+                for peer, rtt in sorted(node.rtts().items()) if peer != self.node_id]  # fmt: skip
+
+    def name_of(self, node_id: bytes) -> str:
+        if node_id == self.node_id:
+            return self._svc.name
+        node = self._svc.node
+        cert = node.members().get(node_id) if node is not None else None
+        return cert.name if cert is not None else node_id.hex()[:8]
+
+    def is_member(self, node_id: bytes) -> bool:
+        return self._svc.is_member(node_id)
+
+    async def open_exec_stream(self, node_id: bytes) -> ExecStream:
+        node = self._svc.node
+        if node is None:
+            raise ApiError("unavailable", "the mesh is not running")
+        return await node.open_stream(node_id, EXEC_PROTOCOL)
+
+    def report(self, node_id: bytes, reason: str) -> None:
+        svc = self._svc
+        if svc.node is not None and svc._nursery is not None:
+            svc._nursery.start_soon(svc.node.report, node_id, "bad_output" if "invalid" in reason
+                                    else "timeout")  # fmt: skip
+
+
+def peer_node_id(addr: str) -> bytes:
+    from mesh.transport.libp2p import node_id_of
+
+    if "/p2p/" not in addr:
+        raise ValueError(f"bootstrap address {addr!r} lacks /p2p/<peer id>")
+    return node_id_of(addr.rsplit("/p2p/", 1)[1])
+
+
+# ---- API handlers --------------------------------------------------------------------------
+
+
+class MeshApi:
+    """invite / join / revoke / peers on the local socket."""
+
+    def __init__(self, svc: MeshService, paths: NodePaths, on_joined: object) -> None:
+        self._svc = svc
+        self._paths = paths
+        self._on_joined = on_joined
+
+    def register(self, api: ApiServer) -> None:
+        api.route(InviteRequest, self._invite)
+        api.route(JoinMeshRequest, self._join)
+        api.route(RevokeRequest, self._revoke)
+        api.route(PeersRequest, self._peers)
+
+    def _node(self) -> MeshNode:
+        node = self._svc.node
+        if node is None:
+            raise ApiError("unavailable", "the mesh transport is not running yet")
+        return node
+
+    async def _invite(self, req: InviteRequest, _emit: Emit) -> InviteReply:
+        node = self._node()
+        if not 60 <= req.ttl_s <= 30 * 86400 or not 1 <= req.uses <= 1000:
+            raise ApiError("bad_request", f"ttl 60 s..30 days and uses 1..1000 expected, "
+                                          f"got {req.ttl_s} s and {req.uses}")  # fmt: skip
+        try:
+            token = await node.create_invite(req.ttl_s, req.uses, req.name)
+        except AdminRequired as exc:
+            raise ApiError("refused", str(exc)) from None
+        except ValueError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        invite = parse_invite(token)
+        return InviteReply(token, req.ttl_s, req.uses, invite.bootstrap)
+
+    async def _join(self, req: JoinMeshRequest, _emit: Emit) -> JoinedReply:
+        node = self._node()
+        try:
+            identity = await node.join(req.token.strip(), req.name or self._svc.name)
+        except AlreadyJoined as exc:
+            raise ApiError("conflict", str(exc)) from None
+        except JoinRefused as exc:
+            raise ApiError("refused", f"join refused: {exc.reason.value}: {exc.detail}") from None
+        except PeerProtocolError as exc:
+            raise ApiError("bad_request", f"invalid invite: {exc}") from None
+        except (MeshError, trio.TooSlowError) as exc:
+            raise ApiError("unavailable", f"cannot reach the inviting node: {exc}") from None
+        write_mesh_files(self._paths, identity.mesh_id.hex(), identity.founder.hex(),
+                         identity.secret.raw)  # fmt: skip
+        self._svc.refresh_advert()
+        self._on_joined()  # type: ignore[operator]
+        return JoinedReply(identity.mesh_id.hex(), identity.founder.hex(), len(node.members()))
+
+    async def _revoke(self, req: RevokeRequest, _emit: Emit) -> OkReply:
+        node = self._node()
+        target = self._resolve(node, req.node)
+        try:
+            await node.revoke(target, req.reason)
+        except AdminRequired as exc:
+            raise ApiError("refused", str(exc)) from None
+        except PeerProtocolError as exc:
+            raise ApiError("refused", str(exc)) from None
+        return OkReply(f"revoked {target.hex()[:16]}")
+
+    def _resolve(self, node: MeshNode, text: str) -> bytes:
+        text = text.lower().strip()
+        if len(text) < 8:
+            raise ApiError("bad_request", f"node id: give at least 8 hex chars, got {text!r}")
+        known = set(node.members()) | set(node.live_adverts())
+        matches = [n for n in known if n.hex().startswith(text)]
+        if len(matches) != 1:
+            raise ApiError("not_found" if not matches else "bad_request",
+                           f"node id prefix {text!r} matches {len(matches)} members")  # fmt: skip
+        return matches[0]
+
+    async def _peers(self, req: PeersRequest, _emit: Emit) -> PeersReply:
+        node = self._node()
+        if req.wait_hosts > 0:
+            def enough() -> bool:
+                adverts = node.live_adverts()
+                hosting = [a for a in adverts.values()
+                           if any(not req.model or s.model_id == req.model for s in a.spans)]  # fmt: skip
+                return len(hosting) >= req.wait_hosts
+
+            with trio.move_on_after(max(0.0, min(req.timeout_s, 600.0))):
+                await node.wait_for(enough)
+        return PeersReply(node.identity.mesh_id.hex() if node.identity else "", self._rows(node),
+                          tuple(sorted(node.counters().items())))  # fmt: skip
+
+    def _rows(self, node: MeshNode) -> tuple[PeerRow, ...]:
+        now_ms = int(time.time() * 1000)
+        members = node.members()
+        adverts = node.live_adverts()
+        loads = node.loads()
+        rtts = node.rtts()
+        connected = node.connected()
+        rows = []
+        for nid in sorted(set(members) | set(adverts)):
+            cert, adv, load = members.get(nid), adverts.get(nid), loads.get(nid)
+            rows.append(PeerRow(
+                nid.hex(), cert.name if cert else "", tuple(cert.roles) if cert else (),
+                nid == node.node_id, nid in connected,
+                adv.state.name.lower() if adv else "no-advert",
+                round(rtts[nid] * 1000, 3) if nid in rtts else -1.0,
+                tuple(f"{s.model_id}:{s.start}-{s.end}" for s in adv.spans) if adv else (),
+                round(max(0.0, (adv.lease_expires_ms - now_ms) / 1000), 1) if adv else 0.0,
+                load.queue_depth if load else 0, node.is_banned(nid),
+            ))  # fmt: skip
+        return tuple(rows)
