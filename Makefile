@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/nexusd demo
+	$(BIN)/nexusd demo --failover
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -41,6 +41,8 @@ from .protocol import (
     GenerateRequest,
     HopReport,
     ProgressEvent,
+    RouteEvent,
+    RouteHop,
     TokenEvent,
 )
 from .session import Hop, HopFailed, HopPlan, HopTiming, LocalHop, RemoteHop, RoutedSession, StepInput
@@ -117,6 +119,7 @@ class JobEngine:
     def _session(
         self, model_id: str, *, n_atoms: int, batch: int, max_len: int, bytes_per_hop: int,
         kind: Literal["latency", "batch"], codec: str,
+        on_route: Callable[[list[HopPlan], str], None] | None = None,
     ) -> RoutedSession:  # fmt: skip
         plan = make_planner(self.view, model_id=model_id, bytes_per_hop=bytes_per_hop,
                             kv_tokens=max_len, kind=kind, rng=self._rng)  # fmt: skip
@@ -139,7 +142,12 @@ class JobEngine:
             self.view.report(host, reason)
 
         return RoutedSession(n_atoms=n_atoms, plan=plan, make_hop=make_hop,
-                             report_failure=report, batch=batch, max_len=max_len)  # fmt: skip
+                             report_failure=report, batch=batch, max_len=max_len,
+                             on_route=on_route)  # fmt: skip
+
+    def route_event(self, job_id: str, hops: list[HopPlan], reason: str) -> RouteEvent:
+        return RouteEvent(job_id, tuple(RouteHop(h.host.hex(), self.view.name_of(h.host), h.start,
+                                                 h.end) for h in hops), reason)  # fmt: skip
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -163,7 +171,7 @@ class JobEngine:
             raise ApiError("bad_request", str(exc)) from None
         tok = self.registry.tokenizer(req.model)
         prompt_ids = tok.encode(req.prompt)
-        pending: list[TokenEvent] = []
+        pending: list[object] = []
         gen = TokenGenerator(params, decode=tok.decode,
                              on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)))  # fmt: skip
         hidden = int(dict(self.registry.manifest(req.model).config).get("hidden_size", 0) or 0)  # type: ignore[call-overload]
@@ -171,11 +179,15 @@ class JobEngine:
             req.model, n_atoms=info.n_atoms, batch=1, max_len=len(prompt_ids) + req.max_new_tokens,
             bytes_per_hop=wire_bytes(hidden, torch.float32, req.codec), kind="latency",
             codec=req.codec,
+            on_route=lambda hops, why: pending.append(self.route_event(job_id, hops, why)),
         )  # fmt: skip
         costs = _Costs()
         t0 = time.perf_counter()
         try:
             await session.open()
+            for event in pending:
+                await emit(event)
+            pending.clear()
             step: StepRequest | Done = gen.start(prompt_ids)
             while isinstance(step, StepRequest):
                 logits, timings = await session.step(StepInput(step.input_ids(), step.start, True, b""))

@@ -124,6 +124,25 @@ class TokenEvent:
     text: str
 
 
+@record("api.route_hop")
+@dataclass(frozen=True, slots=True)
+class RouteHop:
+    host: str  # hex node id
+    name: str
+    start: int
+    end: int
+
+
+@record("api.route")
+@dataclass(frozen=True, slots=True)
+class RouteEvent:
+    """The route a job's session uses: sent when it opens and after every failover."""
+
+    job_id: str
+    hops: tuple[RouteHop, ...]
+    reason: str  # "opened" or the failure that caused the reroute
+
+
 @record("api.progress")
 @dataclass(frozen=True, slots=True)
 class ProgressEvent:
@@ -327,4 +346,4 @@ REPLY_TYPES: tuple[type, ...] = (
     ErrorReply, OkReply, StatusReply, GenerateReply, EmbedReply, ClassifyReply, JobsReply,
     InviteReply, JoinedReply, PeersReply,
 )  # fmt: skip
-EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent)
+EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent, RouteEvent)

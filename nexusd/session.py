@@ -225,6 +225,7 @@ class RoutedSession:
         report_failure: called with (host, reason) on each failure (the daemon bans).
         batch, max_len: session shape (max_len 0: no KV cache).
         max_failovers: failures tolerated in this session before the job fails.
+        on_route: told (hops, reason) when the route is set up and after each reroute.
     """
 
     def __init__(
@@ -237,6 +238,7 @@ class RoutedSession:
         batch: int,
         max_len: int,
         max_failovers: int = 4,
+        on_route: Callable[[list[HopPlan], str], None] | None = None,
     ) -> None:
         self._n = n_atoms
         self._plan = plan
@@ -248,6 +250,7 @@ class RoutedSession:
         self._excluded: set[bytes] = set()
         self._hops: list[_Live] = []
         self.failovers: list[str] = []
+        self._on_route = on_route
 
     @property
     def route(self) -> list[HopPlan]:
@@ -255,6 +258,8 @@ class RoutedSession:
 
     async def open(self) -> None:
         self._hops = await self._open_chain(0, self._n)
+        if self._on_route is not None:
+            self._on_route(self.route, "opened")
 
     async def _open_chain(self, start: int, end: int) -> list[_Live]:
         while True:
@@ -319,6 +324,8 @@ class RoutedSession:
                 self._fail(exc)
                 continue
             self._hops[i : i + 1] = new
+            if self._on_route is not None:
+                self._on_route(self.route, self.failovers[-1] if self.failovers else "rerouted")
             log.info("span_rerouted", start=old.hop.plan.start, end=old.hop.plan.end,
                      replayed=len(old.history), hosts=[lv.hop.plan.host.hex()[:8] for lv in new])  # fmt: skip
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import trio
 
@@ -82,6 +83,24 @@ def _stop(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     return 0
 
 
+def _demo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=3, help="daemons to start (default 3)")
+    p.add_argument("--failover", action="store_true",
+                   help="also kill a host mid-generation and show the job finishing identically")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per generation (default 24)")
+    p.add_argument("--keep", action="store_true", help="keep the demo's data dirs and logs")
+    p.add_argument("--workdir", type=Path, help="where the demo's nodes live (default: a temp dir)")
+    p.add_argument("--models-dir", type=Path,
+                   help="where built-in models are built once (default ~/.cache/nexusd/models)")
+
+
+def _demo(args: argparse.Namespace, _cfg: Config, _paths: NodePaths) -> int:
+    from ..demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(args.nodes, args.failover, args.max_tokens, args.keep,
+                                args.workdir, args.models_dir))  # fmt: skip
+
+
 NODE_COMMANDS = (
     CommandSpec("init", "create this node's key, config and optionally a new mesh", _init_flags,
                 _init),
@@ -89,4 +108,6 @@ NODE_COMMANDS = (
                 _run, json=False),
     CommandSpec("status", "show the local daemon's status", no_flags, _status),
     CommandSpec("stop", "ask the local daemon to shut down gracefully", no_flags, _stop),
+    CommandSpec("demo", "run a real local mesh on 127.0.0.1 with real jobs, then stop it",
+                _demo_flags, _demo, json=False),
 )
