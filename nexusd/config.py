@@ -53,6 +53,8 @@ class MeshConfig:
     advert_lease_s: float = 30.0
     anti_entropy_interval_s: float = 15.0
     ping_interval_s: float = 5.0
+    bandwidth_probe_interval_s: float = 30.0
+    bandwidth_probe_bytes: int = 262144
     max_clock_drift_s: float = 5.0
     envelope_window_s: float = 120.0
     replay_cache_entries: int = 100_000
@@ -67,7 +69,8 @@ class MeshConfig:
         for name in (
             "max_frame_bytes", "read_timeout_s", "write_timeout_s", "connect_timeout_s",
             "gossip_heartbeat_s", "advert_refresh_s", "advert_lease_s",
-            "anti_entropy_interval_s", "ping_interval_s", "max_clock_drift_s",
+            "anti_entropy_interval_s", "ping_interval_s", "bandwidth_probe_interval_s",
+            "bandwidth_probe_bytes", "max_clock_drift_s",
             "envelope_window_s", "replay_cache_entries", "ban_score_threshold", "ban_base_s",
             "ban_max_s", "join_attempts_per_minute",
         ):  # fmt: skip

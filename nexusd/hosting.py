@@ -45,6 +45,40 @@ log = structlog.get_logger(__name__)
 KEPT_RESULTS = 4  # answers kept per session for repeated step ids
 
 
+class LoadMeter:
+    """Busy fraction of the device and peak queue depth over a sliding window.
+
+    Rule: what we advertise is measured, not inferred: `utilisation` is seconds the device
+    spent computing in the last `window_s`, divided by `window_s`.
+    """
+
+    def __init__(self, window_s: float, clock: Callable[[], float]) -> None:
+        self._window = window_s
+        self._clock = clock
+        self._busy: list[tuple[float, float]] = []  # (end time, seconds busy) per step
+        self._peak: list[tuple[float, int]] = []  # (time, queue depth) samples
+
+    def busy(self, seconds: float) -> None:
+        self._busy.append((self._clock(), seconds))
+
+    def queue(self, depth: int) -> None:
+        self._peak.append((self._clock(), depth))
+
+    def _trim(self) -> float:
+        cutoff = self._clock() - self._window
+        self._busy = [b for b in self._busy if b[0] >= cutoff]
+        self._peak = [q for q in self._peak if q[0] >= cutoff]
+        return cutoff
+
+    def utilisation(self) -> float:
+        self._trim()
+        return min(1.0, sum(s for _, s in self._busy) / self._window)
+
+    def peak_queue(self) -> int:
+        self._trim()
+        return max((d for _, d in self._peak), default=0)
+
+
 class ExecRefused(Exception):
     """A request this host refuses; becomes an `ExecFailure(code, message)` on the wire."""
 
@@ -84,6 +118,7 @@ class SpanHost:
         limiter: the device's CapacityLimiter (torch threads).
         metrics: counters and gauges.
         clock: monotonic seconds (injected for tests).
+        load_window_s: the window of the advertised utilisation and peak queue depth.
     """
 
     def __init__(
@@ -95,6 +130,7 @@ class SpanHost:
         limiter: trio.CapacityLimiter,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        load_window_s: float = 5.0,
     ) -> None:
         self._spans = list(spans)
         self._budget = kv_budget_bytes
@@ -103,7 +139,8 @@ class SpanHost:
         self._metrics = metrics
         self._clock = clock
         self._sessions: dict[tuple[bytes, bytes], _Session] = {}
-        self.queued = 0  # steps waiting for the device: the congestion signal we advertise
+        self.queued = 0  # steps waiting for or using the device right now
+        self.load = LoadMeter(load_window_s, clock)
 
     def __repr__(self) -> str:
         spans = ", ".join(f"{s.model_id}[{s.start},{s.end})" for s in self._spans)
@@ -232,6 +269,7 @@ class SpanHost:
                 return sess.span(x, ctx)
 
         self.queued += 1
+        self.load.queue(self.queued)
         self._metrics.set("host_queue_depth", self.queued)
         try:
             out = await trio.to_thread.run_sync(run, limiter=self._limiter)
@@ -246,6 +284,7 @@ class SpanHost:
             self.queued -= 1
             self._metrics.set("host_queue_depth", self.queued)
         done = time.perf_counter()
+        self.load.busy(done - started[0])
         enc = encode(out, sess.reply_codec)
         queue_s = started[0] - queued_at if started else 0.0
         self._metrics.inc("exec_steps_total", model=sess.span.model_id)

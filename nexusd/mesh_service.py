@@ -48,11 +48,14 @@ from .protocol import (
     PeersReply,
     PeersRequest,
     RevokeRequest,
+    WaitRequest,
 )
 
 log = structlog.get_logger(__name__)
 CODECS = ("raw", "fp16", "bf16", "int8")
-LOOPBACK_BANDWIDTH = 200e6  # bytes/s assumed for a measured peer until bandwidth is probed
+PROBE_PROTOCOL = "/nexus/probe/1"
+UNPROBED_BANDWIDTH = 12.5e6  # bytes/s assumed until a probe measured it (100 Mbit/s)
+BANDWIDTH_ALPHA = 0.5
 
 
 def node_config(cfg: Config) -> MeshNodeConfig:
@@ -83,6 +86,7 @@ class MeshService:
         self._verifier = verifier_factory
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
+        self.bandwidth: dict[bytes, float] = {}  # bytes/s per peer, EWMA of probes
 
     def __repr__(self) -> str:
         return f"MeshService(node={self.node!r})"
@@ -104,6 +108,7 @@ class MeshService:
                                 store=store, cfg=node_config(self.cfg), rng=random.Random(),
                                 invites_path=self.paths.data_dir / "invites.json")  # fmt: skip
                 node.set_stream_handler(EXEC_PROTOCOL, self._serve_exec)
+                node.set_stream_handler(PROBE_PROTOCOL, self._serve_probe)
                 self.node = node
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -112,6 +117,7 @@ class MeshService:
                         nursery.start_soon(self._dial_bootstrap, addr)
                     self.refresh_advert()
                     nursery.start_soon(self._publish_load)
+                    nursery.start_soon(self._probe_loop)
                     log.info("mesh_listening", addrs=transport.listen_addrs())
                     self._ready.set()
                     task_status.started()
@@ -159,6 +165,61 @@ class MeshService:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
+    # ---- bandwidth probes ------------------------------------------------------------------
+
+    async def _serve_probe(self, stream: Stream) -> None:
+        try:
+            payload = await stream.receive(timeout_s=self.cfg.mesh.read_timeout_s)
+            await stream.send(len(payload).to_bytes(8, "big"))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def probe(self, peer: bytes) -> float | None:
+        """Time one probe frame to `peer`; update and return its bandwidth (bytes/s)."""
+        node = self.node
+        if node is None:
+            return None
+        size = self.cfg.mesh.bandwidth_probe_bytes
+        try:
+            with trio.fail_after(self.cfg.mesh.read_timeout_s):
+                stream = await node.open_stream(peer, PROBE_PROTOCOL)
+                try:
+                    t0 = time.perf_counter()
+                    await stream.send(bytes(size))
+                    ack = await stream.receive()
+                    elapsed = time.perf_counter() - t0
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await stream.aclose()
+        except (MeshError, trio.TooSlowError) as exc:
+            log.debug("bandwidth_probe_failed", peer=peer.hex()[:8], reason=str(exc))
+            return None
+        if int.from_bytes(ack, "big") != size:
+            return None
+        rtt = node.rtts().get(peer, 0.0)
+        sample = size / max(elapsed - rtt, 1e-6)
+        old = self.bandwidth.get(peer)
+        bw = sample if old is None else BANDWIDTH_ALPHA * sample + (1 - BANDWIDTH_ALPHA) * old
+        self.bandwidth[peer] = bw
+        self.metrics.set("peer_bandwidth_bytes_per_s", bw, peer=peer.hex()[:8])
+        return bw
+
+    async def _probe_loop(self) -> None:
+        """Probe new members at once and every member each interval."""
+        node = self.node
+        assert node is not None
+        last: dict[bytes, float] = {}
+        interval = self.cfg.mesh.bandwidth_probe_interval_s
+        while True:
+            now = trio.current_time()
+            for peer in sorted(node.connected()):
+                if self.is_member(peer) and now - last.get(peer, -interval) >= interval:
+                    last[peer] = now
+                    await self.probe(peer)
+            with trio.move_on_after(min(interval, 1.0)):  # re-check for new members
+                await node.wait_changed()
+
     # ---- adverts and load ----------------------------------------------------------------
 
     def refresh_advert(self, state: NodeState = NodeState.ONLINE) -> None:
@@ -172,8 +233,7 @@ class MeshService:
     def refresh_load(self) -> None:
         if self.node is None:
             return
-        util = min(1.0, self.host.sessions / max(1, self.cfg.atoms.max_sessions))
-        self.node.set_local_load(self.host.queued, util)
+        self.node.set_local_load(self.host.load.peak_queue(), self.host.load.utilisation())
 
     async def _publish_load(self) -> None:
         while True:  # periodic: load changes continuously, adverts carry it every refresh
@@ -201,8 +261,10 @@ class NodeView:
 
     def host_spans(self, model_id: str) -> list[HostSpan]:
         svc = self._svc
+        util = svc.host.load.utilisation()
+        queue = svc.host.load.peak_queue()
         out = [HostSpan(self.node_id, h.model_id, h.start, h.end, DEFAULT_COMPUTE_S_PER_ATOM,
-                        svc.host.queued, 0.0, 1 << 30) for h in svc.host.hosted()
+                        queue, util, 1 << 30) for h in svc.host.hosted()
                if h.model_id == model_id]  # fmt: skip
         node = svc.node
         if node is None:
@@ -226,7 +288,8 @@ class NodeView:
         node = self._svc.node
         if node is None:
             return []
-        return [Link(self.node_id, peer, rtt, LOOPBACK_BANDWIDTH)
+        bandwidth = self._svc.bandwidth
+        return [Link(self.node_id, peer, rtt, bandwidth.get(peer, UNPROBED_BANDWIDTH))
                 for peer, rtt in sorted(node.rtts().items()) if peer != self.node_id]  # fmt: skip
 
     def name_of(self, node_id: bytes) -> str:
@@ -250,6 +313,11 @@ class NodeView:
         if svc.node is not None and svc._nursery is not None:
             svc._nursery.start_soon(svc.node.report, node_id, "bad_output" if "invalid" in reason
                                     else "timeout")  # fmt: skip
+
+
+def _util(node: MeshNode, target: bytes) -> float:
+    load = node.loads().get(target)
+    return load.utilisation if load is not None else 0.0
 
 
 def peer_node_id(addr: str) -> bytes:
@@ -276,6 +344,7 @@ class MeshApi:
         api.route(JoinMeshRequest, self._join)
         api.route(RevokeRequest, self._revoke)
         api.route(PeersRequest, self._peers)
+        api.route(WaitRequest, self._wait)
 
     def _node(self) -> MeshNode:
         node = self._svc.node
@@ -351,6 +420,33 @@ class MeshApi:
         return PeersReply(node.identity.mesh_id.hex() if node.identity else "", self._rows(node),
                           tuple(sorted(node.counters().items())))  # fmt: skip
 
+    async def _wait(self, req: WaitRequest, _emit: Emit) -> PeersReply:
+        node = self._node()
+        target = bytes.fromhex(req.node) if len(req.node) == 64 else self._resolve(node, req.node)
+        now_ms = lambda: int(time.time() * 1000)  # noqa: E731
+        checks = {
+            "busy": lambda: _util(node, target) >= req.threshold,
+            "idle": lambda: _util(node, target) < req.threshold,
+            "no_advert": lambda: target not in node.live_adverts(),
+            "advert": lambda: target in node.live_adverts(),
+            "member": lambda: node.state is not None and node.state.is_member(target, now_ms()),
+            "not_member": lambda: node.state is None or not node.state.is_member(target, now_ms()),
+            "connected": lambda: target in node.connected(),
+            "disconnected": lambda: target not in node.connected(),
+        }
+        if req.condition not in checks:
+            raise ApiError("bad_request", f"condition: expected one of {sorted(checks)}, got {req.condition!r}")
+        predicate = checks[req.condition]
+        with trio.move_on_after(max(0.0, min(req.timeout_s, 600.0))) as scope:
+            while not predicate():  # lease expiry changes nothing: re-check at least each second
+                with trio.move_on_after(1.0):
+                    await node.wait_changed()
+        if scope.cancelled_caught:
+            raise ApiError("unavailable", f"condition {req.condition} on {target.hex()[:8]} "
+                                          f"did not hold within {req.timeout_s} s")  # fmt: skip
+        return PeersReply(node.identity.mesh_id.hex() if node.identity else "", self._rows(node),
+                          tuple(sorted(node.counters().items())))  # fmt: skip
+
     def _rows(self, node: MeshNode) -> tuple[PeerRow, ...]:
         now_ms = int(time.time() * 1000)
         members = node.members()
@@ -369,5 +465,7 @@ class MeshApi:
                 tuple(f"{s.model_id}:{s.start}-{s.end}" for s in adv.spans) if adv else (),
                 round(max(0.0, (adv.lease_expires_ms - now_ms) / 1000), 1) if adv else 0.0,
                 load.queue_depth if load else 0, node.is_banned(nid),
+                round(load.utilisation, 3) if load else 0.0,
+                round(self._svc.bandwidth[nid] / 1e6, 3) if nid in self._svc.bandwidth else -1.0,
             ))  # fmt: skip
         return tuple(rows)

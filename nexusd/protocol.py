@@ -332,6 +332,24 @@ class PeerRow:
     lease_left_s: float
     queue_depth: int
     banned: bool
+    utilisation: float = 0.0
+    bandwidth_mb_per_s: float = -1.0  # -1: not probed yet
+
+
+@record("api.wait")
+@dataclass(frozen=True, slots=True)
+class WaitRequest:
+    """Block until a mesh condition holds (or `timeout_s` passes); replies with `peers`.
+
+    conditions: "busy" (node's advertised utilisation >= threshold), "idle" (< threshold),
+    "no_advert" (node has no live advert), "advert" (node has one), "member" (node is a
+    member), "not_member" (revoked or never admitted), "connected" / "disconnected".
+    """
+
+    condition: str
+    node: str  # hex node id or unique prefix
+    threshold: float = 0.5
+    timeout_s: float = 30.0
 
 
 @record("api.peers_reply")

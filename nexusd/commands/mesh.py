@@ -88,10 +88,13 @@ def _peers(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     assert isinstance(reply, PeersReply)
     rows = [[(p.name or "?") + (" (self)" if p.is_self else ""), p.node_id[:12],
              ",".join(p.roles) or "-", p.state, "yes" if p.connected else "no",
-             f"{p.rtt_ms:.2f}" if p.rtt_ms >= 0 else "-", " ".join(p.hosted) or "-",
-             str(p.queue_depth), "BANNED" if p.banned else ""] for p in reply.peers]  # fmt: skip
+             f"{p.rtt_ms:.2f}" if p.rtt_ms >= 0 else "-",
+             f"{p.bandwidth_mb_per_s:.0f}" if p.bandwidth_mb_per_s >= 0 else "-",
+             " ".join(p.hosted) or "-", f"{p.queue_depth}/{p.utilisation:.0%}",
+             "BANNED" if p.banned else ""] for p in reply.peers]  # fmt: skip
     emit(args, reply, lambda: f"mesh {reply.mesh_id}\n" + table(
-        ["name", "node", "roles", "state", "conn", "rtt ms", "hosting", "queue", ""], rows))
+        ["name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting", "queue/busy", ""],
+        rows))
     return 0
 
 

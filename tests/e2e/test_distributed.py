@@ -1,0 +1,93 @@
+"""Jobs across 3 real daemons equal one process; a host killed mid-generation changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from atoms.embed import embed_texts
+from atoms.generation import GenerationParams, generate
+from nexusd.cluster import LocalCluster, even_spans, local_cluster
+from nexusd.commands.jobs import vectors_of
+from nexusd.models import ModelRegistry
+from nexusd.protocol import EmbedReply, EmbedRequest, GenerateReply, GenerateRequest, RouteEvent, TokenEvent
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "Devices that share the work of a model"
+TEXTS = tuple(f"Sentence number {i} is about {w}." for i, w in
+              enumerate(["cats", "the stock market", "rain", "football", "a violin", "bread"]))  # fmt: skip
+FAST = {"NEXUSD_MESH__ADVERT_REFRESH_S": "1", "NEXUSD_MESH__ADVERT_LEASE_S": "4",
+        "NEXUSD_MESH__PING_INTERVAL_S": "1", "NEXUSD_MESH__READ_TIMEOUT_S": "5"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(registry: ModelRegistry) -> tuple[tuple[int, ...], torch.Tensor]:
+    model = registry.load_model("nexus-1.1")
+    ids = registry.tokenizer("nexus-1.1").encode(PROMPT)
+    tokens = generate(model, ids, GenerationParams(max_new_tokens=16)).token_ids
+    return tokens, embed_texts(registry.load_model("minilm"), list(TEXTS))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
+    with local_cluster(tmp_path, 3, models_dir=models_dir, env=FAST) as c:
+        yield c
+
+
+def test_three_daemons_equal_one_process(cluster: LocalCluster,
+                                         reference: tuple[tuple[int, ...], torch.Tensor]) -> None:  # fmt: skip
+    tokens, vectors = reference
+    for i, (a, b) in enumerate(even_spans(11, 3)):
+        cluster.host(i, f"nexus-1.1:{a}-{b}")
+    cluster.host(1, "minilm:0-4")
+    cluster.host(2, "minilm:4-8")
+    cluster.wait_hosts(0, 3, "nexus-1.1")
+    cluster.wait_hosts(0, 2, "minilm")
+    gen = cluster.call(0, GenerateRequest(PROMPT, "nexus-1.1", 16))
+    assert isinstance(gen, GenerateReply)
+    assert gen.token_ids == tokens
+    assert [(h.start, h.end) for h in gen.route] == even_spans(11, 3)  # all three took part
+    emb = cluster.call(0, EmbedRequest(TEXTS, "minilm", micro_batch=2))
+    assert isinstance(emb, EmbedReply)
+    cos = torch.nn.functional.cosine_similarity(torch.tensor(vectors_of(emb)), vectors, dim=-1)
+    assert float(cos.min()) >= 0.9999
+    assert {h.name for h in emb.route} == {"node1", "node2"}
+
+
+def test_host_killed_mid_generation_gives_identical_output(
+    cluster: LocalCluster, reference: tuple[tuple[int, ...], torch.Tensor]
+) -> None:
+    tokens, _ = reference
+    cluster.host(0, "nexus-1.1:0-4")
+    cluster.host(1, "nexus-1.1:4-11")
+    cluster.host(2, "nexus-1.1:4-11")
+    cluster.wait_hosts(0, 3, "nexus-1.1")
+    node_of = {cluster.call(i, _status()).node_id: i for i in range(3)}  # type: ignore[attr-defined]
+    seen: dict[str, object] = {"tokens": 0, "route": None, "killed": None}
+
+    def on_event(event: object) -> None:
+        if isinstance(event, RouteEvent):
+            seen["route"] = event
+        elif isinstance(event, TokenEvent):
+            seen["tokens"] = int(seen["tokens"]) + 1  # type: ignore[call-overload]
+            if seen["tokens"] == 5:
+                victim = node_of[seen["route"].hops[-1].host]  # type: ignore[union-attr]
+                seen["killed"] = victim
+                cluster.daemon(victim).kill()
+
+    gen = cluster.call(0, GenerateRequest(PROMPT, "nexus-1.1", 16), on_event=on_event)
+    assert isinstance(gen, GenerateReply)
+    assert gen.token_ids == tokens
+    assert len(gen.failovers) == 1 and seen["killed"] in (1, 2)
+    survivor = 3 - int(seen["killed"])  # type: ignore[call-overload]
+    assert seen["route"].hops[-1].host == cluster.call(survivor, _status()).node_id  # type: ignore[union-attr, attr-defined]
+
+
+def _status() -> object:
+    from nexusd.protocol import StatusRequest
+
+    return StatusRequest()

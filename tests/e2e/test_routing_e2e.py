@@ -1,0 +1,76 @@
+"""Routes follow measured load: a host busy with other work is avoided."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nexusd.cluster import LocalCluster, local_cluster
+from nexusd.errors import ApiError
+from nexusd.protocol import (
+    CancelRequest,
+    EmbedRequest,
+    GenerateReply,
+    GenerateRequest,
+    StatusReply,
+    StatusRequest,
+    WaitRequest,
+)
+
+from .test_distributed import FAST
+
+pytestmark = pytest.mark.e2e
+
+BUSY_TEXTS = tuple(f"filler sentence {i} keeps this host's device busy for a while" for i in range(4000))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
+    with local_cluster(tmp_path, 3, models_dir=models_dir, env=FAST) as c:
+        for i in (1, 2):
+            c.host(i, "nexus-1.1")
+            c.host(i, "minilm")
+        c.wait_hosts(0, 2, "nexus-1.1")
+        yield c
+
+
+def node_hex(cluster: LocalCluster, i: int) -> str:
+    reply = cluster.call(i, StatusRequest())
+    assert isinstance(reply, StatusReply)
+    return reply.node_id
+
+
+def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
+    """Keep node `busy` computing a large local job; return the origin's generation route."""
+    job_id = f"busy-{busy}"
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            cluster.call(busy, EmbedRequest(BUSY_TEXTS, "minilm", micro_batch=64, job_id=job_id),
+                         timeout_s=300)  # fmt: skip
+        except ApiError as exc:  # cancelled at the end: expected
+            if "cancelled" not in exc.message:
+                errors.append(exc)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        cluster.call(0, WaitRequest("busy", node_hex(cluster, busy), 0.5, timeout_s=60))
+        reply = cluster.call(0, GenerateRequest("route me", "nexus-1.1", 4))
+        assert isinstance(reply, GenerateReply)
+        return [h.host for h in reply.route]
+    finally:
+        cluster.call(busy, CancelRequest(job_id))
+        worker.join(timeout=60)
+        assert not errors, errors
+        cluster.call(0, WaitRequest("idle", node_hex(cluster, busy), 0.2, timeout_s=60))
+
+
+def test_route_avoids_the_busy_host_whichever_it_is(cluster: LocalCluster) -> None:
+    one, two = node_hex(cluster, 1), node_hex(cluster, 2)
+    assert route_while_busy(cluster, 1) == [two]
+    assert route_while_busy(cluster, 2) == [one]
