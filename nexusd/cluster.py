@@ -45,10 +45,10 @@ class DaemonProcess:
     """`nexusd run` in a subprocess; its parsed JSON log lines arrive in `events`."""
 
     def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 log_file: Path | None = None) -> None:  # fmt: skip
+                 log_file: Path | None = None, prefix: Sequence[str] = ()) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nexusd", "run", "--data-dir", str(data_dir), *args],
+            [*prefix, sys.executable, "-m", "nexusd", "run", "--data-dir", str(data_dir), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=daemon_env(env),
         )  # fmt: skip
         self._log: IO[str] | None = log_file.open("w") if log_file else None
@@ -151,16 +151,22 @@ class LocalCluster:
         size: number of daemons.
         models_dir: shared models directory (built-in models are built once).
         env: extra environment for every daemon.
+        prefixes: per node, a command prefix (e.g. `ip netns exec NS`) to run its daemon in.
+        listen_hosts: per node, the address its mesh transport listens on (127.0.0.1).
     """
 
     def __init__(self, root: Path, size: int, *, models_dir: Path,
-                 env: dict[str, str] | None = None, names: Sequence[str] | None = None) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, names: Sequence[str] | None = None,
+                 prefixes: Sequence[Sequence[str]] | None = None,
+                 listen_hosts: Sequence[str] | None = None) -> None:  # fmt: skip
         if size < 1:
             raise ValueError(f"a cluster needs at least 1 node, got {size}")
         self.root = root
         self.size = size
         self.names = list(names or [f"node{i}" for i in range(size)])
         self.env = {"NEXUSD_ATOMS__MODELS_DIR": str(models_dir), **(env or {})}
+        self.prefixes = [list(p) for p in prefixes] if prefixes else [[] for _ in range(size)]
+        self.listen_hosts = list(listen_hosts or ["127.0.0.1"] * size)
         self.daemons: list[DaemonProcess | None] = [None] * size
 
     def data_dir(self, i: int) -> Path:
@@ -179,15 +185,19 @@ class LocalCluster:
             if res.returncode != 0:
                 raise ClusterError(f"init of {self.names[i]} failed: {res.stderr.strip()}")
 
+    def _spawn(self, i: int) -> DaemonProcess:
+        return DaemonProcess(self.data_dir(i), "--port", "0", "--listen-host", self.listen_hosts[i],
+                             env=self.env, log_file=self.root / f"{self.names[i]}.log",
+                             prefix=self.prefixes[i])  # fmt: skip
+
     def start(self, i: int, *, timeout_s: float = 120.0) -> DaemonProcess:
-        d = DaemonProcess(self.data_dir(i), "--port", "0", env=self.env,
-                          log_file=self.root / f"{self.names[i]}.log")  # fmt: skip
+        """(Re)start node i's daemon and wait until it serves."""
+        d = self._spawn(i)
         self.daemons[i] = d
         return d.started(timeout_s)
 
     def start_all(self) -> None:
-        ds = [DaemonProcess(self.data_dir(i), "--port", "0", env=self.env,
-                            log_file=self.root / f"{self.names[i]}.log") for i in range(self.size)]  # fmt: skip
+        ds = [self._spawn(i) for i in range(self.size)]
         self.daemons = list(ds)
         for d in ds:
             d.started()
@@ -227,12 +237,10 @@ class LocalCluster:
         return reply
 
     def stop_all(self) -> None:
+        """Stop every daemon (graceful first); also reaps ones that already exited."""
         for d in self.daemons:
-            if d is not None and d.proc.poll() is None:
+            if d is not None:
                 d.stop()
-        for d in self.daemons:
-            if d is not None and d.proc.poll() is None:
-                d.kill()
 
 
 def _invite(name: str) -> object:
@@ -249,9 +257,12 @@ def _join(token: str, name: str) -> object:
 
 @contextlib.contextmanager
 def local_cluster(root: Path, size: int, *, models_dir: Path, env: dict[str, str] | None = None,
-                  names: Sequence[str] | None = None) -> Iterator[LocalCluster]:  # fmt: skip
+                  names: Sequence[str] | None = None,
+                  prefixes: Sequence[Sequence[str]] | None = None,
+                  listen_hosts: Sequence[str] | None = None) -> Iterator[LocalCluster]:  # fmt: skip
     """A started, joined cluster; every daemon is stopped on exit."""
-    cluster = LocalCluster(root, size, models_dir=models_dir, env=env, names=names)
+    cluster = LocalCluster(root, size, models_dir=models_dir, env=env, names=names,
+                           prefixes=prefixes, listen_hosts=listen_hosts)  # fmt: skip
     try:
         cluster.init()
         cluster.start_all()

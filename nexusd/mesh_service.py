@@ -87,6 +87,7 @@ class MeshService:
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
         self.bandwidth: dict[bytes, float] = {}  # bytes/s per peer, EWMA of probes
+        self.probes: dict[bytes, int] = {}  # probes completed per peer
 
     def __repr__(self) -> str:
         return f"MeshService(node={self.node!r})"
@@ -198,10 +199,14 @@ class MeshService:
         if int.from_bytes(ack, "big") != size:
             return None
         rtt = node.rtts().get(peer, 0.0)
-        sample = size / max(elapsed - rtt, 1e-6)
+        # Average seconds per byte, not bytes per second: a link that just became slow must
+        # look slow after one probe (an EWMA of rates would keep half of the old fast rate).
+        sample = max(elapsed - rtt, 1e-6) / size
         old = self.bandwidth.get(peer)
-        bw = sample if old is None else BANDWIDTH_ALPHA * sample + (1 - BANDWIDTH_ALPHA) * old
+        per_byte = sample if old is None else BANDWIDTH_ALPHA * sample + (1 - BANDWIDTH_ALPHA) / old
+        bw = 1.0 / per_byte
         self.bandwidth[peer] = bw
+        self.probes[peer] = self.probes.get(peer, 0) + 1
         self.metrics.set("peer_bandwidth_bytes_per_s", bw, peer=peer.hex()[:8])
         return bw
 
@@ -424,6 +429,7 @@ class MeshApi:
         node = self._node()
         target = bytes.fromhex(req.node) if len(req.node) == 64 else self._resolve(node, req.node)
         now_ms = lambda: int(time.time() * 1000)  # noqa: E731
+        probes_before = self._svc.probes.get(target, 0)
         checks = {
             "busy": lambda: _util(node, target) >= req.threshold,
             "idle": lambda: _util(node, target) < req.threshold,
@@ -433,6 +439,7 @@ class MeshApi:
             "not_member": lambda: node.state is None or not node.state.is_member(target, now_ms()),
             "connected": lambda: target in node.connected(),
             "disconnected": lambda: target not in node.connected(),
+            "probed": lambda: self._svc.probes.get(target, 0) > probes_before,
         }
         if req.condition not in checks:
             raise ApiError("bad_request", f"condition: expected one of {sorted(checks)}, got {req.condition!r}")

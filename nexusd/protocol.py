@@ -343,7 +343,8 @@ class WaitRequest:
 
     conditions: "busy" (node's advertised utilisation >= threshold), "idle" (< threshold),
     "no_advert" (node has no live advert), "advert" (node has one), "member" (node is a
-    member), "not_member" (revoked or never admitted), "connected" / "disconnected".
+    member), "not_member" (revoked or never admitted), "connected" / "disconnected",
+    "probed" (bandwidth measured since this request: a fresh probe).
     """
 
     condition: str

@@ -74,3 +74,31 @@ def test_route_avoids_the_busy_host_whichever_it_is(cluster: LocalCluster) -> No
     one, two = node_hex(cluster, 1), node_hex(cluster, 2)
     assert route_while_busy(cluster, 1) == [two]
     assert route_while_busy(cluster, 2) == [one]
+
+
+@pytest.mark.netns
+def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Path) -> None:
+    from .netns import namespaces, netns_available
+
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    env = {**FAST, "NEXUSD_MESH__BANDWIDTH_PROBE_INTERVAL_S": "2",
+           "NEXUSD_MESH__BANDWIDTH_PROBE_BYTES": "65536"}  # fmt: skip
+    with namespaces(3) as ns, local_cluster(
+        tmp_path, 3, models_dir=models_dir, env=env,
+        prefixes=[ns.prefix(i) for i in range(3)], listen_hosts=ns.addrs,
+    ) as cluster:  # fmt: skip
+        for i in (1, 2):
+            cluster.host(i, "nexus-1.1")
+        cluster.wait_hosts(0, 2, "nexus-1.1")
+        ids = {i: node_hex(cluster, i) for i in (1, 2)}
+        for slow, fast in ((1, 2), (2, 1)):
+            ns.fast(fast)
+            ns.slow(slow)
+            for _ in range(2):  # two fresh probes of each: the averages follow the change
+                for i in (1, 2):
+                    cluster.call(0, WaitRequest("probed", ids[i], timeout_s=60))
+            reply = cluster.call(0, GenerateRequest("slow links", "nexus-1.1", 3))
+            assert isinstance(reply, GenerateReply)
+            assert [h.host for h in reply.route] == [ids[fast]], (slow, reply.route)
