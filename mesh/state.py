@@ -269,9 +269,11 @@ class Advert:
     addrs: tuple[str, ...]
     state: NodeState
     lease_expires_ms: int
+    direct_addr: str = ""  # "HOST:PORT" of the node's direct data channel, "" for none
 
     def __post_init__(self) -> None:
         _need_len("advert spans", self.spans, 0, 256)
+        _need_len("advert direct_addr", self.direct_addr, 0, 64)
         free = (self.free_memory_bytes, self.free_kv_tokens)
         _need(min(free) >= 0, "advert free_memory_bytes, free_kv_tokens", ">= 0", free)
         _need_len("advert codecs", self.codecs, 0, 16)

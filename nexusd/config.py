@@ -43,6 +43,8 @@ class MeshConfig:
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 7420  # 0: any free port
+    direct_enabled: bool = True
+    direct_port: int = 0  # 0: any free port
     bootstrap: tuple[str, ...] = ()
     max_frame_bytes: int = 64 * MiB
     read_timeout_s: float = 10.0
@@ -64,8 +66,9 @@ class MeshConfig:
     join_attempts_per_minute: int = 10
 
     def __post_init__(self) -> None:
-        if not 0 <= self.listen_port <= 65535:
-            raise ConfigError(f"mesh.listen_port: expected 0..65535, got {self.listen_port}")
+        for name in ("listen_port", "direct_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"mesh.{name}: expected 0..65535, got {getattr(self, name)}")
         for name in (
             "max_frame_bytes", "read_timeout_s", "write_timeout_s", "connect_timeout_s",
             "gossip_heartbeat_s", "advert_refresh_s", "advert_lease_s",

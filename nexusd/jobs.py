@@ -83,7 +83,7 @@ class JobEngine:
     """Runs jobs from this node (the origin) over the mesh.
 
     Args:
-        view: the mesh as the engine sees it (or `LocalMesh`).
+        view: the mesh as the engine sees it (`NodeView`).
         host: this node's own span host (used directly for local hops).
         registry: model folders and tokenizers.
         signer, verifier: for exec channels to remote hosts.

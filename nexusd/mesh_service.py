@@ -86,6 +86,8 @@ class MeshService:
         self._verifier = verifier_factory
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
+        self.direct_addr = ""  # "host:port" of our direct listener once it listens
+        self.tcfg: TransportConfig | None = None
         self.bandwidth: dict[bytes, float] = {}  # bytes/s per peer, EWMA of probes
         self.probes: dict[bytes, int] = {}  # probes completed per peer
 
@@ -114,6 +116,9 @@ class MeshService:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(node.run)
+                    self.tcfg = tcfg
+                    if m.direct_enabled:
+                        await nursery.start(self._run_direct, tcfg)
                     for addr in m.bootstrap:
                         nursery.start_soon(self._dial_bootstrap, addr)
                     self.refresh_advert()
@@ -154,6 +159,38 @@ class MeshService:
                 await node.transport.connect(node_id, [addr])
         except (MeshError, ValueError, trio.TooSlowError) as exc:
             log.warning("bootstrap_dial_failed", addr=addr, reason=str(exc))
+
+    async def _run_direct(self, tcfg: TransportConfig, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+        from mesh.transport.direct import open_direct_listener
+
+        m = self.cfg.mesh
+        async with open_direct_listener(self.signer.key, m.listen_host, m.direct_port, tcfg,
+                                        self.is_member, self._serve_exec) as listener:  # fmt: skip
+            self.direct_addr = f"{m.listen_host}:{listener.port}"
+            log.info("direct_listening", addr=self.direct_addr)
+            self.refresh_advert()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def open_exec_stream(self, peer: bytes) -> Stream:
+        """A stream for activations to `peer`: its direct channel if it advertises one and
+        it answers, else a libp2p stream."""
+        node = self.node
+        if node is None:
+            raise ApiError("unavailable", "the mesh is not running")
+        advert = node.live_adverts().get(peer)
+        if advert is not None and advert.direct_addr and self.tcfg is not None:
+            from mesh.transport.direct import connect_direct
+
+            host, _, port = advert.direct_addr.rpartition(":")
+            try:
+                return await connect_direct(self.signer.key, (host, int(port)), peer, self.tcfg,
+                                            is_member=self.is_member)  # fmt: skip
+            except (MeshError, ValueError, OSError) as exc:
+                log.warning("direct_dial_failed", peer=peer.hex()[:8], reason=str(exc))
+                self.metrics.inc("direct_dial_failures_total")
+        return await node.open_stream(peer, EXEC_PROTOCOL)
 
     async def _serve_exec(self, stream: Stream) -> None:
         node = self.node
@@ -308,10 +345,7 @@ class NodeView:
         return self._svc.is_member(node_id)
 
     async def open_exec_stream(self, node_id: bytes) -> ExecStream:
-        node = self._svc.node
-        if node is None:
-            raise ApiError("unavailable", "the mesh is not running")
-        return await node.open_stream(node_id, EXEC_PROTOCOL)
+        return await self._svc.open_exec_stream(node_id)
 
     def report(self, node_id: bytes, reason: str) -> None:
         svc = self._svc

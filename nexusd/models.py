@@ -163,6 +163,45 @@ class ModelRegistry:
         return load_model(self.folder(model_id))
 
 
+def import_model(folder: Path, model_id: str, models_dir: Path, *, dtype: str = "float32") -> Path:
+    """Convert a local Hugging Face folder (Llama-style decoder or BERT encoder) into a model
+    folder of the registry: atoms with content-addressed weights, manifest, tokenizer.
+
+    Raises:
+        ApiError(bad_request): not a folder, an unsupported architecture, or the id is taken.
+        ModelFormatError, WeightsError: unreadable config or weights (named).
+    """
+    import json
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ApiError("bad_request", f"{folder} has no config.json (expected a Hugging Face model folder)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ApiError("bad_request", f"{config} is not a JSON object: {exc}") from None
+    target = models_dir / model_id
+    if target.exists():
+        raise ApiError("conflict", f"model {model_id!r} already exists in {models_dir}")
+    if model_type == "llama":
+        from atoms.llama import load_llama
+
+        model = load_llama(folder, model_id=model_id, dtype=dtype)
+    elif model_type == "bert":
+        from atoms.bert import load_bert
+
+        model = load_bert(folder, model_id=model_id, dtype=dtype)
+    else:
+        raise ApiError("bad_request", f"model_type {model_type!r} is not supported; "
+                                      "expected 'llama' (decoder) or 'bert' (encoder)")  # fmt: skip
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = models_dir / f".{model_id}.import{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    os.replace(tmp, target)
+    return target
+
+
 def parse_host_spec(spec: str, registry: ModelRegistry) -> tuple[str, int, int]:
     """"MODEL" or "MODEL:START-END" -> (model, start, end); END exclusive.
 

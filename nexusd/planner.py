@@ -1,8 +1,8 @@
 """From what the mesh knows to a route: the seam between the job engine and the mesh.
 
 Rule 1: the engine sees the mesh only through `MeshView`: hosted spans with their load,
-measured links, a way to open an exec stream, and a way to report a misbehaving host. A
-daemon outside any mesh uses `LocalMesh`, whose only host is itself.
+measured links, a way to open an exec stream, and a way to report a misbehaving host
+(`nexusd.mesh_service.NodeView`; outside any mesh its only host is the node itself).
 Rule 2: plans are origin-driven (`relay_via_origin`): every hop's input goes out from the
 origin and its output comes back to it, so a hop costs the origin<->host link both ways.
 Rule 3: a sub-range [start, end) is planned by clipping every hosted span to it, so a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal, Protocol
 
 from mesh.errors import NoRoute
@@ -44,33 +44,6 @@ class MeshView(Protocol):
     def is_member(self, node_id: bytes) -> bool: ...
     async def open_exec_stream(self, node_id: bytes) -> ExecStream: ...
     def report(self, node_id: bytes, reason: str) -> None: ...
-
-
-@dataclass(slots=True)
-class LocalMesh:
-    """A node alone: it routes only through the spans it hosts itself."""
-
-    node_id: bytes
-    name: str
-    spans: list[HostSpan]
-
-    def host_spans(self, model_id: str) -> list[HostSpan]:
-        return [s for s in self.spans if s.model_id == model_id]
-
-    def links(self) -> list[Link]:
-        return []
-
-    def name_of(self, node_id: bytes) -> str:
-        return self.name if node_id == self.node_id else node_id.hex()[:8]
-
-    def is_member(self, node_id: bytes) -> bool:
-        return node_id == self.node_id
-
-    async def open_exec_stream(self, node_id: bytes) -> ExecStream:
-        raise ApiError("unavailable", f"node {node_id.hex()[:8]} is not reachable: not in a mesh")
-
-    def report(self, node_id: bytes, reason: str) -> None:
-        return None
 
 
 def make_planner(

@@ -201,6 +201,10 @@ class DirectStream:
     handler. Concurrency: one sender and one receiver at a time (each holds its own lock).
     """
 
+    # Every frame is authenticated by the channel (signed handshake, AEAD, counters), so
+    # application protocols may skip per-message signatures on it (see nexusd.exec_protocol).
+    channel_authenticated = True
+
     def __init__(
         self,
         sock: trio.SocketStream,
