@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[lint]'
+	$(BIN)/ruff check nexusd mesh atoms tests bench
+	# libp2p pins trio-typing, whose stale trio-stubs shadow trio's own inline types;
+	# MYPYPATH is searched first, so point it at the real trio package.
+	mkdir -p .mypy_path && ln -sfn "$$($(BIN)/python -c 'import os, trio; print(os.path.dirname(trio.__file__))')" .mypy_path/trio
+	MYPYPATH=.mypy_path $(BIN)/mypy nexusd mesh atoms
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all

@@ -90,14 +90,14 @@ class DaemonProcess:
             if remaining <= 0:
                 raise TimeoutError(f"no matching log event within {timeout_s}s; last: {self.seen[-5:]}")
             try:
-                event = self.lines.get(timeout=remaining)
+                item = self.lines.get(timeout=remaining)
             except queue.Empty:
                 continue
-            if event is None:
+            if item is None:
                 raise RuntimeError(f"daemon exited ({self.proc.poll()}); last: {self.seen[-8:]}")
-            self.seen.append(event)
-            if match(event):
-                return event
+            self.seen.append(item)
+            if match(item):
+                return item
 
     def started(self, timeout_s: float = 120.0) -> DaemonProcess:
         self.wait_for("daemon_started", timeout_s)
@@ -225,7 +225,7 @@ class LocalCluster:
         self.call(i, HostRequest(spec), timeout_s=600)
 
     def wait_hosts(self, i: int, count: int, model: str = "", timeout_s: float = 60) -> object:
-        from .protocol import PeersRequest, PeersReply
+        from .protocol import PeersReply, PeersRequest
 
         reply = self.call(i, PeersRequest(count, model, timeout_s), timeout_s=timeout_s + 10)
         assert isinstance(reply, PeersReply)

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import IO
 
 import structlog
-import trio
-
 import torch
+import trio
 
 from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier
@@ -36,11 +35,11 @@ from .hosting import HostedSpan, SpanHost
 from .job_service import JobService
 from .jobs import JobEngine
 from .journal import Journal
+from .mesh_service import MeshApi, MeshService, NodeView
 from .metrics import Metrics, serve_metrics
 from .models import ModelRegistry, parse_host_spec
 from .node_files import MeshInfo, load_name, load_node_key
 from .paths import NodePaths, ensure_private_dir
-from .mesh_service import MeshApi, MeshService, NodeView
 from .planner import MeshView
 from .protocol import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
 

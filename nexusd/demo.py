@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from atoms.model import Model
+
 from .cluster import LocalCluster, even_spans
 from .commands.jobs import route_table, vectors_of
 from .models import DEFAULT_EMBED_MODEL, DEFAULT_GENERATE_MODEL, ModelRegistry
@@ -155,11 +157,10 @@ def place_atoms(cluster: LocalCluster, gen_atoms: int, emb_atoms: int, opts: Dem
     return layout
 
 
-def reference_generation(model: object, prompt_ids: list[int], max_tokens: int) -> tuple[int, ...]:
+def reference_generation(model: Model, prompt_ids: list[int], max_tokens: int) -> tuple[int, ...]:
     from atoms.generation import GenerationParams, generate
 
-    done = generate(model, prompt_ids, GenerationParams(max_new_tokens=max_tokens))  # type: ignore[arg-type]
-    return done.token_ids
+    return generate(model, prompt_ids, GenerationParams(max_new_tokens=max_tokens)).token_ids
 
 
 def demo_generate(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
@@ -193,8 +194,8 @@ def demo_embed(cluster: LocalCluster, registry: ModelRegistry, outcome: Outcome)
     ref = embed_texts(registry.load_model(DEFAULT_EMBED_MODEL), list(SENTENCES))
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     sims = got @ got.T
-    best = max(((float(sims[i, j]), i, j) for i in range(len(SENTENCES))
-                for j in range(i + 1, len(SENTENCES))))  # fmt: skip
+    best = max((float(sims[i, j]), i, j) for i in range(len(SENTENCES))
+                for j in range(i + 1, len(SENTENCES)))  # fmt: skip
     say(f"  {reply.count} x {reply.dims} in {reply.elapsed_s:.2f}s; most similar pair "
         f"({best[0]:.2f}): {SENTENCES[best[1]]!r} ~ {SENTENCES[best[2]]!r}")  # fmt: skip
     say(_indent(route_table(reply.route)))
@@ -218,24 +219,23 @@ def demo_classify(cluster: LocalCluster, outcome: Outcome) -> None:
 def demo_failover(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
                   outcome: Outcome) -> None:  # fmt: skip
     say("\n[5b/6] failover: kill the host serving the tail mid-generation")
-    state: dict[str, object] = {"tokens": 0, "victim": None, "routes": []}
+    state = _FailoverWatch()
 
     def watch(event: object) -> None:
         if isinstance(event, RouteEvent):
-            state["routes"].append(event)  # type: ignore[union-attr]
+            state.route = event
             hops = " -> ".join(f"{h.name}[{h.start}-{h.end - 1}]" for h in event.hops)
             say(f"\n  route ({event.reason[:70]}): {hops}")
         elif isinstance(event, TokenEvent):
             sys.stdout.write(event.text)
             sys.stdout.flush()
-            state["tokens"] = int(state["tokens"]) + 1  # type: ignore[call-overload]
-            if state["tokens"] == max(2, max_tokens // 3) and state["victim"] is None:
-                route = state["routes"][-1]  # type: ignore[index]
-                victim_hex = route.hops[-1].host
+            state.tokens += 1
+            if state.tokens == max(2, max_tokens // 3) and not state.victim and state.route:
+                victim_hex = state.route.hops[-1].host
                 idx = next(i for i, d in enumerate(cluster.daemons)
                            if d is not None and _node_hex(cluster, i) == victim_hex)  # fmt: skip
-                state["victim"] = cluster.names[idx]
-                say(f"\n  ** killing {cluster.names[idx]} (SIGKILL) after {state['tokens']} tokens **")
+                state.victim = cluster.names[idx]
+                say(f"\n  ** killing {state.victim} (SIGKILL) after {state.tokens} tokens **")
                 cluster.daemon(idx).kill()
 
     t0 = time.perf_counter()
@@ -244,8 +244,15 @@ def demo_failover(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
     say(f"\n  finished in {time.perf_counter() - t0:.2f}s; failovers: {len(reply.failovers)}")
     say(_indent(route_table(reply.route)))
     outcome.check("failover output identical", reply.token_ids == ref and bool(reply.failovers),
-                  f"killed {state['victim']}, {len(reply.failovers)} failover(s), tokens equal: "
+                  f"killed {state.victim}, {len(reply.failovers)} failover(s), tokens equal: "
                   f"{reply.token_ids == ref}")  # fmt: skip
+
+
+@dataclass(slots=True)
+class _FailoverWatch:
+    tokens: int = 0
+    victim: str = ""
+    route: RouteEvent | None = None
 
 
 def _node_hex(cluster: LocalCluster, i: int) -> str:

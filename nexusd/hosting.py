@@ -266,7 +266,8 @@ class SpanHost:
         def run() -> torch.Tensor:
             started.append(time.perf_counter())
             with torch.inference_mode():
-                return sess.span(x, ctx)
+                out: torch.Tensor = sess.span(x, ctx)
+            return out
 
         self.queued += 1
         self.load.queue(self.queued)

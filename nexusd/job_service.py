@@ -154,10 +154,11 @@ class JobService:
 
     async def _run_job(self, job_id: str, req: Any, running: _Running) -> None:
         kind = JOB_KINDS[type(req)]
-        run: Callable[[Any, str, Emit], Awaitable[object]] = {
+        runners: dict[str, Callable[[Any, str, Emit], Awaitable[object]]] = {
             "generate": self.engine.generate, "embed": self.engine.embed,
             "classify": self.engine.classify,
-        }[kind]  # fmt: skip
+        }  # fmt: skip
+        run = runners[kind]
 
         async def fan_out(event: object) -> None:
             for listener in list(running.listeners):

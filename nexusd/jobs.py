@@ -45,7 +45,16 @@ from .protocol import (
     RouteHop,
     TokenEvent,
 )
-from .session import Hop, HopFailed, HopPlan, HopTiming, LocalHop, RemoteHop, RoutedSession, StepInput
+from .session import (
+    Hop,
+    HopFailed,
+    HopPlan,
+    HopTiming,
+    LocalHop,
+    RemoteHop,
+    RoutedSession,
+    StepInput,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -72,11 +81,12 @@ class _Costs:
             acc[5] += t.bytes_in
 
     def report(self, name_of: Callable[[bytes], str]) -> tuple[HopReport, ...]:
+        rows = sorted(self.hops.items(), key=lambda kv: (kv[0][1], kv[0][0]))
         return tuple(
             HopReport(h.hex(), name_of(h), s, e, int(a[0]), round(a[1], 6), round(a[2], 6),
-                      round(a[3], 6), int(a[4]), int(a[5]))  # fmt: skip
-            for (h, s, e), a in sorted(self.hops.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-        )
+                      round(a[3], 6), int(a[4]), int(a[5]))
+            for (h, s, e), a in rows
+        )  # fmt: skip
 
 
 class JobEngine:
@@ -174,7 +184,7 @@ class JobEngine:
         pending: list[object] = []
         gen = TokenGenerator(params, decode=tok.decode,
                              on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)))  # fmt: skip
-        hidden = int(dict(self.registry.manifest(req.model).config).get("hidden_size", 0) or 0)  # type: ignore[call-overload]
+        hidden = self.registry.config_int(req.model, "hidden_size", 0)
         session = self._session(
             req.model, n_atoms=info.n_atoms, batch=1, max_len=len(prompt_ids) + req.max_new_tokens,
             bytes_per_hop=wire_bytes(hidden, torch.float32, req.codec), kind="latency",
@@ -238,7 +248,7 @@ class JobEngine:
         # Sort by length so micro-batches pad little; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
-        hidden = int(dict(self.registry.manifest(model_id).config).get("hidden_size", 384) or 384)  # type: ignore[call-overload]
+        hidden = self.registry.config_int(model_id, "hidden_size", 384)
         out: list[torch.Tensor | None] = [None] * len(texts)
         costs = _Costs()
         failovers: list[str] = []

@@ -104,9 +104,10 @@ class MeshService:
         tcfg = TransportConfig(max_frame_bytes=m.max_frame_bytes, read_timeout_s=m.read_timeout_s,
                                write_timeout_s=m.write_timeout_s,
                                connect_timeout_s=m.connect_timeout_s)  # fmt: skip
-        async with open_libp2p_transport(key.seed, m.listen_port, tcfg,
-                                         listen_host=m.listen_host) as transport:  # fmt: skip
-            async with self._open_state() as (identity, state, store):
+        async with (
+            open_libp2p_transport(key.seed, m.listen_port, tcfg, listen_host=m.listen_host) as transport,
+            self._open_state() as (identity, state, store),
+        ):
                 node = MeshNode(key=key, transport=transport, identity=identity, state=state,
                                 store=store, cfg=node_config(self.cfg), rng=random.Random(),
                                 invites_path=self.paths.data_dir / "invites.json")  # fmt: skip
@@ -299,7 +300,7 @@ class NodeView:
 
     def __init__(self, service: MeshService) -> None:
         self._svc = service
-        self.node_id = service.signer.key.node_id
+        self.node_id: bytes = bytes(service.signer.key.node_id)
 
     def host_spans(self, model_id: str) -> list[HostSpan]:
         svc = self._svc

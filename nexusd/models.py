@@ -127,10 +127,14 @@ class ModelRegistry:
 
     def info(self, model_id: str) -> ModelInfo:
         m = self.manifest(model_id)
-        config = dict(m.config)
         causal = m.family in ("nexus", "llama")
-        vocab = int(config.get("vocab_size", 0) or 0)  # type: ignore[call-overload]
+        vocab = self.config_int(model_id, "vocab_size", 0)
         return ModelInfo(m.model_id, m.family, len(m.atoms), causal, m.digest, vocab)
+
+    def config_int(self, model_id: str, key: str, default: int) -> int:
+        """An integer of the model's config (e.g. hidden_size), or `default` if absent."""
+        value = dict(self.manifest(model_id).config).get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
 
     def load_span(self, model_id: str, start: int, end: int) -> Span:
         m = self.manifest(model_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import struct
 import sys
@@ -103,10 +104,14 @@ def _generate(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 
 def _texts(args: argparse.Namespace) -> tuple[str, ...]:
     texts = list(args.texts)
-    if args.file:
-        src = sys.stdin if args.file == "-" else Path(args.file).open()
-        with src:
-            texts += [line.rstrip("\n") for line in src if line.strip()]
+    if args.file == "-":
+        texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif args.file:
+        try:
+            lines = Path(args.file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ApiError("bad_request", f"cannot read texts from {args.file}: {exc}") from None
+        texts += [line for line in lines if line.strip()]
     if not texts:
         raise ApiError("bad_request", "no texts: give TEXT arguments or --file FILE (- for stdin)")
     return tuple(texts)
@@ -150,7 +155,7 @@ def _embed(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 
 
 def _hop(h: HopReport) -> dict[str, object]:
-    return {f: getattr(h, f) for f in h.__slots__}  # type: ignore[attr-defined]
+    return dataclasses.asdict(h)
 
 
 def _classify_flags(p: argparse.ArgumentParser) -> None:

@@ -19,20 +19,16 @@ def _list(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from ..models import BUILTINS, ModelRegistry
 
     registry = ModelRegistry(_models_dir(cfg, paths))
-    rows = []
-    for model_id in sorted(set(registry.available()) | set(BUILTINS)):
-        if model_id in registry.available():
-            info = registry.info(model_id)
-            rows.append({"id": model_id, "family": info.family, "atoms": info.n_atoms,
-                         "kind": "decoder" if info.causal else "encoder",
-                         "digest": info.digest[:12], "built": True})  # fmt: skip
-        else:
-            rows.append({"id": model_id, "family": "built-in", "atoms": 0, "kind": "-",
-                         "digest": "-", "built": False})  # fmt: skip
-    emit(args, rows, lambda: table(
-        ["id", "family", "atoms", "kind", "digest"],
-        [[r["id"], r["family"], str(r["atoms"] or "(built on first use)"), r["kind"], r["digest"]]
-         for r in rows]))  # fmt: skip
+    built = set(registry.available())
+    infos = {m: registry.info(m) for m in sorted(built)}
+    rows = [
+        [m, i.family, str(i.n_atoms), "decoder" if i.causal else "encoder", i.digest[:12]]
+        for m, i in infos.items()
+    ] + [[m, "built-in", "(built on first use)", "-", "-"] for m in sorted(set(BUILTINS) - built)]
+    data = [{"id": r[0], "family": r[1], "atoms": infos[r[0]].n_atoms if r[0] in infos else 0,
+             "kind": r[3], "digest": infos[r[0]].digest if r[0] in infos else "",
+             "built": r[0] in infos} for r in rows]  # fmt: skip
+    emit(args, data, lambda: table(["id", "family", "atoms", "kind", "digest"], rows))
     return 0
 
 

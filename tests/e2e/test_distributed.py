@@ -13,7 +13,14 @@ from atoms.generation import GenerationParams, generate
 from nexusd.cluster import LocalCluster, even_spans, local_cluster
 from nexusd.commands.jobs import vectors_of
 from nexusd.models import ModelRegistry
-from nexusd.protocol import EmbedReply, EmbedRequest, GenerateReply, GenerateRequest, RouteEvent, TokenEvent
+from nexusd.protocol import (
+    EmbedReply,
+    EmbedRequest,
+    GenerateReply,
+    GenerateRequest,
+    RouteEvent,
+    TokenEvent,
+)
 
 pytestmark = pytest.mark.e2e
 

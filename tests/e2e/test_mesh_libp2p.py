@@ -44,8 +44,11 @@ async def test_three_nodes_join_by_invite_and_see_each_others_adverts() -> None:
     keys = [NodeKey.generate() for _ in range(3)]
     identity = MeshIdentity(os.urandom(16), keys[0].node_id, MeshSecret.generate())
     with trio.fail_after(10):
-        async with running_node(keys[0], identity, 0) as founder, \
-                running_node(keys[1], None, 1) as a, running_node(keys[2], None, 2) as b:  # fmt: skip
+        async with (
+            running_node(keys[0], identity, 0) as founder,
+            running_node(keys[1], None, 1) as a,
+            running_node(keys[2], None, 2) as b,
+        ):
             await a.join(await founder.create_invite(60, 1, ""), "alpha")
             await b.join(await founder.create_invite(60, 1, ""), "beta")
             b.set_local_advert((HostedSpan("m", 0, 3, "float32"),), 1 << 20, 256, ("fp32",))
