@@ -89,9 +89,9 @@ class AtomSpec:
         attr_names = [n for n, _ in self.attrs]
         if attr_names != sorted(attr_names) or len(set(attr_names)) != len(attr_names):
             raise ValueError(f"atom attrs must be unique and sorted by name, got {attr_names}")
-        for name, value in self.attrs:
-            if not isinstance(value, bool | int | float | str):
-                raise ValueError(f"atom attr {name} must be bool/int/float/str, got {value!r}")
+        for name, attr in self.attrs:
+            if not isinstance(attr, bool | int | float | str):
+                raise ValueError(f"atom attr {name} must be bool/int/float/str, got {attr!r}")
 
     @property
     def uid(self) -> str:

@@ -368,13 +368,13 @@ def as_span(runner: Span | Sequence[Atom] | object) -> Span:
     if isinstance(runner, Span):
         return runner
     atoms = getattr(runner, "atoms", runner)
-    if not isinstance(atoms, Sequence | torch.nn.ModuleList) or not all(
-        isinstance(a, Atom) for a in atoms
-    ):
+    items = list(atoms) if isinstance(atoms, Sequence | torch.nn.ModuleList) else None
+    found = [a for a in items or () if isinstance(a, Atom)]
+    if items is None or len(found) != len(items):
         raise TypeError(
             f"expected a Span, atoms, or an object with .atoms; got {type(runner).__name__}"
         )
-    return Span(list(atoms))
+    return Span(found)
 
 
 @torch.no_grad()

@@ -149,7 +149,8 @@ class LlamaConfig:
         hidden, heads = _int(raw, "hidden_size"), _int(raw, "num_attention_heads")
         eos = raw.get("eos_token_id")
         eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
+        eos_ids = tuple(e for e in eos_list if isinstance(e, int) and not isinstance(e, bool))
+        if len(eos_ids) != len(eos_list):
             raise ModelFormatError(f"llama config: eos_token_id must be int(s), got {eos!r}")
         bos = raw.get("bos_token_id")
         if bos is not None and not isinstance(bos, int):
@@ -169,7 +170,7 @@ class LlamaConfig:
             attention_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             bos_token_id=bos,
-            eos_token_ids=tuple(eos_list),
+            eos_token_ids=eos_ids,
         )
 
 
@@ -359,30 +360,51 @@ class LlamaEmbedding(Atom):
                 f"atom {self.spec.uid}: token ids must be in [0, {vocab}), "
                 f"got [{int(x.min())}, {int(x.max())}]"
             )
-        return self.embed_tokens(x)  # (B, T, C)
+        out: torch.Tensor = self.embed_tokens(x)  # (B, T, C)
+        return out
+
+
+class _LlamaAttention(nn.Module):
+    """The attention projections of a block (its forward is `LlamaBlock.forward`); the
+    attribute names keep transformers' state-dict keys, e.g. `self_attn.q_proj.weight`."""
+
+    def __init__(self, c: int, heads: int, kv_heads: int, d: int, *, bias: bool) -> None:
+        super().__init__()
+        meta = torch.device("meta")
+        self.q_proj = nn.Linear(c, heads * d, bias=bias, device=meta)
+        self.k_proj = nn.Linear(c, kv_heads * d, bias=bias, device=meta)
+        self.v_proj = nn.Linear(c, kv_heads * d, bias=bias, device=meta)
+        self.o_proj = nn.Linear(heads * d, c, bias=bias, device=meta)
+
+
+class _LlamaMLP(nn.Module):
+    """The SwiGLU projections of a block (its forward is `LlamaBlock.forward`); the attribute
+    names keep transformers' state-dict keys, e.g. `mlp.gate_proj.weight`."""
+
+    def __init__(self, c: int, f: int, *, bias: bool) -> None:
+        super().__init__()
+        meta = torch.device("meta")
+        self.gate_proj = nn.Linear(c, f, bias=bias, device=meta)
+        self.up_proj = nn.Linear(c, f, bias=bias, device=meta)
+        self.down_proj = nn.Linear(f, c, bias=bias, device=meta)
 
 
 class LlamaBlock(Atom):
     """One decoder layer: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h))."""
 
+    inv_freq: torch.Tensor  # a non-persistent buffer, registered in __init__
+
     def __init__(self, spec: AtomSpec) -> None:
         super().__init__(spec)
-        meta, c, d = torch.device("meta"), spec.dim("hidden"), spec.dim("head_dim")
+        c, d = spec.dim("hidden"), spec.dim("head_dim")
         self.heads, self.kv_heads, self.head_dim = spec.dim("heads"), spec.dim("kv_heads"), d
         eps = float(spec.attr("rms_norm_eps"))
         self.input_layernorm = RMSNorm(c, eps)
         self.post_attention_layernorm = RMSNorm(c, eps)
         bias = bool(spec.attr("attention_bias"))
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = nn.Linear(c, self.heads * d, bias=bias, device=meta)
-        self.self_attn.k_proj = nn.Linear(c, self.kv_heads * d, bias=bias, device=meta)
-        self.self_attn.v_proj = nn.Linear(c, self.kv_heads * d, bias=bias, device=meta)
-        self.self_attn.o_proj = nn.Linear(self.heads * d, c, bias=bias, device=meta)
-        self.mlp = nn.Module()
+        self.self_attn = _LlamaAttention(c, self.heads, self.kv_heads, d, bias=bias)
         f, mb = spec.dim("intermediate"), bool(spec.attr("mlp_bias"))
-        self.mlp.gate_proj = nn.Linear(c, f, bias=mb, device=meta)
-        self.mlp.up_proj = nn.Linear(c, f, bias=mb, device=meta)
-        self.mlp.down_proj = nn.Linear(f, c, bias=mb, device=meta)
+        self.mlp = _LlamaMLP(c, f, bias=mb)
         materialize(self, spec.torch_dtype)
         # float32 like transformers, whatever the weight dtype; registered after materialize.
         self.register_buffer("inv_freq", _rope_from_spec(spec).inv_freq(d), persistent=False)
@@ -402,7 +424,8 @@ class LlamaBlock(Atom):
         x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         h = self.post_attention_layernorm(x)
         mlp = self.mlp
-        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))  # (B, T, C)
+        out: torch.Tensor = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return out  # (B, T, C)
 
     def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +451,8 @@ class LlamaHead(Atom):
         materialize(self, spec.torch_dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        logits: torch.Tensor = self.lm_head(self.norm(x))  # (B, T, V)
+        return logits
 
 
 def build_llama_atoms(cfg: LlamaConfig, *, model_id: str, dtype: str = "float32") -> list[Atom]:

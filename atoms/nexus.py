@@ -102,7 +102,7 @@ class NexusConfig:
 
 
 def _spec(kind: AtomKind, model_id: str, index: int, dtype: str, dims: dict[str, int],
-          attrs: dict[str, bool | int | float | str], *, out_kind: IOKind = IOKind.HIDDEN
+          attrs: Mapping[str, bool | int | float | str], *, out_kind: IOKind = IOKind.HIDDEN
           ) -> AtomSpec:
     return AtomSpec(kind, model_id, index, FAMILY, make_dims(**dims), dtype, IOKind.HIDDEN,
                     out_kind, make_attrs(**attrs))
@@ -147,7 +147,8 @@ class NexusPosition(Atom):
                 f"got {int(pos.max())}"
             )
         if self.kind == "learned":
-            return x + self.table(pos)  # (B, T, C)
+            out: torch.Tensor = x + self.table(pos)  # (B, T, C)
+            return out
         return x + sinusoidal_table(pos, x.shape[-1]).to(x.dtype)
 
 
@@ -207,7 +208,8 @@ class NexusBlock(Atom):
         y = y.transpose(1, 2) * gate.unsqueeze(-1)  # (B, T, H, D)
         x = x + self.attn_out(y.reshape(b, t, c))
         m = self.ffn_norm(x)
-        return x + self.ffn_down(F.gelu(self.ffn_gate(m)) * self.ffn_up(m))  # (B, T, C)
+        out: torch.Tensor = x + self.ffn_down(F.gelu(self.ffn_gate(m)) * self.ffn_up(m))
+        return out  # (B, T, C)
 
 
 class NexusHead(Atom):
@@ -221,7 +223,8 @@ class NexusHead(Atom):
         materialize(self, spec.torch_dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.proj(self.norm(x))  # (B, T, V)
+        logits: torch.Tensor = self.proj(self.norm(x))  # (B, T, V)
+        return logits
 
 
 _CLASSES: dict[AtomKind, type[Atom]] = {

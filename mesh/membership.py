@@ -77,7 +77,7 @@ MAX_TOKEN_CHARS = len(TOKEN_PREFIX) + (MAX_INVITE_BYTES * 8 + 4) // 5
 _LIMITS = Limits(max_bytes=MAX_INVITE_BYTES, max_depth=3, max_items=MAX_BOOTSTRAP + 16)
 _REPLY_LIMITS = Limits(max_bytes=64 * 1024, max_depth=3, max_items=MAX_BOOTSTRAP + 16)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_ADDR_RE = re.compile(r"/[\x21-\x7e]{1,%d}" % (MAX_ADDR_CHARS - 1))
+_ADDR_RE = re.compile(rf"/[\x21-\x7e]{{1,{MAX_ADDR_CHARS - 1}}}")
 _INVITE_KEY_PERSON = b"nexus-invite-key"  # BLAKE2b personalisation: exactly 16 bytes
 _INVITE_SIG = b"nexus-invite\0"
 _JOIN_PROOF = b"nexus-join\0"

@@ -107,7 +107,7 @@ class PeerStatus:
 
 
 class _Peer:
-    __slots__ = ("at", "bans", "banned_until", "score")
+    __slots__ = ("at", "banned_until", "bans", "score")
 
     def __init__(self, at: float) -> None:
         self.score = 0.0

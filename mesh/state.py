@@ -348,11 +348,11 @@ class ModelManifest:
         _need(indices == tuple(range(len(indices))), "manifest atom indices", "0..n-1", indices)
 
 
-_PAYLOAD: dict[SlotKind, type] = {
+Payload = MemberCert | MemberRemoval | Revocation | ModelManifest | Advert | LoadReport
+_PAYLOAD: dict[SlotKind, type[Payload]] = {
     SlotKind.MEMBER: MemberCert, SlotKind.UNMEMBER: MemberRemoval, SlotKind.REVOKE: Revocation,
     SlotKind.MODEL: ModelManifest, SlotKind.ADVERT: Advert, SlotKind.LOAD: LoadReport,
 }  # fmt: skip
-Payload = MemberCert | MemberRemoval | Revocation | ModelManifest | Advert | LoadReport
 
 
 DigestRow = tuple[int, bytes, bytes, int, bytes]
@@ -595,7 +595,7 @@ class MeshState:
     def advert(self, node_id: bytes) -> Advert | None:
         """The newest advert of a node (even if its lease expired), or None."""
         held = self._lww.get((SlotKind.ADVERT, node_id, node_id))
-        return None if held is None else held.payload  # type: ignore[return-value]
+        return held.payload if held is not None and isinstance(held.payload, Advert) else None
 
     def live_adverts(self, now_ms: int) -> dict[bytes, Advert]:
         """Adverts of current members whose lease has not expired at `now_ms`."""
@@ -613,7 +613,9 @@ class MeshState:
         for key, reg in self._lww.registers():
             if key[0] is SlotKind.MODEL and reg.value is not None:
                 best[key[1]] = best[key[1]].merge(reg) if key[1] in best else reg
-        return {k.decode(): r.value.payload for k, r in best.items()}  # type: ignore[misc]
+        # Merged live registers stay live; MODEL slots hold manifests (_check): types only.
+        return {k.decode(): h.payload for k, r in best.items()
+                if (h := r.value) is not None and isinstance(h.payload, ModelManifest)}  # fmt: skip
 
     def entries(self) -> list[SignedEntry]:
         """Every held entry, in admission order (tombstones have none)."""
@@ -672,8 +674,8 @@ class MeshState:
         signed = signing_bytes(self.mesh_id, entry.slot, entry.author, entry.hlc, entry.payload)
         verify_signature(entry.author, signed, entry.signature)
         payload = decode(entry.payload, _PAYLOAD[entry.slot.kind], limits=_PAYLOAD_LIMITS)
-        self._check_payload(entry, payload, what)  # type: ignore[arg-type]
-        return _Held(entry, payload, digest(encode(entry)))  # type: ignore[arg-type]
+        self._check_payload(entry, payload, what)
+        return _Held(entry, payload, digest(encode(entry)))
 
     def _check_payload(self, entry: SignedEntry, payload: Payload, what: str) -> None:
         key, author = entry.slot.key, entry.author
@@ -730,8 +732,8 @@ class MeshState:
             if len(retry) == len(pending):  # no progress: what is left is unauthorised
                 if not skip_invalid:
                     raise errors[0]
-                for held, exc in zip(retry, errors):
-                    self._log_reject(held.entry, exc)
+                for held, err in zip(retry, errors, strict=True):
+                    self._log_reject(held.entry, err)
                 break
             pending = retry
         return accepted

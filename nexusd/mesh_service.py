@@ -117,6 +117,8 @@ class MeshService:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await nursery.start(node.run)
+                    if node.certify_self(self.name):
+                        log.info("founder_certified", name=self.name)
                     self.tcfg = tcfg
                     if m.direct_enabled:
                         await nursery.start(self._run_direct, tcfg)
@@ -270,7 +272,8 @@ class MeshService:
             return
         spans = tuple(AdvertSpan(h.model_id, h.start, h.end, h.dtype) for h in self.host.hosted())
         free_kv = max(0, self.cfg.atoms.kv_cache_budget_bytes - self.host.kv_bytes_used)
-        self.node.set_local_advert(spans, free_kv, free_kv // 4096, CODECS, state)
+        self.node.set_local_advert(spans, free_kv, free_kv // 4096, CODECS, state,
+                                   direct_addr=self.direct_addr)
         self.refresh_load()
 
     def refresh_load(self) -> None:

@@ -41,7 +41,7 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as new_ed25519_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import TProtocol, TSecurityOptions
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.swarm import Swarm
@@ -475,6 +475,7 @@ def _swarm(host: IHost) -> Swarm:
 
 
 def _new_host(key_pair: KeyPair, *, plaintext_only: bool = False) -> IHost:
+    security: TSecurityOptions
     if plaintext_only:
         security = {TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)}
     else:
@@ -539,19 +540,22 @@ async def open_libp2p_transport(
     )
     pubsub = Pubsub(host, gossip, strict_signing=True)
     listen = multiaddr.Multiaddr(f"/ip4/{listen_host}/tcp/{listen_port}")
-    async with _running(host, listen, config.close_timeout_s):
-        async with background_trio_service(pubsub), background_trio_service(gossip):
-            await pubsub.wait_until_ready()
-            async with trio.open_nursery() as nursery:
-                transport = Libp2pTransport(host, pubsub, nursery, config)
-                _gate_pubsub_streams(host, pubsub, gossip, transport)
-                log.info("transport_started", node=transport.node_id.hex()[:8],
-                         addrs=transport.listen_addrs())
-                try:
-                    yield transport
-                finally:
-                    transport._mark_closed()
-                    nursery.cancel_scope.cancel()
+    async with (
+        _running(host, listen, config.close_timeout_s),
+        background_trio_service(pubsub),
+        background_trio_service(gossip),
+    ):
+        await pubsub.wait_until_ready()
+        async with trio.open_nursery() as nursery:
+            transport = Libp2pTransport(host, pubsub, nursery, config)
+            _gate_pubsub_streams(host, pubsub, gossip, transport)
+            log.info("transport_started", node=transport.node_id.hex()[:8],
+                     addrs=transport.listen_addrs())
+            try:
+                yield transport
+            finally:
+                transport._mark_closed()
+                nursery.cancel_scope.cancel()
     log.info("transport_closed", node=transport.node_id.hex()[:8])
 
 

@@ -98,9 +98,34 @@ def _peers(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     return 0
 
 
+def _leave_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--yes", action="store_true", help="do it (without it, only say what would go)")
+
+
+def _leave(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    """Forget the mesh (offline): the node keeps its key and jobs, and may join again."""
+    from ..daemon import node_lock
+
+    doomed = [p for p in (paths.mesh_file, paths.mesh_secret, paths.state_db,
+                          paths.state_db.with_name(paths.state_db.name + "-wal"),
+                          paths.state_db.with_name(paths.state_db.name + "-shm"),
+                          paths.data_dir / "invites.json") if p.exists()]  # fmt: skip
+    with node_lock(paths):  # refuses while a daemon runs on this data dir
+        if args.yes:
+            for p in doomed:
+                p.unlink()
+    names = [p.name for p in doomed]
+    emit(args, {"removed" if args.yes else "would_remove": names},
+         lambda: ("removed: " if args.yes else "would remove (add --yes): ")
+         + (", ".join(names) or "nothing: this node is in no mesh"))  # fmt: skip
+    return 0
+
+
 MESH_COMMANDS = (
     CommandSpec("invite", "create an invite token for a new device (admins)", _invite_flags, _invite),
     CommandSpec("join", "make the local daemon join a mesh with an invite token", _join_flags, _join),
     CommandSpec("revoke", "revoke a member forever (admins)", _revoke_flags, _revoke),
     CommandSpec("peers", "members, their state, RTTs and what they host", _peers_flags, _peers),
+    CommandSpec("leave", "forget this node's mesh (daemon stopped); its key stays", _leave_flags,
+                _leave),
 )

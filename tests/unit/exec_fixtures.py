@@ -85,7 +85,7 @@ class Cluster:
     def __init__(self, nursery: trio.Nursery, hosts: list[Node]) -> None:
         self.nursery = nursery
         self.origin = Node("origin", [])
-        self.hosts = {h.id: h for h in hosts}
+        self.hosts: dict[bytes, Node] = {h.id: h for h in hosts}
         self.members = {self.origin.id, *self.hosts}
         self.failures: list[tuple[bytes, str]] = []
 

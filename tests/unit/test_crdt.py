@@ -76,7 +76,11 @@ def build_map(ops: list[Op]) -> LWWMap[int, int]:
         if op == "set":
             m = m.set(key, value, stamp_for(hlc, author, value))
         else:  # prune everything whose value is below the threshold
-            m = m.prune(lambda k, v, limit=value: v < limit)
+
+            def below(_key: int, v: int, limit: int = value) -> bool:
+                return v < limit
+
+            m = m.prune(below)
     return m
 
 

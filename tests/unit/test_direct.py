@@ -49,7 +49,7 @@ class DirectNode:
     """
 
     def __init__(self, key: NodeKey, config: TransportConfig, directory: dict[bytes, str]) -> None:
-        self.node_id = key.node_id
+        self.node_id: bytes = key.node_id  # Transport declares a plain bytes attribute
         self._key = key
         self._config = config
         self._directory = directory
@@ -187,9 +187,11 @@ async def test_non_member_is_refused_after_the_handshake_with_a_logged_reason() 
     async with open_direct_listener(
         BOB, LOCAL, 0, CONFIG, lambda n: n != ALICE.node_id, echo
     ) as bob:
-        with structlog.testing.capture_logs() as logs:
-            with pytest.raises(TransportBroken, match="did not admit us"):
-                await connect_direct(ALICE, bob.addr, BOB.node_id, CONFIG)
+        with (
+            structlog.testing.capture_logs() as logs,
+            pytest.raises(TransportBroken, match="did not admit us"),
+        ):
+            await connect_direct(ALICE, bob.addr, BOB.node_id, CONFIG)
         assert bob.refused == 1
         refusal = [e for e in logs if e["event"] == "direct_refused"]
         assert refusal == [
@@ -202,9 +204,11 @@ async def test_impostor_claiming_a_members_id_is_refused() -> None:
     impostor = NodeKey.from_seed(b"m" * 32)
     impostor.node_id = ALICE.node_id  # claims Alice's id, signs with its own key
     async with open_direct_listener(BOB, LOCAL, 0, CONFIG, everyone, echo) as bob:
-        with structlog.testing.capture_logs() as logs:
-            with pytest.raises(TransportBroken, match="did not admit us"):
-                await connect_direct(impostor, bob.addr, BOB.node_id, CONFIG)
+        with (
+            structlog.testing.capture_logs() as logs,
+            pytest.raises(TransportBroken, match="did not admit us"),
+        ):
+            await connect_direct(impostor, bob.addr, BOB.node_id, CONFIG)
         refusal = [e for e in logs if e["event"] == "direct_refused"]
         assert [e["reason"] for e in refusal] == ["handshake_failed"]
         assert "InvalidSignature" in refusal[0]["error"]
@@ -238,7 +242,13 @@ class Relay:
         self.mode: str | None = None  # "flip" or "replay", applied once
         self.direction = "to_listener"
 
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    # trio-typing (a libp2p dependency) ships stale trio stubs that shadow trio's own types
+    # and do not export TaskStatus; unused-ignore keeps this right if those stubs go away.
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined, unused-ignore]
+    ) -> None:
         listeners = await trio.open_tcp_listeners(0, host=LOCAL)
         task_status.started(listeners[0].socket.getsockname()[1])
         async with listeners[0]:
@@ -274,16 +284,18 @@ async def with_relay(test: Callable[[Stream, Relay, list[BaseException]], Awaita
             errors.append(exc)
             raise
 
-    async with open_direct_listener(BOB, LOCAL, 0, CONFIG, everyone, recording_echo) as bob:
-        async with trio.open_nursery() as nursery:
-            relay = Relay(bob.addr)
-            port = await nursery.start(relay.run)
-            stream = await connect_direct(ALICE, (LOCAL, port), BOB.node_id, CONFIG)
-            await stream.send(b"clean")
-            assert await stream.receive() == b"clean"
-            with trio.fail_after(5):
-                await test(stream, relay, errors)
-            nursery.cancel_scope.cancel()
+    async with (
+        open_direct_listener(BOB, LOCAL, 0, CONFIG, everyone, recording_echo) as bob,
+        trio.open_nursery() as nursery,
+    ):
+        relay = Relay(bob.addr)
+        port = await nursery.start(relay.run)
+        stream = await connect_direct(ALICE, (LOCAL, port), BOB.node_id, CONFIG)
+        await stream.send(b"clean")
+        assert await stream.receive() == b"clean"
+        with trio.fail_after(5):
+            await test(stream, relay, errors)
+        nursery.cancel_scope.cancel()
 
 
 async def test_frame_tampered_towards_the_dialer_kills_the_stream() -> None:

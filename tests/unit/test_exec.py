@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import pytest
 import torch
 import trio
@@ -11,6 +14,10 @@ from atoms.span import Span
 from nexusd.session import HopFailed, JobFailed, RoutedSession, StepInput
 
 from .exec_fixtures import Cluster, Node, tiny_llama
+
+if TYPE_CHECKING:
+    from atoms.codecs import Encoded
+    from nexusd.exec_protocol import StepResult
 
 PROMPT = torch.tensor([[5, 17, 42, 8, 3]])
 
@@ -29,7 +36,9 @@ def reference_greedy(model: Span, steps: int) -> list[int]:
     return out
 
 
-async def routed_greedy(session: RoutedSession, steps: int, on_step=None) -> list[int]:
+async def routed_greedy(
+    session: RoutedSession, steps: int, on_step: Callable[[int], None] | None = None
+) -> list[int]:
     x, pos, out = PROMPT, 0, []
     for i in range(steps):
         if on_step:
@@ -98,7 +107,8 @@ async def test_nan_output_is_rejected_and_rerouted() -> None:
     bad, good = Node("bad", [bad_span]), Node("good", [good_span])
     original = bad.host._compute
 
-    async def poisoned(*args, **kwargs):  # a host that returns NaN logits
+    # A host that returns NaN logits; a pass-through wrapper, so its arguments are Any.
+    async def poisoned(*args: Any, **kwargs: Any) -> tuple[StepResult, Encoded]:
         result, enc = await original(*args, **kwargs)
         from atoms.codecs import encode
 

@@ -13,10 +13,14 @@ B = b"b" * 32
 T0 = 1000.0
 
 
-def scores(**kw: float) -> PeerScores:
-    args = {"threshold": 100.0, "ban_base_s": 60.0, "ban_max_s": 600.0, "decay_per_s": 1.0}
-    args.update(kw)
-    return PeerScores(**args)
+def scores(
+    *,
+    threshold: float = 100.0,
+    ban_base_s: float = 60.0,
+    ban_max_s: float = 600.0,
+    decay_per_s: float = 1.0,
+) -> PeerScores:
+    return PeerScores(threshold, ban_base_s, ban_max_s, decay_per_s)
 
 
 # --- PeerScores ------------------------------------------------------------------------

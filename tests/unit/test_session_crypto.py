@@ -68,7 +68,7 @@ def test_replayed_frame_fails() -> None:
     tx, rx = pair()
     first = tx.seal(b"one")
     assert rx.open(first) == b"one"
-    with pytest.raises(DecryptionFailed, match="frame 1 .* does not authenticate"):
+    with pytest.raises(DecryptionFailed, match=r"frame 1 .* does not authenticate"):
         rx.open(first)
 
 

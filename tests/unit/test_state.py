@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -26,8 +27,8 @@ from mesh.errors import (
 from mesh.hlc import HybridClock, Timestamp
 from mesh.identity import NodeKey
 from mesh.state import (
-    AtomEntry,
     Advert,
+    AtomEntry,
     HostedSpan,
     LoadReport,
     MemberCert,
@@ -348,7 +349,14 @@ def test_paged_sync_applies_page_by_page() -> None:
 
 # -- merge laws and convergence (Hypothesis) -------------------------------------------------
 
-Op = tuple[object, ...]  # ("kind", *arguments), see to_entry
+# ("kind", *arguments): one random operation, see to_entry and build
+EntryOp = (
+    tuple[Literal["cert"], NodeKey, NodeKey, bool, int]
+    | tuple[Literal["remove", "revoke"], NodeKey, NodeKey, int]
+    | tuple[Literal["advert", "load"], NodeKey, int, int]
+    | tuple[Literal["model"], NodeKey, str, int]
+)
+Op = EntryOp | tuple[Literal["prune"], int]
 key_of = st.sampled_from
 walls = st.integers(100, 104)
 ops = st.one_of(
@@ -362,7 +370,7 @@ ops = st.one_of(
 )
 
 
-def to_entry(state: MeshState, op: Op) -> SignedEntry | None:
+def to_entry(state: MeshState, op: EntryOp) -> SignedEntry | None:
     match op:
         case ("cert", issuer, node, is_admin, wall):
             return cert(issuer, node, hlc(wall, 1), admin=is_admin and issuer is FOUNDER)
@@ -384,13 +392,14 @@ def build(op_list: list[Op], *, allow_prune: bool = True) -> MeshState:
     """A state reached by random operations (invalid ones are dropped, as a replica would)."""
     state = based()
     for op in op_list:
-        if op[0] == "prune":
-            if allow_prune:
-                state.prune(op[1])
-            continue
-        made = to_entry(state, op)
-        if made is not None:
-            state.apply([made], NOW_MS, skip_invalid=True)
+        match op:
+            case ("prune", at):
+                if allow_prune:
+                    state.prune(at)
+            case _:
+                made = to_entry(state, op)
+                if made is not None:
+                    state.apply([made], NOW_MS, skip_invalid=True)
     return state
 
 

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+
+from mesh.errors import StateStoreError
+from mesh.state import MeshState, SignedEntry
+from mesh.store import FILENAME, SCHEMA_VERSION, StateStore
+from mesh.wire import encode
 from tests.unit.test_state import (
     FOUNDER,
     M1,
@@ -22,13 +27,8 @@ from tests.unit.test_state import (
     revoke,
 )
 
-from mesh.errors import StateStoreError
-from mesh.state import SignedEntry
-from mesh.store import FILENAME, SCHEMA_VERSION, StateStore
-from mesh.wire import encode
 
-
-def rich_state():  # type: ignore[no-untyped-def]
+def rich_state() -> MeshState:
     state = based()
     state.apply([cert(FOUNDER, M2, hlc(100)), load(M2, hlc(300)), model(FOUNDER, "x", hlc(300)),
                  advert(M2, hlc(300), 5_000)], NOW_MS)  # fmt: skip

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import pytest
 import torch
@@ -11,13 +11,24 @@ import torch
 from atoms.atom import ForwardContext
 from atoms.bert import BertConfig, load_bert, random_bert
 from atoms.errors import CacheExhausted, ModelFormatError, WeightsError
+from atoms.span import Span
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 transformers = pytest.importorskip("transformers")
 
-TINY = {
+class _TinyConfig(TypedDict):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+
+
+TINY: _TinyConfig = {
     "vocab_size": 99,
     "hidden_size": 32,
     "num_hidden_layers": 2,
@@ -115,7 +126,7 @@ def test_unsupported_configs_are_rejected(tmp_path: Path) -> None:
         load_bert(tmp_path, model_id="x")
 
 
-def _tiny_causal() -> torch.nn.Module:
+def _tiny_causal() -> Span:
     cfg = BertConfig(**TINY)
     return random_bert(cfg, model_id="base", seed=5, pooling=False).span()
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from atoms.atom import Atom
 from atoms.errors import GenerationStateError, NonFiniteInput, ShapeMismatch
 from atoms.generation import (
     Done,
@@ -34,7 +35,7 @@ def logits_for(token: int, vocab: int = len(VOCAB)) -> torch.Tensor:
 
 def drive(gen: TokenGenerator, script: str, prompt: Sequence[int] = (0,)) -> Done:
     """Feed logits that make the generator pick `script`'s characters one by one."""
-    req = gen.start(prompt)
+    req: StepRequest | Done = gen.start(prompt)
     for ch in script:
         assert isinstance(req, StepRequest)
         req = gen.feed(logits_for(VOCAB.index(ch)))
@@ -44,7 +45,7 @@ def drive(gen: TokenGenerator, script: str, prompt: Sequence[int] = (0,)) -> Don
 
 
 @pytest.fixture(scope="module")
-def tiny_atoms() -> list:
+def tiny_atoms() -> list[Atom]:
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     g = torch.Generator().manual_seed(0)
@@ -69,9 +70,11 @@ def tiny_atoms() -> list:
         ({"stop_sequences": ("",)}, "stop_sequences must be a tuple of non-empty strings"),
     ],
 )
-def test_bad_params_are_rejected_with_clear_messages(kwargs: dict, message: str) -> None:
+def test_bad_params_are_rejected_with_clear_messages(
+    kwargs: dict[str, object], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
-        GenerationParams(**kwargs)
+        GenerationParams(**kwargs)  # type: ignore[arg-type]  # ill-typed on purpose
 
 
 def test_stop_sequences_need_a_decoder() -> None:
@@ -113,7 +116,7 @@ def test_top_k_masks_before_sampling() -> None:
     assert set(draws.tolist()) == {2, 3}
 
 
-def test_same_seed_same_tokens_other_seed_other_tokens(tiny_atoms: list) -> None:
+def test_same_seed_same_tokens_other_seed_other_tokens(tiny_atoms: list[Atom]) -> None:
     def run(seed: int) -> tuple[int, ...]:
         params = GenerationParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
         return generate(tiny_atoms, [1, 2, 3], params).token_ids
@@ -194,7 +197,7 @@ def test_bad_logits_and_prompts_are_rejected() -> None:
 # ------------------------------------------------------------------------ local driver
 
 
-def test_cached_generation_equals_recomputation_and_streams(tiny_atoms: list) -> None:
+def test_cached_generation_equals_recomputation_and_streams(tiny_atoms: list[Atom]) -> None:
     seen: list[int] = []
     params = GenerationParams(max_new_tokens=20)
     cached = generate(tiny_atoms, [1, 2, 3, 4], params, on_token=lambda t, _p: seen.append(t))

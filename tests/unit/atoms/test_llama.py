@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atoms.atom import ForwardContext
+from atoms.atom import Atom, ForwardContext
+from atoms.cache import SessionCache
 from atoms.errors import (
     CacheExhausted,
     CacheNotReady,
@@ -28,20 +30,30 @@ from atoms.llama import (
 from atoms.model import load_span, save_model
 from atoms.span import Span
 
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=256, initializer_range=0.1,
-    bos_token_id=None, eos_token_id=None, pad_token_id=None,
-)
+TINY: dict[str, object] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "initializer_range": 0.1,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
 BUDGET = 1 << 24
 
 
-def _save_reference(folder: Path, seed: int = 0, **overrides: object) -> object:
+def _save_reference(folder: Path, seed: int = 0, **overrides: object) -> LlamaForCausalLM:
     torch.manual_seed(seed)  # transformers initialises from the global RNG
     config = transformers.LlamaConfig(**{**TINY, **overrides})
-    model = transformers.LlamaForCausalLM(config).eval()
+    model: LlamaForCausalLM = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
     return model
 
@@ -53,20 +65,27 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
 
 
 @pytest.fixture(scope="module")
-def atoms(reference: tuple[object, Path]) -> list:
+def atoms(reference: tuple[LlamaForCausalLM, Path]) -> list[Atom]:
     return load_llama_atoms(reference[1], model_id="tiny")[1]
 
 
-def _forward(atoms: list, ids: torch.Tensor, **ctx_args: object) -> torch.Tensor:
+def _forward(
+    atoms: list[Atom], ids: torch.Tensor, *, cache: SessionCache | None = None
+) -> torch.Tensor:
     b, t = ids.shape
     with torch.no_grad():
-        return Span(atoms)(ids, ForwardContext.for_tokens(b, t, causal=True, **ctx_args))
+        out: torch.Tensor = Span(atoms)(
+            ids, ForwardContext.for_tokens(b, t, causal=True, cache=cache)
+        )
+    return out
 
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 0, 64], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
-def test_logits_match_transformers(reference: tuple[object, Path], atoms: list) -> None:
+def test_logits_match_transformers(
+    reference: tuple[LlamaForCausalLM, Path], atoms: list[Atom]
+) -> None:
     model, _ = reference
     with torch.no_grad():
         expected = model(IDS).logits
@@ -74,7 +93,7 @@ def test_logits_match_transformers(reference: tuple[object, Path], atoms: list) 
 
 
 def test_sharded_checkpoint_loads_the_same_weights(
-    reference: tuple[object, Path], atoms: list, tmp_path: Path
+    reference: tuple[LlamaForCausalLM, Path], atoms: list[Atom], tmp_path: Path
 ) -> None:
     model, _ = reference
     model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
@@ -96,7 +115,7 @@ def test_sharded_checkpoint_loads_the_same_weights(
     ],
     ids=["tied-bias", "llama3-rope", "linear-rope", "mha-head-dim"],
 )
-def test_config_variants_match_transformers(tmp_path: Path, overrides: dict) -> None:
+def test_config_variants_match_transformers(tmp_path: Path, overrides: dict[str, object]) -> None:
     model = _save_reference(tmp_path, seed=1, **overrides)
     _, ours = load_llama_atoms(tmp_path, model_id="v")
     with torch.no_grad():
@@ -105,13 +124,15 @@ def test_config_variants_match_transformers(tmp_path: Path, overrides: dict) -> 
 
 
 def test_greedy_generation_matches_transformers_generate(
-    reference: tuple[object, Path], atoms: list
+    reference: tuple[LlamaForCausalLM, Path], atoms: list[Atom]
 ) -> None:
     model, _ = reference
     prompt = [5, 17, 42, 99, 3]
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
-                             min_new_tokens=12)
+        # transformers types `generate`'s self as a mixin LlamaForCausalLM does not match.
+        out = model.generate(  # type: ignore[misc]
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12
+        )
     expected = out[0, len(prompt):].tolist()
     done = generate(atoms, prompt, GenerationParams(max_new_tokens=12))
     assert list(done.token_ids) == expected
@@ -119,7 +140,7 @@ def test_greedy_generation_matches_transformers_generate(
     assert recomputed.token_ids == done.token_ids
 
 
-def test_cached_steps_match_full_forward_logits(atoms: list) -> None:
+def test_cached_steps_match_full_forward_logits(atoms: list[Atom]) -> None:
     span = Span(atoms)
     ids = IDS[:1]
     full = _forward(atoms, ids)
@@ -135,7 +156,7 @@ def test_cached_steps_match_full_forward_logits(atoms: list) -> None:
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["full", "cached"])
-def test_span_by_span_equals_monolithic_at_every_cut(atoms: list, cached: bool) -> None:
+def test_span_by_span_equals_monolithic_at_every_cut(atoms: list[Atom], cached: bool) -> None:
     ids = IDS[:1]
 
     def run(spans: list[Span]) -> torch.Tensor:
@@ -157,7 +178,7 @@ def test_span_by_span_equals_monolithic_at_every_cut(atoms: list, cached: bool) 
         assert torch.equal(run([Span(atoms[:cut]), Span(atoms[cut:])]), whole), cut
 
 
-def test_left_padded_batch_matches_unpadded_rows(atoms: list) -> None:
+def test_left_padded_batch_matches_unpadded_rows(atoms: list[Atom]) -> None:
     short, long_ = [7, 8, 9], [5, 17, 42, 99, 3]
     pad = torch.tensor([[False, False, True, True, True], [True] * 5])
     ids = torch.tensor([[0, 0, *short], long_])
@@ -169,7 +190,7 @@ def test_left_padded_batch_matches_unpadded_rows(atoms: list) -> None:
     torch.testing.assert_close(out[1], alone[1], atol=1e-5, rtol=0)
 
 
-def test_atoms_rebuild_from_spec_alone(atoms: list) -> None:
+def test_atoms_rebuild_from_spec_alone(atoms: list[Atom]) -> None:
     rebuilt = []
     for atom in atoms:
         fresh = llama_atom_from_spec(atom.spec)
@@ -178,7 +199,7 @@ def test_atoms_rebuild_from_spec_alone(atoms: list) -> None:
     assert torch.equal(_forward(rebuilt, IDS), _forward(atoms, IDS))
 
 
-def test_cache_errors(atoms: list) -> None:
+def test_cache_errors(atoms: list[Atom]) -> None:
     span = Span(atoms)
     with pytest.raises(CacheExhausted, match="budget is 1000 bytes"):
         span.new_session_cache(batch=1, max_len=8, budget_bytes=1000)
@@ -189,7 +210,7 @@ def test_cache_errors(atoms: list) -> None:
         generate(atoms, [1, 2, 3, 4], GenerationParams(max_new_tokens=4), max_len=6)
 
 
-def test_token_ids_out_of_vocabulary_are_rejected(atoms: list) -> None:
+def test_token_ids_out_of_vocabulary_are_rejected(atoms: list[Atom]) -> None:
     message = r"tiny/000-embedding: token ids must be in \[0, 256\)"
     with pytest.raises(InputOutOfRange, match=message):
         _forward(atoms, torch.tensor([[1, 256]]))
@@ -224,7 +245,7 @@ def test_missing_tensor_is_a_weights_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"missing tensors \(1\): model.layers.1.mlp.up_proj"):
         load_llama_atoms(tmp_path, model_id="x")
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(WeightsError, match="no model.safetensors"):
+    with pytest.raises(WeightsError, match=r"no model\.safetensors"):
         load_llama_atoms(tmp_path, model_id="x")
 
 
@@ -239,7 +260,7 @@ def test_wrong_tensor_shape_is_a_weights_error(tmp_path: Path) -> None:
 
 
 def test_model_folder_round_trip_and_span_load(
-    reference: tuple[object, Path], tmp_path: Path
+    reference: tuple[LlamaForCausalLM, Path], tmp_path: Path
 ) -> None:
     model = load_llama(reference[1], model_id="tiny")
     assert model.family == "llama" and model.config["num_key_value_heads"] == 2
@@ -251,7 +272,7 @@ def test_model_folder_round_trip_and_span_load(
         assert torch.equal(tail(head(IDS, ctx), ctx), model.span()(IDS, ctx))
 
 
-def test_eos_ids_are_recorded_and_stop_generation(tmp_path: Path, atoms: list) -> None:
+def test_eos_ids_are_recorded_and_stop_generation(tmp_path: Path, atoms: list[Atom]) -> None:
     _save_reference(tmp_path, eos_token_id=[7, 9])
     assert eos_token_ids(load_llama(tmp_path, model_id="e")) == (7, 9)
     free = generate(atoms, [1, 2], GenerationParams(max_new_tokens=10)).token_ids

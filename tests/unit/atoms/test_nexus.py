@@ -15,7 +15,9 @@ from atoms.errors import InputOutOfRange, ModelFormatError
 from atoms.generation import GenerationParams, generate
 from atoms.model import Model, load_span
 from atoms.nexus import (
+    NexusBlock,
     NexusConfig,
+    NexusPosition,
     base_atom_count,
     build_nexus,
     init_random,
@@ -46,6 +48,7 @@ def test_structure_vocab_and_frozen_base(model: Model) -> None:
     assert kinds == [AtomKind.EMBEDDING, *[AtomKind.BLOCK] * 6, AtomKind.POSITION,
                      AtomKind.BLOCK, AtomKind.BLOCK, AtomKind.LM_HEAD]
     assert [a.spec.family for a in model.atoms] == ["bert"] * 7 + ["nexus"] * 4
+    assert model.tokenizer is not None
     assert model.atoms[-1].spec.dim("vocab") == model.tokenizer.vocab_size == 30522
     assert model.config["nexus_version"] == "1.1"
     n = base_atom_count(model)
@@ -63,7 +66,7 @@ def test_specs_are_numbered_after_the_base_and_heads_must_divide_width() -> None
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(ValueError, match="position must be one of .*got 'rope'"):
+    with pytest.raises(ValueError, match=r"position must be one of .*got 'rope'"):
         NexusConfig(position="rope")
     with pytest.raises(ValueError, match="blocks must be an int >= 1, got 0"):
         NexusConfig(blocks=0)
@@ -81,11 +84,13 @@ def test_seed_gives_identical_fresh_weights() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(fresh(5), fresh(6), strict=True))
 
 
-def _tiny_block(seed: int = 0) -> torch.nn.Module:
+def _tiny_block(seed: int = 0) -> NexusBlock:
     spec = nexus_specs(NexusConfig(heads=4, intermediate=32), hidden=16, vocab=10,
                        first_index=0, model_id="t")[1]
-    return init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(seed),
-                       residual_layers=1)
+    block = init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(seed),
+                        residual_layers=1)
+    assert isinstance(block, NexusBlock)
+    return block
 
 
 def test_per_head_scaling_is_what_the_docstring_says() -> None:
@@ -114,6 +119,7 @@ def test_positions_sinusoidal_and_learned() -> None:
                        vocab=10, first_index=0, model_id="t")[0]
     atom = init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(0),
                        residual_layers=1)
+    assert isinstance(atom, NexusPosition)
     x = torch.zeros(1, 2, 16)
     assert torch.equal(atom(x, _ctx(2, start=1)), atom.table.weight[1:3].unsqueeze(0))
     with pytest.raises(InputOutOfRange, match="positions must be < 4, got 4"):
@@ -126,8 +132,12 @@ def test_per_head_scaling_receives_gradients_base_does_not(model: Model) -> None
     blocks = [a for a in model.atoms if a.spec.family == "nexus" and a.spec.kind is AtomKind.BLOCK]
     try:
         for block in blocks:
-            assert block.head_log_temperature.grad.abs().sum() > 0
-            assert block.head_gate.weight.grad.abs().sum() > 0
+            assert isinstance(block, NexusBlock)
+            tau_grad, gate_grad = block.head_log_temperature.grad, block.head_gate.weight.grad
+            assert tau_grad is not None
+            assert tau_grad.abs().sum() > 0
+            assert gate_grad is not None
+            assert gate_grad.abs().sum() > 0
         assert all(p.grad is None for a in model.atoms[:7] for p in a.parameters())
     finally:
         for atom in model.atoms:
@@ -170,6 +180,8 @@ def test_save_load_round_trip(model: Model, tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded.span()(IDS, _ctx(8)), model.span()(IDS, _ctx(8)))
     assert not any(p.requires_grad for p in loaded.atoms[0].parameters())
+    assert loaded.tokenizer is not None
+    assert model.tokenizer is not None
     assert loaded.tokenizer.encode("hello world") == model.tokenizer.encode("hello world")
     hidden = model.span(0, 7)(IDS, _ctx(8))
     with torch.no_grad():  # a host loading only the Nexus position + blocks
@@ -178,5 +190,5 @@ def test_save_load_round_trip(model: Model, tmp_path: Path) -> None:
 
     config["nexus_version"] = "1.0"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFormatError, match="nexus_version '1.1', got .*'1.0'"):
+    with pytest.raises(ModelFormatError, match=r"nexus_version '1\.1', got .*'1\.0'"):
         load_nexus(tmp_path)
