@@ -401,6 +401,10 @@ def _report(
     target = [r for r in results if r["size_bytes"] == TARGET_SIZE]
     if target:
         out["target"] = f"direct hop, {TARGET_SIZE} B activation, within {TARGET_RATIO}x raw TCP"
+        # "direct_nosig" is the exec path the daemons use on the direct channel (frames
+        # authenticated by the channel); "direct" adds a per-message Ed25519 envelope.
+        out["exec_path"] = "direct_nosig"
+        out["exec_hop_within_target"] = float(str(target[0]["direct_nosig_over_tcp"])) <= TARGET_RATIO
         out["direct_within_target"] = float(str(target[0]["direct_over_tcp"])) <= TARGET_RATIO
         for kind in ("direct_unsigned", "direct_nosig"):
             ratio = float(str(target[0][f"{kind}_over_tcp"]))

@@ -160,10 +160,12 @@ class Daemon:
             self.journal.close()
         log.info("daemon_stopped")
 
-    async def host_span(self, spec: str) -> HostedSpan:
-        """Load and serve "MODEL" or "MODEL:START-END" (weights verified by digest)."""
+    async def host_span(self, spec: str, dtype: str = "") -> HostedSpan:
+        """Load and serve "MODEL" or "MODEL:START-END" (weights verified by digest), in
+        `dtype` (default: the node's atoms.dtype)."""
         model_id, start, end = await trio.to_thread.run_sync(parse_host_spec, spec, self.registry)
-        span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end)
+        span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end,
+                                             dtype or self.cfg.atoms.dtype)  # fmt: skip
         hosted = self.host.add_span(span)
         self.mesh.refresh_advert()
         log.info("span_hosted", model=model_id, start=start, end=end)
@@ -200,7 +202,7 @@ class Daemon:
         return OkReply("stopping")
 
     async def _host_request(self, req: HostRequest, _emit: Emit) -> OkReply:
-        hosted = await self.host_span(req.spec)
+        hosted = await self.host_span(req.spec, req.dtype)
         return OkReply(f"hosting {hosted.model_id} atoms [{hosted.start},{hosted.end})")
 
 

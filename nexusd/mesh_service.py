@@ -280,6 +280,16 @@ class MeshService:
         if self.node is None:
             return
         self.node.set_local_load(self.host.load.peak_queue(), self.host.load.utilisation())
+        self._export_mesh_metrics(self.node)
+
+    def _export_mesh_metrics(self, node: MeshNode) -> None:
+        for reason, n in node.counters().items():
+            self.metrics.set_total("mesh_rejections_total", n, reason=reason)
+        st = node.status()
+        self.metrics.set("mesh_members", st.members)
+        self.metrics.set("mesh_peers_connected", st.connected)
+        self.metrics.set("mesh_peers_banned", st.banned)
+        self.metrics.set("mesh_live_adverts", st.live_adverts)
 
     async def _publish_load(self) -> None:
         while True:  # periodic: load changes continuously, adverts carry it every refresh

@@ -31,6 +31,10 @@ class Metrics:
         series = self._counters[name]
         series[key] = series.get(key, 0.0) + amount
 
+    def set_total(self, name: str, value: float, **labels: str) -> None:
+        """Set a counter to a total kept elsewhere (e.g. the mesh node's own counters)."""
+        self._counters[name][tuple(sorted(labels.items()))] = value
+
     def set(self, name: str, value: float, **labels: str) -> None:
         self._gauges[name][tuple(sorted(labels.items()))] = value
 

@@ -136,12 +136,20 @@ class ModelRegistry:
         value = dict(self.manifest(model_id).config).get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else default
 
-    def load_span(self, model_id: str, start: int, end: int) -> Span:
+    def load_span(self, model_id: str, start: int, end: int, dtype: str = "float32") -> Span:
+        """Atoms [start, end), weights verified, computing in `dtype` (float32 or bfloat16)."""
         m = self.manifest(model_id)
         if not 0 <= start < end <= len(m.atoms):
             raise ApiError("bad_request", f"span [{start},{end}) is not inside {model_id} "
                                           f"of {len(m.atoms)} atoms")  # fmt: skip
-        return load_span(self.folder(model_id), start, end)
+        if dtype not in ("float32", "bfloat16"):
+            raise ApiError("bad_request", f"dtype: expected float32 or bfloat16, got {dtype!r}")
+        span = load_span(self.folder(model_id), start, end)
+        if dtype == "float32":
+            return span
+        from atoms.precision import to_dtype
+
+        return Span([to_dtype(a, dtype) for a in span.atom_list()])
 
     def tokenizer(self, model_id: str) -> TextTokenizer:
         """The model's tokenizer, its file verified against the manifest.

@@ -263,6 +263,7 @@ class HostRequest:
     """Load and serve atoms: "MODEL" (all) or "MODEL:START-END" (END exclusive)."""
 
     spec: str
+    dtype: str = ""  # "" = the node's atoms.dtype
 
 
 # ---- mesh -------------------------------------------------------------------------------

@@ -219,11 +219,13 @@ def _cancel(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 def _host_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model id, e.g. nexus-1.1 or minilm")
     p.add_argument("--atoms", metavar="A-B", help="host atoms A..B-1 only (default: all)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="",
+                   help="precision of these atoms (default: config atoms.dtype)")
 
 
 def _host(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     spec = f"{args.model}:{args.atoms}" if args.atoms else args.model
-    reply = call_daemon(paths, HostRequest(spec), timeout_s=600)
+    reply = call_daemon(paths, HostRequest(spec, args.dtype), timeout_s=600)
     assert isinstance(reply, OkReply)
     emit(args, {"hosting": spec}, lambda: reply.message)
     return 0

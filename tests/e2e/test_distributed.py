@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,9 +66,11 @@ def test_three_daemons_equal_one_process(cluster: LocalCluster,
     assert {h.name for h in emb.route} == {"node1", "node2"}
 
 
-def test_host_killed_mid_generation_gives_identical_output(
-    cluster: LocalCluster, reference: tuple[tuple[int, ...], torch.Tensor]
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_host_failing_mid_generation_gives_identical_output(
+    cluster: LocalCluster, reference: tuple[tuple[int, ...], torch.Tensor], how: str
 ) -> None:
+    """Killed: the stream breaks at once. Frozen (SIGSTOP): only the step deadline tells."""
     tokens, _ = reference
     cluster.host(0, "nexus-1.1:0-4")
     cluster.host(1, "nexus-1.1:4-11")
@@ -84,9 +87,16 @@ def test_host_killed_mid_generation_gives_identical_output(
             if seen["tokens"] == 5:
                 victim = node_of[seen["route"].hops[-1].host]  # type: ignore[union-attr]
                 seen["killed"] = victim
-                cluster.daemon(victim).kill()
+                if how == "killed":
+                    cluster.daemon(victim).kill()
+                else:
+                    cluster.daemon(victim).proc.send_signal(signal.SIGSTOP)
 
-    gen = cluster.call(0, GenerateRequest(PROMPT, "nexus-1.1", 16), on_event=on_event)
+    try:
+        gen = cluster.call(0, GenerateRequest(PROMPT, "nexus-1.1", 16), on_event=on_event)
+    finally:
+        if how == "frozen" and seen["killed"] is not None:
+            cluster.daemon(int(seen["killed"])).proc.send_signal(signal.SIGCONT)  # type: ignore[call-overload]
     assert isinstance(gen, GenerateReply)
     assert gen.token_ids == tokens
     assert len(gen.failovers) == 1 and seen["killed"] in (1, 2)

@@ -59,3 +59,15 @@ def test_import_refuses_unsupported_and_duplicates(
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "gpt2"}')
     assert main(["import-model", str(tmp_path / "odd"), *data]) == 1
     assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
+
+
+def test_spans_load_in_bfloat16_on_request(tmp_path: Path, llama_folder: tuple[Path, torch.Tensor]) -> None:
+    folder, want = llama_folder
+    assert main(["import-model", str(folder), "--id", "tiny", "--data-dir", str(tmp_path / "n")]) == 0
+    registry = ModelRegistry(tmp_path / "n" / "models")
+    span = registry.load_span("tiny", 0, 4, "bfloat16")
+    assert {a.spec.dtype for a in span.atom_list()} == {"bfloat16"}
+    with torch.inference_mode():
+        got = span(torch.tensor([[3, 14, 15, 92, 65]]), ForwardContext.for_tokens(1, 5, causal=True))
+    cos = torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)
+    assert float(cos) > 0.99

@@ -1,0 +1,224 @@
+"""Run every benchmark in sequence; save their JSON and print a markdown table (DESIGN §9).
+
+Rule 1: each bench runs as its own `python -m bench.NAME` subprocess (its own torch
+threads, logging and processes), under a deadline; one that fails or times out is recorded
+as an error with the tail of its stderr, and the others still run.
+Rule 2: the results go to `bench/results/latest.json` (one object: when, where, each
+bench's JSON); stdout gets the markdown table: figure, target, measured, how far, command.
+Rule 3: benches not present in this tree (e.g. `hop` before it lands) are skipped and
+listed as such, never faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+ORDER = ("route", "hop", "generate", "embed", "failover", "converge")
+FULL_TIMEOUT_S = 420.0
+SMOKE_TIMEOUT_S = 180.0
+
+Doc = dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table: a figure of a bench and its target."""
+
+    bench: str
+    figure: str
+    target: str
+    measured: Callable[[Doc], str]
+    how_far: Callable[[Doc], str]
+
+
+def _get(doc: Doc, *path: str) -> object:
+    cur: object = doc
+    for key in path:
+        if not isinstance(cur, dict) or key not in cur:
+            return None
+        cur = cur[key]
+    return cur
+
+
+def _num(doc: Doc, *path: str) -> float | None:
+    v = _get(doc, *path)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _fmt(v: float | None, unit: str = "", digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def _rows(doc: Doc, key: str) -> list[object]:
+    rows = _get(doc, key)
+    return rows if isinstance(rows, list) else []
+
+
+def _hop_ratio(doc: Doc, key: str = "direct_nosig_over_tcp") -> float | None:
+    """A 1.5 KB hop over raw TCP. Default: the exec path daemons use (direct channel, frames
+    authenticated by the channel, header + tensor in one write); "direct_over_tcp" is the
+    same with a per-message Ed25519 envelope, what a libp2p-stream hop pays on top."""
+    for r in _rows(doc, "results"):
+        if isinstance(r, dict) and r.get("size_bytes") == 1536 and key in r:
+            return float(r[key])
+    return None
+
+
+def _route_ms(doc: Doc) -> float | None:
+    for r in _rows(doc, "sizes"):
+        if isinstance(r, dict) and r.get("hosts") == 1000:
+            return float(r["latency_median_ms"])
+    return None
+
+
+def _of_target(v: float | None, target: float, *, higher_is_better: bool) -> str:
+    if v is None:
+        return "n/a"
+    ok = v >= target if higher_is_better else v <= target
+    return f"{v / target:.2f}x of target {'✓' if ok else '✗'}"
+
+
+ROWS = (
+    Row("route", "route planning, 1000 hosts (median)", "≤ 50 ms",
+        lambda d: _fmt(_route_ms(d), " ms", 1),
+        lambda d: _of_target(_num(d, "ratio_to_target"), 1.0, higher_is_better=False)),
+    Row("hop", "exec hop (direct channel), 1.5 KB, vs raw TCP", "≤ 3x",
+        lambda d: f"{_fmt(_hop_ratio(d), 'x')} (with a per-message signature: "
+                  f"{_fmt(_hop_ratio(d, 'direct_over_tcp'), 'x')}; libp2p stream, signed: "
+                  f"{_fmt(_hop_ratio(d, 'libp2p_over_tcp'), 'x')})",
+        lambda d: _of_target(_hop_ratio(d), 3.0, higher_is_better=False)),
+    Row("generate", "tokens/s, 3-daemon mesh vs one process", "≥ 0.8x",
+        lambda d: f"{_fmt(_num(d, 'ratio'), 'x')} ({_fmt(_num(d, 'mesh_tokens_per_s'), '', 1)} vs "
+                  f"{_fmt(_num(d, 'one_process_tokens_per_s'), '', 1)} tok/s, {_get(d, 'nodes')} daemons; "
+                  f"identical: {_get(d, 'tokens_identical')})",
+        lambda d: _of_target(_num(d, "ratio"), 0.8, higher_is_better=True)),
+    Row("generate", "overhead per hop per token", "(Petals: ~6-7 ms per server)",
+        lambda d: f"{_fmt(_num(d, 'per_hop_overhead_ms_per_token'), ' ms')} (transfer "
+                  f"{_fmt(_num(d, 'per_hop_transfer_ms_per_token'), ' ms')})",
+        lambda d: "-"),
+    Row("embed", "sentences/s, mesh (2 hosts) vs one process", "-",
+        lambda d: f"{_fmt(_num(d, 'ratio_vs_one_process'), 'x')} ({_fmt(_num(d, 'mesh_texts_per_s'), '', 1)} vs "
+                  f"{_fmt(_num(d, 'one_process_texts_per_s'), '', 1)}/s; min cos {_get(d, 'min_cosine_vs_one_process')})",
+        lambda d: "-"),
+    Row("embed", "2 pinned single-core hosts vs 1 single-core process", "≥ 1.6x",
+        lambda d: f"{_fmt(_num(d, 'speedup_pinned'), 'x')} (best micro-batch {_get(d, 'best_micro_batch')}: "
+                  f"{_fmt(_num(d, 'best_speedup_pinned'), 'x')}; pinned: {_get(d, 'pinned')})",
+        lambda d: _of_target(_num(d, "speedup_pinned"), 1.6, higher_is_better=True)),
+    Row("failover", "added latency / (2 steps + replay), worst run", "< 1",
+        lambda d: f"{_fmt(_num(d, 'added_over_budget_worst'))} (added {_fmt(_num(d, 'added_s_median'), ' s', 3)}, "
+                  f"step {_fmt(_num(d, 'step_ms'), ' ms', 1)}; identical: {_get(d, 'identical')})",
+        lambda d: _of_target(_num(d, "added_over_budget_worst"), 1.0, higher_is_better=False)),
+    Row("converge", "3 daemons: new advert seen by all (median)", "-",
+        lambda d: f"{_fmt(_num(d, 'real', 'all_seen_ms_median'), ' ms', 1)} (API round trip "
+                  f"{_fmt(_num(d, 'real', 'api_round_trip_ms'), ' ms')})",
+        lambda d: "-"),
+    Row("converge", "50 simulated nodes: change / partition heal (virtual)", "-",
+        lambda d: f"{_fmt(_num(d, 'sim', 'converged_virtual_s_median'), ' s', 3)} / "
+                  f"{_fmt(_num(d, 'sim', 'heal', 'heal_virtual_s'), ' s', 2)} "
+                  f"({_fmt(_num(d, 'sim', 'cpu_s'), ' s CPU', 1)}, {_get(d, 'sim', 'nodes')} nodes)",
+        lambda d: "-"),
+)  # fmt: skip
+
+
+def available(name: str) -> bool:
+    return importlib.util.find_spec(f"bench.{name}") is not None
+
+
+def run_one(name: str, smoke: bool, extra: list[str]) -> Doc:
+    """Run `python -m bench.NAME`; its JSON, or {"error": ...}."""
+    cmd = [sys.executable, "-m", f"bench.{name}", *(["--smoke"] if smoke else []), *extra]
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                             timeout=SMOKE_TIMEOUT_S if smoke else FULL_TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {SMOKE_TIMEOUT_S if smoke else FULL_TIMEOUT_S} s"}
+    took = round(time.perf_counter() - t0, 1)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        return {
+            "error": f"exit {res.returncode}",
+            "stderr_tail": res.stderr[-1500:],
+            "took_s": took,
+        }
+    try:
+        doc = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {
+            "error": "last stdout line is not JSON",
+            "stdout_tail": res.stdout[-500:],
+            "took_s": took,
+        }
+    if not isinstance(doc, dict):
+        return {"error": "output is not a JSON object", "took_s": took}
+    doc["took_s"] = took
+    return doc
+
+
+def table(results: dict[str, Doc]) -> str:
+    """Markdown: figure, target, measured, how far, and the command that measures it."""
+    lines = ["| figure | target | measured | how far | command |", "|---|---|---|---|---|"]
+    for row in ROWS:
+        doc = results.get(row.bench)
+        if doc is None:
+            continue
+        cmd = f"`python -m bench.{row.bench}`"
+        if "error" in doc or "skipped" in doc:
+            why = doc.get("error") or doc.get("skipped")
+            lines.append(f"| {row.figure} | {row.target} | {why} | - | {cmd} |")
+            continue
+        lines.append(
+            f"| {row.figure} | {row.target} | {row.measured(doc)} | {row.how_far(doc)} | {cmd} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benches, write `bench/results/latest.json`, print the table; 1 if any failed."""
+    p = argparse.ArgumentParser(prog="python -m bench.all", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="every bench in its tiny variant")
+    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(ORDER))
+    p.add_argument("--models-dir", default=None, help="passed to the mesh benches")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    args = p.parse_args(argv)
+    names = [n for n in (args.only.split(",") if args.only else ORDER) if n]
+    unknown = sorted(set(names) - set(ORDER))
+    if unknown:
+        p.error(f"unknown benches {unknown}; known: {', '.join(ORDER)}")
+    mesh_extra = ["--models-dir", args.models_dir] if args.models_dir else []
+    results: dict[str, Doc] = {}
+    for name in names:
+        if not available(name):
+            results[name] = {"skipped": "not in this tree"}
+            continue
+        extra = mesh_extra if name in ("generate", "embed", "failover", "converge") else []
+        print(f"running bench.{name} ...", file=sys.stderr, flush=True)
+        results[name] = run_one(name, args.smoke, extra)
+    doc = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "smoke": args.smoke,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                 "platform": platform.platform(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "benches": results,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(results))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

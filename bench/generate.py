@@ -1,0 +1,259 @@
+"""Benchmark: greedy generation over a local mesh of daemons vs one process (DESIGN §9 "generate").
+
+Rule 1: prints exactly one JSON object on stdout (logs go to stderr and the daemons' log
+files); the one-process baseline is measured in the same run, interleaved round by round
+with the mesh runs, because these shared machines vary 10-40 % from run to run.
+Rule 2: every daemon started is stopped whatever happens (`local_cluster`), and every wait
+is bounded (cluster calls carry deadlines; rounds and tokens are fixed counts).
+Rule 3: figures are medians over `--repeat` rounds after one warm-up round each side;
+the mesh's tokens must equal the one-process tokens, and the JSON says whether they did.
+
+Setup: `--nodes` daemons on 127.0.0.1 joined by invite; Nexus 1.1's atoms split evenly
+over them, node 0 (the origin) hosting the first span; the baseline is
+`atoms.generation.generate` over the same model with one torch thread, like the daemons.
+Per-hop overhead per token = (job elapsed - summed hop compute) / tokens / hops.
+
+The cluster helpers here are shared with `bench.failover` and `bench.embed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from nexusd.cluster import LocalCluster, even_spans, local_cluster
+from nexusd.demo import PROMPT, default_models_dir
+from nexusd.logging import configure_logging
+from nexusd.models import DEFAULT_GENERATE_MODEL, ModelRegistry
+from nexusd.protocol import GenerateReply, GenerateRequest
+
+TARGET_RATIO = 0.8  # mesh tokens/s over one-process tokens/s
+CALL_TIMEOUT_S = 120.0
+HOSTS_TIMEOUT_S = 60.0
+
+
+# ---- helpers shared by the mesh benches ------------------------------------------------------
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    """Flags every mesh bench takes: models dir, work dir, smoke."""
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="models folder (default: ~/.cache/nexusd/models, built once)")  # fmt: skip
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where daemons keep data and logs (default: a temp dir, removed)")  # fmt: skip
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, for a test")
+
+
+def emit_json(doc: dict[str, object]) -> None:
+    """The bench's one line of output."""
+    json.dump(doc, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def quiet_logs() -> None:
+    """In-process logs (model building) go to stderr, so stdout carries only the JSON."""
+    configure_logging("warning", "json", sys.stderr)
+
+
+@contextlib.contextmanager
+def work_dir(given: Path | None) -> Iterator[Path]:
+    """`given` (kept) or a temp dir removed on exit (daemon data dirs and logs)."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="nexusd-bench-") as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def hosted_mesh(root: Path, layout: Sequence[Sequence[str]], *, models_dir: Path,
+                wait: Sequence[tuple[str, int]], names: Sequence[str] | None = None,
+                ) -> Iterator[LocalCluster]:  # fmt: skip
+    """A joined cluster of len(layout) daemons, node i hosting `layout[i]` ("MODEL:A-B").
+
+    Args:
+        wait: (model, hosts) pairs node 0 must see advertised before the mesh is used.
+    """
+    with local_cluster(root, len(layout), models_dir=models_dir, names=names) as cluster:
+        for i, specs in enumerate(layout):
+            for spec in specs:
+                cluster.host(i, spec)
+        for model, count in wait:
+            cluster.wait_hosts(0, count, model, timeout_s=HOSTS_TIMEOUT_S)
+        yield cluster
+
+
+def even_layout(model: str, n_atoms: int, nodes: int) -> list[list[str]]:
+    """One contiguous span of `model` per node, node 0 first."""
+    return [[f"{model}:{a}-{b}"] for a, b in even_spans(n_atoms, nodes)]
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def rounded(x: float, digits: int = 4) -> float:
+    return round(float(x), digits)
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+
+def local_generation(
+    model: object, prompt_ids: list[int], tokens: int
+) -> tuple[tuple[int, ...], float]:
+    """Greedy tokens and seconds of one in-process generation (prefill + decode steps)."""
+    from atoms.generation import GenerationParams, generate
+
+    t0 = time.perf_counter()
+    done = generate(model, prompt_ids, GenerationParams(max_new_tokens=tokens))
+    return done.token_ids, time.perf_counter() - t0
+
+
+def mesh_generation(
+    cluster: LocalCluster, tokens: int, origin: int = 0
+) -> tuple[GenerateReply, float]:
+    """One generation job from `origin`; the reply and the client's wall seconds."""
+    t0 = time.perf_counter()
+    reply = cluster.call(origin, GenerateRequest(PROMPT, DEFAULT_GENERATE_MODEL, tokens),
+                         timeout_s=CALL_TIMEOUT_S)  # fmt: skip
+    wall = time.perf_counter() - t0
+    if not isinstance(reply, GenerateReply):
+        raise RuntimeError(f"generate: expected a GenerateReply, got {type(reply).__name__}")
+    return reply, wall
+
+
+def hop_costs(reply: GenerateReply) -> dict[str, float]:
+    """Per-token, per-hop costs of one job from its route report (seconds)."""
+    tokens = max(1, len(reply.token_ids))
+    hops = max(1, len(reply.route))
+    compute = sum(h.compute_s for h in reply.route)
+    queue = sum(h.queue_s for h in reply.route)
+    transfer = sum(h.transfer_s for h in reply.route)
+    per = tokens * hops
+    return {
+        "overhead": (reply.elapsed_s - compute) / per,
+        "queue": queue / per,
+        "transfer": transfer / per,
+        "origin": (reply.elapsed_s - compute - queue - transfer) / per,
+        "compute_per_token": compute / tokens,
+    }
+
+
+def run(models_dir: Path, root: Path, *, nodes: int, tokens: int, repeat: int) -> dict[str, object]:
+    """The measurement (see the module docstring); returns the JSON document."""
+    torch.set_num_threads(1)  # like the daemons (node.torch_threads = 1)
+    registry = ModelRegistry(models_dir)
+    info = registry.info(DEFAULT_GENERATE_MODEL)
+    model = registry.load_model(DEFAULT_GENERATE_MODEL)
+    prompt_ids = registry.tokenizer(DEFAULT_GENERATE_MODEL).encode(PROMPT)
+    layout = even_layout(DEFAULT_GENERATE_MODEL, info.n_atoms, nodes)
+    t_setup = time.perf_counter()
+    with hosted_mesh(root, layout, models_dir=models_dir,
+                     wait=[(DEFAULT_GENERATE_MODEL, nodes)]) as cluster:  # fmt: skip
+        setup_s = time.perf_counter() - t_setup
+        ref, _ = local_generation(model, prompt_ids, tokens)  # warm-up, and the reference
+        mesh_generation(cluster, min(tokens, 4))  # warm-up: streams, sessions, caches
+        local_s: list[float] = []
+        replies: list[tuple[GenerateReply, float]] = []
+        identical = True
+        for _ in range(repeat):
+            ids, secs = local_generation(model, prompt_ids, tokens)
+            identical &= ids == ref
+            local_s.append(secs)
+            reply, wall = mesh_generation(cluster, tokens)
+            identical &= reply.token_ids == ref
+            replies.append((reply, wall))
+    return summarise(replies, local_s, tokens=tokens, nodes=nodes, identical=identical,
+                     setup_s=setup_s, prompt_tokens=len(prompt_ids), layout=layout)  # fmt: skip
+
+
+def summarise(replies: list[tuple[GenerateReply, float]], local_s: list[float], *, tokens: int,
+              nodes: int, identical: bool, setup_s: float, prompt_tokens: int,
+              layout: list[list[str]]) -> dict[str, object]:  # fmt: skip
+    local_tps = median([tokens / s for s in local_s])
+    mesh_tps = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
+    client_tps = median([len(r.token_ids) / w for r, w in replies])
+    costs = [hop_costs(r) for r, _ in replies]
+    last = replies[-1][0]
+    return {
+        "bench": "generate",
+        "model": DEFAULT_GENERATE_MODEL,
+        "nodes": nodes,
+        "layout": [s for specs in layout for s in specs],
+        "new_tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "repeat": len(replies),
+        "tokens_identical": identical,
+        "one_process_tokens_per_s": rounded(local_tps, 2),
+        "mesh_tokens_per_s": rounded(mesh_tps, 2),
+        "mesh_client_tokens_per_s": rounded(client_tps, 2),
+        "ratio": rounded(mesh_tps / local_tps, 3),
+        "client_ratio": rounded(client_tps / local_tps, 3),
+        "target_ratio": TARGET_RATIO,
+        "one_process_ms_per_token": rounded(1e3 / local_tps, 3),
+        "mesh_ms_per_token": rounded(1e3 / mesh_tps, 3),
+        "hops": len(last.route),
+        "per_hop_overhead_ms_per_token": rounded(median([c["overhead"] for c in costs]) * 1e3, 3),
+        "per_hop_queue_ms_per_token": rounded(median([c["queue"] for c in costs]) * 1e3, 3),
+        "per_hop_transfer_ms_per_token": rounded(median([c["transfer"] for c in costs]) * 1e3, 3),
+        "per_hop_origin_ms_per_token": rounded(median([c["origin"] for c in costs]) * 1e3, 3),
+        "mesh_compute_ms_per_token": rounded(
+            median([c["compute_per_token"] for c in costs]) * 1e3, 3
+        ),
+        "route": [
+            {
+                "name": h.name,
+                "atoms": f"{h.start}-{h.end}",
+                "steps": h.steps,
+                "compute_ms": rounded(h.compute_s * 1e3, 2),
+                "queue_ms": rounded(h.queue_s * 1e3, 2),
+                "transfer_ms": rounded(h.transfer_s * 1e3, 2),
+            }
+            for h in last.route
+        ],
+        "failovers": sum(len(r.failovers) for r, _ in replies),
+        "setup_s": rounded(setup_s, 2),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": rounded(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print one JSON object; returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.generate", description=__doc__.splitlines()[0]
+    )
+    common_args(p)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
+    p.add_argument("--repeat", type=int, default=3, help="rounds (each: one process + mesh)")
+    args = p.parse_args(argv)
+    nodes, tokens, repeat = args.nodes, args.tokens, args.repeat
+    if args.smoke:
+        nodes, tokens, repeat = 2, 4, 1
+    if nodes < 1 or tokens < 1 or repeat < 1:
+        p.error(f"--nodes, --tokens and --repeat must be >= 1, got {nodes}, {tokens}, {repeat}")
+    quiet_logs()
+    models_dir = args.models_dir or default_models_dir()
+    with work_dir(args.workdir) as root:
+        doc = run(models_dir, root, nodes=nodes, tokens=tokens, repeat=repeat)
+    doc["smoke"] = bool(args.smoke)
+    emit_json(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
