@@ -23,6 +23,7 @@ a receiver can apply chunk by chunk.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ from mesh.transport.base import Stream, Transport
 from mesh.wire import Limits, decode, encode, record
 
 log = structlog.get_logger(__name__)
+GOSSIP_BURST = 3  # messages sent back to back before pacing applies
 
 SYNC_PROTOCOL = "/nexus/sync/1"
 GOSSIP_DOMAIN = "nexus/state/1"
@@ -290,18 +292,30 @@ class Replicator:
                 await self._reject(author, exc, "gossip")
 
     async def run_sender(self) -> None:
-        """Publish queued entries, one coalesced message per `interval_s`; never returns."""
+        """Publish queued entries, coalesced, at most `GOSSIP_BURST` messages per
+        `GOSSIP_BURST * interval_s`; never returns.
+
+        Pacing keeps us inside gossipsub's ~10 msg/s per topic, but as a burst allowance
+        rather than a sleep after every publish: an isolated change goes out at once
+        (bench/converge measured 160 ms of pure waiting with the sleep-after-publish).
+        """
+        sent: deque[float] = deque(maxlen=GOSSIP_BURST)
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            while batch := self.outbox.take():
+            while self.outbox:
+                if len(sent) == GOSSIP_BURST:
+                    await trio.sleep_until(sent[0] + GOSSIP_BURST * self._interval_s)
+                batch = self.outbox.take()
+                if not batch:
+                    break
                 raw = seal_delta(self._key, self._secret, batch, clock=self._clock,
                                  now=self._wall())  # fmt: skip
+                sent.append(trio.current_time())
                 try:
                     await self._transport.publish(self.topic, raw)
                 except (TransportBroken, OversizeMessage) as exc:  # anti-entropy repairs it
                     log.warning("gossip_publish_failed", entries=len(batch), error=str(exc))
-                await trio.sleep(self._interval_s)  # pacing: gossipsub's ~10 msg/s per topic
 
     async def run_anti_entropy(
         self, *, interval_s: float, rng: random.Random, pool: Callable[[], list[bytes]],

@@ -31,7 +31,7 @@ from .api import ApiServer, Emit
 from .config import Config
 from .errors import AlreadyRunning
 from .exec_protocol import Signer
-from .hosting import HostedSpan, SpanHost
+from .hosting import HostedSpan, SpanHost, warm_up
 from .job_service import JobService
 from .jobs import JobEngine
 from .journal import Journal
@@ -166,9 +166,10 @@ class Daemon:
         model_id, start, end = await trio.to_thread.run_sync(parse_host_spec, spec, self.registry)
         span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end,
                                              dtype or self.cfg.atoms.dtype)  # fmt: skip
+        warm_s = await trio.to_thread.run_sync(warm_up, span, limiter=self.limiter)
         hosted = self.host.add_span(span)
         self.mesh.refresh_advert()
-        log.info("span_hosted", model=model_id, start=start, end=end)
+        log.info("span_hosted", model=model_id, start=start, end=end, warm_up_ms=round(warm_s * 1e3, 1))
         return hosted
 
     def _joined(self) -> None:

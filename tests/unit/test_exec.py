@@ -190,3 +190,11 @@ async def test_bad_input_fails_the_job_not_the_host() -> None:
         with pytest.raises(JobFailed, match="bad_input"):
             await sess.step(StepInput(torch.tensor([[1.5, 2.5]]), 0, True, b""))
         nursery.cancel_scope.cancel()
+
+
+def test_warm_up_runs_any_text_span() -> None:
+    from nexusd.hosting import warm_up
+
+    model = tiny_llama()
+    for a, b in [(0, 6), (1, 3), (5, 6)]:
+        assert warm_up(split(model, [(a, b)])[0]) > 0
