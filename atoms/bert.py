@@ -39,7 +39,7 @@ from .errors import (
     UnsupportedOperation,
     WeightsError,
 )
-from .model import Model, load_state
+from .model import Model, load_state, read_hf_config
 from .tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
@@ -546,16 +546,7 @@ def read_config(folder: Path) -> BertConfig:
     Raises:
         ModelFormatError: missing, not JSON, or not a supported BERT config.
     """
-    path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelFormatError(f"model folder {folder} has no config.json") from None
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ModelFormatError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return BertConfig.from_hf(raw)
+    return BertConfig.from_hf(read_hf_config(folder))
 
 
 def _read_tensors(path: Path, cfg: BertConfig) -> dict[int, dict[str, torch.Tensor]]:

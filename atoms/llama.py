@@ -32,7 +32,7 @@ from torch import nn
 from .atom import Atom, AtomKind, AtomSpec, ForwardContext, IOKind, make_attrs, make_dims
 from .cache import KVLayout
 from .errors import InputOutOfRange, ModelFormatError, ShapeMismatch, WeightsError
-from .model import Model
+from .model import Model, read_hf_config
 from .partition import ConfigValue
 from .tokenizer import TextTokenizer
 
@@ -519,24 +519,6 @@ def _block_param_names(cfg: LlamaConfig) -> list[str]:
         if cfg.mlp_bias:
             out.append(f"mlp.{proj}.bias")
     return out
-
-
-def read_hf_config(folder: Path) -> dict[str, object]:
-    """Read `folder/config.json`.
-
-    Raises:
-        ModelFormatError: missing or not a JSON object.
-    """
-    path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelFormatError(f"{path}: no config.json in the model folder") from None
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def safetensors_files(folder: Path) -> dict[str, Path]:

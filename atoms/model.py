@@ -13,6 +13,7 @@ every weight file is verified against its digest before use.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -47,6 +48,24 @@ AtomBuilder = Callable[[AtomSpec], Atom]
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_DIR = "weights"
+
+
+def read_hf_config(folder: Path) -> dict[str, object]:
+    """Read `folder/config.json`.
+
+    Raises:
+        ModelFormatError: missing or not a JSON object.
+    """
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path}: no config.json in the model folder") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def build_atom(spec: AtomSpec) -> Atom:

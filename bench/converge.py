@@ -49,7 +49,7 @@ from nexusd.demo import default_models_dir
 from nexusd.models import DEFAULT_EMBED_MODEL
 from nexusd.protocol import HostRequest, PeersReply, PeersRequest
 
-from .generate import common_args, emit_json, median, quiet_logs, rounded, work_dir
+from .common import common_args, emit_json, median, quiet_logs, rounded, work_dir
 
 WAIT_S = 30.0
 SIM_DEADLINE_S = 120.0  # virtual seconds

@@ -41,7 +41,7 @@ from nexusd.demo import default_models_dir
 from nexusd.models import DEFAULT_EMBED_MODEL, ModelRegistry
 from nexusd.protocol import EmbedReply, EmbedRequest
 
-from .generate import common_args, emit_json, hosted_mesh, median, quiet_logs, rounded, work_dir
+from .common import common_args, emit_json, hosted_mesh, median, quiet_logs, rounded, work_dir
 
 TARGET_SPEEDUP = 1.6  # two pinned single-core hosts vs one single-core process
 BASELINE_BATCH = 32  # embed_texts' default (sentence-transformers' too)

@@ -42,18 +42,17 @@ from nexusd.protocol import (
     TokenEvent,
 )
 
-from .generate import (
+from .common import (
     CALL_TIMEOUT_S,
     common_args,
     emit_json,
     hosted_mesh,
-    local_generation,
     median,
-    mesh_generation,
     quiet_logs,
     rounded,
     work_dir,
 )
+from .generate import local_generation, mesh_generation
 
 LOG_WAIT_S = 10.0
 

@@ -206,3 +206,45 @@ async def serve_stream(
         await abort()
     finally:
         await stream.aclose()
+
+
+class Subscribers:
+    """Local subscribers of pubsub topics: bounded channels, never blocking the transport.
+
+    Rule: delivery never waits: a full subscriber loses the message (counted in `dropped`
+    and logged), a closed one is forgotten.
+    """
+
+    def __init__(self, buffer: int) -> None:
+        self._buffer = buffer
+        self._by_topic: dict[str, list[trio.MemorySendChannel[tuple[bytes, bytes]]]] = {}
+        self.dropped = 0
+
+    def __contains__(self, topic: object) -> bool:
+        return topic in self._by_topic
+
+    def topics(self) -> list[str]:
+        return sorted(self._by_topic)
+
+    def add(self, topic: str) -> trio.MemoryReceiveChannel[tuple[bytes, bytes]]:
+        send, receive = trio.open_memory_channel[tuple[bytes, bytes]](self._buffer)
+        self._by_topic.setdefault(topic, []).append(send)
+        return receive
+
+    def deliver(self, topic: str, item: tuple[bytes, bytes]) -> None:
+        for send in list(self._by_topic.get(topic, [])):
+            try:
+                send.send_nowait(item)
+            except trio.WouldBlock:
+                self.dropped += 1
+                log.warning("pubsub_dropped", topic=topic, reason="subscriber_full")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._by_topic[topic].remove(send)
+
+    def close(self, topic: str | None = None) -> None:
+        """Close the channels of `topic` (all topics when None) and forget them."""
+        topics = [topic] if topic is not None else list(self._by_topic)
+        for t in topics:
+            for send in self._by_topic.pop(t, []):
+                send.close()
+

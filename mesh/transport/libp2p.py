@@ -58,7 +58,13 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from mesh.errors import ClosedError, OversizeMessage, TransportBroken
-from mesh.transport.base import StreamHandler, TransportConfig, check_node_id, serve_stream
+from mesh.transport.base import (
+    StreamHandler,
+    Subscribers,
+    TransportConfig,
+    check_node_id,
+    serve_stream,
+)
 from mesh.wire import FrameDecoder, frame
 
 if TYPE_CHECKING:
@@ -248,13 +254,12 @@ class Libp2pTransport:
         config: TransportConfig,
     ) -> None:
         self.node_id = _node_id_of(host.get_id())
-        self.pubsub_dropped = 0
         self._host = host
         self._pubsub = pubsub
         self._nursery = nursery
         self._config = config
         self._is_member: Callable[[bytes], bool] = lambda _node: False
-        self._subscribers: dict[str, list[trio.MemorySendChannel[tuple[bytes, bytes]]]] = {}
+        self._subscribers = Subscribers(self._config.subscription_buffer)
         self._closed = False
 
     def _is_closed(self) -> bool:
@@ -392,15 +397,14 @@ class Libp2pTransport:
         receiving (the gossipsub subscription itself stays for the transport's lifetime).
         """
         self._check_open()
-        send, receive = trio.open_memory_channel[tuple[bytes, bytes]](
-            self._config.subscription_buffer
-        )
         if topic not in self._subscribers:
-            self._subscribers[topic] = []
             self._pubsub.set_topic_validator(topic, self._validate_author, False)
             self._nursery.start_soon(self._pump, topic)
-        self._subscribers[topic].append(send)
-        return receive
+        return self._subscribers.add(topic)
+
+    @property
+    def pubsub_dropped(self) -> int:
+        return self._subscribers.dropped
 
     def _validate_author(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         try:
@@ -419,8 +423,7 @@ class Libp2pTransport:
                 subscription = await self._pubsub.subscribe(topic)
         except TransportBroken as exc:
             log.error("subscribe_failed", topic=topic, error=str(exc))
-            for send in self._subscribers.pop(topic, []):
-                send.close()
+            self._subscribers.close(topic)
             return
         async for msg in subscription:
             try:
@@ -428,28 +431,16 @@ class Libp2pTransport:
             except ValueError:
                 continue  # the author validator already refused it; never deliver
             if author != self.node_id:
-                self._deliver(topic, (author, bytes(msg.data)))
-
-    def _deliver(self, topic: str, item: tuple[bytes, bytes]) -> None:
-        for send in list(self._subscribers[topic]):
-            try:
-                send.send_nowait(item)
-            except trio.WouldBlock:
-                self.pubsub_dropped += 1
-                log.warning("pubsub_dropped", topic=topic, reason="subscriber_full")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._subscribers[topic].remove(send)
+                self._subscribers.deliver(topic, (author, bytes(msg.data)))
 
     def _mark_closed(self) -> None:
         self._closed = True
-        for sends in self._subscribers.values():
-            for send in sends:
-                send.close()
+        self._subscribers.close()
 
     def __repr__(self) -> str:
         return (
             f"Libp2pTransport(node={self.node_id.hex()[:8]}, closed={self._closed}, "
-            f"peers={len(self.connected_peers())}, topics={sorted(self._subscribers)}, "
+            f"peers={len(self.connected_peers())}, topics={self._subscribers.topics()}, "
             f"pubsub_dropped={self.pubsub_dropped})"
         )
 

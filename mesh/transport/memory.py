@@ -29,7 +29,13 @@ import structlog
 import trio
 
 from mesh.errors import ClosedError, OversizeMessage, TransportBroken
-from mesh.transport.base import StreamHandler, TransportConfig, check_node_id, serve_stream
+from mesh.transport.base import (
+    StreamHandler,
+    Subscribers,
+    TransportConfig,
+    check_node_id,
+    serve_stream,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -302,7 +308,6 @@ class MemoryTransport:
         self, network: MemoryNetwork, node_id: bytes, config: TransportConfig, nursery: trio.Nursery
     ) -> None:
         self.node_id = check_node_id(node_id)
-        self.pubsub_dropped = 0
         self._network = network
         self._config = config
         self._nursery = nursery
@@ -310,7 +315,7 @@ class MemoryTransport:
         self._is_member: Callable[[bytes], bool] = lambda _node: False
         self._links: dict[bytes, list[MemoryStream]] = {}
         self._known_addrs: dict[bytes, list[str]] = {}
-        self._subscribers: dict[str, list[trio.MemorySendChannel[tuple[bytes, bytes]]]] = {}
+        self._subscribers = Subscribers(self._config.subscription_buffer)
         self._seen: OrderedDict[_MessageId, None] = OrderedDict()
         self._rate: dict[tuple[bytes, str], deque[float]] = {}
         self._seqno = 0
@@ -490,7 +495,7 @@ class MemoryTransport:
             self._remember(msg_id)
             self._flood(topic, msg_id, data, came_from=sender)
         if author != self.node_id:
-            self._deliver(topic, (author, data))
+            self._subscribers.deliver(topic, (author, data))
 
     def _within_rate(self, forwarder: bytes, topic: str) -> bool:
         """Gossipsub's spam guard: forward at most `pubsub_max_msgs_per_s` per second."""
@@ -515,35 +520,23 @@ class MemoryTransport:
         channel to stop receiving.
         """
         self._check_open()
-        send, receive = trio.open_memory_channel[tuple[bytes, bytes]](
-            self._config.subscription_buffer
-        )
-        self._subscribers.setdefault(topic, []).append(send)
-        return receive
+        return self._subscribers.add(topic)
 
-    def _deliver(self, topic: str, item: tuple[bytes, bytes]) -> None:
-        for send in list(self._subscribers.get(topic, [])):
-            try:
-                send.send_nowait(item)
-            except trio.WouldBlock:
-                self.pubsub_dropped += 1
-                log.warning("pubsub_dropped", topic=topic, reason="subscriber_full")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._subscribers[topic].remove(send)
+    @property
+    def pubsub_dropped(self) -> int:
+        return self._subscribers.dropped
 
     def _shutdown(self) -> None:
         self._closed = True
         for peer_id in list(self._links):
             self._drop_link(peer_id, "peer transport closed")
-        for sends in self._subscribers.values():
-            for send in sends:
-                send.close()
+        self._subscribers.close()
         self._network._unregister(self)
 
     def __repr__(self) -> str:
         return (
             f"MemoryTransport(node={self.node_id.hex()[:8]}, closed={self._closed}, "
-            f"peers={len(self._links)}, topics={sorted(self._subscribers)}, "
+            f"peers={len(self._links)}, topics={self._subscribers.topics()}, "
             f"pubsub_dropped={self.pubsub_dropped})"
         )
 
