@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first: on these machines it is a local file; a bare `torch`
 	# requirement would pull several GB of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,14 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/nexusd demo --failover
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[lint]'
 	$(BIN)/ruff check nexusd mesh atoms tests bench
 	# libp2p pins trio-typing, whose stale trio-stubs shadow trio's own inline types;
 	# MYPYPATH is searched first, so point it at the real trio package.

@@ -45,6 +45,7 @@ from mesh.transport.direct import DirectStream, connect_direct, open_direct_list
 from mesh.transport.libp2p import open_libp2p_transport
 from mesh.wire import decode, encode, record
 
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m bench.hop` runs from
 DOMAIN = "nexus/act/1"  # the exec protocol's domain
 RAW = "/nexus/bench/hop/raw/1"
 FRAMED = "/nexus/bench/hop/framed/1"
@@ -353,7 +354,7 @@ async def _read_ready(proc: trio.Process) -> dict[str, object]:
 
 async def run(sizes: list[int], rounds: int, budget_s: float, smoke: bool) -> dict[str, object]:
     """Spawn the echo process, measure every size, and stop the echo process."""
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     echo_id = NodeKey.from_seed(ECHO_SEED).node_id
     signer = Signer(NodeKey.from_seed(ORIGIN_SEED), echo_id)
     max_s = 60 + len(sizes) * (budget_s + 30)
