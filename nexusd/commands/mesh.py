@@ -86,16 +86,20 @@ def _peers(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     reply = call_daemon(paths, PeersRequest(args.wait_hosts, args.model, args.timeout),
                         timeout_s=args.timeout + 10)  # fmt: skip
     assert isinstance(reply, PeersReply)
+    emit(args, reply, lambda: f"mesh {reply.mesh_id}\n" + peers_table(reply))
+    return 0
+
+
+def peers_table(reply: PeersReply) -> str:
+    """Members as a table: name, id, roles, advert state, connection, RTT, bandwidth, load."""
     rows = [[(p.name or "?") + (" (self)" if p.is_self else ""), p.node_id[:12],
              ",".join(p.roles) or "-", p.state, "yes" if p.connected else "no",
              f"{p.rtt_ms:.2f}" if p.rtt_ms >= 0 else "-",
              f"{p.bandwidth_mb_per_s:.0f}" if p.bandwidth_mb_per_s >= 0 else "-",
              " ".join(p.hosted) or "-", f"{p.queue_depth}/{p.utilisation:.0%}",
              "BANNED" if p.banned else ""] for p in reply.peers]  # fmt: skip
-    emit(args, reply, lambda: f"mesh {reply.mesh_id}\n" + table(
-        ["name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting", "queue/busy", ""],
-        rows))
-    return 0
+    return table(["name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting",
+                  "queue/busy", ""], rows)  # fmt: skip
 
 
 def _leave_flags(p: argparse.ArgumentParser) -> None:

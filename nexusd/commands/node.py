@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import trio
@@ -11,7 +12,14 @@ from ..cli import call_daemon, emit
 from ..config import Config
 from ..node_files import init_node
 from ..paths import NodePaths
-from ..protocol import OkReply, ShutdownRequest, StatusReply, StatusRequest
+from ..protocol import (
+    OkReply,
+    PeersReply,
+    PeersRequest,
+    ShutdownRequest,
+    StatusReply,
+    StatusRequest,
+)
 from .base import CommandSpec, human_duration, no_flags
 
 
@@ -55,9 +63,17 @@ def _run(_args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
 
 
 def _status(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+    from .mesh import peers_table
+
     reply = call_daemon(paths, StatusRequest())
     assert isinstance(reply, StatusReply)
-    emit(args, reply, lambda: _status_text(reply))
+    peers = call_daemon(paths, PeersRequest()) if reply.mesh_id else None
+    data: dict[str, object] = dataclasses.asdict(reply)
+    if isinstance(peers, PeersReply):
+        data["peers"] = [dataclasses.asdict(p) for p in peers.peers]
+        data["mesh_rejections"] = dict(peers.counters)
+    emit(args, data, lambda: _status_text(reply) + (
+        "\n\n" + peers_table(peers) if isinstance(peers, PeersReply) else ""))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,11 @@ def test_members_see_each_others_adverts(cluster: LocalCluster) -> None:
     assert isinstance(peers, PeersReply)
     assert {p.node_id for p in peers.peers} == set(ids)
     assert {p.name for p in peers.peers if not p.is_self} >= {"node0", "node2"}
+    doctor = run_cli(["doctor", "--data-dir", str(cluster.data_dir(1))], env=cluster.env)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert doctor.stdout.count("[ok  ] peer:") == 2 and "[WARN] listening: only on loopback" in doctor.stdout
+    status = run_cli(["status", "--json", "--data-dir", str(cluster.data_dir(1))], env=cluster.env)
+    assert {p["name"] for p in json.loads(status.stdout)["peers"]} >= {"node0", "node1", "node2"}
 
 
 def test_invites_are_single_use_and_expire(tmp_path: Path, models_dir: Path) -> None:

@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("tcp", "direct_unsigned", "direct_nosig", "direct", "libp2p_unsigned", "libp2p")
 
 
-@pytest.mark.bench
 def test_bench_hop_smoke_prints_one_json_object() -> None:
     # A subprocess, as it is really run: the bench spawns its own echo process and must
     # leave nothing on stdout but its result (logs go to stderr).

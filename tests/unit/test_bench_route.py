@@ -9,7 +9,6 @@ import pytest
 from bench import route
 
 
-@pytest.mark.bench
 def test_bench_route_smoke_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
     assert route.main(["--smoke"]) == 0
     out = capsys.readouterr().out
@@ -27,7 +26,6 @@ def test_bench_route_smoke_prints_one_json_object(capsys: pytest.CaptureFixture[
         assert size["route_est_total_s"] > 0
 
 
-@pytest.mark.bench
 def test_bench_route_reports_the_ratio_to_the_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert route.main(["--hosts", "1000", "--atoms", "4", "--repeat", "1"]) == 0
     doc = json.loads(capsys.readouterr().out)

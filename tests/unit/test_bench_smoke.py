@@ -52,7 +52,6 @@ def test_generate_smoke_matches_one_process(tmp_path: Path) -> None:
     assert doc["failovers"] == 0
 
 
-@pytest.mark.bench
 def test_embed_smoke_reports_both_baselines(tmp_path: Path) -> None:
     doc = run_bench("embed", tmp_path=tmp_path)
     assert doc["min_cosine_vs_one_process"] >= 0.9999
@@ -66,7 +65,6 @@ def test_embed_smoke_reports_both_baselines(tmp_path: Path) -> None:
             doc["mesh_texts_per_s"] / doc["single_core_process_texts_per_s"], rel=0.01)  # fmt: skip
 
 
-@pytest.mark.bench
 def test_failover_smoke_kills_a_host_and_output_is_identical(tmp_path: Path) -> None:
     doc = run_bench("failover", tmp_path=tmp_path)
     assert doc["identical"] is True and doc["clean_identical"] is True
@@ -77,7 +75,6 @@ def test_failover_smoke_kills_a_host_and_output_is_identical(tmp_path: Path) -> 
     assert doc["added_over_budget_worst"] == run["added_over_budget"]
 
 
-@pytest.mark.bench
 def test_converge_smoke_real_daemons(tmp_path: Path) -> None:
     doc = run_bench("converge", tmp_path=tmp_path)
     real = doc["real"]
