@@ -68,8 +68,8 @@ def test_members_see_each_others_adverts(cluster: LocalCluster) -> None:
     doctor = run_cli(["doctor", "--data-dir", str(cluster.data_dir(1))], env=cluster.env)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert doctor.stdout.count("[ok  ] peer:") == 2 and "[WARN] listening: only on loopback" in doctor.stdout
-    status = run_cli(["status", "--json", "--data-dir", str(cluster.data_dir(1))], env=cluster.env)
-    assert {p["name"] for p in json.loads(status.stdout)["peers"]} >= {"node0", "node1", "node2"}
+    shown = run_cli(["status", "--json", "--data-dir", str(cluster.data_dir(1))], env=cluster.env)
+    assert {p["name"] for p in json.loads(shown.stdout)["peers"]} >= {"node0", "node1", "node2"}
 
 
 def test_invites_are_single_use_and_expire(tmp_path: Path, models_dir: Path) -> None:
