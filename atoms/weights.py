@@ -130,7 +130,7 @@ class WeightStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException:  # cleanup, then re-raise: not a boundary
             Path(tmp).unlink(missing_ok=True)
             raise
         return ref

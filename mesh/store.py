@@ -72,7 +72,7 @@ class StateStore:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
-        except BaseException as exc:  # cleanup only: close what we opened, then re-raise
+        except BaseException as exc:  # cleanup (close what we opened), re-raise: not a boundary
             self._conn.close()
             if isinstance(exc, sqlite3.Error):
                 raise StateStoreError(f"state store {self.path}: cannot open: {exc}") from None
@@ -186,7 +186,7 @@ class _Transaction:
         self._lock.acquire()
         try:
             self._conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
+        except BaseException:  # cleanup, then re-raise: not a boundary
             self._lock.release()
             raise
         return self._conn

@@ -325,7 +325,7 @@ class Journal:
             )
             try:
                 self._version = _setup(conn)
-            except BaseException:
+            except BaseException:  # cleanup, then re-raise: not a boundary
                 conn.close()
                 raise
         self._conn: sqlite3.Connection | None = conn
@@ -643,7 +643,7 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException:  # cleanup, then re-raise: not a boundary
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise

@@ -103,6 +103,6 @@ def write_private_file(path: Path, data: bytes, *, force: bool = False) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # cleanup, then re-raise: not a boundary
         tmp.unlink(missing_ok=True)
         raise

@@ -282,7 +282,7 @@ class DirectStream:
         try:
             with scope:
                 await self._sock.send_all(data)
-        except BaseException as exc:
+        except BaseException as exc:  # cleanup, then re-raise: not a boundary
             # A frame not fully sent (failed or cancelled) has used its nonce and may be
             # torn: the stream cannot be resumed.
             await self._break(f"send to {short_id(self.remote_id)} did not complete: {exc!r}")
@@ -512,7 +512,7 @@ async def connect_direct(
             _nodelay(sock)
             reader = _FrameReader(sock)
             session = await _initiate(sock, reader, key, expected_remote, protocol, is_member)
-        except BaseException:
+        except BaseException:  # cleanup, then re-raise: not a boundary
             await _close_quietly(sock)
             raise
     log.debug("direct_connected", peer=short_id(expected_remote), protocol=protocol)

@@ -182,7 +182,7 @@ async def test_non_member_receives_nothing_and_its_messages_are_dropped(
                 forged = seal_delta(outsider_key, mesh.identity.secret, tuple(fake),
                                     clock=clock, now=sim_wall())  # fmt: skip
                 await outsider.publish(topic, forged)
-                await trio.sleep(1)
+                await trio.sleep(1)  # virtual time (autojump_clock): gossip has settled
             assert any(e["event"] == "pubsub_refused" for e in logs)
             # relayed by a member, the outsider's envelope is rejected and counted
             raw = seal(outsider_key, "nexus/state/1", b"x", clock=clock, now=sim_wall())

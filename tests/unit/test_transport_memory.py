@@ -108,7 +108,7 @@ async def test_subscriber_overflow_drops_and_counts(autojump_clock: trio.abc.Clo
         await a.connect(b.node_id, b.listen_addrs())
         for i in range(5):
             await a.publish("t", bytes([i]))
-        await trio.sleep(1)
+        await trio.sleep(1)  # virtual time (autojump_clock): every delivery has happened
         assert b.pubsub_dropped == 3
         assert [inbox.receive_nowait()[1] for _ in range(2)] == [b"\x00", b"\x01"]
 
