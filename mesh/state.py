@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import json
-import math
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -55,40 +52,31 @@ from mesh.errors import (
 )
 from mesh.hlc import HybridClock, Timestamp, wall_ms_of
 from mesh.identity import NodeKey, digest, short_id, verify_signature
+from mesh.state_records import (
+    MAX_MESH_ID_BYTES,
+    MAX_MODEL_ID_BYTES,
+    _need,
+    _need_id,
+    _need_len,
+)
+from mesh.state_records import Advert as Advert
+from mesh.state_records import AtomEntry as AtomEntry
+from mesh.state_records import HostedSpan as HostedSpan
+from mesh.state_records import LoadReport as LoadReport
+from mesh.state_records import MemberCert as MemberCert
+from mesh.state_records import MemberRemoval as MemberRemoval
+from mesh.state_records import ModelManifest as ModelManifest
+from mesh.state_records import NodeState as NodeState
+from mesh.state_records import Revocation as Revocation
 from mesh.wire import Limits, decode, encode, record
 
 log = structlog.get_logger(__name__)
 
 DOMAIN = b"nexus/state/1\0"
-ADMIN_ROLE = "admin"
-NODE_ID_BYTES = 32
 SIGNATURE_BYTES = 64
 MAX_PAYLOAD_BYTES = 64 * 1024
-MAX_MODEL_ID_BYTES = 128
-MAX_MESH_ID_BYTES = 64
 FP_BYTES = 8  # entry fingerprint prefix in digest rows
 _PAYLOAD_LIMITS = Limits(max_bytes=MAX_PAYLOAD_BYTES)
-_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
-
-
-def _need(ok: bool, what: str, expected: str, got: object) -> None:
-    if not ok:
-        raise ValueError(f"{what}: expected {expected}, got {got!r:.60}")
-
-
-def _need_len(what: str, value: bytes | str | tuple[object, ...], lo: int, hi: int) -> None:
-    if not lo <= len(value) <= hi:
-        unit = "items" if isinstance(value, tuple) else type(value).__name__
-        raise ValueError(f"{what}: expected {lo}..{hi} {unit} long, got {len(value)}")
-
-
-def _need_id(what: str, value: bytes) -> None:
-    _need_len(what, value, NODE_ID_BYTES, NODE_ID_BYTES)
-
-
-def _need_name(what: str, *values: str) -> None:
-    for value in values:
-        _need(bool(_NAME_RE.fullmatch(value)), what, "a short lowercase identifier", value)
 
 
 class SlotKind(enum.IntEnum):
@@ -164,188 +152,6 @@ class SignedEntry:
     def wall_ms(self) -> int:
         """Physical part of the entry's HLC, in ms."""
         return Timestamp.unpack(self.hlc).wall_ms
-
-
-@record("member_cert")
-@dataclass(frozen=True, slots=True)
-class MemberCert:
-    """Membership of `node_id` in `mesh_id`, issued (and signed, as the entry) by `issuer`."""
-
-    mesh_id: bytes
-    node_id: bytes
-    name: str
-    roles: tuple[str, ...]
-    issued_ms: int
-    expires_ms: int
-    issuer: bytes
-
-    def __post_init__(self) -> None:
-        _need_len("cert mesh_id", self.mesh_id, 1, MAX_MESH_ID_BYTES)
-        _need_id("cert node_id", self.node_id)
-        _need_id("cert issuer", self.issuer)
-        _need_len("cert name", self.name, 1, 64)
-        _need_len("cert roles", self.roles, 0, 8)
-        _need_name("cert role", *self.roles)
-        _need(len(set(self.roles)) == len(self.roles), "cert roles", "no duplicates", self.roles)
-        _need(0 <= self.issued_ms < self.expires_ms, "cert validity",
-              "0 <= issued_ms < expires_ms", (self.issued_ms, self.expires_ms))  # fmt: skip
-
-    @property
-    def is_admin(self) -> bool:
-        """True if the certificate carries the admin role."""
-        return ADMIN_ROLE in self.roles
-
-    def valid_at(self, ms: int) -> bool:
-        """True if `issued_ms <= ms < expires_ms`."""
-        return self.issued_ms <= ms < self.expires_ms
-
-
-@record("member_removal")
-@dataclass(frozen=True, slots=True)
-class MemberRemoval:
-    """Removal of the certificate adds of `node_id` that the remover observed (their dots)."""
-
-    node_id: bytes
-    dots: tuple[tuple[bytes, int], ...]
-
-    def __post_init__(self) -> None:
-        _need_id("removal node_id", self.node_id)
-        _need_len("removal dots", self.dots, 1, 1024)
-        for author, hlc in self.dots:
-            _need_id("removal dot author", author)
-            _need(0 <= hlc < 1 << 63, "removal dot hlc", "a packed HLC", hlc)
-
-
-@record("revocation")
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """Permanent exclusion of `node_id` from `mesh_id`."""
-
-    mesh_id: bytes
-    node_id: bytes
-    reason: str
-    issued_ms: int
-
-    def __post_init__(self) -> None:
-        _need_len("revocation mesh_id", self.mesh_id, 1, MAX_MESH_ID_BYTES)
-        _need_id("revocation node_id", self.node_id)
-        _need_len("revocation reason", self.reason, 0, 256)
-        _need(self.issued_ms >= 0, "revocation issued_ms", ">= 0", self.issued_ms)
-
-
-@record("hosted_span")
-@dataclass(frozen=True, slots=True)
-class HostedSpan:
-    """Atoms `start..end-1` of `model_id`, hosted in `dtype`."""
-
-    model_id: str
-    start: int
-    end: int
-    dtype: str
-
-    def __post_init__(self) -> None:
-        _need_len("span model_id", self.model_id.encode(), 1, MAX_MODEL_ID_BYTES)
-        _need(0 <= self.start < self.end, "span range", "0 <= start < end", (self.start, self.end))
-        _need_name("span dtype", self.dtype)
-
-
-class NodeState(enum.Enum):
-    """Lifecycle of a node as advertised."""
-
-    JOINING = "joining"
-    ONLINE = "online"
-    DRAINING = "draining"
-
-
-@record("advert")
-@dataclass(frozen=True, slots=True)
-class Advert:
-    """What a node offers: hosted spans, free room, codecs, addresses, state and lease."""
-
-    spans: tuple[HostedSpan, ...]
-    free_memory_bytes: int
-    free_kv_tokens: int
-    codecs: tuple[str, ...]
-    addrs: tuple[str, ...]
-    state: NodeState
-    lease_expires_ms: int
-    direct_addr: str = ""  # "HOST:PORT" of the node's direct data channel, "" for none
-
-    def __post_init__(self) -> None:
-        _need_len("advert spans", self.spans, 0, 256)
-        _need_len("advert direct_addr", self.direct_addr, 0, 64)
-        free = (self.free_memory_bytes, self.free_kv_tokens)
-        _need(min(free) >= 0, "advert free_memory_bytes, free_kv_tokens", ">= 0", free)
-        _need_len("advert codecs", self.codecs, 0, 16)
-        _need_name("advert codec", *self.codecs)
-        _need_len("advert addrs", self.addrs, 0, 16)
-        for addr in self.addrs:
-            _need_len("advert addr", addr, 1, 256)
-        _need(isinstance(self.state, NodeState), "advert state", "a NodeState", self.state)
-        _need(self.lease_expires_ms >= 0, "advert lease_expires_ms", ">= 0", self.lease_expires_ms)
-
-
-@record("load_report")
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """How busy a node is: queue, utilisation, (model_id, atom, tokens/s), (peer, rtt_ms)."""
-
-    queue_depth: int
-    utilisation: float
-    throughput: tuple[tuple[str, int, float], ...]
-    rtts: tuple[tuple[bytes, float], ...]
-
-    def __post_init__(self) -> None:
-        _need(self.queue_depth >= 0, "load queue_depth", ">= 0", self.queue_depth)
-        _need(0.0 <= self.utilisation <= 1.0, "load utilisation", "0..1", self.utilisation)
-        _need_len("load throughput", self.throughput, 0, 1024)
-        for model_id, atom, tps in self.throughput:
-            _need_len("throughput model_id", model_id.encode(), 1, MAX_MODEL_ID_BYTES)
-            _need(atom >= 0, "throughput atom_index", ">= 0", atom)
-            _need(math.isfinite(tps) and tps >= 0, "tokens_per_s", "finite, >= 0", tps)
-        _need_len("load rtts", self.rtts, 0, 256)
-        for peer, rtt_ms in self.rtts:
-            _need_id("rtt peer", peer)
-            _need(math.isfinite(rtt_ms) and rtt_ms >= 0, "rtt_ms", "finite, >= 0", rtt_ms)
-
-
-@record("atom_entry")
-@dataclass(frozen=True, slots=True)
-class AtomEntry:
-    """One atom of a model: position, kind, BLAKE2b-256 of its weights, size."""
-
-    index: int
-    kind: str
-    digest: bytes
-    nbytes: int
-
-    def __post_init__(self) -> None:
-        _need(self.index >= 0, "atom index", ">= 0", self.index)
-        _need_name("atom kind", self.kind)
-        _need_len("atom digest", self.digest, 32, 32)
-        _need(self.nbytes >= 0, "atom nbytes", ">= 0", self.nbytes)
-
-
-@record("model_manifest")
-@dataclass(frozen=True, slots=True)
-class ModelManifest:
-    """A model: family, its config as a JSON object, and its atoms in order."""
-
-    family: str
-    config_json: str
-    atoms: tuple[AtomEntry, ...]
-
-    def __post_init__(self) -> None:
-        _need_name("manifest family", self.family)
-        try:
-            config = json.loads(self.config_json)
-        except ValueError:
-            raise ValueError("manifest config_json: expected JSON, got unparsable text") from None
-        kind = type(config).__name__
-        _need(isinstance(config, dict), "manifest config_json", "a JSON object", kind)
-        _need_len("manifest atoms", self.atoms, 0, 4096)
-        indices = tuple(a.index for a in self.atoms)
-        _need(indices == tuple(range(len(indices))), "manifest atom indices", "0..n-1", indices)
 
 
 Payload = MemberCert | MemberRemoval | Revocation | ModelManifest | Advert | LoadReport

@@ -63,3 +63,13 @@ def test_modules_stay_under_the_size_cap() -> None:
     big = {str(p.relative_to(ROOT)): n for p in sources()
            if (n := len(p.read_text().splitlines())) > 800}  # fmt: skip
     assert not big, f"modules over 800 lines: {big}"
+
+
+@pytest.mark.parametrize("package", ["mesh", "mesh.transport", "atoms"])
+def test_package_exports_resolve(package: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(package)
+    names = getattr(mod, "__all__", None) or [n for n in vars(mod) if not n.startswith("_")]
+    for name in names:
+        assert getattr(mod, name) is not None, f"{package}.{name}"
