@@ -121,7 +121,7 @@ def _embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
     p.add_argument("--file", help="read texts, one per line, from FILE (- for stdin)")
     p.add_argument("--model", default="minilm", help="model id (default: minilm)")
-    p.add_argument("--micro-batch", type=int, default=16, help="texts per micro-batch (default 16)")
+    p.add_argument("--micro-batch", type=int, default=32, help="texts per micro-batch (default 32)")
     p.add_argument("--codec", default="raw", choices=("raw", "fp16", "bf16", "int8"),
                    help="wire codec for activations (default raw: exact)")
     _job_flags(p)
