@@ -44,7 +44,7 @@ class MeshNodeConfig:
     max_clock_drift_s: float = 5.0
     envelope_window_s: float = 120.0
     replay_cache_entries: int = 100_000
-    ban_score_threshold: float = 10.0
+    ban_score_threshold: float = 50.0
     ban_base_s: float = 15.0
     ban_max_s: float = 3600.0
     score_decay_per_s: float = 0.5

@@ -24,7 +24,7 @@ from mesh.wire import FrameDecoder, decode_any, encode, frame
 
 from .errors import NEXUS_ERRORS, ApiError
 from .metrics import Metrics
-from .protocol import ErrorReply
+from .protocol import MAX_REPLY_BYTES, ErrorReply
 
 log = structlog.get_logger(__name__)
 
@@ -117,8 +117,16 @@ class ApiServer:
                 self._metrics.inc("api_requests_refused_total", code="internal")
                 reply = ErrorReply("internal", f"internal error ({type(exc).__name__}); see log")
             try:
+                raw = frame(encode(reply), max_frame_bytes=MAX_REPLY_BYTES)
+            except OversizeMessage as exc:
+                log.warning("api_reply_too_large", kind=type(reply).__name__, reason=str(exc))
+                self._metrics.inc("api_requests_refused_total", code="too_large")
+                raw = frame(encode(ErrorReply("too_large", f"the reply is too large to send ({exc}); "
+                                              "split the job into smaller ones")),
+                            max_frame_bytes=MAX_REPLY_BYTES)  # fmt: skip
+            try:
                 with trio.fail_after(self._timeout):
-                    await stream.send_all(frame(encode(reply), max_frame_bytes=self._max))
+                    await stream.send_all(raw)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                 log.debug("api_client_gone_before_reply")
 
@@ -151,7 +159,13 @@ class ApiServer:
         log.debug("api_request", kind=kind)
 
         async def emit(event: object) -> None:
-            await stream.send_all(frame(encode(event), max_frame_bytes=self._max))
+            """Send an event; a client that does not take it within the request deadline is
+            treated as gone (raises BrokenResourceError), so it never stalls a job."""
+            raw = frame(encode(event), max_frame_bytes=MAX_REPLY_BYTES)
+            with trio.move_on_after(self._timeout) as scope:
+                await stream.send_all(raw)
+            if scope.cancelled_caught:
+                raise trio.BrokenResourceError("client stopped reading events")
 
         return await handler(request, emit)
 

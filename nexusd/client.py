@@ -15,10 +15,9 @@ from mesh.errors import MalformedMessage, OversizeMessage
 from mesh.wire import FrameDecoder, decode_any, encode, frame
 
 from .errors import ApiError, DaemonUnavailable
-from .protocol import EVENT_TYPES, REPLY_TYPES, ErrorReply
+from .protocol import EVENT_TYPES, MAX_REPLY_BYTES, REPLY_TYPES, ErrorReply
 
 OnEvent = Callable[[object], Awaitable[None]]
-MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 
 async def call(

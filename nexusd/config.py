@@ -60,7 +60,7 @@ class MeshConfig:
     max_clock_drift_s: float = 5.0
     envelope_window_s: float = 120.0
     replay_cache_entries: int = 100_000
-    ban_score_threshold: float = 10.0
+    ban_score_threshold: float = 50.0
     ban_base_s: float = 15.0
     ban_max_s: float = 3600.0
     join_attempts_per_minute: int = 10
@@ -95,6 +95,7 @@ class AtomsConfig:
     kv_cache_budget_bytes: int = 512 * MiB
     session_idle_s: float = 300.0
     max_sessions: int = 64
+    max_step_tokens: int = 65536
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -102,6 +103,7 @@ class AtomsConfig:
         _positive("atoms.kv_cache_budget_bytes", self.kv_cache_budget_bytes)
         _positive("atoms.session_idle_s", self.session_idle_s)
         _positive("atoms.max_sessions", self.max_sessions)
+        _positive("atoms.max_step_tokens", self.max_step_tokens)
 
 
 @dataclass(frozen=True, slots=True)

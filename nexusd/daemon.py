@@ -90,7 +90,7 @@ class Daemon:
         self.limiter = trio.CapacityLimiter(1)  # one device: torch work runs one at a time
         self.host = SpanHost([], kv_budget_bytes=cfg.atoms.kv_cache_budget_bytes,
                              max_sessions=cfg.atoms.max_sessions, limiter=self.limiter,
-                             metrics=self.metrics)  # fmt: skip
+                             metrics=self.metrics, max_step_tokens=cfg.atoms.max_step_tokens)  # fmt: skip
         self.signer = Signer(self.key, HybridClock(max_drift_s=cfg.mesh.max_clock_drift_s))
         self.verifier = EnvelopeVerifier(
             clock=self.signer.clock, window_s=cfg.mesh.envelope_window_s,

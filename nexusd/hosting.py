@@ -28,6 +28,7 @@ from atoms.errors import AtomError, CacheExhausted, CacheNotReady
 from atoms.span import Span
 from mesh.errors import MeshError, PeerProtocolError
 
+from .errors import NexusError
 from .exec_protocol import (
     CloseSession,
     ExecChannel,
@@ -42,7 +43,7 @@ from .exec_protocol import (
 from .metrics import Metrics
 
 log = structlog.get_logger(__name__)
-KEPT_RESULTS = 4  # answers kept per session for repeated step ids
+KEPT_RESULTS = 1  # answers kept per session for a repeated step id (a resend after a timeout)
 
 
 class LoadMeter:
@@ -101,7 +102,7 @@ def warm_up(span: Span) -> float:
     return time.perf_counter() - t0
 
 
-class ExecRefused(Exception):
+class ExecRefused(NexusError):
     """A request this host refuses; becomes an `ExecFailure(code, message)` on the wire."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -111,6 +112,7 @@ class ExecRefused(Exception):
 
 @dataclass(slots=True)
 class _Session:
+    opened: OpenSession
     span: Span
     cache: SessionCache | None
     batch: int
@@ -141,6 +143,7 @@ class SpanHost:
         metrics: counters and gauges.
         clock: monotonic seconds (injected for tests).
         load_window_s: the window of the advertised utilisation and peak queue depth.
+        max_step_tokens: batch x tokens one step may carry (bounds a step's memory).
     """
 
     def __init__(
@@ -153,8 +156,10 @@ class SpanHost:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         load_window_s: float = 5.0,
+        max_step_tokens: int = 65536,
     ) -> None:
         self._spans = list(spans)
+        self._max_step_tokens = max_step_tokens
         self._budget = kv_budget_bytes
         self._max_sessions = max_sessions
         self._limiter = limiter
@@ -198,11 +203,14 @@ class SpanHost:
                 return Span(atoms)
         raise ExecRefused("not_hosted", f"atoms {model_id}[{start},{end}) are not hosted here")
 
-    def open(self, peer: bytes, msg: OpenSession) -> SessionOpened:
-        """Create a session (idempotent for the same peer and id)."""
+    async def open(self, peer: bytes, msg: OpenSession) -> SessionOpened:
+        """Create a session (idempotent for the same peer, id and parameters); the KV cache
+        is allocated in a worker thread (up to the whole budget: not on the event loop)."""
         key = (peer, msg.session_id)
         if key in self._sessions:
             sess = self._sessions[key]
+            if sess.opened != msg:
+                raise ExecRefused("bad_input", "session id already open with other parameters")
             return SessionOpened(msg.session_id, sess.cache.nbytes if sess.cache else 0)
         if len(self._sessions) >= self._max_sessions:
             raise ExecRefused("busy", f"host serves its maximum of {self._max_sessions} sessions")
@@ -211,11 +219,13 @@ class SpanHost:
         if msg.max_len > 0 and span.kv_layouts():
             remaining = self._budget - self.kv_bytes_used
             try:
-                cache = span.new_session_cache(msg.batch, msg.max_len, remaining)
+                cache = await trio.to_thread.run_sync(
+                    span.new_session_cache, msg.batch, msg.max_len, remaining
+                )
             except CacheExhausted as exc:
                 self._metrics.inc("exec_refused_total", code="cache_exhausted")
                 raise ExecRefused("cache_exhausted", f"{exc} (host budget {self._budget})") from None
-        self._sessions[key] = _Session(span, cache, msg.batch, msg.reply_codec, self._clock())
+        self._sessions[key] = _Session(msg, span, cache, msg.batch, msg.reply_codec, self._clock())
         self._metrics.set("host_sessions", len(self._sessions))
         return SessionOpened(msg.session_id, cache.nbytes if cache else 0)
 
@@ -260,9 +270,15 @@ class SpanHost:
         return result, enc
 
     def _context(self, sess: _Session, msg: Step, x: torch.Tensor) -> ForwardContext:
-        if x.shape[:1] != (sess.batch,) and sess.cache is not None:
+        if x.dim() == 0 or x.shape[0] > sess.batch or (sess.cache is not None and x.shape[0] != sess.batch):
             raise ExecRefused("bad_input", f"session batch is {sess.batch}, got {tuple(x.shape)}")
         tokens = x.shape[1] if sess.span.in_kind in (IOKind.IDS, IOKind.HIDDEN) else 1
+        if x.shape[0] * tokens > self._max_step_tokens:
+            raise ExecRefused("bad_input", f"a step carries at most {self._max_step_tokens} "
+                                           f"batch x tokens, got {x.shape[0] * tokens}")  # fmt: skip
+        if sess.cache is None and msg.position != 0:
+            raise ExecRefused("bad_input", f"a session without a KV cache starts every step at "
+                                           f"position 0, got {msg.position}")  # fmt: skip
         if sess.cache is not None and sess.cache.length != msg.position:
             raise ExecRefused(
                 "out_of_order", f"cache holds {sess.cache.length} tokens, step starts at {msg.position}"
@@ -303,6 +319,9 @@ class SpanHost:
                 code = "internal"
             self._metrics.inc("exec_refused_total", code=code)
             raise ExecRefused(code, f"{type(exc).__name__}: {exc}") from None
+        except BaseException:  # cleanup, then re-raise: not a boundary
+            self._sessions.pop((peer, msg.session_id), None)  # half-written cache: unusable
+            raise
         finally:
             self.queued -= 1
             self._metrics.set("host_queue_depth", self.queued)
@@ -331,7 +350,7 @@ class SpanHost:
                 return  # idle or gone: sessions stay until reclaimed, a new stream may resume
             try:
                 if isinstance(msg, OpenSession):
-                    await channel.send(self.open(peer, msg))
+                    await channel.send(await self.open(peer, msg))
                 elif isinstance(msg, Step):
                     result, enc = await self.step(peer, msg, payload)
                     await channel.send(result, enc)

@@ -137,7 +137,12 @@ class JobService:
         if outcome.status is SubmitStatus.EXISTING_DONE:
             return self._stored_outcome(outcome.record)
         running = self._running.get(job_id)
-        if running is None:  # accepted by an earlier process and not resumed: resume it now
+        if running is None:
+            # Either it finished between the journal read and now (return what it did), or
+            # an earlier process accepted it and recovery has not resumed it (resume it).
+            rec = await trio.to_thread.run_sync(self.journal.get, job_id)
+            if rec.state.is_terminal:
+                return self._stored_outcome(rec)
             running = self._start(job_id, dataclasses.replace(req, job_id=job_id))
         running.listeners.append(emit)
         await running.done.wait()
@@ -228,6 +233,9 @@ class JobService:
         running.user_cancelled = True
         running.scope.cancel()
         await running.done.wait()
+        rec = await trio.to_thread.run_sync(self.journal.get, req.job_id)
+        if rec.state is not JobState.CANCELLED:  # it finished before the cancel took hold
+            raise ApiError("conflict", f"job {req.job_id} finished first: {rec.state.value}")
         return OkReply(f"job {req.job_id} cancelled")
 
     async def _result(self, req: ResultRequest, _emit: Emit) -> object:

@@ -26,7 +26,7 @@ from atoms.codecs import CODECS, wire_bytes
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
 from mesh.identity import EnvelopeVerifier
 
-from .errors import ApiError
+from .errors import NEXUS_ERRORS, ApiError
 from .exec_protocol import ORIGIN_INBOUND, ExecChannel, Signer
 from .hosting import SpanHost
 from .metrics import Metrics
@@ -149,7 +149,8 @@ class JobEngine:
 
         def report(host: bytes, reason: str) -> None:
             self._metrics.inc("hop_failures_total")
-            self.view.report(host, reason)
+            if host != self.view.node_id:  # our own span failing is not a peer's misbehaviour
+                self.view.report(host, reason)
 
         return RoutedSession(n_atoms=n_atoms, plan=plan, make_hop=make_hop,
                              report_failure=report, batch=batch, max_len=max_len,
@@ -207,7 +208,7 @@ class JobEngine:
                     await emit(event)
                 pending.clear()
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await session.close()
         elapsed = time.perf_counter() - t0
         self._metrics.inc("jobs_tokens_total", len(step.token_ids), model=req.model)
@@ -281,12 +282,15 @@ class JobEngine:
                     await emit(ProgressEvent(job_id, done, len(texts), "embedding"))
             finally:
                 failovers.extend(session.failovers)
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await session.close()
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(lanes):
-                nursery.start_soon(lane)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(lanes):
+                    nursery.start_soon(lane)
+        except BaseExceptionGroup as group:  # a lane's failure is the job's: surface it as is
+            raise _first_job_error(group) from None
         elapsed = time.perf_counter() - t0
         self._metrics.inc("jobs_texts_embedded_total", len(texts), model=model_id)
         vectors = torch.stack([v for v in out if v is not None])
@@ -318,3 +322,12 @@ def _check_codec(codec: str) -> None:
     if codec not in CODECS:
         raise ApiError("bad_request", f"codec: expected one of {sorted(CODECS)}, got {codec!r}")
 
+
+def _first_job_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a job should fail with, from its lanes' exception group: an ApiError or
+    other NEXUS error when there is one (the first), else the group itself (a bug)."""
+    for exc in group.exceptions:
+        inner = _first_job_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(inner, (ApiError, *NEXUS_ERRORS)):
+            return inner
+    return group

@@ -169,7 +169,7 @@ class MeshService:
 
         m = self.cfg.mesh
         async with open_direct_listener(self.signer.key, m.listen_host, m.direct_port, tcfg,
-                                        self.is_member, self._serve_exec) as listener:  # fmt: skip
+                                        self.is_member, self._serve_exec_direct) as listener:  # fmt: skip
             self.direct_addr = f"{m.listen_host}:{listener.port}"
             log.info("direct_listening", addr=self.direct_addr)
             self.refresh_advert()
@@ -194,6 +194,17 @@ class MeshService:
                 log.warning("direct_dial_failed", peer=peer.hex()[:8], reason=str(exc))
                 self.metrics.inc("direct_dial_failures_total")
         return await node.open_stream(peer, EXEC_PROTOCOL)
+
+    async def _serve_exec_direct(self, stream: Stream) -> None:
+        """Exec over the direct channel; a peer breaking the protocol is scored, as on libp2p
+        (where the mesh node's handler wrapper does it)."""
+        try:
+            await self._serve_exec(stream)
+        except PeerProtocolError as exc:
+            log.warning("exec_peer_misbehaved", peer=stream.remote_id.hex()[:8],
+                        error=type(exc).__name__, reason=str(exc))  # fmt: skip
+            if self.node is not None:
+                await self.node.report(stream.remote_id, "malformed")
 
     async def _serve_exec(self, stream: Stream) -> None:
         node = self.node
@@ -475,7 +486,10 @@ class MeshApi:
 
     async def _wait(self, req: WaitRequest, _emit: Emit) -> PeersReply:
         node = self._node()
-        target = bytes.fromhex(req.node) if len(req.node) == 64 else self._resolve(node, req.node)
+        try:
+            target = bytes.fromhex(req.node) if len(req.node) == 64 else self._resolve(node, req.node)
+        except ValueError:
+            raise ApiError("bad_request", f"node: expected a hex node id, got {req.node!r}") from None
         now_ms = lambda: int(time.time() * 1000)  # noqa: E731
         probes_before = self._svc.probes.get(target, 0)
         checks = {

@@ -23,6 +23,8 @@ class ErrorReply:
     message: str
 
 
+MAX_REPLY_BYTES = 256 * 1024 * 1024  # one reply frame, both sides (requests: api.max_request_bytes)
+
 ERROR_CODES = (
     "malformed",  # the request did not decode
     "bad_request",  # decoded, but a parameter is out of range
@@ -31,6 +33,7 @@ ERROR_CODES = (
     "unavailable",  # no route, no host, mesh not joined
     "refused",  # the mesh refused (invite expired, revoked, ...)
     "failed",  # the job ran and failed
+    "too_large",  # the reply would exceed MAX_REPLY_BYTES (ask for less per job)
     "internal",  # our bug; details in the daemon log
 )
 

@@ -44,13 +44,43 @@ log = structlog.get_logger(__name__)
 
 
 class HopFailed(NexusError):
-    """A hop could not give a valid answer; the session fails over if it can."""
+    """A hop could not give a valid answer; the session fails over if it can.
 
-    def __init__(self, host: bytes, reason: str, *, retryable: bool = True) -> None:
+    Args:
+        retryable: another host may succeed (False: the input itself was refused).
+        blame: the host misbehaved or failed (broken stream, deadline, invalid output) and is
+            reported to the mesh; False for honest refusals (busy, out of KV room), which
+            only exclude the host from this session.
+    """
+
+    def __init__(self, host: bytes, reason: str, *, retryable: bool = True,
+                 blame: bool = True) -> None:  # fmt: skip
         super().__init__(f"host {host.hex()[:8]}: {reason}")
         self.host = host
         self.reason = reason
         self.retryable = retryable
+        self.blame = blame
+
+
+HONEST_REFUSALS = frozenset({"busy", "cache_exhausted", "no_session", "out_of_order", "not_hosted"})
+
+
+def refused(host: bytes, code: str, message: str) -> HopFailed:
+    """The HopFailed for a host's refusal with `code` (see exec_protocol.FAILURE_CODES)."""
+    return HopFailed(host, f"refused: {code}: {message}", retryable=code != "bad_input",
+                     blame=code not in HONEST_REFUSALS and code != "bad_input")  # fmt: skip
+
+
+def first_hop_failure(group: BaseExceptionGroup[BaseException]) -> HopFailed | None:
+    """The first HopFailed (or transport failure, as one) inside a nursery's exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = first_hop_failure(exc)
+            if inner is not None:
+                return inner
+        elif isinstance(exc, HopFailed):
+            return exc
+    return None
 
 
 class JobFailed(NexusError):
@@ -93,7 +123,8 @@ class Hop(Protocol):
 
     async def open(self, batch: int, max_len: int) -> None: ...
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]: ...
-    async def replay(self, first_id: int, inputs: list[StepInput]) -> list[torch.Tensor]: ...
+    async def replay(self, first_id: int, inputs: list[StepInput], *,
+                     per_step_s: float) -> list[torch.Tensor]: ...
     async def close(self) -> None: ...
 
 
@@ -141,24 +172,35 @@ class RemoteHop:
         )  # fmt: skip
         return out, timing
 
-    async def replay(self, first_id: int, inputs: list[StepInput]) -> list[torch.Tensor]:
+    async def replay(self, first_id: int, inputs: list[StepInput], *,
+                     per_step_s: float) -> list[torch.Tensor]:  # fmt: skip
         """Send every stored step at once and collect the answers (one round trip plus the
         compute, instead of one round trip per step). Sending and receiving run
-        concurrently, so large answers can never block behind unsent steps."""
+        concurrently, so large answers can never block behind unsent steps.
+
+        Args:
+            per_step_s: expected compute per step (measured on the failed host), for the
+                deadline: step_timeout + 2 x per_step_s x len(inputs).
+        """
         outs: list[torch.Tensor] = []
 
         async def send_all() -> None:
             for k, inp in enumerate(inputs):
                 enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
                 msg = Step(self._sid, first_id + k, inp.position, inp.causal, header_of(enc), inp.pad_mask)
-                await self._ch.send(msg, enc)
+                try:
+                    await self._ch.send(msg, enc)
+                except MeshError as exc:
+                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
 
         async def receive_all() -> None:
             for k, inp in enumerate(inputs):
-                reply, payload = await self._ch.receive()
+                try:
+                    reply, payload = await self._ch.receive()
+                except MeshError as exc:
+                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
                 if isinstance(reply, ExecFailure):
-                    raise HopFailed(self.plan.host, f"refused: {reply.code}: {reply.message}",
-                                    retryable=reply.code != "bad_input")  # fmt: skip
+                    raise refused(self.plan.host, reply.code, reply.message)
                 if not isinstance(reply, StepResult) or reply.step_id != first_id + k:
                     raise HopFailed(self.plan.host, f"expected StepResult {first_id + k}, got {reply!r:.80}")
                 try:
@@ -168,24 +210,30 @@ class RemoteHop:
                 _check_output(self.plan.host, inp.x, out)
                 outs.append(out)
 
+        deadline_s = self._timeout + 2 * per_step_s * len(inputs)
         try:
-            with trio.fail_after(self._timeout + 0.05 * len(inputs)):
+            with trio.fail_after(deadline_s):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(send_all)
                     nursery.start_soon(receive_all)
         except trio.TooSlowError:
-            raise HopFailed(self.plan.host, f"replay of {len(inputs)} steps timed out") from None
-        except MeshError as exc:
-            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
+            raise HopFailed(self.plan.host, f"replay of {len(inputs)} steps took over "
+                                            f"{deadline_s:.1f} s") from None  # fmt: skip
+        except BaseExceptionGroup as group:  # trio wraps child errors; surface the hop failure
+            failure = first_hop_failure(group)
+            if failure is None:
+                raise
+            raise failure from None
         return outs
 
     async def close(self) -> None:
-        with trio.move_on_after(1):
+        """Tell the host (best effort, bounded) and close the stream; never blocks long."""
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
             try:
                 await self._ch.send(CloseSession(self._sid))
             except MeshError:
                 pass  # the host reclaims idle sessions anyway
-        await self._ch.aclose()
+            await self._ch.aclose()
 
     async def _exchange(self, send: Callable[[], Awaitable[None]]) -> tuple[object, bytes]:
         try:
@@ -197,8 +245,7 @@ class RemoteHop:
         except MeshError as exc:
             raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
         if isinstance(reply, ExecFailure):
-            raise HopFailed(self.plan.host, f"refused: {reply.code}: {reply.message}",
-                            retryable=reply.code != "bad_input")  # fmt: skip
+            raise refused(self.plan.host, reply.code, reply.message)
         return reply, payload
 
 
@@ -215,24 +262,27 @@ class LocalHop:
     async def open(self, batch: int, max_len: int) -> None:
         msg = OpenSession(self._sid, self._model, self.plan.start, self.plan.end, batch, max_len)
         try:
-            self._host.open(self._self, msg)
+            await self._host.open(self._self, msg)
         except ExecRefused as exc:
-            raise HopFailed(self.plan.host, f"refused: {exc.code}: {exc}") from None
+            raise refused(self.plan.host, exc.code, str(exc)) from None
 
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x)
         msg = Step(self._sid, step_id, inp.position, inp.causal, header_of(enc), inp.pad_mask)
         try:
             reply, out_enc = await self._host.step(self._self, msg, enc.data)
+            out = tensor_of(reply.tensor, out_enc.data)
         except ExecRefused as exc:
-            raise HopFailed(self.plan.host, f"refused: {exc.code}: {exc}",
-                            retryable=exc.code != "bad_input") from None  # fmt: skip
-        out = tensor_of(reply.tensor, out_enc.data)
+            raise refused(self.plan.host, exc.code, str(exc)) from None
+        except AtomError as exc:
+            raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
+        _check_output(self.plan.host, inp.x, out)
         timing = HopTiming(self.plan.host, self.plan.start, self.plan.end, reply.compute_s,
                            reply.queue_s, 0.0, 0, 0)  # fmt: skip
         return out, timing
 
-    async def replay(self, first_id: int, inputs: list[StepInput]) -> list[torch.Tensor]:
+    async def replay(self, first_id: int, inputs: list[StepInput], *,
+                     per_step_s: float) -> list[torch.Tensor]:  # fmt: skip
         return [(await self.step(first_id + k, inp))[0] for k, inp in enumerate(inputs)]
 
     async def close(self) -> None:
@@ -255,6 +305,12 @@ FailureReporter = Callable[[bytes, str], None]
 class _Live:
     hop: Hop
     history: list[StepInput] = field(default_factory=list)
+    steps: int = 0
+    compute_s: float = 0.0  # summed over steps: the replay deadline scales with it
+
+    @property
+    def per_step_s(self) -> float:
+        return self.compute_s / self.steps if self.steps else 0.05
 
 
 class RoutedSession:
@@ -314,12 +370,15 @@ class RoutedSession:
                     await hop.open(self._batch, self._max_len)
                 return opened
             except HopFailed as exc:
-                for live in opened:
-                    await live.hop.close()
+                await _close_all(opened)
                 self._fail(exc)
+            except BaseException:  # cleanup, then re-raise: not a boundary
+                await _close_all(opened)
+                raise
 
     def _fail(self, exc: HopFailed) -> None:
-        self._report(exc.host, exc.reason)
+        if exc.blame:
+            self._report(exc.host, exc.reason)
         if not exc.retryable:
             raise JobFailed(str(exc)) from exc
         self._excluded.add(exc.host)
@@ -341,7 +400,10 @@ class RoutedSession:
                 self._fail(exc)
                 await self._replace(i)
                 continue  # the same step again, on the replacement
-            live.history.append(x)
+            if self._max_len > 0:  # a KV cache to rebuild on failover: keep what built it
+                live.history.append(x)
+            live.steps += 1
+            live.compute_s += timing.compute_s + timing.queue_s
             timings.append(timing)
             x = StepInput(out, x.position, x.causal, x.pad_mask)
             i += 1
@@ -356,14 +418,16 @@ class RoutedSession:
             try:
                 xs = list(old.history)
                 for live in new:  # the same step shapes as before: bit-identical caches
-                    outs = await live.hop.replay(len(live.history), xs)
+                    outs = await live.hop.replay(len(live.history), xs, per_step_s=old.per_step_s)
                     live.history.extend(xs)
                     xs = [StepInput(o, x.position, x.causal, x.pad_mask) for o, x in zip(outs, xs, strict=True)]
             except HopFailed as exc:
-                for live in new:
-                    await live.hop.close()
+                await _close_all(new)
                 self._fail(exc)
                 continue
+            except BaseException:  # cleanup, then re-raise: not a boundary
+                await _close_all(new)
+                raise
             self._hops[i : i + 1] = new
             if self._on_route is not None:
                 self._on_route(self.route, self.failovers[-1] if self.failovers else "rerouted")
@@ -372,5 +436,10 @@ class RoutedSession:
             return
 
     async def close(self) -> None:
-        for live in self._hops:
-            await live.hop.close()
+        await _close_all(self._hops)
+
+
+async def _close_all(hops: list[_Live]) -> None:
+    """Close hops (each close is shielded and bounded), e.g. on the way out of a cancel."""
+    for live in hops:
+        await live.hop.close()
