@@ -182,6 +182,12 @@ class JobEngine:
             raise ApiError("bad_request", str(exc)) from None
         tok = self.registry.tokenizer(req.model)
         prompt_ids = tok.encode(req.prompt)
+        context = (self.registry.config_int(req.model, "max_positions", 0)
+                   or self.registry.config_int(req.model, "max_position_embeddings", 0))  # fmt: skip
+        if context and len(prompt_ids) + req.max_new_tokens > context:
+            raise ApiError("bad_request", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                                          f"({req.max_new_tokens}) exceeds {req.model}'s context "
+                                          f"of {context} positions")  # fmt: skip
         pending: list[object] = []
         gen = TokenGenerator(params, decode=tok.decode,
                              on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)))  # fmt: skip

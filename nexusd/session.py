@@ -4,7 +4,8 @@ Rule 1: the origin keeps every input it sent to each hop. When a hop fails (stre
 deadline passed, refusal, or invalid output), its host is reported (ban with backoff), only
 that hop's span is re-planned, the stored inputs are replayed through the replacement so
 its KV caches are rebuilt, and the step continues: the result equals a run without the
-failure (replay uses the very same step shapes, so caches are bit-identical).
+failure (replay uses the very same step shapes, so caches are bit-identical, given the
+exact `raw` codec and a replacement of the same dtype).
 Rule 2: outputs are checked before use: decodable, finite, and of the batch/token shape
 the input had.
 Rule 3: every step reports, per hop, compute, queue and transfer time.

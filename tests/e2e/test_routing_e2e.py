@@ -12,7 +12,6 @@ from nexusd.cluster import LocalCluster, local_cluster
 from nexusd.errors import ApiError
 from nexusd.protocol import (
     CancelRequest,
-    EmbedRequest,
     GenerateReply,
     GenerateRequest,
     StatusReply,
@@ -24,7 +23,6 @@ from .test_distributed import FAST
 
 pytestmark = pytest.mark.e2e
 
-BUSY_TEXTS = tuple(f"filler sentence {i} keeps this host's device busy for a while" for i in range(4000))
 
 
 @pytest.fixture
@@ -32,7 +30,6 @@ def cluster(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
     with local_cluster(tmp_path, 3, models_dir=models_dir, env=FAST) as c:
         for i in (1, 2):
             c.host(i, "nexus-1.1")
-            c.host(i, "minilm")
         c.wait_hosts(0, 2, "nexus-1.1")
         yield c
 
@@ -44,13 +41,18 @@ def node_hex(cluster: LocalCluster, i: int) -> str:
 
 
 def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
-    """Keep node `busy` computing a large local job; return the origin's generation route."""
+    """Keep node `busy` computing a long local job; return the origin's generation route.
+
+    The load is a generation started on the busy node itself: a latency job whose cheapest
+    route is local (the node hosts the whole model), so it cannot spread to the other
+    replica the way batch work does.
+    """
     job_id = f"busy-{busy}"
     errors: list[BaseException] = []
 
     def load() -> None:
         try:
-            cluster.call(busy, EmbedRequest(BUSY_TEXTS, "minilm", micro_batch=64, job_id=job_id),
+            cluster.call(busy, GenerateRequest("keep busy", "nexus-1.1", 480, job_id=job_id),
                          timeout_s=300)  # fmt: skip
         except ApiError as exc:  # cancelled at the end: expected
             if "cancelled" not in exc.message:
@@ -59,7 +61,7 @@ def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
     worker = threading.Thread(target=load)
     worker.start()
     try:
-        cluster.call(0, WaitRequest("busy", node_hex(cluster, busy), 0.5, timeout_s=60))
+        cluster.call(0, WaitRequest("busy", node_hex(cluster, busy), 0.4, timeout_s=60))
         reply = cluster.call(0, GenerateRequest("route me", "nexus-1.1", 4))
         assert isinstance(reply, GenerateReply)
         return [h.host for h in reply.route]
