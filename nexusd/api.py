@@ -39,7 +39,8 @@ class ApiServer:
         path: the socket file; created 0600, replaced if stale (the caller holds the node lock).
         max_request_bytes: cap on one request frame.
         request_timeout_s: deadline for reading the request (not for the job itself).
-        max_clients: connections served at once; more wait in the kernel backlog.
+        max_clients: requests read at once; more wait (a request's job may then run as long
+            as it takes without holding a slot).
     """
 
     def __init__(
@@ -97,9 +98,12 @@ class ApiServer:
         return sock
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
-        async with self._slots, stream:
+        async with stream:
             try:
-                request = await self._read_request(stream)
+                # The slot bounds clients sending requests at once; it is released before the
+                # request runs, so clients waiting on long jobs never lock out status/cancel.
+                async with self._slots:
+                    request = await self._read_request(stream)
                 reply = await self._dispatch(request, stream)
             except ApiError as exc:
                 self._metrics.inc("api_requests_refused_total", code=exc.code)
