@@ -11,13 +11,14 @@ shape, dtype and finiteness errors name the atom.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .cache import KVLayout, SessionCache
-from .errors import DtypeMismatch, NonFiniteInput, ShapeMismatch
+from .errors import DtypeMismatch, ModelFormatError, NonFiniteInput, ShapeMismatch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -211,3 +212,22 @@ class Atom(nn.Module):
             except KeyError:
                 continue
         return None
+
+
+def build_from_table(
+    spec: AtomSpec, family: str, classes: Mapping[AtomKind, Callable[[AtomSpec], Atom]]
+) -> Atom:
+    """Rebuild an atom of `family` (zero weights) from its spec with the family's class table.
+
+    Raises:
+        ModelFormatError: not a spec of this family and kinds, or one missing a dim/attr.
+    """
+    if spec.family != family or spec.kind not in classes:
+        raise ModelFormatError(
+            f"atom {spec.uid}: expected a {family} {sorted(k.value for k in classes)} spec, "
+            f"got family {spec.family!r} kind {spec.kind.value}"
+        )
+    try:
+        return classes[spec.kind](spec)
+    except KeyError as exc:
+        raise ModelFormatError(f"atom {spec.uid}: incomplete {family} spec: {exc}") from None

@@ -30,7 +30,16 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .atom import Atom, AtomKind, AtomSpec, ForwardContext, IOKind, make_attrs, make_dims
+from .atom import (
+    Atom,
+    AtomKind,
+    AtomSpec,
+    ForwardContext,
+    IOKind,
+    build_from_table,
+    make_attrs,
+    make_dims,
+)
 from .cache import KVLayout
 from .errors import (
     InputOutOfRange,
@@ -408,15 +417,7 @@ def build_atom(spec: AtomSpec) -> Atom:
     Raises:
         ModelFormatError: the spec is not a BERT atom, or lacks a dim/attr.
     """
-    if spec.family != FAMILY or spec.kind not in _CLASSES:
-        raise ModelFormatError(
-            f"atom {spec.uid}: expected a {FAMILY} {sorted(k.value for k in _CLASSES)} spec, "
-            f"got family {spec.family!r} kind {spec.kind.value}"
-        )
-    try:
-        return _CLASSES[spec.kind](spec)
-    except KeyError as exc:
-        raise ModelFormatError(f"atom {spec.uid}: incomplete {FAMILY} spec: {exc}") from None
+    return build_from_table(spec, FAMILY, _CLASSES)
 
 
 def init_random(atom: Atom, generator: torch.Generator) -> Atom:

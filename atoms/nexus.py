@@ -31,7 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import bert
-from .atom import Atom, AtomKind, AtomSpec, ForwardContext, IOKind, make_attrs, make_dims
+from .atom import (
+    Atom,
+    AtomKind,
+    AtomSpec,
+    ForwardContext,
+    IOKind,
+    build_from_table,
+    make_attrs,
+    make_dims,
+)
 from .cache import KVLayout
 from .errors import InputOutOfRange, ModelFormatError
 from .llama import attention_mask, materialize
@@ -238,15 +247,7 @@ def nexus_atom_from_spec(spec: AtomSpec) -> Atom:
     Raises:
         ModelFormatError: not a Nexus atom spec, or one missing a dim/attr.
     """
-    if spec.family != FAMILY or spec.kind not in _CLASSES:
-        raise ModelFormatError(
-            f"atom {spec.uid}: expected a {FAMILY} position/block/lm_head spec, "
-            f"got family {spec.family!r} kind {spec.kind.value}"
-        )
-    try:
-        return _CLASSES[spec.kind](spec)
-    except KeyError as exc:
-        raise ModelFormatError(f"atom {spec.uid}: incomplete {FAMILY} spec: {exc}") from None
+    return build_from_table(spec, FAMILY, _CLASSES)
 
 
 def nexus_specs(cfg: NexusConfig, *, hidden: int, vocab: int, first_index: int,

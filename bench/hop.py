@@ -41,7 +41,12 @@ import trio
 from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier, NodeKey, seal_large
 from mesh.transport.base import Stream, TransportConfig
-from mesh.transport.direct import DirectStream, connect_direct, open_direct_listener
+from mesh.transport.direct import (
+    DirectStream,
+    FrameReader,
+    connect_direct,
+    open_direct_listener,
+)
 from mesh.transport.libp2p import open_libp2p_transport
 from mesh.wire import decode, encode, record
 
@@ -86,31 +91,14 @@ class TcpStream:
 
     def __init__(self, sock: trio.SocketStream) -> None:
         self._sock = sock
-        self._buf = bytearray()
+        self._reader = FrameReader(sock)
 
     async def send(self, payload: bytes) -> None:
         await self._sock.send_all(_HEADER.pack(len(payload)) + payload)
 
     async def receive(self, *, timeout_s: float | None = None) -> bytes:
         with trio.fail_after(CONFIG.read_timeout_s if timeout_s is None else timeout_s):
-            await self._fill(_HEADER.size)
-            (length,) = _HEADER.unpack_from(self._buf)
-            if length > CONFIG.max_frame_bytes:
-                raise ValueError(f"frame of {length} bytes, over {CONFIG.max_frame_bytes}")
-            end = _HEADER.size + length
-            await self._fill(end)
-        with memoryview(self._buf) as view:
-            frame = bytes(view[_HEADER.size : end])
-        del self._buf[:end]
-        return frame
-
-    async def _fill(self, size: int) -> None:
-        while len(self._buf) < size:
-            want = min(max(size - len(self._buf), 64 * 1024), 1024 * 1024)
-            chunk = await self._sock.receive_some(want)
-            if not chunk:
-                raise trio.BrokenResourceError("tcp baseline: peer closed")
-            self._buf += chunk
+            return await self._reader.read_frame(CONFIG.max_frame_bytes)
 
     async def aclose(self) -> None:
         await self._sock.aclose()

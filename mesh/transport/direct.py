@@ -151,7 +151,7 @@ def _map_errors(what: str, peer: bytes) -> Iterator[None]:
         raise TransportBroken(f"{what} with {short_id(peer)}: {type(exc).__name__}: {exc}") from exc
 
 
-class _FrameReader:
+class FrameReader:
     """Length-prefixed frames from a socket, bounded before the body is read.
 
     The buffer survives a cancelled read (a passed deadline), so no frame is ever torn.
@@ -208,7 +208,7 @@ class DirectStream:
     def __init__(
         self,
         sock: trio.SocketStream,
-        reader: _FrameReader,
+        reader: FrameReader,
         *,
         remote_id: bytes,
         protocol: str,
@@ -400,7 +400,7 @@ class _Session:
 
 async def _initiate(
     sock: trio.SocketStream,
-    reader: _FrameReader,
+    reader: FrameReader,
     key: NodeKey,
     expected_remote: bytes,
     protocol: str,
@@ -429,7 +429,7 @@ async def _initiate(
     return _Session(accept.responder, protocol, SessionCipher(tx_key), rx)
 
 
-async def _read_reply(reader: _FrameReader, peer: bytes, max_bytes: int) -> bytes:
+async def _read_reply(reader: FrameReader, peer: bytes, max_bytes: int) -> bytes:
     """A handshake reply; the listener closes the connection when it refuses us."""
     try:
         return await reader.read_frame(max_bytes)
@@ -442,7 +442,7 @@ async def _read_reply(reader: _FrameReader, peer: bytes, max_bytes: int) -> byte
 
 async def _respond(
     sock: trio.SocketStream,
-    reader: _FrameReader,
+    reader: FrameReader,
     key: NodeKey,
     is_member: Callable[[bytes], bool],
 ) -> _Session:
@@ -510,7 +510,7 @@ async def connect_direct(
         sock = await trio.open_tcp_stream(host, port)
         try:
             _nodelay(sock)
-            reader = _FrameReader(sock)
+            reader = FrameReader(sock)
             session = await _initiate(sock, reader, key, expected_remote, protocol, is_member)
         except BaseException:  # cleanup, then re-raise: not a boundary
             await _close_quietly(sock)
@@ -520,7 +520,7 @@ async def connect_direct(
 
 
 def _stream(
-    sock: trio.SocketStream, reader: _FrameReader, session: _Session, config: TransportConfig
+    sock: trio.SocketStream, reader: FrameReader, session: _Session, config: TransportConfig
 ) -> DirectStream:
     return DirectStream(
         sock, reader, remote_id=session.remote_id, protocol=session.protocol, config=config,
@@ -579,7 +579,7 @@ class DirectListener:
             return None
         try:
             _nodelay(sock)
-            reader = _FrameReader(sock)
+            reader = FrameReader(sock)
             with trio.fail_after(self._config.connect_timeout_s):
                 session = await _respond(sock, reader, self._key, self._is_member)
         except _Refused as exc:
