@@ -305,9 +305,10 @@ FailureReporter = Callable[[bytes, str], None]
 @dataclass(slots=True)
 class _Live:
     hop: Hop
-    history: list[StepInput] = field(default_factory=list)
-    steps: int = 0
-    compute_s: float = 0.0  # summed over steps: the replay deadline scales with it
+    history: list[StepInput] = field(default_factory=list)  # only for sessions with a KV cache
+    next_id: int = 0  # the step id of the next step sent on this hop's session
+    steps: int = 0  # timed steps (not replays), for the average below
+    compute_s: float = 0.0  # summed over timed steps: the replay deadline scales with it
 
     @property
     def per_step_s(self) -> float:
@@ -396,13 +397,14 @@ class RoutedSession:
         while i < len(self._hops):
             live = self._hops[i]
             try:
-                out, timing = await live.hop.step(len(live.history), x)
+                out, timing = await live.hop.step(live.next_id, x)
             except HopFailed as exc:
                 self._fail(exc)
                 await self._replace(i)
                 continue  # the same step again, on the replacement
             if self._max_len > 0:  # a KV cache to rebuild on failover: keep what built it
                 live.history.append(x)
+            live.next_id += 1
             live.steps += 1
             live.compute_s += timing.compute_s + timing.queue_s
             timings.append(timing)
@@ -419,8 +421,9 @@ class RoutedSession:
             try:
                 xs = list(old.history)
                 for live in new:  # the same step shapes as before: bit-identical caches
-                    outs = await live.hop.replay(len(live.history), xs, per_step_s=old.per_step_s)
+                    outs = await live.hop.replay(live.next_id, xs, per_step_s=old.per_step_s)
                     live.history.extend(xs)
+                    live.next_id += len(xs)
                     xs = [StepInput(o, x.position, x.causal, x.pad_mask) for o, x in zip(outs, xs, strict=True)]
             except HopFailed as exc:
                 await _close_all(new)

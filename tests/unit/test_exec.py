@@ -234,3 +234,26 @@ async def test_failure_during_replay_fails_over_again() -> None:
         nursery.cancel_scope.cancel()
     assert got == want
     assert [h for h, _ in cl.failures] == [b1.id, b2.id]
+
+
+async def test_session_without_cache_runs_many_steps_of_any_length() -> None:
+    """Batch work (embeddings) runs cache-less sessions: every step is a full forward of
+    new inputs with its own length, and each must get its own answer (regression: step ids
+    once came from the replay history, which cache-less sessions do not keep)."""
+    model = tiny_llama()
+    a, b = (Node(n, [s]) for n, s in zip("ab", split(model, [(0, 3), (3, 6)]), strict=True))
+    inputs = [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 1, 2, 3, 4, 8, 8]]), torch.tensor([[3]])]
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b])
+        plan = cl.planner([(0, 3, [a.id]), (3, 6, [b.id])])
+        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
+                             batch=1, max_len=0)  # fmt: skip
+        await sess.open()
+        for ids in inputs:
+            got, _ = await sess.step(StepInput(ids, 0, True, b""))
+            with torch.inference_mode():
+                want = model(ids, ForwardContext.for_tokens(1, ids.shape[1], causal=True))
+            assert torch.equal(got, want)
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert cl.failures == [] and sess.failovers == []
