@@ -16,7 +16,7 @@ from mesh.identity import EnvelopeVerifier, NodeKey
 from nexusd.exec_protocol import HOST_INBOUND, ORIGIN_INBOUND, ExecChannel, Signer
 from nexusd.hosting import SpanHost
 from nexusd.metrics import Metrics
-from nexusd.session import HopPlan, RemoteHop
+from nexusd.session import HopPlan, RemoteHop, RoutedSession
 
 TINY = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
@@ -109,6 +109,12 @@ class Cluster:
 
     def report(self, host: bytes, reason: str) -> None:
         self.failures.append((host, reason))
+
+    def session(self, plan: Callable[[int, int, frozenset[bytes]], list[HopPlan]], *,
+                max_len: int = 32) -> RoutedSession:
+        """A batch-1 session over the tiny model's 6 atoms, hops opened in this cluster."""
+        return RoutedSession(n_atoms=6, plan=plan, make_hop=self.make_hop,
+                             report_failure=self.report, batch=1, max_len=max_len)  # fmt: skip
 
     def planner(self, layout: list[tuple[int, int, list[bytes]]]
                 ) -> Callable[[int, int, frozenset[bytes]], list[HopPlan]]:  # fmt: skip

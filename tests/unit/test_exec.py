@@ -64,8 +64,7 @@ async def test_three_hosts_equal_one_process() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [a, b, c])
         plan = cl.planner([(0, 2, [a.id]), (2, 4, [b.id]), (4, 6, [c.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=32)  # fmt: skip
+        sess = cl.session(plan)
         await sess.open()
         got = await routed_greedy(sess, 12)
         await sess.close()
@@ -82,8 +81,7 @@ async def test_host_killed_mid_generation_output_identical() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [a, b1, b2])
         plan = cl.planner([(0, 3, [a.id]), (3, 6, [b1.id, b2.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=32)  # fmt: skip
+        sess = cl.session(plan)
         await sess.open()
 
         def kill(i: int) -> None:
@@ -119,8 +117,7 @@ async def test_nan_output_is_rejected_and_rerouted() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [bad, good])
         plan = cl.planner([(0, 6, [bad.id, good.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=32)  # fmt: skip
+        sess = cl.session(plan)
         await sess.open()
         got = await routed_greedy(sess, 4)
         await sess.close()
@@ -135,8 +132,7 @@ async def test_kv_budget_exhausted_is_refused_and_routed_elsewhere() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [small, big])
         plan = cl.planner([(0, 6, [small.id, big.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=32)  # fmt: skip
+        sess = cl.session(plan)
         await sess.open()
         assert [p.host for p in sess.route] == [big.id]
         assert "cache_exhausted" in sess.failovers[0]
@@ -152,8 +148,7 @@ async def test_no_host_left_fails_the_job_with_reason() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [only])
         plan = cl.planner([(0, 6, [only.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=32)  # fmt: skip
+        sess = cl.session(plan)
         await sess.open()
         for s in only.streams:
             s.break_()
@@ -185,8 +180,7 @@ async def test_bad_input_fails_the_job_not_the_host() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [node])
         plan = cl.planner([(0, 6, [node.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=32)  # fmt: skip
+        sess = cl.session(plan)
         await sess.open()
         with pytest.raises(JobFailed, match="bad_input"):
             await sess.step(StepInput(torch.tensor([[1.5, 2.5]]), 0, True, b""))
@@ -219,8 +213,7 @@ async def test_failure_during_replay_fails_over_again() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [a, b1, b2, b3])
         plan = cl.planner([(0, 3, [a.id]), (3, 6, [b1.id, b2.id, b3.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=32)  # fmt: skip
+        sess = cl.session(plan)
         await sess.open()
 
         def kill(i: int) -> None:
@@ -246,8 +239,7 @@ async def test_session_without_cache_runs_many_steps_of_any_length() -> None:
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [a, b])
         plan = cl.planner([(0, 3, [a.id]), (3, 6, [b.id])])
-        sess = RoutedSession(n_atoms=6, plan=plan, make_hop=cl.make_hop, report_failure=cl.report,
-                             batch=1, max_len=0)  # fmt: skip
+        sess = cl.session(plan, max_len=0)
         await sess.open()
         for ids in inputs:
             got, _ = await sess.step(StepInput(ids, 0, True, b""))
