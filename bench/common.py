@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from nexusd.cluster import LocalCluster, even_spans, local_cluster
+from nexusd.harness.cluster import LocalCluster, even_spans, local_cluster
 from nexusd.logging import configure_logging
 
 CALL_TIMEOUT_S = 120.0

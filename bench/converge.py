@@ -43,11 +43,11 @@ from mesh.node import MeshIdentity, MeshNode, MeshNodeConfig
 from mesh.state import HostedSpan, MemberCert, MeshState, Slot, SlotKind
 from mesh.transport.base import TransportConfig
 from mesh.transport.memory import LinkFaults, MemoryNetwork, open_memory_transport
-from nexusd.client import call
-from nexusd.cluster import LocalCluster, local_cluster
-from nexusd.demo import default_models_dir
-from nexusd.models import DEFAULT_EMBED_MODEL
-from nexusd.protocol import HostRequest, PeersReply, PeersRequest
+from nexusd.api.client import call
+from nexusd.api.records import HostRequest, PeersReply, PeersRequest
+from nexusd.harness.cluster import LocalCluster, local_cluster
+from nexusd.harness.demo import default_models_dir
+from nexusd.model_registry import DEFAULT_EMBED_MODEL
 
 from .common import common_args, emit_json, median, quiet_logs, rounded, work_dir
 

@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 import trio
 
-from nexusd.client import call
-from nexusd.cluster import LocalCluster
-from nexusd.commands.jobs import vectors_of
-from nexusd.demo import default_models_dir
-from nexusd.models import DEFAULT_EMBED_MODEL, ModelRegistry
-from nexusd.protocol import EmbedReply, EmbedRequest
+from nexusd.api.client import call
+from nexusd.api.records import EmbedReply, EmbedRequest, vectors_of
+from nexusd.harness.cluster import LocalCluster
+from nexusd.harness.demo import default_models_dir
+from nexusd.model_registry import DEFAULT_EMBED_MODEL, ModelRegistry
 
 from .common import common_args, emit_json, hosted_mesh, median, quiet_logs, rounded, work_dir
 

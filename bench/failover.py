@@ -30,10 +30,7 @@ from pathlib import Path
 
 import torch
 
-from nexusd.cluster import LocalCluster, even_spans
-from nexusd.demo import PROMPT, default_models_dir
-from nexusd.models import DEFAULT_GENERATE_MODEL, ModelRegistry
-from nexusd.protocol import (
+from nexusd.api.records import (
     GenerateReply,
     GenerateRequest,
     RouteEvent,
@@ -41,6 +38,9 @@ from nexusd.protocol import (
     StatusRequest,
     TokenEvent,
 )
+from nexusd.harness.cluster import LocalCluster, even_spans
+from nexusd.harness.demo import PROMPT, default_models_dir
+from nexusd.model_registry import DEFAULT_GENERATE_MODEL, ModelRegistry
 
 from .common import (
     CALL_TIMEOUT_S,

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from nexusd.cluster import LocalCluster
-from nexusd.demo import PROMPT, default_models_dir
-from nexusd.models import DEFAULT_GENERATE_MODEL, ModelRegistry
-from nexusd.protocol import GenerateReply, GenerateRequest
+from nexusd.api.records import GenerateReply, GenerateRequest
+from nexusd.harness.cluster import LocalCluster
+from nexusd.harness.demo import PROMPT, default_models_dir
+from nexusd.model_registry import DEFAULT_GENERATE_MODEL, ModelRegistry
 
 from .common import (
     CALL_TIMEOUT_S,

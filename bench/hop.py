@@ -68,7 +68,7 @@ CONFIG = TransportConfig(read_timeout_s=30.0, write_timeout_s=30.0, connect_time
 @record("bench.hop.step")
 @dataclass(frozen=True, slots=True)
 class HopStep:
-    """Same fields and size as `nexusd.exec_protocol.Step` (without importing torch)."""
+    """Same fields and size as `nexusd.exec.wire.Step` (without importing torch)."""
 
     session_id: bytes
     step_id: int

@@ -202,7 +202,7 @@ class DirectStream:
     """
 
     # Every frame is authenticated by the channel (signed handshake, AEAD, counters), so
-    # application protocols may skip per-message signatures on it (see nexusd.exec_protocol).
+    # application protocols may skip per-message signatures on it (see nexusd.exec.wire).
     channel_authenticated = True
 
     def __init__(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nexusd.models import ModelRegistry
+from nexusd.model_registry import ModelRegistry
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Real `nexusd` daemons as subprocesses for e2e tests (thin layer over `nexusd.cluster`)."""
+"""Real `nexusd` daemons as subprocesses for e2e tests (thin layer over `nexusd.harness.cluster`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from nexusd.cluster import DaemonProcess, daemon_env
-from nexusd.cluster import run_cli as _run_cli
+from nexusd.harness.cluster import DaemonProcess, daemon_env
+from nexusd.harness.cluster import run_cli as _run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 nexusd_env = daemon_env

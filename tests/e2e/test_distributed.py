@@ -11,17 +11,17 @@ import torch
 
 from atoms.embed import embed_texts
 from atoms.generation import GenerationParams, generate
-from nexusd.cluster import LocalCluster, even_spans, local_cluster
-from nexusd.commands.jobs import vectors_of
-from nexusd.models import ModelRegistry
-from nexusd.protocol import (
+from nexusd.api.records import (
     EmbedReply,
     EmbedRequest,
     GenerateReply,
     GenerateRequest,
     RouteEvent,
     TokenEvent,
+    vectors_of,
 )
+from nexusd.harness.cluster import LocalCluster, even_spans, local_cluster
+from nexusd.model_registry import ModelRegistry
 
 pytestmark = pytest.mark.e2e
 
@@ -105,6 +105,6 @@ def test_host_failing_mid_generation_gives_identical_output(
 
 
 def _status() -> object:
-    from nexusd.protocol import StatusRequest
+    from nexusd.api.records import StatusRequest
 
     return StatusRequest()

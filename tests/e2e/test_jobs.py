@@ -13,7 +13,7 @@ import torch
 
 from atoms.embed import embed_texts
 from atoms.generation import GenerationParams, generate
-from nexusd.models import ModelRegistry
+from nexusd.model_registry import ModelRegistry
 
 from .harness import ROOT, DaemonProcess, nexusd_env, run_cli, running
 

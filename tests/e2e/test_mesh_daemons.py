@@ -11,9 +11,7 @@ import pytest
 
 from mesh.identity import NodeKey
 from mesh.membership import create_invite
-from nexusd.cluster import LocalCluster, local_cluster, run_cli
-from nexusd.errors import ApiError
-from nexusd.protocol import (
+from nexusd.api.records import (
     InviteReply,
     InviteRequest,
     JoinMeshRequest,
@@ -24,6 +22,8 @@ from nexusd.protocol import (
     StatusRequest,
     WaitRequest,
 )
+from nexusd.errors import ApiError
+from nexusd.harness.cluster import LocalCluster, local_cluster, run_cli
 
 from .test_distributed import FAST
 

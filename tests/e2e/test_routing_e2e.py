@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nexusd.cluster import LocalCluster, local_cluster
-from nexusd.errors import ApiError
-from nexusd.protocol import (
+from nexusd.api.records import (
     CancelRequest,
     GenerateReply,
     GenerateRequest,
@@ -18,6 +16,8 @@ from nexusd.protocol import (
     StatusRequest,
     WaitRequest,
 )
+from nexusd.errors import ApiError
+from nexusd.harness.cluster import LocalCluster, local_cluster
 
 from .test_distributed import FAST
 

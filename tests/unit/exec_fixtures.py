@@ -13,10 +13,10 @@ from atoms.span import Span
 from mesh.errors import TransportBroken
 from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier, NodeKey
-from nexusd.exec_protocol import HOST_INBOUND, ORIGIN_INBOUND, ExecChannel, Signer
-from nexusd.hosting import SpanHost
+from nexusd.exec.hosting import SpanHost
+from nexusd.exec.session import HopPlan, RemoteHop, RoutedSession
+from nexusd.exec.wire import HOST_INBOUND, ORIGIN_INBOUND, ExecChannel, Signer
 from nexusd.metrics import Metrics
-from nexusd.session import HopPlan, RemoteHop, RoutedSession
 
 TINY = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip

@@ -23,8 +23,8 @@ from mesh.errors import (
 from mesh.identity import NodeKey
 from mesh.transport.base import Stream, StreamHandler, Transport, TransportConfig
 from mesh.transport.direct import DirectListener, connect_direct, open_direct_listener
-from nexusd.exec_protocol import HOST_INBOUND, ORIGIN_INBOUND, ExecChannel
-from nexusd.session import HopPlan, RemoteHop, StepInput
+from nexusd.exec.session import HopPlan, RemoteHop, StepInput
+from nexusd.exec.wire import HOST_INBOUND, ORIGIN_INBOUND, ExecChannel
 
 from . import transport_conformance as conformance
 from .exec_fixtures import Node, tiny_llama

@@ -11,13 +11,13 @@ import trio
 
 from atoms.atom import ForwardContext
 from atoms.span import Span
-from nexusd.session import HopFailed, JobFailed, RoutedSession, StepInput
+from nexusd.exec.session import HopFailed, JobFailed, RoutedSession, StepInput
 
 from .exec_fixtures import Cluster, Node, tiny_llama
 
 if TYPE_CHECKING:
     from atoms.codecs import Encoded
-    from nexusd.exec_protocol import StepResult
+    from nexusd.exec.wire import StepResult
 
 PROMPT = torch.tensor([[5, 17, 42, 8, 3]])
 
@@ -188,7 +188,7 @@ async def test_bad_input_fails_the_job_not_the_host() -> None:
 
 
 def test_warm_up_runs_any_text_span() -> None:
-    from nexusd.hosting import warm_up
+    from nexusd.exec.hosting import warm_up
 
     model = tiny_llama()
     for a, b in [(0, 6), (1, 3), (5, 6)]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from atoms.atom import ForwardContext
-from nexusd.cli import main
-from nexusd.models import ModelRegistry
+from nexusd.cli.app import main
+from nexusd.model_registry import ModelRegistry
 
 
 @pytest.fixture

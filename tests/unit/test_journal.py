@@ -1,4 +1,4 @@
-"""Tests of the durable job journal (nexusd/journal.py)."""
+"""Tests of the durable job journal (nexusd/jobs/journal.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nexusd.journal import (
+from nexusd.jobs.journal import (
     TRANSITIONS,
     IllegalTransition,
     InvalidJob,
@@ -263,7 +263,7 @@ def test_killed_process_loses_no_acknowledged_job(db_path: Path) -> None:
     # A real crash: the child journals a job, prints the ack, then SIGKILLs itself.
     code = (
         "import os, signal, sys\n"
-        "from nexusd.journal import Journal\n"
+        "from nexusd.jobs.journal import Journal\n"
         "j = Journal(sys.argv[1])\n"
         "j.submit('acked', 'generate', b'prompt', 5)\n"
         "j.mark_running('acked', 6)\n"

@@ -14,8 +14,8 @@ import trio
 from mesh.errors import MalformedMessage, OversizeMessage
 from mesh.wire import FrameDecoder, decode_any, encode, frame
 
-from .errors import ApiError, DaemonUnavailable
-from .protocol import EVENT_TYPES, MAX_REPLY_BYTES, REPLY_TYPES, ErrorReply
+from ..errors import ApiError, DaemonUnavailable
+from .records import EVENT_TYPES, MAX_REPLY_BYTES, REPLY_TYPES, ErrorReply
 
 OnEvent = Callable[[object], Awaitable[None]]
 

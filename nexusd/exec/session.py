@@ -26,8 +26,9 @@ from atoms.codecs import encode
 from atoms.errors import AtomError
 from mesh.errors import MeshError
 
-from .errors import NexusError
-from .exec_protocol import (
+from ..errors import NexusError
+from .hosting import ExecRefused, SpanHost
+from .wire import (
     SESSION_ID_BYTES,
     CloseSession,
     ExecChannel,
@@ -39,7 +40,6 @@ from .exec_protocol import (
     header_of,
     tensor_of,
 )
-from .hosting import ExecRefused, SpanHost
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +67,7 @@ HONEST_REFUSALS = frozenset({"busy", "cache_exhausted", "no_session", "out_of_or
 
 
 def refused(host: bytes, code: str, message: str) -> HopFailed:
-    """The HopFailed for a host's refusal with `code` (see exec_protocol.FAILURE_CODES)."""
+    """The HopFailed for a host's refusal with `code` (see wire.FAILURE_CODES)."""
     return HopFailed(host, f"refused: {code}: {message}", retryable=code != "bad_input",
                      blame=code not in HONEST_REFUSALS and code != "bad_input")  # fmt: skip
 

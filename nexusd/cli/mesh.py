@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import call_daemon, emit
-from ..config import Config
-from ..errors import ApiError
-from ..paths import NodePaths
-from ..protocol import (
+from ..api.records import (
     InviteReply,
     InviteRequest,
     JoinedReply,
@@ -18,7 +14,11 @@ from ..protocol import (
     PeersRequest,
     RevokeRequest,
 )
-from .base import CommandSpec, table
+from ..config import Config
+from ..errors import ApiError
+from ..paths import NodePaths
+from .base import CommandSpec, call_daemon
+from .output import emit, table
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -108,7 +108,7 @@ def _leave_flags(p: argparse.ArgumentParser) -> None:
 
 def _leave(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     """Forget the mesh (offline): the node keeps its key and jobs, and may join again."""
-    from ..daemon import node_lock
+    from ..node.daemon import node_lock
 
     doomed = [p for p in (paths.mesh_file, paths.mesh_secret, paths.state_db,
                           paths.state_db.with_name(paths.state_db.name + "-wal"),

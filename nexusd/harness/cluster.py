@@ -27,8 +27,8 @@ from typing import IO
 
 import trio
 
-from .client import call
-from .paths import resolve_paths
+from ..api.client import call
+from ..paths import resolve_paths
 
 Event = dict[str, object]
 
@@ -220,12 +220,12 @@ class LocalCluster:
         return trio.run(lambda: call(sock, request, timeout_s=timeout_s, on_event=forward))
 
     def host(self, i: int, spec: str) -> None:
-        from .protocol import HostRequest
+        from ..api.records import HostRequest
 
         self.call(i, HostRequest(spec), timeout_s=600)
 
     def wait_hosts(self, i: int, count: int, model: str = "", timeout_s: float = 60) -> object:
-        from .protocol import PeersReply, PeersRequest
+        from ..api.records import PeersReply, PeersRequest
 
         reply = self.call(i, PeersRequest(count, model, timeout_s), timeout_s=timeout_s + 10)
         assert isinstance(reply, PeersReply)
@@ -244,13 +244,13 @@ class LocalCluster:
 
 
 def _invite(name: str) -> object:
-    from .protocol import InviteRequest
+    from ..api.records import InviteRequest
 
     return InviteRequest(600.0, 1, name)
 
 
 def _join(token: str, name: str) -> object:
-    from .protocol import JoinMeshRequest
+    from ..api.records import JoinMeshRequest
 
     return JoinMeshRequest(token, name)
 

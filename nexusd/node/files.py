@@ -16,9 +16,9 @@ from pathlib import Path
 
 from mesh.identity import MeshSecret, NodeKey
 
-from .config import Config, config_to_toml
-from .errors import SetupError
-from .paths import NodePaths, ensure_private_dir, write_private_file
+from ..config import Config, config_to_toml
+from ..errors import SetupError
+from ..paths import NodePaths, ensure_private_dir, write_private_file
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,16 +29,7 @@ from mesh.state import MeshState, NodeState
 from mesh.store import StateStore
 from mesh.transport.base import Stream, TransportConfig
 
-from .api import ApiServer, Emit
-from .config import Config
-from .errors import ApiError
-from .exec_protocol import EXEC_PROTOCOL, HOST_INBOUND, ExecChannel, Signer
-from .hosting import SpanHost
-from .metrics import Metrics
-from .node_files import MeshInfo, write_mesh_files
-from .paths import NodePaths
-from .planner import DEFAULT_COMPUTE_S_PER_ATOM, ExecStream
-from .protocol import (
+from ..api.records import (
     InviteReply,
     InviteRequest,
     JoinedReply,
@@ -50,6 +41,15 @@ from .protocol import (
     RevokeRequest,
     WaitRequest,
 )
+from ..api.server import ApiServer, Emit
+from ..config import Config
+from ..errors import ApiError
+from ..exec.hosting import SpanHost
+from ..exec.planner import DEFAULT_COMPUTE_S_PER_ATOM, ExecStream
+from ..exec.wire import EXEC_PROTOCOL, HOST_INBOUND, ExecChannel, Signer
+from ..metrics import Metrics
+from ..paths import NodePaths
+from .files import MeshInfo, write_mesh_files
 
 log = structlog.get_logger(__name__)
 CODECS = ("raw", "fp16", "bf16", "int8")

@@ -2,7 +2,7 @@
 
 Rule 1: the engine sees the mesh only through `MeshView`: hosted spans with their load,
 measured links, a way to open an exec stream, and a way to report a misbehaving host
-(`nexusd.mesh_service.NodeView`; outside any mesh its only host is the node itself).
+(`nexusd.node.mesh_service.NodeView`; outside any mesh its only host is the node itself).
 Rule 2: plans are origin-driven (`relay_via_origin`): every hop's input goes out from the
 origin and its output comes back to it, so a hop costs the origin<->host link both ways.
 Rule 3: a sub-range [start, end) is planned by clipping every hosted span to it, so a
@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 from mesh.errors import NoRoute
 from mesh.routing import HostSpan, JobShape, Link, RouteConfig, plan_route
 
-from .errors import ApiError
+from ..errors import ApiError
 from .session import HopPlan, Planner
 
 DEFAULT_COMPUTE_S_PER_ATOM = 0.002

@@ -12,12 +12,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import call_daemon, emit
+from ..api.records import PeersReply, PeersRequest, StatusReply, StatusRequest
 from ..config import Config
 from ..errors import DaemonUnavailable
 from ..paths import NodePaths
-from ..protocol import PeersReply, PeersRequest, StatusReply, StatusRequest
-from .base import CommandSpec, no_flags
+from .base import CommandSpec, call_daemon, no_flags
+from .output import emit
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,9 @@ import trio
 from mesh.errors import MalformedMessage, OversizeMessage
 from mesh.wire import FrameDecoder, decode_any, encode, frame
 
-from .errors import NEXUS_ERRORS, ApiError
-from .metrics import Metrics
-from .protocol import MAX_REPLY_BYTES, ErrorReply
+from ..errors import NEXUS_ERRORS, ApiError
+from ..metrics import Metrics
+from .records import MAX_REPLY_BYTES, ErrorReply
 
 log = structlog.get_logger(__name__)
 

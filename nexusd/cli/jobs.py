@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import struct
 import sys
 from pathlib import Path
 
-from ..cli import call_daemon, emit
-from ..config import Config
-from ..errors import ApiError
-from ..paths import NodePaths
-from ..protocol import (
+from ..api.records import (
     CancelRequest,
     ClassifyReply,
     ClassifyRequest,
@@ -29,15 +24,13 @@ from ..protocol import (
     ProgressEvent,
     ResultRequest,
     TokenEvent,
+    vectors_of,
 )
-from .base import CommandSpec, table
-
-
-def route_table(route: tuple[HopReport, ...]) -> str:
-    rows = [[h.name or h.host[:8], h.host[:8], f"{h.start}-{h.end - 1}", str(h.steps),
-             f"{h.compute_s * 1000:.1f}", f"{h.queue_s * 1000:.1f}", f"{h.transfer_s * 1000:.1f}",
-             f"{(h.bytes_out + h.bytes_in) / 1e6:.2f}"] for h in route]  # fmt: skip
-    return table(["host", "id", "atoms", "steps", "compute ms", "queue ms", "transfer ms", "MB"], rows)
+from ..config import Config
+from ..errors import ApiError
+from ..paths import NodePaths
+from .base import CommandSpec, call_daemon
+from .output import emit, route_table, table
 
 
 def _job_flags(p: argparse.ArgumentParser) -> None:
@@ -125,11 +118,6 @@ def _embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default="raw", choices=("raw", "fp16", "bf16", "int8"),
                    help="wire codec for activations (default raw: exact)")
     _job_flags(p)
-
-
-def vectors_of(reply: EmbedReply) -> list[list[float]]:
-    flat = struct.unpack(f"<{reply.count * reply.dims}f", reply.vectors)
-    return [list(flat[i * reply.dims : (i + 1) * reply.dims]) for i in range(reply.count)]
 
 
 def _embed(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:

@@ -28,8 +28,9 @@ from atoms.errors import AtomError, CacheExhausted, CacheNotReady
 from atoms.span import Span
 from mesh.errors import MeshError, PeerProtocolError
 
-from .errors import NexusError
-from .exec_protocol import (
+from ..errors import NexusError
+from ..metrics import Metrics
+from .wire import (
     CloseSession,
     ExecChannel,
     ExecFailure,
@@ -40,7 +41,6 @@ from .exec_protocol import (
     header_of,
     tensor_of,
 )
-from .metrics import Metrics
 
 log = structlog.get_logger(__name__)
 KEPT_RESULTS = 1  # answers kept per session for a repeated step id (a resend after a timeout)

@@ -26,22 +26,22 @@ from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier
 from mesh.state import NodeState
 
-from . import __version__
-from .api import ApiServer, Emit
-from .config import Config
-from .errors import AlreadyRunning
-from .exec_protocol import Signer
-from .hosting import HostedSpan, SpanHost, warm_up
-from .job_service import JobService
-from .jobs import JobEngine
-from .journal import Journal
+from .. import __version__
+from ..api.records import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
+from ..api.server import ApiServer, Emit
+from ..config import Config
+from ..errors import AlreadyRunning
+from ..exec.hosting import HostedSpan, SpanHost, warm_up
+from ..exec.planner import MeshView
+from ..exec.wire import Signer
+from ..jobs.engine import JobEngine
+from ..jobs.journal import Journal
+from ..jobs.service import JobService
+from ..metrics import Metrics, serve_metrics
+from ..model_registry import ModelRegistry, parse_host_spec
+from ..paths import NodePaths, ensure_private_dir
+from .files import MeshInfo, load_name, load_node_key
 from .mesh_service import MeshApi, MeshService, NodeView
-from .metrics import Metrics, serve_metrics
-from .models import ModelRegistry, parse_host_spec
-from .node_files import MeshInfo, load_name, load_node_key
-from .paths import NodePaths, ensure_private_dir
-from .planner import MeshView
-from .protocol import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
 
 log = structlog.get_logger(__name__)
 

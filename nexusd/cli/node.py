@@ -8,11 +8,7 @@ from pathlib import Path
 
 import trio
 
-from ..cli import call_daemon, emit
-from ..config import Config
-from ..node_files import init_node
-from ..paths import NodePaths
-from ..protocol import (
+from ..api.records import (
     OkReply,
     PeersReply,
     PeersRequest,
@@ -20,7 +16,11 @@ from ..protocol import (
     StatusReply,
     StatusRequest,
 )
-from .base import CommandSpec, human_duration, no_flags
+from ..config import Config
+from ..node.files import init_node
+from ..paths import NodePaths
+from .base import CommandSpec, call_daemon, no_flags
+from .output import emit, human_duration
 
 
 def _init_flags(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run(_args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
-    from ..daemon import run_daemon  # torch and the mesh load only for the daemon itself
+    from ..node.daemon import run_daemon  # torch and the mesh load only for the daemon itself
 
     trio.run(run_daemon, cfg, paths)
     return 0
@@ -111,7 +111,7 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, _cfg: Config, _paths: NodePaths) -> int:
-    from ..demo import DemoOptions, run_demo
+    from ..harness.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(args.nodes, args.failover, args.max_tokens, args.keep,
                                 args.workdir, args.models_dir))  # fmt: skip

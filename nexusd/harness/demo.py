@@ -21,10 +21,7 @@ import torch
 
 from atoms.model import Model
 
-from .cluster import LocalCluster, even_spans
-from .commands.jobs import route_table, vectors_of
-from .models import DEFAULT_EMBED_MODEL, DEFAULT_GENERATE_MODEL, ModelRegistry
-from .protocol import (
+from ..api.records import (
     ClassifyReply,
     ClassifyRequest,
     EmbedReply,
@@ -33,7 +30,11 @@ from .protocol import (
     GenerateRequest,
     RouteEvent,
     TokenEvent,
+    vectors_of,
 )
+from ..cli.output import route_table
+from ..model_registry import DEFAULT_EMBED_MODEL, DEFAULT_GENERATE_MODEL, ModelRegistry
+from .cluster import LocalCluster, even_spans
 
 PROMPT = "The mesh of devices shared the work of"
 SENTENCES = (

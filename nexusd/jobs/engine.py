@@ -26,13 +26,7 @@ from atoms.codecs import CODECS, wire_bytes
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
 from mesh.identity import EnvelopeVerifier
 
-from .errors import NEXUS_ERRORS, ApiError
-from .exec_protocol import ORIGIN_INBOUND, ExecChannel, Signer
-from .hosting import SpanHost
-from .metrics import Metrics
-from .models import ModelRegistry
-from .planner import MeshView, make_planner
-from .protocol import (
+from ..api.records import (
     ClassifyReply,
     ClassifyRequest,
     EmbedReply,
@@ -45,7 +39,10 @@ from .protocol import (
     RouteHop,
     TokenEvent,
 )
-from .session import (
+from ..errors import NEXUS_ERRORS, ApiError
+from ..exec.hosting import SpanHost
+from ..exec.planner import MeshView, make_planner
+from ..exec.session import (
     Hop,
     HopFailed,
     HopPlan,
@@ -55,6 +52,9 @@ from .session import (
     RoutedSession,
     StepInput,
 )
+from ..exec.wire import ORIGIN_INBOUND, ExecChannel, Signer
+from ..metrics import Metrics
+from ..model_registry import ModelRegistry
 
 log = structlog.get_logger(__name__)
 

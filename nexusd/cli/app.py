@@ -11,22 +11,26 @@ Rule 3: every command that prints data accepts `--json`; errors go to stderr as 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-import trio
-
-from . import __version__
-from .config import Config, load_config
-from .errors import NEXUS_ERRORS, ApiError
-from .logging import configure_logging
-from .paths import NodePaths, resolve_paths
+from .. import __version__
+from ..config import Config, load_config
+from ..errors import NEXUS_ERRORS, ApiError
+from ..logging import configure_logging
+from ..paths import NodePaths, resolve_paths
+from .base import CommandSpec
+from .doctor import DOCTOR_COMMANDS
+from .jobs import JOB_COMMANDS
+from .mesh import MESH_COMMANDS
+from .models import MODEL_COMMANDS
+from .node import NODE_COMMANDS
 
 Command = Callable[[argparse.Namespace, Config, NodePaths], int]
+# every subcommand, one module per area, in the order `--help` lists them
+COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS, *MESH_COMMANDS, *JOB_COMMANDS, *MODEL_COMMANDS, *DOCTOR_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,35 +84,6 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in vars(args).items() if "." in k and v is not None}
 
 
-def emit(args: argparse.Namespace, data: object, human: Callable[[], str]) -> None:
-    """Print `data` as JSON with --json, else the human rendering."""
-    if getattr(args, "json", False):
-        print(json.dumps(_jsonable(data), indent=2, sort_keys=True))
-    else:
-        print(human())
-
-
-def _jsonable(data: object) -> object:
-    if is_dataclass(data) and not isinstance(data, type):
-        return _jsonable(asdict(data))
-    if isinstance(data, dict):
-        return {str(k): _jsonable(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_jsonable(v) for v in data]
-    if isinstance(data, bytes):
-        return data.hex()
-    if isinstance(data, Path):
-        return str(data)
-    return data
-
-
-def call_daemon(paths: NodePaths, request: object, **kwargs: object) -> object:
-    """Send one request to the local daemon (blocking; the CLI has nothing else to do)."""
-    from .client import call
-
-    return trio.run(lambda: call(paths.socket, request, **kwargs))  # type: ignore[arg-type]
-
-
 # ---- parser -----------------------------------------------------------------------------
 
 
@@ -124,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nexusd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import commands
-
-    for spec in commands.COMMANDS:
+    for spec in COMMANDS:
         p = sub.add_parser(spec.name, help=spec.help, description=spec.description or spec.help)
         _common(p, json_flag=spec.json)
         spec.configure(p)

@@ -24,21 +24,7 @@ import trio
 from mesh.errors import MalformedMessage
 from mesh.wire import decode_any, encode
 
-from .api import ApiServer, Emit
-from .errors import NEXUS_ERRORS, ApiError
-from .jobs import JobEngine
-from .journal import (
-    IllegalTransition,
-    InvalidJob,
-    JobConflict,
-    JobState,
-    Journal,
-    SubmitStatus,
-    UnknownJob,
-    new_job_id,
-)
-from .metrics import Metrics
-from .protocol import (
+from ..api.records import (
     REPLY_TYPES,
     CancelRequest,
     ClassifyRequest,
@@ -49,6 +35,20 @@ from .protocol import (
     JobsRequest,
     OkReply,
     ResultRequest,
+)
+from ..api.server import ApiServer, Emit
+from ..errors import NEXUS_ERRORS, ApiError
+from ..metrics import Metrics
+from .engine import JobEngine
+from .journal import (
+    IllegalTransition,
+    InvalidJob,
+    JobConflict,
+    JobState,
+    Journal,
+    SubmitStatus,
+    UnknownJob,
+    new_job_id,
 )
 
 log = structlog.get_logger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import emit
 from ..config import Config
 from ..paths import NodePaths
-from .base import CommandSpec, no_flags, table
+from .base import CommandSpec, no_flags
+from .output import emit, table
 
 
 def _models_dir(cfg: Config, paths: NodePaths) -> Path:
@@ -16,7 +16,7 @@ def _models_dir(cfg: Config, paths: NodePaths) -> Path:
 
 
 def _list(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
-    from ..models import BUILTINS, ModelRegistry
+    from ..model_registry import BUILTINS, ModelRegistry
 
     registry = ModelRegistry(_models_dir(cfg, paths))
     built = set(registry.available())
@@ -40,7 +40,7 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _import(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
-    from ..models import ModelRegistry, import_model
+    from ..model_registry import ModelRegistry, import_model
 
     model_id = args.model_id or args.folder.resolve().name
     folder = import_model(args.folder, model_id, _models_dir(cfg, paths), dtype=args.dtype)

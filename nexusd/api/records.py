@@ -7,6 +7,7 @@ Rule 2: refusals are `ErrorReply(code, message)` with a stable code, never a clo
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from mesh.wire import record
@@ -196,6 +197,12 @@ class EmbedReply:
     texts_per_s: float
     route: tuple[HopReport, ...]
     failovers: tuple[str, ...]
+
+
+def vectors_of(reply: EmbedReply) -> list[list[float]]:
+    """The reply's packed float32 vectors as one list of floats per text."""
+    flat = struct.unpack(f"<{reply.count * reply.dims}f", reply.vectors)
+    return [list(flat[i * reply.dims : (i + 1) * reply.dims]) for i in range(reply.count)]
 
 
 @record("api.classify")
