@@ -135,6 +135,9 @@ class ForwardContext:
             tokens; None when nothing is padded.
         causal: whether attention may look only backwards (decoders, Nexus) or both ways.
         cache: the session's KV cache, or None for a stateless full forward.
+        dropout: the dropout rate of this call (0 in inference; training sets it).
+        seed: seeds every dropout mask of this call (`dropout_mask`): the same seed gives the
+            same masks, so a recompute, a retry or a replay is bit-identical.
     """
 
     positions: torch.Tensor
@@ -142,6 +145,8 @@ class ForwardContext:
     causal: bool = False
     cache: SessionCache | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropout: float = 0.0
+    seed: int = 0
 
     @classmethod
     def for_tokens(
@@ -156,6 +161,21 @@ class ForwardContext:
     ) -> ForwardContext:
         pos = torch.arange(start, start + length, dtype=torch.long).unsqueeze(0).expand(batch, -1)
         return cls(positions=pos, pad_mask=pad_mask, causal=causal, cache=cache)
+
+
+def dropout(x: torch.Tensor, ctx: ForwardContext, atom: AtomSpec, site: int) -> torch.Tensor:
+    """Inverted dropout of `x` at rate `ctx.dropout`, its mask drawn from its own generator.
+
+    The mask depends only on (ctx.seed, atom index, site, shape), never on the global RNG,
+    so the host that recomputes a forward for the backward pass, or a replacement host that
+    replays it, draws the very same mask (SWARM's deterministic dropout).
+    """
+    p = ctx.dropout
+    if p <= 0.0:
+        return x
+    mix = (ctx.seed * 1_000_003 + atom.index * 7919 + site) % (1 << 62)
+    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(mix)) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
 
 
 class Atom(nn.Module):

@@ -38,6 +38,7 @@ from .atom import (
     ForwardContext,
     IOKind,
     build_from_table,
+    dropout,
     make_attrs,
     make_dims,
 )
@@ -69,6 +70,8 @@ class NexusConfig:
             caps it at its own max_position_embeddings).
         layer_norm_eps: eps of every Nexus LayerNorm.
         freeze_base: set requires_grad False on the base atoms' parameters.
+        tie_head: the output projection reuses the base's word embeddings, frozen (see
+            `NexusHead`); False gives a full trainable Linear(C, V).
     """
 
     blocks: int = 2
@@ -78,6 +81,7 @@ class NexusConfig:
     max_positions: int = 512
     layer_norm_eps: float = 1e-5
     freeze_base: bool = True
+    tie_head: bool = True
 
     def __post_init__(self) -> None:
         for name in ("blocks", "heads", "intermediate", "max_positions"):
@@ -215,25 +219,52 @@ class NexusBlock(Atom):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         gate = 2 * torch.sigmoid(self.head_gate(a))  # (B, T, H)
         y = y.transpose(1, 2) * gate.unsqueeze(-1)  # (B, T, H, D)
-        x = x + self.attn_out(y.reshape(b, t, c))
+        x = x + dropout(self.attn_out(y.reshape(b, t, c)), ctx, self.spec, 0)
         m = self.ffn_norm(x)
-        out: torch.Tensor = x + self.ffn_down(F.gelu(self.ffn_gate(m)) * self.ffn_up(m))
+        ffn = self.ffn_down(F.gelu(self.ffn_gate(m)) * self.ffn_up(m))
+        out: torch.Tensor = x + dropout(ffn, ctx, self.spec, 1)
         return out  # (B, T, C)
 
 
 class NexusHead(Atom):
-    """hidden (B, T, C) -> logits (B, T, V): final LayerNorm, then Linear(C, V) without bias."""
+    """hidden (B, T, C) -> logits (B, T, V): final LayerNorm, then the output projection.
+
+    Untied (attr tied False): Linear(C, V) without bias, all trainable.
+    Tied (attr tied True): logits = (W LN(x)) E^T + b, where E (V, C) is a frozen copy of the
+    base's word embeddings (`table`, requires_grad False), W (C, C) a trainable projection
+    started at the identity and b (V,) a trainable bias: 0.2 M trainable parameters instead of
+    V x C = 11.7 M, and the output space is the one the base was pretrained in.
+    """
 
     def __init__(self, spec: AtomSpec) -> None:
         super().__init__(spec)
-        c = spec.dim("hidden")
+        c, v = spec.dim("hidden"), spec.dim("vocab")
+        self.tied = is_tied(spec)
         self.norm = nn.LayerNorm(c, eps=float(spec.attr("eps")), device="meta")
-        self.proj = nn.Linear(c, spec.dim("vocab"), bias=False, device="meta")
+        if self.tied:
+            self.proj = nn.Linear(c, c, bias=False, device="meta")
+            self.bias = nn.Parameter(torch.zeros(v, device="meta"))
+            self.table = nn.Parameter(torch.zeros(v, c, device="meta"), requires_grad=False)
+        else:
+            self.proj = nn.Linear(c, v, bias=False, device="meta")
         materialize(self, spec.torch_dtype)
+        if self.tied:
+            self.table.requires_grad_(False)  # frozen: the base's word embeddings
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        logits: torch.Tensor = self.proj(self.norm(x))  # (B, T, V)
-        return logits
+        h: torch.Tensor = self.proj(self.norm(x))
+        if not self.tied:
+            return h  # (B, T, V)
+        logits: torch.Tensor = F.linear(h, self.table.to(h.dtype), self.bias.to(h.dtype))
+        return logits  # (B, T, V)
+
+
+def is_tied(spec: AtomSpec) -> bool:
+    """Whether a Nexus head spec ties its output to the base's word embeddings."""
+    try:
+        return bool(spec.attr("tied"))
+    except KeyError:
+        return False  # specs written before the attribute existed
 
 
 _CLASSES: dict[AtomKind, type[Atom]] = {
@@ -270,7 +301,8 @@ def nexus_specs(cfg: NexusConfig, *, hidden: int, vocab: int, first_index: int,
                            {"heads": cfg.heads, "hidden": hidden, "intermediate": cfg.intermediate},
                            eps))
     specs.append(_spec(AtomKind.LM_HEAD, model_id, first_index + 1 + cfg.blocks, dtype,
-                       {"hidden": hidden, "vocab": vocab}, eps, out_kind=IOKind.LOGITS))
+                       {"hidden": hidden, "vocab": vocab}, {**eps, "tied": cfg.tie_head},
+                       out_kind=IOKind.LOGITS))
     return specs
 
 
@@ -284,7 +316,10 @@ def init_random(atom: Atom, generator: torch.Generator, *, residual_layers: int)
     out_std = 0.02 / math.sqrt(2 * residual_layers)
     with torch.no_grad():
         for name, p in atom.named_parameters():
-            if name.startswith(("head_log_temperature", "head_gate")) or name.endswith("bias"):
+            if isinstance(atom, NexusHead) and atom.tied and name in ("proj.weight", "table"):
+                if name == "proj.weight":
+                    p.copy_(torch.eye(p.shape[0], dtype=p.dtype))  # table is set by the builder
+            elif name.startswith(("head_log_temperature", "head_gate")) or name.endswith("bias"):
                 p.zero_()
             elif "norm" in name:
                 p.fill_(1.0)
@@ -340,6 +375,11 @@ def build_nexus(
                         model_id=model_id, dtype=dtype)
     fresh = [init_random(nexus_atom_from_spec(s), generator, residual_layers=cfg.blocks)
              for s in specs]
+    head = fresh[-1]
+    if isinstance(head, NexusHead) and head.tied:
+        word = dict(base.atoms[0].named_parameters())["word.weight"]
+        with torch.no_grad():
+            head.table.copy_(word.to(head.table.dtype))
     config: dict[str, ConfigValue] = {
         "nexus_version": NEXUS_VERSION, "architecture": ARCHITECTURE,
         "base_layers": len(base.atoms) - 1, "hidden_size": hidden, "vocab_size": vocab,
@@ -387,6 +427,9 @@ def _apply_freeze(model: Model) -> Model:
     freeze = nexus_config_of(model).freeze_base
     for atom in model.atoms[: base_atom_count(model)]:
         atom.requires_grad_(not freeze)
+    head = model.atoms[-1]
+    if isinstance(head, NexusHead) and head.tied:
+        head.table.requires_grad_(False)
     return model
 
 

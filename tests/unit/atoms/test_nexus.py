@@ -53,7 +53,13 @@ def test_structure_vocab_and_frozen_base(model: Model) -> None:
     assert model.config["nexus_version"] == "1.1"
     n = base_atom_count(model)
     assert all(not p.requires_grad for a in model.atoms[:n] for p in a.parameters())
-    assert all(p.requires_grad for a in model.atoms[n:] for p in a.parameters())
+    trainable = {f"{a.spec.index}.{name}": p.requires_grad for a in model.atoms[n:]
+                 for name, p in a.named_parameters()}
+    # everything after the base trains, but the tied head's copy of the word embeddings
+    assert [k for k, v in trainable.items() if not v] == [f"{len(model.atoms) - 1}.table"]
+    head = model.atoms[-1]
+    word = dict(model.atoms[0].named_parameters())["word.weight"]
+    assert torch.equal(dict(head.named_parameters())["table"], word)
 
 
 def test_specs_are_numbered_after_the_base_and_heads_must_divide_width() -> None:
