@@ -47,6 +47,10 @@ class BadGradient(TrainingError):
     """An output gradient from a peer that is malformed (shape, dtype, NaN/Inf)."""
 
 
+class BadCheckpoint(TrainingError):
+    """Checkpoint tensors that do not fit the span (names, shapes) or hold NaN/Inf."""
+
+
 class NonFiniteLoss(TrainingError):
     """The loss of a micro-batch is NaN or Inf: the step must not be applied."""
 
@@ -414,20 +418,20 @@ class SpanTrainer:
         """Restore `state_tensors()` of a checkpoint taken after `next_step` steps.
 
         Raises:
-            TrainingError: a tensor is missing, extra, or of the wrong shape (nothing is
-                changed then).
+            BadCheckpoint: a tensor is missing, extra, of the wrong shape or non-finite
+                (nothing is changed then).
         """
         expected = {f"param/{n}": p for n, p in self.params}
         moments = {f"{k}/{n}": p for n, p in self.params for k in ("exp_avg", "exp_avg_sq")}
         unknown = sorted(set(tensors) - set(expected) - set(moments))
         missing = sorted(set(expected) - set(tensors))
         if unknown or missing:
-            raise TrainingError(f"checkpoint does not fit: missing {missing}, unknown {unknown}")
+            raise BadCheckpoint(f"checkpoint does not fit: missing {missing}, unknown {unknown}")
         for name, t in tensors.items():
             ref = expected.get(name, moments.get(name))
             assert ref is not None
             if tuple(t.shape) != tuple(ref.shape) or not bool(torch.isfinite(t).all()):
-                raise TrainingError(f"checkpoint tensor {name}: bad shape or non-finite values")
+                raise BadCheckpoint(f"checkpoint tensor {name}: bad shape or non-finite values")
         has_moments = all(k in tensors for k in moments)
         with torch.no_grad():
             for name, p in self.params:

@@ -1,0 +1,249 @@
+"""The training records of the execution protocol (they ride the same exec streams).
+
+Rule 1: a training session on a host is a `SpanTrainer` over a span it serves; the origin
+drives it with micro-batch forwards, backwards and fused loss steps, then commits each
+optimiser step with `TrainApply(step)`; step ids make a duplicate or late message harmless.
+Rule 2: at most one tensor per message (the payload frame), as every exec message; the
+targets of a loss step are small int64 arrays and travel inside the header.
+Rule 3: every size a header names is bounded here, before any tensor is decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.wire import record
+
+from .wire import SESSION_ID_BYTES, TensorHeader
+
+MAX_MICRO_BATCHES = 1 << 16
+MAX_TARGETS = 1 << 20  # int64 targets of one loss step (8 MiB)
+MAX_STATE_TENSORS = 4096
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def _check_sid(session_id: bytes) -> None:
+    if len(session_id) != SESSION_ID_BYTES:
+        raise ValueError(f"session_id: expected {SESSION_ID_BYTES} bytes, got {len(session_id)}")
+
+
+@record("t.open")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainOpen:
+    """Start training atoms [start, end) of a model: a private fp32 copy of the trainable
+    atoms, AdamW state, and `next_step` as the first optimiser step to apply."""
+
+    session_id: bytes
+    model_id: str
+    start: int
+    end: int
+    needs_input_grad: bool
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    dropout: float
+    precision: str
+    next_step: int = 0
+
+    def __post_init__(self) -> None:
+        _check_sid(self.session_id)
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"span: expected 0 <= start < end, got [{self.start}, {self.end})")
+        if self.next_step < 0:
+            raise ValueError(f"next_step must be >= 0, got {self.next_step}")
+
+
+@record("t.opened")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainOpened:
+    session_id: bytes
+    trainable_params: int
+    next_step: int
+
+
+@record("t.fwd")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainForward:
+    """Forward of micro-batch `mb`: with `grad`, its backward follows (the host keeps what
+    it needs); without, an inference forward (frozen spans, evaluation)."""
+
+    session_id: bytes
+    mb: int
+    seed: int
+    causal: bool
+    grad: bool
+    tensor: TensorHeader
+
+    def __post_init__(self) -> None:
+        _check_sid(self.session_id)
+        if not 0 <= self.mb < MAX_MICRO_BATCHES or self.seed < 0:
+            raise ValueError(f"mb 0..{MAX_MICRO_BATCHES - 1} and seed >= 0 expected")
+
+
+@record("t.bwd")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainBackward:
+    """The gradient of micro-batch `mb`'s output; the answer carries its input's gradient."""
+
+    session_id: bytes
+    mb: int
+    tensor: TensorHeader
+
+    def __post_init__(self) -> None:
+        _check_sid(self.session_id)
+        if not 0 <= self.mb < MAX_MICRO_BATCHES:
+            raise ValueError(f"mb 0..{MAX_MICRO_BATCHES - 1} expected")
+
+
+@record("t.loss")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainLoss:
+    """Forward, summed cross-entropy and backward of micro-batch `mb` on the span that ends
+    in a head (`evaluate`: forward and loss only, no dropout, no gradient).
+
+    `targets` are int64 little-endian of `targets_shape` ((B, T) next-token ids or (B,)
+    class ids; -100 = no loss there).
+    """
+
+    session_id: bytes
+    mb: int
+    seed: int
+    causal: bool
+    evaluate: bool
+    tensor: TensorHeader
+    targets: bytes
+    targets_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_sid(self.session_id)
+        if not 0 <= self.mb < MAX_MICRO_BATCHES or self.seed < 0:
+            raise ValueError(f"mb 0..{MAX_MICRO_BATCHES - 1} and seed >= 0 expected")
+        count = 1
+        for n in self.targets_shape:
+            if n < 0:
+                raise ValueError(f"targets_shape must be non-negative, got {self.targets_shape}")
+            count *= n
+        if not 1 <= len(self.targets_shape) <= 2 or count > MAX_TARGETS:
+            raise ValueError(f"targets: rank 1-2 and at most {MAX_TARGETS} ids expected")
+        if len(self.targets) != 8 * count:
+            raise ValueError(f"targets: expected {8 * count} bytes, got {len(self.targets)}")
+
+
+@record("t.out")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainOutput:
+    """The answer to a forward (its output) or a backward (its input gradient; `has_tensor`
+    False when the span needs none)."""
+
+    session_id: bytes
+    mb: int
+    has_tensor: bool
+    tensor: TensorHeader
+    compute_s: float
+    queue_s: float
+
+
+@record("t.lossr")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainLossResult:
+    session_id: bytes
+    mb: int
+    loss: float
+    count: int
+    correct: int
+    has_tensor: bool
+    tensor: TensorHeader
+    compute_s: float
+    queue_s: float
+
+
+@record("t.norm")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainNorm:
+    """Ask for the squared norm of the gradients summed for optimiser step `step`."""
+
+    session_id: bytes
+    step: int
+
+
+@record("t.normr")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainNormResult:
+    session_id: bytes
+    step: int
+    sq_norm: float
+    micro_batches: int
+
+
+@record("t.apply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainApply:
+    """Commit optimiser step `step`: gradients times `scale`, one AdamW update at `lr`."""
+
+    session_id: bytes
+    step: int
+    lr: float
+    scale: float
+
+
+@record("t.applied")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainApplied:
+    session_id: bytes
+    step: int
+    applied: bool  # False: a duplicate, already applied before
+
+
+@record("t.getstate")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainGetState:
+    """Ask for the session's trainable parameters and optimiser moments (a checkpoint):
+    answered by `TrainStateTensor` x N then `TrainStateEnd`."""
+
+    session_id: bytes
+
+
+@record("t.tensor")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainStateTensor:
+    """One named tensor of a checkpoint (host to origin, or origin to host to restore)."""
+
+    session_id: bytes
+    name: str
+    index: int
+    tensor: TensorHeader
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < MAX_STATE_TENSORS or not 0 < len(self.name) <= 512:
+            raise ValueError(f"state tensor: index < {MAX_STATE_TENSORS} and a name expected")
+
+
+@record("t.stateend")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainStateEnd:
+    """The end of a checkpoint's tensors: `count` were sent; restore to `next_step`."""
+
+    session_id: bytes
+    count: int
+    next_step: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.count <= MAX_STATE_TENSORS or self.next_step < 0:
+            raise ValueError(f"state end: count 0..{MAX_STATE_TENSORS}, next_step >= 0 expected")
+
+
+@record("t.close")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainClose:
+    session_id: bytes
+
+
+TRAIN_HOST_INBOUND = (
+    TrainOpen, TrainForward, TrainBackward, TrainLoss, TrainNorm, TrainApply, TrainGetState,
+    TrainStateTensor, TrainStateEnd, TrainClose,
+)
+TRAIN_ORIGIN_INBOUND = (
+    TrainOpened, TrainOutput, TrainLossResult, TrainNormResult, TrainApplied, TrainStateTensor,
+    TrainStateEnd,
+)
