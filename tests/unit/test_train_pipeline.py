@@ -3,6 +3,7 @@ TrainPipeline, equal the same training in one SpanTrainer."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -75,7 +76,7 @@ def pipeline(model: Model, cuts: list[int], schedule: str = "1f1b") -> TrainPipe
     limiter = trio.CapacityLimiter(1)
     bounds = [0, *cuts, len(model)]
     hops = []
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         host = TrainHost(span_lookup(model), limiter=limiter, metrics=Metrics(),
                          graph_budget_bytes=1 << 30)
         node = bytes([i + 1]) * 32
