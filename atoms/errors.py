@@ -52,3 +52,7 @@ class InputOutOfRange(AtomError):
 
 class GenerationStateError(AtomError):
     """A generation loop driven out of order (e.g. `feed` before `start`, or after `Done`)."""
+
+
+class DataError(AtomError, ValueError):
+    """A data file (training corpus, labelled set) that is missing, empty, too large or not text."""
