@@ -44,7 +44,7 @@ from mesh.state import HostedSpan, MemberCert, MeshState, Slot, SlotKind
 from mesh.transport.base import TransportConfig
 from mesh.transport.memory import LinkFaults, MemoryNetwork, open_memory_transport
 from nexusd.api.client import call
-from nexusd.api.records import HostRequest, PeersReply, PeersRequest
+from nexusd.api.records import HostRequest, OkReply, PeersReply, PeersRequest
 from nexusd.harness.cluster import LocalCluster, local_cluster
 from nexusd.harness.demo import default_models_dir
 from nexusd.model_registry import DEFAULT_EMBED_MODEL
@@ -73,9 +73,7 @@ def log_time(event: dict[str, object]) -> float:
 
 
 async def timed_peers(sock: Path, req: PeersRequest) -> tuple[PeersReply, float]:
-    reply = await call(sock, req, timeout_s=req.timeout_s + 10)
-    if not isinstance(reply, PeersReply):
-        raise RuntimeError(f"peers: expected a PeersReply, got {type(reply).__name__}")
+    reply = await call(sock, req, expect=PeersReply, timeout_s=req.timeout_s + 10)
     return reply, time.time()
 
 
@@ -103,7 +101,8 @@ def real_trial(
             for i in watchers:
                 nursery.start_soon(watch, i)
             await trio.testing.wait_all_tasks_blocked()  # the watchers' requests are out
-            await call(cluster.daemon(changer).socket, HostRequest(spec), timeout_s=120)
+            sock = cluster.daemon(changer).socket
+            await call(sock, HostRequest(spec), expect=OkReply, timeout_s=120)
 
     trio.run(trial)
     changed = log_time(cluster.daemon(changer).wait_for(

@@ -163,12 +163,12 @@ def mesh_embedding(
     pids = [cluster.daemon(i).proc.pid for i in range(cluster.size)]
     c0 = [cpu_seconds(pid) for pid in pids]
     t0 = time.perf_counter()
-    req = EmbedRequest(tuple(texts), DEFAULT_EMBED_MODEL, micro_batch, codec=codec)
-    reply = cluster.call(0, req, timeout_s=CALL_TIMEOUT_S)
+    req = EmbedRequest(
+        texts=tuple(texts), model=DEFAULT_EMBED_MODEL, micro_batch=micro_batch, codec=codec,
+    )
+    reply = cluster.call(0, req, expect=EmbedReply, timeout_s=CALL_TIMEOUT_S)
     wall = time.perf_counter() - t0
     cpu = tuple(cpu_seconds(pid) - c for pid, c in zip(pids, c0, strict=True))
-    if not isinstance(reply, EmbedReply):
-        raise RuntimeError(f"embed: expected an EmbedReply, got {type(reply).__name__}")
     return MeshRun(reply, wall, cpu)
 
 
@@ -182,8 +182,13 @@ def concurrent_embedding(
     async def all_at_once() -> None:
         async with trio.open_nursery() as nursery:
             for part in range(k):
-                req = EmbedRequest(tuple(texts[part::k]), DEFAULT_EMBED_MODEL, micro_batch)
-                nursery.start_soon(partial(call, sock, req, timeout_s=CALL_TIMEOUT_S))
+                req = EmbedRequest(
+                    texts=tuple(texts[part::k]), model=DEFAULT_EMBED_MODEL,
+                    micro_batch=micro_batch,
+                )
+                nursery.start_soon(
+                    partial(call, sock, req, expect=EmbedReply, timeout_s=CALL_TIMEOUT_S)
+                )
 
     t0 = time.perf_counter()
     trio.run(all_at_once)

@@ -83,8 +83,7 @@ class Kill:
 def node_ids(cluster: LocalCluster) -> dict[str, int]:
     out = {}
     for i in range(cluster.size):
-        reply = cluster.call(i, StatusRequest(), timeout_s=30)
-        assert isinstance(reply, StatusReply)
+        reply = cluster.call(i, StatusRequest(), expect=StatusReply, timeout_s=30)
         out[reply.node_id] = i
     return out
 
@@ -99,11 +98,9 @@ def failure_run(cluster: LocalCluster, ids: dict[str, int], tokens: int
     """One job with a kill after tokens/3; reply, client seconds, the kill, log split."""
     kill = Kill(cluster, ids, max(2, tokens // 3))
     t0 = time.perf_counter()
-    reply = cluster.call(0, GenerateRequest(PROMPT, DEFAULT_GENERATE_MODEL, tokens),
-                         timeout_s=CALL_TIMEOUT_S, on_event=kill)  # fmt: skip
+    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=tokens)
+    reply = cluster.call(0, req, expect=GenerateReply, timeout_s=CALL_TIMEOUT_S, on_event=kill)
     wall = time.perf_counter() - t0
-    if not isinstance(reply, GenerateReply):
-        raise RuntimeError(f"generate: expected a GenerateReply, got {type(reply).__name__}")
     if kill.victim is not None:
         cluster.daemon(kill.victim).stop()  # reap it and close its log
     origin = cluster.daemon(0)

@@ -64,11 +64,9 @@ def mesh_generation(
 ) -> tuple[GenerateReply, float]:
     """One generation job from `origin`; the reply and the client's wall seconds."""
     t0 = time.perf_counter()
-    reply = cluster.call(origin, GenerateRequest(PROMPT, DEFAULT_GENERATE_MODEL, tokens),
-                         timeout_s=CALL_TIMEOUT_S)  # fmt: skip
+    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=tokens)
+    reply = cluster.call(origin, req, expect=GenerateReply, timeout_s=CALL_TIMEOUT_S)
     wall = time.perf_counter() - t0
-    if not isinstance(reply, GenerateReply):
-        raise RuntimeError(f"generate: expected a GenerateReply, got {type(reply).__name__}")
     return reply, wall
 
 

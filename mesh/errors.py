@@ -9,10 +9,7 @@ close (`ClosedError`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mesh.membership import JoinRefusal
+import enum
 
 
 class MeshError(Exception):
@@ -114,6 +111,20 @@ class WrongMesh(PeerProtocolError):
 
 class InconsistentEntry(MalformedMessage):
     """A state entry whose payload disagrees with its slot or author."""
+
+
+class JoinRefusal(enum.Enum):
+    """Why an admin refused a join request (sent by value in `mesh.membership.JoinReject`)."""
+
+    EXPIRED = "expired"
+    USED_UP = "used_up"
+    FORGED = "forged"  # bad joiner signature, bad invite proof, or sender != joiner
+    WRONG_MESH = "wrong_mesh"
+    REVOKED = "revoked"
+    NOT_A_MEMBER = "not_a_member"  # unknown/cancelled invite, or its issuer is no admin
+    RATE_LIMITED = "rate_limited"
+    STALE = "stale"  # timestamp outside the window (either direction)
+    MALFORMED = "malformed"  # bytes that are not a signed join request
 
 
 class JoinRefused(MeshError):

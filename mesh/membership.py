@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import hashlib
 import hmac
 import re
@@ -43,6 +42,7 @@ import structlog
 
 from mesh.errors import (
     InvalidSignature,
+    JoinRefusal,
     JoinRefused,
     MalformedMessage,
     OversizeMessage,
@@ -368,20 +368,6 @@ class InviteBook:
 
 # ---------------------------------------------------------------------------------------
 # Join handshake records
-
-
-class JoinRefusal(enum.Enum):
-    """Why an admin refused a join request (sent by value in `JoinReject`)."""
-
-    EXPIRED = "expired"
-    USED_UP = "used_up"
-    FORGED = "forged"  # bad joiner signature, bad invite proof, or sender != joiner
-    WRONG_MESH = "wrong_mesh"
-    REVOKED = "revoked"
-    NOT_A_MEMBER = "not_a_member"  # unknown/cancelled invite, or its issuer is no admin
-    RATE_LIMITED = "rate_limited"
-    STALE = "stale"  # timestamp outside the window (either direction)
-    MALFORMED = "malformed"  # bytes that are not a signed join request
 
 
 @record("join.request")

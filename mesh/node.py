@@ -34,6 +34,7 @@ from mesh.errors import (
     AdminRequired,
     AlreadyJoined,
     ClosedError,
+    JoinRefusal,
     JoinRefused,
     NotJoined,
     PeerProtocolError,
@@ -43,7 +44,7 @@ from mesh.hlc import HybridClock, wall_ms_of
 from mesh.identity import EnvelopeVerifier, NodeKey, short_id
 from mesh.join import JOIN_PROTOCOL, InviteDesk, MeshIdentity, join_handshake
 from mesh.liveness import PING_PROTOCOL, PeerSessions, RttTable, serve_ping
-from mesh.membership import Admitter, JoinRefusal
+from mesh.membership import Admitter
 from mesh.node_config import MeshNodeConfig as MeshNodeConfig
 from mesh.node_config import NodeStatus as NodeStatus
 from mesh.scoring import Backoff, PeerScores
@@ -53,9 +54,9 @@ from mesh.state import (
     LoadReport,
     MemberCert,
     MeshState,
-    ModelManifest,
     NodeState,
     Payload,
+    PublishedModel,
     Revocation,
     SignedEntry,
     Slot,
@@ -549,7 +550,7 @@ class MeshNode:
         rev = Revocation(self.identity.mesh_id, node_id, reason, self._now_ms())
         await self._local_write(Slot(SlotKind.REVOKE, node_id), rev)
 
-    async def publish_model(self, model_id: str, manifest: ModelManifest) -> None:
+    async def publish_model(self, model_id: str, manifest: PublishedModel) -> None:
         """Write a model manifest slot (admins only).
 
         Raises:
@@ -672,7 +673,7 @@ class MeshNode:
         """Newest load report per node."""
         return {} if self._state is None else self._state.loads()
 
-    def models(self) -> dict[str, ModelManifest]:
+    def models(self) -> dict[str, PublishedModel]:
         """Model manifests by model id."""
         return {} if self._state is None else self._state.models()
 

@@ -60,13 +60,13 @@ from mesh.state_records import (
     _need_len,
 )
 from mesh.state_records import Advert as Advert
-from mesh.state_records import AtomEntry as AtomEntry
 from mesh.state_records import HostedSpan as HostedSpan
 from mesh.state_records import LoadReport as LoadReport
 from mesh.state_records import MemberCert as MemberCert
 from mesh.state_records import MemberRemoval as MemberRemoval
-from mesh.state_records import ModelManifest as ModelManifest
 from mesh.state_records import NodeState as NodeState
+from mesh.state_records import PublishedAtom as PublishedAtom
+from mesh.state_records import PublishedModel as PublishedModel
 from mesh.state_records import Revocation as Revocation
 from mesh.wire import Limits, decode, encode, record
 
@@ -85,7 +85,7 @@ class SlotKind(enum.IntEnum):
     MEMBER = 1  # add of a MemberCert (add-wins set)
     UNMEMBER = 2  # MemberRemoval of observed certificate dots
     REVOKE = 3  # Revocation (grow-only set)
-    MODEL = 4  # ModelManifest (LWW per model id and author)
+    MODEL = 4  # PublishedModel (LWW per model id and author)
     ADVERT = 5  # Advert (LWW, own slot only)
     LOAD = 6  # LoadReport (LWW, own slot only)
 
@@ -154,10 +154,10 @@ class SignedEntry:
         return Timestamp.unpack(self.hlc).wall_ms
 
 
-Payload = MemberCert | MemberRemoval | Revocation | ModelManifest | Advert | LoadReport
+Payload = MemberCert | MemberRemoval | Revocation | PublishedModel | Advert | LoadReport
 _PAYLOAD: dict[SlotKind, type[Payload]] = {
     SlotKind.MEMBER: MemberCert, SlotKind.UNMEMBER: MemberRemoval, SlotKind.REVOKE: Revocation,
-    SlotKind.MODEL: ModelManifest, SlotKind.ADVERT: Advert, SlotKind.LOAD: LoadReport,
+    SlotKind.MODEL: PublishedModel, SlotKind.ADVERT: Advert, SlotKind.LOAD: LoadReport,
 }  # fmt: skip
 
 
@@ -413,7 +413,7 @@ class MeshState:
         """The newest load report of every node that has one (not pruned)."""
         return {k[1]: h.payload for k, h in self._lww.items() if isinstance(h.payload, LoadReport)}
 
-    def models(self) -> dict[str, ModelManifest]:
+    def models(self) -> dict[str, PublishedModel]:
         """Each model's manifest: the newest write among its (non-revoked) admin authors."""
         best: dict[bytes, LWWRegister[_Held]] = {}
         for key, reg in self._lww.registers():
@@ -421,7 +421,7 @@ class MeshState:
                 best[key[1]] = best[key[1]].merge(reg) if key[1] in best else reg
         # Merged live registers stay live; MODEL slots hold manifests (_check): types only.
         return {k.decode(): h.payload for k, r in best.items()
-                if (h := r.value) is not None and isinstance(h.payload, ModelManifest)}  # fmt: skip
+                if (h := r.value) is not None and isinstance(h.payload, PublishedModel)}  # fmt: skip
 
     def entries(self) -> list[SignedEntry]:
         """Every held entry, in admission order (tombstones have none)."""

@@ -187,8 +187,8 @@ class LoadReport:
 
 @record("atom_entry")
 @dataclass(frozen=True, slots=True)
-class AtomEntry:
-    """One atom of a model: position, kind, BLAKE2b-256 of its weights, size."""
+class PublishedAtom:
+    """One atom of a published model: position, kind, BLAKE2b-256 of its weights, size."""
 
     index: int
     kind: str
@@ -204,12 +204,18 @@ class AtomEntry:
 
 @record("model_manifest")
 @dataclass(frozen=True, slots=True)
-class ModelManifest:
-    """A model: family, its config as a JSON object, and its atoms in order."""
+class PublishedModel:
+    """A model as an admin publishes it in the mesh state: family, its config as a JSON
+    object, and its atoms in order.
+
+    The mesh's wire summary of a model; the model's own complete manifest (atom specs,
+    tokenizer) is `atoms.partition.ModelManifest`, which the mesh never imports. The wire
+    kinds keep their historical names `model_manifest` and `atom_entry`.
+    """
 
     family: str
     config_json: str
-    atoms: tuple[AtomEntry, ...]
+    atoms: tuple[PublishedAtom, ...]
 
     def __post_init__(self) -> None:
         _need_name("manifest family", self.family)

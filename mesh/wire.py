@@ -399,12 +399,12 @@ class _RecordSchema:
             raise MalformedMessage(
                 f"record {self.kind!r}: expected {len(self.fields)} fields, got {len(raw)}"
             )
-        values = [
-            s.dec(v, ctx, depth, self.kind, n)
+        values = {
+            n: s.dec(v, ctx, depth, self.kind, n)
             for s, v, n in zip(self.fields, raw, self.names, strict=True)
-        ]
+        }
         try:
-            return self.cls(*values)
+            return self.cls(**values)  # by name: records with many fields are kw_only
         except (ValueError, TypeError) as exc:  # __post_init__ rejected the values
             raise MalformedMessage(f"record {self.kind!r}: invalid: {exc}") from None
 

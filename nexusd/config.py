@@ -16,13 +16,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.node_config import MeshNodeConfig
+
 from .errors import ConfigError
 
 MiB = 1024 * 1024
 ENV_PREFIX = "NEXUSD_"
+_MESH_NODE = MeshNodeConfig()  # the defaults of the mesh node's knobs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     """[node]: this device."""
 
@@ -37,9 +40,14 @@ class NodeConfig:
         _positive("node.torch_threads", self.torch_threads)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MeshConfig:
-    """[mesh]: networking, gossip, security windows."""
+    """[mesh]: networking, gossip, security windows.
+
+    The keys that are knobs of the mesh node (`MESH_NODE_KEYS`) take their defaults from
+    `mesh.node_config.MeshNodeConfig` and reach it through `node_config()`; the others
+    configure the transports and probes the daemon runs itself.
+    """
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 7420  # 0: any free port
@@ -47,23 +55,23 @@ class MeshConfig:
     direct_port: int = 0  # 0: any free port
     bootstrap: tuple[str, ...] = ()
     max_frame_bytes: int = 64 * MiB
-    read_timeout_s: float = 10.0
+    read_timeout_s: float = _MESH_NODE.read_timeout_s
     write_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
     gossip_heartbeat_s: float = 1.0
-    advert_refresh_s: float = 10.0
-    advert_lease_s: float = 30.0
-    anti_entropy_interval_s: float = 15.0
-    ping_interval_s: float = 5.0
+    advert_refresh_s: float = _MESH_NODE.advert_refresh_s
+    advert_lease_s: float = _MESH_NODE.advert_lease_s
+    anti_entropy_interval_s: float = _MESH_NODE.anti_entropy_interval_s
+    ping_interval_s: float = _MESH_NODE.ping_interval_s
     bandwidth_probe_interval_s: float = 30.0
     bandwidth_probe_bytes: int = 262144
-    max_clock_drift_s: float = 5.0
-    envelope_window_s: float = 120.0
-    replay_cache_entries: int = 100_000
-    ban_score_threshold: float = 50.0
-    ban_base_s: float = 15.0
-    ban_max_s: float = 3600.0
-    join_attempts_per_minute: int = 10
+    max_clock_drift_s: float = _MESH_NODE.max_clock_drift_s
+    envelope_window_s: float = _MESH_NODE.envelope_window_s
+    replay_cache_entries: int = _MESH_NODE.replay_cache_entries
+    ban_score_threshold: float = _MESH_NODE.ban_score_threshold
+    ban_base_s: float = _MESH_NODE.ban_base_s
+    ban_max_s: float = _MESH_NODE.ban_max_s
+    join_attempts_per_minute: int = _MESH_NODE.join_attempts_per_minute
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "direct_port"):
@@ -84,8 +92,18 @@ class MeshConfig:
                 f"({2 * self.advert_refresh_s}), got {self.advert_lease_s}"
             )
 
+    def node_config(self) -> MeshNodeConfig:
+        """The mesh node's knobs: our keys of the same name; its own defaults for the rest."""
+        knobs = {name: getattr(self, name) for name in MESH_NODE_KEYS}
+        return MeshNodeConfig(**knobs, max_lease_s=max(600.0, self.advert_lease_s))
 
-@dataclass(frozen=True, slots=True)
+
+# the [mesh] keys that are `MeshNodeConfig` knobs, copied by name
+MESH_NODE_KEYS = tuple(f.name for f in dataclasses.fields(MeshConfig)
+                       if f.name in MeshNodeConfig.__dataclass_fields__)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AtomsConfig:
     """[atoms]: models this node hosts and the memory it gives them."""
 
@@ -147,7 +165,7 @@ class MetricsConfig:
             raise ConfigError(f"metrics.listen_port: expected 0..65535, got {self.listen_port}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration of one daemon."""
 

@@ -36,7 +36,7 @@ log = structlog.get_logger(__name__)
 NEXUS_SEED = 11  # the seed of the built-in Nexus 1.1 blocks: same weights on every node
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelInfo:
     """What the job engine needs to know of a model without loading its weights."""
 
@@ -129,7 +129,10 @@ class ModelRegistry:
         m = self.manifest(model_id)
         causal = m.family in ("nexus", "llama")
         vocab = self.config_int(model_id, "vocab_size", 0)
-        return ModelInfo(m.model_id, m.family, len(m.atoms), causal, m.digest, vocab)
+        return ModelInfo(
+            model_id=m.model_id, family=m.family, n_atoms=len(m.atoms), causal=causal,
+            digest=m.digest, vocab_size=vocab,
+        )
 
     def config_int(self, model_id: str, key: str, default: int) -> int:
         """An integer of the model's config (e.g. hidden_size), or `default` if absent."""

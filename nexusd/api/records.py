@@ -57,7 +57,7 @@ class StatusRequest:
 
 
 @record("api.status_reply")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StatusReply:
     """What `nexusd status` shows."""
 
@@ -85,7 +85,7 @@ class ShutdownRequest:
 
 
 @record("api.hop")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HopReport:
     """One hop of a job's route with its summed costs over all steps (seconds, bytes)."""
 
@@ -102,7 +102,7 @@ class HopReport:
 
 
 @record("api.generate")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateRequest:
     """Generate text. `job_id` empty: the daemon picks one."""
 
@@ -159,7 +159,7 @@ class ProgressEvent:
 
 
 @record("api.generate_reply")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateReply:
     job_id: str
     model: str
@@ -174,7 +174,7 @@ class GenerateReply:
 
 
 @record("api.embed")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EmbedRequest:
     """Embed texts (normalised sentence embeddings), micro-batched along the route."""
 
@@ -186,7 +186,7 @@ class EmbedRequest:
 
 
 @record("api.embed_reply")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EmbedReply:
     job_id: str
     model: str
@@ -206,7 +206,7 @@ def vectors_of(reply: EmbedReply) -> list[list[float]]:
 
 
 @record("api.classify")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClassifyRequest:
     """Zero-shot classification of texts among labels, by embedding similarity."""
 
@@ -218,7 +218,7 @@ class ClassifyRequest:
 
 
 @record("api.classify_reply")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClassifyReply:
     job_id: str
     model: str
@@ -236,7 +236,7 @@ class JobsRequest:
 
 
 @record("api.job_row")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JobRow:
     job_id: str
     kind: str
@@ -330,7 +330,7 @@ class PeersRequest:
 
 
 @record("api.peer")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PeerRow:
     node_id: str
     name: str

@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
+from ..api.client import OnEvent, call
 from ..config import Config
 from ..paths import NodePaths
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +31,16 @@ def no_flags(_p: argparse.ArgumentParser) -> None:
     """For commands with only the common options."""
 
 
-def call_daemon(paths: NodePaths, request: object, **kwargs: object) -> object:
-    """Send one request to the local daemon (blocking; the CLI has nothing else to do)."""
-    from ..api.client import call
-
-    return trio.run(lambda: call(paths.socket, request, **kwargs))  # type: ignore[arg-type]
+def call_daemon(
+    paths: NodePaths,
+    request: object,
+    *,
+    expect: type[R],
+    timeout_s: float | None = 30.0,
+    on_event: OnEvent | None = None,
+) -> R:
+    """Send one request to the local daemon and return its `expect` reply (blocking; the CLI
+    has nothing else to do). See `nexusd.api.client.call`."""
+    return trio.run(
+        lambda: call(paths.socket, request, expect=expect, timeout_s=timeout_s, on_event=on_event)
+    )

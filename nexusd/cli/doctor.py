@@ -51,10 +51,9 @@ def _files(paths: NodePaths) -> list[Finding]:
 
 def _daemon(paths: NodePaths, cfg: Config) -> list[Finding]:
     try:
-        st = call_daemon(paths, StatusRequest(), timeout_s=10)
+        st = call_daemon(paths, StatusRequest(), expect=StatusReply, timeout_s=10)
     except DaemonUnavailable as exc:
         return [Finding("fail", "daemon", f"{exc}")]
-    assert isinstance(st, StatusReply)
     out = [Finding("ok", "daemon", f"pid {st.pid}, up {st.uptime_s:.0f}s, socket {st.socket_path}")]
     if not st.mesh_id:
         out.append(Finding("warn", "mesh", "this node is in no mesh: `nexusd join TOKEN` "
@@ -68,8 +67,7 @@ def _daemon(paths: NodePaths, cfg: Config) -> list[Finding]:
     out.append(Finding("ok" if st.hosted else "warn", "hosting",
                        ", ".join(st.hosted) if st.hosted else
                        "no atoms: this node only runs jobs (serve some with `nexusd host MODEL`)"))  # fmt: skip
-    peers = call_daemon(paths, PeersRequest(), timeout_s=10)
-    assert isinstance(peers, PeersReply)
+    peers = call_daemon(paths, PeersRequest(), expect=PeersReply, timeout_s=10)
     out += _peer_findings(peers, cfg)
     return out
 

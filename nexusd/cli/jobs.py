@@ -73,12 +73,14 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    req = GenerateRequest(args.prompt, args.model, args.max_tokens, args.temperature, args.top_k,
-                          args.top_p, args.seed, tuple(args.stop), args.job_id, args.codec)  # fmt: skip
+    req = GenerateRequest(
+        prompt=args.prompt, model=args.model, max_new_tokens=args.max_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        stop=tuple(args.stop), job_id=args.job_id, codec=args.codec,
+    )  # fmt: skip
     streaming = not args.json
-    reply = call_daemon(paths, req, timeout_s=args.timeout,
+    reply = call_daemon(paths, req, expect=GenerateReply, timeout_s=args.timeout,
                         on_event=_print_event if streaming else _quiet)  # fmt: skip
-    assert isinstance(reply, GenerateReply)
     if args.json:
         emit(args, reply, str)
         return 0
@@ -122,9 +124,11 @@ def _embed_flags(p: argparse.ArgumentParser) -> None:
 
 def _embed(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     texts = _texts(args)
-    req = EmbedRequest(texts, args.model, args.micro_batch, args.job_id, args.codec)
-    reply = call_daemon(paths, req, timeout_s=args.timeout, on_event=_print_event)
-    assert isinstance(reply, EmbedReply)
+    req = EmbedRequest(
+        texts=texts, model=args.model, micro_batch=args.micro_batch, job_id=args.job_id,
+        codec=args.codec,
+    )
+    reply = call_daemon(paths, req, expect=EmbedReply, timeout_s=args.timeout, on_event=_print_event)
     vecs = vectors_of(reply)
     if args.json:
         data = {"job_id": reply.job_id, "model": reply.model, "dims": reply.dims, "vectors": vecs,
@@ -159,9 +163,11 @@ def _classify_flags(p: argparse.ArgumentParser) -> None:
 def _classify(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     texts = _texts(args)
     labels = tuple(lab.strip() for lab in args.labels.split(",") if lab.strip())
-    req = ClassifyRequest(texts, labels, args.model, args.template, args.job_id)
-    reply = call_daemon(paths, req, timeout_s=args.timeout, on_event=_quiet)
-    assert isinstance(reply, ClassifyReply)
+    req = ClassifyRequest(
+        texts=texts, labels=labels, model=args.model, template=args.template,
+        job_id=args.job_id,
+    )
+    reply = call_daemon(paths, req, expect=ClassifyReply, timeout_s=args.timeout, on_event=_quiet)
     if args.json:
         emit(args, reply, str)
         return 0
@@ -180,8 +186,7 @@ def _jobs_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _jobs(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, JobsRequest(args.limit))
-    assert isinstance(reply, JobsReply)
+    reply = call_daemon(paths, JobsRequest(args.limit), expect=JobsReply)
     rows = [[j.job_id, j.kind, j.state, str(j.attempts), j.error[:50]] for j in reply.jobs]
     emit(args, reply, lambda: table(["job", "kind", "state", "attempts", "error"], rows))
     return 0
@@ -192,14 +197,13 @@ def _job_id_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _result(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, ResultRequest(args.job_id), timeout_s=None)
+    reply = call_daemon(paths, ResultRequest(args.job_id), expect=object, timeout_s=None)
     emit(args, reply, lambda: getattr(reply, "text", "") or str(reply))
     return 0
 
 
 def _cancel(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, CancelRequest(args.job_id))
-    assert isinstance(reply, OkReply)
+    reply = call_daemon(paths, CancelRequest(args.job_id), expect=OkReply)
     emit(args, {"cancelled": args.job_id}, lambda: reply.message)
     return 0
 
@@ -213,8 +217,7 @@ def _host_flags(p: argparse.ArgumentParser) -> None:
 
 def _host(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     spec = f"{args.model}:{args.atoms}" if args.atoms else args.model
-    reply = call_daemon(paths, HostRequest(spec, args.dtype), timeout_s=600)
-    assert isinstance(reply, OkReply)
+    reply = call_daemon(paths, HostRequest(spec, args.dtype), expect=OkReply, timeout_s=600)
     emit(args, {"hosting": spec}, lambda: reply.message)
     return 0
 

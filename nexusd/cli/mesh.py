@@ -41,8 +41,7 @@ def _invite_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _invite(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, InviteRequest(parse_duration(args.ttl), args.uses, args.name))
-    assert isinstance(reply, InviteReply)
+    reply = call_daemon(paths, InviteRequest(parse_duration(args.ttl), args.uses, args.name), expect=InviteReply)
     emit(args, reply, lambda: "\n".join([
         f"invite valid for {args.ttl}, {reply.uses} use(s); bootstrap: {', '.join(reply.bootstrap)}",
         "on the new device run:  nexusd join TOKEN   (with its daemon running)",
@@ -57,8 +56,7 @@ def _join_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _join(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, JoinMeshRequest(args.token, args.name), timeout_s=120)
-    assert isinstance(reply, JoinedReply)
+    reply = call_daemon(paths, JoinMeshRequest(args.token, args.name), expect=JoinedReply, timeout_s=120)
     emit(args, reply, lambda: f"joined mesh {reply.mesh_id} ({reply.members} members)")
     return 0
 
@@ -69,8 +67,7 @@ def _revoke_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _revoke(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, RevokeRequest(args.node, args.reason))
-    assert isinstance(reply, OkReply)
+    reply = call_daemon(paths, RevokeRequest(args.node, args.reason), expect=OkReply)
     emit(args, {"revoked": args.node}, lambda: reply.message)
     return 0
 
@@ -83,9 +80,8 @@ def _peers_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _peers(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, PeersRequest(args.wait_hosts, args.model, args.timeout),
+    reply = call_daemon(paths, PeersRequest(args.wait_hosts, args.model, args.timeout), expect=PeersReply,
                         timeout_s=args.timeout + 10)  # fmt: skip
-    assert isinstance(reply, PeersReply)
     emit(args, reply, lambda: f"mesh {reply.mesh_id}\n" + peers_table(reply))
     return 0
 

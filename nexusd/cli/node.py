@@ -65,15 +65,14 @@ def _run(_args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
 def _status(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     from .mesh import peers_table
 
-    reply = call_daemon(paths, StatusRequest())
-    assert isinstance(reply, StatusReply)
-    peers = call_daemon(paths, PeersRequest()) if reply.mesh_id else None
+    reply = call_daemon(paths, StatusRequest(), expect=StatusReply)
+    peers = call_daemon(paths, PeersRequest(), expect=PeersReply) if reply.mesh_id else None
     data: dict[str, object] = dataclasses.asdict(reply)
-    if isinstance(peers, PeersReply):
+    if peers is not None:
         data["peers"] = [dataclasses.asdict(p) for p in peers.peers]
         data["mesh_rejections"] = dict(peers.counters)
     emit(args, data, lambda: _status_text(reply) + (
-        "\n\n" + peers_table(peers) if isinstance(peers, PeersReply) else ""))
+        "\n\n" + peers_table(peers) if peers is not None else ""))
     return 0
 
 
@@ -93,8 +92,7 @@ def _status_text(r: StatusReply) -> str:
 
 
 def _stop(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, ShutdownRequest())
-    assert isinstance(reply, OkReply)
+    call_daemon(paths, ShutdownRequest(), expect=OkReply)
     emit(args, {"stopping": True}, lambda: "daemon is stopping")
     return 0
 
@@ -113,8 +111,10 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace, _cfg: Config, _paths: NodePaths) -> int:
     from ..harness.demo import DemoOptions, run_demo
 
-    return run_demo(DemoOptions(args.nodes, args.failover, args.max_tokens, args.keep,
-                                args.workdir, args.models_dir))  # fmt: skip
+    return run_demo(DemoOptions(
+        nodes=args.nodes, failover=args.failover, max_tokens=args.max_tokens, keep=args.keep,
+        workdir=args.workdir, models_dir=args.models_dir,
+    ))  # fmt: skip
 
 
 NODE_COMMANDS = (

@@ -27,6 +27,7 @@ from atoms.codecs import Encoded, encode
 from atoms.errors import AtomError, CacheExhausted, CacheNotReady
 from atoms.span import Span
 from mesh.errors import MeshError, PeerProtocolError
+from mesh.state import HostedSpan
 
 from ..errors import NexusError
 from ..metrics import Metrics
@@ -110,7 +111,7 @@ class ExecRefused(NexusError):
         self.code = code
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Session:
     opened: OpenSession
     span: Span
@@ -120,16 +121,6 @@ class _Session:
     last_used: float
     next_step: int = 0
     results: OrderedDict[int, tuple[StepResult, Encoded]] = field(default_factory=OrderedDict)
-
-
-@dataclass(frozen=True, slots=True)
-class HostedSpan:
-    """A span this node serves, as advertised."""
-
-    model_id: str
-    start: int
-    end: int
-    dtype: str
 
 
 class SpanHost:
@@ -179,6 +170,7 @@ class SpanHost:
         return self.hosted()[-1]
 
     def hosted(self) -> list[HostedSpan]:
+        """The spans this node serves, as it advertises them."""
         out = []
         for s in self._spans:
             dtype = s.atom_list()[0].spec.dtype
@@ -225,7 +217,10 @@ class SpanHost:
             except CacheExhausted as exc:
                 self._metrics.inc("exec_refused_total", code="cache_exhausted")
                 raise ExecRefused("cache_exhausted", f"{exc} (host budget {self._budget})") from None
-        self._sessions[key] = _Session(msg, span, cache, msg.batch, msg.reply_codec, self._clock())
+        self._sessions[key] = _Session(
+            opened=msg, span=span, cache=cache, batch=msg.batch, reply_codec=msg.reply_codec,
+            last_used=self._clock(),
+        )
         self._metrics.set("host_sessions", len(self._sessions))
         return SessionOpened(msg.session_id, cache.nbytes if cache else 0)
 
@@ -330,7 +325,10 @@ class SpanHost:
         enc = encode(out, sess.reply_codec)
         queue_s = started[0] - queued_at if started else 0.0
         self._metrics.inc("exec_steps_total", model=sess.span.model_id)
-        result = StepResult(msg.session_id, msg.step_id, header_of(enc), done - started[0], queue_s)
+        result = StepResult(
+            session_id=msg.session_id, step_id=msg.step_id, tensor=header_of(enc),
+            compute_s=done - started[0], queue_s=queue_s,
+        )
         return result, enc
 
     async def serve(self, channel: ExecChannel, *, idle_timeout_s: float) -> None:

@@ -97,7 +97,7 @@ class HopPlan:
     end: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HopTiming:
     """What one hop cost for one step (seconds; bytes of the tensors each way)."""
 
@@ -149,14 +149,20 @@ class RemoteHop:
         self._sid = os.urandom(SESSION_ID_BYTES)
 
     async def open(self, batch: int, max_len: int) -> None:
-        msg = OpenSession(self._sid, self._model, self.plan.start, self.plan.end, batch, max_len, self._codec)
+        msg = OpenSession(
+            session_id=self._sid, model_id=self._model, start=self.plan.start,
+            end=self.plan.end, batch=batch, max_len=max_len, reply_codec=self._codec,
+        )
         reply, _ = await self._exchange(lambda: self._ch.send(msg))
         if not isinstance(reply, SessionOpened):
             raise HopFailed(self.plan.host, f"expected SessionOpened, got {type(reply).__name__}")
 
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
-        msg = Step(self._sid, step_id, inp.position, inp.causal, header_of(enc), inp.pad_mask)
+        msg = Step(
+            session_id=self._sid, step_id=step_id, position=inp.position, causal=inp.causal,
+            tensor=header_of(enc), pad_mask=inp.pad_mask,
+        )
         t0 = trio.current_time()
         reply, payload = await self._exchange(lambda: self._ch.send(msg, enc))
         elapsed = trio.current_time() - t0
@@ -168,8 +174,10 @@ class RemoteHop:
             raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
         _check_output(self.plan.host, inp.x, out)
         timing = HopTiming(
-            self.plan.host, self.plan.start, self.plan.end, reply.compute_s, reply.queue_s,
-            max(0.0, elapsed - reply.compute_s - reply.queue_s), len(enc.data), len(payload),
+            host=self.plan.host, start=self.plan.start, end=self.plan.end,
+            compute_s=reply.compute_s, queue_s=reply.queue_s,
+            transfer_s=max(0.0, elapsed - reply.compute_s - reply.queue_s),
+            bytes_out=len(enc.data), bytes_in=len(payload),
         )  # fmt: skip
         return out, timing
 
@@ -188,7 +196,10 @@ class RemoteHop:
         async def send_all() -> None:
             for k, inp in enumerate(inputs):
                 enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
-                msg = Step(self._sid, first_id + k, inp.position, inp.causal, header_of(enc), inp.pad_mask)
+                msg = Step(
+                    session_id=self._sid, step_id=first_id + k, position=inp.position,
+                    causal=inp.causal, tensor=header_of(enc), pad_mask=inp.pad_mask,
+                )
                 try:
                     await self._ch.send(msg, enc)
                 except MeshError as exc:
@@ -261,7 +272,10 @@ class LocalHop:
         self._sid = os.urandom(SESSION_ID_BYTES)
 
     async def open(self, batch: int, max_len: int) -> None:
-        msg = OpenSession(self._sid, self._model, self.plan.start, self.plan.end, batch, max_len)
+        msg = OpenSession(
+            session_id=self._sid, model_id=self._model, start=self.plan.start,
+            end=self.plan.end, batch=batch, max_len=max_len,
+        )
         try:
             await self._host.open(self._self, msg)
         except ExecRefused as exc:
@@ -269,7 +283,10 @@ class LocalHop:
 
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x)
-        msg = Step(self._sid, step_id, inp.position, inp.causal, header_of(enc), inp.pad_mask)
+        msg = Step(
+            session_id=self._sid, step_id=step_id, position=inp.position, causal=inp.causal,
+            tensor=header_of(enc), pad_mask=inp.pad_mask,
+        )
         try:
             reply, out_enc = await self._host.step(self._self, msg, enc.data)
             out = tensor_of(reply.tensor, out_enc.data)
@@ -278,8 +295,11 @@ class LocalHop:
         except AtomError as exc:
             raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
         _check_output(self.plan.host, inp.x, out)
-        timing = HopTiming(self.plan.host, self.plan.start, self.plan.end, reply.compute_s,
-                           reply.queue_s, 0.0, 0, 0)  # fmt: skip
+        timing = HopTiming(
+            host=self.plan.host, start=self.plan.start, end=self.plan.end,
+            compute_s=reply.compute_s, queue_s=reply.queue_s, transfer_s=0.0, bytes_out=0,
+            bytes_in=0,
+        )  # fmt: skip
         return out, timing
 
     async def replay(self, first_id: int, inputs: list[StepInput], *,
@@ -302,7 +322,7 @@ HopFactory = Callable[[HopPlan], Awaitable[Hop]]
 FailureReporter = Callable[[bytes, str], None]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Live:
     hop: Hop
     history: list[StepInput] = field(default_factory=list)  # only for sessions with a KV cache
@@ -368,7 +388,7 @@ class RoutedSession:
             try:
                 for p in plans:
                     hop = await self._make_hop(p)
-                    opened.append(_Live(hop))
+                    opened.append(_Live(hop=hop))
                     await hop.open(self._batch, self._max_len)
                 return opened
             except HopFailed as exc:

@@ -48,7 +48,7 @@ class TensorHeader:
 
 
 @record("x.open")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OpenSession:
     """Start a session on atoms [start, end) of a model; max_len 0 means no KV cache."""
 
@@ -77,7 +77,7 @@ class SessionOpened:
 
 
 @record("x.step")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     """One forward step: the tensor is the span's input; `position` is the first new token's.
 
@@ -97,7 +97,7 @@ class Step:
 
 
 @record("x.result")
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StepResult:
     session_id: bytes
     step_id: int

@@ -23,12 +23,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar, overload
 
 import trio
 
 from ..api.client import call
 from ..paths import resolve_paths
+
+R = TypeVar("R")
 
 Event = dict[str, object]
 
@@ -204,20 +206,33 @@ class LocalCluster:
 
     def join_all(self) -> None:
         """Node 0 invites everyone else (one token per node); each joins."""
-        for i in range(1, self.size):
-            token = self.call(0, _invite(self.names[i])).token  # type: ignore[attr-defined]
-            self.call(i, _join(token, self.names[i]), timeout_s=120)
+        from ..api.records import InviteReply, InviteRequest, JoinedReply, JoinMeshRequest
 
+        for i in range(1, self.size):
+            name = self.names[i]
+            token = self.call(0, InviteRequest(600.0, 1, name), expect=InviteReply).token
+            self.call(i, JoinMeshRequest(token, name), expect=JoinedReply, timeout_s=120)
+
+    @overload
+    def call(self, i: int, request: object, *, expect: type[R], timeout_s: float | None = 120,
+             on_event: Callable[[object], None] | None = None) -> R: ...  # fmt: skip
+    @overload
     def call(self, i: int, request: object, *, timeout_s: float | None = 120,
+             on_event: Callable[[object], None] | None = None) -> object: ...  # fmt: skip
+    def call(self, i: int, request: object, *, expect: type[object] = object,
+             timeout_s: float | None = 120,
              on_event: Callable[[object], None] | None = None) -> object:  # fmt: skip
-        """One API request to node i (blocking); events go to `on_event`."""
+        """One API request to node i (blocking); events go to `on_event`. With `expect`, the
+        reply is of that type (see `nexusd.api.client.call`)."""
 
         async def forward(event: object) -> None:
             if on_event is not None:
                 on_event(event)
 
         sock = self.daemon(i).socket
-        return trio.run(lambda: call(sock, request, timeout_s=timeout_s, on_event=forward))
+        return trio.run(
+            lambda: call(sock, request, expect=expect, timeout_s=timeout_s, on_event=forward)
+        )
 
     def host(self, i: int, spec: str) -> None:
         from ..api.records import HostRequest
@@ -227,8 +242,8 @@ class LocalCluster:
     def wait_hosts(self, i: int, count: int, model: str = "", timeout_s: float = 60) -> object:
         from ..api.records import PeersReply, PeersRequest
 
-        reply = self.call(i, PeersRequest(count, model, timeout_s), timeout_s=timeout_s + 10)
-        assert isinstance(reply, PeersReply)
+        reply = self.call(i, PeersRequest(count, model, timeout_s), expect=PeersReply,
+                          timeout_s=timeout_s + 10)  # fmt: skip
         hosting = sum(1 for p in reply.peers if p.hosted and (not model or
                       any(h.startswith(model + ":") for h in p.hosted)))  # fmt: skip
         if hosting < count:
@@ -241,18 +256,6 @@ class LocalCluster:
         for d in self.daemons:
             if d is not None:
                 d.stop()
-
-
-def _invite(name: str) -> object:
-    from ..api.records import InviteRequest
-
-    return InviteRequest(600.0, 1, name)
-
-
-def _join(token: str, name: str) -> object:
-    from ..api.records import JoinMeshRequest
-
-    return JoinMeshRequest(token, name)
 
 
 @contextlib.contextmanager

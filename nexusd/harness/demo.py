@@ -53,7 +53,7 @@ CLASSIFY = (
 )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class DemoOptions:
     nodes: int = 3
     failover: bool = False
@@ -176,9 +176,8 @@ def demo_generate(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
             sys.stdout.write(event.text)
             sys.stdout.flush()
 
-    reply = cluster.call(0, GenerateRequest(PROMPT, DEFAULT_GENERATE_MODEL, max_tokens),
-                         on_event=show)  # fmt: skip
-    assert isinstance(reply, GenerateReply)
+    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens)
+    reply = cluster.call(0, req, expect=GenerateReply, on_event=show)
     say(f"\n  {len(reply.token_ids)} tokens in {reply.elapsed_s:.2f}s ({reply.tokens_per_s:.1f} tok/s)")
     say(_indent(route_table(reply.route)))
     outcome.check("generation equals single-process", reply.token_ids == ref,
@@ -189,8 +188,8 @@ def demo_embed(cluster: LocalCluster, registry: ModelRegistry, outcome: Outcome)
     from atoms.embed import embed_texts
 
     say(f"\n[4/6] embed {len(SENTENCES)} sentences ({DEFAULT_EMBED_MODEL}, micro-batched) and classify")
-    reply = cluster.call(0, EmbedRequest(SENTENCES, DEFAULT_EMBED_MODEL, micro_batch=2))
-    assert isinstance(reply, EmbedReply)
+    req = EmbedRequest(texts=SENTENCES, model=DEFAULT_EMBED_MODEL, micro_batch=2)
+    reply = cluster.call(0, req, expect=EmbedReply)
     got = torch.tensor(vectors_of(reply))
     ref = embed_texts(registry.load_model(DEFAULT_EMBED_MODEL), list(SENTENCES))
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
@@ -208,8 +207,8 @@ def demo_classify(cluster: LocalCluster, outcome: Outcome) -> None:
     texts = tuple(t for t, _ in CLASSIFY)
     labels = tuple(sorted({lab for _, lab in CLASSIFY}))
     say(f"\n[5/6] classify (zero-shot over the mesh) among {', '.join(labels)}")
-    reply = cluster.call(0, ClassifyRequest(texts, labels, DEFAULT_EMBED_MODEL))
-    assert isinstance(reply, ClassifyReply)
+    req = ClassifyRequest(texts=texts, labels=labels, model=DEFAULT_EMBED_MODEL)
+    reply = cluster.call(0, req, expect=ClassifyReply)
     right = 0
     for (text, want), got, scores in zip(CLASSIFY, reply.predicted, reply.scores, strict=True):
         right += got == want
@@ -240,8 +239,8 @@ def demo_failover(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
                 cluster.daemon(idx).kill()
 
     t0 = time.perf_counter()
-    reply = cluster.call(0, GenerateRequest(PROMPT, DEFAULT_GENERATE_MODEL, max_tokens), on_event=watch)
-    assert isinstance(reply, GenerateReply)
+    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens)
+    reply = cluster.call(0, req, expect=GenerateReply, on_event=watch)
     say(f"\n  finished in {time.perf_counter() - t0:.2f}s; failovers: {len(reply.failovers)}")
     say(_indent(route_table(reply.route)))
     outcome.check("failover output identical", reply.token_ids == ref and bool(reply.failovers),

@@ -64,27 +64,44 @@ MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
 
 
+@dataclass(slots=True, kw_only=True)
+class _HopTotals:
+    """Running totals of one hop over a job's steps."""
+
+    steps: int = 0
+    compute_s: float = 0.0
+    queue_s: float = 0.0
+    transfer_s: float = 0.0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def add(self, t: HopTiming) -> None:
+        self.steps += 1
+        self.compute_s += t.compute_s
+        self.queue_s += t.queue_s
+        self.transfer_s += t.transfer_s
+        self.bytes_out += t.bytes_out
+        self.bytes_in += t.bytes_in
+
+
 @dataclass(slots=True)
 class _Costs:
     """Per-hop sums over a job's steps, keyed by (host, start, end)."""
 
-    hops: dict[tuple[bytes, int, int], list[float]] = field(default_factory=dict)
+    hops: dict[tuple[bytes, int, int], _HopTotals] = field(default_factory=dict)
 
     def add(self, timings: Sequence[HopTiming]) -> None:
         for t in timings:
-            acc = self.hops.setdefault((t.host, t.start, t.end), [0, 0.0, 0.0, 0.0, 0, 0])
-            acc[0] += 1
-            acc[1] += t.compute_s
-            acc[2] += t.queue_s
-            acc[3] += t.transfer_s
-            acc[4] += t.bytes_out
-            acc[5] += t.bytes_in
+            self.hops.setdefault((t.host, t.start, t.end), _HopTotals()).add(t)
 
     def report(self, name_of: Callable[[bytes], str]) -> tuple[HopReport, ...]:
         rows = sorted(self.hops.items(), key=lambda kv: (kv[0][1], kv[0][0]))
         return tuple(
-            HopReport(h.hex(), name_of(h), s, e, int(a[0]), round(a[1], 6), round(a[2], 6),
-                      round(a[3], 6), int(a[4]), int(a[5]))
+            HopReport(
+                host=h.hex(), name=name_of(h), start=s, end=e, steps=a.steps,
+                compute_s=round(a.compute_s, 6), queue_s=round(a.queue_s, 6),
+                transfer_s=round(a.transfer_s, 6), bytes_out=a.bytes_out, bytes_in=a.bytes_in,
+            )
             for (h, s, e), a in rows
         )  # fmt: skip
 
@@ -219,9 +236,11 @@ class JobEngine:
         elapsed = time.perf_counter() - t0
         self._metrics.inc("jobs_tokens_total", len(step.token_ids), model=req.model)
         return GenerateReply(
-            job_id, req.model, step.text, step.token_ids, step.reason.value, len(prompt_ids),
-            round(elapsed, 6), round(len(step.token_ids) / elapsed, 3) if elapsed else 0.0,
-            costs.report(self.view.name_of), tuple(session.failovers),
+            job_id=job_id, model=req.model, text=step.text, token_ids=step.token_ids,
+            stop_reason=step.reason.value, prompt_tokens=len(prompt_ids),
+            elapsed_s=round(elapsed, 6),
+            tokens_per_s=round(len(step.token_ids) / elapsed, 3) if elapsed else 0.0,
+            route=costs.report(self.view.name_of), failovers=tuple(session.failovers),
         )  # fmt: skip
 
     # ---- embeddings ----------------------------------------------------------------------
@@ -232,9 +251,12 @@ class JobEngine:
             req.model, req.texts, req.micro_batch, req.codec, job_id, emit
         )
         n, dims = vectors.shape
-        return EmbedReply(job_id, req.model, n, dims, vectors.contiguous().numpy().tobytes(),
-                          round(elapsed, 6), round(n / elapsed, 3) if elapsed else 0.0,
-                          costs.report(self.view.name_of), failovers)  # fmt: skip
+        return EmbedReply(
+            job_id=job_id, model=req.model, count=n, dims=dims,
+            vectors=vectors.contiguous().numpy().tobytes(), elapsed_s=round(elapsed, 6),
+            texts_per_s=round(n / elapsed, 3) if elapsed else 0.0,
+            route=costs.report(self.view.name_of), failovers=failovers,
+        )  # fmt: skip
 
     async def _embed_texts(
         self, model_id: str, texts: Sequence[str], micro_batch: int, codec: str, job_id: str,
@@ -320,8 +342,10 @@ class JobEngine:
         probs = torch.softmax(sims / 0.05, dim=-1)  # CLIP-style temperature over cosines
         predicted = tuple(labels[int(i)] for i in probs.argmax(dim=-1))
         scores = tuple(tuple(round(float(p), 6) for p in row) for row in probs)
-        return ClassifyReply(job_id, req.model, labels, predicted, scores, round(elapsed, 6),
-                             costs.report(self.view.name_of))  # fmt: skip
+        return ClassifyReply(
+            job_id=job_id, model=req.model, labels=labels, predicted=predicted, scores=scores,
+            elapsed_s=round(elapsed, 6), route=costs.report(self.view.name_of),
+        )  # fmt: skip
 
 
 def _check_codec(codec: str) -> None:

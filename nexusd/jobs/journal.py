@@ -170,7 +170,7 @@ def check_job_id(job_id: object) -> None:
         raise InvalidJob(f"job id: expected 1-128 chars of [A-Za-z0-9._:-], got {job_id!r:.80}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class JobRecord:
     """One journaled job. Params and result are opaque bytes, left out of `repr`."""
 
@@ -367,7 +367,10 @@ class Journal:
             InvalidJob: a malformed id, kind, params or time.
         """
         digest = params_digest(params) if isinstance(params, bytes) else ""
-        fresh = JobRecord(job_id, kind, params, digest, JobState.ACCEPTED, now_ms, now_ms)
+        fresh = JobRecord(
+            job_id=job_id, kind=kind, params=params, params_digest=digest,
+            state=JobState.ACCEPTED, created_ms=now_ms, updated_ms=now_ms,
+        )
         with self._tx("submit") as conn:
             old = _load(conn, job_id)
             if old is None:
@@ -662,12 +665,16 @@ def _record(row: tuple[Any, ...]) -> JobRecord:  # Any: the DB decode boundary
     Raises:
         InvalidJob: the stored row is not a valid job (a corrupt or hand-edited journal).
     """
-    job_id, kind, params, digest, state, *rest = row
+    job_id, kind, params, digest, state, created_ms, updated_ms, result, error, progress, attempts = row
     try:
         job_state = JobState(state)
     except ValueError:
         raise InvalidJob(f"job {job_id!r}: stored state {state!r} is not a JobState") from None
-    return JobRecord(job_id, kind, params, digest, job_state, *rest)
+    return JobRecord(
+        job_id=job_id, kind=kind, params=params, params_digest=digest, state=job_state,
+        created_ms=created_ms, updated_ms=updated_ms, result=result, error=error,
+        progress=progress, attempts=attempts,
+    )
 
 
 def _load(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:

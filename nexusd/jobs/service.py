@@ -58,7 +58,7 @@ JOB_KINDS: dict[type, str] = {GenerateRequest: "generate", EmbedRequest: "embed"
 REQUEST_OF_KIND = {v: k for k, v in JOB_KINDS.items()}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Running:
     scope: trio.CancelScope
     done: trio.Event = field(default_factory=trio.Event)
@@ -152,7 +152,7 @@ class JobService:
 
     def _start(self, job_id: str, req: Any) -> _Running:
         assert self._nursery is not None, "JobService.run must be started first"
-        running = _Running(trio.CancelScope())
+        running = _Running(scope=trio.CancelScope())
         self._running[job_id] = running
         self._nursery.start_soon(self._run_job, job_id, req, running)
         return running
@@ -219,8 +219,10 @@ class JobService:
         if not 1 <= req.limit <= 1000:
             raise ApiError("bad_request", f"limit: expected 1..1000, got {req.limit}")
         recs = await trio.to_thread.run_sync(lambda: self.journal.list(limit=req.limit))
-        return JobsReply(tuple(JobRow(r.job_id, r.kind, r.state.value, r.created_ms, r.updated_ms,
-                                      r.attempts, r.error or "") for r in recs))  # fmt: skip
+        return JobsReply(tuple(JobRow(
+            job_id=r.job_id, kind=r.kind, state=r.state.value, created_ms=r.created_ms,
+            updated_ms=r.updated_ms, attempts=r.attempts, error=r.error or "",
+        ) for r in recs))  # fmt: skip
 
     async def _cancel(self, req: CancelRequest, _emit: Emit) -> OkReply:
         running = self._running.get(req.job_id)

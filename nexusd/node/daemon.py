@@ -24,14 +24,14 @@ import trio
 
 from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier
-from mesh.state import NodeState
+from mesh.state import HostedSpan, NodeState
 
 from .. import __version__
 from ..api.records import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
 from ..api.server import ApiServer, Emit
 from ..config import Config
 from ..errors import AlreadyRunning
-from ..exec.hosting import HostedSpan, SpanHost, warm_up
+from ..exec.hosting import SpanHost, warm_up
 from ..exec.planner import MeshView
 from ..exec.wire import Signer
 from ..jobs.engine import JobEngine

@@ -52,7 +52,7 @@ class MeshInfo:
             raise SetupError(f"{path}: not a valid mesh file ({exc})") from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InitResult:
     """What `init` created."""
 
@@ -90,7 +90,10 @@ def init_node(
         write_private_file(paths.mesh_file, info.to_toml().encode(), force=force)
         mesh_id = info.mesh_id
     (paths.data_dir / "name").write_text(node_name + "\n")
-    return InitResult(paths.data_dir, key.node_id.hex(), node_name, paths.config_file, mesh_id)
+    return InitResult(
+        data_dir=paths.data_dir, node_id=key.node_id.hex(), name=node_name,
+        config_file=paths.config_file, mesh_id=mesh_id,
+    )
 
 
 def write_mesh_files(paths: NodePaths, mesh_id: str, founder: str, secret: bytes) -> MeshInfo:

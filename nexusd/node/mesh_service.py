@@ -22,9 +22,8 @@ import trio
 from mesh.errors import AdminRequired, AlreadyJoined, JoinRefused, MeshError, PeerProtocolError
 from mesh.identity import MeshSecret
 from mesh.membership import parse_invite
-from mesh.node import MeshIdentity, MeshNode, MeshNodeConfig
+from mesh.node import MeshIdentity, MeshNode
 from mesh.routing import HostSpan, Link
-from mesh.state import HostedSpan as AdvertSpan
 from mesh.state import MeshState, NodeState
 from mesh.store import StateStore
 from mesh.transport.base import Stream, TransportConfig
@@ -56,19 +55,6 @@ CODECS = ("raw", "fp16", "bf16", "int8")
 PROBE_PROTOCOL = "/nexus/probe/1"
 UNPROBED_BANDWIDTH = 12.5e6  # bytes/s assumed until a probe measured it (100 Mbit/s)
 BANDWIDTH_ALPHA = 0.5
-
-
-def node_config(cfg: Config) -> MeshNodeConfig:
-    m = cfg.mesh
-    return MeshNodeConfig(
-        advert_refresh_s=m.advert_refresh_s, advert_lease_s=m.advert_lease_s,
-        anti_entropy_interval_s=m.anti_entropy_interval_s, ping_interval_s=m.ping_interval_s,
-        read_timeout_s=m.read_timeout_s, max_clock_drift_s=m.max_clock_drift_s,
-        envelope_window_s=m.envelope_window_s, replay_cache_entries=m.replay_cache_entries,
-        ban_score_threshold=m.ban_score_threshold, ban_base_s=m.ban_base_s,
-        ban_max_s=m.ban_max_s, join_attempts_per_minute=m.join_attempts_per_minute,
-        max_lease_s=max(600.0, m.advert_lease_s),
-    )  # fmt: skip
 
 
 class MeshService:
@@ -109,7 +95,7 @@ class MeshService:
             self._open_state() as (identity, state, store),
         ):
                 node = MeshNode(key=key, transport=transport, identity=identity, state=state,
-                                store=store, cfg=node_config(self.cfg), rng=random.Random(),
+                                store=store, cfg=self.cfg.mesh.node_config(), rng=random.Random(),
                                 invites_path=self.paths.data_dir / "invites.json")  # fmt: skip
                 node.set_stream_handler(EXEC_PROTOCOL, self._serve_exec)
                 node.set_stream_handler(PROBE_PROTOCOL, self._serve_probe)
@@ -281,7 +267,7 @@ class MeshService:
     def refresh_advert(self, state: NodeState = NodeState.ONLINE) -> None:
         if self.node is None:
             return
-        spans = tuple(AdvertSpan(h.model_id, h.start, h.end, h.dtype) for h in self.host.hosted())
+        spans = tuple(self.host.hosted())
         free_kv = max(0, self.cfg.atoms.kv_cache_budget_bytes - self.host.kv_bytes_used)
         self.node.set_local_advert(spans, free_kv, free_kv // 4096, CODECS, state,
                                    direct_addr=self.direct_addr)
@@ -527,14 +513,15 @@ class MeshApi:
         for nid in sorted(set(members) | set(adverts)):
             cert, adv, load = members.get(nid), adverts.get(nid), loads.get(nid)
             rows.append(PeerRow(
-                nid.hex(), cert.name if cert else "", tuple(cert.roles) if cert else (),
-                nid == node.node_id, nid in connected,
-                adv.state.name.lower() if adv else "no-advert",
-                round(rtts[nid] * 1000, 3) if nid in rtts else -1.0,
-                tuple(f"{s.model_id}:{s.start}-{s.end}" for s in adv.spans) if adv else (),
-                round(max(0.0, (adv.lease_expires_ms - now_ms) / 1000), 1) if adv else 0.0,
-                load.queue_depth if load else 0, node.is_banned(nid),
-                round(load.utilisation, 3) if load else 0.0,
-                round(self._svc.bandwidth[nid] / 1e6, 3) if nid in self._svc.bandwidth else -1.0,
+                node_id=nid.hex(), name=cert.name if cert else "",
+                roles=tuple(cert.roles) if cert else (), is_self=nid == node.node_id,
+                connected=nid in connected,
+                state=adv.state.name.lower() if adv else "no-advert",
+                rtt_ms=round(rtts[nid] * 1000, 3) if nid in rtts else -1.0,
+                hosted=tuple(f"{s.model_id}:{s.start}-{s.end}" for s in adv.spans) if adv else (),
+                lease_left_s=round(max(0.0, (adv.lease_expires_ms - now_ms) / 1000), 1) if adv else 0.0,
+                queue_depth=load.queue_depth if load else 0, banned=node.is_banned(nid),
+                utilisation=round(load.utilisation, 3) if load else 0.0,
+                bandwidth_mb_per_s=round(self._svc.bandwidth[nid] / 1e6, 3) if nid in self._svc.bandwidth else -1.0,
             ))  # fmt: skip
         return tuple(rows)

@@ -55,11 +55,11 @@ def test_three_daemons_equal_one_process(cluster: LocalCluster,
     cluster.host(2, "minilm:4-8")
     cluster.wait_hosts(0, 3, "nexus-1.1")
     cluster.wait_hosts(0, 2, "minilm")
-    gen = cluster.call(0, GenerateRequest(PROMPT, "nexus-1.1", 16))
+    gen = cluster.call(0, GenerateRequest(prompt=PROMPT, model="nexus-1.1", max_new_tokens=16))
     assert isinstance(gen, GenerateReply)
     assert gen.token_ids == tokens
     assert [(h.start, h.end) for h in gen.route] == even_spans(11, 3)  # all three took part
-    emb = cluster.call(0, EmbedRequest(TEXTS, "minilm", micro_batch=1))  # several per lane
+    emb = cluster.call(0, EmbedRequest(texts=TEXTS, model="minilm", micro_batch=1))  # several per lane
     assert isinstance(emb, EmbedReply)
     cos = torch.nn.functional.cosine_similarity(torch.tensor(vectors_of(emb)), vectors, dim=-1)
     assert float(cos.min()) >= 0.9999
@@ -93,7 +93,8 @@ def test_host_failing_mid_generation_gives_identical_output(
                     cluster.daemon(victim).proc.send_signal(signal.SIGSTOP)
 
     try:
-        gen = cluster.call(0, GenerateRequest(PROMPT, "nexus-1.1", 16), on_event=on_event)
+        req = GenerateRequest(prompt=PROMPT, model="nexus-1.1", max_new_tokens=16)
+        gen = cluster.call(0, req, on_event=on_event)
     finally:
         if how == "frozen" and seen["killed"] is not None:
             cluster.daemon(int(seen["killed"])).proc.send_signal(signal.SIGCONT)  # type: ignore[call-overload]

@@ -52,8 +52,9 @@ def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
 
     def load() -> None:
         try:
-            cluster.call(busy, GenerateRequest("keep busy", "nexus-1.1", 480, job_id=job_id),
-                         timeout_s=300)  # fmt: skip
+            req = GenerateRequest(prompt="keep busy", model="nexus-1.1", max_new_tokens=480,
+                                  job_id=job_id)  # fmt: skip
+            cluster.call(busy, req, timeout_s=300)
         except ApiError as exc:  # cancelled at the end: expected
             if "cancelled" not in exc.message:
                 errors.append(exc)
@@ -62,7 +63,7 @@ def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
     worker.start()
     try:
         cluster.call(0, WaitRequest("busy", node_hex(cluster, busy), 0.4, timeout_s=60))
-        reply = cluster.call(0, GenerateRequest("route me", "nexus-1.1", 4))
+        reply = cluster.call(0, GenerateRequest(prompt="route me", model="nexus-1.1", max_new_tokens=4))
         assert isinstance(reply, GenerateReply)
         return [h.host for h in reply.route]
     finally:
@@ -101,6 +102,7 @@ def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Pa
             for _ in range(2):  # two fresh probes of each: the averages follow the change
                 for i in (1, 2):
                     cluster.call(0, WaitRequest("probed", ids[i], timeout_s=60))
-            reply = cluster.call(0, GenerateRequest("slow links", "nexus-1.1", 3))
+            req = GenerateRequest(prompt="slow links", model="nexus-1.1", max_new_tokens=3)
+            reply = cluster.call(0, req)
             assert isinstance(reply, GenerateReply)
             assert [h.host for h in reply.route] == [ids[fast]], (slow, reply.route)

@@ -17,7 +17,7 @@ import trio.testing
 
 from mesh.identity import digest
 from mesh.node import MeshNode
-from mesh.state import AtomEntry, HostedSpan, ModelManifest
+from mesh.state import HostedSpan, PublishedAtom, PublishedModel
 from mesh.transport.memory import LinkFaults, MemoryNetwork
 
 from .sim_fixtures import (
@@ -39,8 +39,8 @@ PARTITION_S = 30.0
 HEAL_DEADLINE_S = 60.0
 
 
-def manifest() -> ModelManifest:
-    return ModelManifest("bert", "{}", (AtomEntry(0, "embed", digest(b"w0"), 10),))
+def manifest() -> PublishedModel:
+    return PublishedModel("bert", "{}", (PublishedAtom(0, "embed", digest(b"w0"), 10),))
 
 
 async def start_mesh(n: int, seed: int, network: MemoryNetwork,

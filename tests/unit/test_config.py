@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nexusd.config import Config, config_to_toml, load_config
+from nexusd.config import MESH_NODE_KEYS, Config, MeshConfig, config_to_toml, load_config
 from nexusd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,3 +100,15 @@ def test_env_values_are_typed(tmp_path: Path) -> None:
         load_config(None, env={"NEXUSD_MESH__NOPE": "1"})
     with pytest.raises(ConfigError, match=r"mesh\.listen_port \(from NEXUSD_MESH__LISTEN_PORT\)"):
         load_config(None, env={"NEXUSD_MESH__LISTEN_PORT": "12x"})
+
+
+def test_mesh_keys_reach_the_mesh_node_by_name() -> None:
+    from mesh.node_config import MeshNodeConfig
+
+    assert len(MESH_NODE_KEYS) == 12
+    assert Config().mesh.node_config() == MeshNodeConfig()  # one set of defaults
+    for name in MESH_NODE_KEYS:
+        doubled = 2 * getattr(MeshConfig(), name)
+        cfg = MeshConfig(**{name: doubled, "advert_lease_s": 2 * MeshConfig().advert_lease_s})
+        assert getattr(cfg.node_config(), name) == doubled, name
+    assert MeshConfig(advert_lease_s=900.0).node_config().max_lease_s == 900.0

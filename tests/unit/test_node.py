@@ -30,10 +30,10 @@ from mesh.membership import InviteBook, JoinRefusal, create_invite
 from mesh.node import MeshNode
 from mesh.state import (
     Advert,
-    AtomEntry,
     HostedSpan,
-    ModelManifest,
     NodeState,
+    PublishedAtom,
+    PublishedModel,
     Slot,
     SlotKind,
 )
@@ -279,7 +279,7 @@ async def test_frozen_peer_is_detected_by_the_ping_deadline(
 async def test_restarted_node_resumes_with_its_persisted_state(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    manifest = ModelManifest("bert", "{}", (AtomEntry(0, "embed", bytes(32), 1),))
+    manifest = PublishedModel("bert", "{}", (PublishedAtom(0, "embed", bytes(32), 1),))
     async with trio.open_nursery() as nursery:
         mesh = Mesh(nursery, tmp=tmp_path)
         founder = await mesh.start_founder()

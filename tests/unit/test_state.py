@@ -28,15 +28,15 @@ from mesh.hlc import HybridClock, Timestamp
 from mesh.identity import NodeKey
 from mesh.state import (
     Advert,
-    AtomEntry,
     HostedSpan,
     LoadReport,
     MemberCert,
     MemberRemoval,
     MeshState,
-    ModelManifest,
     NodeState,
     Payload,
+    PublishedAtom,
+    PublishedModel,
     Revocation,
     SignedEntry,
     Slot,
@@ -91,7 +91,7 @@ def revoke(author: NodeKey, node: NodeKey, at: int) -> SignedEntry:
 
 
 def model(author: NodeKey, model_id: str, at: int, family: str = "bert") -> SignedEntry:
-    payload = ModelManifest(family, '{"layers": 2}', (AtomEntry(0, "embed", b"\x01" * 32, 10),))
+    payload = PublishedModel(family, '{"layers": 2}', (PublishedAtom(0, "embed", b"\x01" * 32, 10),))
     return entry(author, Slot.model(model_id), payload, at)
 
 
