@@ -44,8 +44,12 @@ def corpus_path() -> Path:
     return path
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
 def read_text(path: Path, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
-    """The text of a `.txt` or `.xz` file, bounded by `max_bytes` before and after inflating.
+    """The text of a `.txt`, `.jsonl` or `.csv` file, or of one of them compressed with xz
+    (`.xz`), bounded by `max_bytes` before and after inflating.
 
     Raises:
         DataError: missing, empty, larger than `max_bytes`, a damaged .xz, not UTF-8
@@ -60,8 +64,8 @@ def read_text(path: Path, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
     raw = path.read_bytes()
     if path.suffix == ".xz":
         raw = _inflate_xz(raw, path, max_bytes)
-    elif path.suffix != ".txt":
-        raise DataError(f"text file {path}: expected a .txt or .xz file")
+    elif path.suffix not in TEXT_SUFFIXES:
+        raise DataError(f"text file {path}: expected a {', '.join(TEXT_SUFFIXES)} or .xz file")
     return _decode(raw, path)
 
 

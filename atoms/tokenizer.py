@@ -165,6 +165,14 @@ class TextTokenizer:
         """Token ids of one text, truncated at `max_length`, not padded."""
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_untruncated(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text without special tokens, padding or truncation (training
+        data: a long paragraph keeps all its tokens)."""
+        plain = Tokenizer.from_str(self._tok.to_str())  # a copy: this one stays as it is
+        plain.no_truncation()
+        plain.no_padding()
+        return [list(e.ids) for e in plain.encode_batch(list(texts), add_special_tokens=False)]
+
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> TokenBatch:
         """Encode texts into one padded batch (padded to the longest text).
 

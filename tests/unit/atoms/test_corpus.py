@@ -68,7 +68,7 @@ def test_txt_and_xz_read_alike(tmp_path: Path) -> None:
         ("bell.txt", "é\x07".encode(), "control byte 0x07 at offset 2"),
         ("cut.xz", lzma.compress(b"x" * 5000)[:-20], "truncated|not valid xz"),
         ("junk.xz", b"not xz at all", "not valid xz"),
-        ("table.csv", b"a,b\n", "expected a .txt or .xz"),
+        ("table.tsv", b"a\tb\n", "expected a .txt, .jsonl, .csv or .xz"),
     ],
 )
 def test_bad_files_are_refused_with_the_reason(
