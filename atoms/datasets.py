@@ -162,9 +162,11 @@ def _row(text: object, label: object, split: object, where: str) -> tuple[str, s
                         f"{MAX_TEXT_CHARS} characters")
     if not isinstance(label, str) or not label.strip():
         raise DataError(f"{where}: `label` must be a non-empty string")
-    if split not in (None, "", "train", "validation"):
+    if split in (None, ""):
+        return text, label.strip(), None
+    if split not in ("train", "validation"):
         raise DataError(f"{where}: `split` must be train or validation, got {split!r}")
-    return text, label.strip(), (split or None)  # type: ignore[return-value]
+    return text, label.strip(), str(split)
 
 
 def _rows_jsonl(raw: str, path: Path) -> list[tuple[str, str, str | None]]:
