@@ -25,10 +25,10 @@ from pathlib import Path
 import structlog
 import trio
 
+from mesh.closing import close_bounded
 from mesh.errors import MalformedMessage, TransportBroken
 from mesh.hlc import HybridClock, Timestamp, wall_ms_of
 from mesh.identity import MeshSecret, NodeKey, short_id
-from mesh.liveness import CLOSE_TIMEOUT_S
 from mesh.membership import (
     Admitter,
     Invite,
@@ -135,8 +135,7 @@ async def request_join(
         await stream.send(request)
         reply = await stream.receive(timeout_s=timeout_s)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            await stream.aclose()
+        await close_bounded(stream.aclose)
     return accept_join(key, reply, invite, sender=stream.remote_id)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
+from mesh.closing import close_bounded
 from mesh.errors import ClosedError, MalformedMessage, PeerProtocolError, TransportBroken
 from mesh.identity import short_id
 from mesh.transport.base import Stream, Transport
@@ -30,7 +31,6 @@ log = structlog.get_logger(__name__)
 
 PING_PROTOCOL = "/nexus/ping/1"
 NONCE_BYTES = 8
-CLOSE_TIMEOUT_S = 2.0  # shielded stream close on the way out (cleanup only)
 DEFAULT_ALPHA = 0.2
 
 
@@ -143,8 +143,7 @@ async def ping_loop(
             table.observe(peer, max(0.0, perf() - started))
             await trio.sleep(interval_s)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            await stream.aclose()
+        await close_bounded(stream.aclose)
 
 
 class PeerSessions:

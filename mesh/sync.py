@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
+from mesh.closing import close_bounded
 from mesh.errors import (
     ClosedError,
     DecryptionFailed,
@@ -48,7 +49,6 @@ from mesh.errors import (
 )
 from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier, MeshSecret, NodeKey, seal, short_id
-from mesh.liveness import CLOSE_TIMEOUT_S
 from mesh.state import LWW_KINDS, MeshState, SignedEntry, StateDigest
 from mesh.transport.base import Stream, Transport
 from mesh.wire import Limits, decode, encode, record
@@ -361,8 +361,7 @@ class Replicator:
                     got = await self._receive_entries(stream)
                     sent = await self._send_missing(stream, theirs, raw)
                 finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-                        await stream.aclose()
+                    await close_bounded(stream.aclose)
         except trio.TooSlowError as exc:
             raise TransportBroken(f"sync with {short_id(peer)}: deadline passed") from exc
         log.debug("anti_entropy", peer=short_id(peer), received=got, sent=sent)

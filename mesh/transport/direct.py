@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
+from mesh.closing import close_bounded
 from mesh.errors import (
     ClosedError,
     DecryptionFailed,
@@ -349,11 +350,7 @@ class DirectStream:
         await self._close_socket()
 
     async def _close_socket(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout_s):
-            try:
-                await self._sock.aclose()
-            except _SOCKET_ERRORS:
-                pass  # the socket is being discarded; a failed close changes nothing
+        await close_bounded(self._sock.aclose, self._config.close_timeout_s, ignore=_SOCKET_ERRORS)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("broken" if self._broken else "open")
@@ -374,11 +371,7 @@ async def _send_plain(sock: trio.SocketStream, msg: object) -> None:
 
 
 async def _close_quietly(sock: trio.SocketStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await sock.aclose()
-        except _SOCKET_ERRORS:
-            pass  # the socket is being discarded
+    await close_bounded(sock.aclose, ignore=_SOCKET_ERRORS)
 
 
 class _Refused(Exception):

@@ -57,6 +57,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from mesh.closing import close_bounded
 from mesh.errors import ClosedError, OversizeMessage, TransportBroken
 from mesh.transport.base import (
     StreamHandler,
@@ -131,11 +132,7 @@ def _map_errors(what: str, peer: bytes) -> Iterator[None]:
 
 
 async def _reset_quietly(net_stream: INetStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await net_stream.reset()
-        except _LIBP2P_ERRORS:
-            pass  # the stream is being discarded; a failed reset changes nothing
+    await close_bounded(net_stream.reset, ignore=_LIBP2P_ERRORS)
 
 
 class Libp2pStream:
@@ -225,11 +222,13 @@ class Libp2pStream:
         if self._closed:
             return
         self._closed = True
-        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout_s):
-            try:
-                await self._net.close()
-            except _LIBP2P_ERRORS:
-                await _reset_quietly(self._net)
+        await close_bounded(self._close_or_reset, self._config.close_timeout_s)
+
+    async def _close_or_reset(self) -> None:
+        try:
+            await self._net.close()
+        except _LIBP2P_ERRORS:
+            await _reset_quietly(self._net)
 
     async def _reset(self) -> None:
         self._closed = True
@@ -496,8 +495,7 @@ async def _running(host: IHost, listen: multiaddr.Multiaddr, close_s: float) -> 
         try:
             yield
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(close_s):
-                await host.close()
+            await close_bounded(host.close, close_s)
 
 
 @asynccontextmanager

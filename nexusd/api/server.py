@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import structlog
 import trio
 
+from mesh.closing import close_bounded
 from mesh.errors import MalformedMessage, OversizeMessage
 from mesh.wire import FrameDecoder, decode_any, encode, frame
 
@@ -75,8 +76,7 @@ class ApiServer:
                     nursery.start_soon(self._serve_one, stream)
         finally:
             self.path.unlink(missing_ok=True)
-            with trio.CancelScope(shield=True):
-                await listener.aclose()
+            await close_bounded(listener.aclose)
 
     async def _bind(self) -> trio.socket.SocketType:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import trio
 
 from atoms.codecs import encode
 from atoms.errors import AtomError
+from mesh.closing import close_bounded
 from mesh.errors import MeshError
 
 from ..errors import NexusError
@@ -240,12 +241,15 @@ class RemoteHop:
 
     async def close(self) -> None:
         """Tell the host (best effort, bounded) and close the stream; never blocks long."""
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+
+        async def tell_and_close() -> None:
             try:
                 await self._ch.send(CloseSession(self._sid))
             except MeshError:
                 pass  # the host reclaims idle sessions anyway
             await self._ch.aclose()
+
+        await close_bounded(tell_and_close)
 
     async def _exchange(self, send: Callable[[], Awaitable[None]]) -> tuple[object, bytes]:
         try:

@@ -24,6 +24,7 @@ import trio
 
 from atoms.codecs import CODECS, wire_bytes
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
+from mesh.closing import close_bounded
 from mesh.identity import EnvelopeVerifier
 
 from ..api.records import (
@@ -62,6 +63,7 @@ Emit = Callable[[object], Awaitable[None]]
 MAX_TEXTS = 10_000
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
+SESSION_CLOSE_S = 5.0  # closing every hop of a job's session (each bounded on its own)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -231,8 +233,7 @@ class JobEngine:
                     await emit(event)
                 pending.clear()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await session.close()
+            await close_bounded(session.close, SESSION_CLOSE_S)
         elapsed = time.perf_counter() - t0
         self._metrics.inc("jobs_tokens_total", len(step.token_ids), model=req.model)
         return GenerateReply(
@@ -310,8 +311,7 @@ class JobEngine:
                     await emit(ProgressEvent(job_id, done, len(texts), "embedding"))
             finally:
                 failovers.extend(session.failovers)
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await session.close()
+                await close_bounded(session.close, SESSION_CLOSE_S)
 
         try:
             async with trio.open_nursery() as nursery:

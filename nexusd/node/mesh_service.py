@@ -19,6 +19,7 @@ from typing import NoReturn
 import structlog
 import trio
 
+from mesh.closing import close_bounded
 from mesh.errors import AdminRequired, AlreadyJoined, JoinRefused, MeshError, PeerProtocolError
 from mesh.identity import MeshSecret
 from mesh.membership import parse_invite
@@ -200,8 +201,7 @@ class MeshService:
             await self.host.serve(channel, idle_timeout_s=self.cfg.atoms.session_idle_s)
         finally:
             self.refresh_load()
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+            await close_bounded(stream.aclose)
 
     # ---- bandwidth probes ------------------------------------------------------------------
 
@@ -210,8 +210,7 @@ class MeshService:
             payload = await stream.receive(timeout_s=self.cfg.mesh.read_timeout_s)
             await stream.send(len(payload).to_bytes(8, "big"))
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+            await close_bounded(stream.aclose)
 
     async def probe(self, peer: bytes) -> float | None:
         """Time one probe frame to `peer`; update and return its bandwidth (bytes/s)."""
@@ -228,8 +227,7 @@ class MeshService:
                     ack = await stream.receive()
                     elapsed = time.perf_counter() - t0
                 finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        await stream.aclose()
+                    await close_bounded(stream.aclose)
         except (MeshError, trio.TooSlowError) as exc:
             log.debug("bandwidth_probe_failed", peer=peer.hex()[:8], reason=str(exc))
             return None

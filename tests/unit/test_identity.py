@@ -32,7 +32,6 @@ from mesh.identity import (
     MeshSecret,
     NodeKey,
     SignedEnvelope,
-    _signed_message,
     digest,
     open_sealed,
     seal,
@@ -41,6 +40,7 @@ from mesh.identity import (
     short_id,
     verify_signature,
 )
+from mesh.identity.envelope import _signed_message
 from mesh.wire import decode, encode
 
 if TYPE_CHECKING:

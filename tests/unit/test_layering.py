@@ -14,7 +14,7 @@ PACKAGES = ("nexusd", "mesh", "atoms")
 HOMES = {
     "libp2p": {"mesh/transport/libp2p.py"},
     "msgpack": {"mesh/wire.py"},
-    "nacl": {"mesh/identity.py"},
+    "nacl": {"mesh/identity/_nacl.py"},
     "networkx": {"mesh/routing.py"},
 }
 # package -> top-level imports it must never make
