@@ -4,7 +4,7 @@ Rule 1: conversion never mutates: `to_dtype` returns a new atom, rebuilt from a 
 `dtype` is the target (so its manifest entry, weight digest and KV layout say bf16), with the
 original's weights cast into it.
 Rule 2: no precision level ships without its measured error: `cosine_report` compares a
-candidate's outputs with the fp32 reference row by row (DESIGN section 7).
+candidate's outputs with the fp32 reference row by row (docs/architecture.md §7).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Reproducible benchmarks; each prints one JSON object (DESIGN section 9)."""
+"""Reproducible benchmarks; each prints one JSON object (docs/architecture.md §9)."""

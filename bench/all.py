@@ -1,4 +1,4 @@
-"""Run every benchmark in sequence; save their JSON and print a markdown table (DESIGN §9).
+"""Run every benchmark in sequence; save their JSON and print a markdown table (docs/architecture.md §9).
 
 Rule 1: each bench runs as its own `python -m bench.NAME` subprocess (its own torch
 threads, logging and processes), under a deadline; one that fails or times out is recorded

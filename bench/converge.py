@@ -1,4 +1,4 @@
-"""Benchmark: time for a mesh to agree after a change, real and simulated (DESIGN §9 "converge").
+"""Benchmark: time for a mesh to agree after a change, real and simulated (docs/architecture.md §9 "converge").
 
 Rule 1: prints exactly one JSON object on stdout; each figure comes with its floor measured
 in the same run (real: the local API round trip and the peers' ping RTT; simulated: the

@@ -1,4 +1,4 @@
-"""Benchmark: micro-batched embeddings over a mesh vs one process (DESIGN §9 "embed").
+"""Benchmark: micro-batched embeddings over a mesh vs one process (docs/architecture.md §9 "embed").
 
 Rule 1: prints exactly one JSON object on stdout; both baselines are measured in the same
 run, interleaved with the mesh runs, because these shared machines are noisy.

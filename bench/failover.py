@@ -1,4 +1,4 @@
-"""Benchmark: latency a host failure adds to a generation (DESIGN §9 "failover").
+"""Benchmark: latency a host failure adds to a generation (docs/architecture.md §9 "failover").
 
 Rule 1: prints exactly one JSON object on stdout; the runs without a failure (the
 baseline) are measured in the same run, before and after the runs with one.

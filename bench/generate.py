@@ -1,4 +1,4 @@
-"""Benchmark: greedy generation over a local mesh of daemons vs one process (DESIGN §9 "generate").
+"""Benchmark: greedy generation over a local mesh of daemons vs one process (docs/architecture.md §9 "generate").
 
 Rule 1: prints exactly one JSON object on stdout (logs go to stderr and the daemons' log
 files); the one-process baseline is measured in the same run, interleaved round by round

@@ -1,4 +1,4 @@
-"""Benchmark: round trip of a signed activation per hop, libp2p vs direct vs raw TCP (DESIGN §9).
+"""Benchmark: round trip of a signed activation per hop, libp2p vs direct vs raw TCP (docs/architecture.md §9).
 
 Rule 1: prints exactly one JSON object on stdout (logs go to stderr); every figure comes
 with the raw-TCP baseline measured in the same run, interleaved round by round, because

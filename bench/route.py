@@ -1,4 +1,4 @@
-"""Benchmark: time to plan a route over simulated meshes (DESIGN §9 "route").
+"""Benchmark: time to plan a route over simulated meshes (docs/architecture.md §9 "route").
 
 Rule 1: prints exactly one JSON object on stdout; the baseline (the 50 ms target for
 1000 hosts) is reported as a ratio, since these shared machines are noisy.

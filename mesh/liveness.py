@@ -2,11 +2,11 @@
 
 `RttTable` is the sans-IO core (EWMA per peer, alpha 0.2 by default); `serve_ping` and
 `ping_loop` are the thin trio shell over one long-lived `/nexus/ping/1` stream per peer
-(a new stream per ping would cost a multistream-select round trip, notes pitfall 8).
+(a new stream per ping would cost a multistream-select round trip, docs/architecture.md §13, pitfall 8).
 
 Rule 1: every ping has a read deadline; a peer that does not answer in time is counted as
 unresponsive and the loop ends with `TransportBroken` (a frozen peer is never detected by
-the transport itself, notes pitfall 4), so the caller can drop and redial it.
+the transport itself, docs/architecture.md §13, pitfall 4), so the caller can drop and redial it.
 Rule 2: time comes from an injected monotonic clock (`time.perf_counter` in production,
 trio's clock under a virtual clock); `PingService` whole-millisecond numbers are not used.
 Rule 3: the echo is unsigned: the transport already authenticates the peer, and a ping

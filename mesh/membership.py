@@ -1,6 +1,6 @@
 """Invites and the join handshake (sans-IO): tokens, the issuer's invite book, admission.
 
-Flow (DESIGN §2): an admin calls `create_invite` and hands the token text to a person;
+Flow (docs/architecture.md §2): an admin calls `create_invite` and hands the token text to a person;
 the joiner's daemon `parse_invite`s it, dials a bootstrap address, sends
 `make_join_request(...)` on the join protocol; the admin's shell feeds those bytes to
 `Admitter.handle_join`, sends back the encoded `JoinAccept`/`JoinReject`, and the joiner

@@ -1,6 +1,6 @@
 """Route planning: which host runs which contiguous span of a model's atoms for one job.
 
-A route is a path through a sparse networkx graph (Petals' construction, DESIGN §4):
+A route is a path through a sparse networkx graph (Petals' construction, docs/architecture.md §4):
 activations start at the origin, visit spans of hosts in atom order, and return to the
 origin. Edge weights are expected seconds: compute (scaled by congestion), transfer (RTT/2
 + bytes/bandwidth + per-message overhead) and penalties.
@@ -139,7 +139,7 @@ class RouteConfig:
         queue_factor_per_item: congestion factor added per queued request.
         utilisation_factor: congestion factor added at full utilisation.
         relay_via_origin: True when the origin relays every activation (origin-driven
-            sessions, DESIGN §5): a hop between hosts costs host->origin + origin->host.
+            sessions, docs/architecture.md §5): a hop between hosts costs host->origin + origin->host.
             False: hosts push to each other and pair links apply (Petals-style).
         spread_slack: batch routes are sampled among routes at most this fraction more
             expensive than the best one.

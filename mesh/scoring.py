@@ -1,7 +1,7 @@
 """Misbehaviour scores and bans, token-bucket rate limits, and failure backoff.
 
 Owns three small sans-IO machines the async shell feeds with `now` (seconds, float):
-`PeerScores` ("intrusion detection", DESIGN §2): each protocol violation adds a weight
+`PeerScores` ("intrusion detection", docs/architecture.md §2): each protocol violation adds a weight
 to the peer's score, the score decays linearly, and a peer whose score reaches the
 threshold is banned for `ban_base_s * 2**previous_bans`, capped at `ban_max_s`.
 `RateLimiter`: one token bucket per key (a remote peer, or a global key).

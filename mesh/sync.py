@@ -4,7 +4,7 @@ Gossip: local writes are queued in a `DeltaOutbox` (sans-IO) and the node's shel
 it at most once per `gossip_interval_s` (~200 ms) as ONE pubsub message per flush:
 `seal(key, "nexus/state/1", MeshSecret.encrypt(encode(GossipDelta(entries))))`. This keeps
 each node well inside gossipsub's ~10 msg/s per topic and its 32-RPC outbound queue, and
-every message far below the 1 MiB payload cap (notes/libp2p-0.8.1.md).
+every message far below the 1 MiB payload cap (docs/architecture.md §13).
 Anti-entropy (`/nexus/sync/1`): the initiator sends its `StateDigest`; the responder answers
 with its own digest and then the entries the initiator lacks in `SyncChunk`s; the initiator
 applies them and pushes back what the responder lacks. One round trip repairs both sides,

@@ -177,7 +177,7 @@ def seal_large(
 ) -> bytes:
     """Sign a large payload by digest: the envelope carries BLAKE2b-256(payload), not it.
 
-    Signing 6 MB directly costs ~24 ms; hashing then signing ~7 ms (DESIGN.md section 2).
+    Signing 6 MB directly costs ~24 ms; hashing then signing ~7 ms (docs/architecture.md §2).
     Send the returned envelope and the payload side by side (e.g. two frames); the
     receiver calls `EnvelopeVerifier.open_large(raw, payload, ...)`.
 

@@ -190,7 +190,7 @@ async def serve_stream(
     Error handling: a transport failure or our own close ends the stream quietly (DEBUG);
     a peer protocol error is logged at WARNING and resets the stream; anything else is our
     bug, logged with its traceback, and resets the stream. Nothing propagates: an escaping
-    exception would crash a libp2p host (notes/libp2p-0.8.1.md, pitfall 2).
+    exception would crash a libp2p host (docs/architecture.md §13, pitfall 2).
     Cancellation: `trio.Cancelled` propagates (the stream is still closed).
     """
     peer = stream.remote_id.hex()[:8]

@@ -1,7 +1,7 @@
 """Direct channels: an authenticated, encrypted TCP stream between two mesh nodes.
 
 Bulk activations over libp2p cost ~10x plain TCP (Python framing in Noise + Yamux, see
-notes/libp2p-0.8.1.md); a direct channel is one TCP connection per stream with our own
+docs/architecture.md §13); a direct channel is one TCP connection per stream with our own
 handshake and framing. It implements `base.Stream`, so `ExecChannel` runs over it unchanged.
 
 Handshake (SIGMA-style signed ephemeral Diffie-Hellman, 1.5 round trips plus a ready frame):

@@ -3,7 +3,7 @@
 Rule 1: this is the only module that imports libp2p; no libp2p exception or type escapes it
 (`_map_errors` converts them to `TransportBroken`).
 Rule 2: Noise only, Yamux only, one connection per peer, gossipsub with StrictSign, no mDNS,
-no UPnP, no auto-connector: the mesh decides whom to dial (see notes/libp2p-0.8.1.md).
+no UPnP, no auto-connector: the mesh decides whom to dial (see docs/architecture.md §13).
 Rule 3: the PeerID is derived from our 32-byte Ed25519 seed, so the Noise handshake
 authenticates the same key that signs application envelopes; node id == public key bytes.
 Rule 4: frames are ours (`mesh.wire.frame`) over libp2p streams, with a deadline on every read
@@ -576,7 +576,7 @@ async def plaintext_dial_accepted(addr: str, *, timeout_s: float = 5.0) -> bool:
     """Security self-test: does the node at `addr` accept a plaintext-only dialer?
 
     Dials with a throwaway host offering only `/plaintext/2.0.0`. A NEXUS node must refuse
-    (py-libp2p's default host accepts it, see notes/libp2p-0.8.1.md).
+    (py-libp2p's default host accepts it, see docs/architecture.md §13).
 
     Args:
         addr: Full multiaddr ending in `/p2p/<PeerID>`.

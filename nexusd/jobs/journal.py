@@ -2,7 +2,7 @@
 
 Rule 1: a job is journaled before it is acknowledged. `Journal.submit` commits the insert
 with `synchronous=FULL` (WAL fsync) before it returns, so an acknowledged job survives a
-process crash and a power cut (DESIGN.md section 8: "none is lost").
+process crash and a power cut (docs/architecture.md §8: "none is lost").
 Rule 2: job state moves only along `TRANSITIONS` (h11 `_state.py` style). Anything else
 raises `IllegalTransition`; the stored row is left untouched.
 Rule 3: one job id is one job. The same id with the same kind and params returns the stored
