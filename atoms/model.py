@@ -253,6 +253,29 @@ def load_atoms(
     return atoms
 
 
+def frozen_prefix(config: Mapping[str, ConfigValue], n_atoms: int) -> int:
+    """How many leading atoms of a model never train (their parameters are frozen):
+
+    - a Nexus model with `freeze_base`: its pretrained base (`base_layers` + 1 atoms);
+    - a classifier trained by `train classify` (`head_of` names its parent): all but its head;
+    - anything else: none.
+    """
+    base = config.get("base_layers")
+    if config.get("freeze_base") is True and isinstance(base, int) and not isinstance(base, bool):
+        return min(n_atoms, base + 1)
+    if isinstance(config.get("head_of"), str):
+        return max(0, n_atoms - 1)
+    return 0
+
+
+def apply_frozen(atoms: Sequence[Atom], config: Mapping[str, ConfigValue], n_atoms: int) -> None:
+    """Mark the parameters of the model's frozen prefix (`frozen_prefix`) as not trainable."""
+    prefix = frozen_prefix(config, n_atoms)
+    for atom in atoms:
+        if atom.spec.index < prefix:
+            atom.requires_grad_(False)
+
+
 def load_span(folder: Path, start: int, end: int, *, build: AtomBuilder = build_atom) -> Span:
     """Load only atoms [start, end) of the model in `folder`: what one host serves.
 
@@ -261,7 +284,9 @@ def load_span(folder: Path, start: int, end: int, *, build: AtomBuilder = build_
         WeightsError, ModelFormatError: as `load_atoms`.
     """
     manifest = read_manifest(folder)
-    return Span(load_atoms(folder, manifest.entries(start, end), build=build))
+    atoms = load_atoms(folder, manifest.entries(start, end), build=build)
+    apply_frozen(atoms, dict(manifest.config), len(manifest.atoms))
+    return Span(atoms)
 
 
 def load_model(folder: Path, *, build: AtomBuilder = build_atom) -> Model:
@@ -274,6 +299,7 @@ def load_model(folder: Path, *, build: AtomBuilder = build_atom) -> Model:
     folder = Path(folder)
     manifest = read_manifest(folder)
     atoms = load_atoms(folder, manifest.atoms, build=build)
+    apply_frozen(atoms, dict(manifest.config), len(manifest.atoms))
     tokenizer = None
     if manifest.tokenizer is not None:
         tokenizer = _load_tokenizer(folder / TOKENIZER_FILE, manifest.tokenizer)

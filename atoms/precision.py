@@ -35,6 +35,8 @@ def to_dtype(atom: Atom, dtype: str) -> Atom:
     new = build_atom(dataclasses.replace(atom.spec, dtype=dtype))
     load_state(new, atom.state_dict(), f"conversion of {atom.spec.uid} to {dtype}")
     new.train(atom.training)
+    for (_, src), (_, dst) in zip(atom.named_parameters(), new.named_parameters(), strict=True):
+        dst.requires_grad_(src.requires_grad)  # a frozen parameter stays frozen
     return new
 
 

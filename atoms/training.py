@@ -22,8 +22,9 @@ is refused with `BadGradient` and changes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 
 from .atom import Atom, ForwardContext, IOKind
 from .errors import AtomError
+from .model import Model, build_atom, load_state
+from .partition import ConfigValue
 from .precision import to_dtype
 from .span import Span
 
@@ -467,14 +470,7 @@ def _cross_entropy(out: torch.Tensor, targets: torch.Tensor) -> tuple[LossSum, t
 def fp32_copy(atoms: Sequence[Atom]) -> list[Atom]:
     """Private float32 copies of atoms (the master weights a trainer updates), keeping
     which parameters are frozen."""
-    copies = []
-    for atom in atoms:
-        new = to_dtype(atom, "float32")
-        for (_, src), (_, dst) in zip(atom.named_parameters(), new.named_parameters(),
-                                      strict=True):
-            dst.requires_grad_(src.requires_grad)
-        copies.append(new)
-    return copies
+    return [to_dtype(atom, "float32") for atom in atoms]
 
 
 def micro_batch_seed(job_seed: int, step: int, mb: int) -> int:
@@ -496,3 +492,42 @@ def lm_examples(stream: Sequence[int], length: int, bos: int) -> Iterator[tuple[
     for start in range(0, len(stream) - length + 1, length):
         w = list(stream[start : start + length])
         yield [bos, *w[:-1]], w
+
+
+def renamed(model: Model, model_id: str, *, config: Mapping[str, ConfigValue] | None = None) -> Model:
+    """A copy of `model` under another id (every atom's spec says so), with `config` added
+    to its config; weights and frozen flags are kept."""
+    atoms = []
+    for atom in model.atoms:
+        new = build_atom(dataclasses.replace(atom.spec, model_id=model_id))
+        load_state(new, atom.state_dict(), f"copy of {atom.spec.uid} as {model_id}")
+        for (_, src), (_, dst) in zip(atom.named_parameters(), new.named_parameters(),
+                                      strict=True):
+            dst.requires_grad_(src.requires_grad)
+        atoms.append(new)
+    merged = {**dict(model.config), **dict(config or {})}
+    return Model(model_id=model_id, family=model.family, config=merged, atoms=atoms,
+                 tokenizer=model.tokenizer)
+
+
+def apply_trained(model: Model, tensors: Mapping[str, torch.Tensor]) -> Model:
+    """Write a checkpoint's trained parameters ("param/atoms.<index>.<name>") into `model`'s
+    atoms in place (optimiser moments are ignored); returns `model`.
+
+    Raises:
+        BadCheckpoint: a name that is not an atom's parameter, or a shape that differs.
+    """
+    for name, value in tensors.items():
+        if not name.startswith("param/"):
+            continue
+        _, _, rest = name.partition("/atoms.")
+        index_s, _, param = rest.partition(".")
+        if not index_s.isdigit() or not 0 <= int(index_s) < len(model.atoms):
+            raise BadCheckpoint(f"checkpoint tensor {name!r} names no atom of {model.model_id}")
+        params = dict(model.atoms[int(index_s)].named_parameters())
+        target = params.get(param)
+        if target is None or tuple(target.shape) != tuple(value.shape):
+            raise BadCheckpoint(f"checkpoint tensor {name!r} does not fit {model.model_id}")
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+    return model

@@ -124,6 +124,47 @@ class AtomsConfig:
         _positive("atoms.max_step_tokens", self.max_step_tokens)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """[train]: defaults of `nexusd train` (each has a flag) and the host's training limits."""
+
+    steps: int = 200
+    micro_batch: int = 8
+    accumulation: int = 4
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    dropout: float = 0.1
+    clip: float = 1.0  # global gradient norm; 0: no clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast over fp32 master weights)
+    schedule: str = "1f1b"  # 1f1b | gpipe
+    eval_interval: int = 50  # optimiser steps between validations; 0: only at the end
+    eval_examples: int = 200
+    checkpoint_interval: int = 50  # optimiser steps between checkpoints; 0: only at the end
+    seed: int = 0
+    op_timeout_s: float = 300.0  # deadline of one training exchange with a host
+    route_wait_s: float = 60.0  # a run waits this long for hosts to appear before failing
+    graph_budget_bytes: int = 1024 * MiB  # autograd memory a host keeps per session
+    max_sessions: int = 4  # training sessions a host serves at once
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "accumulation", "seq_len", "eval_examples",
+                     "op_timeout_s", "route_wait_s", "graph_budget_bytes", "max_sessions", "lr"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed", "clip",
+                     "weight_decay", "dropout", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        for name, allowed in (("decay", ("cosine", "linear", "constant")),
+                              ("precision", ("fp32", "bf16")), ("schedule", ("1f1b", "gpipe"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name}: expected one of {allowed}, "
+                                  f"got {getattr(self, name)!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     """[api]: the local Unix socket the CLI talks to."""
@@ -172,6 +213,7 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     atoms: AtomsConfig = field(default_factory=AtomsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -14,6 +14,7 @@ directory searched.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -74,6 +75,16 @@ DEFAULT_GENERATE_MODEL = "nexus-1.1"
 DEFAULT_EMBED_MODEL = "minilm"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainedHead:
+    """A classifier trained by `nexusd train classify`: its parent's pooled embeddings,
+    then its own head atom (the last one) over `labels`."""
+
+    parent: str
+    labels: tuple[str, ...]
+    index: int
+
+
 class ModelRegistry:
     """Model folders under `models_dir`; built-ins are created there when first needed."""
 
@@ -119,6 +130,36 @@ class ModelRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
             _save(BUILTINS[model_id](), tmp)
             os.replace(tmp, folder)
+
+    def save(self, model: Model) -> Path:
+        """Add a model made on this node (a training result) as a folder of its own.
+
+        Raises:
+            ApiError(conflict): a model with that id exists already.
+        """
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.models_dir / model.model_id
+        tmp = self.models_dir / f".{model.model_id}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save(model, tmp)
+        if (folder / "manifest.json").is_file() or model.model_id in BUILTINS:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ApiError("conflict", f"model {model.model_id!r} exists already")
+        os.replace(tmp, folder)
+        self._manifests.pop(model.model_id, None)
+        return folder
+
+    def trained_head(self, model_id: str) -> TrainedHead | None:
+        """The trained classifier head of `model_id`, or None for any other model."""
+        m = self.manifest(model_id)
+        config = dict(m.config)
+        parent, labels = config.get("head_of"), config.get("labels")
+        if not isinstance(parent, str) or not isinstance(labels, str):
+            return None
+        names = json.loads(labels)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ApiError("internal", f"model {model_id}: its labels are not a list of names")
+        return TrainedHead(parent=parent, labels=tuple(names), index=len(m.atoms) - 1)
 
     def manifest(self, model_id: str) -> ModelManifest:
         if model_id not in self._manifests:

@@ -372,8 +372,87 @@ class PeersReply:
     counters: tuple[tuple[str, int], ...]
 
 
+# ---- training ----------------------------------------------------------------------------
+
+TRAIN_TASKS = ("lm", "classify")
+
+
+@record("api.train")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainRequest:
+    """Train a model over the mesh; the result is a new model `output` (a new version).
+
+    `data` is a path the daemon reads (the CLI makes it absolute); empty for `lm` means
+    the shipped English corpus. Defaults are the `[train]` config section's, filled in by
+    the CLI, so a journaled job replays with exactly the settings it started with.
+    """
+
+    task: str
+    model: str
+    output: str
+    data: str = ""
+    validation: str = ""
+    steps: int = 200
+    micro_batch: int = 8
+    accumulation: int = 4
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    dropout: float = 0.1
+    clip: float = 1.0
+    precision: str = "fp32"
+    schedule: str = "1f1b"
+    eval_interval: int = 50
+    eval_examples: int = 200
+    checkpoint_interval: int = 50
+    seed: int = 0
+    job_id: str = ""
+
+
+@record("api.train_progress")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainProgressEvent:
+    """One optimiser step done (or an evaluation): what the progress bar shows."""
+
+    job_id: str
+    step: int  # optimiser steps done
+    steps: int
+    loss: float  # mean training loss of the step (nats per target)
+    lr: float
+    tokens_per_s: float  # targets per second over the run so far
+    eta_s: float
+    val_loss: float = -1.0  # set on evaluation steps
+    val_accuracy: float = -1.0  # classification
+    resumed_from: int = -1  # set once when a run resumes from a checkpoint
+
+
+@record("api.train_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainReply:
+    job_id: str
+    task: str
+    model: str  # the new model id
+    parent: str
+    steps: int
+    train_loss: float
+    val_loss: float
+    val_perplexity: float  # lm: exp(val_loss); classify: 0
+    val_accuracy: float  # classify: share correct; lm: next-token accuracy
+    tokens: int  # training targets seen
+    elapsed_s: float
+    tokens_per_s: float
+    resumed_from: int  # -1 when the run started from scratch
+    checkpoint: str  # the folder holding checkpoints and metrics.csv
+    route: tuple[HopReport, ...]
+    failovers: tuple[str, ...]
+    bubble: tuple[tuple[str, float], ...]  # (host name, idle share of step wall time)
+
+
 REPLY_TYPES: tuple[type, ...] = (
     ErrorReply, OkReply, StatusReply, GenerateReply, EmbedReply, ClassifyReply, JobsReply,
-    InviteReply, JoinedReply, PeersReply,
+    InviteReply, JoinedReply, PeersReply, TrainReply,
 )  # fmt: skip
-EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent, RouteEvent)
+EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent, RouteEvent, TrainProgressEvent)

@@ -27,10 +27,12 @@ from .jobs import JOB_COMMANDS
 from .mesh import MESH_COMMANDS
 from .models import MODEL_COMMANDS
 from .node import NODE_COMMANDS
+from .train import TRAIN_COMMANDS
 
 Command = Callable[[argparse.Namespace, Config, NodePaths], int]
 # every subcommand, one module per area, in the order `--help` lists them
-COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS, *MESH_COMMANDS, *JOB_COMMANDS, *MODEL_COMMANDS, *DOCTOR_COMMANDS)
+COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS, *MESH_COMMANDS, *JOB_COMMANDS,
+                                     *TRAIN_COMMANDS, *MODEL_COMMANDS, *DOCTOR_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

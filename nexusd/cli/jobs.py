@@ -152,7 +152,8 @@ def _hop(h: HopReport) -> dict[str, object]:
 
 def _classify_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
-    p.add_argument("--labels", required=True, help="comma-separated labels, e.g. sports,politics")
+    p.add_argument("--labels", default="", help="comma-separated labels, e.g. sports,politics "
+                                                "(a model from `train classify` knows its own)")
     p.add_argument("--file", help="read texts, one per line, from FILE (- for stdin)")
     p.add_argument("--model", default="minilm", help="model id (default: minilm)")
     p.add_argument("--template", default="This text is about {}.",
@@ -226,8 +227,8 @@ JOB_COMMANDS = (
     CommandSpec("generate", "generate text across the mesh (tokens stream as produced)",
                 _generate_flags, _generate),
     CommandSpec("embed", "sentence embeddings across the mesh (micro-batched)", _embed_flags, _embed),
-    CommandSpec("classify", "zero-shot classification of texts among labels", _classify_flags,
-                _classify),
+    CommandSpec("classify", "classify texts: zero-shot among --labels, or with a head trained "
+                            "by `nexusd train classify` (--model ID)", _classify_flags, _classify),
     CommandSpec("jobs", "list recent jobs and their states", _jobs_flags, _jobs),
     CommandSpec("result", "print the stored result of a job (waits if it is running)",
                 _job_id_flag, _result),

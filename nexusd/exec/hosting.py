@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 import torch
@@ -101,6 +102,13 @@ def warm_up(span: Span) -> float:
     with torch.inference_mode():
         span(x, ForwardContext.for_tokens(1, 2))
     return time.perf_counter() - t0
+
+
+class TrainHandler(Protocol):
+    """What `serve` needs of the training sessions (`exec.train_host.TrainHost`)."""
+
+    async def handle(self, peer: bytes, msg: object,
+                     payload: bytes) -> list[tuple[object, Encoded | None]]: ...
 
 
 class ExecRefused(NexusError):
@@ -331,8 +339,13 @@ class SpanHost:
         )
         return result, enc
 
-    async def serve(self, channel: ExecChannel, *, idle_timeout_s: float) -> None:
+    async def serve(self, channel: ExecChannel, *, idle_timeout_s: float,
+                    train: TrainHandler | None = None) -> None:
         """Answer one origin's stream until it closes, idles out, or misbehaves.
+
+        Args:
+            train: handles the training records (`exec.train_host.TrainHost`); None
+                refuses them.
 
         Error handling: refusals go back as `ExecFailure`; a peer protocol error (bad
         signature, malformed record) or a broken stream ends the loop and propagates to the
@@ -354,6 +367,11 @@ class SpanHost:
                     await channel.send(result, enc)
                 elif isinstance(msg, CloseSession):
                     self.close(peer, msg.session_id)
+                elif train is not None:
+                    for reply, tensor in await train.handle(peer, msg, payload):
+                        await channel.send(reply, tensor)
+                else:
+                    raise ExecRefused("bad_input", f"{type(msg).__name__}: this host does not train")
             except ExecRefused as exc:
                 sid = getattr(msg, "session_id", b"")
                 step_id = getattr(msg, "step_id", -1)

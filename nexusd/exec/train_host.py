@@ -21,7 +21,7 @@ import structlog
 import torch
 import trio
 
-from atoms.atom import ForwardContext
+from atoms.atom import ForwardContext, IOKind
 from atoms.codecs import Encoded, encode
 from atoms.errors import AtomError
 from atoms.span import Span
@@ -197,17 +197,26 @@ class TrainHost:
                            next_step=sess.trainer.next_step)
 
     def _context(self, sess: _Session, x: torch.Tensor, *, causal: bool, seed: int,
-                 grad: bool) -> ForwardContext:
+                 grad: bool, pad_mask: bytes) -> ForwardContext:
         if x.dim() < 2:
             raise ExecRefused("bad_input", f"expected a (B, T, ...) tensor, got {tuple(x.shape)}")
-        ctx = ForwardContext.for_tokens(x.shape[0], x.shape[1], causal=causal)
+        tokens = x.shape[1] if sess.trainer.span.in_kind in (IOKind.IDS, IOKind.HIDDEN) else 1
+        pad = None
+        if pad_mask:
+            if len(pad_mask) != x.shape[0] * tokens:
+                raise ExecRefused("bad_input", f"pad_mask: expected {x.shape[0] * tokens} bytes, "
+                                               f"got {len(pad_mask)}")
+            pad = torch.frombuffer(bytearray(pad_mask), dtype=torch.uint8)
+            pad = pad.view(x.shape[0], tokens).bool()
+        ctx = ForwardContext.for_tokens(x.shape[0], tokens, causal=causal, pad_mask=pad)
         ctx.dropout = sess.trainer.optim.dropout if grad else 0.0
         ctx.seed = seed
         return ctx
 
     async def _forward(self, sess: _Session, msg: TrainForward, payload: bytes) -> Reply:
         x = _decode(msg.tensor, payload)
-        ctx = self._context(sess, x, causal=msg.causal, seed=msg.seed, grad=msg.grad)
+        ctx = self._context(sess, x, causal=msg.causal, seed=msg.seed, grad=msg.grad,
+                            pad_mask=msg.pad_mask)
         tr = sess.trainer
         fn = (lambda: tr.forward(msg.mb, x, ctx)) if msg.grad else (lambda: tr.infer(x, ctx))
         (out, compute_s), queue_s = await self._timed(fn)
@@ -228,7 +237,8 @@ class TrainHost:
         x = _decode(msg.tensor, payload)
         targets = torch.frombuffer(bytearray(msg.targets), dtype=torch.int64)
         targets = targets.view(msg.targets_shape)
-        ctx = self._context(sess, x, causal=msg.causal, seed=msg.seed, grad=not msg.evaluate)
+        ctx = self._context(sess, x, causal=msg.causal, seed=msg.seed, grad=not msg.evaluate,
+                            pad_mask=msg.pad_mask)
         tr = sess.trainer
 
         def run() -> tuple[LossSum, torch.Tensor | None]:

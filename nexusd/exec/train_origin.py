@@ -31,10 +31,13 @@ import trio
 from atoms.codecs import Encoded, encode
 from atoms.errors import AtomError
 from atoms.training import LossSum, OptimConfig
+from mesh.closing import close_bounded
+from mesh.errors import MeshError
 
 from ..errors import NexusError
 from .session import HopFailed, HopPlan, HopTiming, JobFailed, first_hop_failure, refused
 from .train_wire import (
+    MAX_STATE_TENSORS,
     TrainApplied,
     TrainApply,
     TrainBackward,
@@ -51,7 +54,7 @@ from .train_wire import (
     TrainStateEnd,
     TrainStateTensor,
 )
-from .wire import SESSION_ID_BYTES, ExecFailure, header_of, tensor_of
+from .wire import SESSION_ID_BYTES, ExecChannel, ExecFailure, header_of, tensor_of
 
 Replies = list[tuple[object, bytes]]
 Link = Callable[[object, Encoded | None, int], Awaitable[Replies]]
@@ -73,11 +76,18 @@ class NonFiniteStep(JobFailed):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MicroBatch:
-    """One micro-batch: the model's input ids (B, T), its targets, and its dropout seed."""
+    """One micro-batch: the model's input ids (B, T), its targets, its dropout seed, and
+    for padded encoder input the (B, T) mask of real tokens."""
 
     x: torch.Tensor
     targets: torch.Tensor
     seed: int
+    mask: torch.Tensor | None = None
+
+    def pad_mask(self) -> bytes:
+        if self.mask is None:
+            return b""
+        return bytes(self.mask.to(torch.uint8).contiguous().numpy().tobytes())
 
 
 @dataclass(slots=True)
@@ -176,11 +186,13 @@ class TrainHop:
     """A training session on one hop's host, over a `Link` (a remote channel or this
     node's own `TrainHost`)."""
 
-    def __init__(self, plan: HopPlan, model_id: str, link: Link, *, remote: bool) -> None:
+    def __init__(self, plan: HopPlan, model_id: str, link: Link, *, remote: bool,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.plan = plan
         self._model = model_id
         self._link = link
         self._remote = remote
+        self._on_close = on_close
         self.sid = os.urandom(SESSION_ID_BYTES)
         self.trainable_params = 0
 
@@ -224,16 +236,17 @@ class TrainHop:
         assert isinstance(reply, TrainOpened)
         self.trainable_params = reply.trainable_params
 
-    async def forward(self, mb: int, seed: int, x: torch.Tensor, *, grad: bool,
-                      causal: bool) -> tuple[torch.Tensor, HopTiming]:
+    async def forward(self, mb: int, seed: int, x: torch.Tensor, *, grad: bool, causal: bool,
+                      pad_mask: bytes = b"") -> tuple[torch.Tensor, HopTiming]:
         enc = encode(x)
         msg = TrainForward(session_id=self.sid, mb=mb, seed=seed, causal=causal, grad=grad,
-                           tensor=header_of(enc))
+                           tensor=header_of(enc), pad_mask=pad_mask)
         t0 = trio.current_time()
         reply, payload = self._one(await self._call(msg, enc), TrainOutput)
         assert isinstance(reply, TrainOutput)
         out = self._tensor(reply.tensor, payload)
-        if out.dim() < 2 or tuple(out.shape[:2]) != tuple(x.shape[:2]) or reply.mb != mb:
+        tokens_differ = out.dim() >= 3 and x.dim() >= 2 and out.shape[1] != x.shape[1]
+        if out.dim() < 2 or out.shape[0] != x.shape[0] or tokens_differ or reply.mb != mb:
             raise HopFailed(self.plan.host, f"output {tuple(out.shape)} does not fit input "
                                             f"{tuple(x.shape)}")
         return out, self._timing(reply.compute_s, reply.queue_s, trio.current_time() - t0,
@@ -262,12 +275,13 @@ class TrainHop:
         return g
 
     async def loss(self, mb: int, seed: int, x: torch.Tensor, targets: torch.Tensor, *,
-                   causal: bool, evaluate: bool) -> tuple[LossSum, torch.Tensor | None, HopTiming]:
+                   causal: bool, evaluate: bool,
+                   pad_mask: bytes = b"") -> tuple[LossSum, torch.Tensor | None, HopTiming]:
         enc = encode(x)
         t = targets.to(torch.int64).contiguous()
         msg = TrainLoss(session_id=self.sid, mb=mb, seed=seed, causal=causal, evaluate=evaluate,
                         tensor=header_of(enc), targets=t.numpy().astype("<i8").tobytes(),
-                        targets_shape=tuple(t.shape))
+                        targets_shape=tuple(t.shape), pad_mask=pad_mask)
         t0 = trio.current_time()
         reply, payload = self._one(await self._call(msg, enc), TrainLossResult)
         assert isinstance(reply, TrainLossResult)
@@ -317,11 +331,39 @@ class TrainHop:
         self._one(await self._call(end), TrainApplied)
 
     async def close(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+        """Tell the host (shielded, bounded); hosts reclaim idle training sessions anyway."""
+        await close_bounded(partial(self._link, TrainClose(session_id=self.sid), None, 0),
+                            ignore=(HopFailed, NexusError))
+        if self._on_close is not None:
+            await close_bounded(self._on_close, ignore=(MeshError,))
+
+
+def channel_link(channel: ExecChannel, host: bytes, *, timeout_s: float) -> Link:
+    """A `Link` over an exec channel: one exchange at a time (the host answers a stream's
+    messages in order), each under `timeout_s`; a broken stream or a deadline is the hop's
+    failure."""
+    lock = trio.Lock()
+
+    async def link(msg: object, enc: Encoded | None, replies: int) -> Replies:
+        out: Replies = []
+        async with lock:
             try:
-                await self._link(TrainClose(session_id=self.sid), None, 0)
-            except (HopFailed, NexusError):
-                pass  # hosts reclaim idle training sessions anyway
+                with trio.fail_after(timeout_s):
+                    await channel.send(msg, enc)
+                    while replies and len(out) <= MAX_STATE_TENSORS:
+                        reply, payload = await channel.receive()
+                        out.append((reply, payload))
+                        if replies == 1 or isinstance(reply, ExecFailure | TrainStateEnd):
+                            return out
+            except trio.TooSlowError:
+                raise HopFailed(host, f"no answer within {timeout_s} s") from None
+            except MeshError as exc:
+                raise HopFailed(host, f"{type(exc).__name__}: {exc}") from None
+        if replies:
+            raise HopFailed(host, f"more than {MAX_STATE_TENSORS} checkpoint tensors")
+        return out
+
+    return link
 
 
 def atom_of(name: str) -> int:
@@ -424,18 +466,20 @@ class TrainPipeline:
 
     async def _micro_batch(self, k: int, mb: MicroBatch, gates: list[Turnstile],
                            report: StepReport) -> None:
-        x = mb.x
+        x, mask = mb.x, mb.pad_mask()
         inputs: list[torch.Tensor] = []
         last = len(self.hops) - 1
         for i, hop in enumerate(self.hops[:-1]):
             async with gates[i].turn(("F", k)):
                 inputs.append(x)
                 x, timing = await hop.forward(k, mb.seed, x, grad=self.roles[i].backward,
-                                              causal=self._causal)
+                                              causal=self._causal, pad_mask=mask)
             report.hops[hop.plan].add(timing)
+        last_takes_tokens = x.dim() >= 3 or x.dtype == torch.long
         async with gates[last].turn(("L", k)):
             result, grad, timing = await self.hops[last].loss(
-                k, mb.seed, x, mb.targets, causal=self._causal, evaluate=False)
+                k, mb.seed, x, mb.targets, causal=self._causal, evaluate=False,
+                pad_mask=mask if last_takes_tokens else b"")
         report.hops[self.hops[last].plan].add(timing)
         report.add_loss(result)
         for i in range(last - 1, -1, -1):
@@ -452,11 +496,14 @@ class TrainPipeline:
 
         async def one(mb: MicroBatch) -> None:
             async with limit:
-                x = mb.x
+                x, mask = mb.x, mb.pad_mask()
                 for hop in self.hops[:-1]:
-                    x, _ = await hop.forward(0, 0, x, grad=False, causal=self._causal)
+                    x, _ = await hop.forward(0, 0, x, grad=False, causal=self._causal,
+                                             pad_mask=mask)
+                tokens = x.dim() >= 3 or x.dtype == torch.long
                 result, _, _ = await self.hops[-1].loss(0, 0, x, mb.targets,
-                                                        causal=self._causal, evaluate=True)
+                                                        causal=self._causal, evaluate=True,
+                                                        pad_mask=mask if tokens else b"")
             total[0] += result.loss
             total[1] += result.count
             total[2] += result.correct

@@ -74,11 +74,14 @@ class TrainForward:
     causal: bool
     grad: bool
     tensor: TensorHeader
+    pad_mask: bytes = b""  # B x T bytes of 0/1 (1 = real token), empty for none
 
     def __post_init__(self) -> None:
         _check_sid(self.session_id)
         if not 0 <= self.mb < MAX_MICRO_BATCHES or self.seed < 0:
             raise ValueError(f"mb 0..{MAX_MICRO_BATCHES - 1} and seed >= 0 expected")
+        if len(self.pad_mask) > MAX_TARGETS:
+            raise ValueError(f"pad_mask: at most {MAX_TARGETS} bytes")
 
 
 @record("t.bwd")
@@ -114,6 +117,7 @@ class TrainLoss:
     tensor: TensorHeader
     targets: bytes
     targets_shape: tuple[int, ...]
+    pad_mask: bytes = b""
 
     def __post_init__(self) -> None:
         _check_sid(self.session_id)
@@ -128,6 +132,8 @@ class TrainLoss:
             raise ValueError(f"targets: rank 1-2 and at most {MAX_TARGETS} ids expected")
         if len(self.targets) != 8 * count:
             raise ValueError(f"targets: expected {8 * count} bytes, got {len(self.targets)}")
+        if len(self.pad_mask) > MAX_TARGETS:
+            raise ValueError(f"pad_mask: at most {MAX_TARGETS} bytes")
 
 
 @record("t.out")

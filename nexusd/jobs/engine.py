@@ -16,12 +16,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import structlog
 import torch
 import trio
 
+from atoms.atom import ForwardContext
 from atoms.codecs import CODECS, wire_bytes
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
 from mesh.closing import close_bounded
@@ -39,6 +41,8 @@ from ..api.records import (
     RouteEvent,
     RouteHop,
     TokenEvent,
+    TrainReply,
+    TrainRequest,
 )
 from ..errors import NEXUS_ERRORS, ApiError
 from ..exec.hosting import SpanHost
@@ -49,13 +53,19 @@ from ..exec.session import (
     HopPlan,
     HopTiming,
     LocalHop,
+    Planner,
     RemoteHop,
     RoutedSession,
     StepInput,
 )
+from ..exec.train_host import TrainHost, local_link
+from ..exec.train_origin import NonFiniteStep, TrainHop, channel_link
+from ..exec.train_wire import TRAIN_ORIGIN_INBOUND
 from ..exec.wire import ORIGIN_INBOUND, ExecChannel, Signer
 from ..metrics import Metrics
-from ..model_registry import ModelRegistry
+from ..model_registry import ModelRegistry, TrainedHead
+from .training import Mesh as TrainMesh
+from .training import train as run_training
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +127,7 @@ class JobEngine:
         registry: model folders and tokenizers.
         signer, verifier: for exec channels to remote hosts.
         step_timeout_s: deadline of one hop's answer (a frozen host is failed over).
+        training: this node's training host and limits; None: no training jobs.
     """
 
     def __init__(
@@ -130,6 +141,7 @@ class JobEngine:
         metrics: Metrics,
         step_timeout_s: float,
         rng: random.Random | None = None,
+        training: TrainingSetup | None = None,
     ) -> None:
         self.view = view
         self.host = host
@@ -139,6 +151,7 @@ class JobEngine:
         self._metrics = metrics
         self._timeout = step_timeout_s
         self._rng = rng or random.Random()
+        self.training = training
 
     def __repr__(self) -> str:
         return f"JobEngine(node={self.view.node_id.hex()[:8]}, models={self.registry.available()})"
@@ -156,24 +169,32 @@ class JobEngine:
         async def make_hop(p: HopPlan) -> Hop:
             if p.host == self.view.node_id:
                 return LocalHop(p, model_id, self.host, self.view.node_id)
-            try:
-                stream = await self.view.open_exec_stream(p.host)
-            except (ApiError, OSError) as exc:
-                raise HopFailed(p.host, f"cannot open a stream: {exc}") from None
-            except Exception as exc:  # boundary: any transport failure is this hop's failure
-                raise HopFailed(p.host, f"cannot open a stream: {type(exc).__name__}: {exc}") from None
-            channel = ExecChannel(stream, self._signer, self._verifier, self.view.is_member,
-                                  ORIGIN_INBOUND)  # fmt: skip
+            channel = await self._open_channel(p.host)
             return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=codec)
 
-        def report(host: bytes, reason: str) -> None:
-            self._metrics.inc("hop_failures_total")
-            if host != self.view.node_id:  # our own span failing is not a peer's misbehaviour
-                self.view.report(host, reason)
-
         return RoutedSession(n_atoms=n_atoms, plan=plan, make_hop=make_hop,
-                             report_failure=report, batch=batch, max_len=max_len,
+                             report_failure=self._report, batch=batch, max_len=max_len,
                              on_route=on_route)  # fmt: skip
+
+    async def _open_channel(self, host: bytes) -> ExecChannel:
+        """An exec channel to `host` (the origin's side: replies of inference and training).
+
+        Raises:
+            HopFailed: the stream could not be opened.
+        """
+        try:
+            stream = await self.view.open_exec_stream(host)
+        except (ApiError, OSError) as exc:
+            raise HopFailed(host, f"cannot open a stream: {exc}") from None
+        except Exception as exc:  # boundary: any transport failure is this hop's failure
+            raise HopFailed(host, f"cannot open a stream: {type(exc).__name__}: {exc}") from None
+        return ExecChannel(stream, self._signer, self._verifier, self.view.is_member,
+                           (*ORIGIN_INBOUND, *TRAIN_ORIGIN_INBOUND))
+
+    def _report(self, host: bytes, reason: str) -> None:
+        self._metrics.inc("hop_failures_total")
+        if host != self.view.node_id:  # our own span failing is not a peer's misbehaviour
+            self.view.report(host, reason)
 
     def route_event(self, job_id: str, hops: list[HopPlan], reason: str) -> RouteEvent:
         return RouteEvent(job_id, tuple(RouteHop(h.host.hex(), self.view.name_of(h.host), h.start,
@@ -326,8 +347,46 @@ class JobEngine:
 
     # ---- classification ------------------------------------------------------------------
 
+    # ---- training ------------------------------------------------------------------------
+
+    async def train(self, req: TrainRequest, job_id: str, emit: Emit) -> TrainReply:
+        """Train over the mesh (jobs/training.py); the result is a new model on this node."""
+        setup = self.training
+        if setup is None:
+            raise ApiError("unavailable", "this node runs no training jobs")
+
+        def planner(model_id: str, bytes_per_hop: int) -> Planner:
+            return make_planner(self.view, model_id=model_id, bytes_per_hop=bytes_per_hop,
+                                kv_tokens=0, kind="latency", rng=self._rng)
+
+        async def connect(p: HopPlan, model_id: str) -> TrainHop:
+            if p.host == self.view.node_id:
+                return TrainHop(p, model_id, local_link(setup.host, p.host), remote=False)
+            channel = await self._open_channel(p.host)
+            return TrainHop(p, model_id, channel_link(channel, p.host, timeout_s=setup.timeout_s),
+                            remote=True, on_close=channel.aclose)
+
+        mesh = TrainMesh(node_id=self.view.node_id, planner=planner, connect=connect,
+                         report=self._report, name_of=self.view.name_of, registry=self.registry,
+                         limiter=setup.limiter, metrics=self._metrics,
+                         graph_budget_bytes=setup.graph_budget_bytes, folder=setup.folder,
+                         route_wait_s=setup.route_wait_s,
+                         on_route=lambda hops, why: emit(self.route_event(job_id, hops, why)))
+        try:
+            return await run_training(req, job_id, emit, mesh)
+        except NonFiniteStep as exc:
+            raise ApiError("failed", f"{exc}; the last good checkpoint is kept in "
+                                     f"{setup.folder / job_id}") from None
+
+    # ---- classification ------------------------------------------------------------------
+
     async def classify(self, req: ClassifyRequest, job_id: str, emit: Emit) -> ClassifyReply:
-        """Zero-shot: embed texts and label descriptions, softmax over cosine similarity."""
+        """Zero-shot: embed texts and label descriptions, softmax over cosine similarity; a
+        model trained by `train classify` instead runs its parent's embeddings over the mesh
+        and its own head here."""
+        head = self.registry.trained_head(req.model)
+        if head is not None:
+            return await self._classify_trained(req, job_id, emit, head)
         labels = tuple(lab.strip() for lab in req.labels if lab.strip())
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ApiError("bad_request", f"labels: expected at least 2 distinct labels, got {list(req.labels)}")
@@ -340,12 +399,50 @@ class JobEngine:
         texts_v, labels_v = vectors[: len(req.texts)], vectors[len(req.texts) :]
         sims = torch.nn.functional.normalize(texts_v, dim=-1) @ torch.nn.functional.normalize(labels_v, dim=-1).T
         probs = torch.softmax(sims / 0.05, dim=-1)  # CLIP-style temperature over cosines
-        predicted = tuple(labels[int(i)] for i in probs.argmax(dim=-1))
-        scores = tuple(tuple(round(float(p), 6) for p in row) for row in probs)
-        return ClassifyReply(
-            job_id=job_id, model=req.model, labels=labels, predicted=predicted, scores=scores,
-            elapsed_s=round(elapsed, 6), route=costs.report(self.view.name_of),
-        )  # fmt: skip
+        return _softmax_reply(job_id, req.model, labels, probs, elapsed,
+                              costs.report(self.view.name_of))
+
+    async def _classify_trained(self, req: ClassifyRequest, job_id: str, emit: Emit,
+                                head: TrainedHead) -> ClassifyReply:
+        given = tuple(lab.strip() for lab in req.labels if lab.strip())
+        if given and set(given) != set(head.labels):
+            raise ApiError("bad_request", f"labels: {req.model} was trained on {list(head.labels)}; "
+                                          "leave labels out or give exactly these")
+        vectors, costs, _fo, elapsed = await self._embed_texts(
+            head.parent, req.texts, 16, "raw", job_id, emit
+        )
+        span = await trio.to_thread.run_sync(self.registry.load_span, req.model, head.index,
+                                             head.index + 1)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                ctx = ForwardContext.for_tokens(vectors.shape[0], 1)
+                return torch.softmax(span(vectors, ctx).float(), dim=-1)
+
+        probs = await trio.to_thread.run_sync(run, limiter=self.training.limiter
+                                              if self.training else None)
+        return _softmax_reply(job_id, req.model, head.labels, probs, elapsed,
+                              costs.report(self.view.name_of))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingSetup:
+    """What the engine needs to run training jobs on this node."""
+
+    host: TrainHost  # this node's own training sessions (local hops)
+    limiter: trio.CapacityLimiter
+    folder: Path  # checkpoints: folder/<job id>/
+    timeout_s: float  # one training exchange with a host
+    graph_budget_bytes: int
+    route_wait_s: float = 60.0  # waiting for a route to appear (after a restart, a failover)
+
+
+def _softmax_reply(job_id: str, model: str, labels: tuple[str, ...], probs: torch.Tensor,
+                   elapsed: float, route: tuple[HopReport, ...]) -> ClassifyReply:
+    predicted = tuple(labels[int(i)] for i in probs.argmax(dim=-1))
+    scores = tuple(tuple(round(float(p), 6) for p in row) for row in probs)
+    return ClassifyReply(job_id=job_id, model=model, labels=labels, predicted=predicted,
+                         scores=scores, elapsed_s=round(elapsed, 6), route=route)
 
 
 def _check_codec(codec: str) -> None:

@@ -35,6 +35,7 @@ from ..api.records import (
     JobsRequest,
     OkReply,
     ResultRequest,
+    TrainRequest,
 )
 from ..api.server import ApiServer, Emit
 from ..errors import NEXUS_ERRORS, ApiError
@@ -54,7 +55,7 @@ from .journal import (
 log = structlog.get_logger(__name__)
 
 JOB_KINDS: dict[type, str] = {GenerateRequest: "generate", EmbedRequest: "embed",
-                              ClassifyRequest: "classify"}  # fmt: skip
+                              ClassifyRequest: "classify", TrainRequest: "train"}  # fmt: skip
 REQUEST_OF_KIND = {v: k for k, v in JOB_KINDS.items()}
 
 
@@ -161,7 +162,7 @@ class JobService:
         kind = JOB_KINDS[type(req)]
         runners: dict[str, Callable[[Any, str, Emit], Awaitable[object]]] = {
             "generate": self.engine.generate, "embed": self.engine.embed,
-            "classify": self.engine.classify,
+            "classify": self.engine.classify, "train": self.engine.train,
         }  # fmt: skip
         run = runners[kind]
 

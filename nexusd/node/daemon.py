@@ -33,8 +33,9 @@ from ..config import Config
 from ..errors import AlreadyRunning
 from ..exec.hosting import SpanHost, warm_up
 from ..exec.planner import MeshView
+from ..exec.train_host import TrainHost
 from ..exec.wire import Signer
-from ..jobs.engine import JobEngine
+from ..jobs.engine import JobEngine, TrainingSetup
 from ..jobs.journal import Journal
 from ..jobs.service import JobService
 from ..metrics import Metrics, serve_metrics
@@ -96,12 +97,20 @@ class Daemon:
             clock=self.signer.clock, window_s=cfg.mesh.envelope_window_s,
             max_body_bytes=cfg.mesh.max_frame_bytes, replay_capacity=cfg.mesh.replay_cache_entries,
         )  # fmt: skip
+        self.trainer = TrainHost(self.host.span_for, limiter=self.limiter, metrics=self.metrics,
+                                 graph_budget_bytes=cfg.train.graph_budget_bytes,
+                                 max_sessions=cfg.train.max_sessions)
         self.mesh = MeshService(cfg, paths, self.signer, self.host, self.metrics, self.verifier,
-                                self.name)  # fmt: skip
+                                self.name, trainer=self.trainer)  # fmt: skip
         self.view: MeshView = NodeView(self.mesh)
+        training = TrainingSetup(host=self.trainer, limiter=self.limiter,
+                                 folder=paths.data_dir / "train", timeout_s=cfg.train.op_timeout_s,
+                                 graph_budget_bytes=cfg.train.graph_budget_bytes,
+                                 route_wait_s=cfg.train.route_wait_s)
         self.engine = JobEngine(view=self.view, host=self.host, registry=self.registry,
                                 signer=self.signer, verifier=self.verifier, metrics=self.metrics,
-                                step_timeout_s=cfg.mesh.read_timeout_s)  # fmt: skip
+                                step_timeout_s=cfg.mesh.read_timeout_s,
+                                training=training)  # fmt: skip
         self.journal = Journal(paths.jobs_db)
         self.jobs = JobService(self.engine, self.journal, self.metrics)
         self.api = ApiServer(
@@ -180,6 +189,7 @@ class Daemon:
         while True:
             await trio.sleep(idle / 4)  # periodic housekeeping, not a wait for a condition
             self.host.reclaim_idle(idle)
+            self.trainer.reclaim_idle(max(idle, self.cfg.train.op_timeout_s))
 
     async def _status(self, _req: StatusRequest, _emit: Emit) -> StatusReply:
         node = self.mesh.node

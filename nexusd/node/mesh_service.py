@@ -44,8 +44,9 @@ from ..api.records import (
 from ..api.server import ApiServer, Emit
 from ..config import Config
 from ..errors import ApiError
-from ..exec.hosting import SpanHost
+from ..exec.hosting import SpanHost, TrainHandler
 from ..exec.planner import DEFAULT_COMPUTE_S_PER_ATOM, ExecStream
+from ..exec.train_wire import TRAIN_HOST_INBOUND
 from ..exec.wire import EXEC_PROTOCOL, HOST_INBOUND, ExecChannel, Signer
 from ..metrics import Metrics
 from ..paths import NodePaths
@@ -62,8 +63,10 @@ class MeshService:
     """Owns the transport and the mesh node of the daemon."""
 
     def __init__(self, cfg: Config, paths: NodePaths, signer: Signer, host: SpanHost,
-                 metrics: Metrics, verifier_factory: object, name: str) -> None:  # fmt: skip
+                 metrics: Metrics, verifier_factory: object, name: str,
+                 trainer: TrainHandler | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self.trainer = trainer
         self.paths = paths
         self.signer = signer
         self.host = host
@@ -196,9 +199,11 @@ class MeshService:
     async def _serve_exec(self, stream: Stream) -> None:
         node = self.node
         assert node is not None
-        channel = ExecChannel(stream, self.signer, self._verifier, self.is_member, HOST_INBOUND)  # type: ignore[arg-type]
+        channel = ExecChannel(stream, self.signer, self._verifier,  # type: ignore[arg-type]
+                              self.is_member, (*HOST_INBOUND, *TRAIN_HOST_INBOUND))
         try:
-            await self.host.serve(channel, idle_timeout_s=self.cfg.atoms.session_idle_s)
+            await self.host.serve(channel, idle_timeout_s=self.cfg.atoms.session_idle_s,
+                                  train=self.trainer)
         finally:
             self.refresh_load()
             await close_bounded(stream.aclose)
