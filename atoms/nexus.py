@@ -20,6 +20,7 @@ builds the same model; the global RNG is never used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -43,7 +44,7 @@ from .atom import (
     make_dims,
 )
 from .cache import KVLayout
-from .errors import InputOutOfRange, ModelFormatError
+from .errors import InputOutOfRange, ModelFormatError, WeightsError
 from .llama import attention_mask, materialize
 from .minilm import minilm_dir
 from .model import Model, load_model, save_model
@@ -475,3 +476,62 @@ def load_nexus(folder: Path) -> Model:
             f"nexus_version {NEXUS_VERSION!r}, got {got!r}"
         )
     return _apply_freeze(load_model(folder))
+
+
+# ------------------------------------------------------------------- shipped weights
+
+SHIPPED_FILE = "nexus-1.1.safetensors"
+
+
+def shipped_weights_path() -> Path:
+    """The trained Nexus 1.1 weights the project ships (`data/models/` at the repository
+    root; provenance, command and metrics in `data/models/README.md`).
+
+    Raises:
+        WeightsError: the file is absent (an installed wheel does not carry data/).
+    """
+    path = Path(__file__).resolve().parents[1] / "data" / "models" / SHIPPED_FILE
+    if not path.is_file():
+        raise WeightsError(f"the trained Nexus 1.1 weights {path} are missing: they ship in the "
+                           "repository (data/models/); run from a checkout")
+    return path
+
+
+def trainable_tensors(model: Model) -> dict[str, torch.Tensor]:
+    """The model's trainable parameters by absolute name ("atoms.<index>.<param>")."""
+    return {f"atoms.{a.spec.index}.{n}": p.detach() for a in model.atoms
+            for n, p in a.named_parameters() if p.requires_grad}
+
+
+def load_shipped(model: Model, path: Path, sha256: str) -> Model:
+    """Write the shipped trained tensors into a freshly built Nexus 1.1 `model` (in place).
+
+    The file holds exactly the model's trainable parameters (bf16 or fp32), named as
+    `trainable_tensors` names them; its SHA-256 must equal `sha256`.
+
+    Raises:
+        WeightsError: the file's digest differs, or its tensors do not fit the model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    raw = path.read_bytes()
+    got = hashlib.sha256(raw).hexdigest()
+    if got != sha256:
+        raise WeightsError(f"{path}: expected SHA-256 {sha256}, got {got} (corrupt or replaced)")
+    try:
+        tensors = load(raw)
+    except (SafetensorError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a safetensors file: {exc}") from None
+    expected = trainable_tensors(model)
+    if set(tensors) != set(expected):
+        raise WeightsError(f"{path}: tensors {sorted(set(tensors) ^ set(expected))[:4]} do not "
+                           f"fit {model.model_id}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = expected[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise WeightsError(f"{path}: tensor {name} has shape {tuple(value.shape)}, "
+                                   f"expected {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+    return model

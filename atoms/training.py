@@ -417,6 +417,43 @@ class SpanTrainer:
                     out[f"{key}/{name}"] = state[key].detach().clone().contiguous()
         return out
 
+    def grad_tensors(self) -> dict[str, torch.Tensor]:
+        """The gradients summed since the last step, "grad/<name>" (zeros where none)."""
+        return {f"grad/{n}": (p.grad.detach().clone() if p.grad is not None
+                              else torch.zeros_like(p)).contiguous() for n, p in self.params}
+
+    def set_grads(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the step's gradients (replicas: the sum over every replica).
+
+        Raises:
+            BadGradient: names, shapes or values (NaN/Inf) that do not fit (nothing changed).
+        """
+        expected = {f"grad/{n}": p for n, p in self.params}
+        if set(tensors) != set(expected):
+            raise BadGradient(f"gradients do not fit: {sorted(set(tensors) ^ set(expected))[:4]}")
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(expected[name].shape) or not bool(torch.isfinite(t).all()):
+                raise BadGradient(f"gradient {name}: bad shape or non-finite values")
+        for name, p in expected.items():
+            p.grad = tensors[name].to(p.dtype).clone()
+
+    def load_params(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Overwrite the trainable parameters only (an averaging round); the optimiser
+        moments, step count and pending gradients stay.
+
+        Raises:
+            BadCheckpoint: names, shapes or values that do not fit (nothing changed).
+        """
+        expected = {f"param/{n}": p for n, p in self.params}
+        if set(tensors) != set(expected):
+            raise BadCheckpoint(f"parameters do not fit: {sorted(set(tensors) ^ set(expected))[:4]}")
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(expected[name].shape) or not bool(torch.isfinite(t).all()):
+                raise BadCheckpoint(f"parameter {name}: bad shape or non-finite values")
+        with torch.no_grad():
+            for name, p in expected.items():
+                p.copy_(tensors[name].to(p.dtype))
+
     def load_state(self, tensors: dict[str, torch.Tensor], next_step: int) -> None:
         """Restore `state_tensors()` of a checkpoint taken after `next_step` steps.
 

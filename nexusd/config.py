@@ -145,6 +145,10 @@ class TrainConfig:
     eval_examples: int = 200
     checkpoint_interval: int = 50  # optimiser steps between checkpoints; 0: only at the end
     seed: int = 0
+    replicas: int = 1  # data-parallel copies of the trainable spans (distinct hosts)
+    average_every: int = 1  # 1: gradients summed every step; H > 1: DiLoCo rounds
+    outer_lr: float = 0.7  # DiLoCo outer SGD (Nesterov)
+    outer_momentum: float = 0.9
     op_timeout_s: float = 300.0  # deadline of one training exchange with a host
     route_wait_s: float = 60.0  # a run waits this long for hosts to appear before failing
     graph_budget_bytes: int = 1024 * MiB  # autograd memory a host keeps per session
@@ -152,10 +156,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch", "accumulation", "seq_len", "eval_examples",
-                     "op_timeout_s", "route_wait_s", "graph_budget_bytes", "max_sessions", "lr"):
+                     "op_timeout_s", "route_wait_s", "graph_budget_bytes", "max_sessions", "lr",
+                     "replicas", "average_every", "outer_lr"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed", "clip",
-                     "weight_decay", "dropout", "min_lr_ratio"):
+                     "weight_decay", "dropout", "min_lr_ratio", "outer_momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         for name, allowed in (("decay", ("cosine", "linear", "constant")),

@@ -61,6 +61,12 @@ def _build_nexus() -> Model:
     return build_nexus(None, NexusConfig(), NEXUS_SEED, model_id="nexus-1.1")
 
 
+def _build_nexus_random() -> Model:
+    from atoms.nexus import NexusConfig, build_nexus
+
+    return build_nexus(None, NexusConfig(), NEXUS_SEED, model_id="nexus-1.1-random")
+
+
 def _save(model: Model, folder: Path) -> None:
     if model.family == "nexus":
         from atoms.nexus import save_nexus
@@ -70,7 +76,11 @@ def _save(model: Model, folder: Path) -> None:
         save_model(model, folder)
 
 
-BUILTINS: dict[str, Callable[[], Model]] = {"minilm": _build_minilm, "nexus-1.1": _build_nexus}
+BUILTINS: dict[str, Callable[[], Model]] = {
+    "minilm": _build_minilm,
+    "nexus-1.1": _build_nexus,
+    "nexus-1.1-random": _build_nexus_random,  # the same architecture, blocks untrained
+}
 DEFAULT_GENERATE_MODEL = "nexus-1.1"
 DEFAULT_EMBED_MODEL = "minilm"
 

@@ -409,6 +409,10 @@ class TrainRequest:
     eval_examples: int = 200
     checkpoint_interval: int = 50
     seed: int = 0
+    replicas: int = 1
+    average_every: int = 1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
     job_id: str = ""
 
 

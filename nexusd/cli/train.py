@@ -54,6 +54,10 @@ def _flags(p: argparse.ArgumentParser) -> None:
         ("eval-examples", int, "validation examples per evaluation"),
         ("checkpoint-interval", int, "checkpoint every N steps (0: at the end only)"),
         ("seed", int, "seeds the data order and dropout: same seed, same run"),
+        ("replicas", int, "data-parallel copies of the trainable spans (distinct hosts)"),
+        ("average-every", int, "1: sum replicas' gradients each step; H: DiLoCo rounds"),
+        ("outer-lr", float, "DiLoCo outer learning rate"),
+        ("outer-momentum", float, "DiLoCo outer Nesterov momentum"),
     ):
         g.add_argument(f"--{flag}", type=kind, dest=f"train.{flag.replace('-', '_')}",
                        metavar="N" if kind is int else "X", help=what)
@@ -84,7 +88,9 @@ def _request(args: argparse.Namespace, cfg: Config) -> TrainRequest:
         min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, dropout=t.dropout,
         clip=t.clip, precision=t.precision, schedule=t.schedule,
         eval_interval=t.eval_interval, eval_examples=t.eval_examples,
-        checkpoint_interval=t.checkpoint_interval, seed=t.seed, job_id=args.job_id,
+        checkpoint_interval=t.checkpoint_interval, seed=t.seed, replicas=t.replicas,
+        average_every=t.average_every, outer_lr=t.outer_lr, outer_momentum=t.outer_momentum,
+        job_id=args.job_id,
     )
 
 

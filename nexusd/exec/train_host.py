@@ -148,7 +148,7 @@ class TrainHost:
         if isinstance(msg, TrainApply):
             return [(await self._apply(sess, msg), None)]
         if isinstance(msg, TrainGetState):
-            return await self._state(sess)
+            return await self._state(sess, msg.kind)
         if isinstance(msg, TrainStateTensor):
             self._receive_state(sess, msg, payload)
             return []
@@ -263,8 +263,14 @@ class TrainHost:
 
     # ------------------------------------------------------------------------ checkpoints
 
-    async def _state(self, sess: _Session) -> list[Reply]:
-        tensors = await self._run(sess.trainer.state_tensors)
+    async def _state(self, sess: _Session, kind: str) -> list[Reply]:
+        tr = sess.trainer
+        if kind == "grads":
+            tensors = await self._run(tr.grad_tensors)
+        else:
+            tensors = await self._run(tr.state_tensors)
+            if kind == "params":
+                tensors = {n: t for n, t in tensors.items() if n.startswith("param/")}
         sid = sess.opened.session_id
         out: list[Reply] = []
         for i, (name, t) in enumerate(sorted(tensors.items())):
@@ -272,7 +278,7 @@ class TrainHost:
             out.append((TrainStateTensor(session_id=sid, name=name, index=i,
                                          tensor=header_of(enc)), enc))
         out.append((TrainStateEnd(session_id=sid, count=len(tensors),
-                                  next_step=sess.trainer.next_step), None))
+                                  next_step=sess.trainer.next_step, kind=kind), None))
         return out
 
     def _receive_state(self, sess: _Session, msg: TrainStateTensor, payload: bytes) -> None:
@@ -289,9 +295,15 @@ class TrainHost:
         if len(incoming) != msg.count:
             raise ExecRefused("bad_input", f"state: {msg.count} tensors announced, "
                                            f"{len(incoming)} received")
-        await self._run(lambda: sess.trainer.load_state(incoming, msg.next_step))
-        log.info("train_state_restored", tensors=msg.count, next_step=msg.next_step)
-        return TrainApplied(session_id=msg.session_id, step=msg.next_step, applied=True)
+        tr = sess.trainer
+        if msg.kind == "grads":
+            await self._run(lambda: tr.set_grads(incoming))
+        elif msg.kind == "params":
+            await self._run(lambda: tr.load_params(incoming))
+        else:
+            await self._run(lambda: tr.load_state(incoming, msg.next_step))
+            log.info("train_state_restored", tensors=msg.count, next_step=msg.next_step)
+        return TrainApplied(session_id=msg.session_id, step=tr.next_step, applied=True)
 
     # ---------------------------------------------------------------------------- torch
 

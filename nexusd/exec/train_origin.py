@@ -62,7 +62,7 @@ Link = Callable[[object, Encoded | None, int], Awaitable[Replies]]
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
-_ATOM_NAME = re.compile(r"^(param|exp_avg|exp_avg_sq)/atoms\.(\d+)\.(.+)$")
+_ATOM_NAME = re.compile(r"^(param|exp_avg|exp_avg_sq|grad)/atoms\.(\d+)\.(.+)$")
 
 
 class NonFiniteStep(JobFailed):
@@ -306,9 +306,10 @@ class TrainHop:
         assert isinstance(reply, TrainApplied)
         return reply.applied
 
-    async def get_state(self) -> tuple[dict[str, torch.Tensor], int]:
-        """The host's trainable tensors (absolute names) and its next optimiser step."""
-        out = await self._call(TrainGetState(session_id=self.sid), None, -1)
+    async def get_state(self, kind: str = "state") -> tuple[dict[str, torch.Tensor], int]:
+        """The host's tensors of `kind` (train_wire.STATE_KINDS; absolute names) and its
+        next optimiser step."""
+        out = await self._call(TrainGetState(session_id=self.sid, kind=kind), None, -1)
         tensors: dict[str, torch.Tensor] = {}
         end = out[-1][0] if out else None
         if not isinstance(end, TrainStateEnd) or end.count != len(out) - 1:
@@ -319,15 +320,17 @@ class TrainHop:
             tensors[absolute_name(reply.name, self.plan.start)] = self._tensor(reply.tensor, payload)
         return tensors, end.next_step
 
-    async def load_state(self, tensors: dict[str, torch.Tensor], next_step: int) -> None:
-        """Restore this hop's part of a checkpoint (names absolute; others ignored)."""
+    async def load_state(self, tensors: dict[str, torch.Tensor], next_step: int,
+                         kind: str = "state") -> None:
+        """Send this hop's part of `tensors` (names absolute; others ignored): restore a
+        checkpoint ("state"), set the step's gradients ("grads") or parameters ("params")."""
         mine = {relative_name(n, self.plan.start): t for n, t in tensors.items()
                 if self.plan.start <= atom_of(n) < self.plan.end}
         for i, (name, t) in enumerate(sorted(mine.items())):
             enc = encode(t)
             msg = TrainStateTensor(session_id=self.sid, name=name, index=i, tensor=header_of(enc))
             await self._call(msg, enc, 0)
-        end = TrainStateEnd(session_id=self.sid, count=len(mine), next_step=next_step)
+        end = TrainStateEnd(session_id=self.sid, count=len(mine), next_step=next_step, kind=kind)
         self._one(await self._call(end), TrainApplied)
 
     async def close(self) -> None:
@@ -442,6 +445,13 @@ class TrainPipeline:
                    clip: float) -> StepReport:
         """One optimiser step over `mbs`: forwards, losses and backwards in the schedule's
         order, then the global-norm clip and `TrainApply(step)` on every trainable hop."""
+        report = await self.run(step, mbs)
+        sq = await self.grad_sq_norm(step)
+        await self.commit(step, report, sq_norm=sq, lr=lr, clip=clip)
+        return report
+
+    async def run(self, step: int, mbs: Sequence[MicroBatch]) -> StepReport:
+        """The micro-batches of optimiser step `step` (gradients summed on the hosts)."""
         report = StepReport(hops={h.plan: HopCost() for h in self.hops})
         gates = [Turnstile(ops) for ops in self._ops(len(mbs))]
         t0 = trio.current_time()
@@ -454,15 +464,39 @@ class TrainPipeline:
             raise JobFailed(f"optimiser step {step}: no target carried a loss")
         if not math.isfinite(report.loss):
             raise NonFiniteStep(step, f"summed loss {report.loss}")
-        trainable = self.trainable_hops()
-        norms = await _gather([partial(h.norm, step) for h in trainable])
-        grad_norm = math.sqrt(sum(sq for sq, _ in norms)) / report.count
+        report.wall_s = trio.current_time() - t0
+        return report
+
+    async def grad_sq_norm(self, step: int) -> float:
+        """The squared norm of the step's summed gradients over every trainable hop."""
+        norms = await _gather([partial(h.norm, step) for h in self.trainable_hops()])
+        return sum(sq for sq, _ in norms)
+
+    async def commit(self, step: int, report: StepReport, *, sq_norm: float, lr: float,
+                     clip: float) -> None:
+        """Apply optimiser step `step`: clip the mean gradient (norm sqrt(sq_norm) / count)
+        to `clip`, then one AdamW update at `lr` on every trainable hop."""
+        grad_norm = math.sqrt(sq_norm) / report.count
         report.grad_norm = grad_norm
         clip_scale = min(1.0, clip / grad_norm) if clip > 0 and grad_norm > 0 else 1.0
         scale = clip_scale / report.count
-        await _gather([partial(h.apply, step, lr=lr, scale=scale) for h in trainable])
-        report.wall_s = trio.current_time() - t0
-        return report
+        t0 = trio.current_time()
+        await _gather([partial(h.apply, step, lr=lr, scale=scale)
+                       for h in self.trainable_hops()])
+        report.wall_s += trio.current_time() - t0
+
+    async def tensors(self, kind: str) -> dict[str, torch.Tensor]:
+        """Every trainable hop's tensors of `kind`, by absolute name."""
+        parts = await _gather([partial(h.get_state, kind) for h in self.trainable_hops()])
+        merged: dict[str, torch.Tensor] = {}
+        for part, _ in parts:
+            merged.update(part)
+        return merged
+
+    async def push(self, tensors: dict[str, torch.Tensor], kind: str, next_step: int) -> None:
+        """Send every trainable hop its part of `tensors` of `kind`."""
+        await _gather([partial(h.load_state, tensors, next_step, kind)
+                       for h in self.trainable_hops()])
 
     async def _micro_batch(self, k: int, mb: MicroBatch, gates: list[Turnstile],
                            report: StepReport) -> None:

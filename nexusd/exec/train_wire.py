@@ -20,6 +20,15 @@ MAX_MICRO_BATCHES = 1 << 16
 MAX_TARGETS = 1 << 20  # int64 targets of one loss step (8 MiB)
 MAX_STATE_TENSORS = 4096
 SCHEDULES = ("1f1b", "gpipe")
+STATE_KINDS = ("state", "grads", "params")
+"""What a transfer of named tensors carries: "state" (parameters and optimiser moments, a
+checkpoint: restoring it sets the step too), "grads" (the step's gradients: replicas sum
+them), "params" (parameters only: an averaging round of replicas)."""
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in STATE_KINDS:
+        raise ValueError(f"kind: expected one of {STATE_KINDS}, got {kind!r}")
 
 
 def _check_sid(session_id: bytes) -> None:
@@ -204,10 +213,14 @@ class TrainApplied:
 @record("t.getstate")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainGetState:
-    """Ask for the session's trainable parameters and optimiser moments (a checkpoint):
-    answered by `TrainStateTensor` x N then `TrainStateEnd`."""
+    """Ask for the session's tensors of `kind` (see STATE_KINDS): answered by
+    `TrainStateTensor` x N then `TrainStateEnd`."""
 
     session_id: bytes
+    kind: str = "state"
+
+    def __post_init__(self) -> None:
+        _check_kind(self.kind)
 
 
 @record("t.tensor")
@@ -228,15 +241,18 @@ class TrainStateTensor:
 @record("t.stateend")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainStateEnd:
-    """The end of a checkpoint's tensors: `count` were sent; restore to `next_step`."""
+    """The end of a transfer of named tensors: `count` were sent; a "state" restore also
+    sets the next optimiser step to `next_step`."""
 
     session_id: bytes
     count: int
     next_step: int
+    kind: str = "state"
 
     def __post_init__(self) -> None:
         if not 0 <= self.count <= MAX_STATE_TENSORS or self.next_step < 0:
             raise ValueError(f"state end: count 0..{MAX_STATE_TENSORS}, next_step >= 0 expected")
+        _check_kind(self.kind)
 
 
 @record("t.close")

@@ -62,6 +62,7 @@ from ..exec.train_origin import (
     TrainHop,
     TrainPipeline,
 )
+from ..exec.train_replicas import Averaging, ReplicaGroup
 from ..exec.train_wire import SCHEDULES
 from ..metrics import Metrics
 from ..model_registry import ModelRegistry
@@ -117,6 +118,12 @@ def validate(req: TrainRequest) -> None:
         (1 <= req.eval_examples <= 100_000, "eval_examples", "1..100000"),
         (req.checkpoint_interval >= 0, "checkpoint_interval", ">= 0"),
         (0 <= req.seed < 1 << 62, "seed", "0..2^62"),
+        (1 <= req.replicas <= 64, "replicas", "1..64"),
+        (1 <= req.average_every <= 100_000, "average_every", "1..100000"),
+        (req.checkpoint_interval % req.average_every == 0, "checkpoint_interval",
+         "a multiple of average_every (replicas are identical only after a round)"),
+        (0 < req.outer_lr <= 2, "outer_lr", "(0, 2]"),
+        (0 <= req.outer_momentum < 1, "outer_momentum", "[0, 1)"),
     ]
     for ok, name, expected in checks:
         if not ok:
@@ -293,9 +300,9 @@ class TrainRun:
             self.store.rewind_metrics(-1)
         t0 = time.perf_counter()
         while True:
-            pipe = await self._open(step, state)
+            group = await self._open(step, state)
             try:
-                step, state = await self._train(pipe, step, t0)
+                step, state = await self._train(group, step, t0)
                 return state, time.perf_counter() - t0
             except HopFailed as exc:
                 self._failed(exc)
@@ -304,7 +311,8 @@ class TrainRun:
                 self.store.rewind_metrics(step)
                 log.warning("train_rerouted", job=self.job_id, resume_step=step, reason=str(exc))
             finally:
-                await close_bounded(pipe.close, 10.0)
+                for pipe in group.pipelines:
+                    await close_bounded(pipe.close, 10.0)
 
     def _failed(self, exc: HopFailed) -> None:
         if exc.blame:
@@ -331,11 +339,37 @@ class TrainRun:
                 waited += delay
                 delay = min(5.0, delay * 2)
 
-    async def _open(self, step: int, state: dict[str, torch.Tensor] | None) -> TrainPipeline:
+    async def _open(self, step: int, state: dict[str, torch.Tensor] | None) -> ReplicaGroup:
+        """Open the run's replicas (distinct trainable hosts; fewer when the mesh has fewer)
+        and restore `state` onto every one of them."""
+        outer = {n: t for n, t in (state or {}).items() if n.startswith("outer_")}
+        inner = {n: t for n, t in state.items() if not n.startswith("outer_")} if state else None
+        pipes = [await self._open_one(step, inner, frozenset())]
+        while len(pipes) < self.req.replicas:
+            taken = frozenset(h.plan.host for p in pipes for h in p.trainable_hops())
+            try:
+                pipes.append(await self._open_one(step, inner, taken, wait=False))
+            except ApiError as exc:
+                log.warning("train_replicas_reduced", job=self.job_id, replicas=len(pipes),
+                            reason=exc.message)
+                break
+        group = ReplicaGroup(pipes, Averaging(every=self.req.average_every,
+                                              outer_lr=self.req.outer_lr,
+                                              outer_momentum=self.req.outer_momentum))
+        if outer:
+            group.load_outer(outer)
+        else:
+            await group.start()
+        return group
+
+    async def _open_one(self, step: int, state: dict[str, torch.Tensor] | None,
+                        taken: frozenset[bytes], *, wait: bool = True) -> TrainPipeline:
         while True:
             hops: list[TrainHop] = []
             try:
-                for p in await self._plan():
+                plans = await self._plan() if wait else self.route.plan(
+                    self.req.model, frozenset(self._excluded) | taken)
+                for p in plans:
                     hops.append(await self.route.connect(p, self.req.model))
                 pipe = TrainPipeline(hops, first_trainable=self.plan.first_trainable,
                                      schedule=self.req.schedule, causal=self.plan.causal)
@@ -349,19 +383,19 @@ class TrainRun:
                     await hop.close()
                 self._failed(exc)
 
-    async def _train(self, pipe: TrainPipeline, step: int,
+    async def _train(self, group: ReplicaGroup, step: int,
                      t0: float) -> tuple[int, dict[str, torch.Tensor]]:
         req, data = self.req, self.plan.data
         start = step
         while step < req.steps:
             mbs = micro_batches(data.train, self.order, step, req.accumulation, req.seed)
             lr = self.plan.schedule.lr_at(step)
-            report = await pipe.step(step, mbs, lr=lr, clip=req.clip)
+            report = await group.step(step, mbs, lr=lr, clip=req.clip)
             step += 1
             self._account(report)
             evaluate = req.eval_interval > 0 and (step % req.eval_interval == 0)
             if evaluate or step == req.steps:
-                await self._evaluate(pipe)
+                await self._evaluate(group.pipelines[0])
             elapsed = time.perf_counter() - t0
             rate = self.tokens / elapsed if elapsed > 0 else 0.0
             eta = (req.steps - step) * elapsed / max(1, step - start)
@@ -369,9 +403,10 @@ class TrainRun:
             await self.emit(self._progress(step, lr, rate, eta=eta,
                                            evaluated=evaluate or step == req.steps))
             if req.checkpoint_interval and step % req.checkpoint_interval == 0 and step < req.steps:
-                state, _ = await pipe.state()
-                await trio.to_thread.run_sync(self.store.save, step, state)
-        state, _ = await pipe.state()
+                await trio.to_thread.run_sync(self.store.save, step, await _state(group))
+        if req.replicas > 1 and step % req.average_every:
+            await group.average(step)  # the last round: the result is one set of weights
+        state = await _state(group)
         await trio.to_thread.run_sync(self.store.save, step, state)
         return step, state
 
@@ -422,6 +457,13 @@ class TrainRun:
     def bubble(self) -> tuple[tuple[str, float], ...]:
         return tuple((self.route.name_of(h), round(sum(v) / len(v), 4))
                      for h, v in self.idle.items() if v)
+
+
+async def _state(group: ReplicaGroup) -> dict[str, torch.Tensor]:
+    """A checkpoint: the first replica's tensors (all replicas are identical at a round's
+    end) and the origin's outer state."""
+    state, _ = await group.pipelines[0].state()
+    return {**state, **group.outer_state()}
 
 
 def reply_of(run: TrainRun, output: str, elapsed: float) -> TrainReply:

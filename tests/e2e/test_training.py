@@ -196,3 +196,19 @@ def test_trained_classifier_beats_zero_shot(tmp_path: Path, models_dir: Path) ->
     acc_trained = sum(p == t for p, t in zip(trained_reply.predicted, truth, strict=True)) / len(truth)
     acc_zero = sum(p == t for p, t in zip(zero.predicted, truth, strict=True)) / len(truth)
     assert acc_trained > 0.9 and acc_trained > acc_zero + 0.2
+
+
+def test_replicas_split_micro_batches_and_stay_in_sync(
+    cluster: LocalCluster, registry: ModelRegistry, data: Path
+) -> None:
+    req = lm_request(data, "nexus-e2e-d", steps=2, replicas=2, average_every=1,
+                     checkpoint_interval=0)
+    routes: list[RouteEvent] = []
+    reply = cluster.call(0, req, expect=TrainReply, timeout_s=600,
+                         on_event=lambda e: routes.append(e) if isinstance(e, RouteEvent) else None)
+    trained_hosts = {next(h.name for h in r.hops if h.start == 8) for r in routes}
+    assert trained_hosts == {"node1", "node2"}  # one replica each
+    ref = reference(registry.load_model("nexus-1.1"), req, data)
+    got = trained(registry, "nexus-e2e-d")
+    for name, p in ref.items():  # the same step, summed in another order
+        assert torch.allclose(got[name], p, rtol=1e-4, atol=1e-6), name

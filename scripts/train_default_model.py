@@ -1,0 +1,86 @@
+"""Train the default generator (Nexus 1.1's blocks and output projection) with the mesh.
+
+Starts a local mesh of two daemons on 127.0.0.1 (the first hosts the frozen MiniLM base
+and the two Nexus blocks, the second the output head), then runs the exact command
+
+    nexusd --data-dir <node0> train lm --output <id> [settings...] --json
+
+against the first, on the shipped English corpus; writes the reply, the metrics CSV and a
+log of progress into --out. `scripts/ship_default_model.py` turns the result into the
+weights the project ships.
+
+Usage:
+    python -m scripts.train_default_model --out /tmp/nexus-train --steps 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nexusd.harness.cluster import local_cluster
+
+SETTINGS = {
+    "--micro-batch": "8", "--accumulation": "4", "--seq-len": "128", "--lr": "0.003",
+    "--warmup-steps": "60", "--decay": "cosine", "--min-lr-ratio": "0.1",
+    "--weight-decay": "0.01", "--dropout": "0.1", "--clip": "1.0", "--precision": "bf16",
+    "--schedule": "1f1b", "--eval-interval": "100", "--eval-examples": "640",
+    "--checkpoint-interval": "100", "--seed": "1",
+}
+PARENT = "nexus-1.1-random"  # the architecture with untrained blocks
+SPANS = (f"{PARENT}:0-10", f"{PARENT}:10-11")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for the run (created)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
+    p.add_argument("--output", default="nexus-1.1-trained", help="id of the trained model")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="shared models dir of the daemons (default: OUT/models)")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = args.models_dir or args.out / "models"
+    env = {"NEXUSD_NODE__TORCH_THREADS": "1", "NEXUSD_TRAIN__OP_TIMEOUT_S": "600"}
+    with local_cluster(args.out / "mesh", 2, models_dir=models, env=env) as cluster:
+        for i, spec in enumerate(SPANS):
+            cluster.host(i, spec)
+        cluster.wait_hosts(0, 2, PARENT)
+        cmd = [sys.executable, "-m", "nexusd", "train", "lm", "--log-level", "warning",
+               "--data-dir", str(cluster.data_dir(0)), "--model", PARENT, "--output", args.output,
+               "--steps", str(args.steps), "--job-id", "default-model",
+               *[x for kv in SETTINGS.items() for x in kv], "--json", "-v"]
+        shown = " ".join(shlex.quote(c) for c in cmd)
+        (args.out / "command.txt").write_text(shown + "\n")
+        print(shown, flush=True)
+        t0 = time.time()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=cluster_env(cluster))
+        wall = time.time() - t0
+        (args.out / "reply.json").write_text(done.stdout)
+        (args.out / "stderr.txt").write_text(done.stderr)
+        print(f"exit {done.returncode} after {wall:.0f} s", flush=True)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            return done.returncode
+        reply = json.loads(done.stdout)
+        shutil.copy(Path(reply["checkpoint"]) / "metrics.csv", args.out / "metrics.csv")
+        (args.out / "run.json").write_text(json.dumps(
+            {"command": shown, "wall_s": round(wall, 1), "spans": SPANS, "reply": reply},
+            indent=2) + "\n")
+    return 0
+
+
+def cluster_env(cluster: object) -> dict[str, str]:
+    from nexusd.harness.cluster import daemon_env
+
+    return daemon_env(getattr(cluster, "env", {}))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
