@@ -206,6 +206,7 @@ def test_replicas_split_micro_batches_and_stay_in_sync(
     routes: list[RouteEvent] = []
     reply = cluster.call(0, req, expect=TrainReply, timeout_s=600,
                          on_event=lambda e: routes.append(e) if isinstance(e, RouteEvent) else None)
+    assert reply.steps == 2 and not reply.failovers
     trained_hosts = {next(h.name for h in r.hops if h.start == 8) for r in routes}
     assert trained_hosts == {"node1", "node2"}  # one replica each
     ref = reference(registry.load_model("nexus-1.1"), req, data)
