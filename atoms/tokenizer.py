@@ -165,6 +165,19 @@ class TextTokenizer:
         """Token ids of one text, truncated at `max_length`, not padded."""
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a generation prompt: the special tokens the tokenizer puts before a
+        text (BERT's [CLS], Llama's <s>) but none after it, since a prompt is continued,
+        not ended (BERT's template would close it with [SEP], its end of sequence)."""
+        full = self.encode(text)
+        plain = self.encode(text, add_special_tokens=False)
+        if not plain:
+            return full
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[: start + len(plain)]
+        return full  # truncated at max_length: nothing follows the text
+
     def encode_untruncated(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text without special tokens, padding or truncation (training
         data: a long paragraph keeps all its tokens)."""

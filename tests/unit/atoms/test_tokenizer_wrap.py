@@ -59,3 +59,13 @@ def test_bad_inputs(tok: TextTokenizer, tmp_path: Path) -> None:
         TextTokenizer.from_file(tmp_path / "tokenizer.json")
     with pytest.raises(ModelFormatError, match="no pad token"):
         TextTokenizer.from_file(minilm_dir() / "tokenizer.json", pad_token="<nope>")
+
+
+def test_a_prompt_keeps_its_start_token_but_is_not_ended() -> None:
+    tok = TextTokenizer.from_file(minilm_dir() / "tokenizer.json", max_length=64)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    full = tok.encode("It was a truth")
+    assert full[0] == cls and full[-1] == sep
+    assert tok.encode_prompt("It was a truth") == full[:-1]
+    assert tok.encode_untruncated(["It was a truth " * 40])[0][-1] != sep  # no specials
+    assert len(tok.encode_untruncated(["word " * 100])[0]) == 100  # not cut at max_length
