@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 import structlog
 import torch
 import trio
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from atoms.bert import with_classifier_head
@@ -170,10 +172,15 @@ class CheckpointStore:
         """The newest checkpoint of this request that reads back whole, or None."""
         for path in reversed(self.checkpoints()):
             try:
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
                 tensors = load_file(str(path))
                 step = int(path.stem.removeprefix("step-"))
-            except (OSError, ValueError, RuntimeError) as exc:
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
                 log.warning("checkpoint_unreadable", path=str(path), reason=str(exc))
+                continue
+            if meta.get("request") != self._digest:
+                log.warning("checkpoint_of_another_run", path=str(path))
                 continue
             return step, tensors
         return None
@@ -212,8 +219,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def request_digest(req: TrainRequest) -> str:
-    import hashlib
-
+    """BLAKE2b of a request's settings (not its job id): a checkpoint names the run it is of."""
     fields = dataclasses.asdict(req)
     fields.pop("job_id")
     return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=16).hexdigest()
@@ -294,10 +300,8 @@ class TrainRun:
             self.store.rewind_metrics(step)
             log.info("train_resumed", job=self.job_id, step=step)
             await self.emit(self._progress(step, 0.0, 0.0, resumed_from=step))
-        elif self.store.metrics_path.exists():
-            self.store.rewind_metrics(-1)
         else:
-            self.store.rewind_metrics(-1)
+            self.store.rewind_metrics(-1)  # a fresh metrics.csv with its header
         t0 = time.perf_counter()
         while True:
             group = await self._open(step, state)
