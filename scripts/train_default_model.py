@@ -30,8 +30,8 @@ SETTINGS = {
     "--micro-batch": "8", "--accumulation": "4", "--seq-len": "128", "--lr": "0.003",
     "--warmup-steps": "60", "--decay": "cosine", "--min-lr-ratio": "0.1",
     "--weight-decay": "0.01", "--dropout": "0.1", "--clip": "1.0", "--precision": "bf16",
-    "--schedule": "1f1b", "--eval-interval": "100", "--eval-examples": "640",
-    "--checkpoint-interval": "100", "--seed": "1",
+    "--schedule": "1f1b", "--eval-interval": "85", "--eval-examples": "240",
+    "--checkpoint-interval": "85", "--seed": "1",
 }
 PARENT = "nexus-1.1-random"  # the architecture with untrained blocks
 SPANS = (f"{PARENT}:0-10", f"{PARENT}:10-11")
