@@ -22,7 +22,7 @@ import dataclasses
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import NoReturn
@@ -128,6 +128,7 @@ class MeshNode:
         )  # fmt: skip
         # connected non-member -> when first seen or last used the join protocol
         self._strangers: dict[bytes, float] = {}
+        self._exclusion_hooks: list[Callable[[bytes], Awaitable[None]]] = []
         self._app_handlers: dict[str, StreamHandler] = {}
         self._rejections: Counter[str] = Counter()
         # what our advert and load say; lease, addrs and rtts are filled in at each refresh
@@ -226,6 +227,16 @@ class MeshNode:
             return False
         return self._state.is_member(peer, self._now_ms())
 
+    def admits(self, peer: bytes) -> bool:
+        """The admission test of every channel: a member (founder included) that is neither
+        revoked nor serving a ban. Give it to channels outside the transport (direct)."""
+        return self._admits(peer)
+
+    def on_peer_excluded(self, hook: Callable[[bytes], Awaitable[None]]) -> None:
+        """Await `hook(peer)` whenever a peer is banned or revoked (after the transport cut
+        it off), so channels outside the transport close its streams too."""
+        self._exclusion_hooks.append(hook)
+
     async def _ingest(self, entries: list[SignedEntry], peer: bytes) -> None:
         """Apply entries from `peer` (raises PeerProtocolError on the first invalid one)."""
         assert self._state is not None
@@ -271,6 +282,9 @@ class MeshNode:
                 await self.transport.disconnect(peer)
             except (TransportBroken, ClosedError) as exc:
                 log.debug("disconnect_failed", peer=short_id(peer), error=str(exc))
+            if why in ("banned", "revoked"):
+                for hook in self._exclusion_hooks:
+                    await hook(peer)
         self._sessions.cancel(peer)
         log.info("peer_cut_off", peer=short_id(peer), why=why)
         self._signal()

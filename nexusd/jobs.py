@@ -147,10 +147,11 @@ class JobEngine:
                                   ORIGIN_INBOUND)  # fmt: skip
             return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=codec)
 
-        def report(host: bytes, reason: str) -> None:
-            self._metrics.inc("hop_failures_total")
+        def report(host: bytes, penalty: str, reason: str) -> None:
+            self._metrics.inc("hop_failures_total", reason=penalty)
             if host != self.view.node_id:  # our own span failing is not a peer's misbehaviour
-                self.view.report(host, reason)
+                log.warning("host_reported", host=host.hex()[:8], penalty=penalty, reason=reason)
+                self.view.report(host, penalty)
 
         return RoutedSession(n_atoms=n_atoms, plan=plan, make_hop=make_hop,
                              report_failure=report, batch=batch, max_len=max_len,

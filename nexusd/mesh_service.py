@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 import trio
@@ -24,9 +24,11 @@ from mesh.identity import MeshSecret
 from mesh.membership import parse_invite
 from mesh.node import MeshIdentity, MeshNode, MeshNodeConfig
 from mesh.routing import HostSpan, Link
+from mesh.scoring import DEFAULT_WEIGHTS
 from mesh.state import HostedSpan as AdvertSpan
 from mesh.state import MeshState, NodeState
 from mesh.store import StateStore
+from mesh.sync import classify_rejection
 from mesh.transport.base import Stream, TransportConfig
 
 from .api import ApiServer, Emit
@@ -50,6 +52,9 @@ from .protocol import (
     RevokeRequest,
     WaitRequest,
 )
+
+if TYPE_CHECKING:
+    from mesh.transport.direct import DirectListener
 
 log = structlog.get_logger(__name__)
 CODECS = ("raw", "fp16", "bf16", "int8")
@@ -87,6 +92,7 @@ class MeshService:
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
         self.direct_addr = ""  # "host:port" of our direct listener once it listens
+        self.direct: DirectListener | None = None
         self.tcfg: TransportConfig | None = None
         self.bandwidth: dict[bytes, float] = {}  # bytes/s per peer, EWMA of probes
         self.probes: dict[bytes, int] = {}  # probes completed per peer
@@ -168,13 +174,22 @@ class MeshService:
         from mesh.transport.direct import open_direct_listener
 
         m = self.cfg.mesh
+        # `is_member` is the listener's whole admission: members only, and not while banned
+        # (or revoked); a peer cut off later loses its open streams too.
         async with open_direct_listener(self.signer.key, m.listen_host, m.direct_port, tcfg,
                                         self.is_member, self._serve_exec_direct) as listener:  # fmt: skip
             self.direct_addr = f"{m.listen_host}:{listener.port}"
+            self.direct = listener
+            if self.node is not None:
+                self.node.on_peer_excluded(self._close_direct)
             log.info("direct_listening", addr=self.direct_addr)
             self.refresh_advert()
             task_status.started()
             await trio.sleep_forever()
+
+    async def _close_direct(self, peer: bytes) -> None:
+        if self.direct is not None:
+            await self.direct.disconnect(peer)
 
     async def open_exec_stream(self, peer: bytes) -> Stream:
         """A stream for activations to `peer`: its direct channel if it advertises one and
@@ -201,10 +216,12 @@ class MeshService:
         try:
             await self._serve_exec(stream)
         except PeerProtocolError as exc:
+            reason, penalty = classify_rejection(exc)
             log.warning("exec_peer_misbehaved", peer=stream.remote_id.hex()[:8],
-                        error=type(exc).__name__, reason=str(exc))  # fmt: skip
-            if self.node is not None:
-                await self.node.report(stream.remote_id, "malformed")
+                        error=type(exc).__name__, reason=reason, detail=str(exc))  # fmt: skip
+            self.metrics.inc("exec_rejections_total", reason=reason, channel="direct")
+            if self.node is not None and penalty is not None:
+                await self.node.report(stream.remote_id, penalty)
 
     async def _serve_exec(self, stream: Stream) -> None:
         node = self.node
@@ -296,6 +313,9 @@ class MeshService:
     def _export_mesh_metrics(self, node: MeshNode) -> None:
         for reason, n in node.counters().items():
             self.metrics.set_total("mesh_rejections_total", n, reason=reason)
+        if self.direct is not None:
+            for reason, n in self.direct.refusals.items():
+                self.metrics.set_total("direct_refusals_total", n, reason=reason)
         st = node.status()
         self.metrics.set("mesh_members", st.members)
         self.metrics.set("mesh_peers_connected", st.connected)
@@ -310,10 +330,12 @@ class MeshService:
     # ---- the view the job engine routes with -----------------------------------------------
 
     def is_member(self, node_id: bytes) -> bool:
+        """Whether `node_id` may talk to us on any channel: a member (the founder included),
+        not revoked, not serving a ban (`MeshNode.admits`); before joining, only ourselves."""
         node = self.node
         if node is None or node.state is None:
             return node_id == self.signer.key.node_id
-        return node.state.is_member(node_id, int(time.time() * 1000)) or node_id == node.state.founder
+        return node_id == self.signer.key.node_id or node.admits(node_id)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -372,11 +394,13 @@ class NodeView:
     async def open_exec_stream(self, node_id: bytes) -> ExecStream:
         return await self._svc.open_exec_stream(node_id)
 
-    def report(self, node_id: bytes, reason: str) -> None:
+    def report(self, node_id: bytes, penalty: str) -> None:
+        """Score a host that failed a hop: `penalty` is the session's verdict ("bad_output",
+        "malformed", "timeout", ...; anything without a weight counts as "timeout")."""
         svc = self._svc
         if svc.node is not None and svc._nursery is not None:
-            svc._nursery.start_soon(svc.node.report, node_id, "bad_output" if "invalid" in reason
-                                    else "timeout")  # fmt: skip
+            known = penalty in DEFAULT_WEIGHTS
+            svc._nursery.start_soon(svc.node.report, node_id, penalty if known else "timeout")
 
 
 def _util(node: MeshNode, target: bytes) -> float:

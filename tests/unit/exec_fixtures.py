@@ -87,7 +87,8 @@ class Cluster:
         self.origin = Node("origin", [])
         self.hosts: dict[bytes, Node] = {h.id: h for h in hosts}
         self.members = {self.origin.id, *self.hosts}
-        self.failures: list[tuple[bytes, str]] = []
+        self.failures: list[tuple[bytes, str]] = []  # (host, reason)
+        self.penalties: list[tuple[bytes, str]] = []  # (host, what it is scored for)
 
     def is_member(self, node_id: bytes) -> bool:
         return node_id in self.members
@@ -107,8 +108,9 @@ class Cluster:
         except TransportBroken:
             pass
 
-    def report(self, host: bytes, reason: str) -> None:
+    def report(self, host: bytes, penalty: str, reason: str) -> None:
         self.failures.append((host, reason))
+        self.penalties.append((host, penalty))
 
     def session(self, plan: Callable[[int, int, frozenset[bytes]], list[HopPlan]], *,
                 max_len: int = 32) -> RoutedSession:
