@@ -95,7 +95,7 @@ async def serve_ping(stream: Stream, *, idle_timeout_s: float) -> None:
         TransportBroken: the stream broke or stayed idle past the read deadline.
     """
     while True:
-        nonce = await stream.receive(timeout_s=idle_timeout_s)
+        nonce = await stream.receive(timeout_s=idle_timeout_s, max_bytes=NONCE_BYTES)
         if len(nonce) != NONCE_BYTES:
             raise MalformedMessage(
                 f"ping from {short_id(stream.remote_id)}: expected {NONCE_BYTES} bytes, "
@@ -131,7 +131,7 @@ async def ping_loop(
             started = perf()
             await stream.send(nonce)
             try:
-                reply = await stream.receive(timeout_s=timeout_s)
+                reply = await stream.receive(timeout_s=timeout_s, max_bytes=NONCE_BYTES)
             except TransportBroken:
                 if perf() - started >= 0.9 * timeout_s:  # the deadline, not a broken stream
                     count = table.timed_out(peer)

@@ -37,6 +37,7 @@ from mesh.errors import (
     JoinRefused,
     NotJoined,
     PeerProtocolError,
+    StreamRefused,
     TransportBroken,
 )
 from mesh.hlc import HybridClock, wall_ms_of
@@ -46,7 +47,7 @@ from mesh.liveness import PING_PROTOCOL, PeerSessions, RttTable, serve_ping
 from mesh.membership import Admitter, JoinRefusal
 from mesh.node_config import MeshNodeConfig as MeshNodeConfig
 from mesh.node_config import NodeStatus as NodeStatus
-from mesh.scoring import Backoff, PeerScores
+from mesh.scoring import Backoff, PeerScores, StreamSlots
 from mesh.state import (
     Advert,
     HostedSpan,
@@ -128,6 +129,7 @@ class MeshNode:
         )  # fmt: skip
         # connected non-member -> when first seen or last used the join protocol
         self._strangers: dict[bytes, float] = {}
+        self._slots = StreamSlots(cfg.max_streams_per_peer, cfg.max_stranger_streams)
         self._exclusion_hooks: list[Callable[[bytes], Awaitable[None]]] = []
         self._app_handlers: dict[str, StreamHandler] = {}
         self._rejections: Counter[str] = Counter()
@@ -156,9 +158,10 @@ class MeshNode:
         Cancellation: unsaved accepted entries are written to the store on the way out.
         """
         self.transport.set_admission(self._admits)
-        self.transport.set_stream_handler(JOIN_PROTOCOL, self._on_join, open_to_all=True)
-        self.transport.set_stream_handler(SYNC_PROTOCOL, self._on_sync)
-        self.transport.set_stream_handler(PING_PROTOCOL, self._on_ping)
+        self.transport.set_stream_handler(JOIN_PROTOCOL, self._bounded(JOIN_PROTOCOL, self._on_join),
+                                          open_to_all=True)  # fmt: skip
+        self.transport.set_stream_handler(SYNC_PROTOCOL, self._bounded(SYNC_PROTOCOL, self._on_sync))
+        self.transport.set_stream_handler(PING_PROTOCOL, self._bounded(PING_PROTOCOL, self._on_ping))
         for protocol, handler in self._app_handlers.items():
             self.transport.set_stream_handler(protocol, handler)
         try:
@@ -493,9 +496,33 @@ class MeshNode:
         return encode(entry)
 
     async def _on_join(self, stream: Stream) -> None:
-        if stream.remote_id in self._strangers:
-            self._strangers[stream.remote_id] = trio.current_time()
+        peer = stream.remote_id
+        if self.is_banned(peer):  # bans hold on the one protocol open to non-members too
+            self._desk.refuse(peer, "banned", "this node serves a ban")
+            raise StreamRefused("banned")
+        if peer in self._strangers:
+            self._strangers[peer] = trio.current_time()
         await self._desk.serve(stream, self._get_admitter())
+
+    def _bounded(self, protocol: str, handler: StreamHandler) -> StreamHandler:
+        """`handler` behind the stream slots: a peer over its share of concurrent streams on
+        `protocol` (or a non-member over the strangers' pool) is refused, logged, counted."""
+
+        async def bounded(stream: Stream) -> None:
+            peer = stream.remote_id
+            member = self._admits(peer)
+            refused = self._slots.acquire(peer, protocol, member=member)
+            if refused is not None:
+                self._rejections[refused] += 1
+                log.warning("stream_refused", peer=short_id(peer), protocol=protocol,
+                            reason=refused)  # fmt: skip
+                raise StreamRefused(refused)  # reset unread (frees what the peer sent)
+            try:
+                await handler(stream)
+            finally:
+                self._slots.release(peer, protocol, member=member)
+
+        return bounded
 
     async def create_invite(self, ttl_s: float, uses: int = 1, name: str = "") -> str:
         """Issue an invite token (admins only); bootstrap = our listen addresses.
@@ -624,9 +651,9 @@ class MeshNode:
                 await self._reject(stream.remote_id, exc, protocol)
                 raise
 
-        self._app_handlers[protocol] = guarded
+        self._app_handlers[protocol] = self._bounded(protocol, guarded)
         if self._nursery is not None:
-            self.transport.set_stream_handler(protocol, guarded)
+            self.transport.set_stream_handler(protocol, self._app_handlers[protocol])
 
     async def open_stream(self, node_id: bytes, protocol: str) -> Stream:
         """Open an application stream to a member, dialling its advertised addresses.
@@ -663,8 +690,11 @@ class MeshNode:
         return self._failures.penalty_s(peer, trio.current_time())
 
     def counters(self) -> dict[str, int]:
-        """Rejected peer messages by reason, plus "ban" and join refusals ("join_<reason>")."""
-        joins = self._desk.admitter.counters if self._desk.admitter is not None else {}
+        """Rejected peer messages and refused streams by reason, plus "ban" and join
+        refusals ("join_<reason>", whether the admitter or the join shell refused)."""
+        joins = Counter(self._desk.refusals)
+        if self._desk.admitter is not None:
+            joins.update(self._desk.admitter.counters)
         return dict(self._rejections) | {f"join_{r}": n for r, n in joins.items() if n}
 
     # -- views ----------------------------------------------------------------------------

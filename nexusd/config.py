@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 MiB = 1024 * 1024
 ENV_PREFIX = "NEXUSD_"
+MAX_PROBE_BYTES = 4 * MiB  # a bandwidth probe frame, on both sides
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,9 @@ class MeshConfig:
             "ban_max_s", "join_attempts_per_minute",
         ):  # fmt: skip
             _positive(f"mesh.{name}", getattr(self, name))
+        if self.bandwidth_probe_bytes > MAX_PROBE_BYTES:
+            raise ConfigError(f"mesh.bandwidth_probe_bytes: expected at most {MAX_PROBE_BYTES} "
+                              f"(what peers accept), got {self.bandwidth_probe_bytes}")  # fmt: skip
         if self.advert_lease_s < 2 * self.advert_refresh_s:
             raise ConfigError(
                 "mesh.advert_lease_s: expected at least 2 x mesh.advert_refresh_s "

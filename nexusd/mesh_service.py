@@ -32,7 +32,7 @@ from mesh.sync import classify_rejection
 from mesh.transport.base import Stream, TransportConfig
 
 from .api import ApiServer, Emit
-from .config import Config
+from .config import MAX_PROBE_BYTES, Config
 from .errors import ApiError
 from .exec_protocol import EXEC_PROTOCOL, HOST_INBOUND, ExecChannel, Signer
 from .hosting import SpanHost
@@ -238,7 +238,8 @@ class MeshService:
 
     async def _serve_probe(self, stream: Stream) -> None:
         try:
-            payload = await stream.receive(timeout_s=self.cfg.mesh.read_timeout_s)
+            payload = await stream.receive(timeout_s=self.cfg.mesh.read_timeout_s,
+                                           max_bytes=MAX_PROBE_BYTES)  # fmt: skip
             await stream.send(len(payload).to_bytes(8, "big"))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -256,7 +257,7 @@ class MeshService:
                 try:
                     t0 = time.perf_counter()
                     await stream.send(bytes(size))
-                    ack = await stream.receive()
+                    ack = await stream.receive(max_bytes=8)
                     elapsed = time.perf_counter() - t0
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):

@@ -5,7 +5,8 @@ and `Stream` protocols defined here; `memory.py` and `libp2p.py` are interchange
 pass `tests/unit/transport_conformance.py`.
 Rule 2: a stream carries whole frames (length-prefixed by `mesh.wire.frame`), never a byte
 stream; a frame over `TransportConfig.max_frame_bytes` raises `OversizeMessage` on send and is
-a peer protocol error on receive.
+a peer protocol error on receive; `receive(max_bytes=...)` lowers the limit per call, and a
+frame over it is refused on its length prefix, before its body is read.
 Rule 3: every read and write has a deadline; a passed deadline, a reset or a vanished peer is
 `TransportBroken`; using anything after we closed it is `ClosedError`.
 Rule 4: admission is decided by the `set_admission` callback on the *authenticated* node id.
@@ -23,7 +24,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from mesh.errors import ClosedError, PeerProtocolError, TransportBroken
+from mesh.errors import ClosedError, PeerProtocolError, StreamRefused, TransportBroken
 
 log = structlog.get_logger(__name__)
 
@@ -113,13 +114,20 @@ class Stream(Protocol):
         """
         ...
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Receive one frame, waiting at most `timeout_s` (default: config read timeout).
+
+        `max_bytes` bounds this frame (never above `max_frame_bytes`): a frame announced
+        larger is refused on its length prefix, before its body is read or buffered, and
+        the stream is reset. Protocols pass the size their message can have (a join request
+        16 KiB, a ping 8 bytes), so nobody can make a node hold a transport-sized frame.
 
         Raises:
             TransportBroken: reset, peer closed or gone, or the deadline passed. A passed
                 deadline leaves the stream usable (partial frames are kept).
-            OversizeMessage: the peer announced a frame over `max_frame_bytes`.
+            OversizeMessage: the peer announced a frame over the limit (stream reset).
             ClosedError: we closed this stream or its transport.
         """
         ...
@@ -188,9 +196,11 @@ async def serve_stream(
     Shared by every implementation so that handler failures look the same on all of them.
 
     Error handling: a transport failure or our own close ends the stream quietly (DEBUG);
-    a peer protocol error is logged at WARNING and resets the stream; anything else is our
-    bug, logged with its traceback, and resets the stream. Nothing propagates: an escaping
-    exception would crash a libp2p host (notes/libp2p-0.8.1.md, pitfall 2).
+    a stream the handler refused unread (`StreamRefused`, logged by it) is reset, which
+    also drops what the peer already sent; a peer protocol error is logged at WARNING and
+    resets the stream; anything else is our bug, logged with its traceback, and resets the
+    stream. Nothing propagates: an escaping exception would crash a libp2p host
+    (notes/libp2p-0.8.1.md, pitfall 2).
     Cancellation: `trio.Cancelled` propagates (the stream is still closed).
     """
     peer = stream.remote_id.hex()[:8]
@@ -198,6 +208,8 @@ async def serve_stream(
         await handler(stream)
     except (TransportBroken, ClosedError) as exc:
         log.debug("stream_handler_ended", peer=peer, protocol=stream.protocol, reason=str(exc))
+    except StreamRefused:
+        await abort()
     except PeerProtocolError as exc:
         log.warning("stream_peer_misbehaved", peer=peer, protocol=stream.protocol, error=repr(exc))
         await abort()

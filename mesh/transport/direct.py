@@ -167,7 +167,9 @@ class FrameReader:
         self._buf = bytearray()
 
     async def read_frame(self, max_bytes: int) -> bytes:
-        await self._fill(_HEADER.size)
+        # While the header is incomplete, read no more than one frame of `max_bytes` could
+        # be: a peer announcing too much is refused holding at most that.
+        await self._fill(_HEADER.size, max_bytes + _HEADER.size)
         (length,) = _HEADER.unpack_from(self._buf)
         if length > max_bytes:
             raise OversizeMessage(
@@ -180,9 +182,9 @@ class FrameReader:
         del self._buf[:end]
         return frame
 
-    async def _fill(self, size: int) -> None:
+    async def _fill(self, size: int, most: int = _READ_CHUNK_MAX) -> None:
         while len(self._buf) < size:
-            want = min(max(size - len(self._buf), _READ_CHUNK), _READ_CHUNK_MAX)
+            want = min(max(size - len(self._buf), _READ_CHUNK), _READ_CHUNK_MAX, most)
             chunk = await self._sock.receive_some(want)
             if not chunk:
                 raise trio.BrokenResourceError("connection closed by the peer")
@@ -296,7 +298,9 @@ class DirectStream:
             await self._break(f"send to {short_id(self.remote_id)}: deadline passed")
             raise TransportBroken(self._broken)
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Receive and decrypt one frame within the deadline (see `base.Stream.receive`).
 
         Raises:
@@ -309,7 +313,7 @@ class DirectStream:
         await _acquire(self._receive_lock)
         try:
             self._check_usable()
-            sealed = await self._receive_frame(deadline)
+            sealed = await self._receive_frame(deadline, max_bytes)
         finally:
             self._receive_lock.release()
         try:
@@ -318,8 +322,11 @@ class DirectStream:
             await self._break(f"peer protocol error: {exc}")
             raise
 
-    async def _receive_frame(self, deadline: float) -> bytes:
-        limit = self._config.max_frame_bytes + AEAD_TAG_BYTES
+    async def _receive_frame(self, deadline: float, max_bytes: int | None) -> bytes:
+        limit = self._config.max_frame_bytes
+        if max_bytes is not None:
+            limit = max(0, min(max_bytes, limit))
+        limit += AEAD_TAG_BYTES
         sealed = None
         try:
             with trio.CancelScope(deadline=trio.current_time() + deadline):

@@ -27,7 +27,6 @@ gossipsub rebuilds its per-peer streams.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
@@ -77,6 +76,7 @@ log = structlog.get_logger(__name__)
 # off because every member is authenticated and tests run all peers on 127.0.0.1.
 _GOSSIP_DEGREE = (6, 4, 12)
 _HEARTBEAT_S = 1
+_READ_CHUNK = 64 * 1024  # smallest read while a frame is incomplete (see Libp2pStream.receive)
 _LIBP2P_ERRORS: tuple[type[BaseException], ...] = (
     BaseLibp2pError,
     PeerStoreError,
@@ -161,7 +161,6 @@ class Libp2pStream:
         self._net = net_stream
         self._config = config
         self._decoder = FrameDecoder(config.max_frame_bytes)
-        self._frames: deque[bytes] = deque()
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._owner_closed = owner_closed
@@ -190,25 +189,36 @@ class Libp2pStream:
                 await _reset_quietly(self._net)
                 raise
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
-        """Receive one frame within the deadline (see `base.Stream.receive`)."""
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
+        """Receive one frame within the deadline (see `base.Stream.receive`).
+
+        Reads are sized by what the current frame still needs (`FrameDecoder.wanted_bytes`),
+        at least `_READ_CHUNK` but never more than the call's limit plus its header, so the
+        bytes we hold stay within one frame of `max_bytes`; the rest stays with Yamux (which in
+        py-libp2p 0.8.1 buffers even what a peer sends past its window, with a warning).
+        """
         self._check_usable()
         deadline = self._config.read_timeout_s if timeout_s is None else timeout_s
         async with self._receive_lock:
             with _map_errors("receive", self.remote_id), trio.fail_after(deadline):
-                while not self._frames:
-                    chunk = await self._read_chunk()
+                while True:
                     try:
-                        self._frames.extend(self._decoder.feed(chunk))
+                        payload = self._decoder.next_frame(max_bytes)
+                        if payload is not None:
+                            return payload
+                        want = self._decoder.wanted_bytes(max_bytes)
                     except OversizeMessage:
                         self._broken = "peer sent an oversize frame"
                         await _reset_quietly(self._net)
                         raise
-            return self._frames.popleft()
+                    floor = min(_READ_CHUNK, self._decoder.limit(max_bytes) + 4)
+                    self._decoder.push(await self._read_chunk(max(want, floor)))
 
-    async def _read_chunk(self) -> bytes:
+    async def _read_chunk(self, n: int) -> bytes:
         try:
-            chunk = await self._net.read()
+            chunk = await self._net.read(n)
         except EOFError as exc:  # StreamEOF: the peer half-closed its side
             self._broken = f"stream {self.protocol}: peer closed it"
             raise TransportBroken(self._broken) from exc
@@ -239,7 +249,7 @@ class Libp2pStream:
         state = "closed" if self._closed else ("broken" if self._broken else "open")
         return (
             f"Libp2pStream(remote={self.remote_id.hex()[:8]}, protocol={self.protocol!r}, "
-            f"{state}, buffered_frames={len(self._frames)})"
+            f"{state}, buffered_bytes={self._decoder.pending_bytes})"
         )
 
 

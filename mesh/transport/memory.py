@@ -186,12 +186,18 @@ class _Pipe:
         self._lot.unpark_all()
         await trio.lowlevel.checkpoint()
 
-    async def get(self) -> bytes:
+    async def get(self, limit: int) -> bytes:
+        """The next frame once due; a frame over `limit` is refused before it is taken
+        (the memory analogue of refusing on the length prefix)."""
         while True:
             if self.broken is not None:
                 raise TransportBroken(self.broken)
             if self._queue:
                 deliver_at, payload = self._queue[0]
+                if len(payload) > limit:
+                    raise OversizeMessage(
+                        f"frame of {len(payload)} bytes announced, over the limit of {limit}"
+                    )
                 if trio.current_time() >= deliver_at:
                     self._queue.popleft()
                     self._bytes -= len(payload)
@@ -252,25 +258,26 @@ class MemoryStream:
                 peer = self.remote_id.hex()[:8]
                 raise TransportBroken(f"send to {peer}: deadline passed") from exc
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Receive one frame within the deadline (see `base.Stream.receive`)."""
         self._check_usable()
         deadline = self._config.read_timeout_s if timeout_s is None else timeout_s
+        limit = self._config.max_frame_bytes
+        if max_bytes is not None:
+            limit = max(0, min(max_bytes, limit))
         async with self._receive_lock:
             try:
                 with trio.fail_after(deadline):
-                    payload = await self._in.get()
+                    return await self._in.get(limit)
             except trio.TooSlowError as exc:
                 raise TransportBroken(
                     f"receive from {self.remote_id.hex()[:8]}: deadline passed"
                 ) from exc
-        if len(payload) > self._config.max_frame_bytes:
-            self._reset("peer sent an oversize frame")
-            raise OversizeMessage(
-                f"frame of {len(payload)} bytes announced, over the limit of "
-                f"{self._config.max_frame_bytes}"
-            )
-        return payload
+            except OversizeMessage:
+                self._reset("peer sent an oversize frame")
+                raise
 
     async def aclose(self) -> None:
         """Close our side (the peer's reads end once it drained what we sent). Idempotent."""

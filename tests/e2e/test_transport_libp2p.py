@@ -4,14 +4,18 @@ only a real network can make (Noise-only, PeerID derivation, RTT measurement).""
 from __future__ import annotations
 
 import statistics
+import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+import trio
 
+from mesh.errors import OversizeMessage, TransportBroken
 from mesh.transport.base import Transport, TransportConfig
 from mesh.transport.libp2p import (
+    Libp2pStream,
     node_id_of,
     open_libp2p_transport,
     peer_id_of,
@@ -55,6 +59,57 @@ async def test_peer_id_is_derived_from_the_seed() -> None:
         peer_id_of(b"short")
     with pytest.raises(ValueError, match="Ed25519 PeerID"):
         node_id_of("not-a-peer-id")
+
+
+class FloodingNetStream:
+    """A stand-in for a libp2p net stream whose peer announces `announced` bytes and then
+    has an endless body ready: counts what the reader takes from it."""
+
+    def __init__(self, announced: int) -> None:
+        self._prefix = struct.pack(">I", announced)
+        self.taken = 0
+        self.largest_read = 0
+        self.was_reset = False
+
+    async def read(self, n: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        assert n is not None and n > 0, "the reader must never ask for everything"
+        chunk, self._prefix = (self._prefix + b"\0" * n)[:n], self._prefix[n:]
+        self.taken += len(chunk)
+        self.largest_read = max(self.largest_read, n)
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+    async def close(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_receive_refuses_on_the_length_prefix_and_reads_at_most_the_limit() -> None:
+    """A 64 MiB frame announced where 16 KiB is allowed: the stream takes no more than one
+    16 KiB frame could be (here the header and a little body), is reset, and raises."""
+    config = TransportConfig(max_frame_bytes=64 * 1024 * 1024)
+    net = FloodingNetStream(64 * 1024 * 1024)
+    stream = Libp2pStream(net, b"\1" * 32, "/nexus/join/1", config, lambda: False)  # type: ignore[arg-type]
+    with pytest.raises(OversizeMessage, match="67108864 bytes announced, over the limit of 16384"):
+        await stream.receive(max_bytes=16 * 1024)
+    assert net.was_reset and net.taken <= 16 * 1024 + 4 and net.largest_read <= 16 * 1024 + 4
+    with pytest.raises(TransportBroken):  # the stream is done
+        await stream.receive()
+
+
+async def test_receive_reads_big_frames_in_frame_sized_reads() -> None:
+    """Without a per-call limit a legitimate 8 MiB frame still arrives whole, read in
+    pieces sized by what the frame needs (never an unbounded read)."""
+    config = TransportConfig(max_frame_bytes=64 * 1024 * 1024)
+    net = FloodingNetStream(8 * 1024 * 1024)
+    stream = Libp2pStream(net, b"\1" * 32, "/nexus/exec/1.0.0", config, lambda: False)  # type: ignore[arg-type]
+    assert await stream.receive() == bytes(8 * 1024 * 1024)
+    assert net.taken <= 8 * 1024 * 1024 + 4 + 64 * 1024
 
 
 @pytest.mark.slow

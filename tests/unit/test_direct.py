@@ -139,6 +139,7 @@ def direct_opener() -> conformance.OpenNode:
 POINT_TO_POINT = (
     conformance.check_echo_sizes,
     conformance.check_oversize,
+    conformance.check_receive_limit,
     conformance.check_receive_deadline,
     conformance.check_close_then_use,
 )
