@@ -43,8 +43,8 @@ from mesh.errors import (
 from mesh.hlc import HybridClock, wall_ms_of
 from mesh.identity import EnvelopeVerifier, NodeKey, short_id
 from mesh.join import JOIN_PROTOCOL, InviteDesk, MeshIdentity, join_handshake
-from mesh.liveness import PING_PROTOCOL, PeerSessions, RttTable, serve_ping
-from mesh.membership import Admitter, JoinRefusal
+from mesh.liveness import PING_PROTOCOL, PeerSessions, RttTable, StrangerWindow, serve_ping
+from mesh.membership import Admitter, JoinRefusal, parse_invite
 from mesh.node_config import MeshNodeConfig as MeshNodeConfig
 from mesh.node_config import NodeStatus as NodeStatus
 from mesh.scoring import Backoff, PeerScores, StreamSlots
@@ -127,8 +127,7 @@ class MeshNode:
             timeout_s=cfg.read_timeout_s, perf=perf, on_start=self._sync_with,
             on_end=self._session_ended,
         )  # fmt: skip
-        # connected non-member -> when first seen or last used the join protocol
-        self._strangers: dict[bytes, float] = {}
+        self._strangers = StrangerWindow(cfg.join_window_s, self._admits)
         self._slots = StreamSlots(cfg.max_streams_per_peer, cfg.max_stranger_streams)
         self._exclusion_hooks: list[Callable[[bytes], Awaitable[None]]] = []
         self._app_handlers: dict[str, StreamHandler] = {}
@@ -158,6 +157,7 @@ class MeshNode:
         Cancellation: unsaved accepted entries are written to the store on the way out.
         """
         self.transport.set_admission(self._admits)
+        self.transport.set_connection_handler(self._strangers.connected)
         self.transport.set_stream_handler(JOIN_PROTOCOL, self._bounded(JOIN_PROTOCOL, self._on_join),
                                           open_to_all=True)  # fmt: skip
         self.transport.set_stream_handler(SYNC_PROTOCOL, self._bounded(SYNC_PROTOCOL, self._on_sync))
@@ -167,6 +167,8 @@ class MeshNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._strangers.run, self.transport.connected_peers,
+                                   self._drop_stranger)  # fmt: skip
                 if self._store is not None and self._state is not None:
                     store, state, now_ms = self._store, self._state, self._now_ms()
                     await trio.to_thread.run_sync(store.restore, state, now_ms)
@@ -413,16 +415,12 @@ class MeshNode:
         """Start sessions for connected members; dial more members up to `max_peers`."""
         connected = self.transport.connected_peers()
         now = trio.current_time()
-        for peer in set(self._strangers) - connected:
-            del self._strangers[peer]
         for peer in connected:
             if self._admits(peer):
-                self._strangers.pop(peer, None)
+                self._strangers.forget(peer)
                 self._ensure_session(peer)
-            elif now - self._strangers.setdefault(peer, now) > 2 * self.cfg.read_timeout_s:
-                # Non-members may connect only to use the join protocol (open to all).
-                del self._strangers[peer]
-                await self._cut_off(peer, "not_member")
+            else:
+                self._strangers.connected(peer)  # in case the transport's notice was missed
         linked = sum(1 for p in connected if p in self._sessions)
         todo = [p for p in self._candidates() if p not in connected
                 and (self._dial_backoff.blocked_until(p) or 0.0) <= now]  # fmt: skip
@@ -500,9 +498,12 @@ class MeshNode:
         if self.is_banned(peer):  # bans hold on the one protocol open to non-members too
             self._desk.refuse(peer, "banned", "this node serves a ban")
             raise StreamRefused("banned")
-        if peer in self._strangers:
-            self._strangers[peer] = trio.current_time()
-        await self._desk.serve(stream, self._get_admitter())
+        with self._strangers.joining(peer):
+            await self._desk.serve(stream, self._get_admitter())
+
+    async def _drop_stranger(self, peer: bytes) -> None:
+        self._rejections["stranger_idle"] += 1
+        await self._cut_off(peer, "not_joining")
 
     def _bounded(self, protocol: str, handler: StreamHandler) -> StreamHandler:
         """`handler` behind the stream slots: a peer over its share of concurrent streams on
@@ -552,22 +553,25 @@ class MeshNode:
             raise AlreadyJoined(f"join: already a member of mesh {self.identity.mesh_id.hex()}")
         if self._nursery is None:
             raise ClosedError("join: the node is not running (start MeshNode.run first)")
-        invite, result, state = await join_handshake(
-            self.transport, self.key, token, name, wall=self._wall,
-            timeout_s=self.cfg.read_timeout_s, clock=self._clock,
-            max_drift_ms=round(self.cfg.max_clock_drift_s * 1000),
-            max_lease_ms=round(self.cfg.max_lease_s * 1000),
-        )  # fmt: skip
-        self._state = state
-        self.identity = MeshIdentity(result.mesh_id, result.founder, result.mesh_secret)
-        self._addrs[invite.issuer] = result.bootstrap or invite.bootstrap
-        self._replicator()
-        with trio.move_on_after(self.cfg.read_timeout_s):  # reconnect as a member (see above)
-            await self.transport.disconnect(invite.issuer)
-        try:
-            await self._sync_with(invite.issuer)
-        except (TransportBroken, ClosedError) as exc:  # the services' anti-entropy retries
-            log.warning("join_sync_failed", peer=short_id(invite.issuer), error=str(exc))
+        # Until the first sync brought the issuer's certificate, it is a stranger to us: keep
+        # its connection through the handshake and that sync (`StrangerWindow`).
+        with self._strangers.joining(parse_invite(token).issuer):
+            invite, result, state = await join_handshake(
+                self.transport, self.key, token, name, wall=self._wall,
+                timeout_s=self.cfg.read_timeout_s, clock=self._clock,
+                max_drift_ms=round(self.cfg.max_clock_drift_s * 1000),
+                max_lease_ms=round(self.cfg.max_lease_s * 1000),
+            )  # fmt: skip
+            self._state = state
+            self.identity = MeshIdentity(result.mesh_id, result.founder, result.mesh_secret)
+            self._addrs[invite.issuer] = result.bootstrap or invite.bootstrap
+            self._replicator()
+            with trio.move_on_after(self.cfg.read_timeout_s):  # reconnect as a member (above)
+                await self.transport.disconnect(invite.issuer)
+            try:
+                await self._sync_with(invite.issuer)
+            except (TransportBroken, ClosedError) as exc:  # the services' anti-entropy retries
+                log.warning("join_sync_failed", peer=short_id(invite.issuer), error=str(exc))
         if not state.is_member(self.node_id, self._now_ms()):
             self.identity, self._state, self._repl = None, None, None
             raise JoinRefused(JoinRefusal.NOT_A_MEMBER,

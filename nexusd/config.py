@@ -65,6 +65,7 @@ class MeshConfig:
     ban_base_s: float = 15.0
     ban_max_s: float = 3600.0
     join_attempts_per_minute: int = 10
+    join_window_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "direct_port"):
@@ -76,7 +77,7 @@ class MeshConfig:
             "anti_entropy_interval_s", "ping_interval_s", "bandwidth_probe_interval_s",
             "bandwidth_probe_bytes", "max_clock_drift_s",
             "envelope_window_s", "replay_cache_entries", "ban_score_threshold", "ban_base_s",
-            "ban_max_s", "join_attempts_per_minute",
+            "ban_max_s", "join_attempts_per_minute", "join_window_s",
         ):  # fmt: skip
             _positive(f"mesh.{name}", getattr(self, name))
         if self.bandwidth_probe_bytes > MAX_PROBE_BYTES:

@@ -72,7 +72,7 @@ def node_config(cfg: Config) -> MeshNodeConfig:
         envelope_window_s=m.envelope_window_s, replay_cache_entries=m.replay_cache_entries,
         ban_score_threshold=m.ban_score_threshold, ban_base_s=m.ban_base_s,
         ban_max_s=m.ban_max_s, join_attempts_per_minute=m.join_attempts_per_minute,
-        max_lease_s=max(600.0, m.advert_lease_s),
+        max_lease_s=max(600.0, m.advert_lease_s), join_window_s=m.join_window_s,
     )  # fmt: skip
 
 

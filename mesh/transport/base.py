@@ -12,7 +12,8 @@ Rule 3: every read and write has a deadline; a passed deadline, a reset or a van
 Rule 4: admission is decided by the `set_admission` callback on the *authenticated* node id.
 A non-member may only open streams on protocols registered with `open_to_all=True`; its
 stream on any other protocol is reset and its connection closed, and its pubsub messages
-(as forwarder or as author) are ignored.
+(as forwarder or as author) are ignored. How long a non-member's idle connection may stay
+is the node's decision (`set_connection_handler` tells it of every new connection).
 """
 
 from __future__ import annotations
@@ -161,6 +162,11 @@ class Transport(Protocol):
 
     def set_admission(self, is_member: Callable[[bytes], bool]) -> None:
         """Install the membership test applied to authenticated remote node ids."""
+        ...
+
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        """Call `on_connect(node_id)` (synchronously, it must not block) for every new
+        connection, inbound or outbound, once the remote is authenticated."""
         ...
 
     async def connect(self, node_id: bytes, addrs: list[str]) -> None:

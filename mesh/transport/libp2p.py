@@ -36,12 +36,14 @@ import multiaddr.exceptions
 import structlog
 import trio
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as new_ed25519_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol, TSecurityOptions
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -67,7 +69,7 @@ from mesh.transport.base import (
 from mesh.wire import FrameDecoder, frame
 
 if TYPE_CHECKING:
-    from libp2p.abc import IHost, INetStream
+    from libp2p.abc import IHost, INetConn, INetStream, INetwork
     from libp2p.pubsub.pb import rpc_pb2
 
 log = structlog.get_logger(__name__)
@@ -269,6 +271,7 @@ class Libp2pTransport:
         self._nursery = nursery
         self._config = config
         self._is_member: Callable[[bytes], bool] = lambda _node: False
+        self._on_connect: Callable[[bytes], None] = lambda _node: None
         self._subscribers = Subscribers(self._config.subscription_buffer)
         self._closed = False
 
@@ -285,6 +288,17 @@ class Libp2pTransport:
     def listen_addrs(self) -> list[str]:
         """Our dialable addresses, each ending in `/p2p/<our PeerID>`."""
         return [str(addr) for addr in self._host.get_addrs()]
+
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        """See `base.Transport.set_connection_handler` (fed by the swarm's notifee)."""
+        self._on_connect = on_connect
+
+    def _connected(self, pid: ID) -> None:
+        try:
+            remote = _node_id_of(pid)
+        except ValueError:
+            return  # not an Ed25519 peer: its streams are refused anyway
+        self._on_connect(remote)
 
     def set_admission(self, is_member: Callable[[bytes], bool]) -> None:
         """Install the membership test (see the module docstring for where it applies).
@@ -492,17 +506,59 @@ def _new_host(key_pair: KeyPair, *, plaintext_only: bool = False) -> IHost:
         enable_upnp=False,
     )
     # new_host does not forward retry_config; retries are the mesh's decision, not ours.
-    _swarm(host).retry_config = RetryConfig(max_retries=0)
+    swarm = _swarm(host)
+    swarm.retry_config = RetryConfig(max_retries=0)
+    swarm.auto_connector = _NoAutoConnector(swarm)
     return host
+
+
+class _NoAutoConnector(AutoConnector):
+    """The swarm's auto-connector, switched off before the swarm starts.
+
+    libp2p 0.8.1 starts one in `Swarm.run` that dials peerstore entries whenever we hold
+    fewer than `low_watermark` connections (target 200 with the defaults), on a timer and
+    after every disconnect, including peers we dropped for not being members. Stopping it
+    after `host.run()` (what we did before) still let its first round run and log "200 new
+    dials" (the peerstore was empty then, so nothing was dialled). The mesh alone decides
+    whom to dial (Rule 2), so it never starts at all.
+    """
+
+    async def start(self) -> None:
+        self._started = False
+
+    async def maybe_connect(self) -> None:
+        return
+
+
+class _ConnectionEvents(INotifee):
+    """Tells the transport of every new connection (the node times out idle strangers)."""
+
+    def __init__(self, transport: Libp2pTransport) -> None:
+        self._transport = transport
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._transport._connected(conn.muxed_conn.peer_id)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return
+
+    async def listen(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
+        return
+
+    async def listen_close(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
+        return
 
 
 @asynccontextmanager
 async def _running(host: IHost, listen: multiaddr.Multiaddr, close_s: float) -> AsyncIterator[None]:
     """Run `host` and always close it, shielded and bounded (pitfall 1)."""
     async with host.run([listen]):
-        # The auto-connector redials any peer in the peerstore (including ones we dropped
-        # for not being members); the mesh alone decides whom to dial.
-        await _swarm(host).auto_connector.stop()
         try:
             yield
         finally:
@@ -549,6 +605,7 @@ async def open_libp2p_transport(
         await pubsub.wait_until_ready()
         async with trio.open_nursery() as nursery:
             transport = Libp2pTransport(host, pubsub, nursery, config)
+            _swarm(host).register_notifee(_ConnectionEvents(transport))
             _gate_pubsub_streams(host, pubsub, gossip, transport)
             log.info("transport_started", node=transport.node_id.hex()[:8],
                      addrs=transport.listen_addrs())

@@ -320,6 +320,7 @@ class MemoryTransport:
         self._nursery = nursery
         self._handlers: dict[str, tuple[StreamHandler, bool]] = {}
         self._is_member: Callable[[bytes], bool] = lambda _node: False
+        self._on_connect: Callable[[bytes], None] = lambda _node: None
         self._links: dict[bytes, list[MemoryStream]] = {}
         self._known_addrs: dict[bytes, list[str]] = {}
         self._subscribers = Subscribers(self._config.subscription_buffer)
@@ -343,6 +344,10 @@ class MemoryTransport:
     def set_admission(self, is_member: Callable[[bytes], bool]) -> None:
         """Install the membership test applied to remote node ids (default: nobody)."""
         self._is_member = is_member
+
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        """See `base.Transport.set_connection_handler`."""
+        self._on_connect = on_connect
 
     def set_stream_handler(
         self, protocol: str, handler: StreamHandler, *, open_to_all: bool = False
@@ -382,6 +387,8 @@ class MemoryTransport:
             self._links[node_id] = []
             peer._links[self.node_id] = []
             log.debug("peer_connected", peer=node_id.hex()[:8])
+            self._on_connect(node_id)
+            peer._on_connect(self.node_id)
 
     async def open_stream(self, node_id: bytes, protocol: str) -> MemoryStream:
         """Open a stream, connecting first if needed (see `base.Transport.open_stream`).

@@ -3,6 +3,7 @@ only a real network can make (Noise-only, PeerID derivation, RTT measurement).""
 
 from __future__ import annotations
 
+import logging
 import statistics
 import struct
 import time
@@ -16,6 +17,7 @@ from mesh.errors import OversizeMessage, TransportBroken
 from mesh.transport.base import Transport, TransportConfig
 from mesh.transport.libp2p import (
     Libp2pStream,
+    _swarm,
     node_id_of,
     open_libp2p_transport,
     peer_id_of,
@@ -110,6 +112,25 @@ async def test_receive_reads_big_frames_in_frame_sized_reads() -> None:
     stream = Libp2pStream(net, b"\1" * 32, "/nexus/exec/1.0.0", config, lambda: False)  # type: ignore[arg-type]
     assert await stream.receive() == bytes(8 * 1024 * 1024)
     assert net.taken <= 8 * 1024 * 1024 + 4 + 64 * 1024
+
+
+async def test_the_auto_connector_never_runs(caplog: pytest.LogCaptureFixture) -> None:
+    """libp2p's auto-connector would dial peerstore entries (target 200 connections, its
+    first round ran before we could stop it): it is replaced before the swarm starts, so it
+    never runs a round, not even after a disconnect or when asked; our dials are the mesh's."""
+    caplog.set_level(logging.DEBUG, logger="libp2p.network.auto_connector")
+    async with (
+        open_libp2p_transport(seed(0), 0, conformance.CONFIG) as a,
+        open_libp2p_transport(seed(1), 0, conformance.CONFIG) as b,
+    ):
+        a.set_admission(conformance.everyone)
+        b.set_admission(conformance.everyone)
+        await a.connect(b.node_id, b.listen_addrs())
+        await a.disconnect(b.node_id)  # a disconnect schedules an auto-connect round
+        await _swarm(a._host).auto_connector.maybe_connect()
+        assert b.node_id not in a.connected_peers()
+    rounds = [r.getMessage() for r in caplog.records if r.name.endswith("auto_connector")]
+    assert not [m for m in rounds if "AUTO_CONNECTOR_STATE" in m or "new dials" in m], rounds
 
 
 @pytest.mark.slow

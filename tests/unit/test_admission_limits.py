@@ -1,8 +1,11 @@
 """What a non-member (or a member) can make a node hold: frames refused on their length
 prefix, the join rate limit charged before reading, concurrent streams capped per peer and
-for all strangers together; every refusal logged with its reason and counted."""
+for all strangers together, idle strangers cut after the join window; every refusal logged
+with its reason and counted."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import structlog.testing
@@ -11,12 +14,12 @@ import trio.testing
 
 from mesh.errors import TransportBroken
 from mesh.join import JOIN_PROTOCOL, MAX_REQUEST_BYTES
-from mesh.liveness import PING_PROTOCOL
+from mesh.liveness import AFTER_JOIN_S, PING_PROTOCOL
 from mesh.membership import JoinRefusal, JoinReject
 from mesh.transport.memory import MemoryTransport, open_memory_transport
 from mesh.wire import decode
 
-from ..sim.sim_fixtures import FAST_CFG, TRANSPORT_CFG, key_from
+from ..sim.sim_fixtures import FAST_CFG, TRANSPORT_CFG, SimNode, key_from, new_state
 from .test_node import Mesh
 from .transport_conformance import round_trip
 
@@ -101,6 +104,48 @@ async def test_a_members_streams_per_protocol_are_capped(
         # the member's own ping session holds one slot: 32 - 1 of ours fit, 3 are refused
         assert founder.counters()["too_many_streams"] - before == 3
         assert len(streams) == 34 and member.node_id in founder.connected()
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_stranger_is_cut_after_the_join_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        mesh = Mesh(nursery)
+        founder = await mesh.start_founder()
+        t0 = trio.current_time()
+        outsider = await stranger(mesh, nursery)
+        with structlog.testing.capture_logs() as logs:
+            with trio.fail_after(FAST_CFG.join_window_s + 1):
+                await founder.wait_for(lambda: outsider.node_id not in founder.connected())
+        assert trio.current_time() - t0 >= FAST_CFG.join_window_s
+        assert founder.counters()["stranger_idle"] == 1
+        assert any(e["event"] == "stranger_disconnected" and e["reason"] == "not_joining"
+                   for e in logs)  # fmt: skip
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stranger_is_kept_while_its_join_exchange_runs_then_cut(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A join exchange may run up to the read deadline, longer than the window (1 s here):
+    the connection stays while it runs, and is cut `AFTER_JOIN_S` after it ends."""
+    cfg = dataclasses.replace(FAST_CFG, join_window_s=1.0)
+    async with trio.open_nursery() as nursery:
+        mesh = Mesh(nursery)
+        sim = SimNode(mesh.founder_key, mesh.network, mesh.identity, new_state(mesh.identity),
+                      cfg=cfg)  # fmt: skip
+        mesh.sims.append(sim)
+        founder = await sim.start(nursery)
+        outsider = await stranger(mesh, nursery)
+        await outsider.open_stream(founder.node_id, JOIN_PROTOCOL)  # and say nothing
+        opened = trio.current_time()
+        await trio.sleep(cfg.read_timeout_s - 0.5)  # virtual time: well past the window
+        assert outsider.node_id in founder.connected()
+        with trio.fail_after(AFTER_JOIN_S + 1):
+            await founder.wait_for(lambda: outsider.node_id not in founder.connected())
+        waited = trio.current_time() - opened
+        assert cfg.read_timeout_s + AFTER_JOIN_S <= waited <= cfg.read_timeout_s + AFTER_JOIN_S + 0.1
         nursery.cancel_scope.cancel()
 
 

@@ -79,6 +79,9 @@ class DirectNode:
     def set_admission(self, is_member: Callable[[bytes], bool]) -> None:
         self._is_member = is_member
 
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        return  # a direct listener tells nobody of connections (admission is its own)
+
     async def dispatch(self, stream: Stream) -> None:
         handler = self._handlers.get(stream.protocol)
         if handler is None:
