@@ -134,9 +134,16 @@ async def request_join(
     Raises:
         JoinRefused: the issuer refused (`.reason`), or the invite expired by our clock.
         TransportBroken: the issuer is unreachable or did not answer in time.
+        MalformedMessage: a bootstrap address that names another node than the issuer.
         PeerProtocolError: a malformed or forged reply.
     """
-    await transport.connect(invite.issuer, list(invite.bootstrap))
+    try:
+        await transport.connect(invite.issuer, list(invite.bootstrap))
+    except ValueError as exc:  # an address naming another node, or not an address at all
+        raise MalformedMessage(
+            f"invite token: bootstrap address is not valid for the invite's issuer "
+            f"{short_id(invite.issuer)} ({exc}); the invite is not usable"
+        ) from None
     request = make_join_request(key, invite, name, tuple(transport.listen_addrs()), wall())
     stream = await transport.open_stream(invite.issuer, JOIN_PROTOCOL)
     try:

@@ -463,7 +463,7 @@ class MeshApi:
             raise ApiError("conflict", str(exc)) from None
         except JoinRefused as exc:
             raise ApiError("refused", f"join refused: {exc.reason.value}: {exc.detail}") from None
-        except PeerProtocolError as exc:
+        except (PeerProtocolError, ValueError) as exc:  # a bad token, or addresses in it
             raise ApiError("bad_request", f"invalid invite: {exc}") from None
         except (MeshError, trio.TooSlowError) as exc:
             raise ApiError("unavailable", f"cannot reach the inviting node: {exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,10 +13,10 @@ import pytest
 import structlog.testing
 import trio
 
-from mesh.errors import TransportBroken
+from mesh.errors import MalformedMessage, PeerProtocolError, TransportBroken
 from mesh.identity import MeshSecret, NodeKey
 from mesh.join import JOIN_PROTOCOL
-from mesh.membership import JoinReject
+from mesh.membership import JoinReject, create_invite
 from mesh.node import MeshIdentity, MeshNode, MeshNodeConfig
 from mesh.state import HostedSpan, MeshState
 from mesh.transport.base import TransportConfig
@@ -108,3 +109,25 @@ async def test_join_flood_with_64_mib_prefixes_is_refused_on_the_prefix() -> Non
     assert sorted(outcomes) == ["rate_limited"] * 13 + ["reset"] * 3
     reasons = [e["reason"] for e in logs if e["event"] == "join_refused"]
     assert sorted(reasons) == ["oversize"] * 3 + ["rate_limited"] * 13
+
+
+async def test_invite_whose_bootstrap_names_another_node_is_a_clear_refusal() -> None:
+    """A token from another mesh whose bootstrap address was rewritten to a real member's
+    address (with that member's /p2p/ id): refused as an invalid invite, naming the
+    address problem, not a ValueError from libp2p's address handling."""
+    keys = [NodeKey.generate() for _ in range(3)]
+    identity = MeshIdentity(os.urandom(16), keys[0].node_id, MeshSecret.generate())
+    other_admin = NodeKey.generate()
+    with trio.fail_after(10):
+        async with (
+            running_node(keys[0], identity, 0) as member,
+            running_node(keys[1], None, 1) as joiner,
+        ):
+            token, _record = create_invite(other_admin, os.urandom(16),
+                                           tuple(member.transport.listen_addrs()), 3600, 1, "",
+                                           time.time())  # fmt: skip
+            with pytest.raises(MalformedMessage, match="bootstrap address is not valid for the "
+                               "invite's issuer") as refused:  # fmt: skip
+                await joiner.join(token, "j")
+            assert isinstance(refused.value, PeerProtocolError)  # the API says bad_request
+            assert joiner.identity is None
