@@ -5,7 +5,8 @@ Rule 2: flags that set config keys are declared with `dest="section.key"` and me
 generic function (`_flag_overrides`), so each flag is one line and precedence is uniform:
 defaults < file < NEXUSD_* environment < flags.
 Rule 3: every command that prints data accepts `--json`; errors go to stderr as one line
-`nexusd: error: ...` with exit code 1 (2 for usage errors).
+`nexusd: error: ...` with exit code 1 (2 for usage errors, argparse's included: flag values
+are range-checked by their `type=` functions, e.g. `seed_value`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -32,7 +34,10 @@ Command = Callable[[argparse.Namespace, Config, NodePaths], int]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `nexusd` command; return its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -112,8 +117,15 @@ def call_daemon(paths: NodePaths, request: object, **kwargs: object) -> object:
 # ---- parser -----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with Rule 3's error format: one line `nexusd: error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"nexusd: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nexusd",
         description=(
             "NEXUS mesh node: run neural networks across the devices you own. "

@@ -60,6 +60,7 @@ log = structlog.get_logger(__name__)
 
 Emit = Callable[[object], Awaitable[None]]
 MAX_TEXTS = 10_000
+MAX_LABELS = 1_000
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
 
@@ -239,11 +240,11 @@ class JobEngine:
 
     async def _embed_texts(
         self, model_id: str, texts: Sequence[str], micro_batch: int, codec: str, job_id: str,
-        emit: Emit,
+        emit: Emit, max_texts: int = MAX_TEXTS,
     ) -> tuple[torch.Tensor, _Costs, tuple[str, ...], float]:  # fmt: skip
         _check_codec(codec)
-        if not texts or len(texts) > MAX_TEXTS:
-            raise ApiError("bad_request", f"texts: expected 1..{MAX_TEXTS}, got {len(texts)}")
+        if not texts or len(texts) > max_texts:
+            raise ApiError("bad_request", f"texts: expected 1..{max_texts}, got {len(texts)}")
         if any(len(t) > MAX_TEXT_CHARS for t in texts):
             raise ApiError("bad_request", f"texts: each at most {MAX_TEXT_CHARS} characters")
         if not 1 <= micro_batch <= 256:
@@ -308,13 +309,16 @@ class JobEngine:
     async def classify(self, req: ClassifyRequest, job_id: str, emit: Emit) -> ClassifyReply:
         """Zero-shot: embed texts and label descriptions, softmax over cosine similarity."""
         labels = tuple(lab.strip() for lab in req.labels if lab.strip())
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ApiError("bad_request", f"labels: expected at least 2 distinct labels, got {list(req.labels)}")
+        if not 2 <= len(labels) <= MAX_LABELS or len(set(labels)) != len(labels):
+            shown = list(req.labels) if len(req.labels) <= 10 else f"{len(req.labels)} labels"
+            raise ApiError("bad_request", f"labels: expected 2..{MAX_LABELS} distinct labels, got {shown}")
+        if not req.texts or len(req.texts) > MAX_TEXTS:
+            raise ApiError("bad_request", f"texts: expected 1..{MAX_TEXTS}, got {len(req.texts)}")
         if "{}" not in req.template:
             raise ApiError("bad_request", "template: must contain {} where the label goes")
         prompts = [req.template.replace("{}", lab) for lab in labels]
         vectors, costs, _fo, elapsed = await self._embed_texts(
-            req.model, [*req.texts, *prompts], 16, "raw", job_id, emit
+            req.model, [*req.texts, *prompts], 16, "raw", job_id, emit, MAX_TEXTS + MAX_LABELS
         )
         texts_v, labels_v = vectors[: len(req.texts)], vectors[len(req.texts) :]
         sims = torch.nn.functional.normalize(texts_v, dim=-1) @ torch.nn.functional.normalize(labels_v, dim=-1).T
