@@ -179,6 +179,7 @@ class JobEngine:
             params = GenerationParams(
                 max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                 top_p=req.top_p, seed=req.seed, stop_sequences=req.stop,
+                stop_token_ids=self.registry.eos_token_ids(req.model),
             )  # fmt: skip
         except ValueError as exc:
             raise ApiError("bad_request", str(exc)) from None
