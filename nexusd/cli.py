@@ -12,6 +12,7 @@ are range-checked by their `type=` functions, e.g. `seed_value`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -79,6 +80,15 @@ def _load(args: argparse.Namespace) -> Config:
         probe = resolve_paths(str(data_dir), "", os.environ)
         path = probe.config_file if probe.config_file.exists() else None
     return load_config(path, env=os.environ, overrides=overrides)
+
+
+def reload_config(args: argparse.Namespace) -> Config:
+    """The config as `main` built it, read again (`nexusd run` on SIGHUP): the same file
+    lookup, environment and flags, `--log-level` included."""
+    cfg = _load(args)
+    if args.log_level:
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, level=args.log_level))
+    return cfg
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from ..cli import call_daemon, emit
+from ..cli import call_daemon, emit, reload_config
 from ..config import Config
 from ..node_files import init_node
 from ..paths import NodePaths
@@ -55,10 +55,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on 127.0.0.1:P (config: metrics.listen_port)")
 
 
-def _run(_args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
+def _run(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from ..daemon import run_daemon  # torch and the mesh load only for the daemon itself
 
-    trio.run(run_daemon, cfg, paths)
+    trio.run(run_daemon, cfg, paths, lambda: reload_config(args))
     return 0
 
 
