@@ -10,6 +10,7 @@ Rule 3: configuration is read once, here, and passed down as these objects; `mes
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -44,6 +45,7 @@ class MeshConfig:
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 7420  # 0: any free port
+    advertise_host: str = ""  # with listen_host 0.0.0.0: the address peers dial
     direct_enabled: bool = True
     direct_port: int = 0  # 0: any free port
     bootstrap: tuple[str, ...] = ()
@@ -80,6 +82,15 @@ class MeshConfig:
             "ban_max_s", "join_attempts_per_minute", "join_window_s",
         ):  # fmt: skip
             _positive(f"mesh.{name}", getattr(self, name))
+        if self.advertise_host:
+            try:
+                ipaddress.IPv4Address(self.advertise_host)
+            except ValueError:
+                raise ConfigError(f"mesh.advertise_host: expected an IPv4 address or empty, "
+                                  f"got {self.advertise_host!r}") from None  # fmt: skip
+            if ipaddress.IPv4Address(self.advertise_host).is_unspecified:
+                raise ConfigError("mesh.advertise_host: 0.0.0.0 cannot be dialled; give the "
+                                  "address peers reach this node at, or leave it empty")  # fmt: skip
         if self.bandwidth_probe_bytes > MAX_PROBE_BYTES:
             raise ConfigError(f"mesh.bandwidth_probe_bytes: expected at most {MAX_PROBE_BYTES} "
                               f"(what peers accept), got {self.bandwidth_probe_bytes}")  # fmt: skip

@@ -29,10 +29,10 @@ from mesh.state import HostedSpan as AdvertSpan
 from mesh.state import MeshState, NodeState
 from mesh.store import StateStore
 from mesh.sync import classify_rejection
-from mesh.transport.base import Stream, TransportConfig
+from mesh.transport.base import Stream, TransportConfig, local_ipv4_addresses
 
 from .api import ApiServer, Emit
-from .config import MAX_PROBE_BYTES, Config
+from .config import MAX_PROBE_BYTES, Config, MeshConfig
 from .errors import ApiError
 from .exec_protocol import EXEC_PROTOCOL, HOST_INBOUND, ExecChannel, Signer
 from .hosting import SpanHost
@@ -76,6 +76,28 @@ def node_config(cfg: Config) -> MeshNodeConfig:
     )  # fmt: skip
 
 
+def transport_config(cfg: Config) -> TransportConfig:
+    m = cfg.mesh
+    return TransportConfig(max_frame_bytes=m.max_frame_bytes, read_timeout_s=m.read_timeout_s,
+                           write_timeout_s=m.write_timeout_s, connect_timeout_s=m.connect_timeout_s,
+                           gossip_heartbeat_s=m.gossip_heartbeat_s)  # fmt: skip
+
+
+def advertise_hosts(m: MeshConfig) -> tuple[str, ...]:
+    """The IPv4 addresses peers can dial us at: `listen_host`, or when that is 0.0.0.0,
+    `advertise_host`, else this machine's interface addresses (warned: a multi-homed
+    machine may prefer one). Never 0.0.0.0 itself: nobody can dial it."""
+    if m.listen_host != "0.0.0.0":
+        return (m.listen_host,)
+    if m.advertise_host:
+        return (m.advertise_host,)
+    hosts = tuple(local_ipv4_addresses()) or ("127.0.0.1",)
+    log.warning("advertising_interface_addresses", listen_host=m.listen_host,
+                advertised=list(hosts), hint="set mesh.advertise_host to pick the one "
+                "peers should dial")  # fmt: skip
+    return hosts
+
+
 class MeshService:
     """Owns the transport and the mesh node of the daemon."""
 
@@ -93,6 +115,7 @@ class MeshService:
         self._ready = trio.Event()
         self.direct_addr = ""  # "host:port" of our direct listener once it listens
         self.direct: DirectListener | None = None
+        self.advertised: tuple[str, ...] = ()  # hosts in our addresses (never 0.0.0.0)
         self.tcfg: TransportConfig | None = None
         self.bandwidth: dict[bytes, float] = {}  # bytes/s per peer, EWMA of probes
         self.probes: dict[bytes, int] = {}  # probes completed per peer
@@ -107,11 +130,11 @@ class MeshService:
 
         key = self.signer.key
         m = self.cfg.mesh
-        tcfg = TransportConfig(max_frame_bytes=m.max_frame_bytes, read_timeout_s=m.read_timeout_s,
-                               write_timeout_s=m.write_timeout_s,
-                               connect_timeout_s=m.connect_timeout_s)  # fmt: skip
+        tcfg = transport_config(self.cfg)
+        self.advertised = advertise_hosts(m)
         async with (
-            open_libp2p_transport(key.seed, m.listen_port, tcfg, listen_host=m.listen_host) as transport,
+            open_libp2p_transport(key.seed, m.listen_port, tcfg, listen_host=m.listen_host,
+                                  advertise_hosts=self.advertised) as transport,
             self._open_state() as (identity, state, store),
         ):
                 node = MeshNode(key=key, transport=transport, identity=identity, state=state,
@@ -178,10 +201,10 @@ class MeshService:
         # (or revoked); a peer cut off later loses its open streams too.
         async with open_direct_listener(self.signer.key, m.listen_host, m.direct_port, tcfg,
                                         self.is_member, self._serve_exec_direct) as listener:  # fmt: skip
-            self.direct_addr = f"{m.listen_host}:{listener.port}"
             self.direct = listener
             if self.node is not None:
                 self.node.on_peer_excluded(self._close_direct)
+            self.direct_addr = f"{self.advertised[0]}:{listener.port}"
             log.info("direct_listening", addr=self.direct_addr)
             self.refresh_advert()
             task_status.started()
@@ -301,8 +324,8 @@ class MeshService:
             return
         spans = tuple(AdvertSpan(h.model_id, h.start, h.end, h.dtype) for h in self.host.hosted())
         free_kv = max(0, self.cfg.atoms.kv_cache_budget_bytes - self.host.kv_bytes_used)
-        self.node.set_local_advert(spans, free_kv, free_kv // 4096, CODECS, state,
-                                   direct_addr=self.direct_addr)
+        self.node.set_local_advert(spans, free_kv, free_kv_tokens(free_kv, self.host), CODECS,
+                                   state, direct_addr=self.direct_addr)  # fmt: skip
         self.refresh_load()
 
     def refresh_load(self) -> None:
@@ -402,6 +425,17 @@ class NodeView:
         if svc.node is not None and svc._nursery is not None:
             known = penalty in DEFAULT_WEIGHTS
             svc._nursery.start_soon(svc.node.report, node_id, penalty if known else "timeout")
+
+
+#: Advertised free KV tokens of a node whose spans keep no KV cache (no token costs memory).
+UNBOUNDED_KV_TOKENS = 2**31 - 1
+
+
+def free_kv_tokens(free_bytes: int, host: SpanHost) -> int:
+    """How many tokens of KV cache one session can still get here: free bytes over what a
+    token costs across the most demanding hosted span (from its atoms' KV layouts)."""
+    per_token = host.kv_bytes_per_token()
+    return free_bytes // per_token if per_token else UNBOUNDED_KV_TOKENS
 
 
 def _util(node: MeshNode, target: bytes) -> float:

@@ -18,6 +18,9 @@ is the node's decision (`set_connection_handler` tells it of every new connectio
 
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +36,7 @@ MiB = 1024 * 1024
 
 #: Node ids are 32-byte Ed25519 verify keys (see `mesh.identity.NodeId`).
 NODE_ID_BYTES = 32
+_SIOCGIFADDR = 0x8915  # linux/sockios.h: get an interface's IPv4 address
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,8 @@ class TransportConfig:
         pubsub_max_msgs_per_s: Gossipsub's spam guard: a node forwards at most this many
             messages per second per (forwarder, topic), its own publishes included; the
             rest are delivered locally but not passed on.
+        gossip_heartbeat_s: Gossipsub's heartbeat (mesh maintenance, gossip emission);
+            the library's default of 120 s makes a new member wait minutes for its mesh.
     """
 
     max_frame_bytes: int = 16 * MiB
@@ -62,6 +68,7 @@ class TransportConfig:
     subscription_buffer: int = 256
     close_timeout_s: float = 2.0
     pubsub_max_msgs_per_s: float = 10.0
+    gossip_heartbeat_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 1:
@@ -72,6 +79,7 @@ class TransportConfig:
             "connect_timeout_s",
             "close_timeout_s",
             "pubsub_max_msgs_per_s",
+            "gossip_heartbeat_s",
         ):
             value = getattr(self, name)
             if not value > 0:
@@ -84,6 +92,25 @@ class TransportConfig:
             raise ValueError(
                 f"subscription_buffer: expected >= 1, got {self.subscription_buffer}"
             )
+
+
+def local_ipv4_addresses() -> list[str]:
+    """This machine's IPv4 interface addresses, loopback last (Linux `SIOCGIFADDR`).
+
+    For a node listening on 0.0.0.0: what it can advertise instead (an unspecified address
+    is not dialable). Interfaces without an IPv4 address are skipped; on a system without
+    the ioctl the result is empty.
+    """
+    found: set[str] = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _index, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
+            except OSError:
+                continue  # no IPv4 address on this interface
+            found.add(socket.inet_ntoa(reply[20:24]))
+    return sorted(found, key=lambda a: (a.startswith("127."), a))
 
 
 def check_node_id(node_id: bytes) -> bytes:

@@ -4,6 +4,8 @@ Rule 1: this is the only module that imports libp2p; no libp2p exception or type
 (`_map_errors` converts them to `TransportBroken`).
 Rule 2: Noise only, Yamux only, one connection per peer, gossipsub with StrictSign, no mDNS,
 no UPnP, no auto-connector: the mesh decides whom to dial (see notes/libp2p-0.8.1.md).
+Rule 6: we never advertise an address nobody can dial: a host listening on 0.0.0.0
+advertises the configured hosts, or else this machine's interface addresses.
 Rule 3: the PeerID is derived from our 32-byte Ed25519 seed, so the Noise handshake
 authenticates the same key that signs application envelopes; node id == public key bytes.
 Rule 4: frames are ours (`mesh.wire.frame`) over libp2p streams, with a deadline on every read
@@ -64,6 +66,7 @@ from mesh.transport.base import (
     Subscribers,
     TransportConfig,
     check_node_id,
+    local_ipv4_addresses,
     serve_stream,
 )
 from mesh.wire import FrameDecoder, frame
@@ -74,10 +77,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# Gossipsub tuned for a small home mesh: ~1 s heartbeat (default 120 s); eclipse protection
-# off because every member is authenticated and tests run all peers on 127.0.0.1.
+# Gossipsub tuned for a small home mesh: heartbeat from `TransportConfig.gossip_heartbeat_s`
+# (library default 120 s); eclipse protection off because every member is authenticated and
+# tests run all peers on 127.0.0.1.
 _GOSSIP_DEGREE = (6, 4, 12)
-_HEARTBEAT_S = 1
+_UNSPECIFIED = "/ip4/0.0.0.0/"
 _READ_CHUNK = 64 * 1024  # smallest read while a frame is incomplete (see Libp2pStream.receive)
 _LIBP2P_ERRORS: tuple[type[BaseException], ...] = (
     BaseLibp2pError,
@@ -264,6 +268,7 @@ class Libp2pTransport:
         pubsub: Pubsub,
         nursery: trio.Nursery,
         config: TransportConfig,
+        advertise_hosts: tuple[str, ...] = (),
     ) -> None:
         self.node_id = _node_id_of(host.get_id())
         self._host = host
@@ -272,6 +277,7 @@ class Libp2pTransport:
         self._config = config
         self._is_member: Callable[[bytes], bool] = lambda _node: False
         self._on_connect: Callable[[bytes], None] = lambda _node: None
+        self._advertise = advertise_hosts
         self._subscribers = Subscribers(self._config.subscription_buffer)
         self._closed = False
 
@@ -286,8 +292,16 @@ class Libp2pTransport:
         return node_id == self.node_id or self._is_member(node_id)
 
     def listen_addrs(self) -> list[str]:
-        """Our dialable addresses, each ending in `/p2p/<our PeerID>`."""
-        return [str(addr) for addr in self._host.get_addrs()]
+        """Our dialable addresses, each ending in `/p2p/<our PeerID>` (Rule 6: an address
+        on 0.0.0.0 becomes one per advertised host, never 0.0.0.0 itself)."""
+        out: list[str] = []
+        for addr in (str(a) for a in self._host.get_addrs()):
+            if not addr.startswith(_UNSPECIFIED):
+                out.append(addr)
+                continue
+            hosts = self._advertise or tuple(local_ipv4_addresses()) or ("127.0.0.1",)
+            out += [f"/ip4/{h}/{addr[len(_UNSPECIFIED):]}" for h in hosts]
+        return out
 
     def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
         """See `base.Transport.set_connection_handler` (fed by the swarm's notifee)."""
@@ -573,14 +587,17 @@ async def open_libp2p_transport(
     config: TransportConfig,
     *,
     listen_host: str = "127.0.0.1",
+    advertise_hosts: tuple[str, ...] = (),
 ) -> AsyncIterator[Libp2pTransport]:
     """Run a libp2p host for the node with Ed25519 `seed` and yield its transport.
 
     Args:
         seed: The node key's 32-byte Ed25519 seed; node id is its public key.
         listen_port: TCP port, or 0 for an ephemeral one (see `listen_addrs`).
-        config: Limits and deadlines.
+        config: Limits and deadlines (and the gossipsub heartbeat).
         listen_host: IPv4 address to listen on.
+        advertise_hosts: with `listen_host` 0.0.0.0, the IPv4 addresses to advertise
+            instead (default: this machine's interface addresses).
 
     Cancellation: leaving the context closes the host (listener, connections, tasks)
     under a shield bounded by `config.close_timeout_s`.
@@ -591,8 +608,13 @@ async def open_libp2p_transport(
         [PROTOCOL_ID_V11],
         *_GOSSIP_DEGREE,
         heartbeat_initial_delay=0.1,
-        heartbeat_interval=_HEARTBEAT_S,
+        # The library types it int; trio.sleep takes any number of seconds.
+        heartbeat_interval=config.gossip_heartbeat_s,  # type: ignore[arg-type]
         eclipse_protection_enabled=False,
+        # "Adaptive gossip" re-rates mesh health every 30 s and, with fewer mesh peers than
+        # the degree (any home mesh under 7 nodes), sets the heartbeat to 30-60 s (measured:
+        # 1 s became 30 s after 30 s with 2 nodes). Our heartbeat is a setting, not a hint.
+        adaptive_gossip_enabled=False,
         max_messages_per_topic_per_second=config.pubsub_max_msgs_per_s,
     )
     pubsub = Pubsub(host, gossip, strict_signing=True)
@@ -604,7 +626,7 @@ async def open_libp2p_transport(
     ):
         await pubsub.wait_until_ready()
         async with trio.open_nursery() as nursery:
-            transport = Libp2pTransport(host, pubsub, nursery, config)
+            transport = Libp2pTransport(host, pubsub, nursery, config, advertise_hosts)
             _swarm(host).register_notifee(_ConnectionEvents(transport))
             _gate_pubsub_streams(host, pubsub, gossip, transport)
             log.info("transport_started", node=transport.node_id.hex()[:8],

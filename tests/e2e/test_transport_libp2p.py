@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from libp2p.pubsub.gossipsub import GossipSub
 
 from mesh.errors import OversizeMessage, TransportBroken
-from mesh.transport.base import Transport, TransportConfig
+from mesh.transport.base import Transport, TransportConfig, local_ipv4_addresses
 from mesh.transport.libp2p import (
     Libp2pStream,
     _swarm,
@@ -131,6 +132,37 @@ async def test_the_auto_connector_never_runs(caplog: pytest.LogCaptureFixture) -
         assert b.node_id not in a.connected_peers()
     rounds = [r.getMessage() for r in caplog.records if r.name.endswith("auto_connector")]
     assert not [m for m in rounds if "AUTO_CONNECTOR_STATE" in m or "new dials" in m], rounds
+
+
+async def test_gossip_heartbeat_is_the_configured_one_and_stays_so() -> None:
+    """`gossip_heartbeat_s` reaches gossipsub, and the library's "adaptive gossip" (which
+    set a 1 s heartbeat to 30 s after 30 s in a two-node mesh) cannot stretch it."""
+    config = TransportConfig(gossip_heartbeat_s=0.5)
+    async with open_libp2p_transport(seed(0), 0, config) as node:
+        router = node._pubsub.router
+        assert isinstance(router, GossipSub)
+        assert router.heartbeat_interval == 0.5
+        router.network_health_score = 0.1  # what a 2-node mesh scores after 30 s
+        router._adapt_gossip_parameters()
+        assert router.heartbeat_interval == 0.5
+
+
+async def test_listening_on_all_interfaces_advertises_dialable_addresses() -> None:
+    async with (
+        open_libp2p_transport(seed(0), 0, conformance.CONFIG, listen_host="0.0.0.0") as wild,
+        open_libp2p_transport(seed(1), 0, conformance.CONFIG, listen_host="0.0.0.0",
+                              advertise_hosts=("127.0.0.1",)) as chosen,  # fmt: skip
+        open_libp2p_transport(seed(2), 0, conformance.CONFIG) as dialer,
+    ):
+        assert not any("/0.0.0.0/" in a for a in wild.listen_addrs() + chosen.listen_addrs())
+        assert {a.split("/")[2] for a in wild.listen_addrs()} == set(local_ipv4_addresses())
+        assert [a.split("/")[2] for a in chosen.listen_addrs()] == ["127.0.0.1"]
+        for node in (wild, chosen, dialer):
+            node.set_admission(conformance.everyone)
+        loopback = [a for a in wild.listen_addrs() if a.startswith("/ip4/127.0.0.1/")]
+        await dialer.connect(wild.node_id, loopback)
+        await dialer.connect(chosen.node_id, chosen.listen_addrs())
+        assert {wild.node_id, chosen.node_id} <= dialer.connected_peers()
 
 
 @pytest.mark.slow
