@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -606,6 +606,9 @@ def load_llama_atoms(
         WeightsError: missing files or tensors (named), or wrong tensor shapes.
     """
     cfg = LlamaConfig.from_hf(read_hf_config(folder))
+    eos = generation_eos_ids(folder)
+    if eos is not None:
+        cfg = replace(cfg, eos_token_ids=eos)
     files = safetensors_files(folder)
     mapping = hf_weight_names(cfg)
     if cfg.tie_word_embeddings and "lm_head.weight" not in files:
@@ -625,6 +628,30 @@ def load_llama_atoms(
     for atom, state in zip(atoms, per_atom, strict=True):
         _load_state(atom, state, str(folder))
     return cfg, atoms
+
+
+def generation_eos_ids(folder: Path) -> tuple[int, ...] | None:
+    """The end-of-sequence ids `generation_config.json` names (int or list), which is what
+    `transformers`' `generate` stops at; None when the file or its `eos_token_id` is absent
+    (then config.json's `eos_token_id` applies).
+
+    Raises:
+        ModelFormatError: the file is not JSON, or its eos ids are not ints >= 0.
+    """
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if eos is None:
+        return None
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ModelFormatError(f"{path}: eos_token_id must be int(s) >= 0, got {eos!r}")
+    return tuple(ids)
 
 
 def config_dict(cfg: LlamaConfig) -> dict[str, ConfigValue]:

@@ -381,11 +381,15 @@ def build_nexus(
         word = dict(base.atoms[0].named_parameters())["word.weight"]
         with torch.no_grad():
             head.table.copy_(word.to(head.table.dtype))
+    sep = base.tokenizer.token_to_id("[SEP]")  # the BERT vocabulary's end of a sequence
     config: dict[str, ConfigValue] = {
         "nexus_version": NEXUS_VERSION, "architecture": ARCHITECTURE,
         "base_layers": len(base.atoms) - 1, "hidden_size": hidden, "vocab_size": vocab,
         **{f"base_{k}": v for k, v in base.config.items()},
         **asdict(cfg),
+        # Generation stops at [SEP] (102 in MiniLM's vocabulary), as it ends every sequence
+        # the base was trained on; same comma-separated form as Llama's `eos_token_ids`.
+        "eos_token_ids": "" if sep is None else str(sep),
     }
     tokenizer = TextTokenizer.from_json(base.tokenizer.to_json(), max_length=cfg.max_positions,
                                         padding_side="left")

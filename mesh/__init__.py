@@ -15,6 +15,7 @@ from .errors import MalformedMessage as MalformedMessage
 from .errors import MeshError as MeshError
 from .errors import OversizeMessage as OversizeMessage
 from .errors import PeerProtocolError as PeerProtocolError
+from .errors import StreamRefused as StreamRefused
 from .errors import TransportBroken as TransportBroken
 from .hlc import HybridClock as HybridClock
 from .hlc import Timestamp as Timestamp

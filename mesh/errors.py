@@ -56,6 +56,11 @@ class TransportBroken(MeshError):
     """An outside failure: connection reset, peer gone, deadline passed."""
 
 
+class StreamRefused(MeshError):
+    """We turned an inbound stream away unread (a limit, a ban); the transport resets it.
+    The refuser logs and counts it; `serve_stream` only resets."""
+
+
 class ClosedError(MeshError):
     """We closed this resource ourselves; using it afterwards is a bug of the caller."""
 

@@ -5,8 +5,9 @@ The decisions are in the sans-IO `mesh.membership` (`Admitter`, `make_join_reque
 the admin's invite book on disk. It also defines `MeshIdentity`, what joining yields.
 
 Rule 1: the protocol is open to non-members (`open_to_all=True`), so it is rate-limited per
-remote and globally before anything is decoded, and a node that is not an admin answers
-`NOT_A_MEMBER` without looking at the request.
+remote and globally before anything is read, the request is read with its own 16 KiB limit
+(refused on the length prefix), and a node that is not an admin answers `NOT_A_MEMBER`
+without looking at the request. Every refusal is logged with its reason and counted.
 Rule 2: one request and one reply per stream, each under a read deadline; nothing waits
 forever on a silent peer.
 Rule 3: the invite book file holds no secret (only public invite keys, see
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ import structlog
 import trio
 
 from mesh.closing import close_bounded
-from mesh.errors import MalformedMessage, TransportBroken
+from mesh.errors import MalformedMessage, OversizeMessage, TransportBroken
 from mesh.hlc import HybridClock, Timestamp, wall_ms_of
 from mesh.identity import MeshSecret, NodeKey, short_id
 from mesh.membership import (
@@ -53,6 +55,7 @@ log = structlog.get_logger(__name__)
 
 JOIN_PROTOCOL = "/nexus/join/1"
 MAX_REQUEST_BYTES = 16 * 1024
+MAX_REPLY_BYTES = 256 * 1024  # a JoinAccept: certificate entry, sealed secret, bootstrap
 
 
 async def serve_join(
@@ -63,39 +66,44 @@ async def serve_join(
     global_limiter: RateLimiter,
     wall: Callable[[], float],
     on_accept: Callable[[], Awaitable[None]],
+    refuse: Callable[[bytes, str, str], None],
 ) -> None:
     """Answer one join request on an inbound stream.
+
+    Order (Rule 1): the rate limit is charged before a byte of the request is read; the
+    request is then read with a limit of `MAX_REQUEST_BYTES`, so a larger frame is refused
+    on its length prefix (`OversizeMessage`, the stream is reset) and never buffered.
 
     Args:
         stream: the inbound stream (the remote is authenticated, maybe not a member).
         admitter: our admission machine, or None when we are not an admin of a mesh.
-        limiter, global_limiter: the same buckets the admitter uses (per remote, global);
-            checked here only on the non-admin path (the admitter checks them itself).
+        limiter, global_limiter: the join buckets (per remote, global); the admitter is
+            told the attempt was charged here.
         wall: wall clock in seconds.
         on_accept: awaited after a `JoinAccept` was sent (persist the spent invite use).
+        refuse: `(peer, reason, detail)`, told of each refusal decided here (it logs and
+            counts it); the admitter logs and counts its own.
 
     Raises:
         TransportBroken: the joiner vanished or missed the read deadline.
+        OversizeMessage: the request was announced over `MAX_REQUEST_BYTES`.
     """
     peer = stream.remote_id
+    now = wall()
+    if not (limiter.allow(("join", peer), now) and global_limiter.allow(("join", None), now)):
+        refuse(peer, JoinRefusal.RATE_LIMITED.value, "too many join attempts")
+        refusal = JoinReject(JoinRefusal.RATE_LIMITED, "too many join attempts; try again later")
+        await stream.send(encode(refusal))
+        return
+    raw = await stream.receive(max_bytes=MAX_REQUEST_BYTES)
     if admitter is None:
-        now = wall()
-        if not (limiter.allow(("join", peer), now) and global_limiter.allow(("join", None), now)):
-            refusal = JoinReject(JoinRefusal.RATE_LIMITED, "too many join attempts")
-            await stream.send(encode(refusal))
-            return
-        await stream.receive()
-        log.info("join_refused_not_admin", peer=short_id(peer))
+        refuse(peer, JoinRefusal.NOT_A_MEMBER.value, "this node is not an admin of a mesh")
         reply: JoinAccept | JoinReject = JoinReject(
             JoinRefusal.NOT_A_MEMBER, "this node is not an admin of a mesh; dial the invite issuer"
         )
         await stream.send(encode(reply))
         return
-    raw = await stream.receive()
-    if len(raw) > MAX_REQUEST_BYTES:
-        reply = JoinReject(JoinRefusal.MALFORMED, f"join request of {len(raw)} bytes is too large")
-    else:
-        reply = admitter.handle_join(raw, sender=peer, now=wall())
+    reply = admitter.handle_join(raw, sender=peer, now=wall(), rate_checked=True)
     await stream.send(encode(reply))
     if isinstance(reply, JoinAccept):
         await on_accept()
@@ -126,14 +134,21 @@ async def request_join(
     Raises:
         JoinRefused: the issuer refused (`.reason`), or the invite expired by our clock.
         TransportBroken: the issuer is unreachable or did not answer in time.
+        MalformedMessage: a bootstrap address that names another node than the issuer.
         PeerProtocolError: a malformed or forged reply.
     """
-    await transport.connect(invite.issuer, list(invite.bootstrap))
+    try:
+        await transport.connect(invite.issuer, list(invite.bootstrap))
+    except ValueError as exc:  # an address naming another node, or not an address at all
+        raise MalformedMessage(
+            f"invite token: bootstrap address is not valid for the invite's issuer "
+            f"{short_id(invite.issuer)} ({exc}); the invite is not usable"
+        ) from None
     request = make_join_request(key, invite, name, tuple(transport.listen_addrs()), wall())
     stream = await transport.open_stream(invite.issuer, JOIN_PROTOCOL)
     try:
         await stream.send(request)
-        reply = await stream.receive(timeout_s=timeout_s)
+        reply = await stream.receive(timeout_s=timeout_s, max_bytes=MAX_REPLY_BYTES)
     finally:
         await close_bounded(stream.aclose)
     return accept_join(key, reply, invite, sender=stream.remote_id)
@@ -207,6 +222,7 @@ class InviteDesk:
         self.global_limiter = RateLimiter(10 * rate, 10 * attempts_per_minute)
         self._window_s, self._timeout_s, self._scores = window_s, timeout_s, scores
         self.admitter: Admitter | None = None
+        self.refusals: Counter[str] = Counter()  # refusals decided before the admitter
 
     def bootstrap(self) -> tuple[str, ...]:
         """Our addresses as an invite carries them (at most 16)."""
@@ -229,6 +245,9 @@ class InviteDesk:
     async def serve(self, stream: Stream, admitter: Admitter | None) -> None:
         """Answer one join stream (None: we are no admin, refuse with NOT_A_MEMBER).
 
+        A request announced over `MAX_REQUEST_BYTES` is refused (logged, counted, scored)
+        on its length prefix.
+
         Raises:
             TransportBroken: the joiner vanished or the deadline passed.
         """
@@ -236,9 +255,18 @@ class InviteDesk:
             with trio.fail_after(self._timeout_s):
                 await serve_join(stream, admitter, limiter=self.limiter,
                                  global_limiter=self.global_limiter, wall=self._wall,
-                                 on_accept=self.save)  # fmt: skip
+                                 on_accept=self.save, refuse=self.refuse)  # fmt: skip
+        except OversizeMessage as exc:  # refused on the length prefix; the stream is reset
+            self.refuse(stream.remote_id, "oversize", str(exc))
         except trio.TooSlowError as exc:
             raise TransportBroken(f"join from {short_id(stream.remote_id)}: deadline") from exc
+
+    def refuse(self, peer: bytes, reason: str, detail: str) -> None:
+        """Log and count a join refused before the admitter saw it; score what is abuse."""
+        self.refusals[reason] += 1
+        log.warning("join_refused", peer=short_id(peer), reason=reason, detail=detail)
+        if reason in ("oversize", JoinRefusal.RATE_LIMITED.value):
+            self._scores.penalise(peer, reason, now=self._wall())
 
     async def create(self, mesh_id: bytes, ttl_s: float, uses: int, name: str) -> str:
         """Issue an invite (the caller checked we are an admin); return its token.

@@ -11,13 +11,15 @@ Rule 2: time comes from an injected monotonic clock (`time.perf_counter` in prod
 trio's clock under a virtual clock); `PingService` whole-millisecond numbers are not used.
 Rule 3: the echo is unsigned: the transport already authenticates the peer, and a ping
 carries no state; a reply that is not our nonce is a peer protocol error.
+Rule 4: a non-member's connection lives only as long as it is joining (`StrangerWindow`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import structlog
 import trio
@@ -31,6 +33,7 @@ log = structlog.get_logger(__name__)
 
 PING_PROTOCOL = "/nexus/ping/1"
 NONCE_BYTES = 8
+AFTER_JOIN_S = 1.0  # a stranger's connection outlives its join exchange this long (the reply)
 DEFAULT_ALPHA = 0.2
 
 
@@ -95,7 +98,7 @@ async def serve_ping(stream: Stream, *, idle_timeout_s: float) -> None:
         TransportBroken: the stream broke or stayed idle past the read deadline.
     """
     while True:
-        nonce = await stream.receive(timeout_s=idle_timeout_s)
+        nonce = await stream.receive(timeout_s=idle_timeout_s, max_bytes=NONCE_BYTES)
         if len(nonce) != NONCE_BYTES:
             raise MalformedMessage(
                 f"ping from {short_id(stream.remote_id)}: expected {NONCE_BYTES} bytes, "
@@ -131,7 +134,7 @@ async def ping_loop(
             started = perf()
             await stream.send(nonce)
             try:
-                reply = await stream.receive(timeout_s=timeout_s)
+                reply = await stream.receive(timeout_s=timeout_s, max_bytes=NONCE_BYTES)
             except TransportBroken:
                 if perf() - started >= 0.9 * timeout_s:  # the deadline, not a broken stream
                     count = table.timed_out(peer)
@@ -214,3 +217,70 @@ class PeerSessions:
 
     def __repr__(self) -> str:
         return f"PeerSessions(peers={len(self._scopes)}, interval_s={self._interval_s})"
+
+
+class StrangerWindow:
+    """How long a non-member's connection may stay: `window_s` after it connected unless a
+    join exchange starts, never cut while one runs, and `AFTER_JOIN_S` after the last one
+    ends (accepted, it reconnects as a member; refused, it is not joining). Join is the only
+    protocol open to non-members; any other stream of theirs is refused by the transport and
+    its connection closed at once.
+
+    Args:
+        window_s: the join window.
+        admits: whether a node id is a member in good standing (those are never timed out).
+    """
+
+    def __init__(self, window_s: float, admits: Callable[[bytes], bool]) -> None:
+        self.window_s = window_s
+        self._admits = admits
+        self._deadline: dict[bytes, float] = {}  # stranger -> when to cut it (trio time)
+        self._joining: dict[bytes, int] = {}  # join exchanges running, per peer
+        self._wake = trio.Event()
+
+    def connected(self, peer: bytes) -> None:
+        """A connection exists to `peer`: start its window unless it is a member or has one."""
+        if peer not in self._deadline and not self._admits(peer):
+            self._deadline[peer] = trio.current_time() + self.window_s
+            self._wake.set()
+
+    def forget(self, peer: bytes) -> None:
+        """`peer` is a member now (or gone)."""
+        self._deadline.pop(peer, None)
+
+    @contextmanager
+    def joining(self, peer: bytes) -> Iterator[None]:
+        """Hold `peer`'s connection while a join exchange with it runs; its window restarts
+        when the last one ends."""
+        self._joining[peer] = self._joining.get(peer, 0) + 1
+        try:
+            yield
+        finally:
+            self._joining[peer] -= 1
+            if not self._joining[peer]:
+                del self._joining[peer]
+                if not self._admits(peer):
+                    grace = min(self.window_s, AFTER_JOIN_S)
+                    self._deadline[peer] = trio.current_time() + grace
+                    self._wake.set()
+
+    async def run(self, connected_peers: Callable[[], frozenset[bytes]],
+                  cut_off: Callable[[bytes], Awaitable[None]]) -> None:  # fmt: skip
+        """Await `cut_off(peer)` for every connected stranger whose window passed; never
+        returns."""
+        while True:
+            now = trio.current_time()
+            idle = {p: at for p, at in self._deadline.items() if p not in self._joining}
+            for peer in [p for p, at in idle.items() if at <= now]:
+                del self._deadline[peer]
+                if not self._admits(peer) and peer in connected_peers():
+                    log.info("stranger_disconnected", peer=short_id(peer), reason="not_joining",
+                             window_s=self.window_s)  # fmt: skip
+                    await cut_off(peer)
+            with trio.move_on_at(min((at for at in idle.values() if at > now), default=math.inf)):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def __repr__(self) -> str:
+        return (f"StrangerWindow(window_s={self.window_s}, strangers={len(self._deadline)}, "
+                f"joining={len(self._joining)})")  # fmt: skip

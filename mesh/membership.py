@@ -638,13 +638,17 @@ class Admitter:
         self.counters: dict[str, int] = {r.value: 0 for r in JoinRefusal}
         self.counters.update(accepted=0, retried=0)
 
-    def handle_join(self, raw: bytes, *, sender: bytes, now: float) -> JoinAccept | JoinReject:
+    def handle_join(
+        self, raw: bytes, *, sender: bytes, now: float, rate_checked: bool = False
+    ) -> JoinAccept | JoinReject:
         """Decide on one join request. Encode the result with `wire.encode` and send it.
 
         Args:
             raw: the bytes received on the join protocol.
             sender: the transport-authenticated peer id they came from.
             now: wall time in seconds.
+            rate_checked: the caller charged `limiter` and `global_limiter` for this
+                attempt before reading it (`mesh.join.serve_join` does).
 
         Returns:
             A `JoinAccept` (a use was spent, or a retry by an admitted joiner) or a
@@ -656,7 +660,7 @@ class Admitter:
         exceptions from `issue_cert` propagate (our bug) and spend no use.
         """
         try:
-            reply = self._admit(raw, sender, now)
+            reply = self._admit(raw, sender, now, rate_checked)
         except _Refusal as refusal:
             self.counters[refusal.reason.value] += 1
             log.warning(
@@ -669,8 +673,9 @@ class Admitter:
             return JoinReject(refusal.reason, refusal.detail)
         return reply
 
-    def _admit(self, raw: bytes, sender: bytes, now: float) -> JoinAccept:
-        self._check_rate(sender, now)
+    def _admit(self, raw: bytes, sender: bytes, now: float, rate_checked: bool) -> JoinAccept:
+        if not rate_checked:
+            self._check_rate(sender, now)
         req = self._verified_request(raw, sender)
         self._check_fresh(req, now)
         entry = self._check_invite(req)

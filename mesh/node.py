@@ -22,7 +22,7 @@ import dataclasses
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import NoReturn
@@ -38,16 +38,17 @@ from mesh.errors import (
     JoinRefused,
     NotJoined,
     PeerProtocolError,
+    StreamRefused,
     TransportBroken,
 )
 from mesh.hlc import HybridClock, wall_ms_of
 from mesh.identity import EnvelopeVerifier, NodeKey, short_id
 from mesh.join import JOIN_PROTOCOL, InviteDesk, MeshIdentity, join_handshake
-from mesh.liveness import PING_PROTOCOL, PeerSessions, RttTable, serve_ping
-from mesh.membership import Admitter
+from mesh.liveness import PING_PROTOCOL, PeerSessions, RttTable, StrangerWindow, serve_ping
+from mesh.membership import Admitter, parse_invite
 from mesh.node_config import MeshNodeConfig as MeshNodeConfig
 from mesh.node_config import NodeStatus as NodeStatus
-from mesh.scoring import Backoff, PeerScores
+from mesh.scoring import Backoff, PeerScores, StreamSlots
 from mesh.state import (
     Advert,
     HostedSpan,
@@ -127,8 +128,9 @@ class MeshNode:
             timeout_s=cfg.read_timeout_s, perf=perf, on_start=self._sync_with,
             on_end=self._session_ended,
         )  # fmt: skip
-        # connected non-member -> when first seen or last used the join protocol
-        self._strangers: dict[bytes, float] = {}
+        self._strangers = StrangerWindow(cfg.join_window_s, self._admits)
+        self._slots = StreamSlots(cfg.max_streams_per_peer, cfg.max_stranger_streams)
+        self._exclusion_hooks: list[Callable[[bytes], Awaitable[None]]] = []
         self._app_handlers: dict[str, StreamHandler] = {}
         self._rejections: Counter[str] = Counter()
         # what our advert and load say; lease, addrs and rtts are filled in at each refresh
@@ -156,14 +158,18 @@ class MeshNode:
         Cancellation: unsaved accepted entries are written to the store on the way out.
         """
         self.transport.set_admission(self._admits)
-        self.transport.set_stream_handler(JOIN_PROTOCOL, self._on_join, open_to_all=True)
-        self.transport.set_stream_handler(SYNC_PROTOCOL, self._on_sync)
-        self.transport.set_stream_handler(PING_PROTOCOL, self._on_ping)
+        self.transport.set_connection_handler(self._strangers.connected)
+        self.transport.set_stream_handler(JOIN_PROTOCOL, self._bounded(JOIN_PROTOCOL, self._on_join),
+                                          open_to_all=True)  # fmt: skip
+        self.transport.set_stream_handler(SYNC_PROTOCOL, self._bounded(SYNC_PROTOCOL, self._on_sync))
+        self.transport.set_stream_handler(PING_PROTOCOL, self._bounded(PING_PROTOCOL, self._on_ping))
         for protocol, handler in self._app_handlers.items():
             self.transport.set_stream_handler(protocol, handler)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._strangers.run, self.transport.connected_peers,
+                                   self._drop_stranger)  # fmt: skip
                 if self._store is not None and self._state is not None:
                     store, state, now_ms = self._store, self._state, self._now_ms()
                     await trio.to_thread.run_sync(store.restore, state, now_ms)
@@ -227,6 +233,16 @@ class MeshNode:
             return False
         return self._state.is_member(peer, self._now_ms())
 
+    def admits(self, peer: bytes) -> bool:
+        """The admission test of every channel: a member (founder included) that is neither
+        revoked nor serving a ban. Give it to channels outside the transport (direct)."""
+        return self._admits(peer)
+
+    def on_peer_excluded(self, hook: Callable[[bytes], Awaitable[None]]) -> None:
+        """Await `hook(peer)` whenever a peer is banned or revoked (after the transport cut
+        it off), so channels outside the transport close its streams too."""
+        self._exclusion_hooks.append(hook)
+
     async def _ingest(self, entries: list[SignedEntry], peer: bytes) -> None:
         """Apply entries from `peer` (raises PeerProtocolError on the first invalid one)."""
         assert self._state is not None
@@ -272,6 +288,9 @@ class MeshNode:
                 await self.transport.disconnect(peer)
             except (TransportBroken, ClosedError) as exc:
                 log.debug("disconnect_failed", peer=short_id(peer), error=str(exc))
+            if why in ("banned", "revoked"):
+                for hook in self._exclusion_hooks:
+                    await hook(peer)
         self._sessions.cancel(peer)
         log.info("peer_cut_off", peer=short_id(peer), why=why)
         self._signal()
@@ -397,16 +416,12 @@ class MeshNode:
         """Start sessions for connected members; dial more members up to `max_peers`."""
         connected = self.transport.connected_peers()
         now = trio.current_time()
-        for peer in set(self._strangers) - connected:
-            del self._strangers[peer]
         for peer in connected:
             if self._admits(peer):
-                self._strangers.pop(peer, None)
+                self._strangers.forget(peer)
                 self._ensure_session(peer)
-            elif now - self._strangers.setdefault(peer, now) > 2 * self.cfg.read_timeout_s:
-                # Non-members may connect only to use the join protocol (open to all).
-                del self._strangers[peer]
-                await self._cut_off(peer, "not_member")
+            else:
+                self._strangers.connected(peer)  # in case the transport's notice was missed
         linked = sum(1 for p in connected if p in self._sessions)
         todo = [p for p in self._candidates() if p not in connected
                 and (self._dial_backoff.blocked_until(p) or 0.0) <= now]  # fmt: skip
@@ -480,9 +495,36 @@ class MeshNode:
         return encode(entry)
 
     async def _on_join(self, stream: Stream) -> None:
-        if stream.remote_id in self._strangers:
-            self._strangers[stream.remote_id] = trio.current_time()
-        await self._desk.serve(stream, self._get_admitter())
+        peer = stream.remote_id
+        if self.is_banned(peer):  # bans hold on the one protocol open to non-members too
+            self._desk.refuse(peer, "banned", "this node serves a ban")
+            raise StreamRefused("banned")
+        with self._strangers.joining(peer):
+            await self._desk.serve(stream, self._get_admitter())
+
+    async def _drop_stranger(self, peer: bytes) -> None:
+        self._rejections["stranger_idle"] += 1
+        await self._cut_off(peer, "not_joining")
+
+    def _bounded(self, protocol: str, handler: StreamHandler) -> StreamHandler:
+        """`handler` behind the stream slots: a peer over its share of concurrent streams on
+        `protocol` (or a non-member over the strangers' pool) is refused, logged, counted."""
+
+        async def bounded(stream: Stream) -> None:
+            peer = stream.remote_id
+            member = self._admits(peer)
+            refused = self._slots.acquire(peer, protocol, member=member)
+            if refused is not None:
+                self._rejections[refused] += 1
+                log.warning("stream_refused", peer=short_id(peer), protocol=protocol,
+                            reason=refused)  # fmt: skip
+                raise StreamRefused(refused)  # reset unread (frees what the peer sent)
+            try:
+                await handler(stream)
+            finally:
+                self._slots.release(peer, protocol, member=member)
+
+        return bounded
 
     async def create_invite(self, ttl_s: float, uses: int = 1, name: str = "") -> str:
         """Issue an invite token (admins only); bootstrap = our listen addresses.
@@ -512,22 +554,25 @@ class MeshNode:
             raise AlreadyJoined(f"join: already a member of mesh {self.identity.mesh_id.hex()}")
         if self._nursery is None:
             raise ClosedError("join: the node is not running (start MeshNode.run first)")
-        invite, result, state = await join_handshake(
-            self.transport, self.key, token, name, wall=self._wall,
-            timeout_s=self.cfg.read_timeout_s, clock=self._clock,
-            max_drift_ms=round(self.cfg.max_clock_drift_s * 1000),
-            max_lease_ms=round(self.cfg.max_lease_s * 1000),
-        )  # fmt: skip
-        self._state = state
-        self.identity = MeshIdentity(result.mesh_id, result.founder, result.mesh_secret)
-        self._addrs[invite.issuer] = result.bootstrap or invite.bootstrap
-        self._replicator()
-        with trio.move_on_after(self.cfg.read_timeout_s):  # reconnect as a member (see above)
-            await self.transport.disconnect(invite.issuer)
-        try:
-            await self._sync_with(invite.issuer)
-        except (TransportBroken, ClosedError) as exc:  # the services' anti-entropy retries
-            log.warning("join_sync_failed", peer=short_id(invite.issuer), error=str(exc))
+        # Until the first sync brought the issuer's certificate, it is a stranger to us: keep
+        # its connection through the handshake and that sync (`StrangerWindow`).
+        with self._strangers.joining(parse_invite(token).issuer):
+            invite, result, state = await join_handshake(
+                self.transport, self.key, token, name, wall=self._wall,
+                timeout_s=self.cfg.read_timeout_s, clock=self._clock,
+                max_drift_ms=round(self.cfg.max_clock_drift_s * 1000),
+                max_lease_ms=round(self.cfg.max_lease_s * 1000),
+            )  # fmt: skip
+            self._state = state
+            self.identity = MeshIdentity(result.mesh_id, result.founder, result.mesh_secret)
+            self._addrs[invite.issuer] = result.bootstrap or invite.bootstrap
+            self._replicator()
+            with trio.move_on_after(self.cfg.read_timeout_s):  # reconnect as a member (above)
+                await self.transport.disconnect(invite.issuer)
+            try:
+                await self._sync_with(invite.issuer)
+            except (TransportBroken, ClosedError) as exc:  # the services' anti-entropy retries
+                log.warning("join_sync_failed", peer=short_id(invite.issuer), error=str(exc))
         if not state.is_member(self.node_id, self._now_ms()):
             self.identity, self._state, self._repl = None, None, None
             raise JoinRefused(JoinRefusal.NOT_A_MEMBER,
@@ -611,9 +656,9 @@ class MeshNode:
                 await self._reject(stream.remote_id, exc, protocol)
                 raise
 
-        self._app_handlers[protocol] = guarded
+        self._app_handlers[protocol] = self._bounded(protocol, guarded)
         if self._nursery is not None:
-            self.transport.set_stream_handler(protocol, guarded)
+            self.transport.set_stream_handler(protocol, self._app_handlers[protocol])
 
     async def open_stream(self, node_id: bytes, protocol: str) -> Stream:
         """Open an application stream to a member, dialling its advertised addresses.
@@ -650,8 +695,11 @@ class MeshNode:
         return self._failures.penalty_s(peer, trio.current_time())
 
     def counters(self) -> dict[str, int]:
-        """Rejected peer messages by reason, plus "ban" and join refusals ("join_<reason>")."""
-        joins = self._desk.admitter.counters if self._desk.admitter is not None else {}
+        """Rejected peer messages and refused streams by reason, plus "ban" and join
+        refusals ("join_<reason>", whether the admitter or the join shell refused)."""
+        joins = Counter(self._desk.refusals)
+        if self._desk.admitter is not None:
+            joins.update(self._desk.admitter.counters)
         return dict(self._rejections) | {f"join_{r}": n for r, n in joins.items() if n}
 
     # -- views ----------------------------------------------------------------------------

@@ -34,6 +34,10 @@ class MeshNodeConfig:
         cert_ttl_s: lifetime of the member certificates we issue.
         max_lease_s: longest lease a state accepts (and load report age before pruning).
         rtt_alpha: EWMA weight of a new ping sample.
+        join_window_s: how long a non-member's connection may stay without starting a join
+            exchange (it is cut at most 1 s after its join exchange ends).
+        max_streams_per_peer: inbound streams one peer may have open at once per protocol.
+        max_stranger_streams: inbound (join) streams all non-members may have open at once.
     """
 
     advert_refresh_s: float = 10.0
@@ -60,6 +64,9 @@ class MeshNodeConfig:
     cert_ttl_s: float = 10 * 365 * 86400.0
     max_lease_s: float = 600.0
     rtt_alpha: float = 0.2
+    join_window_s: float = 5.0
+    max_streams_per_peer: int = 32
+    max_stranger_streams: int = 16
 
     def __post_init__(self) -> None:
         for name in MeshNodeConfig.__slots__:

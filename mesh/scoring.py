@@ -1,12 +1,13 @@
 """Misbehaviour scores and bans, token-bucket rate limits, and failure backoff.
 
-Owns three small sans-IO machines the async shell feeds with `now` (seconds, float):
+Owns small sans-IO machines the async shell feeds with `now` (seconds, float):
 `PeerScores` ("intrusion detection", docs/architecture.md §2): each protocol violation adds a weight
 to the peer's score, the score decays linearly, and a peer whose score reaches the
 threshold is banned for `ban_base_s * 2**previous_bans`, capped at `ban_max_s`.
 `RateLimiter`: one token bucket per key (a remote peer, or a global key).
 `Backoff`: routing penalty for a host that failed a request, doubling per consecutive
 failure and cleared by one success (Petals' `Blacklist`, 15 s base).
+`StreamSlots`: concurrent inbound streams per (peer, protocol) and for all non-members.
 
 Rule 1: no clock reads and no I/O here; every method that depends on time takes `now`.
 A `now` earlier than a stored time counts as no time passing (never negative decay).
@@ -399,3 +400,50 @@ class Backoff:
 
     def __repr__(self) -> str:
         return f"Backoff(base_s={self.base_s}, max_s={self.max_s}, hosts={len(self._hosts)})"
+
+
+class StreamSlots:
+    """Bounds on concurrent inbound streams: per (peer, protocol), and one shared pool for
+    all non-members together (who can reach only the join protocol).
+
+    Sans-IO: `acquire` says whether a new stream may be served (and takes its slot), and
+    `release` gives the slot back when the handler ends.
+
+    Args:
+        per_peer: most streams one peer may have open at once on one protocol.
+        strangers: most streams all non-members together may have open at once.
+    """
+
+    def __init__(self, per_peer: int, strangers: int) -> None:
+        if per_peer < 1 or strangers < 1:
+            raise ValueError(f"stream slots: expected >= 1, got {per_peer} and {strangers}")
+        self.per_peer = per_peer
+        self.strangers = strangers
+        self._open: dict[tuple[bytes, str], int] = {}
+        self._stranger_streams = 0
+
+    def acquire(self, peer: bytes, protocol: str, *, member: bool) -> str | None:
+        """Take a slot; return None, or the refusal reason ("too_many_streams",
+        "too_many_stranger_streams") when the stream must not be served."""
+        key = (peer, protocol)
+        if self._open.get(key, 0) >= self.per_peer:
+            return "too_many_streams"
+        if not member and self._stranger_streams >= self.strangers:
+            return "too_many_stranger_streams"
+        self._open[key] = self._open.get(key, 0) + 1
+        self._stranger_streams += 0 if member else 1
+        return None
+
+    def release(self, peer: bytes, protocol: str, *, member: bool) -> None:
+        """Give back a slot taken by `acquire` (with the same `member`)."""
+        key = (peer, protocol)
+        left = self._open.get(key, 0) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+        self._stranger_streams -= 0 if member else 1
+
+    def __repr__(self) -> str:
+        return (f"StreamSlots(per_peer={self.per_peer}, strangers={self.strangers}, "
+                f"open={sum(self._open.values())}, stranger_streams={self._stranger_streams})")  # fmt: skip

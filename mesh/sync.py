@@ -15,7 +15,8 @@ verifier (signature, membership, window, replay) and decryption first, and every
 then passes `MeshState.apply` (signature and write rules), which the caller runs.
 Rule 2: bounded: a delta body stays under `max_body_bytes`, a sync chunk under
 `max_chunk_bytes` (itself under the transport's frame cap), and a sync session accepts at
-most `MAX_SYNC_CHUNKS` chunks.
+most `MAX_SYNC_CHUNKS` chunks; each frame is read with its own limit (digest, chunk), so a
+larger one is refused on its length prefix.
 Rule 3: entries travel in admission order (certificates before what they authorise), so
 a receiver can apply chunk by chunk.
 """
@@ -357,7 +358,7 @@ class Replicator:
                 try:
                     _, raw = self._our_digest()
                     await stream.send(raw)
-                    theirs = await stream.receive()
+                    theirs = await stream.receive(max_bytes=_DIGEST_LIMITS.max_bytes)
                     got = await self._receive_entries(stream)
                     sent = await self._send_missing(stream, theirs, raw)
                 finally:
@@ -376,7 +377,7 @@ class Replicator:
         """
         try:
             with trio.fail_after(self._timeout_s):
-                theirs = await stream.receive()
+                theirs = await stream.receive(max_bytes=_DIGEST_LIMITS.max_bytes)
                 _, raw = self._our_digest()
                 await stream.send(raw)
                 await self._send_missing(stream, theirs, raw)
@@ -402,7 +403,8 @@ class Replicator:
         limits = Limits(max_bytes=self._chunk_bytes + 256 * 1024, max_depth=6, max_items=65536)
         total = 0
         for _ in range(MAX_SYNC_CHUNKS):
-            chunk = decode(await stream.receive(), SyncChunk, limits=limits)
+            raw = await stream.receive(max_bytes=limits.max_bytes)
+            chunk = decode(raw, SyncChunk, limits=limits)
             if chunk.entries:
                 await self._ingest(list(chunk.entries), stream.remote_id)
                 total += len(chunk.entries)

@@ -10,6 +10,7 @@ Rule 3: configuration is read once, here, and passed down as these objects; `mes
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from .errors import ConfigError
 MiB = 1024 * 1024
 ENV_PREFIX = "NEXUSD_"
 _MESH_NODE = MeshNodeConfig()  # the defaults of the mesh node's knobs
+MAX_PROBE_BYTES = 4 * MiB  # a bandwidth probe frame, on both sides
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +53,7 @@ class MeshConfig:
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 7420  # 0: any free port
+    advertise_host: str = ""  # with listen_host 0.0.0.0: the address peers dial
     direct_enabled: bool = True
     direct_port: int = 0  # 0: any free port
     bootstrap: tuple[str, ...] = ()
@@ -72,6 +75,7 @@ class MeshConfig:
     ban_base_s: float = _MESH_NODE.ban_base_s
     ban_max_s: float = _MESH_NODE.ban_max_s
     join_attempts_per_minute: int = _MESH_NODE.join_attempts_per_minute
+    join_window_s: float = _MESH_NODE.join_window_s
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "direct_port"):
@@ -83,9 +87,21 @@ class MeshConfig:
             "anti_entropy_interval_s", "ping_interval_s", "bandwidth_probe_interval_s",
             "bandwidth_probe_bytes", "max_clock_drift_s",
             "envelope_window_s", "replay_cache_entries", "ban_score_threshold", "ban_base_s",
-            "ban_max_s", "join_attempts_per_minute",
+            "ban_max_s", "join_attempts_per_minute", "join_window_s",
         ):  # fmt: skip
             _positive(f"mesh.{name}", getattr(self, name))
+        if self.advertise_host:
+            try:
+                ipaddress.IPv4Address(self.advertise_host)
+            except ValueError:
+                raise ConfigError(f"mesh.advertise_host: expected an IPv4 address or empty, "
+                                  f"got {self.advertise_host!r}") from None  # fmt: skip
+            if ipaddress.IPv4Address(self.advertise_host).is_unspecified:
+                raise ConfigError("mesh.advertise_host: 0.0.0.0 cannot be dialled; give the "
+                                  "address peers reach this node at, or leave it empty")  # fmt: skip
+        if self.bandwidth_probe_bytes > MAX_PROBE_BYTES:
+            raise ConfigError(f"mesh.bandwidth_probe_bytes: expected at most {MAX_PROBE_BYTES} "
+                              f"(what peers accept), got {self.bandwidth_probe_bytes}")  # fmt: skip
         if self.advert_lease_s < 2 * self.advert_refresh_s:
             raise ConfigError(
                 "mesh.advert_lease_s: expected at least 2 x mesh.advert_refresh_s "

@@ -81,3 +81,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | 
         lib.removeHandler(old)
     lib.propagate = True
     lib.setLevel(max(_LEVELS[level], logging.WARNING))
+
+
+def set_level(level: str) -> None:
+    """Change the log level of a running process (SIGHUP reload); the format stays."""
+    if level not in _LEVELS:
+        raise ValueError(f"log level: expected one of {sorted(_LEVELS)}, got {level!r}")
+    logging.getLogger().setLevel(_LEVELS[level])
+    logging.getLogger("libp2p").setLevel(max(_LEVELS[level], logging.WARNING))

@@ -185,6 +185,17 @@ class ModelRegistry:
             digest=m.digest, vocab_size=vocab,
         )
 
+    def eos_token_ids(self, model_id: str) -> tuple[int, ...]:
+        """The end-of-sequence ids the model declares (config `eos_token_ids`, "2" or
+        "128001,128009": Llama imports take them from config.json or generation_config.json,
+        Nexus 1.1 declares [SEP]); generation stops at any of them. () when none."""
+        raw = dict(self.manifest(model_id).config).get("eos_token_ids")
+        try:
+            return tuple(int(i) for i in str(raw).split(",") if i.strip()) if raw else ()
+        except ValueError:
+            raise ApiError("bad_request", f"model {model_id}: config eos_token_ids must be "
+                                          f"comma-separated ints, got {raw!r}") from None  # fmt: skip
+
     def config_int(self, model_id: str, key: str, default: int) -> int:
         """An integer of the model's config (e.g. hidden_size), or `default` if absent."""
         value = dict(self.manifest(model_id).config).get(key)

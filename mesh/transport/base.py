@@ -5,17 +5,22 @@ and `Stream` protocols defined here; `memory.py` and `libp2p.py` are interchange
 pass `tests/unit/transport_conformance.py`.
 Rule 2: a stream carries whole frames (length-prefixed by `mesh.wire.frame`), never a byte
 stream; a frame over `TransportConfig.max_frame_bytes` raises `OversizeMessage` on send and is
-a peer protocol error on receive.
+a peer protocol error on receive; `receive(max_bytes=...)` lowers the limit per call, and a
+frame over it is refused on its length prefix, before its body is read.
 Rule 3: every read and write has a deadline; a passed deadline, a reset or a vanished peer is
 `TransportBroken`; using anything after we closed it is `ClosedError`.
 Rule 4: admission is decided by the `set_admission` callback on the *authenticated* node id.
 A non-member may only open streams on protocols registered with `open_to_all=True`; its
 stream on any other protocol is reset and its connection closed, and its pubsub messages
-(as forwarder or as author) are ignored.
+(as forwarder or as author) are ignored. How long a non-member's idle connection may stay
+is the node's decision (`set_connection_handler` tells it of every new connection).
 """
 
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,7 +28,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from mesh.errors import ClosedError, PeerProtocolError, TransportBroken
+from mesh.errors import ClosedError, PeerProtocolError, StreamRefused, TransportBroken
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +36,7 @@ MiB = 1024 * 1024
 
 #: Node ids are 32-byte Ed25519 verify keys (see `mesh.identity.NodeId`).
 NODE_ID_BYTES = 32
+_SIOCGIFADDR = 0x8915  # linux/sockios.h: get an interface's IPv4 address
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,8 @@ class TransportConfig:
         pubsub_max_msgs_per_s: Gossipsub's spam guard: a node forwards at most this many
             messages per second per (forwarder, topic), its own publishes included; the
             rest are delivered locally but not passed on.
+        gossip_heartbeat_s: Gossipsub's heartbeat (mesh maintenance, gossip emission);
+            the library's default of 120 s makes a new member wait minutes for its mesh.
     """
 
     max_frame_bytes: int = 16 * MiB
@@ -60,6 +68,7 @@ class TransportConfig:
     subscription_buffer: int = 256
     close_timeout_s: float = 2.0
     pubsub_max_msgs_per_s: float = 10.0
+    gossip_heartbeat_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 1:
@@ -70,6 +79,7 @@ class TransportConfig:
             "connect_timeout_s",
             "close_timeout_s",
             "pubsub_max_msgs_per_s",
+            "gossip_heartbeat_s",
         ):
             value = getattr(self, name)
             if not value > 0:
@@ -82,6 +92,25 @@ class TransportConfig:
             raise ValueError(
                 f"subscription_buffer: expected >= 1, got {self.subscription_buffer}"
             )
+
+
+def local_ipv4_addresses() -> list[str]:
+    """This machine's IPv4 interface addresses, loopback last (Linux `SIOCGIFADDR`).
+
+    For a node listening on 0.0.0.0: what it can advertise instead (an unspecified address
+    is not dialable). Interfaces without an IPv4 address are skipped; on a system without
+    the ioctl the result is empty.
+    """
+    found: set[str] = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _index, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
+            except OSError:
+                continue  # no IPv4 address on this interface
+            found.add(socket.inet_ntoa(reply[20:24]))
+    return sorted(found, key=lambda a: (a.startswith("127."), a))
 
 
 def check_node_id(node_id: bytes) -> bytes:
@@ -113,13 +142,20 @@ class Stream(Protocol):
         """
         ...
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Receive one frame, waiting at most `timeout_s` (default: config read timeout).
+
+        `max_bytes` bounds this frame (never above `max_frame_bytes`): a frame announced
+        larger is refused on its length prefix, before its body is read or buffered, and
+        the stream is reset. Protocols pass the size their message can have (a join request
+        16 KiB, a ping 8 bytes), so nobody can make a node hold a transport-sized frame.
 
         Raises:
             TransportBroken: reset, peer closed or gone, or the deadline passed. A passed
                 deadline leaves the stream usable (partial frames are kept).
-            OversizeMessage: the peer announced a frame over `max_frame_bytes`.
+            OversizeMessage: the peer announced a frame over the limit (stream reset).
             ClosedError: we closed this stream or its transport.
         """
         ...
@@ -155,6 +191,11 @@ class Transport(Protocol):
         """Install the membership test applied to authenticated remote node ids."""
         ...
 
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        """Call `on_connect(node_id)` (synchronously, it must not block) for every new
+        connection, inbound or outbound, once the remote is authenticated."""
+        ...
+
     async def connect(self, node_id: bytes, addrs: list[str]) -> None:
         """Ensure a connection to `node_id` at one of `addrs` (replacing stale ones)."""
         ...
@@ -188,9 +229,11 @@ async def serve_stream(
     Shared by every implementation so that handler failures look the same on all of them.
 
     Error handling: a transport failure or our own close ends the stream quietly (DEBUG);
-    a peer protocol error is logged at WARNING and resets the stream; anything else is our
-    bug, logged with its traceback, and resets the stream. Nothing propagates: an escaping
-    exception would crash a libp2p host (docs/architecture.md §13, pitfall 2).
+    a stream the handler refused unread (`StreamRefused`, logged by it) is reset, which
+    also drops what the peer already sent; a peer protocol error is logged at WARNING and
+    resets the stream; anything else is our bug, logged with its traceback, and resets the
+    stream. Nothing propagates: an escaping exception would crash a libp2p host
+    (docs/architecture.md §13, pitfall 2).
     Cancellation: `trio.Cancelled` propagates (the stream is still closed).
     """
     peer = stream.remote_id.hex()[:8]
@@ -198,6 +241,8 @@ async def serve_stream(
         await handler(stream)
     except (TransportBroken, ClosedError) as exc:
         log.debug("stream_handler_ended", peer=peer, protocol=stream.protocol, reason=str(exc))
+    except StreamRefused:
+        await abort()
     except PeerProtocolError as exc:
         log.warning("stream_peer_misbehaved", peer=peer, protocol=stream.protocol, error=repr(exc))
         await abort()

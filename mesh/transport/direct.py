@@ -16,7 +16,9 @@ counter nonce (`mesh.identity.SessionCipher`).
 
 Rule 1: the dialer signs nothing before the responder proved it is `expected_remote`, and
 the responder admits the dialer only after verifying its signature and `is_member`; a
-refusal is logged with its reason and the connection is closed.
+refusal is logged with its reason, counted, and the connection is closed. `is_member` is
+the whole admission (the daemon's refuses banned and revoked peers too), and
+`DirectListener.disconnect` closes a peer's open streams once it is cut off.
 Rule 2: every frame is 4-byte big-endian length + ciphertext; the length is checked against
 `max_frame_bytes` (+ the 16-byte tag) before any of the body is read.
 Rule 3: every read and write has a deadline (`connect_timeout_s` for the whole handshake);
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -165,7 +168,9 @@ class FrameReader:
         self._buf = bytearray()
 
     async def read_frame(self, max_bytes: int) -> bytes:
-        await self._fill(_HEADER.size)
+        # While the header is incomplete, read no more than one frame of `max_bytes` could
+        # be: a peer announcing too much is refused holding at most that.
+        await self._fill(_HEADER.size, max_bytes + _HEADER.size)
         (length,) = _HEADER.unpack_from(self._buf)
         if length > max_bytes:
             raise OversizeMessage(
@@ -178,9 +183,9 @@ class FrameReader:
         del self._buf[:end]
         return frame
 
-    async def _fill(self, size: int) -> None:
+    async def _fill(self, size: int, most: int = _READ_CHUNK_MAX) -> None:
         while len(self._buf) < size:
-            want = min(max(size - len(self._buf), _READ_CHUNK), _READ_CHUNK_MAX)
+            want = min(max(size - len(self._buf), _READ_CHUNK), _READ_CHUNK_MAX, most)
             chunk = await self._sock.receive_some(want)
             if not chunk:
                 raise trio.BrokenResourceError("connection closed by the peer")
@@ -294,7 +299,9 @@ class DirectStream:
             await self._break(f"send to {short_id(self.remote_id)}: deadline passed")
             raise TransportBroken(self._broken)
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Receive and decrypt one frame within the deadline (see `base.Stream.receive`).
 
         Raises:
@@ -307,7 +314,7 @@ class DirectStream:
         await _acquire(self._receive_lock)
         try:
             self._check_usable()
-            sealed = await self._receive_frame(deadline)
+            sealed = await self._receive_frame(deadline, max_bytes)
         finally:
             self._receive_lock.release()
         try:
@@ -316,8 +323,11 @@ class DirectStream:
             await self._break(f"peer protocol error: {exc}")
             raise
 
-    async def _receive_frame(self, deadline: float) -> bytes:
-        limit = self._config.max_frame_bytes + AEAD_TAG_BYTES
+    async def _receive_frame(self, deadline: float, max_bytes: int | None) -> bytes:
+        limit = self._config.max_frame_bytes
+        if max_bytes is not None:
+            limit = max(0, min(max_bytes, limit))
+        limit += AEAD_TAG_BYTES
         sealed = None
         try:
             with trio.CancelScope(deadline=trio.current_time() + deadline):
@@ -528,6 +538,7 @@ class DirectListener:
         node_id: our node id (what dialers pass as `expected_remote`).
         host, port: where it listens (the port actually bound when 0 was asked).
         refused: connections turned away (handshake failures and non-members).
+        refusals: the same, by reason ("not_member", "too_many_streams", ...).
     """
 
     def __init__(
@@ -538,16 +549,20 @@ class DirectListener:
         config: TransportConfig,
         is_member: Callable[[bytes], bool],
         handler: StreamHandler,
+        max_streams_per_peer: int = 32,
     ) -> None:
         self.node_id = key.node_id
         self.host = host
         self.port = port
         self.refused = 0
+        self.refusals: Counter[str] = Counter()
         self._key = key
         self._config = config
         self._is_member = is_member
         self._handler = handler
         self._handshakes = trio.CapacityLimiter(_MAX_HANDSHAKES)
+        self._max_per_peer = max_streams_per_peer
+        self._streams: dict[bytes, set[DirectStream]] = {}
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -560,8 +575,31 @@ class DirectListener:
         except Exception:  # boundary: one connection's failure must not stop the listener
             log.exception("direct_accept_failed")
             return
-        if stream is not None:
+        if stream is None:
+            return
+        peer = stream.remote_id
+        live = self._streams.setdefault(peer, set())
+        if len(live) >= self._max_per_peer:
+            self._refuse("too_many_streams", peer, f"{len(live)} open")
+            await stream.abort()
+            return
+        live.add(stream)
+        try:
             await serve_stream(self._handler, stream, stream.abort)
+        finally:
+            live.discard(stream)
+            if not live and self._streams.get(peer) is live:
+                del self._streams[peer]
+
+    async def disconnect(self, node_id: bytes) -> int:
+        """Close every stream `node_id` has open with us (a peer just banned or revoked);
+        returns how many. Its next handshake is refused by `is_member`."""
+        streams = list(self._streams.get(node_id, ()))
+        for stream in streams:
+            await stream.abort()
+        if streams:
+            log.info("direct_peer_cut_off", peer=short_id(node_id), streams=len(streams))
+        return len(streams)
 
     async def _accept(self, sock: trio.SocketStream) -> DirectStream | None:
         """Run the responder's handshake; None (logged, counted) if the dialer is turned away."""
@@ -581,6 +619,7 @@ class DirectListener:
             self._refuse("handshake_failed", None, repr(exc))
         except (trio.TooSlowError, *_SOCKET_ERRORS) as exc:
             self.refused += 1
+            self.refusals["handshake_broken"] += 1
             log.debug("direct_handshake_broken", error=repr(exc))
         else:
             peer = short_id(session.remote_id)
@@ -592,6 +631,7 @@ class DirectListener:
 
     def _refuse(self, reason: str, peer: bytes | None, error: str) -> None:
         self.refused += 1
+        self.refusals[reason] += 1
         log.warning(
             "direct_refused",
             reason=reason,
@@ -614,6 +654,8 @@ async def open_direct_listener(
     config: TransportConfig,
     is_member: Callable[[bytes], bool],
     handler: StreamHandler,
+    *,
+    max_streams_per_peer: int = 32,
 ) -> AsyncIterator[DirectListener]:
     """Listen for direct channels; `handler` runs once per admitted stream.
 
@@ -622,9 +664,11 @@ async def open_direct_listener(
         host: a literal IP address to listen on (e.g. "127.0.0.1").
         port: TCP port, or 0 for an ephemeral one (see `DirectListener.port`).
         config: limits and deadlines (`connect_timeout_s` bounds each handshake).
-        is_member: membership test for the authenticated dialer's node id.
+        is_member: admission test for the authenticated dialer's node id (give one that
+            also refuses banned peers: it is the only gate of this listener).
         handler: called with each admitted `DirectStream` (its `protocol` is the one the
             dialer named); the stream is closed when it returns.
+        max_streams_per_peer: streams one dialer may have open at once; more are refused.
 
     Error handling: a handler's exception is contained exactly as on other transports
     (`base.serve_stream`); refused and failed handshakes are logged and counted.
@@ -638,7 +682,7 @@ async def open_direct_listener(
             f"direct listener: expected one address for host {host!r}, got {len(listeners)}"
         )
     bound = listeners[0].socket.getsockname()[1]
-    direct = DirectListener(key, host, bound, config, is_member, handler)
+    direct = DirectListener(key, host, bound, config, is_member, handler, max_streams_per_peer)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_serve, direct, listeners, nursery)
         log.info("direct_listening", node=short_id(key.node_id), host=host, port=bound)

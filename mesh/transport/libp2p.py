@@ -10,6 +10,8 @@ Rule 4: frames are ours (`mesh.wire.frame`) over libp2p streams, with a deadline
 and write; `libp2p.io.utils.read_exactly` is never used (it fails over ~6.5 MB).
 Rule 5: every stream handler is a boundary: nothing escapes it (an escaping exception crashes
 the host or leaves a zombie connection, pitfall 2).
+Rule 6: we never advertise an address nobody can dial: a host listening on 0.0.0.0
+advertises the configured hosts, or else this machine's interface addresses.
 
 Admission, what is enforced where:
 - stream protocols registered here: a non-member's stream on a members-only protocol is reset
@@ -27,7 +29,6 @@ gossipsub rebuilds its per-peer streams.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
@@ -37,12 +38,14 @@ import multiaddr.exceptions
 import structlog
 import trio
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.ed25519 import create_new_key_pair as new_ed25519_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol, TSecurityOptions
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -64,20 +67,23 @@ from mesh.transport.base import (
     Subscribers,
     TransportConfig,
     check_node_id,
+    local_ipv4_addresses,
     serve_stream,
 )
 from mesh.wire import FrameDecoder, frame
 
 if TYPE_CHECKING:
-    from libp2p.abc import IHost, INetStream
+    from libp2p.abc import IHost, INetConn, INetStream, INetwork
     from libp2p.pubsub.pb import rpc_pb2
 
 log = structlog.get_logger(__name__)
 
-# Gossipsub tuned for a small home mesh: ~1 s heartbeat (default 120 s); eclipse protection
-# off because every member is authenticated and tests run all peers on 127.0.0.1.
+# Gossipsub tuned for a small home mesh: heartbeat from `TransportConfig.gossip_heartbeat_s`
+# (library default 120 s); eclipse protection off because every member is authenticated and
+# tests run all peers on 127.0.0.1.
 _GOSSIP_DEGREE = (6, 4, 12)
-_HEARTBEAT_S = 1
+_UNSPECIFIED = "/ip4/0.0.0.0/"
+_READ_CHUNK = 64 * 1024  # smallest read while a frame is incomplete (see Libp2pStream.receive)
 _LIBP2P_ERRORS: tuple[type[BaseException], ...] = (
     BaseLibp2pError,
     PeerStoreError,
@@ -158,7 +164,6 @@ class Libp2pStream:
         self._net = net_stream
         self._config = config
         self._decoder = FrameDecoder(config.max_frame_bytes)
-        self._frames: deque[bytes] = deque()
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._owner_closed = owner_closed
@@ -187,25 +192,36 @@ class Libp2pStream:
                 await _reset_quietly(self._net)
                 raise
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
-        """Receive one frame within the deadline (see `base.Stream.receive`)."""
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
+        """Receive one frame within the deadline (see `base.Stream.receive`).
+
+        Reads are sized by what the current frame still needs (`FrameDecoder.wanted_bytes`),
+        at least `_READ_CHUNK` but never more than the call's limit plus its header, so the
+        bytes we hold stay within one frame of `max_bytes`; the rest stays with Yamux (which in
+        py-libp2p 0.8.1 buffers even what a peer sends past its window, with a warning).
+        """
         self._check_usable()
         deadline = self._config.read_timeout_s if timeout_s is None else timeout_s
         async with self._receive_lock:
             with _map_errors("receive", self.remote_id), trio.fail_after(deadline):
-                while not self._frames:
-                    chunk = await self._read_chunk()
+                while True:
                     try:
-                        self._frames.extend(self._decoder.feed(chunk))
+                        payload = self._decoder.next_frame(max_bytes)
+                        if payload is not None:
+                            return payload
+                        want = self._decoder.wanted_bytes(max_bytes)
                     except OversizeMessage:
                         self._broken = "peer sent an oversize frame"
                         await _reset_quietly(self._net)
                         raise
-            return self._frames.popleft()
+                    floor = min(_READ_CHUNK, self._decoder.limit(max_bytes) + 4)
+                    self._decoder.push(await self._read_chunk(max(want, floor)))
 
-    async def _read_chunk(self) -> bytes:
+    async def _read_chunk(self, n: int) -> bytes:
         try:
-            chunk = await self._net.read()
+            chunk = await self._net.read(n)
         except EOFError as exc:  # StreamEOF: the peer half-closed its side
             self._broken = f"stream {self.protocol}: peer closed it"
             raise TransportBroken(self._broken) from exc
@@ -238,7 +254,7 @@ class Libp2pStream:
         state = "closed" if self._closed else ("broken" if self._broken else "open")
         return (
             f"Libp2pStream(remote={self.remote_id.hex()[:8]}, protocol={self.protocol!r}, "
-            f"{state}, buffered_frames={len(self._frames)})"
+            f"{state}, buffered_bytes={self._decoder.pending_bytes})"
         )
 
 
@@ -251,6 +267,7 @@ class Libp2pTransport:
         pubsub: Pubsub,
         nursery: trio.Nursery,
         config: TransportConfig,
+        advertise_hosts: tuple[str, ...] = (),
     ) -> None:
         self.node_id = _node_id_of(host.get_id())
         self._host = host
@@ -258,6 +275,8 @@ class Libp2pTransport:
         self._nursery = nursery
         self._config = config
         self._is_member: Callable[[bytes], bool] = lambda _node: False
+        self._on_connect: Callable[[bytes], None] = lambda _node: None
+        self._advertise = advertise_hosts
         self._subscribers = Subscribers(self._config.subscription_buffer)
         self._closed = False
 
@@ -272,8 +291,27 @@ class Libp2pTransport:
         return node_id == self.node_id or self._is_member(node_id)
 
     def listen_addrs(self) -> list[str]:
-        """Our dialable addresses, each ending in `/p2p/<our PeerID>`."""
-        return [str(addr) for addr in self._host.get_addrs()]
+        """Our dialable addresses, each ending in `/p2p/<our PeerID>` (Rule 6: an address
+        on 0.0.0.0 becomes one per advertised host, never 0.0.0.0 itself)."""
+        out: list[str] = []
+        for addr in (str(a) for a in self._host.get_addrs()):
+            if not addr.startswith(_UNSPECIFIED):
+                out.append(addr)
+                continue
+            hosts = self._advertise or tuple(local_ipv4_addresses()) or ("127.0.0.1",)
+            out += [f"/ip4/{h}/{addr[len(_UNSPECIFIED):]}" for h in hosts]
+        return out
+
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        """See `base.Transport.set_connection_handler` (fed by the swarm's notifee)."""
+        self._on_connect = on_connect
+
+    def _connected(self, pid: ID) -> None:
+        try:
+            remote = _node_id_of(pid)
+        except ValueError:
+            return  # not an Ed25519 peer: its streams are refused anyway
+        self._on_connect(remote)
 
     def set_admission(self, is_member: Callable[[bytes], bool]) -> None:
         """Install the membership test (see the module docstring for where it applies).
@@ -481,17 +519,59 @@ def _new_host(key_pair: KeyPair, *, plaintext_only: bool = False) -> IHost:
         enable_upnp=False,
     )
     # new_host does not forward retry_config; retries are the mesh's decision, not ours.
-    _swarm(host).retry_config = RetryConfig(max_retries=0)
+    swarm = _swarm(host)
+    swarm.retry_config = RetryConfig(max_retries=0)
+    swarm.auto_connector = _NoAutoConnector(swarm)
     return host
+
+
+class _NoAutoConnector(AutoConnector):
+    """The swarm's auto-connector, switched off before the swarm starts.
+
+    libp2p 0.8.1 starts one in `Swarm.run` that dials peerstore entries whenever we hold
+    fewer than `low_watermark` connections (target 200 with the defaults), on a timer and
+    after every disconnect, including peers we dropped for not being members. Stopping it
+    after `host.run()` (what we did before) still let its first round run and log "200 new
+    dials" (the peerstore was empty then, so nothing was dialled). The mesh alone decides
+    whom to dial (Rule 2), so it never starts at all.
+    """
+
+    async def start(self) -> None:
+        self._started = False
+
+    async def maybe_connect(self) -> None:
+        return
+
+
+class _ConnectionEvents(INotifee):
+    """Tells the transport of every new connection (the node times out idle strangers)."""
+
+    def __init__(self, transport: Libp2pTransport) -> None:
+        self._transport = transport
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._transport._connected(conn.muxed_conn.peer_id)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return
+
+    async def listen(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
+        return
+
+    async def listen_close(self, network: INetwork, maddr: multiaddr.Multiaddr) -> None:
+        return
 
 
 @asynccontextmanager
 async def _running(host: IHost, listen: multiaddr.Multiaddr, close_s: float) -> AsyncIterator[None]:
     """Run `host` and always close it, shielded and bounded (pitfall 1)."""
     async with host.run([listen]):
-        # The auto-connector redials any peer in the peerstore (including ones we dropped
-        # for not being members); the mesh alone decides whom to dial.
-        await _swarm(host).auto_connector.stop()
         try:
             yield
         finally:
@@ -505,14 +585,17 @@ async def open_libp2p_transport(
     config: TransportConfig,
     *,
     listen_host: str = "127.0.0.1",
+    advertise_hosts: tuple[str, ...] = (),
 ) -> AsyncIterator[Libp2pTransport]:
     """Run a libp2p host for the node with Ed25519 `seed` and yield its transport.
 
     Args:
         seed: The node key's 32-byte Ed25519 seed; node id is its public key.
         listen_port: TCP port, or 0 for an ephemeral one (see `listen_addrs`).
-        config: Limits and deadlines.
+        config: Limits and deadlines (and the gossipsub heartbeat).
         listen_host: IPv4 address to listen on.
+        advertise_hosts: with `listen_host` 0.0.0.0, the IPv4 addresses to advertise
+            instead (default: this machine's interface addresses).
 
     Cancellation: leaving the context closes the host (listener, connections, tasks)
     under a shield bounded by `config.close_timeout_s`.
@@ -523,8 +606,13 @@ async def open_libp2p_transport(
         [PROTOCOL_ID_V11],
         *_GOSSIP_DEGREE,
         heartbeat_initial_delay=0.1,
-        heartbeat_interval=_HEARTBEAT_S,
+        # The library types it int; trio.sleep takes any number of seconds.
+        heartbeat_interval=config.gossip_heartbeat_s,  # type: ignore[arg-type]
         eclipse_protection_enabled=False,
+        # "Adaptive gossip" re-rates mesh health every 30 s and, with fewer mesh peers than
+        # the degree (any home mesh under 7 nodes), sets the heartbeat to 30-60 s (measured:
+        # 1 s became 30 s after 30 s with 2 nodes). Our heartbeat is a setting, not a hint.
+        adaptive_gossip_enabled=False,
         max_messages_per_topic_per_second=config.pubsub_max_msgs_per_s,
     )
     pubsub = Pubsub(host, gossip, strict_signing=True)
@@ -536,7 +624,8 @@ async def open_libp2p_transport(
     ):
         await pubsub.wait_until_ready()
         async with trio.open_nursery() as nursery:
-            transport = Libp2pTransport(host, pubsub, nursery, config)
+            transport = Libp2pTransport(host, pubsub, nursery, config, advertise_hosts)
+            _swarm(host).register_notifee(_ConnectionEvents(transport))
             _gate_pubsub_streams(host, pubsub, gossip, transport)
             log.info("transport_started", node=transport.node_id.hex()[:8],
                      addrs=transport.listen_addrs())

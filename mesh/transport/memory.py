@@ -186,12 +186,18 @@ class _Pipe:
         self._lot.unpark_all()
         await trio.lowlevel.checkpoint()
 
-    async def get(self) -> bytes:
+    async def get(self, limit: int) -> bytes:
+        """The next frame once due; a frame over `limit` is refused before it is taken
+        (the memory analogue of refusing on the length prefix)."""
         while True:
             if self.broken is not None:
                 raise TransportBroken(self.broken)
             if self._queue:
                 deliver_at, payload = self._queue[0]
+                if len(payload) > limit:
+                    raise OversizeMessage(
+                        f"frame of {len(payload)} bytes announced, over the limit of {limit}"
+                    )
                 if trio.current_time() >= deliver_at:
                     self._queue.popleft()
                     self._bytes -= len(payload)
@@ -252,25 +258,26 @@ class MemoryStream:
                 peer = self.remote_id.hex()[:8]
                 raise TransportBroken(f"send to {peer}: deadline passed") from exc
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         """Receive one frame within the deadline (see `base.Stream.receive`)."""
         self._check_usable()
         deadline = self._config.read_timeout_s if timeout_s is None else timeout_s
+        limit = self._config.max_frame_bytes
+        if max_bytes is not None:
+            limit = max(0, min(max_bytes, limit))
         async with self._receive_lock:
             try:
                 with trio.fail_after(deadline):
-                    payload = await self._in.get()
+                    return await self._in.get(limit)
             except trio.TooSlowError as exc:
                 raise TransportBroken(
                     f"receive from {self.remote_id.hex()[:8]}: deadline passed"
                 ) from exc
-        if len(payload) > self._config.max_frame_bytes:
-            self._reset("peer sent an oversize frame")
-            raise OversizeMessage(
-                f"frame of {len(payload)} bytes announced, over the limit of "
-                f"{self._config.max_frame_bytes}"
-            )
-        return payload
+            except OversizeMessage:
+                self._reset("peer sent an oversize frame")
+                raise
 
     async def aclose(self) -> None:
         """Close our side (the peer's reads end once it drained what we sent). Idempotent."""
@@ -313,6 +320,7 @@ class MemoryTransport:
         self._nursery = nursery
         self._handlers: dict[str, tuple[StreamHandler, bool]] = {}
         self._is_member: Callable[[bytes], bool] = lambda _node: False
+        self._on_connect: Callable[[bytes], None] = lambda _node: None
         self._links: dict[bytes, list[MemoryStream]] = {}
         self._known_addrs: dict[bytes, list[str]] = {}
         self._subscribers = Subscribers(self._config.subscription_buffer)
@@ -336,6 +344,10 @@ class MemoryTransport:
     def set_admission(self, is_member: Callable[[bytes], bool]) -> None:
         """Install the membership test applied to remote node ids (default: nobody)."""
         self._is_member = is_member
+
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        """See `base.Transport.set_connection_handler`."""
+        self._on_connect = on_connect
 
     def set_stream_handler(
         self, protocol: str, handler: StreamHandler, *, open_to_all: bool = False
@@ -375,6 +387,8 @@ class MemoryTransport:
             self._links[node_id] = []
             peer._links[self.node_id] = []
             log.debug("peer_connected", peer=node_id.hex()[:8])
+            self._on_connect(node_id)
+            peer._on_connect(self.node_id)
 
     async def open_stream(self, node_id: bytes, protocol: str) -> MemoryStream:
         """Open a stream, connecting first if needed (see `base.Transport.open_stream`).

@@ -25,6 +25,7 @@ class ErrorReply:
 
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # one reply frame, both sides (requests: api.max_request_bytes)
+SEED_LIMIT = 2**63  # sampling seeds are 0 .. 2**63-1 (`atoms.generation.GenerationParams`)
 
 ERROR_CODES = (
     "malformed",  # the request did not decode
@@ -116,6 +117,10 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     job_id: str = ""
     codec: str = "raw"
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed: expected an integer in 0..2**63-1, got {self.seed}")
 
 
 @record("api.token")

@@ -5,16 +5,19 @@ Rule 2: flags that set config keys are declared with `dest="section.key"` and me
 generic function (`_flag_overrides`), so each flag is one line and precedence is uniform:
 defaults < file < NEXUSD_* environment < flags.
 Rule 3: every command that prints data accepts `--json`; errors go to stderr as one line
-`nexusd: error: ...` with exit code 1 (2 for usage errors).
+`nexusd: error: ...` with exit code 1 (2 for usage errors, argparse's included: flag values
+are range-checked by their `type=` functions, e.g. `seed_value`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .. import __version__
 from ..config import Config, load_config
@@ -38,7 +41,10 @@ COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS, *MESH_COMMANDS, *JOB_COMMAN
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `nexusd` command; return its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -82,6 +88,15 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(path, env=os.environ, overrides=overrides)
 
 
+def reload_config(args: argparse.Namespace) -> Config:
+    """The config as `main` built it, read again (`nexusd run` on SIGHUP): the same file
+    lookup, environment and flags, `--log-level` included."""
+    cfg = _load(args)
+    if args.log_level:
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, level=args.log_level))
+    return cfg
+
+
 def _flag_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in vars(args).items() if "." in k and v is not None}
 
@@ -89,8 +104,15 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, object]:
 # ---- parser -----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with Rule 3's error format: one line `nexusd: error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"nexusd: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nexusd",
         description=(
             "NEXUS mesh node: run neural networks across the devices you own. "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..api.records import (
+    SEED_LIMIT,
     CancelRequest,
     ClassifyReply,
     ClassifyRequest,
@@ -58,6 +59,17 @@ async def _quiet(_event: object) -> None:
 # ---- generate ------------------------------------------------------------------------------
 
 
+def seed_value(text: str) -> int:
+    """argparse type of --seed: an integer in 0..2**63-1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**63-1, got {text}")
+    return value
+
+
 def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--model", default="nexus-1.1", help="model id (default: nexus-1.1)")
@@ -65,7 +77,8 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--seed", type=seed_value, default=None,
+                   help="sampling seed, 0..2**63-1 (reproducible output)")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--codec", default="raw", choices=("raw", "fp16", "bf16", "int8"),
                    help="wire codec for activations (default raw: exact)")

@@ -55,10 +55,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on 127.0.0.1:P (config: metrics.listen_port)")
 
 
-def _run(_args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
+def _run(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from ..node.daemon import run_daemon  # torch and the mesh load only for the daemon itself
+    from .app import reload_config  # app imports this module to list its commands
 
-    trio.run(run_daemon, cfg, paths)
+    trio.run(run_daemon, cfg, paths, lambda: reload_config(args))
     return 0
 
 

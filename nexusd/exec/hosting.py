@@ -185,6 +185,13 @@ class SpanHost:
             out.append(HostedSpan(s.model_id, s.start, s.end, dtype))
         return out
 
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one session costs on the most demanding hosted span
+        (summed over its attention atoms' layouts); 0 when no span keeps a KV cache."""
+        costs = [sum(layout.bytes_per_token(1) for _uid, layout in s.kv_layouts().values())
+                 for s in self._spans]  # fmt: skip
+        return max(costs, default=0)
+
     @property
     def kv_bytes_used(self) -> int:
         return sum(s.cache.nbytes for s in self._sessions.values() if s.cache is not None)

@@ -25,7 +25,8 @@ import trio
 from atoms.codecs import encode
 from atoms.errors import AtomError
 from mesh.closing import close_bounded
-from mesh.errors import MeshError
+from mesh.errors import MeshError, PeerProtocolError
+from mesh.sync import classify_rejection
 
 from ..errors import NexusError
 from .hosting import ExecRefused, SpanHost
@@ -53,15 +54,20 @@ class HopFailed(NexusError):
         blame: the host misbehaved or failed (broken stream, deadline, invalid output) and is
             reported to the mesh; False for honest refusals (busy, out of KV room), which
             only exclude the host from this session.
+        penalty: what the host is scored for when blamed (`mesh.scoring.DEFAULT_WEIGHTS`):
+            "bad_output" for an answer that is wrong (undecodable, NaN, wrong shape),
+            "malformed" for a reply that breaks the protocol, "timeout" for a failure
+            (deadline, broken stream), which honest hosts on bad links have too.
     """
 
     def __init__(self, host: bytes, reason: str, *, retryable: bool = True,
-                 blame: bool = True) -> None:  # fmt: skip
+                 blame: bool = True, penalty: str = "timeout") -> None:  # fmt: skip
         super().__init__(f"host {host.hex()[:8]}: {reason}")
         self.host = host
         self.reason = reason
         self.retryable = retryable
         self.blame = blame
+        self.penalty = penalty
 
 
 HONEST_REFUSALS = frozenset({"busy", "cache_exhausted", "no_session", "out_of_order", "not_hosted"})
@@ -156,7 +162,8 @@ class RemoteHop:
         )
         reply, _ = await self._exchange(lambda: self._ch.send(msg))
         if not isinstance(reply, SessionOpened):
-            raise HopFailed(self.plan.host, f"expected SessionOpened, got {type(reply).__name__}")
+            raise HopFailed(self.plan.host, f"expected SessionOpened, got {type(reply).__name__}",
+                            penalty="malformed")  # fmt: skip
 
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
@@ -168,12 +175,9 @@ class RemoteHop:
         reply, payload = await self._exchange(lambda: self._ch.send(msg, enc))
         elapsed = trio.current_time() - t0
         if not isinstance(reply, StepResult) or reply.step_id != step_id:
-            raise HopFailed(self.plan.host, f"expected StepResult {step_id}, got {reply!r:.80}")
-        try:
-            out = tensor_of(reply.tensor, payload)
-        except AtomError as exc:
-            raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
-        _check_output(self.plan.host, inp.x, out)
+            raise HopFailed(self.plan.host, f"expected StepResult {step_id}, got {reply!r:.80}",
+                            penalty="malformed")  # fmt: skip
+        out = _checked_output(self.plan.host, reply, payload, inp.x)
         timing = HopTiming(
             host=self.plan.host, start=self.plan.start, end=self.plan.end,
             compute_s=reply.compute_s, queue_s=reply.queue_s,
@@ -210,18 +214,17 @@ class RemoteHop:
             for k, inp in enumerate(inputs):
                 try:
                     reply, payload = await self._ch.receive()
+                except PeerProtocolError as exc:
+                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}",
+                                    penalty=protocol_penalty(exc)) from None  # fmt: skip
                 except MeshError as exc:
                     raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
                 if isinstance(reply, ExecFailure):
                     raise refused(self.plan.host, reply.code, reply.message)
                 if not isinstance(reply, StepResult) or reply.step_id != first_id + k:
-                    raise HopFailed(self.plan.host, f"expected StepResult {first_id + k}, got {reply!r:.80}")
-                try:
-                    out = tensor_of(reply.tensor, payload)
-                except AtomError as exc:
-                    raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
-                _check_output(self.plan.host, inp.x, out)
-                outs.append(out)
+                    raise HopFailed(self.plan.host, f"expected StepResult {first_id + k}, got {reply!r:.80}",
+                                    penalty="malformed")  # fmt: skip
+                outs.append(_checked_output(self.plan.host, reply, payload, inp.x))
 
         deadline_s = self._timeout + 2 * per_step_s * len(inputs)
         try:
@@ -258,6 +261,9 @@ class RemoteHop:
                 reply, payload = await self._ch.receive()
         except trio.TooSlowError:
             raise HopFailed(self.plan.host, f"no answer within {self._timeout} s") from None
+        except PeerProtocolError as exc:  # a forged, replayed or malformed reply
+            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}",
+                            penalty=protocol_penalty(exc)) from None  # fmt: skip
         except MeshError as exc:
             raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
         if isinstance(reply, ExecFailure):
@@ -297,7 +303,7 @@ class LocalHop:
         except ExecRefused as exc:
             raise refused(self.plan.host, exc.code, str(exc)) from None
         except AtomError as exc:
-            raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
+            raise HopFailed(self.plan.host, f"invalid output: {exc}", penalty="bad_output") from None
         _check_output(self.plan.host, inp.x, out)
         timing = HopTiming(
             host=self.plan.host, start=self.plan.start, end=self.plan.end,
@@ -314,16 +320,35 @@ class LocalHop:
         self._host.close(self._self, self._sid)
 
 
+def _checked_output(host: bytes, reply: StepResult, payload: bytes, x: torch.Tensor) -> torch.Tensor:
+    """The reply's tensor, decoded (dtype, length, finiteness) and shape-checked against `x`."""
+    try:
+        out = tensor_of(reply.tensor, payload)
+    except AtomError as exc:
+        raise HopFailed(host, f"invalid output: {exc}", penalty="bad_output") from None
+    _check_output(host, x, out)
+    return out
+
+
 def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor) -> None:
+    """A wrong shape is a bad output, scored as one (not as a timeout)."""
     if out.dim() < 2 or out.shape[0] != x.shape[0]:
-        raise HopFailed(host, f"output shape {tuple(out.shape)} does not fit input {tuple(x.shape)}")
+        raise HopFailed(host, f"invalid output: shape {tuple(out.shape)} does not fit input "
+                              f"{tuple(x.shape)}", penalty="bad_output")  # fmt: skip
     if x.dim() >= 2 and out.dim() >= 3 and x.dim() in (2, 3) and out.shape[1] != x.shape[1]:
-        raise HopFailed(host, f"output has {out.shape[1]} tokens, input had {x.shape[1]}")
+        raise HopFailed(host, f"invalid output: {out.shape[1]} tokens, input had {x.shape[1]}",
+                        penalty="bad_output")  # fmt: skip
+
+
+def protocol_penalty(exc: PeerProtocolError) -> str:
+    """Score reason of a protocol error on an exec reply (see `mesh.sync.classify_rejection`;
+    a sender no longer admitted, e.g. just banned, is scored as a plain failure)."""
+    return classify_rejection(exc)[1] or "timeout"
 
 
 Planner = Callable[[int, int, frozenset[bytes]], list[HopPlan]]
 HopFactory = Callable[[HopPlan], Awaitable[Hop]]
-FailureReporter = Callable[[bytes, str], None]
+FailureReporter = Callable[[bytes, str, str], None]  # (host, penalty, reason)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -346,7 +371,8 @@ class RoutedSession:
         n_atoms: atoms of the model; the hops cover [0, n_atoms) contiguously.
         plan: (start, end, excluded hosts) -> hops covering [start, end).
         make_hop: opens the transport to a hop's host.
-        report_failure: called with (host, reason) on each failure (the daemon bans).
+        report_failure: called with (host, penalty, reason) on each blamed failure (the
+            daemon scores `penalty` against the host, which may ban it).
         batch, max_len: session shape (max_len 0: no KV cache).
         max_failovers: failures tolerated in this session before the job fails.
         on_route: told (hops, reason) when the route is set up and after each reroute.
@@ -404,7 +430,7 @@ class RoutedSession:
 
     def _fail(self, exc: HopFailed) -> None:
         if exc.blame:
-            self._report(exc.host, exc.reason)
+            self._report(exc.host, exc.penalty, exc.reason)
         if not exc.retryable:
             raise JobFailed(str(exc)) from exc
         self._excluded.add(exc.host)

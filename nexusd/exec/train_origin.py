@@ -32,10 +32,18 @@ from atoms.codecs import Encoded, encode
 from atoms.errors import AtomError
 from atoms.training import LossSum, OptimConfig
 from mesh.closing import close_bounded
-from mesh.errors import MeshError
+from mesh.errors import MeshError, PeerProtocolError
 
 from ..errors import NexusError
-from .session import HopFailed, HopPlan, HopTiming, JobFailed, first_hop_failure, refused
+from .session import (
+    HopFailed,
+    HopPlan,
+    HopTiming,
+    JobFailed,
+    first_hop_failure,
+    protocol_penalty,
+    refused,
+)
 from .train_wire import (
     MAX_STATE_TENSORS,
     TrainApplied,
@@ -210,14 +218,15 @@ class TrainHop:
 
     def _one(self, out: Replies, kind: type) -> tuple[object, bytes]:
         if len(out) != 1 or not isinstance(out[0][0], kind):
-            raise HopFailed(self.plan.host, f"expected {kind.__name__}, got {out!r:.80}")
+            raise HopFailed(self.plan.host, f"expected {kind.__name__}, got {out!r:.80}",
+                            penalty="malformed")  # fmt: skip
         return out[0]
 
     def _tensor(self, header: object, payload: bytes) -> torch.Tensor:
         try:
             return tensor_of(header, payload)  # type: ignore[arg-type]
         except AtomError as exc:
-            raise HopFailed(self.plan.host, f"invalid output: {exc}") from None
+            raise HopFailed(self.plan.host, f"invalid output: {exc}", penalty="bad_output") from None
 
     def _timing(self, compute_s: float, queue_s: float, elapsed: float, out_b: int,
                 in_b: int) -> HopTiming:
@@ -247,8 +256,8 @@ class TrainHop:
         out = self._tensor(reply.tensor, payload)
         tokens_differ = out.dim() >= 3 and x.dim() >= 2 and out.shape[1] != x.shape[1]
         if out.dim() < 2 or out.shape[0] != x.shape[0] or tokens_differ or reply.mb != mb:
-            raise HopFailed(self.plan.host, f"output {tuple(out.shape)} does not fit input "
-                                            f"{tuple(x.shape)}")
+            raise HopFailed(self.plan.host, f"invalid output: {tuple(out.shape)} does not fit "
+                                            f"input {tuple(x.shape)}", penalty="bad_output")
         return out, self._timing(reply.compute_s, reply.queue_s, trio.current_time() - t0,
                                  len(enc.data), len(payload))
 
@@ -270,8 +279,9 @@ class TrainHop:
             return None
         g = self._tensor(header, payload)
         if tuple(g.shape) != tuple(like.shape):
-            raise HopFailed(self.plan.host, f"input gradient {tuple(g.shape)} does not fit "
-                                            f"input {tuple(like.shape)}")
+            raise HopFailed(self.plan.host, f"invalid output: input gradient {tuple(g.shape)} "
+                                            f"does not fit input {tuple(like.shape)}",
+                            penalty="bad_output")  # fmt: skip
         return g
 
     async def loss(self, mb: int, seed: int, x: torch.Tensor, targets: torch.Tensor, *,
@@ -286,7 +296,8 @@ class TrainHop:
         reply, payload = self._one(await self._call(msg, enc), TrainLossResult)
         assert isinstance(reply, TrainLossResult)
         if not 0 <= reply.count <= t.numel() or not 0 <= reply.correct <= reply.count:
-            raise HopFailed(self.plan.host, f"implausible loss counts {reply.count}, {reply.correct}")
+            raise HopFailed(self.plan.host, f"implausible loss counts {reply.count}, {reply.correct}",
+                            penalty="bad_output")  # fmt: skip
         result = LossSum(loss=reply.loss, count=reply.count, correct=reply.correct)
         grad_in = self._input_grad(reply.has_tensor, reply.tensor, payload, x)
         return result, grad_in, self._timing(reply.compute_s, reply.queue_s,
@@ -313,10 +324,12 @@ class TrainHop:
         tensors: dict[str, torch.Tensor] = {}
         end = out[-1][0] if out else None
         if not isinstance(end, TrainStateEnd) or end.count != len(out) - 1:
-            raise HopFailed(self.plan.host, "checkpoint transfer ended early or miscounted")
+            raise HopFailed(self.plan.host, "checkpoint transfer ended early or miscounted",
+                            penalty="malformed")  # fmt: skip
         for reply, payload in out[:-1]:
             if not isinstance(reply, TrainStateTensor):
-                raise HopFailed(self.plan.host, f"expected TrainStateTensor, got {reply!r:.60}")
+                raise HopFailed(self.plan.host, f"expected TrainStateTensor, got {reply!r:.60}",
+                                penalty="malformed")  # fmt: skip
             tensors[absolute_name(reply.name, self.plan.start)] = self._tensor(reply.tensor, payload)
         return tensors, end.next_step
 
@@ -360,10 +373,14 @@ def channel_link(channel: ExecChannel, host: bytes, *, timeout_s: float) -> Link
                             return out
             except trio.TooSlowError:
                 raise HopFailed(host, f"no answer within {timeout_s} s") from None
+            except PeerProtocolError as exc:  # a forged, replayed or malformed reply
+                raise HopFailed(host, f"{type(exc).__name__}: {exc}",
+                                penalty=protocol_penalty(exc)) from None  # fmt: skip
             except MeshError as exc:
                 raise HopFailed(host, f"{type(exc).__name__}: {exc}") from None
         if replies:
-            raise HopFailed(host, f"more than {MAX_STATE_TENSORS} checkpoint tensors")
+            raise HopFailed(host, f"more than {MAX_STATE_TENSORS} checkpoint tensors",
+                            penalty="malformed")  # fmt: skip
         return out
 
     return link

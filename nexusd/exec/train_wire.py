@@ -17,7 +17,10 @@ from mesh.wire import record
 from .wire import SESSION_ID_BYTES, TensorHeader
 
 MAX_MICRO_BATCHES = 1 << 16
-MAX_TARGETS = 1 << 20  # int64 targets of one loss step (8 MiB)
+# ids of one loss step (micro_batch x seq_len at most): 512 KiB of int64 targets plus a
+# 64 KiB pad mask, so the largest loss header stays under the exec header limit
+# (`wire.MAX_HEADER_BYTES`, 1 MiB) with room for its envelope
+MAX_TARGETS = 1 << 16
 MAX_STATE_TENSORS = 4096
 SCHEDULES = ("1f1b", "gpipe")
 STATE_KINDS = ("state", "grads", "params")

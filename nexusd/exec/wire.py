@@ -13,6 +13,9 @@ Rule 2: tensors are decoded only through `atoms.codecs` (length, dtype, finitene
 checked); a host or origin never trusts a peer's tensor before that.
 Rule 3: steps of a session carry consecutive ids; a host applies each id once and answers
 a repeated id from its stored result (the origin may resend after a timeout).
+Rule 4: a header frame over `MAX_HEADER_BYTES` is refused on its length prefix; the
+channel's `is_member` (the daemon's refuses banned and revoked peers) is checked on every
+message, so a peer cut off mid-stream gets no further answer.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ log = structlog.get_logger(__name__)
 EXEC_PROTOCOL = "/nexus/exec/1.0.0"
 EXEC_DOMAIN = "nexus/act/1"
 SESSION_ID_BYTES = 16
+# A message's first frame: a record (or its signed envelope) whose largest field is a step's
+# pad mask, B x positions bytes; 1 MiB covers any step `max_step_tokens` allows. The tensor
+# frame that follows is bounded by the transport's frame limit.
+MAX_HEADER_BYTES = 1024 * 1024
 
 
 @record("x.tensor")
@@ -137,7 +144,9 @@ class FrameStream(Protocol):
     remote_id: bytes
 
     async def send(self, payload: bytes) -> None: ...
-    async def receive(self, *, timeout_s: float | None = None) -> bytes: ...
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes: ...
     async def aclose(self) -> None: ...
 
 
@@ -195,7 +204,7 @@ class ExecChannel:
                 sender other than the stream's authenticated peer, or malformed record.
             TransportBroken: the stream broke or the deadline passed.
         """
-        raw = await self.stream.receive(timeout_s=timeout_s)
+        raw = await self.stream.receive(timeout_s=timeout_s, max_bytes=MAX_HEADER_BYTES)
         payload = await self.stream.receive(timeout_s=timeout_s)
         if not self.signed:
             if not self._is_member(self.stream.remote_id):

@@ -71,6 +71,7 @@ log = structlog.get_logger(__name__)
 
 Emit = Callable[[object], Awaitable[None]]
 MAX_TEXTS = 10_000
+MAX_LABELS = 1_000
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
 SESSION_CLOSE_S = 5.0  # closing every hop of a job's session (each bounded on its own)
@@ -191,10 +192,12 @@ class JobEngine:
         return ExecChannel(stream, self._signer, self._verifier, self.view.is_member,
                            (*ORIGIN_INBOUND, *TRAIN_ORIGIN_INBOUND))
 
-    def _report(self, host: bytes, reason: str) -> None:
-        self._metrics.inc("hop_failures_total")
+    def _report(self, host: bytes, penalty: str, reason: str) -> None:
+        """A hop failed and is blamed: count it, score `penalty` against the host."""
+        self._metrics.inc("hop_failures_total", reason=penalty)
         if host != self.view.node_id:  # our own span failing is not a peer's misbehaviour
-            self.view.report(host, reason)
+            log.warning("host_reported", host=host.hex()[:8], penalty=penalty, reason=reason)
+            self.view.report(host, penalty)
 
     def route_event(self, job_id: str, hops: list[HopPlan], reason: str) -> RouteEvent:
         return RouteEvent(job_id, tuple(RouteHop(h.host.hex(), self.view.name_of(h.host), h.start,
@@ -217,6 +220,7 @@ class JobEngine:
             params = GenerationParams(
                 max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                 top_p=req.top_p, seed=req.seed, stop_sequences=req.stop,
+                stop_token_ids=self.registry.eos_token_ids(req.model),
             )  # fmt: skip
         except ValueError as exc:
             raise ApiError("bad_request", str(exc)) from None
@@ -282,11 +286,11 @@ class JobEngine:
 
     async def _embed_texts(
         self, model_id: str, texts: Sequence[str], micro_batch: int, codec: str, job_id: str,
-        emit: Emit,
+        emit: Emit, max_texts: int = MAX_TEXTS,
     ) -> tuple[torch.Tensor, _Costs, tuple[str, ...], float]:  # fmt: skip
         _check_codec(codec)
-        if not texts or len(texts) > MAX_TEXTS:
-            raise ApiError("bad_request", f"texts: expected 1..{MAX_TEXTS}, got {len(texts)}")
+        if not texts or len(texts) > max_texts:
+            raise ApiError("bad_request", f"texts: expected 1..{max_texts}, got {len(texts)}")
         if any(len(t) > MAX_TEXT_CHARS for t in texts):
             raise ApiError("bad_request", f"texts: each at most {MAX_TEXT_CHARS} characters")
         if not 1 <= micro_batch <= 256:
@@ -384,17 +388,23 @@ class JobEngine:
         """Zero-shot: embed texts and label descriptions, softmax over cosine similarity; a
         model trained by `train classify` instead runs its parent's embeddings over the mesh
         and its own head here."""
+        # the request's size is checked before anything is looked up, for either kind of model
+        shown = list(req.labels) if len(req.labels) <= 10 else f"{len(req.labels)} labels"
+        if len(req.labels) > MAX_LABELS:
+            raise ApiError("bad_request", f"labels: expected 2..{MAX_LABELS} distinct labels, got {shown}")
+        if not req.texts or len(req.texts) > MAX_TEXTS:
+            raise ApiError("bad_request", f"texts: expected 1..{MAX_TEXTS}, got {len(req.texts)}")
         head = self.registry.trained_head(req.model)
         if head is not None:
             return await self._classify_trained(req, job_id, emit, head)
         labels = tuple(lab.strip() for lab in req.labels if lab.strip())
         if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ApiError("bad_request", f"labels: expected at least 2 distinct labels, got {list(req.labels)}")
+            raise ApiError("bad_request", f"labels: expected 2..{MAX_LABELS} distinct labels, got {shown}")
         if "{}" not in req.template:
             raise ApiError("bad_request", "template: must contain {} where the label goes")
         prompts = [req.template.replace("{}", lab) for lab in labels]
         vectors, costs, _fo, elapsed = await self._embed_texts(
-            req.model, [*req.texts, *prompts], 16, "raw", job_id, emit
+            req.model, [*req.texts, *prompts], 16, "raw", job_id, emit, MAX_TEXTS + MAX_LABELS
         )
         texts_v, labels_v = vectors[: len(req.texts)], vectors[len(req.texts) :]
         sims = torch.nn.functional.normalize(texts_v, dim=-1) @ torch.nn.functional.normalize(labels_v, dim=-1).T

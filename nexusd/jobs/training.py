@@ -65,7 +65,7 @@ from ..exec.train_origin import (
     TrainPipeline,
 )
 from ..exec.train_replicas import Averaging, ReplicaGroup
-from ..exec.train_wire import SCHEDULES
+from ..exec.train_wire import MAX_TARGETS, SCHEDULES
 from ..metrics import Metrics
 from ..model_registry import ModelRegistry
 
@@ -84,7 +84,8 @@ class Route:
 
     plan: Callable[[str, frozenset[bytes]], list[HopPlan]]  # (model, excluded) -> hops
     connect: Callable[[HopPlan, str], Awaitable[TrainHop]]  # a hop's training session
-    report: Callable[[bytes, str], None]  # a host failed: scored and banned past a threshold
+    # a host failed, (host, penalty, reason): scored and banned past a threshold
+    report: Callable[[bytes, str, str], None]
     name_of: Callable[[bytes], str]
     wait_s: float = 60.0  # how long to wait for a route to appear
     on_route: Callable[[list[HopPlan], str], Awaitable[None]] | None = None  # told each route
@@ -113,6 +114,9 @@ def validate(req: TrainRequest) -> None:
         (1 <= req.micro_batch <= 512, "micro_batch", "1..512"),
         (1 <= req.accumulation <= 1024, "accumulation", "1..1024"),
         (2 <= req.seq_len <= 4096, "seq_len", "2..4096"),
+        (req.micro_batch * req.seq_len <= MAX_TARGETS, "micro_batch",
+         f"micro_batch x seq_len at most {MAX_TARGETS} (one message carries a loss step's "
+         "targets)"),
         (0 <= req.warmup_steps <= req.steps, "warmup_steps", "0..steps"),
         (req.clip >= 0 and math.isfinite(req.clip), "clip", ">= 0 (0: no clipping)"),
         (req.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
@@ -320,7 +324,7 @@ class TrainRun:
 
     def _failed(self, exc: HopFailed) -> None:
         if exc.blame:
-            self.route.report(exc.host, exc.reason)
+            self.route.report(exc.host, exc.penalty, exc.reason)
         if not exc.retryable:
             raise JobFailed(str(exc)) from exc
         self._excluded.add(exc.host)
@@ -517,7 +521,7 @@ class Mesh:
     node_id: bytes
     planner: Callable[[str, int], Callable[[int, int, frozenset[bytes]], list[HopPlan]]]
     connect: Callable[[HopPlan, str], Awaitable[TrainHop]]  # this node's hosts and remote ones
-    report: Callable[[bytes, str], None]
+    report: Callable[[bytes, str, str], None]  # (host, penalty, reason), see `Route.report`
     name_of: Callable[[bytes], str]
     registry: ModelRegistry
     limiter: trio.CapacityLimiter

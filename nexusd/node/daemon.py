@@ -5,15 +5,20 @@ else is touched; a second daemon is refused with the holder's pid.
 Rule 2: shutdown is graceful and bounded: a stop request (signal or API) first drains (no
 new jobs, running ones may finish) for at most `node.shutdown_grace_s`, then cancels
 everything; a second signal cancels at once.
+Rule 3: SIGHUP (`systemctl reload`) re-reads the config and applies what is safe while
+running: `log.level`, and entries added to `atoms.host` (hosted at once). Anything else
+that changed (ports, keys, budgets, removed spans) is named in a warning: it takes a
+restart. A config that does not load is logged and the running one is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -30,7 +35,7 @@ from .. import __version__
 from ..api.records import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
 from ..api.server import ApiServer, Emit
 from ..config import Config
-from ..errors import AlreadyRunning
+from ..errors import NEXUS_ERRORS, AlreadyRunning
 from ..exec.hosting import SpanHost, warm_up
 from ..exec.planner import MeshView
 from ..exec.train_host import TrainHost
@@ -38,6 +43,7 @@ from ..exec.wire import Signer
 from ..jobs.engine import JobEngine, TrainingSetup
 from ..jobs.journal import Journal
 from ..jobs.service import JobService
+from ..logging import set_level
 from ..metrics import Metrics, serve_metrics
 from ..model_registry import ModelRegistry, parse_host_spec
 from ..paths import NodePaths, ensure_private_dir
@@ -45,6 +51,7 @@ from .files import MeshInfo, load_name, load_node_key
 from .mesh_service import MeshApi, MeshService, NodeView
 
 log = structlog.get_logger(__name__)
+_RELOADABLE = frozenset({("log", "level"), ("atoms", "host")})  # what SIGHUP applies
 
 
 @contextmanager
@@ -86,6 +93,8 @@ class Daemon:
         self.mesh_info = MeshInfo.load(paths.mesh_file)
         self.started_at = time.monotonic()
         self._stop = trio.Event()
+        self._config_spans: set[str] = set()  # atoms.host entries hosted (start or reload)
+        self._reloading = trio.Lock()  # one SIGHUP reload at a time
         self.registry = ModelRegistry(Path(cfg.atoms.models_dir) if cfg.atoms.models_dir
                                       else paths.models_dir)  # fmt: skip
         self.limiter = trio.CapacityLimiter(1)  # one device: torch work runs one at a time
@@ -140,6 +149,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 for spec in self.cfg.atoms.host:
                     await self.host_span(spec)
+                    self._config_spans.add(spec)
                 await nursery.start(self.mesh.run)
                 await nursery.start(self.jobs.run)
                 await nursery.start(self.api.run)
@@ -181,6 +191,32 @@ class Daemon:
         log.info("span_hosted", model=model_id, start=start, end=end, warm_up_ms=round(warm_s * 1e3, 1))
         return hosted
 
+    async def reload(self, new: Config) -> None:
+        """Apply a re-read config (SIGHUP, see Rule 3)."""
+        async with self._reloading:
+            await self._reload(new)
+
+    async def _reload(self, new: Config) -> None:
+        set_level(new.log.level)
+        for spec in new.atoms.host:
+            if spec in self._config_spans:
+                continue
+            try:
+                await self.host_span(spec)
+            except NEXUS_ERRORS as exc:  # ApiError included (bad spec, unknown model)
+                log.error("reload_host_failed", spec=spec, reason=str(exc))
+                continue
+            self._config_spans.add(spec)
+        old, fresh = dataclasses.asdict(self.cfg), dataclasses.asdict(new)
+        restart = sorted(f"{section}.{key}" for section, values in fresh.items()
+                         for key, value in values.items()
+                         if value != old[section][key] and (section, key) not in _RELOADABLE)  # fmt: skip
+        unhost = sorted(self._config_spans - set(new.atoms.host))
+        log.info("config_reloaded", log_level=new.log.level,
+                 hosted=[f"{h.model_id}:{h.start}-{h.end}" for h in self.host.hosted()])  # fmt: skip
+        if restart or unhost:
+            log.warning("config_reload_needs_restart", keys=restart, still_hosted=unhost)
+
     def _joined(self) -> None:
         self.mesh_info = MeshInfo.load(self.paths.mesh_file)
 
@@ -217,21 +253,38 @@ class Daemon:
         return OkReply(f"hosting {hosted.model_id} atoms [{hosted.start},{hosted.end})")
 
 
-async def run_daemon(cfg: Config, paths: NodePaths) -> None:
-    """`nexusd run`: hold the lock, run the daemon, stop on SIGINT/SIGTERM.
+async def run_daemon(cfg: Config, paths: NodePaths,
+                     reload_config: Callable[[], Config] | None = None) -> None:  # fmt: skip
+    """`nexusd run`: hold the lock, run the daemon, stop on SIGINT/SIGTERM, reload on SIGHUP.
 
-    The first signal asks for a graceful stop; a second one cancels at once.
+    The first SIGINT/SIGTERM asks for a graceful stop; a second one cancels at once.
+    SIGHUP calls `reload_config` (off the event loop) and applies the result (Rule 3); a
+    config that fails to load is logged, the running one stays.
     """
     with node_lock(paths):
         daemon = Daemon(cfg, paths)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+
+                async def reload() -> None:
+                    if reload_config is None:
+                        log.warning("config_reload_unavailable")
+                        return
+                    try:
+                        new = await trio.to_thread.run_sync(reload_config)
+                    except NEXUS_ERRORS as exc:  # ConfigError: keep the running config
+                        log.error("config_reload_failed", reason=str(exc))
+                        return
+                    await daemon.reload(new)
 
                 async def watch_signals() -> None:
                     count = 0
                     async for signum in signals:
-                        count += 1
                         log.info("signal_received", signal=signal.Signals(signum).name)
+                        if signum == signal.SIGHUP:
+                            nursery.start_soon(reload)
+                            continue
+                        count += 1
                         if count == 1:
                             daemon.request_stop()
                         else:

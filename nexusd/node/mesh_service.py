@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 import trio
@@ -25,9 +25,11 @@ from mesh.identity import MeshSecret
 from mesh.membership import parse_invite
 from mesh.node import MeshIdentity, MeshNode
 from mesh.routing import HostSpan, Link
+from mesh.scoring import DEFAULT_WEIGHTS
 from mesh.state import MeshState, NodeState
 from mesh.store import StateStore
-from mesh.transport.base import Stream, TransportConfig
+from mesh.sync import classify_rejection
+from mesh.transport.base import Stream, TransportConfig, local_ipv4_addresses
 
 from ..api.records import (
     InviteReply,
@@ -42,7 +44,7 @@ from ..api.records import (
     WaitRequest,
 )
 from ..api.server import ApiServer, Emit
-from ..config import Config
+from ..config import MAX_PROBE_BYTES, Config, MeshConfig
 from ..errors import ApiError
 from ..exec.hosting import SpanHost, TrainHandler
 from ..exec.planner import DEFAULT_COMPUTE_S_PER_ATOM, ExecStream
@@ -52,11 +54,36 @@ from ..metrics import Metrics
 from ..paths import NodePaths
 from .files import MeshInfo, write_mesh_files
 
+if TYPE_CHECKING:
+    from mesh.transport.direct import DirectListener
+
 log = structlog.get_logger(__name__)
 CODECS = ("raw", "fp16", "bf16", "int8")
 PROBE_PROTOCOL = "/nexus/probe/1"
 UNPROBED_BANDWIDTH = 12.5e6  # bytes/s assumed until a probe measured it (100 Mbit/s)
 BANDWIDTH_ALPHA = 0.5
+
+
+def transport_config(cfg: Config) -> TransportConfig:
+    m = cfg.mesh
+    return TransportConfig(max_frame_bytes=m.max_frame_bytes, read_timeout_s=m.read_timeout_s,
+                           write_timeout_s=m.write_timeout_s, connect_timeout_s=m.connect_timeout_s,
+                           gossip_heartbeat_s=m.gossip_heartbeat_s)  # fmt: skip
+
+
+def advertise_hosts(m: MeshConfig) -> tuple[str, ...]:
+    """The IPv4 addresses peers can dial us at: `listen_host`, or when that is 0.0.0.0,
+    `advertise_host`, else this machine's interface addresses (warned: a multi-homed
+    machine may prefer one). Never 0.0.0.0 itself: nobody can dial it."""
+    if m.listen_host != "0.0.0.0":
+        return (m.listen_host,)
+    if m.advertise_host:
+        return (m.advertise_host,)
+    hosts = tuple(local_ipv4_addresses()) or ("127.0.0.1",)
+    log.warning("advertising_interface_addresses", listen_host=m.listen_host,
+                advertised=list(hosts), hint="set mesh.advertise_host to pick the one "
+                "peers should dial")  # fmt: skip
+    return hosts
 
 
 class MeshService:
@@ -77,6 +104,8 @@ class MeshService:
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
         self.direct_addr = ""  # "host:port" of our direct listener once it listens
+        self.direct: DirectListener | None = None
+        self.advertised: tuple[str, ...] = ()  # hosts in our addresses (never 0.0.0.0)
         self.tcfg: TransportConfig | None = None
         self.bandwidth: dict[bytes, float] = {}  # bytes/s per peer, EWMA of probes
         self.probes: dict[bytes, int] = {}  # probes completed per peer
@@ -91,11 +120,11 @@ class MeshService:
 
         key = self.signer.key
         m = self.cfg.mesh
-        tcfg = TransportConfig(max_frame_bytes=m.max_frame_bytes, read_timeout_s=m.read_timeout_s,
-                               write_timeout_s=m.write_timeout_s,
-                               connect_timeout_s=m.connect_timeout_s)  # fmt: skip
+        tcfg = transport_config(self.cfg)
+        self.advertised = advertise_hosts(m)
         async with (
-            open_libp2p_transport(key.seed, m.listen_port, tcfg, listen_host=m.listen_host) as transport,
+            open_libp2p_transport(key.seed, m.listen_port, tcfg, listen_host=m.listen_host,
+                                  advertise_hosts=self.advertised) as transport,
             self._open_state() as (identity, state, store),
         ):
                 node = MeshNode(key=key, transport=transport, identity=identity, state=state,
@@ -158,13 +187,22 @@ class MeshService:
         from mesh.transport.direct import open_direct_listener
 
         m = self.cfg.mesh
+        # `is_member` is the listener's whole admission: members only, and not while banned
+        # (or revoked); a peer cut off later loses its open streams too.
         async with open_direct_listener(self.signer.key, m.listen_host, m.direct_port, tcfg,
                                         self.is_member, self._serve_exec_direct) as listener:  # fmt: skip
-            self.direct_addr = f"{m.listen_host}:{listener.port}"
+            self.direct = listener
+            if self.node is not None:
+                self.node.on_peer_excluded(self._close_direct)
+            self.direct_addr = f"{self.advertised[0]}:{listener.port}"
             log.info("direct_listening", addr=self.direct_addr)
             self.refresh_advert()
             task_status.started()
             await trio.sleep_forever()
+
+    async def _close_direct(self, peer: bytes) -> None:
+        if self.direct is not None:
+            await self.direct.disconnect(peer)
 
     async def open_exec_stream(self, peer: bytes) -> Stream:
         """A stream for activations to `peer`: its direct channel if it advertises one and
@@ -191,10 +229,12 @@ class MeshService:
         try:
             await self._serve_exec(stream)
         except PeerProtocolError as exc:
+            reason, penalty = classify_rejection(exc)
             log.warning("exec_peer_misbehaved", peer=stream.remote_id.hex()[:8],
-                        error=type(exc).__name__, reason=str(exc))  # fmt: skip
-            if self.node is not None:
-                await self.node.report(stream.remote_id, "malformed")
+                        error=type(exc).__name__, reason=reason, detail=str(exc))  # fmt: skip
+            self.metrics.inc("exec_rejections_total", reason=reason, channel="direct")
+            if self.node is not None and penalty is not None:
+                await self.node.report(stream.remote_id, penalty)
 
     async def _serve_exec(self, stream: Stream) -> None:
         node = self.node
@@ -212,7 +252,8 @@ class MeshService:
 
     async def _serve_probe(self, stream: Stream) -> None:
         try:
-            payload = await stream.receive(timeout_s=self.cfg.mesh.read_timeout_s)
+            payload = await stream.receive(timeout_s=self.cfg.mesh.read_timeout_s,
+                                           max_bytes=MAX_PROBE_BYTES)  # fmt: skip
             await stream.send(len(payload).to_bytes(8, "big"))
         finally:
             await close_bounded(stream.aclose)
@@ -229,7 +270,7 @@ class MeshService:
                 try:
                     t0 = time.perf_counter()
                     await stream.send(bytes(size))
-                    ack = await stream.receive()
+                    ack = await stream.receive(max_bytes=8)
                     elapsed = time.perf_counter() - t0
                 finally:
                     await close_bounded(stream.aclose)
@@ -272,8 +313,8 @@ class MeshService:
             return
         spans = tuple(self.host.hosted())
         free_kv = max(0, self.cfg.atoms.kv_cache_budget_bytes - self.host.kv_bytes_used)
-        self.node.set_local_advert(spans, free_kv, free_kv // 4096, CODECS, state,
-                                   direct_addr=self.direct_addr)
+        self.node.set_local_advert(spans, free_kv, free_kv_tokens(free_kv, self.host), CODECS,
+                                   state, direct_addr=self.direct_addr)  # fmt: skip
         self.refresh_load()
 
     def refresh_load(self) -> None:
@@ -285,6 +326,9 @@ class MeshService:
     def _export_mesh_metrics(self, node: MeshNode) -> None:
         for reason, n in node.counters().items():
             self.metrics.set_total("mesh_rejections_total", n, reason=reason)
+        if self.direct is not None:
+            for reason, n in self.direct.refusals.items():
+                self.metrics.set_total("direct_refusals_total", n, reason=reason)
         st = node.status()
         self.metrics.set("mesh_members", st.members)
         self.metrics.set("mesh_peers_connected", st.connected)
@@ -299,10 +343,12 @@ class MeshService:
     # ---- the view the job engine routes with -----------------------------------------------
 
     def is_member(self, node_id: bytes) -> bool:
+        """Whether `node_id` may talk to us on any channel: a member (the founder included),
+        not revoked, not serving a ban (`MeshNode.admits`); before joining, only ourselves."""
         node = self.node
         if node is None or node.state is None:
             return node_id == self.signer.key.node_id
-        return node.state.is_member(node_id, int(time.time() * 1000)) or node_id == node.state.founder
+        return node_id == self.signer.key.node_id or node.admits(node_id)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -361,11 +407,24 @@ class NodeView:
     async def open_exec_stream(self, node_id: bytes) -> ExecStream:
         return await self._svc.open_exec_stream(node_id)
 
-    def report(self, node_id: bytes, reason: str) -> None:
+    def report(self, node_id: bytes, penalty: str) -> None:
+        """Score a host that failed a hop: `penalty` is the session's verdict ("bad_output",
+        "malformed", "timeout", ...; anything without a weight counts as "timeout")."""
         svc = self._svc
         if svc.node is not None and svc._nursery is not None:
-            svc._nursery.start_soon(svc.node.report, node_id, "bad_output" if "invalid" in reason
-                                    else "timeout")  # fmt: skip
+            known = penalty in DEFAULT_WEIGHTS
+            svc._nursery.start_soon(svc.node.report, node_id, penalty if known else "timeout")
+
+
+#: Advertised free KV tokens of a node whose spans keep no KV cache (no token costs memory).
+UNBOUNDED_KV_TOKENS = 2**31 - 1
+
+
+def free_kv_tokens(free_bytes: int, host: SpanHost) -> int:
+    """How many tokens of KV cache one session can still get here: free bytes over what a
+    token costs across the most demanding hosted span (from its atoms' KV layouts)."""
+    per_token = host.kv_bytes_per_token()
+    return free_bytes // per_token if per_token else UNBOUNDED_KV_TOKENS
 
 
 def _util(node: MeshNode, target: bytes) -> float:
@@ -427,7 +486,7 @@ class MeshApi:
             raise ApiError("conflict", str(exc)) from None
         except JoinRefused as exc:
             raise ApiError("refused", f"join refused: {exc.reason.value}: {exc.detail}") from None
-        except PeerProtocolError as exc:
+        except (PeerProtocolError, ValueError) as exc:  # a bad token, or addresses in it
             raise ApiError("bad_request", f"invalid invite: {exc}") from None
         except (MeshError, trio.TooSlowError) as exc:
             raise ApiError("unavailable", f"cannot reach the inviting node: {exc}") from None

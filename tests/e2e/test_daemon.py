@@ -122,3 +122,32 @@ def test_env_and_flags_reach_the_daemon(node_dir: Path) -> None:
         status = json.loads(run_cli(["status", "--data-dir", str(node_dir), "--json"]).stdout)
         assert status["name"] == "from-env"
     assert os.environ.get("NEXUSD_NODE__NAME") is None
+
+
+def test_sighup_reloads_what_it_can_and_never_stops_the_node(
+    node_dir: Path, models_dir: Path
+) -> None:
+    """`systemctl reload` sends SIGHUP: the daemon re-reads its config, applies the log level
+    and hosts a newly listed span at once, names what needs a restart, survives a broken
+    file, and keeps serving; SIGTERM still stops it cleanly."""
+    config = node_dir / "config.toml"
+    original = config.read_text()
+    env = {"NEXUSD_ATOMS__MODELS_DIR": str(models_dir)}
+    with running(node_dir, "--port", "0", env=env) as daemon:
+        config.write_text(original.replace('level = "info"', 'level = "debug"')
+                          .replace("host = []", 'host = ["minilm"]')
+                          .replace("max_sessions = 64", "max_sessions = 8"))  # fmt: skip
+        daemon.proc.send_signal(signal.SIGHUP)
+        reloaded = daemon.wait_for("config_reloaded", 120)
+        assert reloaded["log_level"] == "debug" and "minilm:0-8" in reloaded["hosted"]
+        restart = daemon.wait_for("config_reload_needs_restart", 5)
+        assert restart["keys"] == ["atoms.max_sessions"]
+        status = json.loads(run_cli(["status", "--data-dir", str(node_dir), "--json"]).stdout)
+        assert status["pid"] == daemon.proc.pid and status["hosted"] == ["minilm:0-8"]
+        config.write_text("[mesh]\nno_such_key = 1\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = daemon.wait_for("config_reload_failed", 30)
+        assert "unknown key mesh.no_such_key" in failed["reason"]
+        config.write_text(original)  # the CLI reads it too
+        assert run_cli(["status", "--data-dir", str(node_dir)]).returncode == 0
+        assert daemon.stop(signal.SIGTERM) == 0

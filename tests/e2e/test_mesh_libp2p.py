@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import os
 import random
+import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+import structlog.testing
 import trio
 
+from mesh.errors import MalformedMessage, PeerProtocolError, TransportBroken
 from mesh.identity import MeshSecret, NodeKey
+from mesh.join import JOIN_PROTOCOL
+from mesh.membership import JoinReject, create_invite
 from mesh.node import MeshIdentity, MeshNode, MeshNodeConfig
 from mesh.state import HostedSpan, MeshState
 from mesh.transport.base import TransportConfig
-from mesh.transport.libp2p import open_libp2p_transport
+from mesh.transport.libp2p import _map_errors, open_libp2p_transport
+from mesh.wire import decode
 
 pytestmark = pytest.mark.e2e
 
@@ -66,3 +73,61 @@ async def test_three_nodes_join_by_invite_and_see_each_others_adverts() -> None:
                 assert all(ad.addrs and ad.addrs[0].startswith("/ip4/127.0.0.1/tcp/")
                            for ad in node.live_adverts().values())  # fmt: skip
                 assert {c.name for c in node.members().values()} == {"alpha", "beta"}
+
+
+async def test_join_flood_with_64_mib_prefixes_is_refused_on_the_prefix() -> None:
+    """A non-member opens 16 join streams at once, each announcing a 64 MiB request and
+    sending 64 KiB of it. The member refuses every one before reading a body: the first 3
+    (the per-peer burst) on the length prefix (stream reset), the rest by the rate limit,
+    answered before anything is read; each refusal is logged with its reason and counted."""
+    founder_key, outsider_key = NodeKey.generate(), NodeKey.generate()
+    identity = MeshIdentity(os.urandom(16), founder_key.node_id, MeshSecret.generate())
+    body = struct.pack(">I", 64 * 1024 * 1024) + bytes(64 * 1024)
+    outcomes: list[str] = []
+    with trio.fail_after(20), structlog.testing.capture_logs() as logs:
+        async with (
+            running_node(founder_key, identity, 0) as founder,
+            open_libp2p_transport(outsider_key.seed, 0, TRANSPORT) as outsider,
+        ):
+            await outsider.connect(founder.node_id, founder.transport.listen_addrs())
+
+            async def attack() -> None:
+                stream = await outsider.open_stream(founder.node_id, JOIN_PROTOCOL)
+                try:
+                    with _map_errors("write", founder.node_id):  # raw: no client sends it
+                        await stream._net.write(body)
+                    reply = decode(await stream.receive(), JoinReject)
+                    outcomes.append(reply.reason.value)
+                except TransportBroken:
+                    outcomes.append("reset")
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):
+                    nursery.start_soon(attack)
+            counters = founder.counters()
+    assert counters["join_oversize"] == 3 and counters["join_rate_limited"] == 13
+    assert sorted(outcomes) == ["rate_limited"] * 13 + ["reset"] * 3
+    reasons = [e["reason"] for e in logs if e["event"] == "join_refused"]
+    assert sorted(reasons) == ["oversize"] * 3 + ["rate_limited"] * 13
+
+
+async def test_invite_whose_bootstrap_names_another_node_is_a_clear_refusal() -> None:
+    """A token from another mesh whose bootstrap address was rewritten to a real member's
+    address (with that member's /p2p/ id): refused as an invalid invite, naming the
+    address problem, not a ValueError from libp2p's address handling."""
+    keys = [NodeKey.generate() for _ in range(3)]
+    identity = MeshIdentity(os.urandom(16), keys[0].node_id, MeshSecret.generate())
+    other_admin = NodeKey.generate()
+    with trio.fail_after(10):
+        async with (
+            running_node(keys[0], identity, 0) as member,
+            running_node(keys[1], None, 1) as joiner,
+        ):
+            token, _record = create_invite(other_admin, os.urandom(16),
+                                           tuple(member.transport.listen_addrs()), 3600, 1, "",
+                                           time.time())  # fmt: skip
+            with pytest.raises(MalformedMessage, match="bootstrap address is not valid for the "
+                               "invite's issuer") as refused:  # fmt: skip
+                await joiner.join(token, "j")
+            assert isinstance(refused.value, PeerProtocolError)  # the API says bad_request
+            assert joiner.identity is None

@@ -10,7 +10,7 @@ import trio
 
 from atoms.llama import LlamaConfig, build_llama_atoms, init_random
 from atoms.span import Span
-from mesh.errors import TransportBroken
+from mesh.errors import OversizeMessage, TransportBroken
 from mesh.hlc import HybridClock
 from mesh.identity import EnvelopeVerifier, NodeKey
 from nexusd.exec.hosting import SpanHost
@@ -45,14 +45,18 @@ class FakeStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise TransportBroken("stream broken") from None
 
-    async def receive(self, *, timeout_s: float | None = None) -> bytes:
+    async def receive(self, *, timeout_s: float | None = None, max_bytes: int | None = None) -> bytes:
         try:
             with trio.fail_after(math.inf if timeout_s is None else timeout_s):
-                return await self._in.receive()
+                payload = await self._in.receive()
         except trio.TooSlowError:
             raise TransportBroken("receive deadline passed") from None
         except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
             raise TransportBroken("stream closed") from None
+        if max_bytes is not None and len(payload) > max_bytes:
+            self.break_()
+            raise OversizeMessage(f"frame of {len(payload)} bytes, over the limit of {max_bytes}")
+        return payload
 
     async def aclose(self) -> None:
         await self._out.aclose()
@@ -87,7 +91,8 @@ class Cluster:
         self.origin = Node("origin", [])
         self.hosts: dict[bytes, Node] = {h.id: h for h in hosts}
         self.members = {self.origin.id, *self.hosts}
-        self.failures: list[tuple[bytes, str]] = []
+        self.failures: list[tuple[bytes, str]] = []  # (host, reason)
+        self.penalties: list[tuple[bytes, str]] = []  # (host, what it is scored for)
 
     def is_member(self, node_id: bytes) -> bool:
         return node_id in self.members
@@ -107,8 +112,9 @@ class Cluster:
         except TransportBroken:
             pass
 
-    def report(self, host: bytes, reason: str) -> None:
+    def report(self, host: bytes, penalty: str, reason: str) -> None:
         self.failures.append((host, reason))
+        self.penalties.append((host, penalty))
 
     def session(self, plan: Callable[[int, int, frozenset[bytes]], list[HopPlan]], *,
                 max_len: int = 32) -> RoutedSession:

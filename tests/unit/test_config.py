@@ -105,7 +105,7 @@ def test_env_values_are_typed(tmp_path: Path) -> None:
 def test_mesh_keys_reach_the_mesh_node_by_name() -> None:
     from mesh.node_config import MeshNodeConfig
 
-    assert len(MESH_NODE_KEYS) == 12
+    assert len(MESH_NODE_KEYS) == 13  # join_window_s included
     assert Config().mesh.node_config() == MeshNodeConfig()  # one set of defaults
     for name in MESH_NODE_KEYS:
         doubled = 2 * getattr(MeshConfig(), name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import structlog
@@ -28,6 +29,7 @@ from nexusd.exec.wire import HOST_INBOUND, ORIGIN_INBOUND, ExecChannel
 
 from . import transport_conformance as conformance
 from .exec_fixtures import Node, tiny_llama
+from .test_node import Mesh, daemon_view_of
 
 CONFIG = conformance.CONFIG
 LOCAL = "127.0.0.1"
@@ -76,6 +78,9 @@ class DirectNode:
 
     def set_admission(self, is_member: Callable[[bytes], bool]) -> None:
         self._is_member = is_member
+
+    def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
+        return  # a direct listener tells nobody of connections (admission is its own)
 
     async def dispatch(self, stream: Stream) -> None:
         handler = self._handlers.get(stream.protocol)
@@ -137,6 +142,7 @@ def direct_opener() -> conformance.OpenNode:
 POINT_TO_POINT = (
     conformance.check_echo_sizes,
     conformance.check_oversize,
+    conformance.check_receive_limit,
     conformance.check_receive_deadline,
     conformance.check_close_then_use,
 )
@@ -198,6 +204,41 @@ async def test_non_member_is_refused_after_the_handshake_with_a_logged_reason() 
             {"event": "direct_refused", "reason": "not_member", "peer": ALICE.node_id.hex()[:8],
              "error": None, "log_level": "warning"}
         ]  # fmt: skip
+
+
+async def test_banned_or_revoked_member_is_cut_off_and_refused_on_the_direct_channel(
+    tmp_path: Path,
+) -> None:
+    """Wired as the daemon wires it (`MeshService.is_member` as the listener's gate, its
+    `_close_direct` on the node's exclusion hook): a member that gets banned, or revoked,
+    loses its open direct streams and cannot handshake again. Real sockets, real clock."""
+    async with trio.open_nursery() as nursery:
+        mesh = Mesh(nursery)
+        founder = await mesh.start_founder()
+        a = await mesh.add_joiner(name="a")
+        b = await mesh.add_joiner(name="b")
+        svc = daemon_view_of(founder, tmp_path, nursery)
+        async with open_direct_listener(founder.key, LOCAL, 0, CONFIG, svc.is_member,
+                                        echo) as listener:  # fmt: skip
+            svc.direct = listener
+            founder.on_peer_excluded(svc._close_direct)
+            streams = {}
+            for member in (a, b):
+                stream = await connect_direct(member.key, listener.addr, founder.node_id, CONFIG)
+                assert await conformance.round_trip(stream, b"hello") == b"hello"
+                streams[member.node_id] = stream
+            await founder.report(a.node_id, "bad_output", weight=1000.0)  # banned
+            await founder.revoke(b.node_id)
+            with structlog.testing.capture_logs() as logs:
+                for member in (a, b):
+                    with pytest.raises(TransportBroken):  # its open stream was closed
+                        await conformance.round_trip(streams[member.node_id], b"still there?")
+                    with pytest.raises(TransportBroken, match="did not admit us"):
+                        await connect_direct(member.key, listener.addr, founder.node_id, CONFIG)
+            assert listener.refusals == {"not_member": 2}
+            assert [e["peer"] for e in logs if e["event"] == "direct_refused"] == [
+                a.node_id.hex()[:8], b.node_id.hex()[:8]]  # fmt: skip
+        nursery.cancel_scope.cancel()
 
 
 async def test_impostor_claiming_a_members_id_is_refused() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ import trio
 from atoms.atom import ForwardContext
 from atoms.span import Span
 from nexusd.exec.session import HopFailed, JobFailed, RoutedSession, StepInput
+from nexusd.exec.wire import header_of
 
 from .exec_fixtures import Cluster, Node, tiny_llama
 
@@ -95,6 +97,7 @@ async def test_host_killed_mid_generation_output_identical() -> None:
         nursery.cancel_scope.cancel()
     assert got == want
     assert [h for h, _ in cl.failures] == [b1.id]
+    assert cl.penalties == [(b1.id, "timeout")]  # a dead host is a failure, not misbehaviour
     assert b2.metrics.value("exec_steps_total", model="tiny") == 12 - 6 + 6  # replay + rest
 
 
@@ -124,6 +127,35 @@ async def test_nan_output_is_rejected_and_rerouted() -> None:
         nursery.cancel_scope.cancel()
     assert got == want
     assert cl.failures[0][0] == bad.id and "NaN" in cl.failures[0][1]
+    assert cl.penalties == [(bad.id, "bad_output")]
+
+
+async def test_wrong_shape_output_is_scored_as_a_bad_output_not_a_timeout() -> None:
+    """A host answering with fewer tokens than it was given is blamed for a bad output (the
+    daemon bans on those); its replacement gives the right answer."""
+    model = tiny_llama()
+    want = reference_greedy(model, 3)
+    bad, good = Node("bad", split(model, [(0, 6)])), Node("good", split(model, [(0, 6)]))
+    original = bad.host._compute
+
+    async def truncated(*args: Any, **kwargs: Any) -> tuple[StepResult, Encoded]:
+        result, enc = await original(*args, **kwargs)
+        from atoms.codecs import decode, encode
+
+        short = encode(decode(enc)[:, :1])  # the last token's logits only
+        return dataclasses.replace(result, tensor=header_of(short)), short
+
+    bad.host._compute = truncated  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [bad, good])
+        sess = cl.session(cl.planner([(0, 6, [bad.id, good.id])]))
+        await sess.open()
+        got = await routed_greedy(sess, 3)
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == want
+    assert cl.failures == [(bad.id, "invalid output: 1 tokens, input had 5")]
+    assert cl.penalties == [(bad.id, "bad_output")]
 
 
 async def test_kv_budget_exhausted_is_refused_and_routed_elsewhere() -> None:

@@ -4,13 +4,17 @@ revocation, leases, frozen peers, restart from the store."""
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
 import structlog.testing
+import torch
 import trio
 import trio.testing
 
+from atoms.codecs import Encoded
+from atoms.codecs import encode as encode_tensor
 from mesh.errors import (
     AdminRequired,
     DecryptionFailed,
@@ -23,7 +27,7 @@ from mesh.errors import (
     UnknownSender,
 )
 from mesh.hlc import HybridClock, wall_ms_of
-from mesh.identity import NodeKey, seal
+from mesh.identity import EnvelopeVerifier, NodeKey, seal
 from mesh.join import load_invite_book, save_invite_book
 from mesh.liveness import RttTable
 from mesh.membership import InviteBook, JoinRefusal, create_invite
@@ -45,8 +49,24 @@ from mesh.sync import (
     gossip_topic,
     seal_delta,
 )
-from mesh.transport.base import Transport
+from mesh.transport.base import Stream, Transport
 from mesh.transport.memory import LinkFaults, MemoryNetwork, open_memory_transport
+from nexusd.config import Config
+from nexusd.exec.hosting import SpanHost
+from nexusd.exec.session import HopPlan, JobFailed, RemoteHop, RoutedSession, StepInput
+from nexusd.exec.wire import (
+    EXEC_PROTOCOL,
+    HOST_INBOUND,
+    ORIGIN_INBOUND,
+    ExecChannel,
+    Signer,
+    Step,
+    StepResult,
+    header_of,
+)
+from nexusd.metrics import Metrics
+from nexusd.node.mesh_service import MeshService, NodeView
+from nexusd.paths import resolve_paths
 
 from ..sim.sim_fixtures import (
     FAST_CFG,
@@ -58,6 +78,7 @@ from ..sim.sim_fixtures import (
     sim_wall,
     wait_until,
 )
+from .exec_fixtures import TINY, tiny_llama
 
 
 class Mesh:
@@ -305,8 +326,11 @@ async def test_restarted_node_resumes_with_its_persisted_state(
 
 
 async def test_misbehaving_member_is_scored_banned_and_refused(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
+    """A member whose span answers with outputs of the wrong shape: the origin's session
+    blames it, the daemon's view scores it "bad_output" (not "timeout"), and past the
+    threshold it is banned, cut off, and refused by every channel's admission."""
     async with trio.open_nursery() as nursery:
         mesh = Mesh(nursery)
         founder = await mesh.start_founder()
@@ -317,14 +341,86 @@ async def test_misbehaving_member_is_scored_banned_and_refused(
         with trio.fail_after(5):
             await founder.wait_for(lambda: founder.counters().get("malformed", 0) == 1)
         assert not founder.is_banned(a.node_id)
-        await founder.report(a.node_id, "bad_output", weight=1000.0)
+        serve_bad_outputs(a)
+        svc = daemon_view_of(founder, tmp_path, nursery)
+        view = NodeView(svc)
+        with structlog.testing.capture_logs() as logs:
+            for attempt in range(4):  # each bad output adds 40 (threshold 100, with decay)
+                if founder.is_banned(a.node_id):
+                    break
+                session = RoutedSession(
+                    n_atoms=6, plan=partial(only_host, a.node_id), make_hop=partial(exec_hop, founder),
+                    report_failure=lambda h, p, _r: view.report(h, p), batch=1, max_len=0,
+                )  # fmt: skip
+                await session.open()
+                with pytest.raises(JobFailed, match="no other host"):
+                    await session.step(StepInput(torch.tensor([[5, 17, 42, 8, 3]]), 0, True, b""))
+                assert session.failovers == [f"host {a.node_id.hex()[:8]}: invalid output: "
+                                             "2 tokens, input had 5"]  # fmt: skip
+                with trio.fail_after(5):
+                    await founder.wait_for(lambda n=attempt: founder.counters()["bad_output"] > n)
+        assert [e["reason"] for e in logs if e["event"] == "peer_banned"] == ["bad_output"]
         assert founder.is_banned(a.node_id) and founder.penalty_s(a.node_id) > 0
-        assert founder.counters()["ban"] == 1 and founder.counters()["bad_output"] == 1
+        counters = founder.counters()
+        assert counters["ban"] == 1 and counters["bad_output"] >= 2 and "timeout" not in counters
         assert a.node_id not in founder.connected()
         with pytest.raises(TransportBroken):  # its streams are refused while banned
             await open_and_read(a.transport, founder.node_id, SYNC_PROTOCOL)
+        assert not svc.is_member(a.node_id)  # ... and so is its direct channel (same gate)
         assert founder.status().banned == 1
         nursery.cancel_scope.cancel()
+
+
+def serve_bad_outputs(node: MeshNode) -> None:
+    """`node` hosts a tiny Llama over the exec protocol but answers every step with logits
+    for 2 tokens, whatever it was given. (Its compute is replaced, not wrapped: torch in a
+    worker thread would let the autojump clock run past every deadline meanwhile.)"""
+    host = SpanHost([tiny_llama()], kv_budget_bytes=1 << 24, max_sessions=4,
+                    limiter=trio.CapacityLimiter(1), metrics=Metrics())  # fmt: skip
+
+    async def truncated(_peer: bytes, _sess: object, msg: Step, *_args: object
+                        ) -> tuple[StepResult, Encoded]:  # fmt: skip
+        enc = encode_tensor(torch.zeros((1, 2, TINY.vocab_size)))
+        return StepResult(session_id=msg.session_id, step_id=msg.step_id, tensor=header_of(enc),
+                          compute_s=0.001, queue_s=0.0), enc
+
+    host._compute = truncated  # type: ignore[method-assign,assignment]
+    signer = Signer(node.key, HybridClock(max_drift_s=5))
+
+    async def serve(stream: Stream) -> None:
+        channel = ExecChannel(stream, signer, verifier(signer), node.admits, HOST_INBOUND)
+        await host.serve(channel, idle_timeout_s=1e6)  # virtual time: never idles out
+
+    node.set_stream_handler(EXEC_PROTOCOL, serve)
+
+
+def verifier(signer: Signer) -> EnvelopeVerifier:
+    return EnvelopeVerifier(clock=signer.clock, window_s=60, max_body_bytes=1 << 20,
+                            replay_capacity=1000)  # fmt: skip
+
+
+def daemon_view_of(node: MeshNode, tmp: Path, nursery: trio.Nursery) -> MeshService:
+    """The daemon's mesh service around a running node (what `NodeView` reports through)."""
+    signer = Signer(node.key, HybridClock(max_drift_s=5))
+    host = SpanHost([], kv_budget_bytes=1, max_sessions=1, limiter=trio.CapacityLimiter(1),
+                    metrics=Metrics())  # fmt: skip
+    svc = MeshService(Config(), resolve_paths(str(tmp), "", {}), signer, host, Metrics(),
+                      verifier(signer), "founder")  # fmt: skip
+    svc.node, svc._nursery = node, nursery
+    return svc
+
+
+def only_host(host: bytes, start: int, end: int, excluded: frozenset[bytes]) -> list[HopPlan]:
+    if host in excluded:
+        raise JobFailed("no other host")
+    return [HopPlan(host, start, end)]
+
+
+async def exec_hop(origin: MeshNode, plan: HopPlan) -> RemoteHop:
+    signer = Signer(origin.key, HybridClock(max_drift_s=5))
+    stream = await origin.open_stream(plan.host, EXEC_PROTOCOL)
+    channel = ExecChannel(stream, signer, verifier(signer), origin.admits, ORIGIN_INBOUND)
+    return RemoteHop(plan, "tiny", channel, step_timeout_s=1e6)  # virtual time (see above)
 
 
 def test_rtt_table_is_an_ewma_and_timeouts_drop_the_average() -> None:

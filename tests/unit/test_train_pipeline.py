@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable
 
 import pytest
@@ -17,7 +18,11 @@ from atoms.model import Model
 from atoms.nexus import NexusConfig, base_atom_count, build_nexus
 from atoms.span import Span
 from atoms.training import OptimConfig, SpanTrainer, fp32_copy, micro_batch_seed
+from mesh.hlc import HybridClock
+from mesh.identity import NodeKey, seal_large
 from mesh.wire import decode_any, encode
+from nexusd.api.records import TrainRequest
+from nexusd.errors import ApiError
 from nexusd.exec.hosting import ExecRefused
 from nexusd.exec.session import HopFailed, HopPlan
 from nexusd.exec.train_host import TrainHost, local_link
@@ -29,8 +34,22 @@ from nexusd.exec.train_origin import (
     Turnstile,
     schedule_ops,
 )
-from nexusd.exec.train_wire import TRAIN_HOST_INBOUND, TRAIN_ORIGIN_INBOUND, TrainBackward
-from nexusd.exec.wire import ExecFailure
+from nexusd.exec.train_wire import (
+    MAX_MICRO_BATCHES,
+    MAX_TARGETS,
+    TRAIN_HOST_INBOUND,
+    TRAIN_ORIGIN_INBOUND,
+    TrainBackward,
+    TrainLoss,
+)
+from nexusd.exec.wire import (
+    EXEC_DOMAIN,
+    MAX_HEADER_BYTES,
+    SESSION_ID_BYTES,
+    ExecFailure,
+    TensorHeader,
+)
+from nexusd.jobs.training import validate
 from nexusd.metrics import Metrics
 
 B, T, M = 2, 10, 4
@@ -204,3 +223,26 @@ async def test_turnstile_lets_operations_through_in_schedule_order() -> None:
         nursery.start_soon(op, 0)
         nursery.start_soon(op, 1)
     assert seen == [1, 0]
+
+
+def test_the_largest_loss_step_fits_one_exec_header() -> None:
+    """A loss step's targets travel in its header, which a host reads under the exec header
+    limit: the largest one the records allow, signed as a channel sends it, fits; a request
+    whose micro-batches would not is refused up front, naming micro_batch."""
+    sid = bytes(SESSION_ID_BYTES)
+    msg = TrainLoss(session_id=sid, mb=MAX_MICRO_BATCHES - 1, seed=2**62, causal=True,
+                    evaluate=False, tensor=TensorHeader(dtype="float32", shape=(1, 1, 1),
+                                                        codec="raw"),
+                    targets=bytes(8 * MAX_TARGETS), targets_shape=(1, MAX_TARGETS),
+                    pad_mask=bytes(MAX_TARGETS))  # fmt: skip
+    key = NodeKey.generate()
+    env = seal_large(key, EXEC_DOMAIN, encode(msg), b"", clock=HybridClock(max_drift_s=5),
+                     now=time.time())  # fmt: skip
+    assert len(env) < MAX_HEADER_BYTES
+    with pytest.raises(ValueError, match="at most"):
+        TrainLoss(session_id=sid, mb=0, seed=0, causal=True, evaluate=False, tensor=msg.tensor,
+                  targets=bytes(8 * MAX_TARGETS + 8), targets_shape=(MAX_TARGETS + 1,))
+    validate(TrainRequest(task="lm", model="m", output="o", micro_batch=512, seq_len=128))
+    with pytest.raises(ApiError, match=rf"micro_batch: expected micro_batch x seq_len at most "
+                                       rf"{MAX_TARGETS}"):  # fmt: skip
+        validate(TrainRequest(task="lm", model="m", output="o", micro_batch=512, seq_len=129))

@@ -403,3 +403,27 @@ def test_oversize_frame_rejected_on_header_alone() -> None:
 def test_frame_refuses_oversize_payload() -> None:
     with pytest.raises(OversizeMessage, match="frame of 11 bytes, over the limit of 10"):
         frame(b"x" * 11, max_frame_bytes=10)
+
+
+def test_per_call_limit_refuses_on_the_length_prefix_before_the_body() -> None:
+    """`next_frame(max_bytes)` bounds one frame below the stream's limit: a 64 MiB announcement
+    read with a 16 KiB limit fails on its 4 header bytes, and the reader is told to read no
+    more than the header (`wanted_bytes`) before it knows."""
+    decoder = FrameDecoder(64 * 1024 * 1024)
+    assert decoder.wanted_bytes(16 * 1024) == 4
+    decoder.push(struct.pack(">I", 64 * 1024 * 1024))
+    with pytest.raises(OversizeMessage, match="67108864 bytes announced, over the limit of 16384"):
+        decoder.wanted_bytes(16 * 1024)
+    assert decoder.pending_bytes == 0
+    with pytest.raises(OversizeMessage):  # broken for good: the stream must be closed
+        decoder.next_frame()
+
+
+def test_per_call_limit_lets_frames_within_it_through_and_never_exceeds_the_stream_limit() -> None:
+    decoder = FrameDecoder(100)
+    decoder.push(frame(b"a" * 10, max_frame_bytes=100) + frame(b"b" * 50, max_frame_bytes=100))
+    assert decoder.next_frame(10) == b"a" * 10
+    assert decoder.limit(1000) == 100 and decoder.limit(None) == 100
+    assert decoder.wanted_bytes(100) == 0  # the next frame is complete
+    with pytest.raises(OversizeMessage, match="50 bytes announced, over the limit of 49"):
+        decoder.next_frame(49)

@@ -115,6 +115,30 @@ async def check_oversize(open_node: OpenNode) -> None:
             await big.receive()  # a reset the stream: the frame was over its limit
 
 
+async def check_receive_limit(open_node: OpenNode) -> None:
+    """`receive(max_bytes=N)` takes frames up to N and refuses a larger one on its length
+    prefix: the receiver raises OversizeMessage and the sender sees the stream reset."""
+    got: list[bytes | str] = []
+
+    async def limited(stream: Stream) -> None:
+        got.append(await stream.receive(max_bytes=16))
+        try:
+            await stream.receive(max_bytes=16)
+        except OversizeMessage:
+            got.append("refused")
+            raise
+
+    async with AsyncExitStack() as stack:
+        a, b = await open_nodes(stack, open_node, 2)
+        b.set_stream_handler("/nexus/test/limited/1", limited)
+        await link(a, b)
+        stream = await a.open_stream(b.node_id, "/nexus/test/limited/1")
+        await stream.send(b"x" * 16)
+        with pytest.raises(TransportBroken):  # the send or the receive sees the reset
+            await round_trip(stream, b"y" * (1024 * 1024))
+        assert got == [b"x" * 16, "refused"]
+
+
 async def check_receive_deadline(open_node: OpenNode) -> None:
     """A passed receive deadline is TransportBroken and leaves the stream usable."""
     async with AsyncExitStack() as stack:
@@ -304,6 +328,7 @@ async def check_close_then_use(open_node: OpenNode) -> None:
 ALL_CHECKS: tuple[Check, ...] = (
     check_echo_sizes,
     check_oversize,
+    check_receive_limit,
     check_receive_deadline,
     check_handler_failure_contained,
     check_admission,

@@ -51,6 +51,8 @@ def test_structure_vocab_and_frozen_base(model: Model) -> None:
     assert model.tokenizer is not None
     assert model.atoms[-1].spec.dim("vocab") == model.tokenizer.vocab_size == 30522
     assert model.config["nexus_version"] == "1.1"
+    # its end of sequence is [SEP], which the daemon's generation stops at
+    assert model.config["eos_token_ids"] == "102" == str(model.tokenizer.token_to_id("[SEP]"))
     n = base_atom_count(model)
     assert all(not p.requires_grad for a in model.atoms[:n] for p in a.parameters())
     trainable = {f"{a.spec.index}.{name}": p.requires_grad for a in model.atoms[n:]
