@@ -109,7 +109,7 @@ class GenerateRequest:
 
     prompt: str
     model: str = "nexus-1.1"
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0

@@ -73,7 +73,8 @@ def seed_value(text: str) -> int:
 def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--model", default="nexus-1.1", help="model id (default: nexus-1.1)")
-    p.add_argument("--max-tokens", type=int, default=32, help="new tokens at most (default 32)")
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="new tokens at most (default 64; generation also stops at the end-of-sequence token)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")

@@ -102,7 +102,7 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=3, help="daemons to start (default 3)")
     p.add_argument("--failover", action="store_true",
                    help="also kill a host mid-generation and show the job finishing identically")
-    p.add_argument("--max-tokens", type=int, default=24, help="tokens per generation (default 24)")
+    p.add_argument("--max-tokens", type=int, default=40, help="tokens per generation (default 40)")
     p.add_argument("--keep", action="store_true", help="keep the demo's data dirs and logs")
     p.add_argument("--workdir", type=Path, help="where the demo's nodes live (default: a temp dir)")
     p.add_argument("--models-dir", type=Path,

@@ -36,7 +36,8 @@ from ..cli.output import route_table
 from ..model_registry import DEFAULT_EMBED_MODEL, DEFAULT_GENERATE_MODEL, ModelRegistry
 from .cluster import LocalCluster, even_spans
 
-PROMPT = "The mesh of devices shared the work of"
+PROMPT = "It was a truth universally acknowledged, that"
+TEMPERATURE, TOP_K, SEED = 0.8, 40, 7  # sampled: readable, and reproducible by the seed
 SENTENCES = (
     "A man is eating food.",
     "A man is eating a piece of bread.",
@@ -57,7 +58,7 @@ CLASSIFY = (
 class DemoOptions:
     nodes: int = 3
     failover: bool = False
-    max_tokens: int = 24
+    max_tokens: int = 40
     keep: bool = False
     workdir: Path | None = None
     models_dir: Path | None = None
@@ -115,7 +116,8 @@ def run_demo(opts: DemoOptions) -> int:
         cluster.wait_hosts(0, opts.nodes - 1, DEFAULT_EMBED_MODEL)
         reference = registry.load_model(DEFAULT_GENERATE_MODEL)
         tok = registry.tokenizer(DEFAULT_GENERATE_MODEL)
-        ref_tokens = reference_generation(reference, tok.encode(PROMPT), opts.max_tokens)
+        ref_tokens = reference_generation(reference, tok.encode_prompt(PROMPT), opts.max_tokens,
+                                          registry.eos_token_ids(DEFAULT_GENERATE_MODEL))
         demo_generate(cluster, ref_tokens, opts.max_tokens, outcome)
         demo_embed(cluster, registry, outcome)
         demo_classify(cluster, outcome)
@@ -158,17 +160,20 @@ def place_atoms(cluster: LocalCluster, gen_atoms: int, emb_atoms: int, opts: Dem
     return layout
 
 
-def reference_generation(model: Model, prompt_ids: list[int], max_tokens: int) -> tuple[int, ...]:
+def reference_generation(model: Model, prompt_ids: list[int], max_tokens: int,
+                         eos: tuple[int, ...]) -> tuple[int, ...]:
+    """The demo's generation in this process: the mesh's must equal it token for token."""
     from atoms.generation import GenerationParams, generate
 
-    return generate(model, prompt_ids, GenerationParams(max_new_tokens=max_tokens)).token_ids
+    params = GenerationParams(max_new_tokens=max_tokens, stop_token_ids=eos,
+                              temperature=TEMPERATURE, top_k=TOP_K, seed=SEED)
+    return generate(model, prompt_ids, params).token_ids
 
 
 def demo_generate(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
                   outcome: Outcome) -> None:  # fmt: skip
-    say(f"\n[3/6] generate ({DEFAULT_GENERATE_MODEL}, greedy, {max_tokens} tokens) from origin")
-    say("  note: the Nexus blocks are random-initialised (no trained weights ship), so the text "
-        "is noise; what matters is that it equals the single-process run")  # fmt: skip
+    say(f"\n[3/6] generate ({DEFAULT_GENERATE_MODEL}, trained by the mesh; sampled at "
+        f"temperature {TEMPERATURE}, seed {SEED}) from origin")
     sys.stdout.write("  > " + PROMPT)
 
     def show(event: object) -> None:
@@ -176,12 +181,13 @@ def demo_generate(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
             sys.stdout.write(event.text)
             sys.stdout.flush()
 
-    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens)
+    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens,
+                          temperature=TEMPERATURE, top_k=TOP_K, seed=SEED)
     reply = cluster.call(0, req, expect=GenerateReply, on_event=show)
     say(f"\n  {len(reply.token_ids)} tokens in {reply.elapsed_s:.2f}s ({reply.tokens_per_s:.1f} tok/s)")
     say(_indent(route_table(reply.route)))
     outcome.check("generation equals single-process", reply.token_ids == ref,
-                  f"{len(ref)} greedy tokens compared")  # fmt: skip
+                  f"{len(ref)} sampled tokens compared")  # fmt: skip
 
 
 def demo_embed(cluster: LocalCluster, registry: ModelRegistry, outcome: Outcome) -> None:
@@ -230,7 +236,7 @@ def demo_failover(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
             sys.stdout.write(event.text)
             sys.stdout.flush()
             state.tokens += 1
-            if state.tokens == max(2, max_tokens // 3) and not state.victim and state.route:
+            if state.tokens == max(2, len(ref) // 3) and not state.victim and state.route:
                 victim_hex = state.route.hops[-1].host
                 idx = next(i for i, d in enumerate(cluster.daemons)
                            if d is not None and _node_hex(cluster, i) == victim_hex)  # fmt: skip
@@ -239,7 +245,8 @@ def demo_failover(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
                 cluster.daemon(idx).kill()
 
     t0 = time.perf_counter()
-    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens)
+    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens,
+                          temperature=TEMPERATURE, top_k=TOP_K, seed=SEED)
     reply = cluster.call(0, req, expect=GenerateReply, on_event=watch)
     say(f"\n  finished in {time.perf_counter() - t0:.2f}s; failovers: {len(reply.failovers)}")
     say(_indent(route_table(reply.route)))

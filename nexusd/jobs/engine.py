@@ -225,7 +225,7 @@ class JobEngine:
         except ValueError as exc:
             raise ApiError("bad_request", str(exc)) from None
         tok = self.registry.tokenizer(req.model)
-        prompt_ids = tok.encode(req.prompt)
+        prompt_ids = tok.encode_prompt(req.prompt)  # [CLS] text: continued, not closed
         context = (self.registry.config_int(req.model, "max_positions", 0)
                    or self.registry.config_int(req.model, "max_position_embeddings", 0))  # fmt: skip
         if context and len(prompt_ids) + req.max_new_tokens > context:
