@@ -222,8 +222,8 @@ def test_join_refuses_and_counts_every_bad_request(tally: Tally, budget: setting
 
 
 # ---------------------------------------------------------------------------------------
-# Refusals the join shell decides itself (mesh/join.py, mesh/node.py): found by this suite,
-# fixed on the `sec` branch (not merged yet), hence strict xfails.
+# Refusals the join shell decides itself (mesh/join.py, mesh/node.py): found by this suite
+# (they failed before the `sec` branch was merged).
 
 
 async def founder_and_stranger(nursery: trio.Nursery, network: MemoryNetwork
@@ -237,14 +237,11 @@ async def founder_and_stranger(nursery: trio.Nursery, network: MemoryNetwork
     return sim, founder, invite
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mesh/join.py serve_join answers a request over MAX_REQUEST_BYTES with MALFORMED but "
-    "neither logs nor counts it (node.counters() unchanged); it also reads the whole "
-    "frame (up to the transport's 16 MiB) before looking at its size. Fixed on `sec`: "
-    "refused on the length prefix and counted as join_oversize."))  # fmt: skip
 async def test_oversize_join_request_is_refused_and_counted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A join request over MAX_REQUEST_BYTES is refused on its length prefix (never read
+    whole), changes no invite, and is counted."""
     network = MemoryNetwork(rng=random.Random(12))
     async with trio.open_nursery() as nursery:
         sim, founder, invite = await founder_and_stranger(nursery, network)
@@ -260,13 +257,10 @@ async def test_oversize_join_request_is_refused_and_counted(
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mesh/join.py serve_join: a member that is not an admin answers NOT_A_MEMBER but only "
-    "logs it at INFO and does not count it (node.counters() unchanged). Fixed on `sec`: "
-    "InviteDesk.refuse counts it as join_not_a_member."))  # fmt: skip
 async def test_join_request_to_a_non_admin_is_refused_and_counted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A member that is not an admin answers NOT_A_MEMBER, and counts the refusal."""
     network = MemoryNetwork(rng=random.Random(13))
     async with trio.open_nursery() as nursery:
         _, founder, _ = await founder_and_stranger(nursery, network)
@@ -284,14 +278,12 @@ async def test_join_request_to_a_non_admin_is_refused_and_counted(
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mesh/node.py: a stranger banned for forged join requests is still served on the join "
-    "protocol (open to all, so the transport's admission check that enforces bans is "
-    "skipped) and is admitted by a valid request during its ban. Fixed on `sec`: "
-    "_on_join refuses banned peers (join_banned)."))  # fmt: skip
 async def test_a_banned_stranger_cannot_join_during_its_ban(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A stranger banned for forged join requests is refused on the join protocol too (it
+    is open to all, so the transport's admission check does not apply): a valid request
+    during its ban is not admitted."""
     network = MemoryNetwork(rng=random.Random(14))
     async with trio.open_nursery() as nursery:
         sim, founder, invite = await founder_and_stranger(nursery, network)
