@@ -104,6 +104,13 @@ class AtomSpec:
                 return v
         raise KeyError(f"atom {self.uid} has no dim {name!r}")
 
+    def dim_or(self, name: str, default: int) -> int:
+        """The dim `name`, or `default` when the spec does not set it (optional dims)."""
+        for n, v in self.dims:
+            if n == name:
+                return v
+        return default
+
     def attr(self, name: str) -> AttrValue:
         for n, v in self.attrs:
             if n == name:

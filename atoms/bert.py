@@ -314,29 +314,31 @@ class BertLayer(Atom):
         super().__init__(spec)
         c, f = spec.dim("hidden"), spec.dim("intermediate")
         self.heads = spec.dim("heads")
-        if c % self.heads:
+        # head_dim is set only by structured pruning (atoms/prune.py): heads * head_dim < c
+        if not spec.dim_or("head_dim", 0) and c % self.heads:
             raise ModelFormatError(
                 f"atom {spec.uid}: hidden {c} not a multiple of heads {self.heads}"
             )
+        self.head_dim = spec.dim_or("head_dim", c // self.heads)
+        inner = self.heads * self.head_dim
         eps = float(spec.attr("eps"))
         self.act = str(spec.attr("act"))
         dt = spec.torch_dtype
-        self.q = ZeroLinear(c, c, dtype=dt)
-        self.k = ZeroLinear(c, c, dtype=dt)
-        self.v = ZeroLinear(c, c, dtype=dt)
-        self.attn_out = ZeroLinear(c, c, dtype=dt)
+        self.q = ZeroLinear(c, inner, dtype=dt)
+        self.k = ZeroLinear(c, inner, dtype=dt)
+        self.v = ZeroLinear(c, inner, dtype=dt)
+        self.attn_out = ZeroLinear(inner, c, dtype=dt)
         self.attn_norm = nn.LayerNorm(c, eps=eps, dtype=dt)
         self.ffn_in = ZeroLinear(c, f, dtype=dt)
         self.ffn_out = ZeroLinear(f, c, dtype=dt)
         self.ffn_norm = nn.LayerNorm(c, eps=eps, dtype=dt)
 
     def kv_layout(self) -> KVLayout:
-        c = self.spec.dim("hidden")
-        return KVLayout(kv_heads=self.heads, head_dim=c // self.heads, dtype=self.spec.torch_dtype)
+        return KVLayout(kv_heads=self.heads, head_dim=self.head_dim, dtype=self.spec.torch_dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        b, t, c = x.shape  # (B, T, C)
-        h, d = self.heads, c // self.heads
+        b, t, _ = x.shape  # (B, T, C)
+        h, d = self.heads, self.head_dim
         q = self.q(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(b, t, h, d).transpose(1, 2)
         v = self.v(x).view(b, t, h, d).transpose(1, 2)
@@ -346,7 +348,7 @@ class BertLayer(Atom):
             k, v = k.to(q.dtype), v.to(q.dtype)
         mask = attention_allowed(ctx, t, k.shape[2])
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
-        a = a.transpose(1, 2).reshape(b, t, c)
+        a = a.transpose(1, 2).reshape(b, t, h * d)
         x = self.attn_norm(self.attn_out(a) + x)
         y = self.ffn_out(_activation(self.act, self.ffn_in(x)))  # (B, T, C)
         out: torch.Tensor = self.ffn_norm(y + x)

@@ -24,6 +24,7 @@ import structlog
 from .atom import Atom, AtomSpec
 from .errors import ModelFormatError, WeightsError
 from .partition import AtomEntry, ConfigValue, ModelManifest, TokenizerEntry
+from .quant import quantize_modules
 from .span import Span
 from .tokenizer import TextTokenizer
 from .weights import WeightStore, digest_hex
@@ -82,7 +83,12 @@ def build_atom(spec: AtomSpec) -> Atom:
         ) from None
     module = importlib.import_module(f"{__package__}.{module_name}")
     builder: AtomBuilder = getattr(module, func_name)
-    return builder(spec)
+    atom = builder(spec)
+    try:
+        quantize_modules(atom)  # a spec with attr `quant`: packed buffers (atoms/quant.py)
+    except ValueError as exc:
+        raise ModelFormatError(str(exc)) from None
+    return atom
 
 
 def load_state(atom: Atom, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -185,14 +185,17 @@ class NexusBlock(Atom):
     def __init__(self, spec: AtomSpec) -> None:
         super().__init__(spec)
         c, self.heads, f = spec.dim("hidden"), spec.dim("heads"), spec.dim("intermediate")
-        if c % self.heads:
+        # head_dim is set only by structured pruning (atoms/prune.py): heads * head_dim < c
+        if not spec.dim_or("head_dim", 0) and c % self.heads:
             raise ModelFormatError(
                 f"atom {spec.uid}: hidden {c} is not a multiple of heads {self.heads}"
             )
+        self.head_dim = spec.dim_or("head_dim", c // self.heads)
+        inner = self.heads * self.head_dim
         eps = float(spec.attr("eps"))
         self.attn_norm = nn.LayerNorm(c, eps=eps, device="meta")
-        self.qkv = nn.Linear(c, 3 * c, device="meta")
-        self.attn_out = nn.Linear(c, c, device="meta")
+        self.qkv = nn.Linear(c, 3 * inner, device="meta")
+        self.attn_out = nn.Linear(inner, c, device="meta")
         self.head_log_temperature = nn.Parameter(torch.zeros(self.heads, device="meta"))
         self.head_gate = nn.Linear(c, self.heads, device="meta")
         self.ffn_norm = nn.LayerNorm(c, eps=eps, device="meta")
@@ -202,12 +205,11 @@ class NexusBlock(Atom):
         materialize(self, spec.torch_dtype)
 
     def kv_layout(self) -> KVLayout:
-        c = self.spec.dim("hidden")
-        return KVLayout(kv_heads=self.heads, head_dim=c // self.heads, dtype=self.spec.torch_dtype)
+        return KVLayout(kv_heads=self.heads, head_dim=self.head_dim, dtype=self.spec.torch_dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        b, t, c = x.shape  # (B, T, C)
-        h, d = self.heads, c // self.heads
+        b, t, _ = x.shape  # (B, T, C)
+        h, d = self.heads, self.head_dim
         a = self.attn_norm(x)
         q, k, v = self.qkv(a).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         temperature = self.head_log_temperature.clamp(max=MAX_LOG_TEMPERATURE).exp()  # (H,)
@@ -220,7 +222,7 @@ class NexusBlock(Atom):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         gate = 2 * torch.sigmoid(self.head_gate(a))  # (B, T, H)
         y = y.transpose(1, 2) * gate.unsqueeze(-1)  # (B, T, H, D)
-        x = x + dropout(self.attn_out(y.reshape(b, t, c)), ctx, self.spec, 0)
+        x = x + dropout(self.attn_out(y.reshape(b, t, h * d)), ctx, self.spec, 0)
         m = self.ffn_norm(x)
         ffn = self.ffn_down(F.gelu(self.ffn_gate(m)) * self.ffn_up(m))
         out: torch.Tensor = x + dropout(ffn, ctx, self.spec, 1)
