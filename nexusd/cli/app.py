@@ -25,6 +25,7 @@ from ..errors import NEXUS_ERRORS, ApiError
 from ..logging import configure_logging
 from ..paths import NodePaths, resolve_paths
 from .base import CommandSpec
+from .compress import COMPRESS_COMMANDS
 from .doctor import DOCTOR_COMMANDS
 from .jobs import JOB_COMMANDS
 from .mesh import MESH_COMMANDS
@@ -35,7 +36,8 @@ from .train import TRAIN_COMMANDS
 Command = Callable[[argparse.Namespace, Config, NodePaths], int]
 # every subcommand, one module per area, in the order `--help` lists them
 COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS, *MESH_COMMANDS, *JOB_COMMANDS,
-                                     *TRAIN_COMMANDS, *MODEL_COMMANDS, *DOCTOR_COMMANDS)
+                                     *TRAIN_COMMANDS, *MODEL_COMMANDS, *COMPRESS_COMMANDS,
+                                     *DOCTOR_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
