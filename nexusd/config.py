@@ -141,6 +141,26 @@ class AtomsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ExecConfig:
+    """[exec]: how this node, as the origin of a job, checks the hosts it routes through
+    (spot-check verification, `nexusd.exec.verify`)."""
+
+    verify_rate: float = 0.02  # fraction of a host's later steps recomputed elsewhere
+    verify_first_steps: int = 1  # a host's first N steps in a session are always checked
+    verify_tol_fp32: float = 1e-4  # max |diff| / max |reference|, float32 outputs, raw codec
+    verify_tol_bf16: float = 5e-2  # the same when either output is bfloat16/float16
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ConfigError(f"exec.verify_rate: expected 0..1, got {self.verify_rate}")
+        if self.verify_first_steps < 0:
+            raise ConfigError(f"exec.verify_first_steps: expected >= 0, got {self.verify_first_steps}")
+        for name in ("verify_tol_fp32", "verify_tol_bf16"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"exec.{name}: expected a number in (0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrainConfig:
     """[train]: defaults of `nexusd train` (each has a flag) and the host's training limits."""
 
@@ -234,6 +254,7 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     atoms: AtomsConfig = field(default_factory=AtomsConfig)
+    exec: ExecConfig = field(default_factory=ExecConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -9,11 +9,17 @@ exact `raw` codec and a replacement of the same dtype).
 Rule 2: outputs are checked before use: decodable, finite, and of the batch/token shape
 the input had.
 Rule 3: every step reports, per hop, compute, queue and transfer time.
+Rule 4: sampled steps are spot-checked (`verify.VerifyPolicy`): the same input goes to a
+second replica of the hop's span (or, when there is none, to the origin's own computation,
+the arbiter); if the two disagree the arbiter decides, a host that disagrees with it is
+blamed with "wrong_output" and failed over like any other failure, so the step continues
+with the honest output.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +36,7 @@ from mesh.sync import classify_rejection
 
 from ..errors import NexusError
 from .hosting import ExecRefused, SpanHost
+from .verify import VerifyPolicy, difference, last_tokens
 from .wire import (
     SESSION_ID_BYTES,
     CloseSession,
@@ -349,6 +356,31 @@ def protocol_penalty(exc: PeerProtocolError) -> str:
 Planner = Callable[[int, int, frozenset[bytes]], list[HopPlan]]
 HopFactory = Callable[[HopPlan], Awaitable[Hop]]
 FailureReporter = Callable[[bytes, str, str], None]  # (host, penalty, reason)
+# (start, end, inputs, batch, max_len) -> the origin's own output of the last input, computed
+# on a fresh session of atoms [start, end) from its model files
+Arbiter = Callable[[int, int, list[StepInput], int, int], Awaitable[torch.Tensor]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verification:
+    """How a session spot-checks its hops (see `verify.py`).
+
+    Attributes:
+        policy: which steps, which tolerance.
+        arbiter: the origin's own computation, the judge when two replicas disagree and
+            the second opinion when no other replica exists.
+        codec: the session's wire codec (it widens the tolerance).
+        trusted: a host whose outputs are never checked (the origin itself).
+        rng: decides the sampled steps.
+        on_check: told the outcome of each check ("agreed", "wrong_output", "undecided").
+    """
+
+    policy: VerifyPolicy
+    arbiter: Arbiter
+    codec: str = "raw"
+    trusted: bytes = b""
+    rng: random.Random = field(default_factory=random.Random)
+    on_check: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -376,6 +408,7 @@ class RoutedSession:
         batch, max_len: session shape (max_len 0: no KV cache).
         max_failovers: failures tolerated in this session before the job fails.
         on_route: told (hops, reason) when the route is set up and after each reroute.
+        verify: spot-checks of hop outputs; None: none.
     """
 
     def __init__(
@@ -389,8 +422,10 @@ class RoutedSession:
         max_len: int,
         max_failovers: int = 4,
         on_route: Callable[[list[HopPlan], str], None] | None = None,
+        verify: Verification | None = None,
     ) -> None:
         self._n = n_atoms
+        self._verify = verify if verify is not None and verify.policy.enabled else None
         self._plan = plan
         self._make_hop = make_hop
         self._report = report_failure
@@ -448,6 +483,8 @@ class RoutedSession:
             live = self._hops[i]
             try:
                 out, timing = await live.hop.step(live.next_id, x)
+                if self._sampled(live):
+                    await self._check(live, x, out)
             except HopFailed as exc:
                 self._fail(exc)
                 await self._replace(i)
@@ -461,6 +498,92 @@ class RoutedSession:
             x = StepInput(out, x.position, x.causal, x.pad_mask)
             i += 1
         return x.x, timings
+
+    # ---- spot checks (Rule 4) -------------------------------------------------------------
+
+    def _sampled(self, live: _Live) -> bool:
+        v = self._verify
+        return v is not None and live.hop.plan.host != v.trusted and v.policy.sampled(live.steps, v.rng)
+
+    def _check_inputs(self, live: _Live, x: StepInput) -> list[StepInput]:
+        """What a fresh session needs to give this step's output: this step alone without a
+        KV cache; else the stored inputs and this one as ONE step, concatenated along the
+        tokens (one prefill; falls back to every step when the inputs are not token-shaped)."""
+        steps = [*live.history, x] if self._max_len > 0 else [x]
+        if len(steps) == 1:
+            return steps
+        xs = [s.x for s in steps]
+        if any(t.dim() not in (2, 3) or t.dim() != xs[0].dim() for t in xs):
+            return steps
+        return [StepInput(torch.cat(xs, dim=1), steps[0].position, x.causal, x.pad_mask)]
+
+    async def _check(self, live: _Live, x: StepInput, out: torch.Tensor) -> None:
+        """Recompute this hop's step elsewhere; raise HopFailed("wrong_output") if it lied."""
+        v = self._verify
+        assert v is not None
+        plan = live.hop.plan
+        inputs = self._check_inputs(live, x)
+        second, replica = await self._second_opinion(plan, inputs, live.per_step_s)
+        ref = None if second is None else last_tokens(second, out)
+        tol = v.policy.tolerance(out.dtype, out.dtype if ref is None else ref.dtype, v.codec)
+        if ref is not None and difference(out, ref) <= tol:
+            self._outcome("agreed")
+            return
+        try:  # the replicas disagree, or there is no other: the origin's own computation decides
+            truth = last_tokens(await v.arbiter(plan.start, plan.end, inputs, self._batch,
+                                                self._max_len), out)  # fmt: skip
+        except (HopFailed, NexusError, AtomError) as exc:
+            log.warning("verify_undecided", host=plan.host.hex()[:8], start=plan.start,
+                        end=plan.end, reason=f"arbiter failed: {exc}")  # fmt: skip
+            self._outcome("undecided")
+            return
+        if ref is not None and replica is not None:
+            wrong = difference(ref, truth)
+            if wrong > v.policy.tolerance(ref.dtype, truth.dtype, v.codec):
+                self._excluded.add(replica)  # the replica lied: it serves this session no more
+                self._report(replica, "wrong_output", f"verification replica of atoms "
+                             f"[{plan.start},{plan.end}) off by {wrong:.2e} from the origin's own output")  # fmt: skip
+                self._outcome("wrong_output")
+        diff = difference(out, truth)
+        tol = v.policy.tolerance(out.dtype, truth.dtype, v.codec)
+        if diff > tol:
+            self._outcome("wrong_output")
+            raise HopFailed(plan.host, f"wrong output on atoms [{plan.start},{plan.end}): off by "
+                                       f"{diff:.2e} (tolerance {tol:.1e}) from the origin's own "
+                                       f"computation", penalty="wrong_output")  # fmt: skip
+        self._outcome("agreed")
+
+    async def _second_opinion(self, plan: HopPlan, inputs: list[StepInput],
+                              per_step_s: float) -> tuple[torch.Tensor | None, bytes | None]:  # fmt: skip
+        """The output of another replica of `plan`'s span on `inputs`, and that replica's host
+        (None when the span's other hosts form a chain); (None, None) when there is none."""
+        try:
+            plans = self._plan(plan.start, plan.end, frozenset({*self._excluded, plan.host}))
+        except (NexusError, LookupError):
+            return None, None  # nobody else hosts it: the arbiter is the second opinion
+        chain: list[_Live] = []
+        try:
+            xs = inputs
+            for p in plans:
+                hop = await self._make_hop(p)
+                chain.append(_Live(hop=hop))
+                await hop.open(self._batch, self._max_len)
+                outs = await hop.replay(0, xs, per_step_s=per_step_s)
+                xs = [StepInput(o, s.position, s.causal, s.pad_mask) for o, s in zip(outs, xs, strict=True)]
+        except HopFailed as exc:  # the verifier failed, not the checked host: skip it
+            if exc.blame:
+                self._report(exc.host, exc.penalty, exc.reason)
+            self._excluded.add(exc.host)
+            log.info("verify_replica_failed", host=exc.host.hex()[:8], reason=exc.reason)
+            return None, None
+        finally:
+            await _close_all(chain)
+        return xs[-1].x, (plans[0].host if len(plans) == 1 else None)
+
+    def _outcome(self, outcome: str) -> None:
+        v = self._verify
+        if v is not None and v.on_check is not None:
+            v.on_check(outcome)
 
     async def _replace(self, i: int) -> None:
         """Swap hop i for a fresh chain over its span and replay its stored inputs."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import trio
 from atoms.atom import ForwardContext
 from atoms.codecs import CODECS, wire_bytes
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
+from atoms.span import Span
 from mesh.closing import close_bounded
 from mesh.identity import EnvelopeVerifier
 
@@ -57,10 +59,12 @@ from ..exec.session import (
     RemoteHop,
     RoutedSession,
     StepInput,
+    Verification,
 )
 from ..exec.train_host import TrainHost, local_link
 from ..exec.train_origin import NonFiniteStep, TrainHop, channel_link
 from ..exec.train_wire import TRAIN_ORIGIN_INBOUND
+from ..exec.verify import VerifyPolicy
 from ..exec.wire import ORIGIN_INBOUND, ExecChannel, Signer
 from ..metrics import Metrics
 from ..model_registry import ModelRegistry, TrainedHead
@@ -74,6 +78,7 @@ MAX_TEXTS = 10_000
 MAX_LABELS = 1_000
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
+ARBITER_SPANS = 2  # spans kept loaded for spot checks' own computation
 SESSION_CLOSE_S = 5.0  # closing every hop of a job's session (each bounded on its own)
 
 
@@ -129,6 +134,7 @@ class JobEngine:
         signer, verifier: for exec channels to remote hosts.
         step_timeout_s: deadline of one hop's answer (a frozen host is failed over).
         training: this node's training host and limits; None: no training jobs.
+        verify: spot-checks of the hosts a session goes through ([exec] verify_*); None: none.
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class JobEngine:
         step_timeout_s: float,
         rng: random.Random | None = None,
         training: TrainingSetup | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> None:
         self.view = view
         self.host = host
@@ -153,6 +160,9 @@ class JobEngine:
         self._timeout = step_timeout_s
         self._rng = rng or random.Random()
         self.training = training
+        self._verify = verify
+        self._arbiter_spans: OrderedDict[tuple[str, int, int], Span] = OrderedDict()
+        self._arbiter_limiter = trio.CapacityLimiter(1)
 
     def __repr__(self) -> str:
         return f"JobEngine(node={self.view.node_id.hex()[:8]}, models={self.registry.available()})"
@@ -173,9 +183,39 @@ class JobEngine:
             channel = await self._open_channel(p.host)
             return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=codec)
 
+        async def arbiter(start: int, end: int, inputs: list[StepInput], batch: int, max_len: int) -> torch.Tensor:
+            return await self._own_output(model_id, start, end, inputs, batch, max_len)
+
+        verify = None if self._verify is None else Verification(
+            policy=self._verify, arbiter=arbiter, codec=codec, trusted=self.view.node_id,
+            rng=random.Random(self._rng.getrandbits(64)),
+            on_check=lambda outcome: self._metrics.inc("verify_checks_total", outcome=outcome),
+        )  # fmt: skip
         return RoutedSession(n_atoms=n_atoms, plan=plan, make_hop=make_hop,
                              report_failure=self._report, batch=batch, max_len=max_len,
-                             on_route=on_route)  # fmt: skip
+                             on_route=on_route, verify=verify)  # fmt: skip
+
+    async def _own_output(self, model_id: str, start: int, end: int, inputs: list[StepInput],
+                          batch: int, max_len: int) -> torch.Tensor:  # fmt: skip
+        """This node's own output of atoms [start, end) (float32, from its model files, on a
+        fresh session) for the last of `inputs`: the judge of a spot check. The last
+        `ARBITER_SPANS` spans loaded stay loaded (checks of one job reuse them)."""
+        key = (model_id, start, end)
+        span = self._arbiter_spans.pop(key, None)
+        if span is None:
+            span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end)
+        self._arbiter_spans[key] = span
+        while len(self._arbiter_spans) > ARBITER_SPANS:
+            self._arbiter_spans.popitem(last=False)
+        host = SpanHost([span], kv_budget_bytes=1 << 40, max_sessions=1, limiter=self._arbiter_limiter,
+                        metrics=Metrics())  # fmt: skip
+        hop = LocalHop(HopPlan(self.view.node_id, start, end), model_id, host, self.view.node_id)
+        try:
+            await hop.open(batch, max_len)
+            outs = await hop.replay(0, inputs, per_step_s=0.0)
+        finally:
+            await hop.close()
+        return outs[-1]
 
     async def _open_channel(self, host: bytes) -> ExecChannel:
         """An exec channel to `host` (the origin's side: replies of inference and training).

@@ -34,11 +34,12 @@ from mesh.state import HostedSpan, NodeState
 from .. import __version__
 from ..api.records import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
 from ..api.server import ApiServer, Emit
-from ..config import Config
+from ..config import Config, ExecConfig
 from ..errors import NEXUS_ERRORS, AlreadyRunning
 from ..exec.hosting import SpanHost, warm_up
 from ..exec.planner import MeshView
 from ..exec.train_host import TrainHost
+from ..exec.verify import VerifyPolicy
 from ..exec.wire import Signer
 from ..jobs.engine import JobEngine, TrainingSetup
 from ..jobs.journal import Journal
@@ -81,6 +82,13 @@ def node_lock(paths: NodePaths) -> Iterator[IO[str]]:
         fh.close()
 
 
+def verify_policy(cfg: ExecConfig) -> VerifyPolicy | None:
+    """The origin's spot-check policy from [exec]; None when it checks nothing."""
+    policy = VerifyPolicy(rate=cfg.verify_rate, first_steps=cfg.verify_first_steps,
+                          tol_fp32=cfg.verify_tol_fp32, tol_bf16=cfg.verify_tol_bf16)  # fmt: skip
+    return policy if policy.enabled else None
+
+
 class Daemon:
     """One node: key, local API, metrics, hosted spans, job engine and (when set up) mesh."""
 
@@ -119,7 +127,7 @@ class Daemon:
         self.engine = JobEngine(view=self.view, host=self.host, registry=self.registry,
                                 signer=self.signer, verifier=self.verifier, metrics=self.metrics,
                                 step_timeout_s=cfg.mesh.read_timeout_s,
-                                training=training)  # fmt: skip
+                                training=training, verify=verify_policy(cfg.exec))  # fmt: skip
         self.journal = Journal(paths.jobs_db)
         self.jobs = JobService(self.engine, self.journal, self.metrics)
         self.api = ApiServer(

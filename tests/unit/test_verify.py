@@ -1,0 +1,294 @@
+"""Spot-check verification: the tolerance rule, the sampling, and a lying host caught."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from atoms.atom import ForwardContext
+from atoms.model import Model, save_model
+from atoms.span import Span
+from mesh.errors import TransportBroken
+from mesh.routing import HostSpan, Link
+from mesh.scoring import PeerScores
+from nexusd.config import ConfigError, ExecConfig
+from nexusd.exec.hosting import SpanHost
+from nexusd.exec.planner import ExecStream
+from nexusd.exec.session import HopPlan, LocalHop, RoutedSession, StepInput, Verification
+from nexusd.exec.verify import VerifyPolicy, difference, last_tokens
+from nexusd.exec.wire import HOST_INBOUND, ExecChannel
+from nexusd.jobs.engine import JobEngine
+from nexusd.metrics import Metrics
+from nexusd.model_registry import ModelRegistry
+
+from .exec_fixtures import Cluster, Node, stream_pair, tiny_llama
+
+PROMPT = torch.tensor([[5, 17, 42, 8, 3]])
+STEPS = 5
+
+
+class LyingSpan(Span):
+    """A span whose outputs are plausible but wrong (finite, right shape, +1e-2 noise),
+    from its `lie_from`-th call on."""
+
+    def __init__(self, atoms: list, lie_from: int = 0) -> None:  # type: ignore[type-arg]
+        super().__init__(atoms)
+        self.calls = 0
+        self.lie_from = lie_from
+        self.noise = torch.Generator().manual_seed(1)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, *, check: bool = True) -> torch.Tensor:
+        out = super().forward(x, ctx, check=check)
+        self.calls += 1
+        if self.calls > self.lie_from:
+            out = out + 1e-2 * torch.randn(out.shape, generator=self.noise, dtype=out.dtype)
+        return out
+
+
+def spans(cuts: list[tuple[int, int]], *, lie_from: int | None = None) -> list[Span]:
+    atoms = tiny_llama().atom_list()
+    if lie_from is None:
+        return [Span(atoms[s:e]) for s, e in cuts]
+    return [LyingSpan(atoms[s:e], lie_from) for s, e in cuts]
+
+
+async def own_output(start: int, end: int, inputs: list[StepInput], batch: int, max_len: int) -> torch.Tensor:
+    """The origin's own computation (what the engine does from its model files)."""
+    host = SpanHost(spans([(start, end)]), kv_budget_bytes=1 << 24, max_sessions=1,
+                    limiter=trio.CapacityLimiter(1), metrics=Metrics())  # fmt: skip
+    hop = LocalHop(HopPlan(b"origin", start, end), "tiny", host, b"origin")
+    await hop.open(batch, max_len)
+    try:
+        outs = await hop.replay(0, inputs, per_step_s=0.0)
+    finally:
+        await hop.close()
+    return outs[-1]
+
+
+async def generate(session: RoutedSession) -> list[torch.Tensor]:
+    """Greedy decoding; every step's logits."""
+    await session.open()
+    x, pos, logits = PROMPT, 0, []
+    try:
+        for _ in range(STEPS):
+            out, _ = await session.step(StepInput(x, pos, True, b""))
+            logits.append(out)
+            pos += x.shape[1]
+            x = out[:, -1:].argmax(-1)
+    finally:
+        await session.close()
+    return logits
+
+
+def verified(cl: Cluster, layout: list[tuple[int, int, list[bytes]]], policy: VerifyPolicy,
+             outcomes: list[str]) -> RoutedSession:  # fmt: skip
+    verify = Verification(policy=policy, arbiter=own_output, rng=random.Random(0), on_check=outcomes.append)
+    return RoutedSession(n_atoms=6, plan=cl.planner(layout), make_hop=cl.make_hop,
+                         report_failure=cl.report, batch=1, max_len=32, verify=verify)  # fmt: skip
+
+
+async def honest_logits() -> list[torch.Tensor]:
+    """The same generation in one honest host, unchecked."""
+    async with trio.open_nursery() as nursery:
+        solo = Node("solo", spans([(0, 6)]))
+        cl = Cluster(nursery, [solo])
+        logits = await generate(cl.session(cl.planner([(0, 6, [solo.id])])))
+        nursery.cancel_scope.cancel()
+    return logits
+
+
+# ---- the rule ---------------------------------------------------------------------------
+
+
+def test_tolerance_follows_dtype_and_codec() -> None:
+    p = VerifyPolicy()
+    assert p.tolerance(torch.float32, torch.float32, "raw") == 1e-4
+    assert p.tolerance(torch.bfloat16, torch.float32, "raw") == 5e-2
+    assert p.tolerance(torch.float32, torch.float32, "int8") == pytest.approx(3.2e-2)
+    assert p.tolerance(torch.float32, torch.float32, "fp16") == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="unknown codec"):
+        p.tolerance(torch.float32, torch.float32, "zip")
+
+
+def test_difference_is_relative_to_the_reference_and_strict_on_shape() -> None:
+    ref = torch.tensor([[1.0, -10.0]])
+    assert difference(ref + 1e-4, ref) == pytest.approx(1e-5, rel=1e-2)
+    assert difference(ref, ref) == 0.0
+    assert difference(ref[:, :1], ref) == math.inf
+    assert difference(torch.tensor([[1, 2]]), torch.tensor([[1, 3]])) == math.inf
+    assert last_tokens(torch.zeros(1, 7, 3), torch.zeros(1, 2, 3)).shape == (1, 2, 3)
+
+
+def test_sampling_checks_first_steps_then_a_seeded_fraction() -> None:
+    p = VerifyPolicy(rate=0.1, first_steps=2)
+    a = [p.sampled(n, random.Random(7)) for n in range(3)]
+    assert a[:2] == [True, True]
+    rng1, rng2 = random.Random(3), random.Random(3)
+    picks = [p.sampled(n, rng1) for n in range(2, 10_002)]
+    assert picks == [p.sampled(n, rng2) for n in range(2, 10_002)]  # deterministic given the seed
+    assert 800 < sum(picks) < 1200
+    assert not any(VerifyPolicy(rate=0.0, first_steps=0).sampled(0, random.Random(0)) for _ in range(100))
+    assert not VerifyPolicy(rate=0.0, first_steps=0).enabled
+
+
+def test_policy_and_config_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="verify_rate"):
+        VerifyPolicy(rate=1.5)
+    with pytest.raises(ValueError, match="verify_first_steps"):
+        VerifyPolicy(first_steps=-1)
+    with pytest.raises(ConfigError, match=r"exec\.verify_tol_fp32"):
+        ExecConfig(verify_tol_fp32=0.0)
+    assert ExecConfig().verify_rate == 0.02 and ExecConfig().verify_first_steps == 1
+
+
+# ---- a lying host -----------------------------------------------------------------------
+
+
+async def test_a_lying_host_is_caught_on_its_first_step_and_the_output_is_the_honest_one() -> None:
+    honest = await honest_logits()
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=0))
+        good = Node("good", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, liar, good])
+        outcomes: list[str] = []
+        session = verified(cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])], VerifyPolicy(), outcomes)
+        logits = await generate(session)
+        assert cl.penalties == [(liar.id, "wrong_output")]  # caught at once, nobody else
+        assert "wrong output on atoms [3,6)" in cl.failures[0][1]
+        assert [h.host for h in session.route] == [head.id, good.id]
+        assert outcomes.count("wrong_output") == 1 and outcomes.count("agreed") >= 2
+        for got, want in zip(logits, honest, strict=True):
+            assert torch.equal(got, want)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lying_replica_is_reported_and_the_honest_host_keeps_its_place() -> None:
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        good = Node("good", spans([(3, 6)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=0))
+        cl = Cluster(nursery, [head, good, liar])
+        outcomes: list[str] = []
+        session = verified(cl, [(0, 3, [head.id]), (3, 6, [good.id, liar.id])], VerifyPolicy(), outcomes)
+        await generate(session)
+        assert cl.penalties == [(liar.id, "wrong_output")]
+        assert [h.host for h in session.route] == [head.id, good.id] and session.failovers == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_late_lie_is_caught_by_a_check_of_the_whole_history_in_one_step() -> None:
+    """Every step checked (rate 1): honest steps 0-2 agree with a fresh replica fed the
+    concatenated history (one prefill), and the lie at step 3 is caught there."""
+    honest = await honest_logits()
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=3))
+        good = Node("good", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, liar, good])
+        outcomes: list[str] = []
+        session = verified(cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])],
+                           VerifyPolicy(rate=1.0, first_steps=0), outcomes)  # fmt: skip
+        logits = await generate(session)
+        assert cl.penalties == [(liar.id, "wrong_output")]
+        # 2 hops x 3 honest steps, then step 3: its first hop agrees, the liar is caught
+        assert outcomes[:8] == ["agreed"] * 7 + ["wrong_output"]
+        for got, want in zip(logits, honest, strict=True):
+            assert torch.equal(got, want)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_host_that_keeps_lying_is_banned_at_the_third_job() -> None:
+    scores = PeerScores(threshold=100.0, ban_base_s=60.0, ban_max_s=600.0, decay_per_s=0.1)
+    bans = []
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=0))
+        good = Node("good", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, liar, good])
+        for job in range(3):
+            session = verified(cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])], VerifyPolicy(), [])
+            await generate(session)
+            host, penalty = cl.penalties[job]
+            bans.append(scores.penalise(host, penalty, now=float(job)))
+        nursery.cancel_scope.cancel()
+    assert bans[0] is None and bans[1] is None
+    assert bans[2] is not None and bans[2].peer == liar.id and bans[2].reason == "wrong_output"
+
+
+# ---- the engine: its own computation from the model files is the judge ------------------
+
+
+class MemView:
+    """A mesh in memory: the origin (hosting nothing) and hosts reached over FakeStreams."""
+
+    def __init__(self, nursery: trio.Nursery, origin: Node, hosts: list[tuple[Node, float]]) -> None:
+        self.node_id = origin.id
+        self._nursery = nursery
+        self._origin = origin
+        self._hosts = {n.id: (n, cost) for n, cost in hosts}
+        self.reports: list[tuple[bytes, str]] = []
+
+    def host_spans(self, model_id: str) -> list[HostSpan]:
+        return [HostSpan(n.id, h.model_id, h.start, h.end, cost, 0, 0.0, 1 << 30)
+                for n, cost in self._hosts.values() for h in n.host.hosted()]  # fmt: skip
+
+    def links(self) -> list[Link]:
+        return []
+
+    def name_of(self, node_id: bytes) -> str:
+        return node_id.hex()[:8]
+
+    def is_member(self, node_id: bytes) -> bool:
+        return node_id == self.node_id or node_id in self._hosts
+
+    async def open_exec_stream(self, node_id: bytes) -> ExecStream:
+        node = self._hosts[node_id][0]
+        o_end, h_end = stream_pair(self.node_id, node.id)
+        ch = ExecChannel(h_end, node.signer, node.verifier, self.is_member, HOST_INBOUND)
+        self._nursery.start_soon(self._serve, node, ch)
+        return o_end
+
+    async def _serve(self, node: Node, ch: ExecChannel) -> None:
+        with contextlib.suppress(TransportBroken):
+            await node.host.serve(ch, idle_timeout_s=30)
+
+    def report(self, node_id: bytes, penalty: str) -> None:
+        self.reports.append((node_id, penalty))
+
+
+async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(tmp_path: Path) -> None:
+    """No other replica of the liar's span: the origin computes it from its model folder,
+    catches the lie on the first step, reports "wrong_output" and continues on the honest
+    (slower, so not preferred) host; the outputs are the honest ones."""
+    model = tiny_llama()
+    save_model(Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
+               tmp_path / "models" / "tiny")
+    honest = await honest_logits()
+    async with trio.open_nursery() as nursery:
+        origin = Node("origin", [])
+        head = Node("head", spans([(0, 3)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=0))
+        good = Node("good", spans([(3, 6)]))
+        view = MemView(nursery, origin, [(head, 0.002), (liar, 0.001), (good, 0.05)])
+        metrics = Metrics()
+        engine = JobEngine(view=view, host=origin.host, registry=ModelRegistry(tmp_path / "models"),
+                           signer=origin.signer, verifier=origin.verifier, metrics=metrics,
+                           step_timeout_s=10, rng=random.Random(0), verify=VerifyPolicy())  # fmt: skip
+        session = engine._session("tiny", n_atoms=6, batch=1, max_len=32, bytes_per_hop=1024,
+                                  kind="latency", codec="raw")  # fmt: skip
+        logits = await generate(session)
+        assert view.reports == [(liar.id, "wrong_output")]
+        assert [h.host for h in session.route] == [head.id, good.id]
+        for got, want in zip(logits, honest, strict=True):
+            assert torch.equal(got, want)
+        text = metrics.render()
+        assert 'verify_checks_total{outcome="wrong_output"} 1' in text
+        assert 'hop_failures_total{reason="wrong_output"} 1' in text
+        nursery.cancel_scope.cancel()
