@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-ORDER = ("route", "hop", "generate", "embed", "failover", "converge")
+ORDER = ("route", "hop", "generate", "embed", "failover", "converge", "compress")
 FULL_TIMEOUT_S = 420.0
 SMOKE_TIMEOUT_S = 180.0
 
@@ -130,7 +130,30 @@ ROWS = (
                   f"{_fmt(_num(d, 'sim', 'heal', 'heal_virtual_s'), ' s', 2)} "
                   f"({_fmt(_num(d, 'sim', 'cpu_s'), ' s CPU', 1)}, {_get(d, 'sim', 'nodes')} nodes)",
         lambda d: "-"),
+    Row("compress", "MiniLM int8 weight-only: embedding cosine, weight bytes", "≥ 0.999, ≤ 0.35x",
+        lambda d: _compress(d, "int8"), lambda d: _met(d, "int8_cosine_0.999_bytes_0.35")),
+    Row("compress", "MiniLM 4-bit (int4 g32, GPTQ; int8 atoms within budget)", "≥ 0.99, ≤ 0.2x",
+        lambda d: _compress(d, "int4"), lambda d: _met(d, "int4_cosine_0.99_bytes_0.2")),
+    Row("compress", "MiniLM 25 % heads + FFN neurons pruned: cosine, speed", "≥ 0.98, ≥ 1.2x",
+        lambda d: _compress(d, "prune_25"),
+        lambda d: f"cosine {_met(d, 'prune_cosine_0.98')}, speed {_met(d, 'prune_speedup_1.2')}"),
+    Row("compress", "Nexus 1.1 int8: perplexity vs fp32", "≤ 1.02x",
+        lambda d: f"{_fmt(_num(d, 'nexus', 'int8', 'perplexity_ratio'), 'x', 4)} "
+                  f"({_get(d, 'nexus', 'int8', 'perplexity')} vs {_get(d, 'nexus', 'int8', 'ref_perplexity')}, "
+                  f"{_get(d, 'nexus', 'model')})",
+        lambda d: _met(d, "nexus_int8_perplexity_2pct")),
 )  # fmt: skip
+
+
+def _compress(doc: Doc, run: str) -> str:
+    return (f"cosine {_fmt(_num(doc, 'minilm', run, 'cosine'), '', 4)}, "
+            f"{_fmt(_num(doc, 'minilm', run, 'bytes_ratio'), 'x', 3)} bytes, "
+            f"{_fmt(_num(doc, 'minilm', run, 'speedup'), 'x')} fp32 speed")
+
+
+def _met(doc: Doc, key: str) -> str:
+    met = _get(doc, "targets_met", key)
+    return "n/a" if met is None else ("✓" if met else "✗")
 
 
 def available(name: str) -> bool:

@@ -356,6 +356,7 @@ def protocol_penalty(exc: PeerProtocolError) -> str:
 Planner = Callable[[int, int, frozenset[bytes]], list[HopPlan]]
 HopFactory = Callable[[HopPlan], Awaitable[Hop]]
 FailureReporter = Callable[[bytes, str, str], None]  # (host, penalty, reason)
+_Opinion = tuple[torch.Tensor | None, bytes | None, bool]  # (output, replica host, the origin's?)
 # (start, end, inputs, batch, max_len) -> the origin's own output of the last input, computed
 # on a fresh session of atoms [start, end) from its model files
 Arbiter = Callable[[int, int, list[StepInput], int, int], Awaitable[torch.Tensor]]
@@ -482,9 +483,10 @@ class RoutedSession:
         while i < len(self._hops):
             live = self._hops[i]
             try:
-                out, timing = await live.hop.step(live.next_id, x)
                 if self._sampled(live):
-                    await self._check(live, x, out)
+                    out, timing = await self._checked_step(live, x)
+                else:
+                    out, timing = await live.hop.step(live.next_id, x)
             except HopFailed as exc:
                 self._fail(exc)
                 await self._replace(i)
@@ -517,33 +519,56 @@ class RoutedSession:
             return steps
         return [StepInput(torch.cat(xs, dim=1), steps[0].position, x.causal, x.pad_mask)]
 
-    async def _check(self, live: _Live, x: StepInput, out: torch.Tensor) -> None:
-        """Recompute this hop's step elsewhere; raise HopFailed("wrong_output") if it lied."""
+    async def _checked_step(self, live: _Live, x: StepInput) -> tuple[torch.Tensor, HopTiming]:
+        """The hop's step, and at the same time the same step elsewhere (a second replica,
+        or the origin's own computation); HopFailed("wrong_output") if the hop lied."""
+        inputs = self._check_inputs(live, x)
+        done: list[tuple[torch.Tensor, HopTiming]] = []
+        opinion: list[_Opinion] = []
+
+        async def run_step() -> None:
+            done.append(await live.hop.step(live.next_id, x))
+
+        async def run_opinion() -> None:
+            opinion.append(await self._second_opinion(live.hop.plan, inputs, live.per_step_s))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_step)
+                nursery.start_soon(run_opinion)
+        except BaseExceptionGroup as group:  # the hop's own failure, as from an unchecked step
+            failure = first_hop_failure(group)
+            if failure is None:
+                raise
+            raise failure from None
+        out, timing = done[0]
+        await self._judge(live.hop.plan, inputs, out, opinion[0])
+        return out, timing
+
+    async def _judge(self, plan: HopPlan, inputs: list[StepInput], out: torch.Tensor,
+                     opinion: _Opinion) -> None:  # fmt: skip
         v = self._verify
         assert v is not None
-        plan = live.hop.plan
-        inputs = self._check_inputs(live, x)
-        second, replica = await self._second_opinion(plan, inputs, live.per_step_s)
-        ref = None if second is None else last_tokens(second, out)
-        tol = v.policy.tolerance(out.dtype, out.dtype if ref is None else ref.dtype, v.codec)
-        if ref is not None and difference(out, ref) <= tol:
-            self._outcome("agreed")
-            return
-        try:  # the replicas disagree, or there is no other: the origin's own computation decides
-            truth = last_tokens(await v.arbiter(plan.start, plan.end, inputs, self._batch,
-                                                self._max_len), out)  # fmt: skip
-        except (HopFailed, NexusError, AtomError) as exc:
-            log.warning("verify_undecided", host=plan.host.hex()[:8], start=plan.start,
-                        end=plan.end, reason=f"arbiter failed: {exc}")  # fmt: skip
+        ref, replica, is_truth = opinion
+        if ref is not None and not is_truth:
+            ref = last_tokens(ref, out)
+            if difference(out, ref) <= v.policy.tolerance(out.dtype, ref.dtype, v.codec):
+                self._outcome("agreed")
+                return
+            truth = await self._own(plan, inputs)  # they disagree: the origin decides
+            if truth is not None:
+                truth = last_tokens(truth, out)
+                wrong = difference(ref, truth)
+                if replica is not None and wrong > v.policy.tolerance(ref.dtype, truth.dtype, v.codec):
+                    self._excluded.add(replica)  # the replica lied: it serves this session no more
+                    self._report(replica, "wrong_output", f"verification replica of atoms "
+                                 f"[{plan.start},{plan.end}) off by {wrong:.2e} from the origin's own output")  # fmt: skip
+                    self._outcome("wrong_output")
+        else:
+            truth = None if ref is None else last_tokens(ref, out)
+        if truth is None:
             self._outcome("undecided")
             return
-        if ref is not None and replica is not None:
-            wrong = difference(ref, truth)
-            if wrong > v.policy.tolerance(ref.dtype, truth.dtype, v.codec):
-                self._excluded.add(replica)  # the replica lied: it serves this session no more
-                self._report(replica, "wrong_output", f"verification replica of atoms "
-                             f"[{plan.start},{plan.end}) off by {wrong:.2e} from the origin's own output")  # fmt: skip
-                self._outcome("wrong_output")
         diff = difference(out, truth)
         tol = v.policy.tolerance(out.dtype, truth.dtype, v.codec)
         if diff > tol:
@@ -553,14 +578,24 @@ class RoutedSession:
                                        f"computation", penalty="wrong_output")  # fmt: skip
         self._outcome("agreed")
 
-    async def _second_opinion(self, plan: HopPlan, inputs: list[StepInput],
-                              per_step_s: float) -> tuple[torch.Tensor | None, bytes | None]:  # fmt: skip
-        """The output of another replica of `plan`'s span on `inputs`, and that replica's host
-        (None when the span's other hosts form a chain); (None, None) when there is none."""
+    async def _own(self, plan: HopPlan, inputs: list[StepInput]) -> torch.Tensor | None:
+        """The origin's own output (the arbiter); None when it cannot compute it."""
+        v = self._verify
+        assert v is not None
+        try:
+            return await v.arbiter(plan.start, plan.end, inputs, self._batch, self._max_len)
+        except (HopFailed, NexusError, AtomError) as exc:
+            log.warning("verify_undecided", host=plan.host.hex()[:8], start=plan.start,
+                        end=plan.end, reason=f"arbiter failed: {exc}")  # fmt: skip
+            return None
+
+    async def _second_opinion(self, plan: HopPlan, inputs: list[StepInput], per_step_s: float) -> _Opinion:
+        """Another replica's output of `plan`'s span on `inputs` and its host (None when the
+        span's other hosts form a chain); with no other replica, the origin's own output."""
         try:
             plans = self._plan(plan.start, plan.end, frozenset({*self._excluded, plan.host}))
-        except (NexusError, LookupError):
-            return None, None  # nobody else hosts it: the arbiter is the second opinion
+        except (NexusError, LookupError):  # nobody else hosts it: the origin is the second opinion
+            return await self._own(plan, inputs), None, True
         chain: list[_Live] = []
         try:
             xs = inputs
@@ -570,15 +605,15 @@ class RoutedSession:
                 await hop.open(self._batch, self._max_len)
                 outs = await hop.replay(0, xs, per_step_s=per_step_s)
                 xs = [StepInput(o, s.position, s.causal, s.pad_mask) for o, s in zip(outs, xs, strict=True)]
-        except HopFailed as exc:  # the verifier failed, not the checked host: skip it
+        except HopFailed as exc:  # the verifier failed, not the checked host
             if exc.blame:
                 self._report(exc.host, exc.penalty, exc.reason)
             self._excluded.add(exc.host)
             log.info("verify_replica_failed", host=exc.host.hex()[:8], reason=exc.reason)
-            return None, None
+            return await self._own(plan, inputs), None, True
         finally:
             await _close_all(chain)
-        return xs[-1].x, (plans[0].host if len(plans) == 1 else None)
+        return xs[-1].x, (plans[0].host if len(plans) == 1 else None), False
 
     def _outcome(self, outcome: str) -> None:
         v = self._verify

@@ -92,6 +92,22 @@ def test_converge_smoke_simulation(tmp_path: Path) -> None:
     assert sim["heal"]["heal_virtual_s"] > 0 and sim["cpu_s"] > 0
 
 
+def test_compress_smoke_measures_every_level() -> None:
+    res = subprocess.run([sys.executable, "-m", "bench.compress", "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc["bench"] == "compress" and doc["smoke"] is True
+    runs = doc["minilm"]
+    assert runs["int8"]["cosine"] >= 0.999 and runs["int8"]["bytes_ratio"] <= 0.35
+    assert runs["int4"]["bytes_ratio"] <= 0.2 and runs["int4"]["atom_levels"][0] == "int4"
+    assert runs["prune_25"]["params"] < runs["prune_25"]["ref_params"]
+    assert runs["magnitude_50"]["bytes_ratio"] == 1.0 and runs["bf16"]["bytes_ratio"] == 0.5
+    assert doc["kernels"]["fp32"] > 0 and doc["kernels"]["ours_int8"] > 0
+    rows = [line for line in bench_all.table({"compress": doc}).splitlines() if "bench.compress" in line]
+    assert len(rows) == 4
+
+
 def test_all_table_has_a_row_per_figure_and_marks_errors() -> None:
     results: dict[str, dict[str, object]] = {
         "generate": {
