@@ -57,13 +57,14 @@ def work_dir(given: Path | None) -> Iterator[Path]:
 @contextlib.contextmanager
 def hosted_mesh(root: Path, layout: Sequence[Sequence[str]], *, models_dir: Path,
                 wait: Sequence[tuple[str, int]], names: Sequence[str] | None = None,
-                ) -> Iterator[LocalCluster]:  # fmt: skip
+                env: dict[str, str] | None = None) -> Iterator[LocalCluster]:  # fmt: skip
     """A joined cluster of len(layout) daemons, node i hosting `layout[i]` ("MODEL:A-B").
 
     Args:
         wait: (model, hosts) pairs node 0 must see advertised before the mesh is used.
+        env: extra environment of every daemon (e.g. `NEXUSD_EXEC__VERIFY_RATE`).
     """
-    with local_cluster(root, len(layout), models_dir=models_dir, names=names) as cluster:
+    with local_cluster(root, len(layout), models_dir=models_dir, names=names, env=env) as cluster:
         for i, specs in enumerate(layout):
             for spec in specs:
                 cluster.host(i, spec)

@@ -12,6 +12,10 @@ Setup: `--nodes` daemons on 127.0.0.1 joined by invite; Nexus 1.1's atoms split 
 over them, node 0 (the origin) hosting the first span; the baseline is
 `atoms.generation.generate` over the same model with one torch thread, like the daemons.
 Per-hop overhead per token = (job elapsed - summed hop compute) / tokens / hops.
+`--verify-overhead`: a second mesh of the same layout runs alongside with spot-check
+verification off (`[exec] verify_rate = 0`, `verify_first_steps = 0`); rounds interleave
+one process, the mesh without checks and the mesh with the default checks, and the JSON's
+"verify" block gives both tokens/s and the overhead (target: under 10 %).
 
 The cluster helpers here are shared with `bench.failover` and `bench.embed`.
 """
@@ -19,6 +23,7 @@ The cluster helpers here are shared with `bench.failover` and `bench.embed`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 
 from nexusd.api.records import GenerateReply, GenerateRequest
+from nexusd.config import ExecConfig
 from nexusd.harness.cluster import LocalCluster
 from nexusd.harness.demo import PROMPT, default_models_dir
 from nexusd.model_registry import DEFAULT_GENERATE_MODEL, ModelRegistry
@@ -43,6 +49,8 @@ from .common import (
 )
 
 TARGET_RATIO = 0.8  # mesh tokens/s over one-process tokens/s
+VERIFY_TARGET = 0.10  # tokens/s lost to spot checks at the default rate
+NO_VERIFY_ENV = {"NEXUSD_EXEC__VERIFY_RATE": "0", "NEXUSD_EXEC__VERIFY_FIRST_STEPS": "0"}
 
 
 # ---- generation -------------------------------------------------------------------------------
@@ -87,32 +95,55 @@ def hop_costs(reply: GenerateReply) -> dict[str, float]:
     }
 
 
-def run(models_dir: Path, root: Path, *, nodes: int, tokens: int, repeat: int) -> dict[str, object]:
+def run(models_dir: Path, root: Path, *, nodes: int, tokens: int, repeat: int,
+        verify_overhead: bool = False) -> dict[str, object]:  # fmt: skip
     """The measurement (see the module docstring); returns the JSON document."""
     torch.set_num_threads(1)  # like the daemons (node.torch_threads = 1)
     registry = ModelRegistry(models_dir)
     info = registry.info(DEFAULT_GENERATE_MODEL)
     model = registry.load_model(DEFAULT_GENERATE_MODEL)
-    prompt_ids = registry.tokenizer(DEFAULT_GENERATE_MODEL).encode(PROMPT)
+    prompt_ids = registry.tokenizer(DEFAULT_GENERATE_MODEL).encode_prompt(PROMPT)  # as the engine does
     layout = even_layout(DEFAULT_GENERATE_MODEL, info.n_atoms, nodes)
+    wait = [(DEFAULT_GENERATE_MODEL, nodes)]
     t_setup = time.perf_counter()
-    with hosted_mesh(root, layout, models_dir=models_dir,
-                     wait=[(DEFAULT_GENERATE_MODEL, nodes)]) as cluster:  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait))
+        unchecked = None
+        if verify_overhead:
+            unchecked = stack.enter_context(hosted_mesh(root / "unchecked", layout, models_dir=models_dir,
+                                                        wait=wait, env=NO_VERIFY_ENV))  # fmt: skip
         setup_s = time.perf_counter() - t_setup
         ref, _ = local_generation(model, prompt_ids, tokens)  # warm-up, and the reference
-        mesh_generation(cluster, min(tokens, 4))  # warm-up: streams, sessions, caches
+        for c in (cluster, unchecked):
+            if c is not None:
+                mesh_generation(c, min(tokens, 4))  # warm-up: streams, sessions, caches
         local_s: list[float] = []
         replies: list[tuple[GenerateReply, float]] = []
+        bare: list[GenerateReply] = []
         identical = True
         for _ in range(repeat):
             ids, secs = local_generation(model, prompt_ids, tokens)
             identical &= ids == ref
             local_s.append(secs)
+            if unchecked is not None:
+                plain, _ = mesh_generation(unchecked, tokens)
+                identical &= plain.token_ids == ref
+                bare.append(plain)
             reply, wall = mesh_generation(cluster, tokens)
             identical &= reply.token_ids == ref
             replies.append((reply, wall))
-    return summarise(replies, local_s, tokens=tokens, nodes=nodes, identical=identical,
-                     setup_s=setup_s, prompt_tokens=len(prompt_ids), layout=layout)  # fmt: skip
+    doc = summarise(replies, local_s, tokens=tokens, nodes=nodes, identical=identical,
+                    setup_s=setup_s, prompt_tokens=len(prompt_ids), layout=layout)  # fmt: skip
+    if bare:
+        on = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
+        off = median([len(r.token_ids) / r.elapsed_s for r in bare])
+        doc["verify"] = {
+            "rate": ExecConfig().verify_rate, "first_steps": ExecConfig().verify_first_steps,
+            "tokens_per_s_checked": rounded(on, 2), "tokens_per_s_unchecked": rounded(off, 2),
+            "overhead": rounded(1 - on / off, 3), "target_overhead": VERIFY_TARGET,
+            "failovers_unchecked": sum(len(r.failovers) for r in bare),
+        }  # fmt: skip
+    return doc
 
 
 def summarise(replies: list[tuple[GenerateReply, float]], local_s: list[float], *, tokens: int,
@@ -175,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     p.add_argument("--repeat", type=int, default=3, help="rounds (each: one process + mesh)")
+    p.add_argument("--verify-overhead", action="store_true",
+                   help="also run a mesh without spot checks and report the checks' overhead")
     args = p.parse_args(argv)
     nodes, tokens, repeat = args.nodes, args.tokens, args.repeat
     if args.smoke:
@@ -184,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     models_dir = args.models_dir or default_models_dir()
     with work_dir(args.workdir) as root:
-        doc = run(models_dir, root, nodes=nodes, tokens=tokens, repeat=repeat)
+        doc = run(models_dir, root, nodes=nodes, tokens=tokens, repeat=repeat,
+                  verify_overhead=args.verify_overhead)
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)
     return 0
