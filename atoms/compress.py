@@ -218,10 +218,11 @@ def measure(reference: Model, candidate: Model, batch: Batch, *, repeats: int = 
     figs = []
     ref_ms = 0.0
     for i, (ref, cand) in enumerate(zip(reference.atoms, candidate.atoms, strict=True)):
+        x = xs[i].to(cand.spec.torch_dtype) if xs[i].is_floating_point() else xs[i]
         with torch.no_grad():
-            out = cand(xs[i], batch.ctx)
+            out = cand(x, batch.ctx)
         cos = cosine_report(_rows(xs[i + 1], batch.real), _rows(out, batch.real)).mean
-        ms = _time_ms(cand, xs[i], batch.ctx, repeats)
+        ms = _time_ms(cand, x, batch.ctx, repeats)
         ref_ms += _time_ms(ref, xs[i], batch.ctx, repeats)
         figs.append(AtomFigures(i, atom_bytes(cand), atom_params(cand), round(ms, 3),
                                 round(cos, 6)))
