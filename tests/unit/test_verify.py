@@ -17,7 +17,7 @@ from atoms.span import Span
 from mesh.errors import TransportBroken
 from mesh.routing import HostSpan, Link
 from mesh.scoring import PeerScores
-from nexusd.config import ConfigError, ExecConfig
+from nexusd.config import ConfigError, ExecConfig, load_config
 from nexusd.exec.hosting import SpanHost
 from nexusd.exec.planner import ExecStream
 from nexusd.exec.session import HopPlan, LocalHop, RoutedSession, StepInput, Verification
@@ -26,6 +26,7 @@ from nexusd.exec.wire import HOST_INBOUND, ExecChannel
 from nexusd.jobs.engine import JobEngine
 from nexusd.metrics import Metrics
 from nexusd.model_registry import ModelRegistry
+from nexusd.node.daemon import verify_policy
 
 from .exec_fixtures import Cluster, Node, stream_pair, tiny_llama
 
@@ -145,6 +146,13 @@ def test_policy_and_config_refuse_bad_values() -> None:
     with pytest.raises(ConfigError, match=r"exec\.verify_tol_fp32"):
         ExecConfig(verify_tol_fp32=0.0)
     assert ExecConfig().verify_rate == 0.02 and ExecConfig().verify_first_steps == 1
+
+
+def test_the_daemon_policy_comes_from_exec_and_zero_turns_checks_off() -> None:
+    on = verify_policy(load_config(None).exec)
+    assert on == VerifyPolicy(rate=0.02, first_steps=1, tol_fp32=1e-4, tol_bf16=5e-2)
+    env = {"NEXUSD_EXEC__VERIFY_RATE": "0", "NEXUSD_EXEC__VERIFY_FIRST_STEPS": "0"}
+    assert verify_policy(load_config(None, env=env).exec) is None
 
 
 # ---- a lying host -----------------------------------------------------------------------
