@@ -11,7 +11,7 @@ holds packed buffers of the right shapes and `load_state` fills them from the we
 Rule 2: packed weights stay packed in RAM and on disk; a forward dequantises one layer's
 weight (or only the looked-up rows of a table) on the fly into the compute dtype, then runs
 the dense kernel. torch's own packed kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`) were measured 30-100x slower than fp32 on this CPU
+`_weight_int4pack_mm_for_cpu`) were measured 40-80x slower than fp32 on this CPU
 (docs/architecture.md §7), so they are not used.
 Rule 3: quantising never mutates: `quantize_atom` returns a new atom.
 """
@@ -285,8 +285,9 @@ def quantized_state(dense: Atom, level: str, group: int,
 
 def quantize_atom(dense: Atom, level: str, group: int = 64,
                   calib: Calibration | None = None) -> Atom:
-    """A copy of `dense` with its Linear layers and tables quantised to `level`; int4 layers
-    choose their input scales on `calib` (the atom's input and context) when given.
+    """A copy of `dense` with its Linear layers and tables quantised to `level` (frozen:
+    not for training); int4 Linear layers are rounded by GPTQ on `calib` (the atom's input
+    and context) when given, else to nearest.
 
     Raises:
         ValueError: unknown level or group; the atom is already quantised.
