@@ -49,6 +49,7 @@ from .llama import attention_mask, materialize
 from .minilm import minilm_dir
 from .model import Model, load_model, save_model
 from .partition import ConfigValue, ModelManifest
+from .quant import QuantTable
 from .tokenizer import TextTokenizer
 
 FAMILY = "nexus"
@@ -239,6 +240,8 @@ class NexusHead(Atom):
     V x C = 11.7 M, and the output space is the one the base was pretrained in.
     """
 
+    QUANT_TABLES = ("table",)  # a quantised head packs the tied table (atoms/quant.py)
+
     def __init__(self, spec: AtomSpec) -> None:
         super().__init__(spec)
         c, v = spec.dim("hidden"), spec.dim("vocab")
@@ -258,7 +261,8 @@ class NexusHead(Atom):
         h: torch.Tensor = self.proj(self.norm(x))
         if not self.tied:
             return h  # (B, T, V)
-        logits: torch.Tensor = F.linear(h, self.table.to(h.dtype), self.bias.to(h.dtype))
+        table = self.table.rows() if isinstance(self.table, QuantTable) else self.table
+        logits: torch.Tensor = F.linear(h, table.to(h.dtype), self.bias.to(h.dtype))
         return logits  # (B, T, V)
 
 

@@ -207,6 +207,14 @@ class QuantEmbedding(_Packed):
         return flat.reshape(*ids.shape, self.cols)
 
 
+class QuantTable(_Packed):
+    """A (rows, cols) weight matrix an atom uses directly (not through a Linear), packed; the
+    atom names such tensors in its class attribute `QUANT_TABLES` and reads `rows()`."""
+
+    def __init__(self, table: torch.Tensor, level: str, group: int, dtype: torch.dtype) -> None:
+        super().__init__(table.shape[0], table.shape[1], level, group, dtype)
+
+
 def _fits(module: nn.Module, level: str, group: int) -> bool:
     if not isinstance(module, nn.Linear | nn.Embedding):
         return False
@@ -236,6 +244,12 @@ def quantize_modules(atom: Atom) -> list[str]:
             new = QuantEmbedding(module, level, group, dtype)
         setattr(parent, child, new)
         replaced.append(name)
+    for name in getattr(atom, "QUANT_TABLES", ()):
+        table = getattr(atom, name)
+        if isinstance(table, torch.Tensor) and (level == "int8" or table.shape[1] % group == 0):
+            delattr(atom, name)
+            setattr(atom, name, QuantTable(table, level, group, atom.spec.torch_dtype))
+            replaced.append(name)
     return sorted(replaced)
 
 
@@ -273,7 +287,7 @@ def quantized_state(dense: Atom, level: str, group: int,
     for name, module in target.named_modules():
         if not isinstance(module, _Packed):
             continue
-        weight = state.pop(f"{name}.weight")
+        weight = state.pop(name if isinstance(module, QuantTable) else f"{name}.weight")
         if isinstance(module, QuantLinear):
             bufs = module.fill_calibrated(weight, inputs.get(name))
         else:

@@ -16,7 +16,7 @@ from atoms.minilm import load_minilm
 from atoms.model import Model, build_atom, load_model, save_model
 from atoms.nexus import NexusConfig, init_random, nexus_atom_from_spec, nexus_specs
 from atoms.prune import Importance, importance, magnitude_prune, prune_block
-from atoms.quant import QuantEmbedding, QuantLinear, quantize_atom, spec_quant
+from atoms.quant import QuantEmbedding, QuantLinear, QuantTable, quantize_atom, spec_quant
 
 CFG = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=128, max_position_embeddings=512)
@@ -135,3 +135,24 @@ def test_prune_refuses_bad_fractions_and_magnitude_pruning_zeroes(tiny: Model) -
     assert 0.49 < float((w == 0).float().mean()) < 0.51
     with pytest.raises(ValueError):
         dataclasses.replace(CompressSettings(model_id="x"), quant="int3")
+
+
+def test_a_quantised_nexus_head_packs_its_tied_table() -> None:
+    spec = nexus_specs(NexusConfig(heads=4, intermediate=96), hidden=64, vocab=100,
+                       first_index=3, model_id="nx")[-1]
+    head = init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(6),
+                       residual_layers=2)
+    with torch.no_grad():
+        head.table.copy_(torch.randn(100, 64, generator=torch.Generator().manual_seed(7)))
+    q = quantize_atom(head, "int8")
+    assert isinstance(q.table, QuantTable) and q.table.qweight.dtype == torch.int8
+    assert "table" not in dict(q.named_parameters())
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(8))
+    ctx = ForwardContext.for_tokens(2, 5, causal=True)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(q(x, ctx).flatten(), head(x, ctx).flatten(), dim=0)
+    assert float(cos) > 0.999
+    rebuilt = build_atom(q.spec)
+    rebuilt.load_state_dict(q.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, ctx), q(x, ctx))
