@@ -143,7 +143,8 @@ def test_a_quantised_nexus_head_packs_its_tied_table() -> None:
     head = init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(6),
                        residual_layers=2)
     with torch.no_grad():
-        head.table.copy_(torch.randn(100, 64, generator=torch.Generator().manual_seed(7)))
+        dict(head.named_parameters())["table"].copy_(
+            torch.randn(100, 64, generator=torch.Generator().manual_seed(7)))
     q = quantize_atom(head, "int8")
     assert isinstance(q.table, QuantTable) and q.table.qweight.dtype == torch.int8
     assert "table" not in dict(q.named_parameters())
