@@ -35,6 +35,8 @@ from .errors import ApiError
 log = structlog.get_logger(__name__)
 
 NEXUS_SEED = 11  # the seed of the built-in Nexus 1.1 blocks: same weights on every node
+# data/models/nexus-1.1.safetensors, written by scripts/ship_default_model.py
+NEXUS_SHIPPED_SHA256 = "8c1bad084d8f5d3a96d47c30521aea3a82bd28fc2a6ecd16da7254081faa2ce1"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,9 +58,11 @@ def _build_minilm() -> Model:
 
 
 def _build_nexus() -> Model:
-    from atoms.nexus import NexusConfig, build_nexus
+    """Nexus 1.1 with the blocks and head the mesh trained (data/models/README.md)."""
+    from atoms.nexus import NexusConfig, build_nexus, load_shipped, shipped_weights_path
 
-    return build_nexus(None, NexusConfig(), NEXUS_SEED, model_id="nexus-1.1")
+    model = build_nexus(None, NexusConfig(), NEXUS_SEED, model_id="nexus-1.1")
+    return load_shipped(model, shipped_weights_path(), NEXUS_SHIPPED_SHA256)
 
 
 def _build_nexus_random() -> Model:
@@ -78,7 +82,7 @@ def _save(model: Model, folder: Path) -> None:
 
 BUILTINS: dict[str, Callable[[], Model]] = {
     "minilm": _build_minilm,
-    "nexus-1.1": _build_nexus,
+    "nexus-1.1": _build_nexus,  # trained by the mesh itself
     "nexus-1.1-random": _build_nexus_random,  # the same architecture, blocks untrained
 }
 DEFAULT_GENERATE_MODEL = "nexus-1.1"
