@@ -317,7 +317,11 @@ class TokenGenerator:
         if self._decode is None:
             return "", False
         ids = self.generated[:-1] if stop_token else self.generated
-        text = self._decode(ids)
+        # Decode after the prompt's last token, then drop its text: the first piece then
+        # starts as it would in the whole text (" he" after "that", "s" after "that##")
+        head = self._decode(self.prompt[-1:])
+        full = self._decode([*self.prompt[-1:], *ids])
+        text = full[len(head) :] if full.startswith(head) else self._decode(ids)
         cut = _first_stop(text, self.params.stop_sequences)
         if cut is not None:
             text, final = text[:cut], True

@@ -62,7 +62,7 @@ def strided_examples(seqs: list[list[int]], window: int, bos: int, eos: int) -> 
             end = min(n, done + stride)  # score targets seq[done+1 .. end]
             ctx = seq[end - (window - 1) : end]  # the tokens before seq[end], window-1 of them
             inputs.append([bos, *ctx])
-            preds = [bos, *ctx][1:] + [seq[end]]  # what each input position predicts
+            preds = [*ctx, seq[end]]  # what each input position predicts
             targets.append([t if i >= len(preds) - (end - done) else IGNORE
                             for i, t in enumerate(preds)])
             done = end
@@ -105,7 +105,7 @@ def samples(model: Model, n_tokens: int) -> list[str]:
         params = GenerationParams(max_new_tokens=n_tokens, temperature=0.8, top_k=40, seed=seed,
                                   stop_token_ids=(special_ids(tok)[1],))
         done = generate(model, tok.encode_prompt(prompt), params, decode=tok.decode)
-        out.append(f"{prompt} {done.text}".strip())
+        out.append(f"{prompt}{done.text}".strip())
     return out
 
 
