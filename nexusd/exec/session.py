@@ -125,6 +125,34 @@ class HopTiming:
     bytes_in: int
 
 
+@dataclass(slots=True, kw_only=True)
+class HopTotals:
+    """Running totals of one hop over a job's steps (or a training run's operations)."""
+
+    steps: int = 0
+    compute_s: float = 0.0
+    queue_s: float = 0.0
+    transfer_s: float = 0.0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def add(self, t: HopTiming) -> None:
+        self.steps += 1
+        self.compute_s += t.compute_s
+        self.queue_s += t.queue_s
+        self.transfer_s += t.transfer_s
+        self.bytes_out += t.bytes_out
+        self.bytes_in += t.bytes_in
+
+    def merge(self, other: HopTotals) -> None:
+        self.steps += other.steps
+        self.compute_s += other.compute_s
+        self.queue_s += other.queue_s
+        self.transfer_s += other.transfer_s
+        self.bytes_out += other.bytes_out
+        self.bytes_in += other.bytes_in
+
+
 @dataclass(frozen=True, slots=True)
 class StepInput:
     x: torch.Tensor

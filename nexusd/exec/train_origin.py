@@ -39,6 +39,7 @@ from .session import (
     HopFailed,
     HopPlan,
     HopTiming,
+    HopTotals,
     JobFailed,
     first_hop_failure,
     protocol_penalty,
@@ -99,26 +100,6 @@ class MicroBatch:
 
 
 @dataclass(slots=True)
-class HopCost:
-    """One hop's sums over a step (or a run): seconds computing, queued, on the wire."""
-
-    compute_s: float = 0.0
-    queue_s: float = 0.0
-    transfer_s: float = 0.0
-    ops: int = 0
-    bytes_out: int = 0
-    bytes_in: int = 0
-
-    def add(self, t: HopTiming) -> None:
-        self.compute_s += t.compute_s
-        self.queue_s += t.queue_s
-        self.transfer_s += t.transfer_s
-        self.ops += 1
-        self.bytes_out += t.bytes_out
-        self.bytes_in += t.bytes_in
-
-
-@dataclass(slots=True)
 class StepReport:
     """What one optimiser step did: summed loss, counts, and per-hop costs."""
 
@@ -127,7 +108,7 @@ class StepReport:
     correct: int = 0
     grad_norm: float = 0.0
     wall_s: float = 0.0
-    hops: dict[HopPlan, HopCost] = field(default_factory=dict)
+    hops: dict[HopPlan, HopTotals] = field(default_factory=dict)
 
     def add_loss(self, result: LossSum) -> None:
         self.loss += result.loss
@@ -469,7 +450,7 @@ class TrainPipeline:
 
     async def run(self, step: int, mbs: Sequence[MicroBatch]) -> StepReport:
         """The micro-batches of optimiser step `step` (gradients summed on the hosts)."""
-        report = StepReport(hops={h.plan: HopCost() for h in self.hops})
+        report = StepReport(hops={h.plan: HopTotals() for h in self.hops})
         gates = [Turnstile(ops) for ops in self._ops(len(mbs))]
         t0 = trio.current_time()
         try:

@@ -23,7 +23,8 @@ from functools import partial
 
 import torch
 
-from .train_origin import HopCost, MicroBatch, StepReport, TrainPipeline, _gather
+from .session import HopTotals
+from .train_origin import MicroBatch, StepReport, TrainPipeline, _gather
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,9 +147,7 @@ def _merge(reports: Sequence[StepReport]) -> StepReport:
         out.correct += r.correct
         out.wall_s = max(out.wall_s, r.wall_s)
         for plan, cost in r.hops.items():
-            acc = out.hops.setdefault(plan, HopCost())
-            for f in ("compute_s", "queue_s", "transfer_s", "ops", "bytes_out", "bytes_in"):
-                setattr(acc, f, getattr(acc, f) + getattr(cost, f))
+            out.hops.setdefault(plan, HopTotals()).merge(cost)
     grad = [r.grad_norm for r in reports if r.grad_norm]
     out.grad_norm = math.fsum(grad) / len(grad) if grad else 0.0
     return out

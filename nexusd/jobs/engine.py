@@ -16,7 +16,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -53,7 +53,6 @@ from ..exec.session import (
     Hop,
     HopFailed,
     HopPlan,
-    HopTiming,
     LocalHop,
     Planner,
     RemoteHop,
@@ -68,6 +67,7 @@ from ..exec.verify import VerifyPolicy
 from ..exec.wire import ORIGIN_INBOUND, ExecChannel, Signer
 from ..metrics import Metrics
 from ..model_registry import ModelRegistry, TrainedHead
+from .costs import HopCosts
 from .training import Mesh as TrainMesh
 from .training import train as run_training
 
@@ -80,48 +80,6 @@ MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
 ARBITER_SPANS = 2  # spans kept loaded for spot checks' own computation
 SESSION_CLOSE_S = 5.0  # closing every hop of a job's session (each bounded on its own)
-
-
-@dataclass(slots=True, kw_only=True)
-class _HopTotals:
-    """Running totals of one hop over a job's steps."""
-
-    steps: int = 0
-    compute_s: float = 0.0
-    queue_s: float = 0.0
-    transfer_s: float = 0.0
-    bytes_out: int = 0
-    bytes_in: int = 0
-
-    def add(self, t: HopTiming) -> None:
-        self.steps += 1
-        self.compute_s += t.compute_s
-        self.queue_s += t.queue_s
-        self.transfer_s += t.transfer_s
-        self.bytes_out += t.bytes_out
-        self.bytes_in += t.bytes_in
-
-
-@dataclass(slots=True)
-class _Costs:
-    """Per-hop sums over a job's steps, keyed by (host, start, end)."""
-
-    hops: dict[tuple[bytes, int, int], _HopTotals] = field(default_factory=dict)
-
-    def add(self, timings: Sequence[HopTiming]) -> None:
-        for t in timings:
-            self.hops.setdefault((t.host, t.start, t.end), _HopTotals()).add(t)
-
-    def report(self, name_of: Callable[[bytes], str]) -> tuple[HopReport, ...]:
-        rows = sorted(self.hops.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-        return tuple(
-            HopReport(
-                host=h.hex(), name=name_of(h), start=s, end=e, steps=a.steps,
-                compute_s=round(a.compute_s, 6), queue_s=round(a.queue_s, 6),
-                transfer_s=round(a.transfer_s, 6), bytes_out=a.bytes_out, bytes_in=a.bytes_in,
-            )
-            for (h, s, e), a in rows
-        )  # fmt: skip
 
 
 class JobEngine:
@@ -282,7 +240,7 @@ class JobEngine:
             codec=req.codec,
             on_route=lambda hops, why: pending.append(self.route_event(job_id, hops, why)),
         )  # fmt: skip
-        costs = _Costs()
+        costs = HopCosts()
         t0 = time.perf_counter()
         try:
             await session.open()
@@ -327,7 +285,7 @@ class JobEngine:
     async def _embed_texts(
         self, model_id: str, texts: Sequence[str], micro_batch: int, codec: str, job_id: str,
         emit: Emit, max_texts: int = MAX_TEXTS,
-    ) -> tuple[torch.Tensor, _Costs, tuple[str, ...], float]:  # fmt: skip
+    ) -> tuple[torch.Tensor, HopCosts, tuple[str, ...], float]:  # fmt: skip
         _check_codec(codec)
         if not texts or len(texts) > max_texts:
             raise ApiError("bad_request", f"texts: expected 1..{max_texts}, got {len(texts)}")
@@ -345,7 +303,7 @@ class JobEngine:
         batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
         hidden = self.registry.config_int(model_id, "hidden_size", 384)
         out: list[torch.Tensor | None] = [None] * len(texts)
-        costs = _Costs()
+        costs = HopCosts()
         failovers: list[str] = []
         done = 0
         lanes = min(3, len(batches))  # micro-batches in flight: enough to fill a 3-hop pipeline

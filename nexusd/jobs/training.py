@@ -58,7 +58,6 @@ from ..exec.hosting import ExecRefused
 from ..exec.session import HopFailed, HopPlan, JobFailed
 from ..exec.train_host import TrainHost, local_link
 from ..exec.train_origin import (
-    HopCost,
     MicroBatch,
     StepReport,
     TrainHop,
@@ -68,6 +67,7 @@ from ..exec.train_replicas import Averaging, ReplicaGroup
 from ..exec.train_wire import MAX_TARGETS, SCHEDULES
 from ..metrics import Metrics
 from ..model_registry import ModelRegistry
+from .costs import HopCosts
 
 log = structlog.get_logger(__name__)
 
@@ -287,7 +287,7 @@ class TrainRun:
         self.failovers: list[str] = []
         self._max_failovers = max_failovers
         self._excluded: set[bytes] = set()
-        self.costs: dict[HopPlan, HopCost] = {}
+        self.costs = HopCosts()
         self.idle: dict[bytes, list[float]] = {}
         self.order = Order(len(plan.data.train), req.micro_batch, req.seed)
         self.tokens = 0
@@ -422,9 +422,7 @@ class TrainRun:
         self.tokens += report.count
         self.last_loss = report.loss / report.count
         for plan, cost in report.hops.items():
-            total = self.costs.setdefault(plan, HopCost())
-            for f in dataclasses.fields(HopCost):
-                setattr(total, f.name, getattr(total, f.name) + getattr(cost, f.name))
+            self.costs.merge((plan.host, plan.start, plan.end), cost)
             self.idle.setdefault(plan.host, []).append(report.idle_fraction(plan))
 
     async def _evaluate(self, pipe: TrainPipeline) -> None:
@@ -454,13 +452,7 @@ class TrainRun:
         )
 
     def hop_reports(self) -> tuple[HopReport, ...]:
-        return tuple(
-            HopReport(host=p.host.hex(), name=self.route.name_of(p.host), start=p.start,
-                      end=p.end, steps=c.ops, compute_s=round(c.compute_s, 6),
-                      queue_s=round(c.queue_s, 6), transfer_s=round(c.transfer_s, 6),
-                      bytes_out=c.bytes_out, bytes_in=c.bytes_in)
-            for p, c in sorted(self.costs.items(), key=lambda kv: (kv[0].start, kv[0].host))
-        )
+        return self.costs.report(self.route.name_of)
 
     def bubble(self) -> tuple[tuple[str, float], ...]:
         return tuple((self.route.name_of(h), round(sum(v) / len(v), 4))
