@@ -40,7 +40,7 @@ from nexusd.api.records import (
 )
 from nexusd.harness.cluster import LocalCluster, even_spans
 from nexusd.harness.demo import PROMPT, default_models_dir
-from nexusd.model_registry import DEFAULT_GENERATE_MODEL, ModelRegistry
+from nexusd.model_registry import ModelRegistry
 
 from .common import (
     CALL_TIMEOUT_S,
@@ -53,6 +53,10 @@ from .common import (
     work_dir,
 )
 from .generate import local_generation, mesh_generation
+
+# The untrained Nexus 1.1 blocks: the same compute as the shipped model, and a generation
+# that runs its full length (the trained model may stop early at [SEP]); speed, not text.
+BENCH_MODEL = "nexus-1.1-random"
 
 LOG_WAIT_S = 10.0
 
@@ -98,7 +102,7 @@ def failure_run(cluster: LocalCluster, ids: dict[str, int], tokens: int
     """One job with a kill after tokens/3; reply, client seconds, the kill, log split."""
     kill = Kill(cluster, ids, max(2, tokens // 3))
     t0 = time.perf_counter()
-    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=tokens)
+    req = GenerateRequest(prompt=PROMPT, model=BENCH_MODEL, max_new_tokens=tokens)
     reply = cluster.call(0, req, expect=GenerateReply, timeout_s=CALL_TIMEOUT_S, on_event=kill)
     wall = time.perf_counter() - t0
     if kill.victim is not None:
@@ -128,7 +132,7 @@ def tail_step_s(reply: GenerateReply) -> float:
 
 def layout_for(n_atoms: int, failures: int) -> list[list[str]]:
     (a0, b0), (a1, b1), (a2, b2) = even_spans(n_atoms, 3)
-    model = DEFAULT_GENERATE_MODEL
+    model = BENCH_MODEL
     return [[f"{model}:{a0}-{b0}"], [f"{model}:{a1}-{b1}"],
             *[[f"{model}:{a2}-{b2}"] for _ in range(failures + 1)]]  # fmt: skip
 
@@ -138,15 +142,15 @@ def run(
 ) -> dict[str, object]:
     torch.set_num_threads(1)
     registry = ModelRegistry(models_dir)
-    info = registry.info(DEFAULT_GENERATE_MODEL)
-    model = registry.load_model(DEFAULT_GENERATE_MODEL)
+    info = registry.info(BENCH_MODEL)
+    model = registry.load_model(BENCH_MODEL)
     ref, _ = local_generation(
-        model, registry.tokenizer(DEFAULT_GENERATE_MODEL).encode(PROMPT), tokens
+        model, registry.tokenizer(BENCH_MODEL).encode_prompt(PROMPT), tokens
     )
     layout = layout_for(info.n_atoms, failures)
     names = ["origin", "host1", *[f"tail{i}" for i in range(1, failures + 2)]]
     with hosted_mesh(root, layout, models_dir=models_dir, names=names,
-                     wait=[(DEFAULT_GENERATE_MODEL, len(layout))]) as cluster:  # fmt: skip
+                     wait=[(BENCH_MODEL, len(layout))]) as cluster:  # fmt: skip
         ids = node_ids(cluster)
         mesh_generation(cluster, min(tokens, 4))  # warm-up
         warmed = [warm_replica(cluster, i) for i in range(2, cluster.size)]
@@ -192,7 +196,7 @@ def summarise(clean: list[GenerateReply], failed: list[tuple[GenerateReply, floa
         })  # fmt: skip
     return {
         "bench": "failover",
-        "model": DEFAULT_GENERATE_MODEL,
+        "model": BENCH_MODEL,
         "layout": [s for specs in layout for s in specs],
         "new_tokens": tokens,
         "clean_runs": len(clean),

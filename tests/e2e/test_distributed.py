@@ -35,8 +35,9 @@ FAST = {"NEXUSD_MESH__ADVERT_REFRESH_S": "1", "NEXUSD_MESH__ADVERT_LEASE_S": "4"
 @pytest.fixture(scope="module")
 def reference(registry: ModelRegistry) -> tuple[tuple[int, ...], torch.Tensor]:
     model = registry.load_model("nexus-1.1")
-    ids = registry.tokenizer("nexus-1.1").encode(PROMPT)
-    tokens = generate(model, ids, GenerationParams(max_new_tokens=16)).token_ids
+    ids = registry.tokenizer("nexus-1.1").encode_prompt(PROMPT)
+    eos = registry.eos_token_ids("nexus-1.1")
+    tokens = generate(model, ids, GenerationParams(max_new_tokens=16, stop_token_ids=eos)).token_ids
     return tokens, embed_texts(registry.load_model("minilm"), list(TEXTS))
 
 

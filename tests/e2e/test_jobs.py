@@ -41,13 +41,15 @@ def test_jobs_equal_single_process(node: tuple[Path, dict[str, str]], registry: 
     data, env = node
     model = registry.load_model("nexus-1.1")
     tok = registry.tokenizer("nexus-1.1")
-    want = generate(model, tok.encode(PROMPT), GenerationParams(max_new_tokens=12))
+    eos = registry.eos_token_ids("nexus-1.1")
+    want = generate(model, tok.encode_prompt(PROMPT),
+                    GenerationParams(max_new_tokens=12, stop_token_ids=eos))
     minilm = registry.load_model("minilm")
     ref = embed_texts(minilm, TEXTS)
     with running(data, "--port", "0", env=env):
         gen = cli_json(data, "generate", PROMPT, "--max-tokens", "12")
         assert tuple(gen["token_ids"]) == want.token_ids
-        assert gen["route"][0]["steps"] == 12
+        assert gen["route"][0]["steps"] == len(want.token_ids)
         emb = cli_json(data, "embed", *TEXTS)
         got = torch.tensor(emb["vectors"])
         cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)

@@ -211,5 +211,10 @@ def test_replicas_split_micro_batches_and_stay_in_sync(
     assert trained_hosts == {"node1", "node2"}  # one replica each
     ref = reference(registry.load_model("nexus-1.1"), req, data)
     got = trained(registry, "nexus-e2e-d")
-    for name, p in ref.items():  # the same step, summed in another order
-        assert torch.allclose(got[name], p, rtol=1e-4, atol=1e-6), name
+    start = trained(registry, "nexus-1.1")
+    for name, p in ref.items():
+        # the same steps, gradients summed in another order: AdamW normalises each entry, so
+        # a near-zero gradient may round either way; the difference stays a small fraction
+        # of how far training moved the weights
+        moved = float((p - start[name]).norm())
+        assert float((got[name] - p).norm()) <= 0.02 * moved + 1e-6, name
