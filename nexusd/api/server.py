@@ -162,13 +162,25 @@ class ApiServer:
         self._metrics.inc("api_requests_total", kind=kind)
         log.debug("api_request", kind=kind)
 
+        sending = trio.StrictFIFOLock()
+        gone = False
+
         async def emit(event: object) -> None:
-            """Send an event; a client that does not take it within the request deadline is
-            treated as gone (raises BrokenResourceError), so it never stalls a job."""
+            """Send an event. Tasks of one handler may emit at once (an embed job's
+            micro-batch lanes): their sends take turns, so frames never overlap (two sends at
+            once on a trio stream raise BusyResourceError). A client that does not take an
+            event within the request deadline is treated as gone (BrokenResourceError, for
+            this and every later event: a send cut short may have left half a frame), so it
+            never stalls a job."""
+            nonlocal gone
             raw = frame(encode(event), max_frame_bytes=MAX_REPLY_BYTES)
             with trio.move_on_after(self._timeout) as scope:
-                await stream.send_all(raw)
+                async with sending:
+                    if gone:
+                        raise trio.BrokenResourceError("client stopped reading events")
+                    await stream.send_all(raw)
             if scope.cancelled_caught:
+                gone = True
                 raise trio.BrokenResourceError("client stopped reading events")
 
         return await handler(request, emit)

@@ -40,6 +40,7 @@ from nexusd.api.records import (
     JobsRequest,
     OkReply,
     ProgressEvent,
+    ResultRequest,
     StatusRequest,
     TokenEvent,
 )
@@ -53,8 +54,15 @@ from .frames import RECORDS, corpus, fuzz_settings, mutated_frames, shaped_frame
 MAX_REQUEST = 64 * 1024
 CI, LONG = 250, 5000
 BUDGETS = [pytest.param(CI, id="ci"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
-ROUTED = (StatusRequest, GenerateRequest, CancelRequest, EmbedRequest, ClassifyRequest,
-          JobsRequest)  # fmt: skip
+ROUTED = (
+    StatusRequest,
+    GenerateRequest,
+    CancelRequest,
+    EmbedRequest,
+    ClassifyRequest,
+    JobsRequest,
+    ResultRequest,
+)
 
 
 class Stubs:
@@ -94,15 +102,44 @@ class Stubs:
         self._count("bug")
         raise ZeroDivisionError("a handler bug")
 
+    async def result(self, req: ResultRequest, emit: Emit) -> object:
+        """Events from several tasks at once, as an embed job's micro-batch lanes send them."""
+        self._count("lanes")
+        lanes = max(1, min(len(req.job_id), 8))
+        async with trio.open_nursery() as nursery:
+            for lane in range(lanes):
+                nursery.start_soon(self._lane, emit, lane)
+        return OkReply(f"{lanes} lanes")
+
+    async def _lane(self, emit: Emit, lane: int) -> None:
+        for i in range(20):
+            await emit(ProgressEvent(f"lane{lane}", i, 20, "x" * 2000))
+
 
 class ServerThread:
     """An ApiServer on its own trio loop in a thread; `stop()` cancels it and joins."""
 
     def __init__(self, path: Path, stubs: Stubs) -> None:
-        self.server = ApiServer(path, max_request_bytes=MAX_REQUEST, request_timeout_s=10.0,
-                                max_clients=8, metrics=Metrics())  # fmt: skip
-        for cls, handler in zip(ROUTED, (stubs.status, stubs.generate, stubs.cancel,
-                                         stubs.embed, stubs.classify, stubs.jobs), strict=True):  # fmt: skip
+        self.server = ApiServer(
+            path,
+            max_request_bytes=MAX_REQUEST,
+            request_timeout_s=10.0,
+            max_clients=8,
+            metrics=Metrics(),
+        )
+        for cls, handler in zip(
+            ROUTED,
+            (
+                stubs.status,
+                stubs.generate,
+                stubs.cancel,
+                stubs.embed,
+                stubs.classify,
+                stubs.jobs,
+                stubs.result,
+            ),
+            strict=True,
+        ):
             self.server.route(cls, handler)
         self._ready = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -194,8 +231,11 @@ def still_serving(path: Path) -> None:
 def framings(draw: st.DrawFn, payloads: st.SearchStrategy[bytes]) -> bytes:
     """A payload in a length-prefixed frame, mostly honest, sometimes broken."""
     payload = draw(payloads)
-    how = draw(st.sampled_from(["honest"] * 6 + ["short", "long", "two", "header_only",
-                                                 "oversize", "bare"]))  # fmt: skip
+    how = draw(
+        st.sampled_from(
+            ["honest"] * 6 + ["short", "long", "two", "header_only", "oversize", "bare"]
+        )
+    )
     honest = struct.pack(">I", len(payload)) + payload
     if how == "short" and payload:
         return struct.pack(">I", draw(st.integers(0, len(payload) - 1))) + payload
@@ -213,11 +253,17 @@ def framings(draw: st.DrawFn, payloads: st.SearchStrategy[bytes]) -> bytes:
 
 
 def valid_requests() -> list[bytes]:
-    return [encode(r) for r in (
-        StatusRequest(), GenerateRequest(prompt="hi"), CancelRequest("job-1"),
-        EmbedRequest(texts=("a", "b")), ClassifyRequest(texts=("x",), labels=("a", "b")),
-        JobsRequest(5),
-    )]  # fmt: skip
+    return [
+        encode(r)
+        for r in (
+            StatusRequest(),
+            GenerateRequest(prompt="hi"),
+            CancelRequest("job-1"),
+            EmbedRequest(texts=("a", "b")),
+            ClassifyRequest(texts=("x",), labels=("a", "b")),
+            JobsRequest(5),
+        )
+    ]
 
 
 def routed_shapes() -> st.SearchStrategy[bytes]:
@@ -232,9 +278,12 @@ def test_every_frame_gets_a_coded_reply_and_the_server_keeps_serving(
 ) -> None:
     path, stubs = api
     payloads = st.one_of(
-        routed_shapes(), shaped_frames(), mutated_frames(valid_requests() + corpus()),
-        st.sampled_from(valid_requests()), st.binary(max_size=200),
-    )  # fmt: skip
+        routed_shapes(),
+        shaped_frames(),
+        mutated_frames(valid_requests() + corpus()),
+        st.sampled_from(valid_requests()),
+        st.binary(max_size=200),
+    )
     internal_before = tally.refusals["internal"]
     bugs_before = stubs.calls.get("bug", 0)
 
@@ -253,7 +302,13 @@ def test_valid_requests_get_their_replies(api: tuple[Path, Stubs], tally: Tally)
     path, _ = api
     codes = [check_exchange(path, struct.pack(">I", len(r)) + r, tally) for r in valid_requests()]
     assert [c.code if isinstance(c, ErrorReply) else "ok" for c in codes] == [
-        "ok", "ok", "ok", "bad_request", "failed", "internal"]  # fmt: skip
+        "ok",
+        "ok",
+        "ok",
+        "bad_request",
+        "failed",
+        "internal",
+    ]
 
 
 def test_many_clients_at_once_all_get_replies(api: tuple[Path, Stubs], tally: Tally) -> None:
@@ -279,3 +334,23 @@ def test_many_clients_at_once_all_get_replies(api: tuple[Path, Stubs], tally: Ta
     assert not errors, errors[:3]
     assert len(results) == len(raws)
     still_serving(path)
+
+
+def test_events_from_concurrent_tasks_all_arrive(api: tuple[Path, Stubs], tally: Tally) -> None:
+    """Regression: a handler whose tasks emit at the same time (an embed job's micro-batch
+    lanes) made two sends overlap on the client's socket (trio.BusyResourceError), and the
+    job ended as an "internal" error. Every event must arrive, then the final reply."""
+    path, _ = api
+    for lanes in (2, 8):
+        raw = frame(encode(ResultRequest("j" * lanes)), max_frame_bytes=MAX_REQUEST)
+        tally.tried()
+        replies = exchange(path, raw)
+        assert replies[-1] == OkReply(f"{lanes} lanes"), replies[-1]
+        tally.accepted()
+        events = replies[:-1]
+        assert len(events) == 20 * lanes
+        for lane in range(lanes):  # each lane's events in its own order
+            done = [
+                e.done for e in events if isinstance(e, ProgressEvent) and e.job_id == f"lane{lane}"
+            ]
+            assert done == list(range(20)), (lane, done)
