@@ -29,7 +29,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)
-	$(BIN)/ruff check nexusd mesh atoms tests bench
+	$(BIN)/ruff check nexusd mesh atoms tests bench scripts
+	$(BIN)/ruff format --check nexusd mesh atoms tests bench scripts
 	# libp2p pins trio-typing, whose stale trio-stubs shadow trio's own inline types;
 	# MYPYPATH is searched first, so point it at the real trio package.
 	mkdir -p .mypy_path && ln -sfn "$$($(BIN)/python -c 'import os, trio; print(os.path.dirname(trio.__file__))')" .mypy_path/trio

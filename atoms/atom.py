@@ -225,9 +225,7 @@ class Atom(nn.Module):
             raise DtypeMismatch(f"atom {uid}: expected a float tensor, got {x.dtype}")
         width = self.input_width()
         if width is not None and x.shape[-1 if kind is not IOKind.IMAGE else 1] != width:
-            raise ShapeMismatch(
-                f"atom {uid}: expected width {width}, got {tuple(x.shape)}"
-            )
+            raise ShapeMismatch(f"atom {uid}: expected width {width}, got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteInput(f"atom {uid}: input holds NaN or Inf")
 

@@ -25,10 +25,15 @@ class CodecError(AtomError):
 
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+    "int64": torch.int64,
     "bool": torch.bool,
-}  # fmt: skip
+}
 _NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 INT8_BLOCK = 64
 
@@ -55,7 +60,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAMES[dtype]
     except KeyError:
-        raise CodecError(f"tensor dtype {dtype} cannot travel; expected one of {sorted(WIRE_DTYPES)}") from None
+        raise CodecError(
+            f"tensor dtype {dtype} cannot travel; expected one of {sorted(WIRE_DTYPES)}"
+        ) from None
 
 
 def encode(t: torch.Tensor, codec: str = "raw") -> Encoded:
@@ -99,7 +106,9 @@ def decode(enc: Encoded) -> torch.Tensor:
         blocks = -(-n // INT8_BLOCK)
         expected = blocks * 4 + n
         if len(enc.data) != expected:
-            raise CodecError(f"int8 tensor {enc.shape}: expected {expected} bytes, got {len(enc.data)}")
+            raise CodecError(
+                f"int8 tensor {enc.shape}: expected {expected} bytes, got {len(enc.data)}"
+            )
         scales = _from_bytes(enc.data[: blocks * 4], torch.float32, blocks, enc)
         values = _from_bytes(enc.data[blocks * 4 :], torch.int8, n, enc)
         padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32)

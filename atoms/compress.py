@@ -126,7 +126,10 @@ class Batch:
 
 
 def is_lm(model: Model) -> bool:
-    return model.atoms[-1].spec.out_kind is IOKind.LOGITS and model.atoms[-1].spec.kind.value == "lm_head"
+    return (
+        model.atoms[-1].spec.out_kind is IOKind.LOGITS
+        and model.atoms[-1].spec.kind.value == "lm_head"
+    )
 
 
 def text_batches(model: Model, settings: CompressSettings) -> tuple[Batch, Batch]:
@@ -135,7 +138,7 @@ def text_batches(model: Model, settings: CompressSettings) -> tuple[Batch, Batch
     need = settings.eval_texts + settings.calib_texts
     if len(paras) < need:
         raise ValueError(f"compress: the corpus has {len(paras)} paragraphs, {need} needed")
-    evaluation, calibration = paras[: settings.eval_texts], paras[settings.eval_texts: need]
+    evaluation, calibration = paras[: settings.eval_texts], paras[settings.eval_texts : need]
     return _batch(model, calibration), _batch(model, evaluation)
 
 
@@ -152,7 +155,11 @@ def _batch(model: Model, texts: Sequence[str]) -> Batch:
         ctx = ForwardContext.for_tokens(ids.shape[0], width, causal=True)
         return Batch(ids, ctx, (targets != IGNORE).reshape(-1), targets)
     tb = tok.encode_batch(list(texts))
-    real = tb.pad_mask.reshape(-1) if tb.pad_mask is not None else torch.ones(tb.ids.numel(), dtype=torch.bool)
+    real = (
+        tb.pad_mask.reshape(-1)
+        if tb.pad_mask is not None
+        else torch.ones(tb.ids.numel(), dtype=torch.bool)
+    )
     return Batch(tb.ids, embedding_context(tb), real.bool())
 
 
@@ -201,8 +208,9 @@ def perplexity(atoms: Sequence[Atom], batch: Batch) -> float:
     """exp(mean next-token NLL) of an LM over the real tokens of `batch`."""
     assert batch.targets is not None
     logits = _chain(atoms, batch)[-1]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
-                           ignore_index=IGNORE)
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE
+    )
     return math.exp(float(loss))
 
 
@@ -224,8 +232,9 @@ def measure(reference: Model, candidate: Model, batch: Batch, *, repeats: int = 
         cos = cosine_report(_rows(xs[i + 1], batch.real), _rows(out, batch.real)).mean
         ms = _time_ms(cand, x, batch.ctx, repeats)
         ref_ms += _time_ms(ref, xs[i], batch.ctx, repeats)
-        figs.append(AtomFigures(i, atom_bytes(cand), atom_params(cand), round(ms, 3),
-                                round(cos, 6)))
+        figs.append(
+            AtomFigures(i, atom_bytes(cand), atom_params(cand), round(ms, 3), round(cos, 6))
+        )
     final = _chain(candidate.atoms, batch)[-1]
     whole = cosine_report(_rows(xs[-1], batch.real), _rows(final, batch.real))
     ppl = ref_ppl = None
@@ -233,21 +242,37 @@ def measure(reference: Model, candidate: Model, batch: Batch, *, repeats: int = 
         ppl = round(perplexity(candidate.atoms, batch), 4)
         ref_ppl = round(perplexity(reference.atoms, batch), 4)
     return Figures(
-        atoms=tuple(figs), cosine=round(whole.mean, 6), cosine_min=round(whole.min, 6),
+        atoms=tuple(figs),
+        cosine=round(whole.mean, 6),
+        cosine_min=round(whole.min, 6),
         ref_bytes=sum(atom_bytes(a) for a in reference.atoms),
-        ref_params=sum(atom_params(a) for a in reference.atoms), ref_ms=round(ref_ms, 3),
-        perplexity=ppl, ref_perplexity=ref_ppl)
+        ref_params=sum(atom_params(a) for a in reference.atoms),
+        ref_ms=round(ref_ms, 3),
+        perplexity=ppl,
+        ref_perplexity=ref_ppl,
+    )
 
 
-def figures_config(figs: Figures, settings: CompressSettings, source: str) -> dict[str, ConfigValue]:
+def figures_config(
+    figs: Figures, settings: CompressSettings, source: str
+) -> dict[str, ConfigValue]:
     """The manifest config entries recording `figs` (all under `compress.`)."""
     out: dict[str, ConfigValue] = {
-        "source": source, "quant": settings.quant or "none", "group": settings.group,
-        "prune_heads": settings.prune_heads, "prune_ffn": settings.prune_ffn,
-        "bytes": figs.bytes, "params": figs.params, "ms": figs.ms, "cosine": figs.cosine,
-        "cosine_min": figs.cosine_min, "ref_bytes": figs.ref_bytes,
-        "ref_params": figs.ref_params, "ref_ms": figs.ref_ms,
-        "perplexity": figs.perplexity, "ref_perplexity": figs.ref_perplexity,
+        "source": source,
+        "quant": settings.quant or "none",
+        "group": settings.group,
+        "prune_heads": settings.prune_heads,
+        "prune_ffn": settings.prune_ffn,
+        "bytes": figs.bytes,
+        "params": figs.params,
+        "ms": figs.ms,
+        "cosine": figs.cosine,
+        "cosine_min": figs.cosine_min,
+        "ref_bytes": figs.ref_bytes,
+        "ref_params": figs.ref_params,
+        "ref_ms": figs.ref_ms,
+        "perplexity": figs.perplexity,
+        "ref_perplexity": figs.ref_perplexity,
     }
     for a in figs.atoms:
         for key in ("bytes", "params", "ms", "cosine"):
@@ -276,23 +301,33 @@ def prune_model(model: Model, settings: CompressSettings, calib: Batch) -> list[
         new = atom
         if prunable(atom) and (settings.prune_heads > 0 or settings.prune_ffn > 0):
             scores = importance(atom, x, calib.ctx)
-            new = prune_block(atom, scores, heads=settings.prune_heads, ffn=settings.prune_ffn,
-                              calib=(x, xp, calib.ctx))
+            new = prune_block(
+                atom,
+                scores,
+                heads=settings.prune_heads,
+                ffn=settings.prune_ffn,
+                calib=(x, xp, calib.ctx),
+            )
         with torch.no_grad():
             x, xp = atom(x, calib.ctx), new(xp, calib.ctx)
         out.append(new)
     return out
 
 
-def quantize_model(atoms: Sequence[Atom], settings: CompressSettings, calib: Batch,
-                   ref_bytes: int) -> list[Atom]:
+def quantize_model(
+    atoms: Sequence[Atom], settings: CompressSettings, calib: Batch, ref_bytes: int
+) -> list[Atom]:
     """The atoms quantised to `settings.quant` (int4 with GPTQ on `calib`, and the least
     accurate atoms promoted to int8 within the byte budget: module Rule 3)."""
     level = settings.quant
     assert level is not None
     xs = _chain(atoms, calib)
-    out = [quantize_atom(a, level, settings.group, (xs[i], calib.ctx) if level == "int4" else None)
-           if has_weights(a) else a for i, a in enumerate(atoms)]
+    out = [
+        quantize_atom(a, level, settings.group, (xs[i], calib.ctx) if level == "int4" else None)
+        if has_weights(a)
+        else a
+        for i, a in enumerate(atoms)
+    ]
     if level != "int4":
         return out
     cosines = []
@@ -302,8 +337,9 @@ def quantize_model(atoms: Sequence[Atom], settings: CompressSettings, calib: Bat
         cosines.append(cosine_report(_rows(xs[i + 1], calib.real), _rows(got, calib.real)).mean)
     budget = settings.int4_budget * ref_bytes
     total = sum(atom_bytes(a) for a in out)
-    for i in sorted((j for j in range(len(out)) if has_weights(atoms[j])),
-                    key=lambda j: cosines[j]):
+    for i in sorted(
+        (j for j in range(len(out)) if has_weights(atoms[j])), key=lambda j: cosines[j]
+    ):
         promoted = quantize_atom(atoms[i], "int8")
         extra = atom_bytes(promoted) - atom_bytes(out[i])
         if total + extra <= budget:
@@ -326,13 +362,23 @@ def compress(model: Model, settings: CompressSettings) -> tuple[Model, Figures]:
     if settings.quant is not None:
         atoms = quantize_model(atoms, settings, calib, ref_bytes)
     atoms = [renamed_atom(a, settings.model_id) for a in atoms]
-    candidate = Model(model_id=settings.model_id, family=model.family, config=model.config,
-                      atoms=atoms, tokenizer=model.tokenizer)
+    candidate = Model(
+        model_id=settings.model_id,
+        family=model.family,
+        config=model.config,
+        atoms=atoms,
+        tokenizer=model.tokenizer,
+    )
     figs = measure(model, candidate, evaluation)
     config = {k: v for k, v in model.config.items() if not k.startswith(PREFIX)}
     config.update(figures_config(figs, settings, model.model_id))
-    derived = Model(model_id=settings.model_id, family=model.family, config=config,
-                    atoms=atoms, tokenizer=model.tokenizer)
+    derived = Model(
+        model_id=settings.model_id,
+        family=model.family,
+        config=config,
+        atoms=atoms,
+        tokenizer=model.tokenizer,
+    )
     return derived, figs
 
 

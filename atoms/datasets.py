@@ -89,8 +89,15 @@ def special_ids(tok: TextTokenizer) -> tuple[int, int]:
     return bos, eos
 
 
-def lm_dataset(text: str, tok: TextTokenizer, *, length: int, digest: str,
-               validation_text: str | None = None, max_validation: int = 2000) -> Dataset:
+def lm_dataset(
+    text: str,
+    tok: TextTokenizer,
+    *,
+    length: int,
+    digest: str,
+    validation_text: str | None = None,
+    max_validation: int = 2000,
+) -> Dataset:
     """Causal-LM examples of `length` tokens from `text` (module Rule 3).
 
     Args:
@@ -113,19 +120,23 @@ def lm_dataset(text: str, tok: TextTokenizer, *, length: int, digest: str,
         stream.append(eos)
     pairs = list(lm_examples(stream, length, bos))
     if not pairs:
-        raise DataError(f"training text has {len(stream)} tokens: fewer than one window of "
-                        f"{length}; give more text or a smaller --seq-len")
-    train = Examples(inputs=torch.tensor([p[0] for p in pairs], dtype=torch.long),
-                     targets=torch.tensor([p[1] for p in pairs], dtype=torch.long))
+        raise DataError(
+            f"training text has {len(stream)} tokens: fewer than one window of "
+            f"{length}; give more text or a smaller --seq-len"
+        )
+    train = Examples(
+        inputs=torch.tensor([p[0] for p in pairs], dtype=torch.long),
+        targets=torch.tensor([p[1] for p in pairs], dtype=torch.long),
+    )
     val_ids = tok.encode_untruncated(val_p[:max_validation])
     if not val_ids:
         raise DataError("no validation paragraphs: give a longer text or --validation FILE")
-    return Dataset(train=train, validation=paragraph_examples(val_ids, length, bos, eos),
-                   digest=digest)
+    return Dataset(
+        train=train, validation=paragraph_examples(val_ids, length, bos, eos), digest=digest
+    )
 
 
-def paragraph_examples(paras: Sequence[Sequence[int]], length: int, bos: int,
-                       eos: int) -> Examples:
+def paragraph_examples(paras: Sequence[Sequence[int]], length: int, bos: int, eos: int) -> Examples:
     """One example per paragraph: input "[BOS] p", target "p [EOS]", truncated to `length`
     and right-padded (targets IGNORE there; causal attention never looks right)."""
     inputs = torch.zeros((len(paras), length), dtype=torch.long)
@@ -158,8 +169,9 @@ def read_labelled(path: Path) -> list[tuple[str, str, str | None]]:
 
 def _row(text: object, label: object, split: object, where: str) -> tuple[str, str, str | None]:
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_CHARS:
-        raise DataError(f"{where}: `text` must be a non-empty string of at most "
-                        f"{MAX_TEXT_CHARS} characters")
+        raise DataError(
+            f"{where}: `text` must be a non-empty string of at most {MAX_TEXT_CHARS} characters"
+        )
     if not isinstance(label, str) or not label.strip():
         raise DataError(f"{where}: `label` must be a non-empty string")
     if split in (None, ""):
@@ -188,12 +200,19 @@ def _rows_csv(raw: str, path: Path) -> list[tuple[str, str, str | None]]:
     reader = csv.DictReader(io.StringIO(raw))
     if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
         raise DataError(f"{path}: a CSV needs a header with `text` and `label` columns")
-    return [_row(r.get("text"), r.get("label"), r.get("split"), f"{path}:{n + 2}")
-            for n, r in enumerate(reader)]
+    return [
+        _row(r.get("text"), r.get("label"), r.get("split"), f"{path}:{n + 2}")
+        for n, r in enumerate(reader)
+    ]
 
 
-def classify_dataset(rows: Sequence[tuple[str, str, str | None]], tok: TextTokenizer, *,
-                     digest: str, labels: Sequence[str] | None = None) -> Dataset:
+def classify_dataset(
+    rows: Sequence[tuple[str, str, str | None]],
+    tok: TextTokenizer,
+    *,
+    digest: str,
+    labels: Sequence[str] | None = None,
+) -> Dataset:
     """Encoded, padded examples with class ids; the split is each row's own, else
     `corpus.is_validation` of its text.
 
@@ -210,24 +229,33 @@ def classify_dataset(rows: Sequence[tuple[str, str, str | None]], tok: TextToken
     for part, where in ((train, "train"), (val, "validation")):
         stray = sorted({lab for _, lab in part} - known)
         if stray:
-            raise DataError(f"{where} rows have labels not in the label set {list(names)}: "
-                            f"{stray[:5]}")
+            raise DataError(
+                f"{where} rows have labels not in the label set {list(names)}: {stray[:5]}"
+            )
         if not part:
             raise DataError(f"the {where} split is empty")
     ids = {name: i for i, name in enumerate(names)}
-    return Dataset(train=_encode_labelled(train, tok, ids),
-                   validation=_encode_labelled(val, tok, ids), digest=digest, labels=names)
+    return Dataset(
+        train=_encode_labelled(train, tok, ids),
+        validation=_encode_labelled(val, tok, ids),
+        digest=digest,
+        labels=names,
+    )
 
 
 def _split_of(text: str) -> str:
     return "validation" if is_validation(text.strip()) else "train"
 
 
-def _encode_labelled(rows: Sequence[tuple[str, str]], tok: TextTokenizer,
-                     ids: dict[str, int]) -> Examples:
+def _encode_labelled(
+    rows: Sequence[tuple[str, str]], tok: TextTokenizer, ids: dict[str, int]
+) -> Examples:
     batch = tok.encode_batch([t for t, _ in rows])
-    return Examples(inputs=batch.ids, targets=torch.tensor([ids[lab] for _, lab in rows]),
-                    mask=batch.attention_mask.bool())
+    return Examples(
+        inputs=batch.ids,
+        targets=torch.tensor([ids[lab] for _, lab in rows]),
+        mask=batch.attention_mask.bool(),
+    )
 
 
 class Order:
@@ -235,8 +263,9 @@ class Order:
 
     def __init__(self, n_examples: int, micro_batch: int, seed: int) -> None:
         if n_examples < 1 or micro_batch < 1:
-            raise ValueError(f"need >= 1 example and micro-batch size, got {n_examples}, "
-                             f"{micro_batch}")
+            raise ValueError(
+                f"need >= 1 example and micro-batch size, got {n_examples}, {micro_batch}"
+            )
         self.n, self.b, self.seed = n_examples, micro_batch, seed
         self._perms: dict[int, list[int]] = {}
 

@@ -219,7 +219,10 @@ class TokenGenerator:
     """
 
     def __init__(
-        self, params: GenerationParams, *, decode: Decode | None = None,
+        self,
+        params: GenerationParams,
+        *,
+        decode: Decode | None = None,
         on_token: OnToken | None = None,
     ) -> None:
         if params.stop_sequences and decode is None:

@@ -119,8 +119,15 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ModelFormatError(f"llama config {name} must be an int >= 1, got {value!r}")
@@ -140,9 +147,7 @@ class LlamaConfig:
             ModelFormatError: not a Llama config, or one using features we do not implement.
         """
         if raw.get("model_type") != "llama":
-            raise ModelFormatError(
-                f"expected model_type 'llama', got {raw.get('model_type')!r}"
-            )
+            raise ModelFormatError(f"expected model_type 'llama', got {raw.get('model_type')!r}")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ModelFormatError(f"llama config: hidden_act must be 'silu', got {act!r}")
@@ -198,8 +203,15 @@ def _rope_from_hf(raw: Mapping[str, object]) -> RopeConfig:
         raise ModelFormatError(f"llama config: rope parameters must be a mapping, got {params!r}")
     kind = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    known = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
-             "original_max_position_embeddings"}
+    known = {
+        "rope_type",
+        "type",
+        "rope_theta",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    }
     if kind in _ROPE_TYPES and set(params) - known:
         raise ModelFormatError(
             f"llama config: unsupported rope parameters {sorted(set(params) - known)}"
@@ -314,28 +326,54 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------- atoms
 
 
-def _spec(cfg: LlamaConfig, kind: AtomKind, model_id: str, index: int, dtype: str,
-          in_kind: IOKind = IOKind.HIDDEN, out_kind: IOKind = IOKind.HIDDEN) -> AtomSpec:
+def _spec(
+    cfg: LlamaConfig,
+    kind: AtomKind,
+    model_id: str,
+    index: int,
+    dtype: str,
+    in_kind: IOKind = IOKind.HIDDEN,
+    out_kind: IOKind = IOKind.HIDDEN,
+) -> AtomSpec:
     # Everything an atom needs to rebuild itself goes into its spec (dims + attrs), so a host
     # can build a span from specs alone, without the model's config.json.
     dims = make_dims(
-        hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
+        hidden=cfg.hidden_size,
+        heads=cfg.num_attention_heads,
+        kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        intermediate=cfg.intermediate_size,
+        vocab=cfg.vocab_size,
     )
     r = cfg.rope
     attrs = make_attrs(
-        rms_norm_eps=cfg.rms_norm_eps, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
-        rope_theta=r.theta, rope_type=r.kind, rope_factor=r.factor,
-        rope_low_freq_factor=r.low_freq_factor, rope_high_freq_factor=r.high_freq_factor,
+        rms_norm_eps=cfg.rms_norm_eps,
+        attention_bias=cfg.attention_bias,
+        mlp_bias=cfg.mlp_bias,
+        rope_theta=r.theta,
+        rope_type=r.kind,
+        rope_factor=r.factor,
+        rope_low_freq_factor=r.low_freq_factor,
+        rope_high_freq_factor=r.high_freq_factor,
         rope_original_max_position_embeddings=r.original_max_position_embeddings,
     )
-    return AtomSpec(kind=kind, model_id=model_id, index=index, family=FAMILY, dims=dims,
-                    dtype=dtype, in_kind=in_kind, out_kind=out_kind, attrs=attrs)
+    return AtomSpec(
+        kind=kind,
+        model_id=model_id,
+        index=index,
+        family=FAMILY,
+        dims=dims,
+        dtype=dtype,
+        in_kind=in_kind,
+        out_kind=out_kind,
+        attrs=attrs,
+    )
 
 
 def _rope_from_spec(spec: AtomSpec) -> RopeConfig:
     return RopeConfig(
-        theta=float(spec.attr("rope_theta")), kind=str(spec.attr("rope_type")),
+        theta=float(spec.attr("rope_theta")),
+        kind=str(spec.attr("rope_type")),
         factor=float(spec.attr("rope_factor")),
         low_freq_factor=float(spec.attr("rope_low_freq_factor")),
         high_freq_factor=float(spec.attr("rope_high_freq_factor")),
@@ -427,8 +465,9 @@ class LlamaBlock(Atom):
         out: torch.Tensor = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         return out  # (B, T, C)
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.shape != q.shape[::2]:
             raise ShapeMismatch(
                 f"atom {self.spec.uid}: positions must be (B,T)={tuple(q.shape[::2])}, "
@@ -480,7 +519,9 @@ def llama_atom_from_spec(spec: AtomSpec) -> Atom:
         ModelFormatError: the spec is not a Llama atom.
     """
     classes: dict[AtomKind, type[Atom]] = {
-        AtomKind.EMBEDDING: LlamaEmbedding, AtomKind.BLOCK: LlamaBlock, AtomKind.LM_HEAD: LlamaHead,
+        AtomKind.EMBEDDING: LlamaEmbedding,
+        AtomKind.BLOCK: LlamaBlock,
+        AtomKind.LM_HEAD: LlamaHead,
     }
     if spec.family != FAMILY or spec.kind not in classes:
         raise ModelFormatError(
@@ -553,8 +594,10 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     """
     missing = sorted(n for n in names if n not in files)
     if missing:
-        raise WeightsError(f"missing tensors ({len(missing)}): {', '.join(missing[:12])}"
-                           + (" ..." if len(missing) > 12 else ""))
+        raise WeightsError(
+            f"missing tensors ({len(missing)}): {', '.join(missing[:12])}"
+            + (" ..." if len(missing) > 12 else "")
+        )
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
@@ -661,14 +704,22 @@ def config_dict(cfg: LlamaConfig) -> dict[str, ConfigValue]:
     """
     r = cfg.rope
     return {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": r.theta, "rope_type": r.kind,
-        "rope_factor": r.factor, "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
-        "mlp_bias": cfg.mlp_bias, "bos_token_id": cfg.bos_token_id,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": r.theta,
+        "rope_type": r.kind,
+        "rope_factor": r.factor,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "bos_token_id": cfg.bos_token_id,
         "eos_token_ids": ",".join(str(i) for i in cfg.eos_token_ids),
     }
 
@@ -701,8 +752,9 @@ def load_llama(
         tokenizer = TextTokenizer.from_file(
             path, max_length=max_length or cfg.max_position_embeddings, padding_side="left"
         )
-    return Model(model_id=model_id, family=FAMILY, config=config_dict(cfg), atoms=atoms,
-                 tokenizer=tokenizer)
+    return Model(
+        model_id=model_id, family=FAMILY, config=config_dict(cfg), atoms=atoms, tokenizer=tokenizer
+    )
 
 
 def init_random(atom: Atom, generator: torch.Generator, *, std: float = 0.02) -> Atom:

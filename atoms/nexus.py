@@ -116,11 +116,27 @@ class NexusConfig:
 # ------------------------------------------------------------------------------ atoms
 
 
-def _spec(kind: AtomKind, model_id: str, index: int, dtype: str, dims: dict[str, int],
-          attrs: Mapping[str, bool | int | float | str], *, out_kind: IOKind = IOKind.HIDDEN
-          ) -> AtomSpec:
-    return AtomSpec(kind, model_id, index, FAMILY, make_dims(**dims), dtype, IOKind.HIDDEN,
-                    out_kind, make_attrs(**attrs))
+def _spec(
+    kind: AtomKind,
+    model_id: str,
+    index: int,
+    dtype: str,
+    dims: dict[str, int],
+    attrs: Mapping[str, bool | int | float | str],
+    *,
+    out_kind: IOKind = IOKind.HIDDEN,
+) -> AtomSpec:
+    return AtomSpec(
+        kind,
+        model_id,
+        index,
+        FAMILY,
+        make_dims(**dims),
+        dtype,
+        IOKind.HIDDEN,
+        out_kind,
+        make_attrs(**attrs),
+    )
 
 
 def sinusoidal_table(positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -275,7 +291,9 @@ def is_tied(spec: AtomSpec) -> bool:
 
 
 _CLASSES: dict[AtomKind, type[Atom]] = {
-    AtomKind.POSITION: NexusPosition, AtomKind.BLOCK: NexusBlock, AtomKind.LM_HEAD: NexusHead,
+    AtomKind.POSITION: NexusPosition,
+    AtomKind.BLOCK: NexusBlock,
+    AtomKind.LM_HEAD: NexusHead,
 }
 
 
@@ -288,8 +306,15 @@ def nexus_atom_from_spec(spec: AtomSpec) -> Atom:
     return build_from_table(spec, FAMILY, _CLASSES)
 
 
-def nexus_specs(cfg: NexusConfig, *, hidden: int, vocab: int, first_index: int,
-                model_id: str, dtype: str = "float32") -> list[AtomSpec]:
+def nexus_specs(
+    cfg: NexusConfig,
+    *,
+    hidden: int,
+    vocab: int,
+    first_index: int,
+    model_id: str,
+    dtype: str = "float32",
+) -> list[AtomSpec]:
     """Specs of the Nexus part (position, N blocks, head), numbered from `first_index`.
 
     Raises:
@@ -300,16 +325,38 @@ def nexus_specs(cfg: NexusConfig, *, hidden: int, vocab: int, first_index: int,
             f"nexus: base hidden size {hidden} is not a multiple of heads {cfg.heads}"
         )
     eps = {"eps": cfg.layer_norm_eps}
-    specs = [_spec(AtomKind.POSITION, model_id, first_index, dtype,
-                   {"hidden": hidden, "max_positions": cfg.max_positions},
-                   {"position": cfg.position})]
+    specs = [
+        _spec(
+            AtomKind.POSITION,
+            model_id,
+            first_index,
+            dtype,
+            {"hidden": hidden, "max_positions": cfg.max_positions},
+            {"position": cfg.position},
+        )
+    ]
     for i in range(cfg.blocks):
-        specs.append(_spec(AtomKind.BLOCK, model_id, first_index + 1 + i, dtype,
-                           {"heads": cfg.heads, "hidden": hidden, "intermediate": cfg.intermediate},
-                           eps))
-    specs.append(_spec(AtomKind.LM_HEAD, model_id, first_index + 1 + cfg.blocks, dtype,
-                       {"hidden": hidden, "vocab": vocab}, {**eps, "tied": cfg.tie_head},
-                       out_kind=IOKind.LOGITS))
+        specs.append(
+            _spec(
+                AtomKind.BLOCK,
+                model_id,
+                first_index + 1 + i,
+                dtype,
+                {"heads": cfg.heads, "hidden": hidden, "intermediate": cfg.intermediate},
+                eps,
+            )
+        )
+    specs.append(
+        _spec(
+            AtomKind.LM_HEAD,
+            model_id,
+            first_index + 1 + cfg.blocks,
+            dtype,
+            {"hidden": hidden, "vocab": vocab},
+            {**eps, "tied": cfg.tie_head},
+            out_kind=IOKind.LOGITS,
+        )
+    )
     return specs
 
 
@@ -378,10 +425,12 @@ def build_nexus(
         raise ModelFormatError(f"nexus: base folder {base_folder} has no tokenizer.json")
     vocab = base.tokenizer.vocab_size
     generator = torch.Generator().manual_seed(seed)
-    specs = nexus_specs(cfg, hidden=hidden, vocab=vocab, first_index=len(base.atoms),
-                        model_id=model_id, dtype=dtype)
-    fresh = [init_random(nexus_atom_from_spec(s), generator, residual_layers=cfg.blocks)
-             for s in specs]
+    specs = nexus_specs(
+        cfg, hidden=hidden, vocab=vocab, first_index=len(base.atoms), model_id=model_id, dtype=dtype
+    )
+    fresh = [
+        init_random(nexus_atom_from_spec(s), generator, residual_layers=cfg.blocks) for s in specs
+    ]
     head = fresh[-1]
     if isinstance(head, NexusHead) and head.tied:
         word = dict(base.atoms[0].named_parameters())["word.weight"]
@@ -389,18 +438,27 @@ def build_nexus(
             head.table.copy_(word.to(head.table.dtype))
     sep = base.tokenizer.token_to_id("[SEP]")  # the BERT vocabulary's end of a sequence
     config: dict[str, ConfigValue] = {
-        "nexus_version": NEXUS_VERSION, "architecture": ARCHITECTURE,
-        "base_layers": len(base.atoms) - 1, "hidden_size": hidden, "vocab_size": vocab,
+        "nexus_version": NEXUS_VERSION,
+        "architecture": ARCHITECTURE,
+        "base_layers": len(base.atoms) - 1,
+        "hidden_size": hidden,
+        "vocab_size": vocab,
         **{f"base_{k}": v for k, v in base.config.items()},
         **asdict(cfg),
         # Generation stops at [SEP] (102 in MiniLM's vocabulary), as it ends every sequence
         # the base was trained on; same comma-separated form as Llama's `eos_token_ids`.
         "eos_token_ids": "" if sep is None else str(sep),
     }
-    tokenizer = TextTokenizer.from_json(base.tokenizer.to_json(), max_length=cfg.max_positions,
-                                        padding_side="left")
-    model = Model(model_id=model_id, family=FAMILY, config=config,
-                  atoms=[*base.atoms, *fresh], tokenizer=tokenizer)
+    tokenizer = TextTokenizer.from_json(
+        base.tokenizer.to_json(), max_length=cfg.max_positions, padding_side="left"
+    )
+    model = Model(
+        model_id=model_id,
+        family=FAMILY,
+        config=config,
+        atoms=[*base.atoms, *fresh],
+        tokenizer=tokenizer,
+    )
     return _apply_freeze(model)
 
 
@@ -477,8 +535,10 @@ def load_nexus(folder: Path) -> Model:
         raise ModelFormatError(f"nexus folder {folder} has no config.json") from None
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
-    if not isinstance(hf, Mapping) or hf.get("architectures") != [ARCHITECTURE] or (
-        hf.get("nexus_version") != NEXUS_VERSION
+    if (
+        not isinstance(hf, Mapping)
+        or hf.get("architectures") != [ARCHITECTURE]
+        or (hf.get("nexus_version") != NEXUS_VERSION)
     ):
         got = (hf.get("architectures"), hf.get("nexus_version")) if isinstance(hf, Mapping) else hf
         raise ModelFormatError(
@@ -502,15 +562,21 @@ def shipped_weights_path() -> Path:
     """
     path = Path(__file__).resolve().parents[1] / "data" / "models" / SHIPPED_FILE
     if not path.is_file():
-        raise WeightsError(f"the trained Nexus 1.1 weights {path} are missing: they ship in the "
-                           "repository (data/models/); run from a checkout")
+        raise WeightsError(
+            f"the trained Nexus 1.1 weights {path} are missing: they ship in the "
+            "repository (data/models/); run from a checkout"
+        )
     return path
 
 
 def trainable_tensors(model: Model) -> dict[str, torch.Tensor]:
     """The model's trainable parameters by absolute name ("atoms.<index>.<param>")."""
-    return {f"atoms.{a.spec.index}.{n}": p.detach() for a in model.atoms
-            for n, p in a.named_parameters() if p.requires_grad}
+    return {
+        f"atoms.{a.spec.index}.{n}": p.detach()
+        for a in model.atoms
+        for n, p in a.named_parameters()
+        if p.requires_grad
+    }
 
 
 def load_shipped(model: Model, path: Path, sha256: str) -> Model:
@@ -535,13 +601,17 @@ def load_shipped(model: Model, path: Path, sha256: str) -> Model:
         raise WeightsError(f"{path}: not a safetensors file: {exc}") from None
     expected = trainable_tensors(model)
     if set(tensors) != set(expected):
-        raise WeightsError(f"{path}: tensors {sorted(set(tensors) ^ set(expected))[:4]} do not "
-                           f"fit {model.model_id}")
+        raise WeightsError(
+            f"{path}: tensors {sorted(set(tensors) ^ set(expected))[:4]} do not "
+            f"fit {model.model_id}"
+        )
     with torch.no_grad():
         for name, value in tensors.items():
             target = expected[name]
             if tuple(value.shape) != tuple(target.shape):
-                raise WeightsError(f"{path}: tensor {name} has shape {tuple(value.shape)}, "
-                                   f"expected {tuple(target.shape)}")
+                raise WeightsError(
+                    f"{path}: tensor {name} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
             target.copy_(value.to(target.dtype))
     return model

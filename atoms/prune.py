@@ -78,10 +78,13 @@ def importance(atom: Atom, x: torch.Tensor, ctx: ForwardContext) -> Importance:
     def keep(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             seen[name] = args[0].detach().float().reshape(-1, args[0].shape[-1])
+
         return hook
 
-    hooks = [attn_out.register_forward_pre_hook(keep("attn")),
-             ffn_out.register_forward_pre_hook(keep("ffn"))]
+    hooks = [
+        attn_out.register_forward_pre_hook(keep("attn")),
+        ffn_out.register_forward_pre_hook(keep("ffn")),
+    ]
     try:
         with torch.no_grad():
             atom(x, ctx)
@@ -113,7 +116,9 @@ def _head_rows(heads: torch.Tensor, d: int) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
 
 
-def _sliced_state(atom: Block, heads: torch.Tensor, neurons: torch.Tensor) -> dict[str, torch.Tensor]:
+def _sliced_state(
+    atom: Block, heads: torch.Tensor, neurons: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The state dict of `atom` keeping only `heads` and `neurons` (sorted indexes)."""
     state = dict(atom.state_dict())
     d = atom.head_dim
@@ -141,17 +146,25 @@ def _sliced_state(atom: Block, heads: torch.Tensor, neurons: torch.Tensor) -> di
     return state
 
 
-def _capture(atom: Atom, x: torch.Tensor, ctx: ForwardContext,
-             taps: dict[str, tuple[nn.Module, bool]]) -> dict[str, torch.Tensor]:
+def _capture(
+    atom: Atom, x: torch.Tensor, ctx: ForwardContext, taps: dict[str, tuple[nn.Module, bool]]
+) -> dict[str, torch.Tensor]:
     """Run `atom` once and return, per tap name, the (M, width) input (False) or output
     (True) of the tapped module."""
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for name, (module, output) in taps.items():
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], *out: torch.Tensor,
-                 name: str = name, output: bool = output) -> None:
+
+        def hook(
+            _m: nn.Module,
+            args: tuple[torch.Tensor, ...],
+            *out: torch.Tensor,
+            name: str = name,
+            output: bool = output,
+        ) -> None:
             t = out[0] if output else args[0]
             seen[name] = t.detach().float().reshape(-1, t.shape[-1])
+
         if output:
             hooks.append(module.register_forward_hook(hook))
         else:
@@ -192,20 +205,29 @@ def reconstruct(pruned: Block, dense: Block, calib: Calibration) -> None:
     x_dense, x_pruned, ctx = calib
     real = torch.ones(x_dense.shape[:2], dtype=torch.bool).reshape(-1)
     if ctx.pad_mask is not None:
-        real = ctx.pad_mask[:, -x_dense.shape[1]:].bool().reshape(-1)
-    ref = _capture(dense, x_dense, ctx, {"attn": (dense.attn_out, True),
-                                         "ffn": (_ffn_out(dense), True),
-                                         "res": (_residual(dense), False)})
+        real = ctx.pad_mask[:, -x_dense.shape[1] :].bool().reshape(-1)
+    ref = _capture(
+        dense,
+        x_dense,
+        ctx,
+        {
+            "attn": (dense.attn_out, True),
+            "ffn": (_ffn_out(dense), True),
+            "res": (_residual(dense), False),
+        },
+    )
     got = _capture(pruned, x_pruned, ctx, {"attn": (pruned.attn_out, False)})
     shift = (x_dense - x_pruned).float().reshape(-1, x_dense.shape[-1])
     _refit(pruned.attn_out, got["attn"][real], (ref["attn"] + shift)[real])
-    got = _capture(pruned, x_pruned, ctx, {"ffn": (_ffn_out(pruned), False),
-                                           "res": (_residual(pruned), False)})
+    got = _capture(
+        pruned, x_pruned, ctx, {"ffn": (_ffn_out(pruned), False), "res": (_residual(pruned), False)}
+    )
     _refit(_ffn_out(pruned), got["ffn"][real], (ref["ffn"] + ref["res"] - got["res"])[real])
 
 
-def prune_block(atom: Atom, scores: Importance, *, heads: float, ffn: float,
-                calib: Calibration | None = None) -> Atom:
+def prune_block(
+    atom: Atom, scores: Importance, *, heads: float, ffn: float, calib: Calibration | None = None
+) -> Atom:
     """A copy of block `atom` without the `heads` fraction of its least important heads and
     the `ffn` fraction of its least important feed-forward neurons (at least one of each kept);
     with `calib` (dense input, pruned input, context) its output projections are refit

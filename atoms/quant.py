@@ -50,8 +50,10 @@ def spec_quant(spec: AtomSpec) -> tuple[str, int] | None:
 def quantized_spec(spec: AtomSpec, level: str, group: int = 64) -> AtomSpec:
     """`spec` with the attrs saying it holds `level`-quantised weights."""
     if level not in LEVELS or (level == "int4" and group not in GROUPS):
-        raise ValueError(f"quantisation must be one of {LEVELS} (int4 group in {GROUPS}), "
-                         f"got {level!r} group {group}")
+        raise ValueError(
+            f"quantisation must be one of {LEVELS} (int4 group in {GROUPS}), "
+            f"got {level!r} group {group}"
+        )
     attrs = {n: v for n, v in spec.attrs if n not in ("quant", "group")}
     attrs["quant"] = level
     if level == "int4":
@@ -84,11 +86,12 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def dequant_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.to(dtype) * scale.to(dtype)[:, None])
+    return q.to(dtype) * scale.to(dtype)[:, None]
 
 
-def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int,
-                 dtype: torch.dtype) -> torch.Tensor:
+def dequant_int4(
+    packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int, dtype: torch.dtype
+) -> torch.Tensor:
     n, half = packed.shape
     q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(n, -1, group).to(dtype)
     w = q * scale.to(dtype)[..., None] + low.to(dtype)[..., None]  # (N, K/group, group)
@@ -141,8 +144,11 @@ class QuantLinear(_Packed):
     def __init__(self, linear: nn.Linear, level: str, group: int, dtype: torch.dtype) -> None:
         super().__init__(linear.out_features, linear.in_features, level, group, dtype)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(
-            torch.zeros(linear.out_features, dtype=dtype), requires_grad=False)
+        self.bias = (
+            None
+            if linear.bias is None
+            else nn.Parameter(torch.zeros(linear.out_features, dtype=dtype), requires_grad=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.rows(), self.bias)
@@ -156,8 +162,9 @@ class QuantLinear(_Packed):
         return {"qweight": q, "scale": scale, "low": low}
 
 
-def gptq_int4(w: torch.Tensor, x: torch.Tensor, group: int,
-              block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_int4(
+    w: torch.Tensor, x: torch.Tensor, group: int, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2023): quantise the columns of `w` (N, K) one by one, each time
     spreading the rounding error over the columns not yet quantised along the inverse
     Hessian of the layer's inputs `x` (M, K), so the *outputs* x w^T move least. A group's
@@ -183,14 +190,14 @@ def gptq_int4(w: torch.Tensor, x: torch.Tensor, group: int,
         for i in range(i2 - i1):
             col = i1 + i
             if col % group == 0:
-                g = w1[:, i:i + group]
+                g = w1[:, i : i + group]
                 scale[:, col // group] = ((g.amax(1) - g.amin(1)) / 15.0).clamp(min=1e-8).half()
                 low[:, col // group] = g.amin(1).half()
             s, lo = scale[:, col // group].float(), low[:, col // group].float()
             qc = torch.round((w1[:, i] - lo) / s).clamp(0, 15)
             q[:, col] = qc.to(torch.uint8)
             err[:, i] = (w1[:, i] - (qc * s + lo)) / h1[i, i]
-            w1[:, i:] -= err[:, i:i + 1] * h1[i, i:][None, :]
+            w1[:, i:] -= err[:, i : i + 1] * h1[i, i:][None, :]
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
     return q[:, 0::2] | (q[:, 1::2] << 4), scale, low
 
@@ -262,10 +269,12 @@ def linear_inputs(dense: Atom, calib: Calibration) -> dict[str, torch.Tensor]:
     hooks = []
     for name, module in dense.named_modules():
         if isinstance(module, nn.Linear):
+
             def keep(_m: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
                 rows = args[0].detach().reshape(-1, args[0].shape[-1])
                 step = max(1, rows.shape[0] // CALIB_ROWS)
                 seen[name] = rows[::step][:CALIB_ROWS].float()
+
             hooks.append(module.register_forward_pre_hook(keep))
     try:
         with torch.no_grad():
@@ -276,8 +285,9 @@ def linear_inputs(dense: Atom, calib: Calibration) -> dict[str, torch.Tensor]:
     return seen
 
 
-def quantized_state(dense: Atom, level: str, group: int,
-                    calib: Calibration | None = None) -> dict[str, torch.Tensor]:
+def quantized_state(
+    dense: Atom, level: str, group: int, calib: Calibration | None = None
+) -> dict[str, torch.Tensor]:
     """The state dict of `dense` quantised to `level`: what `quantize_atom` loads."""
     from .model import build_atom  # model imports this module for build_atom's hook
 
@@ -297,8 +307,9 @@ def quantized_state(dense: Atom, level: str, group: int,
     return state
 
 
-def quantize_atom(dense: Atom, level: str, group: int = 64,
-                  calib: Calibration | None = None) -> Atom:
+def quantize_atom(
+    dense: Atom, level: str, group: int = 64, calib: Calibration | None = None
+) -> Atom:
     """A copy of `dense` with its Linear layers and tables quantised to `level` (frozen:
     not for training); int4 Linear layers are rounded by GPTQ on `calib` (the atom's input
     and context) when given, else to nearest.

@@ -212,8 +212,11 @@ class SpanTrainer:
         ]
         self.opt = (
             torch.optim.AdamW(
-                [g for g in groups if g["params"]], lr=0.0, betas=(optim.beta1, optim.beta2),
-                eps=optim.eps, foreach=False,
+                [g for g in groups if g["params"]],
+                lr=0.0,
+                betas=(optim.beta1, optim.beta2),
+                eps=optim.eps,
+                foreach=False,
             )
             if self.params
             else None
@@ -295,8 +298,9 @@ class SpanTrainer:
         self.micro_batches += 1
         return self._input_grad(leaf)
 
-    def loss(self, mb: int, x: torch.Tensor, targets: torch.Tensor,
-             ctx: ForwardContext) -> tuple[LossSum, torch.Tensor | None]:
+    def loss(
+        self, mb: int, x: torch.Tensor, targets: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[LossSum, torch.Tensor | None]:
         """Forward, summed cross-entropy against `targets`, and backward, in one call: the
         span that ends in a head computes the loss itself, so logits never travel.
 
@@ -419,8 +423,12 @@ class SpanTrainer:
 
     def grad_tensors(self) -> dict[str, torch.Tensor]:
         """The gradients summed since the last step, "grad/<name>" (zeros where none)."""
-        return {f"grad/{n}": (p.grad.detach().clone() if p.grad is not None
-                              else torch.zeros_like(p)).contiguous() for n, p in self.params}
+        return {
+            f"grad/{n}": (
+                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            ).contiguous()
+            for n, p in self.params
+        }
 
     def set_grads(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the step's gradients (replicas: the sum over every replica).
@@ -446,7 +454,9 @@ class SpanTrainer:
         """
         expected = {f"param/{n}": p for n, p in self.params}
         if set(tensors) != set(expected):
-            raise BadCheckpoint(f"parameters do not fit: {sorted(set(tensors) ^ set(expected))[:4]}")
+            raise BadCheckpoint(
+                f"parameters do not fit: {sorted(set(tensors) ^ set(expected))[:4]}"
+            )
         for name, t in tensors.items():
             if tuple(t.shape) != tuple(expected[name].shape) or not bool(torch.isfinite(t).all()):
                 raise BadCheckpoint(f"parameter {name}: bad shape or non-finite values")
@@ -516,7 +526,9 @@ def micro_batch_seed(job_seed: int, step: int, mb: int) -> int:
     return (job_seed * 1_000_000_007 + step * 65_537 + mb) % (1 << 62)
 
 
-def lm_examples(stream: Sequence[int], length: int, bos: int) -> Iterator[tuple[list[int], list[int]]]:
+def lm_examples(
+    stream: Sequence[int], length: int, bos: int
+) -> Iterator[tuple[list[int], list[int]]]:
     """Causal-LM examples cut from a token stream (paragraphs joined by EOS): each is
     (input, target) of `length` ids, input = [bos] + w[:-1], target = w, for consecutive
     non-overlapping windows w of the stream; the tail shorter than `length` is dropped.
@@ -531,20 +543,26 @@ def lm_examples(stream: Sequence[int], length: int, bos: int) -> Iterator[tuple[
         yield [bos, *w[:-1]], w
 
 
-def renamed(model: Model, model_id: str, *, config: Mapping[str, ConfigValue] | None = None) -> Model:
+def renamed(
+    model: Model, model_id: str, *, config: Mapping[str, ConfigValue] | None = None
+) -> Model:
     """A copy of `model` under another id (every atom's spec says so), with `config` added
     to its config; weights and frozen flags are kept."""
     atoms = []
     for atom in model.atoms:
         new = build_atom(dataclasses.replace(atom.spec, model_id=model_id))
         load_state(new, atom.state_dict(), f"copy of {atom.spec.uid} as {model_id}")
-        for (_, src), (_, dst) in zip(atom.named_parameters(), new.named_parameters(),
-                                      strict=True):
+        for (_, src), (_, dst) in zip(atom.named_parameters(), new.named_parameters(), strict=True):
             dst.requires_grad_(src.requires_grad)
         atoms.append(new)
     merged = {**dict(model.config), **dict(config or {})}
-    return Model(model_id=model_id, family=model.family, config=merged, atoms=atoms,
-                 tokenizer=model.tokenizer)
+    return Model(
+        model_id=model_id,
+        family=model.family,
+        config=merged,
+        atoms=atoms,
+        tokenizer=model.tokenizer,
+    )
 
 
 def apply_trained(model: Model, tensors: Mapping[str, torch.Tensor]) -> Model:

@@ -24,10 +24,18 @@ HOSTS_TIMEOUT_S = 60.0
 
 def common_args(p: argparse.ArgumentParser) -> None:
     """Flags every mesh bench takes: models dir, work dir, smoke."""
-    p.add_argument("--models-dir", type=Path, default=None,
-                   help="models folder (default: ~/.cache/nexusd/models, built once)")  # fmt: skip
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="where daemons keep data and logs (default: a temp dir, removed)")  # fmt: skip
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="models folder (default: ~/.cache/nexusd/models, built once)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where daemons keep data and logs (default: a temp dir, removed)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for a test")
 
 
@@ -55,9 +63,15 @@ def work_dir(given: Path | None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def hosted_mesh(root: Path, layout: Sequence[Sequence[str]], *, models_dir: Path,
-                wait: Sequence[tuple[str, int]], names: Sequence[str] | None = None,
-                env: dict[str, str] | None = None) -> Iterator[LocalCluster]:  # fmt: skip
+def hosted_mesh(
+    root: Path,
+    layout: Sequence[Sequence[str]],
+    *,
+    models_dir: Path,
+    wait: Sequence[tuple[str, int]],
+    names: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[LocalCluster]:
     """A joined cluster of len(layout) daemons, node i hosting `layout[i]` ("MODEL:A-B").
 
     Args:

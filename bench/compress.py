@@ -36,16 +36,23 @@ from .common import emit_json
 
 def _summary(figs: Figures, model: Model | None = None) -> dict[str, object]:
     out: dict[str, object] = {
-        "cosine": figs.cosine, "cosine_min": figs.cosine_min,
-        "bytes": figs.bytes, "ref_bytes": figs.ref_bytes,
+        "cosine": figs.cosine,
+        "cosine_min": figs.cosine_min,
+        "bytes": figs.bytes,
+        "ref_bytes": figs.ref_bytes,
         "bytes_ratio": round(figs.bytes / figs.ref_bytes, 4),
-        "params": figs.params, "ref_params": figs.ref_params,
-        "ms": round(figs.ms, 2), "ref_ms": round(figs.ref_ms, 2),
+        "params": figs.params,
+        "ref_params": figs.ref_params,
+        "ms": round(figs.ms, 2),
+        "ref_ms": round(figs.ref_ms, 2),
         "speedup": round(figs.ref_ms / figs.ms, 3),
     }
     if figs.perplexity is not None and figs.ref_perplexity is not None:
-        out.update(perplexity=figs.perplexity, ref_perplexity=figs.ref_perplexity,
-                   perplexity_ratio=round(figs.perplexity / figs.ref_perplexity, 5))
+        out.update(
+            perplexity=figs.perplexity,
+            ref_perplexity=figs.ref_perplexity,
+            perplexity_ratio=round(figs.perplexity / figs.ref_perplexity, 5),
+        )
     if model is not None:
         out["atom_levels"] = [str(dict(a.spec.attrs).get("quant", "fp32")) for a in model.atoms]
     return out
@@ -70,22 +77,29 @@ def kernels(repeats: int) -> dict[str, float | str]:
     x = torch.randn(256, 384, generator=gen)
     out: dict[str, float | str] = {
         "fp32": _best_ms(lambda: F.linear(x, lin.weight, lin.bias), repeats),
-        "bf16": _best_ms(lambda: F.linear(x.bfloat16(), lin.weight.bfloat16(),
-                                          lin.bias.bfloat16()), repeats),
+        "bf16": _best_ms(
+            lambda: F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()), repeats
+        ),
     }
     for level in ("int8", "int4"):
         q = QuantLinear(lin, level, 32, torch.float32)
         q.load_state_dict({**q.fill(lin.weight), "bias": lin.bias.detach()})
         out[f"ours_{level}"] = _best_ms(lambda q=q: q(x), repeats)  # type: ignore[misc]
-    q8, s8 = torch.round(lin.weight / 0.01).clamp(-127, 127).to(torch.int8), torch.full((1536,), 0.01)
+    q8, s8 = (
+        torch.round(lin.weight / 0.01).clamp(-127, 127).to(torch.int8),
+        torch.full((1536,), 0.01),
+    )
     try:
-        out["aten_int8pack_mm"] = _best_ms(lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8),
-                                           repeats)
+        out["aten_int8pack_mm"] = _best_ms(
+            lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8), repeats
+        )
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            torch.randint(0, 16, (1536, 384), dtype=torch.int32, generator=gen), 1)
+            torch.randint(0, 16, (1536, 384), dtype=torch.int32, generator=gen), 1
+        )
         sz = torch.rand(384 // 32, 1536, 2, generator=gen)
         out["aten_int4pack_mm_for_cpu"] = _best_ms(
-            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz), repeats)
+            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz), repeats
+        )
     except (RuntimeError, AttributeError) as exc:  # an op missing from this torch build
         out["aten_error"] = str(exc)[:200]
     return out
@@ -108,22 +122,36 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     minilm = load_minilm()
     runs: dict[str, dict[str, object]] = {}
-    for name, quant, frac in (("int8", "int8", 0.0), ("int4", "int4", 0.0),
-                              ("prune_25", None, 0.25)):
-        settings = CompressSettings(model_id=f"minilm-{name}", quant=quant, prune_heads=frac,
-                                    prune_ffn=frac, calib_texts=calib, eval_texts=evals)
+    for name, quant, frac in (
+        ("int8", "int8", 0.0),
+        ("int4", "int4", 0.0),
+        ("prune_25", None, 0.25),
+    ):
+        settings = CompressSettings(
+            model_id=f"minilm-{name}",
+            quant=quant,
+            prune_heads=frac,
+            prune_ffn=frac,
+            calib_texts=calib,
+            eval_texts=evals,
+        )
         derived, figs = compress(minilm, settings)
         runs[name] = _summary(figs, derived)
         if name == "int8":  # packed int8 weights dequantised into bf16 compute (host --dtype)
             int8_bf16 = model_to_dtype(derived, "bfloat16")
     _, evaluation = text_batches(
-        minilm, CompressSettings(model_id="x", calib_texts=calib, eval_texts=evals))
+        minilm, CompressSettings(model_id="x", calib_texts=calib, eval_texts=evals)
+    )
     runs["bf16"] = _summary(measure(minilm, model_to_dtype(minilm, "bfloat16"), evaluation))
     runs["int8_bf16"] = _summary(measure(minilm, int8_bf16, evaluation))
     sparse = minilm.with_atoms([magnitude_prune(a, 0.5) for a in minilm.atoms])
     runs["magnitude_50"] = _summary(measure(minilm, sparse, evaluation))
-    doc: dict[str, object] = {"bench": "compress", "smoke": args.smoke, "minilm": runs,
-                              "kernels": kernels(3 if args.smoke else 10)}
+    doc: dict[str, object] = {
+        "bench": "compress",
+        "smoke": args.smoke,
+        "minilm": runs,
+        "kernels": kernels(3 if args.smoke else 10),
+    }
     if not args.smoke:
         nexus = nexus_model()
         _, figs = compress(nexus, CompressSettings(model_id="nexus-int8", quant="int8"))

@@ -58,10 +58,17 @@ PARTITION_HOLD_S = 10.0  # virtual seconds the two halves spend apart
 # The simulation's knobs: the daemon's defaults, with quiet adverts (no refresh inside a
 # measurement) and a 3 s anti-entropy period as in the sim tests.
 SIM_CFG = MeshNodeConfig(
-    advert_refresh_s=60.0, advert_lease_s=180.0, anti_entropy_interval_s=3.0, ping_interval_s=5.0,
-    read_timeout_s=3.0, max_clock_drift_s=5.0, max_peers=8, redial_base_s=0.5, redial_max_s=8.0,
+    advert_refresh_s=60.0,
+    advert_lease_s=180.0,
+    anti_entropy_interval_s=3.0,
+    ping_interval_s=5.0,
+    read_timeout_s=3.0,
+    max_clock_drift_s=5.0,
+    max_peers=8,
+    redial_base_s=0.5,
+    redial_max_s=8.0,
     ban_score_threshold=100.0,
-)  # fmt: skip
+)
 TRANSPORT_CFG = TransportConfig(read_timeout_s=5.0, write_timeout_s=5.0, connect_timeout_s=2.0)
 
 
@@ -105,9 +112,16 @@ def real_trial(
             await call(sock, HostRequest(spec), expect=OkReply, timeout_s=120)
 
     trio.run(trial)
-    changed = log_time(cluster.daemon(changer).wait_for(
-        lambda e: e.get("event") == "span_hosted" and e.get("start") == int(spec.split(":")[1].split("-")[0])
-        and e.get("model") == DEFAULT_EMBED_MODEL, 10))  # fmt: skip
+    changed = log_time(
+        cluster.daemon(changer).wait_for(
+            lambda e: (
+                e.get("event") == "span_hosted"
+                and e.get("start") == int(spec.split(":")[1].split("-")[0])
+                and e.get("model") == DEFAULT_EMBED_MODEL
+            ),
+            10,
+        )
+    )
     per = {cluster.names[i]: rounded((seen[i] - changed) * 1e3, 2) for i in watchers}
     return {
         "changed": cluster.names[changer],
@@ -149,10 +163,16 @@ def run_real(models_dir: Path, root: Path, *, trials: int) -> dict[str, object]:
                 real_trial(cluster, (2 - k) % 3, f"{DEFAULT_EMBED_MODEL}:{a}-{b}", k + 1)
             )
     all_seen = [max(seen) for seen in (trial_seen_ms(r) for r in results)]
-    return {"nodes": 3, "trials": results, "all_seen_ms_median": rounded(median(all_seen), 2),
-            "all_seen_ms_max": rounded(max(all_seen), 2), "api_round_trip_ms": rounded(api_ms, 3),
-            "ping_rtt_ms": rounded(ping_ms, 3), "ratio_to_api_round_trip": rounded(median(all_seen) / api_ms, 2),
-            "gossip_interval_s": MeshNodeConfig().gossip_interval_s}  # fmt: skip
+    return {
+        "nodes": 3,
+        "trials": results,
+        "all_seen_ms_median": rounded(median(all_seen), 2),
+        "all_seen_ms_max": rounded(max(all_seen), 2),
+        "api_round_trip_ms": rounded(api_ms, 3),
+        "ping_rtt_ms": rounded(ping_ms, 3),
+        "ratio_to_api_round_trip": rounded(median(all_seen) / api_ms, 2),
+        "gossip_interval_s": MeshNodeConfig().gossip_interval_s,
+    }
 
 
 # ---- simulated nodes -------------------------------------------------------------------------
@@ -171,24 +191,50 @@ def sim_mesh(n: int, rng: random.Random) -> tuple[list[NodeKey], MeshIdentity, M
     state = empty_state(identity)
     clock, now = HybridClock(max_drift_s=5.0), sim_wall()
     for i, key in enumerate(keys[1:], start=1):
-        cert = MemberCert(identity.mesh_id, key.node_id, f"n{i}", ("member",), wall_ms_of(now),
-                          wall_ms_of(now) + 10**9, keys[0].node_id)  # fmt: skip
+        cert = MemberCert(
+            identity.mesh_id,
+            key.node_id,
+            f"n{i}",
+            ("member",),
+            wall_ms_of(now),
+            wall_ms_of(now) + 10**9,
+            keys[0].node_id,
+        )
         state.local_write(keys[0], Slot(SlotKind.MEMBER, key.node_id), cert, clock, now)
     return keys, identity, state
 
 
 def empty_state(identity: MeshIdentity) -> MeshState:
-    return MeshState(mesh_id=identity.mesh_id, founder=identity.founder,
-                     max_drift_ms=round(SIM_CFG.max_clock_drift_s * 1000),
-                     max_lease_ms=round(SIM_CFG.max_lease_s * 1000))  # fmt: skip
+    return MeshState(
+        mesh_id=identity.mesh_id,
+        founder=identity.founder,
+        max_drift_ms=round(SIM_CFG.max_clock_drift_s * 1000),
+        max_lease_ms=round(SIM_CFG.max_lease_s * 1000),
+    )
 
 
-async def run_node(network: MemoryNetwork, key: NodeKey, identity: MeshIdentity, state: MeshState,
-                   seed: int, bootstrap: Sequence[tuple[bytes, list[str]]],
-                   *, task_status: trio.TaskStatus[tuple[MeshNode, list[str]]]) -> None:  # fmt: skip
+async def run_node(
+    network: MemoryNetwork,
+    key: NodeKey,
+    identity: MeshIdentity,
+    state: MeshState,
+    seed: int,
+    bootstrap: Sequence[tuple[bytes, list[str]]],
+    *,
+    task_status: trio.TaskStatus[tuple[MeshNode, list[str]]],
+) -> None:
     async with open_memory_transport(network, key.node_id, TRANSPORT_CFG) as transport:
-        node = MeshNode(key=key, transport=transport, identity=identity, state=state, store=None,
-                        cfg=SIM_CFG, wall=sim_wall, rng=random.Random(seed), perf=trio.current_time)  # fmt: skip
+        node = MeshNode(
+            key=key,
+            transport=transport,
+            identity=identity,
+            state=state,
+            store=None,
+            cfg=SIM_CFG,
+            wall=sim_wall,
+            rng=random.Random(seed),
+            perf=trio.current_time,
+        )
         for peer, addrs in bootstrap:
             node.add_peer_addrs(peer, addrs)
         async with trio.open_nursery() as inner:
@@ -224,8 +270,13 @@ async def simulate(
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
             delays.append(rng.uniform(0.002, 0.05))
-            network.set_link_faults(a.node_id, b.node_id, LinkFaults(
-                delay_s=delays[-1], drop_probability=faults[0], duplicate_probability=faults[1]))  # fmt: skip
+            network.set_link_faults(
+                a.node_id,
+                b.node_id,
+                LinkFaults(
+                    delay_s=delays[-1], drop_probability=faults[0], duplicate_probability=faults[1]
+                ),
+            )
     out: dict[str, object] = {
         "nodes": n,
         "mean_link_delay_ms": rounded(1e3 * sum(delays) / len(delays), 2),
@@ -274,12 +325,19 @@ async def one_change(nodes: list[MeshNode], changer: MeshNode, k: int) -> dict[s
     changer.set_local_advert((span,), 1 << 30, 4096, ("raw",))
     who = changer.node_id
     with trio.fail_after(SIM_DEADLINE_S):
-        await wait_until(nodes, lambda: all(
-            (a := x.live_adverts().get(who)) is not None and a.spans == (span,) for x in nodes))  # fmt: skip
+        await wait_until(
+            nodes,
+            lambda: all(
+                (a := x.live_adverts().get(who)) is not None and a.spans == (span,) for x in nodes
+            ),
+        )
         seen = trio.current_time() - t0
         await wait_until(nodes, lambda: converged(nodes))
-    return {"seen_virtual_s": rounded(seen, 3), "converged_virtual_s": rounded(trio.current_time() - t0, 3),
-            "cpu_s": rounded(time.process_time() - c0, 3)}  # fmt: skip
+    return {
+        "seen_virtual_s": rounded(seen, 3),
+        "converged_virtual_s": rounded(trio.current_time() - t0, 3),
+        "cpu_s": rounded(time.process_time() - c0, 3),
+    }
 
 
 async def partition_and_heal(

@@ -48,22 +48,59 @@ HALF_CODEC = "fp16"  # activations on the wire in half precision: half the bytes
 CONCURRENT = 2  # requests at once in the "more micro-batches in flight" experiment
 WORKER_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 300.0
-SUBJECTS = ("The engineer", "A small dog", "My neighbour", "The orchestra", "An old fisherman",
-            "The committee", "A young student", "The storm", "Our team", "The river")  # fmt: skip
-VERBS = ("repaired", "watched", "painted", "described", "ignored", "celebrated", "measured",
-         "carried", "questioned", "followed")  # fmt: skip
-OBJECTS = ("the broken bridge", "a quiet evening by the lake", "the results of the long experiment",
-           "an unexpected letter", "the red bicycle", "the crowded market on Sunday morning",
-           "a forgotten song", "the plans for the new library", "the mountain road", "dinner")  # fmt: skip
-TAILS = ("", " before noon", " with great care", " while it was raining outside",
-         " and then went home", " for the third time this year")  # fmt: skip
+SUBJECTS = (
+    "The engineer",
+    "A small dog",
+    "My neighbour",
+    "The orchestra",
+    "An old fisherman",
+    "The committee",
+    "A young student",
+    "The storm",
+    "Our team",
+    "The river",
+)
+VERBS = (
+    "repaired",
+    "watched",
+    "painted",
+    "described",
+    "ignored",
+    "celebrated",
+    "measured",
+    "carried",
+    "questioned",
+    "followed",
+)
+OBJECTS = (
+    "the broken bridge",
+    "a quiet evening by the lake",
+    "the results of the long experiment",
+    "an unexpected letter",
+    "the red bicycle",
+    "the crowded market on Sunday morning",
+    "a forgotten song",
+    "the plans for the new library",
+    "the mountain road",
+    "dinner",
+)
+TAILS = (
+    "",
+    " before noon",
+    " with great care",
+    " while it was raining outside",
+    " and then went home",
+    " for the third time this year",
+)
 
 
 def sentences(n: int, seed: int = 5) -> list[str]:
     """`n` varied sentences (4-20 words) from templates, fixed by `seed`."""
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}."
-            for _ in range(n)]  # fmt: skip
+    return [
+        f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}."
+        for _ in range(n)
+    ]
 
 
 # ---- baselines -------------------------------------------------------------------------------
@@ -103,11 +140,27 @@ class Baseline:
 
 def pinned_baseline(models_dir: Path, count: int, repeat: int, core: int) -> Baseline:
     """Run `worker` in a subprocess whose every thread is bound to `core`."""
-    cmd = [sys.executable, "-m", "bench.embed", "--worker", "--models-dir", str(models_dir),
-           "--count", str(count), "--repeat", str(repeat)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, check=False,
-                         preexec_fn=lambda: os.sched_setaffinity(0, {core}),
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.embed",
+        "--worker",
+        "--models-dir",
+        str(models_dir),
+        "--count",
+        str(count),
+        "--repeat",
+        str(repeat),
+    ]
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if res.returncode != 0:
         raise RuntimeError(f"baseline worker failed ({res.returncode}): {res.stderr[-800:]}")
     doc = json.loads(res.stdout.strip().splitlines()[-1])  # Any: decoded JSON of our worker
@@ -164,7 +217,10 @@ def mesh_embedding(
     c0 = [cpu_seconds(pid) for pid in pids]
     t0 = time.perf_counter()
     req = EmbedRequest(
-        texts=tuple(texts), model=DEFAULT_EMBED_MODEL, micro_batch=micro_batch, codec=codec,
+        texts=tuple(texts),
+        model=DEFAULT_EMBED_MODEL,
+        micro_batch=micro_batch,
+        codec=codec,
     )
     reply = cluster.call(0, req, expect=EmbedReply, timeout_s=CALL_TIMEOUT_S)
     wall = time.perf_counter() - t0
@@ -183,7 +239,8 @@ def concurrent_embedding(
         async with trio.open_nursery() as nursery:
             for part in range(k):
                 req = EmbedRequest(
-                    texts=tuple(texts[part::k]), model=DEFAULT_EMBED_MODEL,
+                    texts=tuple(texts[part::k]),
+                    model=DEFAULT_EMBED_MODEL,
                     micro_batch=micro_batch,
                 )
                 nursery.start_soon(
@@ -204,18 +261,31 @@ def describe(run: MeshRun, names: list[str]) -> dict[str, object]:
     """One mesh run: throughput, how busy each host was (compute / elapsed), CPU used."""
     reply, wall = run.reply, run.wall_s
     el = reply.elapsed_s
-    hosts = [{"name": h.name, "atoms": f"{h.start}-{h.end}", "steps": h.steps,
-              "busy": rounded(h.compute_s / el, 3), "queue_s": rounded(h.queue_s, 3),
-              "transfer_s": rounded(h.transfer_s, 3),
-              "mb": rounded((h.bytes_in + h.bytes_out) / 1e6, 2)} for h in reply.route]  # fmt: skip
-    return {"texts_per_s": rounded(reply.count / el, 2), "client_texts_per_s": rounded(reply.count / wall, 2),
-            "elapsed_s": rounded(el, 3), "hosts_busy_sum": rounded(sum(h.compute_s for h in reply.route) / el, 3),
-            "hosts": hosts,
-            "cpu_s": {n: rounded(c, 2) for n, c in zip(names, run.cpu_s, strict=True)}}  # fmt: skip
+    hosts = [
+        {
+            "name": h.name,
+            "atoms": f"{h.start}-{h.end}",
+            "steps": h.steps,
+            "busy": rounded(h.compute_s / el, 3),
+            "queue_s": rounded(h.queue_s, 3),
+            "transfer_s": rounded(h.transfer_s, 3),
+            "mb": rounded((h.bytes_in + h.bytes_out) / 1e6, 2),
+        }
+        for h in reply.route
+    ]
+    return {
+        "texts_per_s": rounded(reply.count / el, 2),
+        "client_texts_per_s": rounded(reply.count / wall, 2),
+        "elapsed_s": rounded(el, 3),
+        "hosts_busy_sum": rounded(sum(h.compute_s for h in reply.route) / el, 3),
+        "hosts": hosts,
+        "cpu_s": {n: rounded(c, 2) for n, c in zip(names, run.cpu_s, strict=True)},
+    }
 
 
-def run(models_dir: Path, root: Path, *, count: int, repeat: int,
-        micro_batches: list[int]) -> dict[str, object]:  # fmt: skip
+def run(
+    models_dir: Path, root: Path, *, count: int, repeat: int, micro_batches: list[int]
+) -> dict[str, object]:
     torch.set_num_threads(1)
     registry = ModelRegistry(models_dir)
     n_atoms = registry.info(DEFAULT_EMBED_MODEL).n_atoms
@@ -224,8 +294,13 @@ def run(models_dir: Path, root: Path, *, count: int, repeat: int,
     cut = n_atoms // 2
     layout = [[], [f"{DEFAULT_EMBED_MODEL}:0-{cut}"], [f"{DEFAULT_EMBED_MODEL}:{cut}-{n_atoms}"]]
     cores = usable_cores()
-    with hosted_mesh(root, layout, models_dir=models_dir, names=["origin", "host1", "host2"],
-                     wait=[(DEFAULT_EMBED_MODEL, 2)]) as cluster:  # fmt: skip
+    with hosted_mesh(
+        root,
+        layout,
+        models_dir=models_dir,
+        names=["origin", "host1", "host2"],
+        wait=[(DEFAULT_EMBED_MODEL, 2)],
+    ) as cluster:
         pinned = len(cores) >= 2 and all(
             pin_process(cluster.daemon(i).proc.pid, cores[i - 1]) for i in (1, 2)
         )
@@ -251,8 +326,9 @@ def run(models_dir: Path, root: Path, *, count: int, repeat: int,
             half_cos = min(half_cos, min_cosine(half.reply, ref))
             halves.append(half)
         single_core = merge_baselines(singles) if singles else None
-    doc = summarise(runs, local_s, single_core, count=count, pinned=pinned, cos=cos, layout=layout,
-                    cores=cores)  # fmt: skip
+    doc = summarise(
+        runs, local_s, single_core, count=count, pinned=pinned, cos=cos, layout=layout, cores=cores
+    )
     single = median([count / s for s in single_core.seconds]) if single_core is not None else 0.0
     one_client = median([r.reply.count / r.wall_s for r in runs[micro_batches[0]]])
     doc["concurrent_requests"] = {
@@ -264,18 +340,30 @@ def run(models_dir: Path, root: Path, *, count: int, repeat: int,
     }
     half_tps = median([r.reply.count / r.reply.elapsed_s for r in halves])
     doc["half_precision_wire"] = {
-        "codec": HALF_CODEC, "micro_batch": micro_batches[0],
-        "texts_per_s": rounded(half_tps, 2), "min_cosine_vs_one_process": rounded(half_cos, 6),
+        "codec": HALF_CODEC,
+        "micro_batch": micro_batches[0],
+        "texts_per_s": rounded(half_tps, 2),
+        "min_cosine_vs_one_process": rounded(half_cos, 6),
         "speedup_pinned": rounded(half_tps / single, 3) if single else None,
-        "cpu_s": {n: rounded(median([r.cpu_s[i] for r in halves]), 2)
-                  for i, n in enumerate(("origin", "host1", "host2"))},
-    }  # fmt: skip
+        "cpu_s": {
+            n: rounded(median([r.cpu_s[i] for r in halves]), 2)
+            for i, n in enumerate(("origin", "host1", "host2"))
+        },
+    }
     return doc
 
 
-def summarise(runs: dict[int, list[MeshRun]], local_s: list[float],
-              single_core: Baseline | None, *, count: int, pinned: bool, cos: float,
-              layout: list[list[str]], cores: list[int]) -> dict[str, object]:  # fmt: skip
+def summarise(
+    runs: dict[int, list[MeshRun]],
+    local_s: list[float],
+    single_core: Baseline | None,
+    *,
+    count: int,
+    pinned: bool,
+    cos: float,
+    layout: list[list[str]],
+    cores: list[int],
+) -> dict[str, object]:
     local_tps = median([count / s for s in local_s])
     per_mb: dict[str, dict[str, object]] = {}
     medians: dict[int, float] = {}
@@ -329,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeat", type=int, default=3, help="rounds (each: both baselines + every mesh run)"
     )
-    p.add_argument("--micro-batches", default="16,32,64",
-                   help="comma-separated micro-batch sizes; the first is the headline")  # fmt: skip
+    p.add_argument(
+        "--micro-batches",
+        default="16,32,64",
+        help="comma-separated micro-batch sizes; the first is the headline",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     models_dir = args.models_dir or default_models_dir()

@@ -97,8 +97,9 @@ def log_time(event: dict[str, object]) -> float:
     return datetime.fromisoformat(str(event["timestamp"])).timestamp()
 
 
-def failure_run(cluster: LocalCluster, ids: dict[str, int], tokens: int
-                ) -> tuple[GenerateReply, float, Kill, dict[str, float]]:  # fmt: skip
+def failure_run(
+    cluster: LocalCluster, ids: dict[str, int], tokens: int
+) -> tuple[GenerateReply, float, Kill, dict[str, float]]:
     """One job with a kill after tokens/3; reply, client seconds, the kill, log split."""
     kill = Kill(cluster, ids, max(2, tokens // 3))
     t0 = time.perf_counter()
@@ -133,8 +134,11 @@ def tail_step_s(reply: GenerateReply) -> float:
 def layout_for(n_atoms: int, failures: int) -> list[list[str]]:
     (a0, b0), (a1, b1), (a2, b2) = even_spans(n_atoms, 3)
     model = BENCH_MODEL
-    return [[f"{model}:{a0}-{b0}"], [f"{model}:{a1}-{b1}"],
-            *[[f"{model}:{a2}-{b2}"] for _ in range(failures + 1)]]  # fmt: skip
+    return [
+        [f"{model}:{a0}-{b0}"],
+        [f"{model}:{a1}-{b1}"],
+        *[[f"{model}:{a2}-{b2}"] for _ in range(failures + 1)],
+    ]
 
 
 def run(
@@ -144,13 +148,12 @@ def run(
     registry = ModelRegistry(models_dir)
     info = registry.info(BENCH_MODEL)
     model = registry.load_model(BENCH_MODEL)
-    ref, _ = local_generation(
-        model, registry.tokenizer(BENCH_MODEL).encode_prompt(PROMPT), tokens
-    )
+    ref, _ = local_generation(model, registry.tokenizer(BENCH_MODEL).encode_prompt(PROMPT), tokens)
     layout = layout_for(info.n_atoms, failures)
     names = ["origin", "host1", *[f"tail{i}" for i in range(1, failures + 2)]]
-    with hosted_mesh(root, layout, models_dir=models_dir, names=names,
-                     wait=[(BENCH_MODEL, len(layout))]) as cluster:  # fmt: skip
+    with hosted_mesh(
+        root, layout, models_dir=models_dir, names=names, wait=[(BENCH_MODEL, len(layout))]
+    ) as cluster:
         ids = node_ids(cluster)
         mesh_generation(cluster, min(tokens, 4))  # warm-up
         warmed = [warm_replica(cluster, i) for i in range(2, cluster.size)]
@@ -169,8 +172,14 @@ def warm_replica(cluster: LocalCluster, i: int) -> bool:
     return any(h.name == cluster.names[i] for h in reply.route)
 
 
-def summarise(clean: list[GenerateReply], failed: list[tuple[GenerateReply, float, Kill, dict[str, float]]],
-              ref: tuple[int, ...], *, tokens: int, layout: list[list[str]]) -> dict[str, object]:  # fmt: skip
+def summarise(
+    clean: list[GenerateReply],
+    failed: list[tuple[GenerateReply, float, Kill, dict[str, float]]],
+    ref: tuple[int, ...],
+    *,
+    tokens: int,
+    layout: list[list[str]],
+) -> dict[str, object]:
     base_s = median([r.elapsed_s for r in clean])
     step_s = base_s / tokens
     tail_s = median([tail_step_s(r) for r in clean])
@@ -183,17 +192,25 @@ def summarise(clean: list[GenerateReply], failed: list[tuple[GenerateReply, floa
         budget = 2 * step_s + replay_est
         added_s.append(added)
         over.append(added / budget)
-        runs.append({
-            "elapsed_s": rounded(reply.elapsed_s, 3), "client_s": rounded(wall, 3),
-            "killed_after_tokens": kill.after, "victim": kill.victim,
-            "failovers": len(reply.failovers), "identical": reply.token_ids == ref,
-            "added_s": rounded(added, 4), "replayed_steps": int(split["replayed_steps"]),
-            "replay_estimate_s": rounded(replay_est, 4), "budget_s": rounded(budget, 4),
-            "added_over_budget": rounded(added / budget, 3),
-            "detect_s": rounded(split["detect_s"], 4), "reroute_s": rounded(split["reroute_s"], 4),
-            "rest_s": rounded(added - split["detect_s"] - split["reroute_s"], 4),
-            "reasons": [f[:90] for f in reply.failovers],
-        })  # fmt: skip
+        runs.append(
+            {
+                "elapsed_s": rounded(reply.elapsed_s, 3),
+                "client_s": rounded(wall, 3),
+                "killed_after_tokens": kill.after,
+                "victim": kill.victim,
+                "failovers": len(reply.failovers),
+                "identical": reply.token_ids == ref,
+                "added_s": rounded(added, 4),
+                "replayed_steps": int(split["replayed_steps"]),
+                "replay_estimate_s": rounded(replay_est, 4),
+                "budget_s": rounded(budget, 4),
+                "added_over_budget": rounded(added / budget, 3),
+                "detect_s": rounded(split["detect_s"], 4),
+                "reroute_s": rounded(split["reroute_s"], 4),
+                "rest_s": rounded(added - split["detect_s"] - split["reroute_s"], 4),
+                "reasons": [f[:90] for f in reply.failovers],
+            }
+        )
     return {
         "bench": "failover",
         "model": BENCH_MODEL,
@@ -224,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     common_args(p)
     p.add_argument("--tokens", type=int, default=48, help="new tokens per generation")
-    p.add_argument("--failures", type=int, default=2,
-                   help="failure runs (the tail is replicated on this many + 1 hosts)")  # fmt: skip
+    p.add_argument(
+        "--failures",
+        type=int,
+        default=2,
+        help="failure runs (the tail is replicated on this many + 1 hosts)",
+    )
     p.add_argument("--repeat", type=int, default=2, help="runs without a failure, before the kills")
     args = p.parse_args(argv)
     tokens, failures, repeat = args.tokens, args.failures, args.repeat

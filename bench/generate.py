@@ -99,8 +99,15 @@ def hop_costs(reply: GenerateReply) -> dict[str, float]:
     }
 
 
-def run(models_dir: Path, root: Path, *, nodes: int, tokens: int, repeat: int,
-        verify_overhead: bool = False) -> dict[str, object]:  # fmt: skip
+def run(
+    models_dir: Path,
+    root: Path,
+    *,
+    nodes: int,
+    tokens: int,
+    repeat: int,
+    verify_overhead: bool = False,
+) -> dict[str, object]:
     """The measurement (see the module docstring); returns the JSON document."""
     torch.set_num_threads(1)  # like the daemons (node.torch_threads = 1)
     registry = ModelRegistry(models_dir)
@@ -111,11 +118,16 @@ def run(models_dir: Path, root: Path, *, nodes: int, tokens: int, repeat: int,
     wait = [(BENCH_MODEL, nodes)]
     t_setup = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait))
+        cluster = stack.enter_context(
+            hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait)
+        )
         unchecked = None
         if verify_overhead:
-            unchecked = stack.enter_context(hosted_mesh(root / "unchecked", layout, models_dir=models_dir,
-                                                        wait=wait, env=NO_VERIFY_ENV))  # fmt: skip
+            unchecked = stack.enter_context(
+                hosted_mesh(
+                    root / "unchecked", layout, models_dir=models_dir, wait=wait, env=NO_VERIFY_ENV
+                )
+            )
         setup_s = time.perf_counter() - t_setup
         ref, _ = local_generation(model, prompt_ids, tokens)  # warm-up, and the reference
         for c in (cluster, unchecked):
@@ -136,23 +148,42 @@ def run(models_dir: Path, root: Path, *, nodes: int, tokens: int, repeat: int,
             reply, wall = mesh_generation(cluster, tokens)
             identical &= reply.token_ids == ref
             replies.append((reply, wall))
-    doc = summarise(replies, local_s, tokens=tokens, nodes=nodes, identical=identical,
-                    setup_s=setup_s, prompt_tokens=len(prompt_ids), layout=layout)  # fmt: skip
+    doc = summarise(
+        replies,
+        local_s,
+        tokens=tokens,
+        nodes=nodes,
+        identical=identical,
+        setup_s=setup_s,
+        prompt_tokens=len(prompt_ids),
+        layout=layout,
+    )
     if bare:
         on = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
         off = median([len(r.token_ids) / r.elapsed_s for r in bare])
         doc["verify"] = {
-            "rate": ExecConfig().verify_rate, "first_steps": ExecConfig().verify_first_steps,
-            "tokens_per_s_checked": rounded(on, 2), "tokens_per_s_unchecked": rounded(off, 2),
-            "overhead": rounded(1 - on / off, 3), "target_overhead": VERIFY_TARGET,
+            "rate": ExecConfig().verify_rate,
+            "first_steps": ExecConfig().verify_first_steps,
+            "tokens_per_s_checked": rounded(on, 2),
+            "tokens_per_s_unchecked": rounded(off, 2),
+            "overhead": rounded(1 - on / off, 3),
+            "target_overhead": VERIFY_TARGET,
             "failovers_unchecked": sum(len(r.failovers) for r in bare),
-        }  # fmt: skip
+        }
     return doc
 
 
-def summarise(replies: list[tuple[GenerateReply, float]], local_s: list[float], *, tokens: int,
-              nodes: int, identical: bool, setup_s: float, prompt_tokens: int,
-              layout: list[list[str]]) -> dict[str, object]:  # fmt: skip
+def summarise(
+    replies: list[tuple[GenerateReply, float]],
+    local_s: list[float],
+    *,
+    tokens: int,
+    nodes: int,
+    identical: bool,
+    setup_s: float,
+    prompt_tokens: int,
+    layout: list[list[str]],
+) -> dict[str, object]:
     local_tps = median([tokens / s for s in local_s])
     mesh_tps = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
     client_tps = median([len(r.token_ids) / w for r, w in replies])
@@ -210,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     p.add_argument("--repeat", type=int, default=3, help="rounds (each: one process + mesh)")
-    p.add_argument("--verify-overhead", action="store_true",
-                   help="also run a mesh without spot checks and report the checks' overhead")
+    p.add_argument(
+        "--verify-overhead",
+        action="store_true",
+        help="also run a mesh without spot checks and report the checks' overhead",
+    )
     args = p.parse_args(argv)
     nodes, tokens, repeat = args.nodes, args.tokens, args.repeat
     if args.smoke:
@@ -221,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     models_dir = args.models_dir or default_models_dir()
     with work_dir(args.workdir) as root:
-        doc = run(models_dir, root, nodes=nodes, tokens=tokens, repeat=repeat,
-                  verify_overhead=args.verify_overhead)
+        doc = run(
+            models_dir,
+            root,
+            nodes=nodes,
+            tokens=tokens,
+            repeat=repeat,
+            verify_overhead=args.verify_overhead,
+        )
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)
     return 0

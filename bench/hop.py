@@ -193,10 +193,11 @@ async def serve_echo(max_s: float) -> None:
             tcp = await nursery.start(partial(trio.serve_tcp, tcp_handler, 0, host="127.0.0.1"))
             tcp_port = tcp[0].socket.getsockname()[1]
             async with (
-                open_direct_listener(key, "127.0.0.1", 0, CONFIG, signer.is_peer,
-                                     direct_handler) as direct,
+                open_direct_listener(
+                    key, "127.0.0.1", 0, CONFIG, signer.is_peer, direct_handler
+                ) as direct,
                 open_libp2p_transport(ECHO_SEED, 0, CONFIG) as p2p,
-            ):  # fmt: skip
+            ):
                 p2p.set_admission(signer.is_peer)
                 p2p.set_stream_handler(RAW, _raw_echo)
                 p2p.set_stream_handler(SIGNED, signed)
@@ -348,8 +349,10 @@ async def run(sizes: list[int], rounds: int, budget_s: float, smoke: bool) -> di
     max_s = 60 + len(sizes) * (budget_s + 30)
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "bench.hop", "--serve", "--serve-max-s", str(max_s)],
-        cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         with trio.fail_after(max_s):
             with trio.fail_after(60):
@@ -393,7 +396,9 @@ def _report(
         # "direct_nosig" is the exec path the daemons use on the direct channel (frames
         # authenticated by the channel); "direct" adds a per-message Ed25519 envelope.
         out["exec_path"] = "direct_nosig"
-        out["exec_hop_within_target"] = float(str(target[0]["direct_nosig_over_tcp"])) <= TARGET_RATIO
+        out["exec_hop_within_target"] = (
+            float(str(target[0]["direct_nosig_over_tcp"])) <= TARGET_RATIO
+        )
         out["direct_within_target"] = float(str(target[0]["direct_over_tcp"])) <= TARGET_RATIO
         for kind in ("direct_unsigned", "direct_nosig"):
             ratio = float(str(target[0][f"{kind}_over_tcp"]))

@@ -62,7 +62,9 @@ def tokenize_paragraphs(text: str, tokenizer: TextTokenizer | None = None) -> li
 def _check(seqs: Sequence[Sequence[int]], vocab_size: int) -> None:
     for i, seq in enumerate(seqs):
         if len(seq) < 2:
-            raise ValueError(f"sequence {i}: expected BOS and at least one scored token, got {list(seq)}")
+            raise ValueError(
+                f"sequence {i}: expected BOS and at least one scored token, got {list(seq)}"
+            )
         bad = [t for t in seq if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"sequence {i}: ids {bad[:3]} outside the vocabulary of {vocab_size}")
@@ -199,8 +201,12 @@ def scored_tokens(seqs: Sequence[Sequence[int]]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--discount", type=float, default=None,
-                   help="one KN discount for every order (default: modified KN)")  # fmt: skip
+    p.add_argument(
+        "--discount",
+        type=float,
+        default=None,
+        help="one KN discount for every order (default: modified KN)",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     tok = load_tokenizer()

@@ -37,9 +37,11 @@ from nexusd.model_registry import ModelRegistry
 from .lm_baseline import KneserNey3
 from .lm_baseline import tokenize_paragraphs as kn_tokens
 
-PROMPTS = ("It was a truth universally acknowledged that",
-           "The ship sailed out of the harbour, and",
-           "Emma could not help thinking that")
+PROMPTS = (
+    "It was a truth universally acknowledged that",
+    "The ship sailed out of the harbour, and",
+    "Emma could not help thinking that",
+)
 BATCH = 16
 
 
@@ -63,8 +65,9 @@ def strided_examples(seqs: list[list[int]], window: int, bos: int, eos: int) -> 
             ctx = seq[end - (window - 1) : end]  # the tokens before seq[end], window-1 of them
             inputs.append([bos, *ctx])
             preds = [*ctx, seq[end]]  # what each input position predicts
-            targets.append([t if i >= len(preds) - (end - done) else IGNORE
-                            for i, t in enumerate(preds)])
+            targets.append(
+                [t if i >= len(preds) - (end - done) else IGNORE for i, t in enumerate(preds)]
+            )
             done = end
     width = max(len(x) for x in inputs)
     x = torch.zeros((len(inputs), width), dtype=torch.long)
@@ -90,8 +93,9 @@ def perplexity(model: Model, seqs: list[list[int]], window: int) -> tuple[float,
             width = int((ex.inputs != 0).sum(dim=1).max())  # drop all-padding columns
             x, y = ex.inputs[:, :width], ex.targets[:, :width]
             logits = span(x, ForwardContext.for_tokens(x.shape[0], width, causal=True))
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
-                                                     ignore_index=IGNORE, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum"
+            )
             total += float(loss)
             count += int((y != IGNORE).sum())
     return math.exp(total / count), count
@@ -102,8 +106,13 @@ def samples(model: Model, n_tokens: int) -> list[str]:
     assert tok is not None
     out = []
     for seed, prompt in enumerate(PROMPTS):
-        params = GenerationParams(max_new_tokens=n_tokens, temperature=0.8, top_k=40, seed=seed,
-                                  stop_token_ids=(special_ids(tok)[1],))
+        params = GenerationParams(
+            max_new_tokens=n_tokens,
+            temperature=0.8,
+            top_k=40,
+            seed=seed,
+            stop_token_ids=(special_ids(tok)[1],),
+        )
         done = generate(model, tok.encode_prompt(prompt), params, decode=tok.decode)
         out.append(f"{prompt}{done.text}".strip())
     return out
@@ -112,8 +121,12 @@ def samples(model: Model, n_tokens: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="24 paragraphs, no samples")
-    p.add_argument("--window", type=int, default=128,
-                   help="tokens of context at most (the training window of the shipped model)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=128,
+        help="tokens of context at most (the training window of the shipped model)",
+    )
     p.add_argument("--models-dir", type=Path, default=Path.home() / ".cache/nexusd/models")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -132,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     bos, eos = special_ids(tok)
     ppl_kn = kn.perplexity([[bos, *s, eos] for s in seqs])  # every target, as the models
     result = {
-        "bench": "lm_quality", "paragraphs": len(seqs), "scored_tokens": scored,
-        "nexus_val_ppl": round(ppl, 2), "random_init_val_ppl": round(ppl_random, 2),
-        "kn3_val_ppl": round(ppl_kn, 2), "beats_kn3": ppl < ppl_kn,
+        "bench": "lm_quality",
+        "paragraphs": len(seqs),
+        "scored_tokens": scored,
+        "nexus_val_ppl": round(ppl, 2),
+        "random_init_val_ppl": round(ppl_random, 2),
+        "kn3_val_ppl": round(ppl_kn, 2),
+        "beats_kn3": ppl < ppl_kn,
         "ratio_to_kn3": round(ppl / ppl_kn, 3),
         "samples": [] if args.smoke else samples(trained, 40),
         "seconds": round(time.perf_counter() - t0, 1),

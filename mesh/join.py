@@ -170,9 +170,17 @@ class MeshIdentity:
 
 
 async def join_handshake(
-    transport: Transport, key: NodeKey, token: str, name: str, *, wall: Callable[[], float],
-    timeout_s: float, clock: HybridClock, max_drift_ms: int, max_lease_ms: int,
-) -> tuple[Invite, JoinResult, MeshState]:  # fmt: skip
+    transport: Transport,
+    key: NodeKey,
+    token: str,
+    name: str,
+    *,
+    wall: Callable[[], float],
+    timeout_s: float,
+    clock: HybridClock,
+    max_drift_ms: int,
+    max_lease_ms: int,
+) -> tuple[Invite, JoinResult, MeshState]:
     """Parse a token, run the handshake with its issuer, and start our mesh state.
 
     The state holds our certificate when its issuer is the founder; a certificate from
@@ -188,8 +196,12 @@ async def join_handshake(
     with trio.fail_after(4 * timeout_s):
         result = await request_join(transport, key, invite, name, wall=wall, timeout_s=timeout_s)
     cert = decode(result.cert, SignedEntry)
-    state = MeshState(mesh_id=result.mesh_id, founder=result.founder,
-                      max_drift_ms=max_drift_ms, max_lease_ms=max_lease_ms)  # fmt: skip
+    state = MeshState(
+        mesh_id=result.mesh_id,
+        founder=result.founder,
+        max_drift_ms=max_drift_ms,
+        max_lease_ms=max_lease_ms,
+    )
     clock.observe(Timestamp.unpack(cert.hlc), wall())
     state.apply([cert], wall_ms_of(wall()), skip_invalid=True)
     return invite, result, state
@@ -211,10 +223,17 @@ class InviteDesk:
     """
 
     def __init__(
-        self, *, key: NodeKey, listen_addrs: Callable[[], list[str]], wall: Callable[[], float],
-        invites_path: Path | None, attempts_per_minute: int, window_s: float,
-        timeout_s: float, scores: PeerScores,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        key: NodeKey,
+        listen_addrs: Callable[[], list[str]],
+        wall: Callable[[], float],
+        invites_path: Path | None,
+        attempts_per_minute: int,
+        window_s: float,
+        timeout_s: float,
+        scores: PeerScores,
+    ) -> None:
         self._key, self._addrs, self._wall, self._path = key, listen_addrs, wall, invites_path
         self.book = load_invite_book(invites_path)
         rate = attempts_per_minute / 60.0
@@ -229,17 +248,31 @@ class InviteDesk:
         return tuple(self._addrs()[:16])
 
     def open_admitter(
-        self, *, mesh_id: bytes, secret: MeshSecret, founder: bytes, issue_cert: IssueCert,
-        is_revoked: Callable[[bytes], bool], is_admin: Callable[[bytes], bool],
-    ) -> Admitter:  # fmt: skip
+        self,
+        *,
+        mesh_id: bytes,
+        secret: MeshSecret,
+        founder: bytes,
+        issue_cert: IssueCert,
+        is_revoked: Callable[[bytes], bool],
+        is_admin: Callable[[bytes], bool],
+    ) -> Admitter:
         """The admitter of our mesh (built on first use, then reused with its counters)."""
         if self.admitter is None:
             self.admitter = Admitter(
-                mesh_id=mesh_id, book=self.book, mesh_secret=secret, founder=founder,
-                bootstrap=self.bootstrap(), issue_cert=issue_cert, is_revoked=is_revoked,
-                is_admin=is_admin, limiter=self.limiter, global_limiter=self.global_limiter,
-                window_s=self._window_s, scores=self._scores,
-            )  # fmt: skip
+                mesh_id=mesh_id,
+                book=self.book,
+                mesh_secret=secret,
+                founder=founder,
+                bootstrap=self.bootstrap(),
+                issue_cert=issue_cert,
+                is_revoked=is_revoked,
+                is_admin=is_admin,
+                limiter=self.limiter,
+                global_limiter=self.global_limiter,
+                window_s=self._window_s,
+                scores=self._scores,
+            )
         return self.admitter
 
     async def serve(self, stream: Stream, admitter: Admitter | None) -> None:
@@ -253,9 +286,15 @@ class InviteDesk:
         """
         try:
             with trio.fail_after(self._timeout_s):
-                await serve_join(stream, admitter, limiter=self.limiter,
-                                 global_limiter=self.global_limiter, wall=self._wall,
-                                 on_accept=self.save, refuse=self.refuse)  # fmt: skip
+                await serve_join(
+                    stream,
+                    admitter,
+                    limiter=self.limiter,
+                    global_limiter=self.global_limiter,
+                    wall=self._wall,
+                    on_accept=self.save,
+                    refuse=self.refuse,
+                )
         except OversizeMessage as exc:  # refused on the length prefix; the stream is reset
             self.refuse(stream.remote_id, "oversize", str(exc))
         except trio.TooSlowError as exc:
@@ -274,8 +313,9 @@ class InviteDesk:
         Raises:
             ValueError: ttl_s, uses or name out of range.
         """
-        token, rec = create_invite(self._key, mesh_id, self.bootstrap(), ttl_s, uses, name,
-                                   self._wall())  # fmt: skip
+        token, rec = create_invite(
+            self._key, mesh_id, self.bootstrap(), ttl_s, uses, name, self._wall()
+        )
         self.book.add(rec)
         await self.save()
         return token
@@ -295,10 +335,13 @@ class InviteDesk:
 
 def _record_to_json(rec: InviteRecord) -> dict[str, object]:
     return {
-        "invite_key": rec.invite_key.hex(), "issuer": rec.issuer.hex(),
-        "expires_ms": rec.expires_ms, "uses_left": rec.uses_left, "name": rec.name,
+        "invite_key": rec.invite_key.hex(),
+        "issuer": rec.issuer.hex(),
+        "expires_ms": rec.expires_ms,
+        "uses_left": rec.uses_left,
+        "name": rec.name,
         "admitted": [n.hex() for n in rec.admitted],
-    }  # fmt: skip
+    }
 
 
 def _record_from_json(row: object) -> InviteRecord:
@@ -306,10 +349,13 @@ def _record_from_json(row: object) -> InviteRecord:
         raise MalformedMessage(f"invite book row: expected an object, got {type(row).__name__}")
     try:
         return InviteRecord(
-            invite_key=bytes.fromhex(row["invite_key"]), issuer=bytes.fromhex(row["issuer"]),
-            expires_ms=int(row["expires_ms"]), uses_left=int(row["uses_left"]),
-            name=str(row["name"]), admitted=tuple(bytes.fromhex(n) for n in row["admitted"]),
-        )  # fmt: skip
+            invite_key=bytes.fromhex(row["invite_key"]),
+            issuer=bytes.fromhex(row["issuer"]),
+            expires_ms=int(row["expires_ms"]),
+            uses_left=int(row["uses_left"]),
+            name=str(row["name"]),
+            admitted=tuple(bytes.fromhex(n) for n in row["admitted"]),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedMessage(f"invite book row: {type(exc).__name__}: {exc}") from None
 

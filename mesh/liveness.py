@@ -138,8 +138,12 @@ async def ping_loop(
             except TransportBroken:
                 if perf() - started >= 0.9 * timeout_s:  # the deadline, not a broken stream
                     count = table.timed_out(peer)
-                    log.warning("peer_unresponsive", peer=short_id(peer), timeouts=count,
-                                timeout_s=timeout_s)  # fmt: skip
+                    log.warning(
+                        "peer_unresponsive",
+                        peer=short_id(peer),
+                        timeouts=count,
+                        timeout_s=timeout_s,
+                    )
                 raise
             if reply != nonce:
                 raise MalformedMessage(f"ping reply from {short_id(peer)}: nonce mismatch")
@@ -163,10 +167,16 @@ class PeerSessions:
     """
 
     def __init__(
-        self, *, transport: Transport, table: RttTable, interval_s: float, timeout_s: float,
-        perf: Callable[[], float], on_start: Callable[[bytes], Awaitable[None]],
+        self,
+        *,
+        transport: Transport,
+        table: RttTable,
+        interval_s: float,
+        timeout_s: float,
+        perf: Callable[[], float],
+        on_start: Callable[[bytes], Awaitable[None]],
         on_end: Callable[[bytes, PeerProtocolError | None], Awaitable[None]],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._transport, self._table, self._perf = transport, table, perf
         self._interval_s, self._timeout_s = interval_s, timeout_s
         self._on_start, self._on_end = on_start, on_end
@@ -201,8 +211,14 @@ class PeerSessions:
                 error: PeerProtocolError | None = None
                 try:
                     await self._on_start(peer)
-                    await ping_loop(self._transport, peer, self._table, interval_s=self._interval_s,
-                                    timeout_s=self._timeout_s, perf=self._perf)  # fmt: skip
+                    await ping_loop(
+                        self._transport,
+                        peer,
+                        self._table,
+                        interval_s=self._interval_s,
+                        timeout_s=self._timeout_s,
+                        perf=self._perf,
+                    )
                 except (TransportBroken, ClosedError) as exc:
                     log.debug("peer_session_ended", peer=short_id(peer), error=str(exc))
                 except PeerProtocolError as exc:
@@ -264,8 +280,11 @@ class StrangerWindow:
                     self._deadline[peer] = trio.current_time() + grace
                     self._wake.set()
 
-    async def run(self, connected_peers: Callable[[], frozenset[bytes]],
-                  cut_off: Callable[[bytes], Awaitable[None]]) -> None:  # fmt: skip
+    async def run(
+        self,
+        connected_peers: Callable[[], frozenset[bytes]],
+        cut_off: Callable[[bytes], Awaitable[None]],
+    ) -> None:
         """Await `cut_off(peer)` for every connected stranger whose window passed; never
         returns."""
         while True:
@@ -274,13 +293,19 @@ class StrangerWindow:
             for peer in [p for p, at in idle.items() if at <= now]:
                 del self._deadline[peer]
                 if not self._admits(peer) and peer in connected_peers():
-                    log.info("stranger_disconnected", peer=short_id(peer), reason="not_joining",
-                             window_s=self.window_s)  # fmt: skip
+                    log.info(
+                        "stranger_disconnected",
+                        peer=short_id(peer),
+                        reason="not_joining",
+                        window_s=self.window_s,
+                    )
                     await cut_off(peer)
             with trio.move_on_at(min((at for at in idle.values() if at > now), default=math.inf)):
                 await self._wake.wait()
             self._wake = trio.Event()
 
     def __repr__(self) -> str:
-        return (f"StrangerWindow(window_s={self.window_s}, strangers={len(self._deadline)}, "
-                f"joining={len(self._joining)})")  # fmt: skip
+        return (
+            f"StrangerWindow(window_s={self.window_s}, strangers={len(self._deadline)}, "
+            f"joining={len(self._joining)})"
+        )

@@ -183,9 +183,14 @@ class Invite:
     def signed_bytes(self) -> bytes:
         """The exact bytes the issuer signs (domain prefix + encoded terms)."""
         terms = _InviteTerms(
-            self.mesh_id, self.bootstrap, self.secret, self.expires_ms, self.uses,
-            self.issuer, self.name,
-        )  # fmt: skip
+            self.mesh_id,
+            self.bootstrap,
+            self.secret,
+            self.expires_ms,
+            self.uses,
+            self.issuer,
+            self.name,
+        )
         return _INVITE_SIG + encode(terms)
 
     @property
@@ -504,9 +509,7 @@ def make_join_request(
         )
     ts = wall_ms_of(now)
     proof = invite_key_of(invite.secret).sign(_proof_message(invite.mesh_id, key.node_id, ts))
-    req = JoinRequest(
-        invite.mesh_id, invite.invite_key, proof, key.node_id, name, tuple(addrs), ts
-    )
+    req = JoinRequest(invite.mesh_id, invite.invite_key, proof, key.node_id, name, tuple(addrs), ts)
     req_bytes = encode(req)
     return encode(SignedJoinRequest(req_bytes, key.sign(_JOIN_SIG + req_bytes)))
 
@@ -664,9 +667,11 @@ class Admitter:
         except _Refusal as refusal:
             self.counters[refusal.reason.value] += 1
             log.warning(
-                "join_refused", peer=short_id(sender), reason=refusal.reason.value,
+                "join_refused",
+                peer=short_id(sender),
+                reason=refusal.reason.value,
                 detail=refusal.detail,
-            )  # fmt: skip
+            )
             penalty = _PENALTY.get(refusal.reason)
             if self.scores is not None and penalty is not None:
                 self.scores.penalise(sender, penalty, now=now)
@@ -770,9 +775,11 @@ class Admitter:
         if retry:
             self.counters["retried"] += 1
         else:
-            self.book.add(replace(
-                entry, uses_left=entry.uses_left - 1, admitted=(*entry.admitted, req.joiner)
-            ))  # fmt: skip
+            self.book.add(
+                replace(
+                    entry, uses_left=entry.uses_left - 1, admitted=(*entry.admitted, req.joiner)
+                )
+            )
             self.counters["accepted"] += 1
         log.info("join_accepted", peer=short_id(req.joiner), name=name, retry=retry)
         return JoinAccept(self.mesh_id, cert, sealed, self.founder, self.bootstrap)

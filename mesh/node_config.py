@@ -72,18 +72,25 @@ class MeshNodeConfig:
         for name in MeshNodeConfig.__slots__:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"MeshNodeConfig.{name}: expected a finite number > 0, "
-                                 f"got {value!r}")  # fmt: skip
+                raise ValueError(
+                    f"MeshNodeConfig.{name}: expected a finite number > 0, got {value!r}"
+                )
         if self.advert_lease_s < 2 * self.advert_refresh_s:
             least = 2 * self.advert_refresh_s
-            raise ValueError(f"advert_lease_s: expected >= 2 x advert_refresh_s ({least}), "
-                             f"got {self.advert_lease_s}")  # fmt: skip
+            raise ValueError(
+                f"advert_lease_s: expected >= 2 x advert_refresh_s ({least}), "
+                f"got {self.advert_lease_s}"
+            )
         if self.advert_lease_s > self.max_lease_s:
-            raise ValueError(f"advert_lease_s: expected <= max_lease_s ({self.max_lease_s}), "
-                             f"got {self.advert_lease_s}")  # fmt: skip
+            raise ValueError(
+                f"advert_lease_s: expected <= max_lease_s ({self.max_lease_s}), "
+                f"got {self.advert_lease_s}"
+            )
         if not 1024 <= self.gossip_max_bytes <= 512 * 1024:
-            raise ValueError(f"gossip_max_bytes: expected 1 KiB..512 KiB (gossipsub drops over "
-                             f"1 MiB), got {self.gossip_max_bytes}")  # fmt: skip
+            raise ValueError(
+                f"gossip_max_bytes: expected 1 KiB..512 KiB (gossipsub drops over "
+                f"1 MiB), got {self.gossip_max_bytes}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

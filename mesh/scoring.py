@@ -215,9 +215,13 @@ class PeerScores:
         state.score = 0.0
         self.counters["ban"] = self.counters.get("ban", 0) + 1
         log.warning(
-            "peer_banned", peer=short_id(peer), reason=reason, score=score,
-            duration_s=duration, bans=state.bans,
-        )  # fmt: skip
+            "peer_banned",
+            peer=short_id(peer),
+            reason=reason,
+            score=score,
+            duration_s=duration,
+            bans=state.bans,
+        )
         return BanDecision(peer, reason, state.banned_until, duration, score, state.bans)
 
     @staticmethod
@@ -259,10 +263,12 @@ class PeerScores:
             How many peers were forgotten.
         """
         drop = [
-            peer for peer, s in self._peers.items()
-            if s.decay(now, self.decay_per_s) == 0.0 and not self._banned(s, now)
+            peer
+            for peer, s in self._peers.items()
+            if s.decay(now, self.decay_per_s) == 0.0
+            and not self._banned(s, now)
             and (s.banned_until is None or now - s.banned_until > self.ban_max_s)
-        ]  # fmt: skip
+        ]
         for peer in drop:
             del self._peers[peer]
         return len(drop)
@@ -270,10 +276,14 @@ class PeerScores:
     def snapshot(self, now: float) -> tuple[PeerStatus, ...]:
         """Status rows for every tracked peer, highest score first (banned ones first)."""
         rows = [
-            PeerStatus(peer, s.decay(now, self.decay_per_s),
-                       s.banned_until if self._banned(s, now) else None, s.bans)
+            PeerStatus(
+                peer,
+                s.decay(now, self.decay_per_s),
+                s.banned_until if self._banned(s, now) else None,
+                s.bans,
+            )
             for peer, s in self._peers.items()
-        ]  # fmt: skip
+        ]
         rows.sort(key=lambda r: (r.banned_until is None, -r.score, r.peer))
         return tuple(rows)
 
@@ -446,5 +456,7 @@ class StreamSlots:
         self._stranger_streams -= 0 if member else 1
 
     def __repr__(self) -> str:
-        return (f"StreamSlots(per_peer={self.per_peer}, strangers={self.strangers}, "
-                f"open={sum(self._open.values())}, stranger_streams={self._stranger_streams})")  # fmt: skip
+        return (
+            f"StreamSlots(per_peer={self.per_peer}, strangers={self.strangers}, "
+            f"open={sum(self._open.values())}, stranger_streams={self._stranger_streams})"
+        )

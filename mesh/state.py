@@ -122,8 +122,17 @@ class Slot:
 
 def signing_bytes(mesh_id: bytes, slot: Slot, author: bytes, hlc: int, payload: bytes) -> bytes:
     """The exact bytes an entry's author signs (domain + mesh id separate every other use)."""
-    return b"".join((DOMAIN, bytes([len(mesh_id)]), mesh_id, encode(slot), author,
-                     hlc.to_bytes(8, "big"), payload))  # fmt: skip
+    return b"".join(
+        (
+            DOMAIN,
+            bytes([len(mesh_id)]),
+            mesh_id,
+            encode(slot),
+            author,
+            hlc.to_bytes(8, "big"),
+            payload,
+        )
+    )
 
 
 @record("state_entry")
@@ -156,9 +165,13 @@ class SignedEntry:
 
 Payload = MemberCert | MemberRemoval | Revocation | PublishedModel | Advert | LoadReport
 _PAYLOAD: dict[SlotKind, type[Payload]] = {
-    SlotKind.MEMBER: MemberCert, SlotKind.UNMEMBER: MemberRemoval, SlotKind.REVOKE: Revocation,
-    SlotKind.MODEL: PublishedModel, SlotKind.ADVERT: Advert, SlotKind.LOAD: LoadReport,
-}  # fmt: skip
+    SlotKind.MEMBER: MemberCert,
+    SlotKind.UNMEMBER: MemberRemoval,
+    SlotKind.REVOKE: Revocation,
+    SlotKind.MODEL: PublishedModel,
+    SlotKind.ADVERT: Advert,
+    SlotKind.LOAD: LoadReport,
+}
 
 
 DigestRow = tuple[int, bytes, bytes, int, bytes]
@@ -203,8 +216,14 @@ class MeshState:
         max_lease_ms: the longest advert lease (after the entry's HLC) and load report age.
     """
 
-    def __init__(self, *, mesh_id: bytes, founder: bytes, max_drift_ms: int = 60_000,
-                 max_lease_ms: int = 600_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        mesh_id: bytes,
+        founder: bytes,
+        max_drift_ms: int = 60_000,
+        max_lease_ms: int = 600_000,
+    ) -> None:
         _need_len("mesh_id", mesh_id, 1, MAX_MESH_ID_BYTES)
         _need_id("founder", founder)
         limits = (max_drift_ms, max_lease_ms)
@@ -221,8 +240,9 @@ class MeshState:
 
     # -- sync API -------------------------------------------------------------------------
 
-    def apply(self, entries: Iterable[SignedEntry], now_ms: int, *,
-              skip_invalid: bool = False) -> list[SignedEntry]:  # fmt: skip
+    def apply(
+        self, entries: Iterable[SignedEntry], now_ms: int, *, skip_invalid: bool = False
+    ) -> list[SignedEntry]:
         """Verify and merge entries from a peer (or the store).
 
         Args:
@@ -256,13 +276,16 @@ class MeshState:
 
     def digest(self) -> StateDigest:
         """Compact per-entry summary for anti-entropy (see `StateDigest`)."""
-        rows = [_row(h.entry.slot.kind, h.entry.slot.key, h.entry.author, h.entry.hlc, h.fp)
-                for h in self._held(sets_only=True)]  # fmt: skip
+        rows = [
+            _row(h.entry.slot.kind, h.entry.slot.key, h.entry.author, h.entry.hlc, h.fp)
+            for h in self._held(sets_only=True)
+        ]
         rows += [_row(*k, r.stamp.hlc, r.stamp.tiebreak) for k, r in self._lww.registers()]
         return StateDigest(tuple(sorted(rows)))
 
-    def missing_for(self, remote: StateDigest, *,
-                    max_bytes: int | None = None) -> list[SignedEntry]:  # fmt: skip
+    def missing_for(
+        self, remote: StateDigest, *, max_bytes: int | None = None
+    ) -> list[SignedEntry]:
         """What a peer with digest `remote` lacks, in admission order (apply-ready).
 
         An LWW entry is sent unless the peer has it or something newer for the same
@@ -315,8 +338,9 @@ class MeshState:
 
     # -- local writes and time ------------------------------------------------------------
 
-    def local_write(self, key: NodeKey, slot: Slot, payload: Payload, clock: HybridClock,
-                    now: float) -> SignedEntry:  # fmt: skip
+    def local_write(
+        self, key: NodeKey, slot: Slot, payload: Payload, clock: HybridClock, now: float
+    ) -> SignedEntry:
         """Sign `payload` into `slot` as `key`, apply it locally and return it (to gossip).
 
         The HLC is taken from `clock`, moved past our previous write to the same slot.
@@ -327,8 +351,10 @@ class MeshState:
                 write this; the state is unchanged.
         """
         if type(payload) is not _PAYLOAD[slot.kind]:
-            raise TypeError(f"{slot.kind.name} slot: expected {_PAYLOAD[slot.kind].__name__}, "
-                            f"got {type(payload).__name__}")  # fmt: skip
+            raise TypeError(
+                f"{slot.kind.name} slot: expected {_PAYLOAD[slot.kind].__name__}, "
+                f"got {type(payload).__name__}"
+            )
         ts = clock.now(now)
         reg = self._lww.register((slot.kind, slot.key, key.node_id))
         if reg is not None and reg.stamp.hlc >= ts.pack():
@@ -379,8 +405,10 @@ class MeshState:
         at `now_ms` if given), minus revoked nodes."""
         out = {self.founder}
         for node, certs in self._present().items():
-            if any(c.is_admin and c.issuer == self.founder
-                   and (now_ms is None or c.valid_at(now_ms)) for c in certs):  # fmt: skip
+            if any(
+                c.is_admin and c.issuer == self.founder and (now_ms is None or c.valid_at(now_ms))
+                for c in certs
+            ):
                 out.add(node)
         return frozenset(out - self._revoked)
 
@@ -405,9 +433,13 @@ class MeshState:
 
     def live_adverts(self, now_ms: int) -> dict[bytes, Advert]:
         """Adverts of current members whose lease has not expired at `now_ms`."""
-        return {k[1]: h.payload for k, h in self._lww.items()
-                if isinstance(h.payload, Advert) and h.payload.lease_expires_ms > now_ms
-                and self.is_member(k[1], now_ms)}  # fmt: skip
+        return {
+            k[1]: h.payload
+            for k, h in self._lww.items()
+            if isinstance(h.payload, Advert)
+            and h.payload.lease_expires_ms > now_ms
+            and self.is_member(k[1], now_ms)
+        }
 
     def loads(self) -> dict[bytes, LoadReport]:
         """The newest load report of every node that has one (not pruned)."""
@@ -420,24 +452,33 @@ class MeshState:
             if key[0] is SlotKind.MODEL and reg.value is not None:
                 best[key[1]] = best[key[1]].merge(reg) if key[1] in best else reg
         # Merged live registers stay live; MODEL slots hold manifests (_check): types only.
-        return {k.decode(): h.payload for k, r in best.items()
-                if (h := r.value) is not None and isinstance(h.payload, PublishedModel)}  # fmt: skip
+        return {
+            k.decode(): h.payload
+            for k, r in best.items()
+            if (h := r.value) is not None and isinstance(h.payload, PublishedModel)
+        }
 
     def entries(self) -> list[SignedEntry]:
         """Every held entry, in admission order (tombstones have none)."""
         return [h.entry for h in sorted(self._held(), key=self._held_order)]
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, MeshState) and self.mesh_id == other.mesh_id
-                and self.founder == other.founder and self._sets == other._sets
-                and self._lww == other._lww)  # fmt: skip
+        return (
+            isinstance(other, MeshState)
+            and self.mesh_id == other.mesh_id
+            and self.founder == other.founder
+            and self._sets == other._sets
+            and self._lww == other._lww
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         sets = ", ".join(f"{k.name.lower()}={len(s)}" for k, s in self._sets.items())
-        return (f"MeshState(mesh={self.mesh_id.hex()[:8]}, founder={short_id(self.founder)}, "
-                f"{sets}, lww={len(self._lww)}, revoked={len(self._revoked)})")  # fmt: skip
+        return (
+            f"MeshState(mesh={self.mesh_id.hex()[:8]}, founder={short_id(self.founder)}, "
+            f"{sets}, lww={len(self._lww)}, revoked={len(self._revoked)})"
+        )
 
     # -- internals ------------------------------------------------------------------------
 
@@ -475,8 +516,10 @@ class MeshState:
             raise TypeError(f"apply: expected SignedEntry, got {type(entry).__name__}")
         what = f"{entry.slot.kind.name.lower()} entry by {short_id(entry.author)}"
         if entry.wall_ms > now_ms + self.max_drift_ms:
-            raise FutureMessage(f"{what}: expected hlc at most {self.max_drift_ms} ms ahead, "
-                                f"got {entry.wall_ms - now_ms} ms ahead")  # fmt: skip
+            raise FutureMessage(
+                f"{what}: expected hlc at most {self.max_drift_ms} ms ahead, "
+                f"got {entry.wall_ms - now_ms} ms ahead"
+            )
         signed = signing_bytes(self.mesh_id, entry.slot, entry.author, entry.hlc, entry.payload)
         verify_signature(entry.author, signed, entry.signature)
         payload = decode(entry.payload, _PAYLOAD[entry.slot.kind], limits=_PAYLOAD_LIMITS)
@@ -487,27 +530,34 @@ class MeshState:
         key, author = entry.slot.key, entry.author
         subject = getattr(payload, "node_id", key)
         if subject != key:
-            raise InconsistentEntry(f"{what}: expected payload node {short_id(key)} (the slot), "
-                                    f"got {short_id(subject)}")  # fmt: skip
+            raise InconsistentEntry(
+                f"{what}: expected payload node {short_id(key)} (the slot), got {short_id(subject)}"
+            )
         mesh = getattr(payload, "mesh_id", self.mesh_id)
         if mesh != self.mesh_id:
             raise WrongMesh(f"{what}: expected mesh {self.mesh_id.hex()}, got {mesh.hex()}")
         match payload:
             case MemberCert() if payload.issuer != author:
-                raise InconsistentEntry(f"{what}: expected issuer = author, "
-                                        f"got issuer {short_id(payload.issuer)}")  # fmt: skip
+                raise InconsistentEntry(
+                    f"{what}: expected issuer = author, got issuer {short_id(payload.issuer)}"
+                )
             case MemberCert() if payload.is_admin and author != self.founder:
-                raise ForbiddenWrite(f"{what}: only the founder grants the admin role, "
-                                     f"got a grant by {short_id(author)}")  # fmt: skip
+                raise ForbiddenWrite(
+                    f"{what}: only the founder grants the admin role, "
+                    f"got a grant by {short_id(author)}"
+                )
             case Revocation() if key == self.founder:
                 raise ForbiddenWrite(f"{what}: the founder cannot be revoked")
             case Advert() | LoadReport() if author != key:
-                raise ForeignSlot(f"{what}: a node writes only its own slot, "
-                                  f"got a write to {short_id(key)}")  # fmt: skip
+                raise ForeignSlot(
+                    f"{what}: a node writes only its own slot, got a write to {short_id(key)}"
+                )
             case Advert() if payload.lease_expires_ms - entry.wall_ms > self.max_lease_ms:
                 lease = payload.lease_expires_ms - entry.wall_ms
-                raise ForbiddenWrite(f"{what}: expected lease at most {self.max_lease_ms} ms "
-                                     f"after the entry, got {lease} ms")  # fmt: skip
+                raise ForbiddenWrite(
+                    f"{what}: expected lease at most {self.max_lease_ms} ms "
+                    f"after the entry, got {lease} ms"
+                )
 
     def _authorize(self, entry: SignedEntry) -> None:
         """State-dependent rules (Rule 2); a later entry of the same batch may satisfy them."""
@@ -516,11 +566,14 @@ class MeshState:
         windows = self._windows.get(author, ())
         if entry.slot.kind in _ADMIN_KINDS:
             if author != self.founder and not any(a and i <= wall < e for i, e, a in windows):
-                raise NotAdmin(f"{what}: expected an admin at {wall} ms (founder or "
-                               "founder-issued admin cert), got a non-admin")  # fmt: skip
+                raise NotAdmin(
+                    f"{what}: expected an admin at {wall} ms (founder or "
+                    "founder-issued admin cert), got a non-admin"
+                )
         elif author != self.founder and not any(i <= wall < e for i, e, _ in windows):
-            raise NotMember(f"{what}: expected a member at {wall} ms, "
-                            "got a node with no valid certificate")  # fmt: skip
+            raise NotMember(
+                f"{what}: expected a member at {wall} ms, got a node with no valid certificate"
+            )
 
     def _admit_all(self, pending: list[_Held], skip_invalid: bool) -> list[_Held]:
         """Admit checked entries up to a fixpoint (Rule 1); returns the newly added ones."""
@@ -585,8 +638,12 @@ class MeshState:
     def _member_set(self) -> AddWinsSet[_Held]:
         """Certificates as an add-wins set; writes of revoked authors confer nothing."""
         live = [h for h in self._sets[SlotKind.MEMBER] if h.entry.author not in self._revoked]
-        removed = [dot for h in self._sets[SlotKind.UNMEMBER] if h.entry.author not in self._revoked
-                   for dot in h.payload.dots]  # type: ignore[union-attr]  # fmt: skip
+        removed = [
+            dot
+            for h in self._sets[SlotKind.UNMEMBER]
+            if h.entry.author not in self._revoked
+            for dot in h.payload.dots  # type: ignore[union-attr]
+        ]
         return AddWinsSet(((h, h.entry.dot) for h in live), removed)
 
     def _present(self) -> dict[bytes, tuple[MemberCert, ...]]:
@@ -601,6 +658,10 @@ class MeshState:
 
     @staticmethod
     def _log_reject(entry: SignedEntry, exc: PeerProtocolError) -> None:
-        log.warning("state_entry_rejected", kind=entry.slot.kind.name.lower(),
-                    author=short_id(entry.author), error=type(exc).__name__,
-                    reason=str(exc))  # fmt: skip
+        log.warning(
+            "state_entry_rejected",
+            kind=entry.slot.kind.name.lower(),
+            author=short_id(entry.author),
+            error=type(exc).__name__,
+            reason=str(exc),
+        )

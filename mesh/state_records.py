@@ -63,8 +63,12 @@ class MemberCert:
         _need_len("cert roles", self.roles, 0, 8)
         _need_name("cert role", *self.roles)
         _need(len(set(self.roles)) == len(self.roles), "cert roles", "no duplicates", self.roles)
-        _need(0 <= self.issued_ms < self.expires_ms, "cert validity",
-              "0 <= issued_ms < expires_ms", (self.issued_ms, self.expires_ms))  # fmt: skip
+        _need(
+            0 <= self.issued_ms < self.expires_ms,
+            "cert validity",
+            "0 <= issued_ms < expires_ms",
+            (self.issued_ms, self.expires_ms),
+        )
 
     @property
     def is_admin(self) -> bool:

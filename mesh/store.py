@@ -91,8 +91,10 @@ class StateStore:
             if not rows:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif rows != [(SCHEMA_VERSION,)]:
-                raise StateStoreError(f"state store {self.path}: expected schema version "
-                                      f"{SCHEMA_VERSION}, got {[r[0] for r in rows]}")  # fmt: skip
+                raise StateStoreError(
+                    f"state store {self.path}: expected schema version "
+                    f"{SCHEMA_VERSION}, got {[r[0] for r in rows]}"
+                )
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn, self._lock)
@@ -167,8 +169,9 @@ class StateStore:
     def __enter__(self) -> StateStore:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -191,8 +194,9 @@ class _Transaction:
             raise
         return self._conn
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self._conn.execute("COMMIT" if et is None else "ROLLBACK")
         finally:

@@ -167,18 +167,27 @@ class DeltaOutbox:
 
 
 def seal_delta(
-    key: NodeKey, secret: MeshSecret, entries: tuple[SignedEntry, ...], *,
-    clock: HybridClock, now: float,
-) -> bytes:  # fmt: skip
+    key: NodeKey,
+    secret: MeshSecret,
+    entries: tuple[SignedEntry, ...],
+    *,
+    clock: HybridClock,
+    now: float,
+) -> bytes:
     """Encrypt and sign a batch of entries as one gossip message."""
     body = secret.encrypt(encode(GossipDelta(entries)))
     return seal(key, GOSSIP_DOMAIN, body, clock=clock, now=now)
 
 
 def open_delta(
-    raw: bytes, *, verifier: EnvelopeVerifier, secret: MeshSecret, now: float,
-    is_known: Callable[[bytes], bool], limits: Limits,
-) -> tuple[bytes, tuple[SignedEntry, ...]]:  # fmt: skip
+    raw: bytes,
+    *,
+    verifier: EnvelopeVerifier,
+    secret: MeshSecret,
+    now: float,
+    is_known: Callable[[bytes], bool],
+    limits: Limits,
+) -> tuple[bytes, tuple[SignedEntry, ...]]:
     """Verify, decrypt and decode one gossip message.
 
     Returns:
@@ -246,12 +255,24 @@ class Replicator:
     """
 
     def __init__(
-        self, *, key: NodeKey, transport: Transport, mesh_id: bytes, secret: MeshSecret,
-        state: MeshState, clock: HybridClock, verifier: EnvelopeVerifier,
-        is_known: Callable[[bytes], bool], ingest: Ingest, reject: Reject,
-        wall: Callable[[], float], interval_s: float, max_bytes: int, chunk_bytes: int,
+        self,
+        *,
+        key: NodeKey,
+        transport: Transport,
+        mesh_id: bytes,
+        secret: MeshSecret,
+        state: MeshState,
+        clock: HybridClock,
+        verifier: EnvelopeVerifier,
+        is_known: Callable[[bytes], bool],
+        ingest: Ingest,
+        reject: Reject,
+        wall: Callable[[], float],
+        interval_s: float,
+        max_bytes: int,
+        chunk_bytes: int,
         timeout_s: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._key, self._transport, self._secret, self._state = key, transport, secret, state
         self.topic = gossip_topic(mesh_id)
         self._clock, self._verifier, self._is_known = clock, verifier, is_known
@@ -282,12 +303,18 @@ class Replicator:
         """Verify, decrypt and ingest every gossip message of our topic; never returns."""
         async for author, raw in sub:
             try:
-                sender, entries = open_delta(raw, verifier=self._verifier, secret=self._secret,
-                                             now=self._wall(), is_known=self._is_known,
-                                             limits=_DELTA_LIMITS)  # fmt: skip
+                sender, entries = open_delta(
+                    raw,
+                    verifier=self._verifier,
+                    secret=self._secret,
+                    now=self._wall(),
+                    is_known=self._is_known,
+                    limits=_DELTA_LIMITS,
+                )
                 if sender != author:
-                    raise InvalidSignature(f"gossip by {short_id(author)} carries an envelope "
-                                           f"of {short_id(sender)}")  # fmt: skip
+                    raise InvalidSignature(
+                        f"gossip by {short_id(author)} carries an envelope of {short_id(sender)}"
+                    )
                 await self._ingest(list(entries), author)
             except PeerProtocolError as exc:
                 await self._reject(author, exc, "gossip")
@@ -310,8 +337,9 @@ class Replicator:
                 batch = self.outbox.take()
                 if not batch:
                     break
-                raw = seal_delta(self._key, self._secret, batch, clock=self._clock,
-                                 now=self._wall())  # fmt: skip
+                raw = seal_delta(
+                    self._key, self._secret, batch, clock=self._clock, now=self._wall()
+                )
                 sent.append(trio.current_time())
                 try:
                     await self._transport.publish(self.topic, raw)
@@ -319,9 +347,13 @@ class Replicator:
                     log.warning("gossip_publish_failed", entries=len(batch), error=str(exc))
 
     async def run_anti_entropy(
-        self, *, interval_s: float, rng: random.Random, pool: Callable[[], list[bytes]],
+        self,
+        *,
+        interval_s: float,
+        rng: random.Random,
+        pool: Callable[[], list[bytes]],
         connect: Callable[[bytes], Awaitable[None]],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Every ~`interval_s` (jittered), sync with a random peer from `pool()`; never returns.
 
         The pool should hold any member with a known address, not only connected ones:
@@ -415,5 +447,7 @@ class Replicator:
         )
 
     def __repr__(self) -> str:
-        return (f"Replicator(topic={self.topic!r}, pending={len(self.outbox)}, "
-                f"generation={self._generation})")  # fmt: skip
+        return (
+            f"Replicator(topic={self.topic!r}, pending={len(self.outbox)}, "
+            f"generation={self._generation})"
+        )

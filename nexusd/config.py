@@ -82,26 +82,45 @@ class MeshConfig:
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"mesh.{name}: expected 0..65535, got {getattr(self, name)}")
         for name in (
-            "max_frame_bytes", "read_timeout_s", "write_timeout_s", "connect_timeout_s",
-            "gossip_heartbeat_s", "advert_refresh_s", "advert_lease_s",
-            "anti_entropy_interval_s", "ping_interval_s", "bandwidth_probe_interval_s",
-            "bandwidth_probe_bytes", "max_clock_drift_s",
-            "envelope_window_s", "replay_cache_entries", "ban_score_threshold", "ban_base_s",
-            "ban_max_s", "join_attempts_per_minute", "join_window_s",
-        ):  # fmt: skip
+            "max_frame_bytes",
+            "read_timeout_s",
+            "write_timeout_s",
+            "connect_timeout_s",
+            "gossip_heartbeat_s",
+            "advert_refresh_s",
+            "advert_lease_s",
+            "anti_entropy_interval_s",
+            "ping_interval_s",
+            "bandwidth_probe_interval_s",
+            "bandwidth_probe_bytes",
+            "max_clock_drift_s",
+            "envelope_window_s",
+            "replay_cache_entries",
+            "ban_score_threshold",
+            "ban_base_s",
+            "ban_max_s",
+            "join_attempts_per_minute",
+            "join_window_s",
+        ):
             _positive(f"mesh.{name}", getattr(self, name))
         if self.advertise_host:
             try:
                 ipaddress.IPv4Address(self.advertise_host)
             except ValueError:
-                raise ConfigError(f"mesh.advertise_host: expected an IPv4 address or empty, "
-                                  f"got {self.advertise_host!r}") from None  # fmt: skip
+                raise ConfigError(
+                    f"mesh.advertise_host: expected an IPv4 address or empty, "
+                    f"got {self.advertise_host!r}"
+                ) from None
             if ipaddress.IPv4Address(self.advertise_host).is_unspecified:
-                raise ConfigError("mesh.advertise_host: 0.0.0.0 cannot be dialled; give the "
-                                  "address peers reach this node at, or leave it empty")  # fmt: skip
+                raise ConfigError(
+                    "mesh.advertise_host: 0.0.0.0 cannot be dialled; give the "
+                    "address peers reach this node at, or leave it empty"
+                )
         if self.bandwidth_probe_bytes > MAX_PROBE_BYTES:
-            raise ConfigError(f"mesh.bandwidth_probe_bytes: expected at most {MAX_PROBE_BYTES} "
-                              f"(what peers accept), got {self.bandwidth_probe_bytes}")  # fmt: skip
+            raise ConfigError(
+                f"mesh.bandwidth_probe_bytes: expected at most {MAX_PROBE_BYTES} "
+                f"(what peers accept), got {self.bandwidth_probe_bytes}"
+            )
         if self.advert_lease_s < 2 * self.advert_refresh_s:
             raise ConfigError(
                 "mesh.advert_lease_s: expected at least 2 x mesh.advert_refresh_s "
@@ -115,8 +134,9 @@ class MeshConfig:
 
 
 # the [mesh] keys that are `MeshNodeConfig` knobs, copied by name
-MESH_NODE_KEYS = tuple(f.name for f in dataclasses.fields(MeshConfig)
-                       if f.name in MeshNodeConfig.__dataclass_fields__)  # fmt: skip
+MESH_NODE_KEYS = tuple(
+    f.name for f in dataclasses.fields(MeshConfig) if f.name in MeshNodeConfig.__dataclass_fields__
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,10 +174,14 @@ class ExecConfig:
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"exec.verify_rate: expected 0..1, got {self.verify_rate}")
         if self.verify_first_steps < 0:
-            raise ConfigError(f"exec.verify_first_steps: expected >= 0, got {self.verify_first_steps}")
+            raise ConfigError(
+                f"exec.verify_first_steps: expected >= 0, got {self.verify_first_steps}"
+            )
         for name in ("verify_tol_fp32", "verify_tol_bf16"):
             if not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(f"exec.{name}: expected a number in (0, 1), got {getattr(self, name)}")
+                raise ConfigError(
+                    f"exec.{name}: expected a number in (0, 1), got {getattr(self, name)}"
+                )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,19 +215,44 @@ class TrainConfig:
     max_sessions: int = 4  # training sessions a host serves at once
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch", "accumulation", "seq_len", "eval_examples",
-                     "op_timeout_s", "route_wait_s", "graph_budget_bytes", "max_sessions", "lr",
-                     "replicas", "average_every", "outer_lr"):
+        for name in (
+            "steps",
+            "micro_batch",
+            "accumulation",
+            "seq_len",
+            "eval_examples",
+            "op_timeout_s",
+            "route_wait_s",
+            "graph_budget_bytes",
+            "max_sessions",
+            "lr",
+            "replicas",
+            "average_every",
+            "outer_lr",
+        ):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "seed", "clip",
-                     "weight_decay", "dropout", "min_lr_ratio", "outer_momentum"):
+        for name in (
+            "warmup_steps",
+            "eval_interval",
+            "checkpoint_interval",
+            "seed",
+            "clip",
+            "weight_decay",
+            "dropout",
+            "min_lr_ratio",
+            "outer_momentum",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
-        for name, allowed in (("decay", ("cosine", "linear", "constant")),
-                              ("precision", ("fp32", "bf16")), ("schedule", ("1f1b", "gpipe"))):
+        for name, allowed in (
+            ("decay", ("cosine", "linear", "constant")),
+            ("precision", ("fp32", "bf16")),
+            ("schedule", ("1f1b", "gpipe")),
+        ):
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"train.{name}: expected one of {allowed}, "
-                                  f"got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"train.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,8 +443,10 @@ def _coerce(path: str, hint: object, value: object) -> object:
             return tuple(_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value))
     else:  # pragma: no cover - a field type this loader does not know is our bug
         raise TypeError(f"config field {path} has unsupported type {hint!r}")
-    expected = typing.get_args(hint)[0].__name__ + " list" if typing.get_origin(hint) else getattr(
-        hint, "__name__", str(hint)
+    expected = (
+        typing.get_args(hint)[0].__name__ + " list"
+        if typing.get_origin(hint)
+        else getattr(hint, "__name__", str(hint))
     )
     raise ConfigError(f"{path}: expected {expected}, got {type(value).__name__} {value!r}")
 
@@ -444,4 +495,3 @@ def _toml_value(value: object) -> str:
 def env_overrides_present(env: Mapping[str, str]) -> list[str]:
     """Names of `NEXUSD_*` variables in `env` (for `nexusd doctor`)."""
     return sorted(k for k in env if k.startswith(ENV_PREFIX))
-

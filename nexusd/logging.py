@@ -16,8 +16,12 @@ from typing import IO, Any
 import structlog
 
 _SECRET_WORDS = ("secret", "seed", "private", "signature", "payload", "password", "token_secret")
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}  # fmt: skip
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def redact_secrets(
@@ -30,7 +34,9 @@ def redact_secrets(
     return event
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
+def configure_logging(
+    level: str = "info", fmt: str = "auto", stream: IO[str] | None = None
+) -> None:
     """Route structlog and stdlib logging to `stream` (default stderr) in one format.
 
     Args:

@@ -122,8 +122,11 @@ class ModelRegistry:
             return folder
         if model_id not in BUILTINS:
             known = sorted(set(BUILTINS) | set(self.available()))
-            raise ApiError("not_found", f"unknown model {model_id!r}; known: {', '.join(known)} "
-                                        f"(folders in {self.models_dir})")  # fmt: skip
+            raise ApiError(
+                "not_found",
+                f"unknown model {model_id!r}; known: {', '.join(known)} "
+                f"(folders in {self.models_dir})",
+            )
         self._materialise(model_id, folder)
         return folder
 
@@ -185,8 +188,12 @@ class ModelRegistry:
         causal = m.family in ("nexus", "llama")
         vocab = self.config_int(model_id, "vocab_size", 0)
         return ModelInfo(
-            model_id=m.model_id, family=m.family, n_atoms=len(m.atoms), causal=causal,
-            digest=m.digest, vocab_size=vocab,
+            model_id=m.model_id,
+            family=m.family,
+            n_atoms=len(m.atoms),
+            causal=causal,
+            digest=m.digest,
+            vocab_size=vocab,
         )
 
     def eos_token_ids(self, model_id: str) -> tuple[int, ...]:
@@ -197,8 +204,10 @@ class ModelRegistry:
         try:
             return tuple(int(i) for i in str(raw).split(",") if i.strip()) if raw else ()
         except ValueError:
-            raise ApiError("bad_request", f"model {model_id}: config eos_token_ids must be "
-                                          f"comma-separated ints, got {raw!r}") from None  # fmt: skip
+            raise ApiError(
+                "bad_request",
+                f"model {model_id}: config eos_token_ids must be comma-separated ints, got {raw!r}",
+            ) from None
 
     def config_int(self, model_id: str, key: str, default: int) -> int:
         """An integer of the model's config (e.g. hidden_size), or `default` if absent."""
@@ -209,8 +218,10 @@ class ModelRegistry:
         """Atoms [start, end), weights verified, computing in `dtype` (float32 or bfloat16)."""
         m = self.manifest(model_id)
         if not 0 <= start < end <= len(m.atoms):
-            raise ApiError("bad_request", f"span [{start},{end}) is not inside {model_id} "
-                                          f"of {len(m.atoms)} atoms")  # fmt: skip
+            raise ApiError(
+                "bad_request",
+                f"span [{start},{end}) is not inside {model_id} of {len(m.atoms)} atoms",
+            )
         if dtype not in ("float32", "bfloat16"):
             raise ApiError("bad_request", f"dtype: expected float32 or bfloat16, got {dtype!r}")
         span = load_span(self.folder(model_id), start, end)
@@ -237,8 +248,9 @@ class ModelRegistry:
             raise WeightsError(f"tokenizer file {path} is missing") from None
         if digest_hex(raw) != m.tokenizer.digest:
             raise WeightsError(f"tokenizer file {path} is corrupt (digest mismatch)")
-        return TextTokenizer.from_json(raw.decode(), max_length=m.tokenizer.max_length,
-                                       padding_side=m.tokenizer.padding_side)  # fmt: skip
+        return TextTokenizer.from_json(
+            raw.decode(), max_length=m.tokenizer.max_length, padding_side=m.tokenizer.padding_side
+        )
 
     def load_model(self, model_id: str) -> Model:
         return load_model(self.folder(model_id))
@@ -256,7 +268,9 @@ def import_model(folder: Path, model_id: str, models_dir: Path, *, dtype: str = 
 
     config = folder / "config.json"
     if not config.is_file():
-        raise ApiError("bad_request", f"{folder} has no config.json (expected a Hugging Face model folder)")
+        raise ApiError(
+            "bad_request", f"{folder} has no config.json (expected a Hugging Face model folder)"
+        )
     try:
         model_type = json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, AttributeError) as exc:
@@ -273,8 +287,11 @@ def import_model(folder: Path, model_id: str, models_dir: Path, *, dtype: str = 
 
         model = load_bert(folder, model_id=model_id, dtype=dtype)
     else:
-        raise ApiError("bad_request", f"model_type {model_type!r} is not supported; "
-                                      "expected 'llama' (decoder) or 'bert' (encoder)")  # fmt: skip
+        raise ApiError(
+            "bad_request",
+            f"model_type {model_type!r} is not supported; "
+            "expected 'llama' (decoder) or 'bert' (encoder)",
+        )
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = models_dir / f".{model_id}.import{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -284,7 +301,7 @@ def import_model(folder: Path, model_id: str, models_dir: Path, *, dtype: str = 
 
 
 def parse_host_spec(spec: str, registry: ModelRegistry) -> tuple[str, int, int]:
-    """"MODEL" or "MODEL:START-END" -> (model, start, end); END exclusive.
+    """ "MODEL" or "MODEL:START-END" -> (model, start, end); END exclusive.
 
     Raises:
         ApiError(bad_request): a malformed spec or a range outside the model.
@@ -298,8 +315,11 @@ def parse_host_spec(spec: str, registry: ModelRegistry) -> tuple[str, int, int]:
     except ValueError:
         raise ApiError("bad_request", f"host spec {spec!r}: expected MODEL:START-END") from None
     if not 0 <= a < b <= n:
-        raise ApiError("bad_request", f"host spec {spec!r}: {model_id} has atoms 0..{n - 1}, "
-                                      f"expected 0 <= START < END <= {n}")  # fmt: skip
+        raise ApiError(
+            "bad_request",
+            f"host spec {spec!r}: {model_id} has atoms 0..{n - 1}, "
+            f"expected 0 <= START < END <= {n}",
+        )
     return model_id, a, b
 
 

@@ -38,7 +38,20 @@ OUT = ROOT / "data" / "classify" / "novels.jsonl.xz"
 PER_CLASS = {"train": 300, "validation": 60}
 MIN_WORDS, MAX_WORDS, MAX_SENTENCES = 10, 60, 3
 # "Mr. Darcy": a period after these does not end a sentence
-_ABBREVIATIONS = {"mr", "mrs", "dr", "st", "col", "capt", "messrs", "esq", "rev", "sir", "no", "vol"}
+_ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "dr",
+    "st",
+    "col",
+    "capt",
+    "messrs",
+    "esq",
+    "rev",
+    "sir",
+    "no",
+    "vol",
+}
 _SENTENCE_END = re.compile(r"""(?<=[.!?])(["')\]]*)\s+(?=["'(]?[A-Z])""")
 
 
@@ -102,7 +115,9 @@ def build_rows(text: str, per_class: dict[str, int]) -> list[dict[str, str]]:
             pools["validation" if is_validation(para) else "train"].update(passages(para))
         for split, pool in pools.items():
             if len(pool) < per_class[split]:
-                raise SystemExit(f"{label}/{split}: {len(pool)} passages, {per_class[split]} wanted")
+                raise SystemExit(
+                    f"{label}/{split}: {len(pool)} passages, {per_class[split]} wanted"
+                )
             chosen = sorted(pool, key=_key)[: per_class[split]]
             rows.extend({"text": t, "label": label, "split": split} for t in chosen)
     rows.sort(key=lambda r: (r["split"] != "train", _key(r["text"])))
@@ -117,10 +132,15 @@ def encode(rows: list[dict[str, str]]) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, default=None, help="corpus file (default: the shipped one)")
+    p.add_argument(
+        "--corpus", type=Path, default=None, help="corpus file (default: the shipped one)"
+    )
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--check", action="store_true",
-                   help="do not write; exit 1 if the rebuilt bytes differ from --out")  # fmt: skip
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="do not write; exit 1 if the rebuilt bytes differ from --out",
+    )
     args = p.parse_args(argv)
     rows = build_rows(read_text(args.corpus or corpus_path()), PER_CLASS)
     packed = encode(rows)

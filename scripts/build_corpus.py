@@ -71,8 +71,7 @@ BOOKS = (
 
 def download(dest: Path) -> dict[str, Path]:
     """`apt-get download` the packages into `dest`; package -> .deb path."""
-    subprocess.run(["apt-get", "download", *PACKAGES], cwd=dest, check=True,
-                   stdout=sys.stderr)  # fmt: skip
+    subprocess.run(["apt-get", "download", *PACKAGES], cwd=dest, check=True, stdout=sys.stderr)
     return find_debs(dest)
 
 
@@ -87,8 +86,9 @@ def find_debs(folder: Path) -> dict[str, Path]:
 
 
 def deb_version(deb: Path) -> str:
-    res = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Version"], check=True, capture_output=True, text=True
+    )
     return res.stdout.strip()
 
 
@@ -174,17 +174,25 @@ def build_text(variables: dict[str, object]) -> str:
 
 
 def compress(text: str) -> bytes:
-    return lzma.compress(text.encode("utf-8"), format=lzma.FORMAT_XZ,
-                         check=lzma.CHECK_CRC64, preset=XZ_PRESET)  # fmt: skip
+    return lzma.compress(
+        text.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--debs", type=Path, default=None,
-                   help="folder holding the .deb files (default: apt-get download into a temp dir)")  # fmt: skip
+    p.add_argument(
+        "--debs",
+        type=Path,
+        default=None,
+        help="folder holding the .deb files (default: apt-get download into a temp dir)",
+    )
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--check", action="store_true",
-                   help="do not write; exit 1 if the rebuilt bytes differ from --out")  # fmt: skip
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="do not write; exit 1 if the rebuilt bytes differ from --out",
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nexus-corpus-") as tmp:
         debs = find_debs(args.debs) if args.debs else download(Path(tmp))

@@ -253,7 +253,9 @@ def read_lazyload_db(rdx: Path) -> dict[str, object]:
 
 def _entry(rdb: bytes, offset: int, length: int, name: str) -> bytes:
     if offset < 0 or length < 5 or offset + length > len(rdb):
-        raise RDataError(f"entry {name!r} ({offset}+{length}) lies outside the {len(rdb)}-byte .rdb")
+        raise RDataError(
+            f"entry {name!r} ({offset}+{length}) lies outside the {len(rdb)}-byte .rdb"
+        )
     blob = rdb[offset : offset + length]
     (size,) = struct.unpack_from(">I", blob, 0)
     if size > MAX_ENTRY_BYTES:

@@ -45,8 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy(args.run / "metrics.csv", DATA / "nexus-1.1-training.csv")
     plot(DATA / "nexus-1.1-training.csv", DATA / "nexus-1.1-training.png")
     params = sum(t.numel() for t in tensors.values())
-    print(json.dumps({"file": str(out), "bytes": out.stat().st_size, "sha256": digest,
-                      "parameters": params, "wall_s": run["wall_s"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "file": str(out),
+                "bytes": out.stat().st_size,
+                "sha256": digest,
+                "parameters": params,
+                "wall_s": run["wall_s"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -64,11 +74,18 @@ def plot(csv_path: Path, png: Path) -> None:
     val = [(int(r["step"]), float(r["val_ppl"])) for r in rows if r["val_ppl"]]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(steps, loss, lw=0.8)
-    ax[0].set(xlabel="optimiser step", ylabel="training loss (nats/token)",
-              title="Nexus 1.1: training loss")
+    ax[0].set(
+        xlabel="optimiser step",
+        ylabel="training loss (nats/token)",
+        title="Nexus 1.1: training loss",
+    )
     ax[1].plot([s for s, _ in val], [v for _, v in val], marker="o")
-    ax[1].set(xlabel="optimiser step", ylabel="validation perplexity", yscale="log",
-              title="validation perplexity")
+    ax[1].set(
+        xlabel="optimiser step",
+        ylabel="validation perplexity",
+        yscale="log",
+        title="validation perplexity",
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

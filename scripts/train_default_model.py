@@ -27,11 +27,22 @@ from pathlib import Path
 from nexusd.harness.cluster import local_cluster
 
 SETTINGS = {
-    "--micro-batch": "8", "--accumulation": "4", "--seq-len": "128", "--lr": "0.003",
-    "--warmup-steps": "60", "--decay": "cosine", "--min-lr-ratio": "0.1",
-    "--weight-decay": "0.01", "--dropout": "0.1", "--clip": "1.0", "--precision": "bf16",
-    "--schedule": "1f1b", "--eval-interval": "85", "--eval-examples": "240",
-    "--checkpoint-interval": "85", "--seed": "1",
+    "--micro-batch": "8",
+    "--accumulation": "4",
+    "--seq-len": "128",
+    "--lr": "0.003",
+    "--warmup-steps": "60",
+    "--decay": "cosine",
+    "--min-lr-ratio": "0.1",
+    "--weight-decay": "0.01",
+    "--dropout": "0.1",
+    "--clip": "1.0",
+    "--precision": "bf16",
+    "--schedule": "1f1b",
+    "--eval-interval": "85",
+    "--eval-examples": "240",
+    "--checkpoint-interval": "85",
+    "--seed": "1",
 }
 PARENT = "nexus-1.1-random"  # the architecture with untrained blocks
 SPANS = (f"{PARENT}:0-10", f"{PARENT}:10-11")
@@ -42,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for the run (created)")
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
     p.add_argument("--output", default="nexus-1.1-trained", help="id of the trained model")
-    p.add_argument("--models-dir", type=Path, default=None,
-                   help="shared models dir of the daemons (default: OUT/models)")
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="shared models dir of the daemons (default: OUT/models)",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     models = args.models_dir or args.out / "models"
@@ -52,10 +67,28 @@ def main(argv: list[str] | None = None) -> int:
         for i, spec in enumerate(SPANS):
             cluster.host(i, spec)
         cluster.wait_hosts(0, 2, PARENT)
-        cmd = [sys.executable, "-m", "nexusd", "train", "lm", "--log-level", "warning",
-               "--data-dir", str(cluster.data_dir(0)), "--model", PARENT, "--output", args.output,
-               "--steps", str(args.steps), "--job-id", "default-model",
-               *[x for kv in SETTINGS.items() for x in kv], "--json", "-v"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nexusd",
+            "train",
+            "lm",
+            "--log-level",
+            "warning",
+            "--data-dir",
+            str(cluster.data_dir(0)),
+            "--model",
+            PARENT,
+            "--output",
+            args.output,
+            "--steps",
+            str(args.steps),
+            "--job-id",
+            "default-model",
+            *[x for kv in SETTINGS.items() for x in kv],
+            "--json",
+            "-v",
+        ]
         shown = " ".join(shlex.quote(c) for c in cmd)
         (args.out / "command.txt").write_text(shown + "\n")
         print(shown, flush=True)
@@ -70,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             return done.returncode
         reply = json.loads(done.stdout)
         shutil.copy(Path(reply["checkpoint"]) / "metrics.csv", args.out / "metrics.csv")
-        (args.out / "run.json").write_text(json.dumps(
-            {"command": shown, "wall_s": round(wall, 1), "spans": SPANS, "reply": reply},
-            indent=2) + "\n")
+        (args.out / "run.json").write_text(
+            json.dumps(
+                {"command": shown, "wall_s": round(wall, 1), "spans": SPANS, "reply": reply},
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

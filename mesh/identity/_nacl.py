@@ -35,7 +35,9 @@ class Ed25519:
     __slots__ = ("_sk",)
 
     def __init__(self, seed: bytes | None = None) -> None:
-        self._sk = nacl.signing.SigningKey.generate() if seed is None else nacl.signing.SigningKey(seed)
+        self._sk = (
+            nacl.signing.SigningKey.generate() if seed is None else nacl.signing.SigningKey(seed)
+        )
 
     @property
     def seed(self) -> bytes:
@@ -123,13 +125,17 @@ class X25519:
 
 def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes) -> bytes:
     """ChaCha20-Poly1305 (IETF): ciphertext plus a 16-byte tag."""
-    return bytes(nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, None, nonce, key))
+    return bytes(
+        nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, None, nonce, key)
+    )
 
 
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
     try:
         return bytes(
-            nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(bytes(ciphertext), None, nonce, key)
+            nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
+                bytes(ciphertext), None, nonce, key
+            )
         )
     except nacl.exceptions.CryptoError:
         raise Rejected("frame does not authenticate") from None

@@ -26,9 +26,7 @@ class MeshSecret:
 
     def __init__(self, raw: bytes) -> None:
         if not isinstance(raw, bytes) or len(raw) != SECRETBOX_KEY_BYTES:
-            raise ValueError(
-                f"mesh secret: expected {SECRETBOX_KEY_BYTES} bytes, got {len(raw)}"
-            )
+            raise ValueError(f"mesh secret: expected {SECRETBOX_KEY_BYTES} bytes, got {len(raw)}")
         self.raw = raw
         self._box = SecretBox(raw)
 

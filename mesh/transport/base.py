@@ -89,9 +89,7 @@ class TransportConfig:
                 f"max_publish_bytes: expected 1..{MiB - 64 * 1024}, got {self.max_publish_bytes}"
             )
         if self.subscription_buffer < 1:
-            raise ValueError(
-                f"subscription_buffer: expected >= 1, got {self.subscription_buffer}"
-            )
+            raise ValueError(f"subscription_buffer: expected >= 1, got {self.subscription_buffer}")
 
 
 def local_ipv4_addresses() -> list[str]:
@@ -292,4 +290,3 @@ class Subscribers:
         for t in topics:
             for send in self._by_topic.pop(t, []):
                 send.close()
-

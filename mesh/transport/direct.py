@@ -139,9 +139,15 @@ def _check_lengths(node_id: bytes, ephemeral: bytes, signature: bytes | None = N
 def transcript(hello: DirectHello, responder: bytes, responder_ephemeral: bytes) -> bytes:
     """The bytes both sides sign and derive keys from (see the module docstring)."""
     return b"".join(
-        (_DOMAIN, hello.initiator, responder, hello.ephemeral, responder_ephemeral,
-         hello.protocol.encode("utf-8"))
-    )  # fmt: skip
+        (
+            _DOMAIN,
+            hello.initiator,
+            responder,
+            hello.ephemeral,
+            responder_ephemeral,
+            hello.protocol.encode("utf-8"),
+        )
+    )
 
 
 @contextmanager
@@ -526,9 +532,14 @@ def _stream(
     sock: trio.SocketStream, reader: FrameReader, session: _Session, config: TransportConfig
 ) -> DirectStream:
     return DirectStream(
-        sock, reader, remote_id=session.remote_id, protocol=session.protocol, config=config,
-        tx=session.tx, rx=session.rx,
-    )  # fmt: skip
+        sock,
+        reader,
+        remote_id=session.remote_id,
+        protocol=session.protocol,
+        config=config,
+        tx=session.tx,
+        rx=session.rx,
+    )
 
 
 class DirectListener:

@@ -182,8 +182,9 @@ class Libp2pStream:
         self._check_usable()
         async with self._send_lock:
             try:
-                with _map_errors("send", self.remote_id), trio.fail_after(
-                    self._config.write_timeout_s
+                with (
+                    _map_errors("send", self.remote_id),
+                    trio.fail_after(self._config.write_timeout_s),
                 ):
                     await self._net.write(data)
             except TransportBroken as exc:
@@ -299,7 +300,7 @@ class Libp2pTransport:
                 out.append(addr)
                 continue
             hosts = self._advertise or tuple(local_ipv4_addresses()) or ("127.0.0.1",)
-            out += [f"/ip4/{h}/{addr[len(_UNSPECIFIED):]}" for h in hosts]
+            out += [f"/ip4/{h}/{addr[len(_UNSPECIFIED) :]}" for h in hosts]
         return out
 
     def set_connection_handler(self, on_connect: Callable[[bytes], None]) -> None:
@@ -627,8 +628,11 @@ async def open_libp2p_transport(
             transport = Libp2pTransport(host, pubsub, nursery, config, advertise_hosts)
             _swarm(host).register_notifee(_ConnectionEvents(transport))
             _gate_pubsub_streams(host, pubsub, gossip, transport)
-            log.info("transport_started", node=transport.node_id.hex()[:8],
-                     addrs=transport.listen_addrs())
+            log.info(
+                "transport_started",
+                node=transport.node_id.hex()[:8],
+                addrs=transport.listen_addrs(),
+            )
             try:
                 yield transport
             finally:

@@ -422,8 +422,9 @@ class MemoryTransport:
         ours = MemoryStream(self, opener_id, protocol, backward, forward)
         theirs = MemoryStream(opener, self.node_id, protocol, forward, backward)
         if not open_to_all and not self._admits(opener_id):
-            log.warning("stream_refused", reason="not_member", peer=opener_id.hex()[:8],
-                        protocol=protocol)
+            log.warning(
+                "stream_refused", reason="not_member", peer=opener_id.hex()[:8], protocol=protocol
+            )
             ours._reset("stream refused: not a member")
             self._drop_link(opener_id, "connection closed: not a member")
             return theirs
@@ -490,7 +491,12 @@ class MemoryTransport:
                 )
 
     async def _receive_hop(
-        self, sender: bytes, topic: str, msg_id: _MessageId, data: bytes, delay_s: float,
+        self,
+        sender: bytes,
+        topic: str,
+        msg_id: _MessageId,
+        data: bytes,
+        delay_s: float,
         replay: bool,
     ) -> None:
         await trio.sleep(delay_s)
@@ -571,4 +577,3 @@ async def open_memory_transport(
         finally:
             transport._shutdown()
             nursery.cancel_scope.cancel()
-

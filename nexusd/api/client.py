@@ -75,7 +75,9 @@ async def call(
                             )
                         return msg
         except trio.TooSlowError:
-            raise DaemonUnavailable(f"daemon at {socket_path} did not answer within {timeout_s} s") from None
+            raise DaemonUnavailable(
+                f"daemon at {socket_path} did not answer within {timeout_s} s"
+            ) from None
         except (MalformedMessage, OversizeMessage) as exc:
             raise DaemonUnavailable(f"daemon at {socket_path} sent a bad reply: {exc}") from None
         except trio.BrokenResourceError as exc:

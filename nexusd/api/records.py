@@ -461,7 +461,16 @@ class TrainReply:
 
 
 REPLY_TYPES: tuple[type, ...] = (
-    ErrorReply, OkReply, StatusReply, GenerateReply, EmbedReply, ClassifyReply, JobsReply,
-    InviteReply, JoinedReply, PeersReply, TrainReply,
-)  # fmt: skip
+    ErrorReply,
+    OkReply,
+    StatusReply,
+    GenerateReply,
+    EmbedReply,
+    ClassifyReply,
+    JobsReply,
+    InviteReply,
+    JoinedReply,
+    PeersReply,
+    TrainReply,
+)
 EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent, RouteEvent, TrainProgressEvent)

@@ -64,7 +64,9 @@ class ApiServer:
         """Serve `request_type` with `handler(request, emit) -> final reply`."""
         self._routes[request_type] = handler
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         """Listen and serve forever; `task_status.started()` once the socket accepts."""
         sock = await self._bind()
         listener = trio.SocketListener(sock)
@@ -125,9 +127,16 @@ class ApiServer:
             except OversizeMessage as exc:
                 log.warning("api_reply_too_large", kind=type(reply).__name__, reason=str(exc))
                 self._metrics.inc("api_requests_refused_total", code="too_large")
-                raw = frame(encode(ErrorReply("too_large", f"the reply is too large to send ({exc}); "
-                                              "split the job into smaller ones")),
-                            max_frame_bytes=MAX_REPLY_BYTES)  # fmt: skip
+                raw = frame(
+                    encode(
+                        ErrorReply(
+                            "too_large",
+                            f"the reply is too large to send ({exc}); "
+                            "split the job into smaller ones",
+                        )
+                    ),
+                    max_frame_bytes=MAX_REPLY_BYTES,
+                )
             try:
                 with trio.fail_after(self._timeout):
                     await stream.send_all(raw)
@@ -184,5 +193,3 @@ class ApiServer:
                 raise trio.BrokenResourceError("client stopped reading events")
 
         return await handler(request, emit)
-
-

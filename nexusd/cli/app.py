@@ -35,9 +35,15 @@ from .train import TRAIN_COMMANDS
 
 Command = Callable[[argparse.Namespace, Config, NodePaths], int]
 # every subcommand, one module per area, in the order `--help` lists them
-COMMANDS: tuple[CommandSpec, ...] = (*NODE_COMMANDS, *MESH_COMMANDS, *JOB_COMMANDS,
-                                     *TRAIN_COMMANDS, *MODEL_COMMANDS, *COMPRESS_COMMANDS,
-                                     *DOCTOR_COMMANDS)
+COMMANDS: tuple[CommandSpec, ...] = (
+    *NODE_COMMANDS,
+    *MESH_COMMANDS,
+    *JOB_COMMANDS,
+    *TRAIN_COMMANDS,
+    *MODEL_COMMANDS,
+    *COMPRESS_COMMANDS,
+    *DOCTOR_COMMANDS,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,11 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser, *, json_flag: bool) -> None:
     g = p.add_argument_group("common options")
-    g.add_argument("--data-dir", dest="node.data_dir", metavar="DIR",
-                   help="node data directory (default: $XDG_DATA_HOME/nexusd)")
-    g.add_argument("--config", metavar="FILE",
-                   help="config file (default: $NEXUSD_CONFIG, else DATA_DIR/config.toml)")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                   help="log verbosity (config: log.level)")
+    g.add_argument(
+        "--data-dir",
+        dest="node.data_dir",
+        metavar="DIR",
+        help="node data directory (default: $XDG_DATA_HOME/nexusd)",
+    )
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file (default: $NEXUSD_CONFIG, else DATA_DIR/config.toml)",
+    )
+    g.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="log verbosity (config: log.level)",
+    )
     if json_flag:
         g.add_argument("--json", action="store_true", help="print machine-readable JSON")

@@ -35,10 +35,19 @@ from .output import emit, route_table, table
 
 
 def _job_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--job-id", default="", help="idempotency key: resubmitting returns the stored result")
-    p.add_argument("--verbose", "-v", action="store_true", help="print the route and per-hop timings")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="give up waiting after S seconds (the job keeps running; see `nexusd result`)")
+    p.add_argument(
+        "--job-id", default="", help="idempotency key: resubmitting returns the stored result"
+    )
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="print the route and per-hop timings"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up waiting after S seconds (the job keeps running; see `nexusd result`)",
+    )
 
 
 async def _print_event(event: object) -> None:
@@ -73,35 +82,61 @@ def seed_value(text: str) -> int:
 def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--model", default="nexus-1.1", help="model id (default: nexus-1.1)")
-    p.add_argument("--max-tokens", type=int, default=64,
-                   help="new tokens at most (default 64; generation also stops at the end-of-sequence token)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=64,
+        help="new tokens at most (default 64; generation also stops at the end-of-sequence token)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    p.add_argument("--seed", type=seed_value, default=None,
-                   help="sampling seed, 0..2**63-1 (reproducible output)")
+    p.add_argument(
+        "--seed",
+        type=seed_value,
+        default=None,
+        help="sampling seed, 0..2**63-1 (reproducible output)",
+    )
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    p.add_argument("--codec", default="raw", choices=("raw", "fp16", "bf16", "int8"),
-                   help="wire codec for activations (default raw: exact)")
+    p.add_argument(
+        "--codec",
+        default="raw",
+        choices=("raw", "fp16", "bf16", "int8"),
+        help="wire codec for activations (default raw: exact)",
+    )
     _job_flags(p)
 
 
 def _generate(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     req = GenerateRequest(
-        prompt=args.prompt, model=args.model, max_new_tokens=args.max_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        stop=tuple(args.stop), job_id=args.job_id, codec=args.codec,
-    )  # fmt: skip
+        prompt=args.prompt,
+        model=args.model,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        job_id=args.job_id,
+        codec=args.codec,
+    )
     streaming = not args.json
-    reply = call_daemon(paths, req, expect=GenerateReply, timeout_s=args.timeout,
-                        on_event=_print_event if streaming else _quiet)  # fmt: skip
+    reply = call_daemon(
+        paths,
+        req,
+        expect=GenerateReply,
+        timeout_s=args.timeout,
+        on_event=_print_event if streaming else _quiet,
+    )
     if args.json:
         emit(args, reply, str)
         return 0
     print()
     if args.verbose:
-        print(f"\njob {reply.job_id}: {len(reply.token_ids)} tokens in {reply.elapsed_s:.2f}s "
-              f"({reply.tokens_per_s:.1f} tok/s), stop: {reply.stop_reason}")  # fmt: skip
+        print(
+            f"\njob {reply.job_id}: {len(reply.token_ids)} tokens in {reply.elapsed_s:.2f}s "
+            f"({reply.tokens_per_s:.1f} tok/s), stop: {reply.stop_reason}"
+        )
         print(route_table(reply.route))
         for f in reply.failovers:
             print(f"failover: {f}")
@@ -131,24 +166,39 @@ def _embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", help="read texts, one per line, from FILE (- for stdin)")
     p.add_argument("--model", default="minilm", help="model id (default: minilm)")
     p.add_argument("--micro-batch", type=int, default=32, help="texts per micro-batch (default 32)")
-    p.add_argument("--codec", default="raw", choices=("raw", "fp16", "bf16", "int8"),
-                   help="wire codec for activations (default raw: exact)")
+    p.add_argument(
+        "--codec",
+        default="raw",
+        choices=("raw", "fp16", "bf16", "int8"),
+        help="wire codec for activations (default raw: exact)",
+    )
     _job_flags(p)
 
 
 def _embed(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     texts = _texts(args)
     req = EmbedRequest(
-        texts=texts, model=args.model, micro_batch=args.micro_batch, job_id=args.job_id,
+        texts=texts,
+        model=args.model,
+        micro_batch=args.micro_batch,
+        job_id=args.job_id,
         codec=args.codec,
     )
-    reply = call_daemon(paths, req, expect=EmbedReply, timeout_s=args.timeout, on_event=_print_event)
+    reply = call_daemon(
+        paths, req, expect=EmbedReply, timeout_s=args.timeout, on_event=_print_event
+    )
     vecs = vectors_of(reply)
     if args.json:
-        data = {"job_id": reply.job_id, "model": reply.model, "dims": reply.dims, "vectors": vecs,
-                "elapsed_s": reply.elapsed_s, "texts_per_s": reply.texts_per_s,
-                "route": [_hop(h) for h in reply.route],
-                "failovers": list(reply.failovers)}  # fmt: skip
+        data = {
+            "job_id": reply.job_id,
+            "model": reply.model,
+            "dims": reply.dims,
+            "vectors": vecs,
+            "elapsed_s": reply.elapsed_s,
+            "texts_per_s": reply.texts_per_s,
+            "route": [_hop(h) for h in reply.route],
+            "failovers": list(reply.failovers),
+        }
         print(json.dumps(data))
         return 0
     for text, v in zip(texts, vecs, strict=True):
@@ -166,12 +216,19 @@ def _hop(h: HopReport) -> dict[str, object]:
 
 def _classify_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
-    p.add_argument("--labels", default="", help="comma-separated labels, e.g. sports,politics "
-                                                "(a model from `train classify` knows its own)")
+    p.add_argument(
+        "--labels",
+        default="",
+        help="comma-separated labels, e.g. sports,politics "
+        "(a model from `train classify` knows its own)",
+    )
     p.add_argument("--file", help="read texts, one per line, from FILE (- for stdin)")
     p.add_argument("--model", default="minilm", help="model id (default: minilm)")
-    p.add_argument("--template", default="This text is about {}.",
-                   help="how a label becomes a sentence ({} = the label)")
+    p.add_argument(
+        "--template",
+        default="This text is about {}.",
+        help="how a label becomes a sentence ({} = the label)",
+    )
     _job_flags(p)
 
 
@@ -179,7 +236,10 @@ def _classify(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     texts = _texts(args)
     labels = tuple(lab.strip() for lab in args.labels.split(",") if lab.strip())
     req = ClassifyRequest(
-        texts=texts, labels=labels, model=args.model, template=args.template,
+        texts=texts,
+        labels=labels,
+        model=args.model,
+        template=args.template,
         job_id=args.job_id,
     )
     reply = call_daemon(paths, req, expect=ClassifyReply, timeout_s=args.timeout, on_event=_quiet)
@@ -226,8 +286,12 @@ def _cancel(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 def _host_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model id, e.g. nexus-1.1 or minilm")
     p.add_argument("--atoms", metavar="A-B", help="host atoms A..B-1 only (default: all)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="",
-                   help="precision of these atoms (default: config atoms.dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="",
+        help="precision of these atoms (default: config atoms.dtype)",
+    )
 
 
 def _host(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
@@ -238,14 +302,26 @@ def _host(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 
 
 JOB_COMMANDS = (
-    CommandSpec("generate", "generate text across the mesh (tokens stream as produced)",
-                _generate_flags, _generate),
-    CommandSpec("embed", "sentence embeddings across the mesh (micro-batched)", _embed_flags, _embed),
-    CommandSpec("classify", "classify texts: zero-shot among --labels, or with a head trained "
-                            "by `nexusd train classify` (--model ID)", _classify_flags, _classify),
+    CommandSpec(
+        "generate",
+        "generate text across the mesh (tokens stream as produced)",
+        _generate_flags,
+        _generate,
+    ),
+    CommandSpec(
+        "embed", "sentence embeddings across the mesh (micro-batched)", _embed_flags, _embed
+    ),
+    CommandSpec(
+        "classify",
+        "classify texts: zero-shot among --labels, or with a head trained "
+        "by `nexusd train classify` (--model ID)",
+        _classify_flags,
+        _classify,
+    ),
     CommandSpec("jobs", "list recent jobs and their states", _jobs_flags, _jobs),
-    CommandSpec("result", "print the stored result of a job (waits if it is running)",
-                _job_id_flag, _result),
+    CommandSpec(
+        "result", "print the stored result of a job (waits if it is running)", _job_id_flag, _result
+    ),
     CommandSpec("cancel", "cancel a running job", _job_id_flag, _cancel),
     CommandSpec("host", "load and serve a model's atoms on this node", _host_flags, _host),
-)  # fmt: skip
+)

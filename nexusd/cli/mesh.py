@@ -31,22 +31,34 @@ def parse_duration(text: str) -> float:
             return float(text[:-1]) * _UNITS[text[-1]]
         return float(text)
     except ValueError:
-        raise ApiError("bad_request", f"duration {text!r}: expected e.g. 90s, 15m, 1h, 7d") from None
+        raise ApiError(
+            "bad_request", f"duration {text!r}: expected e.g. 90s, 15m, 1h, 7d"
+        ) from None
 
 
 def _invite_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", default="1h", help="how long the invite is valid (default 1h)")
-    p.add_argument("--uses", type=int, default=1, help="how many nodes may join with it (default 1)")
+    p.add_argument(
+        "--uses", type=int, default=1, help="how many nodes may join with it (default 1)"
+    )
     p.add_argument("--name", default="", help="name the joining node will have")
 
 
 def _invite(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, InviteRequest(parse_duration(args.ttl), args.uses, args.name), expect=InviteReply)
-    emit(args, reply, lambda: "\n".join([
-        f"invite valid for {args.ttl}, {reply.uses} use(s); bootstrap: {', '.join(reply.bootstrap)}",
-        "on the new device run:  nexusd join TOKEN   (with its daemon running)",
-        reply.token,
-    ]))  # fmt: skip
+    reply = call_daemon(
+        paths, InviteRequest(parse_duration(args.ttl), args.uses, args.name), expect=InviteReply
+    )
+    emit(
+        args,
+        reply,
+        lambda: "\n".join(
+            [
+                f"invite valid for {args.ttl}, {reply.uses} use(s); bootstrap: {', '.join(reply.bootstrap)}",
+                "on the new device run:  nexusd join TOKEN   (with its daemon running)",
+                reply.token,
+            ]
+        ),
+    )
     return 0
 
 
@@ -56,7 +68,9 @@ def _join_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _join(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, JoinMeshRequest(args.token, args.name), expect=JoinedReply, timeout_s=120)
+    reply = call_daemon(
+        paths, JoinMeshRequest(args.token, args.name), expect=JoinedReply, timeout_s=120
+    )
     emit(args, reply, lambda: f"joined mesh {reply.mesh_id} ({reply.members} members)")
     return 0
 
@@ -73,29 +87,49 @@ def _revoke(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 
 
 def _peers_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait-hosts", type=int, default=0, metavar="N",
-                   help="first wait until N nodes advertise atoms (of --model if given)")
+    p.add_argument(
+        "--wait-hosts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first wait until N nodes advertise atoms (of --model if given)",
+    )
     p.add_argument("--model", default="", help="with --wait-hosts: count hosts of this model")
     p.add_argument("--timeout", type=float, default=30.0, help="longest wait (default 30 s)")
 
 
 def _peers(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
-    reply = call_daemon(paths, PeersRequest(args.wait_hosts, args.model, args.timeout), expect=PeersReply,
-                        timeout_s=args.timeout + 10)  # fmt: skip
+    reply = call_daemon(
+        paths,
+        PeersRequest(args.wait_hosts, args.model, args.timeout),
+        expect=PeersReply,
+        timeout_s=args.timeout + 10,
+    )
     emit(args, reply, lambda: f"mesh {reply.mesh_id}\n" + peers_table(reply))
     return 0
 
 
 def peers_table(reply: PeersReply) -> str:
     """Members as a table: name, id, roles, advert state, connection, RTT, bandwidth, load."""
-    rows = [[(p.name or "?") + (" (self)" if p.is_self else ""), p.node_id[:12],
-             ",".join(p.roles) or "-", p.state, "yes" if p.connected else "no",
-             f"{p.rtt_ms:.2f}" if p.rtt_ms >= 0 else "-",
-             f"{p.bandwidth_mb_per_s:.0f}" if p.bandwidth_mb_per_s >= 0 else "-",
-             " ".join(p.hosted) or "-", f"{p.queue_depth}/{p.utilisation:.0%}",
-             "BANNED" if p.banned else ""] for p in reply.peers]  # fmt: skip
-    return table(["name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting",
-                  "queue/busy", ""], rows)  # fmt: skip
+    rows = [
+        [
+            (p.name or "?") + (" (self)" if p.is_self else ""),
+            p.node_id[:12],
+            ",".join(p.roles) or "-",
+            p.state,
+            "yes" if p.connected else "no",
+            f"{p.rtt_ms:.2f}" if p.rtt_ms >= 0 else "-",
+            f"{p.bandwidth_mb_per_s:.0f}" if p.bandwidth_mb_per_s >= 0 else "-",
+            " ".join(p.hosted) or "-",
+            f"{p.queue_depth}/{p.utilisation:.0%}",
+            "BANNED" if p.banned else "",
+        ]
+        for p in reply.peers
+    ]
+    return table(
+        ["name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting", "queue/busy", ""],
+        rows,
+    )
 
 
 def _leave_flags(p: argparse.ArgumentParser) -> None:
@@ -106,26 +140,44 @@ def _leave(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     """Forget the mesh (offline): the node keeps its key and jobs, and may join again."""
     from ..node.daemon import node_lock
 
-    doomed = [p for p in (paths.mesh_file, paths.mesh_secret, paths.state_db,
-                          paths.state_db.with_name(paths.state_db.name + "-wal"),
-                          paths.state_db.with_name(paths.state_db.name + "-shm"),
-                          paths.data_dir / "invites.json") if p.exists()]  # fmt: skip
+    doomed = [
+        p
+        for p in (
+            paths.mesh_file,
+            paths.mesh_secret,
+            paths.state_db,
+            paths.state_db.with_name(paths.state_db.name + "-wal"),
+            paths.state_db.with_name(paths.state_db.name + "-shm"),
+            paths.data_dir / "invites.json",
+        )
+        if p.exists()
+    ]
     with node_lock(paths):  # refuses while a daemon runs on this data dir
         if args.yes:
             for p in doomed:
                 p.unlink()
     names = [p.name for p in doomed]
-    emit(args, {"removed" if args.yes else "would_remove": names},
-         lambda: ("removed: " if args.yes else "would remove (add --yes): ")
-         + (", ".join(names) or "nothing: this node is in no mesh"))  # fmt: skip
+    emit(
+        args,
+        {"removed" if args.yes else "would_remove": names},
+        lambda: (
+            ("removed: " if args.yes else "would remove (add --yes): ")
+            + (", ".join(names) or "nothing: this node is in no mesh")
+        ),
+    )
     return 0
 
 
 MESH_COMMANDS = (
-    CommandSpec("invite", "create an invite token for a new device (admins)", _invite_flags, _invite),
-    CommandSpec("join", "make the local daemon join a mesh with an invite token", _join_flags, _join),
+    CommandSpec(
+        "invite", "create an invite token for a new device (admins)", _invite_flags, _invite
+    ),
+    CommandSpec(
+        "join", "make the local daemon join a mesh with an invite token", _join_flags, _join
+    ),
     CommandSpec("revoke", "revoke a member forever (admins)", _revoke_flags, _revoke),
     CommandSpec("peers", "members, their state, RTTs and what they host", _peers_flags, _peers),
-    CommandSpec("leave", "forget this node's mesh (daemon stopped); its key stays", _leave_flags,
-                _leave),
+    CommandSpec(
+        "leave", "forget this node's mesh (daemon stopped); its key stays", _leave_flags, _leave
+    ),
 )

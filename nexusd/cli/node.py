@@ -25,34 +25,70 @@ from .output import emit, human_duration
 
 def _init_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="a human name for this node (default: the host name)")
-    p.add_argument("--port", dest="mesh.listen_port", type=int, metavar="P",
-                   help="mesh listen port (0: any free port; config: mesh.listen_port)")
-    p.add_argument("--listen-host", dest="mesh.listen_host", metavar="H",
-                   help="mesh listen address (config: mesh.listen_host)")
-    p.add_argument("--new-mesh", action="store_true",
-                   help="also create a new mesh with this node as its founder and admin")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing node key / mesh (the node becomes a new node)")
+    p.add_argument(
+        "--port",
+        dest="mesh.listen_port",
+        type=int,
+        metavar="P",
+        help="mesh listen port (0: any free port; config: mesh.listen_port)",
+    )
+    p.add_argument(
+        "--listen-host",
+        dest="mesh.listen_host",
+        metavar="H",
+        help="mesh listen address (config: mesh.listen_host)",
+    )
+    p.add_argument(
+        "--new-mesh",
+        action="store_true",
+        help="also create a new mesh with this node as its founder and admin",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing node key / mesh (the node becomes a new node)",
+    )
 
 
 def _init(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     res = init_node(paths, cfg, name=args.name or "", new_mesh=args.new_mesh, force=args.force)
-    emit(args, res, lambda: "\n".join([
-        f"initialised node {res.node_id[:16]}… ({res.name}) in {res.data_dir}",
-        f"config: {res.config_file}",
-        f"mesh:   {res.mesh_id} (founder: this node)" if res.mesh_id
-        else "mesh:   none yet (create one with --new-mesh, or `nexusd join TOKEN`)",
-    ]))  # fmt: skip
+    emit(
+        args,
+        res,
+        lambda: "\n".join(
+            [
+                f"initialised node {res.node_id[:16]}… ({res.name}) in {res.data_dir}",
+                f"config: {res.config_file}",
+                f"mesh:   {res.mesh_id} (founder: this node)"
+                if res.mesh_id
+                else "mesh:   none yet (create one with --new-mesh, or `nexusd join TOKEN`)",
+            ]
+        ),
+    )
     return 0
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", dest="mesh.listen_port", type=int, metavar="P",
-                   help="mesh listen port (config: mesh.listen_port)")
-    p.add_argument("--listen-host", dest="mesh.listen_host", metavar="H",
-                   help="mesh listen address (config: mesh.listen_host)")
-    p.add_argument("--metrics-port", dest="metrics.listen_port", type=int, metavar="P",
-                   help="serve Prometheus metrics on 127.0.0.1:P (config: metrics.listen_port)")
+    p.add_argument(
+        "--port",
+        dest="mesh.listen_port",
+        type=int,
+        metavar="P",
+        help="mesh listen port (config: mesh.listen_port)",
+    )
+    p.add_argument(
+        "--listen-host",
+        dest="mesh.listen_host",
+        metavar="H",
+        help="mesh listen address (config: mesh.listen_host)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        dest="metrics.listen_port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus metrics on 127.0.0.1:P (config: metrics.listen_port)",
+    )
 
 
 def _run(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
@@ -72,8 +108,11 @@ def _status(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
     if peers is not None:
         data["peers"] = [dataclasses.asdict(p) for p in peers.peers]
         data["mesh_rejections"] = dict(peers.counters)
-    emit(args, data, lambda: _status_text(reply) + (
-        "\n\n" + peers_table(peers) if peers is not None else ""))
+    emit(
+        args,
+        data,
+        lambda: _status_text(reply) + ("\n\n" + peers_table(peers) if peers is not None else ""),
+    )
     return 0
 
 
@@ -100,31 +139,54 @@ def _stop(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 
 def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=3, help="daemons to start (default 3)")
-    p.add_argument("--failover", action="store_true",
-                   help="also kill a host mid-generation and show the job finishing identically")
+    p.add_argument(
+        "--failover",
+        action="store_true",
+        help="also kill a host mid-generation and show the job finishing identically",
+    )
     p.add_argument("--max-tokens", type=int, default=40, help="tokens per generation (default 40)")
     p.add_argument("--keep", action="store_true", help="keep the demo's data dirs and logs")
     p.add_argument("--workdir", type=Path, help="where the demo's nodes live (default: a temp dir)")
-    p.add_argument("--models-dir", type=Path,
-                   help="where built-in models are built once (default ~/.cache/nexusd/models)")
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        help="where built-in models are built once (default ~/.cache/nexusd/models)",
+    )
 
 
 def _demo(args: argparse.Namespace, _cfg: Config, _paths: NodePaths) -> int:
     from ..harness.demo import DemoOptions, run_demo
 
-    return run_demo(DemoOptions(
-        nodes=args.nodes, failover=args.failover, max_tokens=args.max_tokens, keep=args.keep,
-        workdir=args.workdir, models_dir=args.models_dir,
-    ))  # fmt: skip
+    return run_demo(
+        DemoOptions(
+            nodes=args.nodes,
+            failover=args.failover,
+            max_tokens=args.max_tokens,
+            keep=args.keep,
+            workdir=args.workdir,
+            models_dir=args.models_dir,
+        )
+    )
 
 
 NODE_COMMANDS = (
-    CommandSpec("init", "create this node's key, config and optionally a new mesh", _init_flags,
-                _init),
-    CommandSpec("run", "run the daemon in the foreground (systemd supervises it)", _run_flags,
-                _run, json=False),
+    CommandSpec(
+        "init", "create this node's key, config and optionally a new mesh", _init_flags, _init
+    ),
+    CommandSpec(
+        "run",
+        "run the daemon in the foreground (systemd supervises it)",
+        _run_flags,
+        _run,
+        json=False,
+    ),
     CommandSpec("status", "show the local daemon's status", no_flags, _status),
     CommandSpec("stop", "ask the local daemon to shut down gracefully", no_flags, _stop),
-    CommandSpec("demo", "run a real local mesh on 127.0.0.1 with real jobs, then stop it",
-                _demo_flags, _demo, json=False),
+    CommandSpec(
+        "demo",
+        "run a real local mesh on 127.0.0.1 with real jobs, then stop it",
+        _demo_flags,
+        _demo,
+        json=False,
+    ),
 )

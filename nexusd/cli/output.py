@@ -50,10 +50,22 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def route_table(route: tuple[HopReport, ...]) -> str:
     """A job's route, one row per hop, with its per-hop timings and traffic."""
-    rows = [[h.name or h.host[:8], h.host[:8], f"{h.start}-{h.end - 1}", str(h.steps),
-             f"{h.compute_s * 1000:.1f}", f"{h.queue_s * 1000:.1f}", f"{h.transfer_s * 1000:.1f}",
-             f"{(h.bytes_out + h.bytes_in) / 1e6:.2f}"] for h in route]  # fmt: skip
-    return table(["host", "id", "atoms", "steps", "compute ms", "queue ms", "transfer ms", "MB"], rows)
+    rows = [
+        [
+            h.name or h.host[:8],
+            h.host[:8],
+            f"{h.start}-{h.end - 1}",
+            str(h.steps),
+            f"{h.compute_s * 1000:.1f}",
+            f"{h.queue_s * 1000:.1f}",
+            f"{h.transfer_s * 1000:.1f}",
+            f"{(h.bytes_out + h.bytes_in) / 1e6:.2f}",
+        ]
+        for h in route
+    ]
+    return table(
+        ["host", "id", "atoms", "steps", "compute ms", "queue ms", "transfer ms", "MB"], rows
+    )
 
 
 def human_duration(seconds: float) -> str:

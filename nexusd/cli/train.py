@@ -24,20 +24,38 @@ DEFAULT_MODELS = {"lm": "nexus-1.1", "classify": "minilm"}
 
 
 def _flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=("lm", "classify"),
-                   help="lm: causal-LM fine-tuning of a decoder (its trainable atoms; a frozen "
-                        "base stays frozen); classify: a classifier head over an encoder's "
-                        "pooled features")
-    p.add_argument("--output", required=True, metavar="ID",
-                   help="id of the model the run produces (a new version of --model)")
-    p.add_argument("--model", default="", help="model to start from (default: nexus-1.1 for "
-                                               "lm, minilm for classify)")
-    p.add_argument("--data", default="", metavar="FILE",
-                   help="lm: UTF-8 text (.txt or .xz; default: the shipped English corpus); "
-                        "classify: labelled .jsonl or .csv (text, label[, split]) (.xz ok)")
-    p.add_argument("--validation", default="", metavar="FILE",
-                   help="held-out data (default: a deterministic 5 %% split of --data, or the "
-                        "rows whose split is 'validation')")
+    p.add_argument(
+        "task",
+        choices=("lm", "classify"),
+        help="lm: causal-LM fine-tuning of a decoder (its trainable atoms; a frozen "
+        "base stays frozen); classify: a classifier head over an encoder's "
+        "pooled features",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="ID",
+        help="id of the model the run produces (a new version of --model)",
+    )
+    p.add_argument(
+        "--model",
+        default="",
+        help="model to start from (default: nexus-1.1 for lm, minilm for classify)",
+    )
+    p.add_argument(
+        "--data",
+        default="",
+        metavar="FILE",
+        help="lm: UTF-8 text (.txt or .xz; default: the shipped English corpus); "
+        "classify: labelled .jsonl or .csv (text, label[, split]) (.xz ok)",
+    )
+    p.add_argument(
+        "--validation",
+        default="",
+        metavar="FILE",
+        help="held-out data (default: a deterministic 5 %% split of --data, or the "
+        "rows whose split is 'validation')",
+    )
     g = p.add_argument_group("training (defaults: the [train] config section)")
     for flag, kind, what in (
         ("steps", int, "optimiser steps"),
@@ -59,18 +77,42 @@ def _flags(p: argparse.ArgumentParser) -> None:
         ("outer-lr", float, "DiLoCo outer learning rate"),
         ("outer-momentum", float, "DiLoCo outer Nesterov momentum"),
     ):
-        g.add_argument(f"--{flag}", type=kind, dest=f"train.{flag.replace('-', '_')}",
-                       metavar="N" if kind is int else "X", help=what)
-    g.add_argument("--decay", choices=("cosine", "linear", "constant"), dest="train.decay",
-                   help="learning-rate decay after warmup")
-    g.add_argument("--precision", choices=("fp32", "bf16"), dest="train.precision",
-                   help="bf16: autocast compute over fp32 master weights")
-    g.add_argument("--schedule", choices=("1f1b", "gpipe"), dest="train.schedule",
-                   help="pipeline schedule of micro-batches across hosts")
-    p.add_argument("--job-id", default="", help="idempotency key: the same id resumes or "
-                                                "returns the stored result")
-    p.add_argument("--verbose", "-v", action="store_true", help="print the route, per-hop "
-                                                                "timings and idle shares")
+        g.add_argument(
+            f"--{flag}",
+            type=kind,
+            dest=f"train.{flag.replace('-', '_')}",
+            metavar="N" if kind is int else "X",
+            help=what,
+        )
+    g.add_argument(
+        "--decay",
+        choices=("cosine", "linear", "constant"),
+        dest="train.decay",
+        help="learning-rate decay after warmup",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        dest="train.precision",
+        help="bf16: autocast compute over fp32 master weights",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=("1f1b", "gpipe"),
+        dest="train.schedule",
+        help="pipeline schedule of micro-batches across hosts",
+    )
+    p.add_argument(
+        "--job-id",
+        default="",
+        help="idempotency key: the same id resumes or returns the stored result",
+    )
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="print the route, per-hop timings and idle shares",
+    )
 
 
 def _request(args: argparse.Namespace, cfg: Config) -> TrainRequest:
@@ -82,14 +124,32 @@ def _request(args: argparse.Namespace, cfg: Config) -> TrainRequest:
         if path and not Path(path).is_file():
             raise ApiError("bad_request", f"{name}: no such file {path}")
     return TrainRequest(
-        task=args.task, model=model, output=args.output, data=data, validation=validation,
-        steps=t.steps, micro_batch=t.micro_batch, accumulation=t.accumulation,
-        seq_len=t.seq_len, lr=t.lr, warmup_steps=min(t.warmup_steps, t.steps), decay=t.decay,
-        min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, dropout=t.dropout,
-        clip=t.clip, precision=t.precision, schedule=t.schedule,
-        eval_interval=t.eval_interval, eval_examples=t.eval_examples,
-        checkpoint_interval=t.checkpoint_interval, seed=t.seed, replicas=t.replicas,
-        average_every=t.average_every, outer_lr=t.outer_lr, outer_momentum=t.outer_momentum,
+        task=args.task,
+        model=model,
+        output=args.output,
+        data=data,
+        validation=validation,
+        steps=t.steps,
+        micro_batch=t.micro_batch,
+        accumulation=t.accumulation,
+        seq_len=t.seq_len,
+        lr=t.lr,
+        warmup_steps=min(t.warmup_steps, t.steps),
+        decay=t.decay,
+        min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay,
+        dropout=t.dropout,
+        clip=t.clip,
+        precision=t.precision,
+        schedule=t.schedule,
+        eval_interval=t.eval_interval,
+        eval_examples=t.eval_examples,
+        checkpoint_interval=t.checkpoint_interval,
+        seed=t.seed,
+        replicas=t.replicas,
+        average_every=t.average_every,
+        outer_lr=t.outer_lr,
+        outer_momentum=t.outer_momentum,
         job_id=args.job_id,
     )
 
@@ -100,13 +160,19 @@ class _Bar:
     def __init__(self, steps: int, enabled: bool) -> None:
         self._console = Console(stderr=True)
         self._progress = Progress(
-            TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[rate]} tok/s"), TextColumn("{task.fields[val]}"),
-            TimeRemainingColumn(), console=self._console, disable=not enabled,
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TextColumn("{task.fields[val]}"),
+            TimeRemainingColumn(),
+            console=self._console,
+            disable=not enabled,
         )
-        self._task: TaskID = self._progress.add_task("train", total=steps, loss="-", lr="-",
-                                                     rate="-", val="")
+        self._task: TaskID = self._progress.add_task(
+            "train", total=steps, loss="-", lr="-", rate="-", val=""
+        )
 
     def __enter__(self) -> _Bar:
         self._progress.__enter__()
@@ -119,12 +185,18 @@ class _Bar:
         if not isinstance(event, TrainProgressEvent):
             return
         if event.resumed_from >= 0:
-            self._progress.console.print(f"resumed from the checkpoint of step {event.resumed_from}")
-        fields: dict[str, str] = {"loss": f"{event.loss:.3f}", "lr": f"{event.lr:.2e}",
-                                     "rate": f"{event.tokens_per_s:.0f}"}
+            self._progress.console.print(
+                f"resumed from the checkpoint of step {event.resumed_from}"
+            )
+        fields: dict[str, str] = {
+            "loss": f"{event.loss:.3f}",
+            "lr": f"{event.lr:.2e}",
+            "rate": f"{event.tokens_per_s:.0f}",
+        }
         if event.val_loss >= 0:
             fields["val"] = f"val {event.val_loss:.3f}" + (
-                f" acc {event.val_accuracy:.1%}" if event.val_accuracy >= 0 else "")
+                f" acc {event.val_accuracy:.1%}" if event.val_accuracy >= 0 else ""
+            )
         self._progress.update(self._task, completed=event.step, **fields)  # type: ignore[arg-type]
 
 
@@ -137,26 +209,40 @@ def _train(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
 
 
 def _human(r: TrainReply, verbose: bool) -> str:
-    rows = [["model", f"{r.model} (from {r.parent})"], ["steps", str(r.steps)],
-            ["train loss", f"{r.train_loss:.4f}"], ["validation loss", f"{r.val_loss:.4f}"]]
+    rows = [
+        ["model", f"{r.model} (from {r.parent})"],
+        ["steps", str(r.steps)],
+        ["train loss", f"{r.train_loss:.4f}"],
+        ["validation loss", f"{r.val_loss:.4f}"],
+    ]
     if r.task == "lm":
         rows.append(["validation perplexity", f"{r.val_perplexity:.2f}"])
-    rows += [["validation accuracy", f"{r.val_accuracy:.2%}"],
-             ["time", f"{r.elapsed_s:.1f} s ({r.tokens_per_s:.0f} targets/s, {r.tokens} in all)"],
-             ["checkpoints", r.checkpoint]]
+    rows += [
+        ["validation accuracy", f"{r.val_accuracy:.2%}"],
+        ["time", f"{r.elapsed_s:.1f} s ({r.tokens_per_s:.0f} targets/s, {r.tokens} in all)"],
+        ["checkpoints", r.checkpoint],
+    ]
     if r.resumed_from >= 0:
         rows.append(["resumed from step", str(r.resumed_from)])
     if r.failovers:
         rows.append(["failovers", "; ".join(r.failovers)])
     out = table(["", ""], rows)
     if verbose:
-        out += "\n" + route_table(r.route) + "\n" + table(
-            ["host", "idle share"], [[h, f"{v:.1%}"] for h, v in r.bubble])
+        out += (
+            "\n"
+            + route_table(r.route)
+            + "\n"
+            + table(["host", "idle share"], [[h, f"{v:.1%}"] for h, v in r.bubble])
+        )
     return out
 
 
 TRAIN_COMMANDS = (
-    CommandSpec("train", "train a model over the mesh: lm (fine-tune a decoder) or classify "
-                         "(a classifier head); a live progress bar, checkpoints that resume",
-                _flags, _train),
+    CommandSpec(
+        "train",
+        "train a model over the mesh: lm (fine-tune a decoder) or classify "
+        "(a classifier head); a live progress bar, checkpoints that resume",
+        _flags,
+        _train,
+    ),
 )

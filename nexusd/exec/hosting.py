@@ -107,8 +107,9 @@ def warm_up(span: Span) -> float:
 class TrainHandler(Protocol):
     """What `serve` needs of the training sessions (`exec.train_host.TrainHost`)."""
 
-    async def handle(self, peer: bytes, msg: object,
-                     payload: bytes) -> list[tuple[object, Encoded | None]]: ...
+    async def handle(
+        self, peer: bytes, msg: object, payload: bytes
+    ) -> list[tuple[object, Encoded | None]]: ...
 
 
 class ExecRefused(NexusError):
@@ -188,8 +189,10 @@ class SpanHost:
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token of one session costs on the most demanding hosted span
         (summed over its attention atoms' layouts); 0 when no span keeps a KV cache."""
-        costs = [sum(layout.bytes_per_token(1) for _uid, layout in s.kv_layouts().values())
-                 for s in self._spans]  # fmt: skip
+        costs = [
+            sum(layout.bytes_per_token(1) for _uid, layout in s.kv_layouts().values())
+            for s in self._spans
+        ]
         return max(costs, default=0)
 
     @property
@@ -231,9 +234,15 @@ class SpanHost:
                 )
             except CacheExhausted as exc:
                 self._metrics.inc("exec_refused_total", code="cache_exhausted")
-                raise ExecRefused("cache_exhausted", f"{exc} (host budget {self._budget})") from None
+                raise ExecRefused(
+                    "cache_exhausted", f"{exc} (host budget {self._budget})"
+                ) from None
         self._sessions[key] = _Session(
-            opened=msg, span=span, cache=cache, batch=msg.batch, reply_codec=msg.reply_codec,
+            opened=msg,
+            span=span,
+            cache=cache,
+            batch=msg.batch,
+            reply_codec=msg.reply_codec,
             last_used=self._clock(),
         )
         self._metrics.set("host_sessions", len(self._sessions))
@@ -280,29 +289,49 @@ class SpanHost:
         return result, enc
 
     def _context(self, sess: _Session, msg: Step, x: torch.Tensor) -> ForwardContext:
-        if x.dim() == 0 or x.shape[0] > sess.batch or (sess.cache is not None and x.shape[0] != sess.batch):
+        if (
+            x.dim() == 0
+            or x.shape[0] > sess.batch
+            or (sess.cache is not None and x.shape[0] != sess.batch)
+        ):
             raise ExecRefused("bad_input", f"session batch is {sess.batch}, got {tuple(x.shape)}")
         tokens = x.shape[1] if sess.span.in_kind in (IOKind.IDS, IOKind.HIDDEN) else 1
         if x.shape[0] * tokens > self._max_step_tokens:
-            raise ExecRefused("bad_input", f"a step carries at most {self._max_step_tokens} "
-                                           f"batch x tokens, got {x.shape[0] * tokens}")  # fmt: skip
+            raise ExecRefused(
+                "bad_input",
+                f"a step carries at most {self._max_step_tokens} "
+                f"batch x tokens, got {x.shape[0] * tokens}",
+            )
         if sess.cache is None and msg.position != 0:
-            raise ExecRefused("bad_input", f"a session without a KV cache starts every step at "
-                                           f"position 0, got {msg.position}")  # fmt: skip
+            raise ExecRefused(
+                "bad_input",
+                f"a session without a KV cache starts every step at position 0, got {msg.position}",
+            )
         if sess.cache is not None and sess.cache.length != msg.position:
             raise ExecRefused(
-                "out_of_order", f"cache holds {sess.cache.length} tokens, step starts at {msg.position}"
+                "out_of_order",
+                f"cache holds {sess.cache.length} tokens, step starts at {msg.position}",
             )
         pad = None
         if msg.pad_mask:
             total = msg.position + tokens
             if len(msg.pad_mask) != x.shape[0] * total:
                 raise ExecRefused(
-                    "bad_input", f"pad_mask: expected {x.shape[0] * total} bytes, got {len(msg.pad_mask)}"
+                    "bad_input",
+                    f"pad_mask: expected {x.shape[0] * total} bytes, got {len(msg.pad_mask)}",
                 )
-            pad = torch.frombuffer(bytearray(msg.pad_mask), dtype=torch.uint8).view(x.shape[0], total).bool()
+            pad = (
+                torch.frombuffer(bytearray(msg.pad_mask), dtype=torch.uint8)
+                .view(x.shape[0], total)
+                .bool()
+            )
         return ForwardContext.for_tokens(
-            x.shape[0], tokens, start=msg.position, causal=msg.causal, pad_mask=pad, cache=sess.cache
+            x.shape[0],
+            tokens,
+            start=msg.position,
+            causal=msg.causal,
+            pad_mask=pad,
+            cache=sess.cache,
         )
 
     async def _compute(
@@ -341,13 +370,17 @@ class SpanHost:
         queue_s = started[0] - queued_at if started else 0.0
         self._metrics.inc("exec_steps_total", model=sess.span.model_id)
         result = StepResult(
-            session_id=msg.session_id, step_id=msg.step_id, tensor=header_of(enc),
-            compute_s=done - started[0], queue_s=queue_s,
+            session_id=msg.session_id,
+            step_id=msg.step_id,
+            tensor=header_of(enc),
+            compute_s=done - started[0],
+            queue_s=queue_s,
         )
         return result, enc
 
-    async def serve(self, channel: ExecChannel, *, idle_timeout_s: float,
-                    train: TrainHandler | None = None) -> None:
+    async def serve(
+        self, channel: ExecChannel, *, idle_timeout_s: float, train: TrainHandler | None = None
+    ) -> None:
         """Answer one origin's stream until it closes, idles out, or misbehaves.
 
         Args:
@@ -378,7 +411,9 @@ class SpanHost:
                     for reply, tensor in await train.handle(peer, msg, payload):
                         await channel.send(reply, tensor)
                 else:
-                    raise ExecRefused("bad_input", f"{type(msg).__name__}: this host does not train")
+                    raise ExecRefused(
+                        "bad_input", f"{type(msg).__name__}: this host does not train"
+                    )
             except ExecRefused as exc:
                 sid = getattr(msg, "session_id", b"")
                 step_id = getattr(msg, "step_id", -1)

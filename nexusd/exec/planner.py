@@ -65,12 +65,15 @@ def make_planner(
         spans = clip(view.host_spans(model_id), start, end)
         shape = JobShape(model_id, end - start, bytes_per_hop, kv_tokens, kind)
         try:
-            route = plan_route(spans, view.links(), view.node_id, shape, route_cfg,
-                               excluded=excluded, rng=rng)  # fmt: skip
+            route = plan_route(
+                spans, view.links(), view.node_id, shape, route_cfg, excluded=excluded, rng=rng
+            )
         except NoRoute as exc:
-            raise ApiError("unavailable", f"no route for {model_id} atoms [{start},{end}): {exc}"
-                           + (f" (excluded after failures: {len(excluded)} hosts)" if excluded else "")
-                           ) from None  # fmt: skip
+            raise ApiError(
+                "unavailable",
+                f"no route for {model_id} atoms [{start},{end}): {exc}"
+                + (f" (excluded after failures: {len(excluded)} hosts)" if excluded else ""),
+            ) from None
         return [HopPlan(h.host, h.start + start, h.end + start) for h in route.hops]
 
     return plan

@@ -67,8 +67,15 @@ class HopFailed(NexusError):
             (deadline, broken stream), which honest hosts on bad links have too.
     """
 
-    def __init__(self, host: bytes, reason: str, *, retryable: bool = True,
-                 blame: bool = True, penalty: str = "timeout") -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: bytes,
+        reason: str,
+        *,
+        retryable: bool = True,
+        blame: bool = True,
+        penalty: str = "timeout",
+    ) -> None:
         super().__init__(f"host {host.hex()[:8]}: {reason}")
         self.host = host
         self.reason = reason
@@ -82,8 +89,12 @@ HONEST_REFUSALS = frozenset({"busy", "cache_exhausted", "no_session", "out_of_or
 
 def refused(host: bytes, code: str, message: str) -> HopFailed:
     """The HopFailed for a host's refusal with `code` (see wire.FAILURE_CODES)."""
-    return HopFailed(host, f"refused: {code}: {message}", retryable=code != "bad_input",
-                     blame=code not in HONEST_REFUSALS and code != "bad_input")  # fmt: skip
+    return HopFailed(
+        host,
+        f"refused: {code}: {message}",
+        retryable=code != "bad_input",
+        blame=code not in HONEST_REFUSALS and code != "bad_input",
+    )
 
 
 def first_hop_failure(group: BaseExceptionGroup[BaseException]) -> HopFailed | None:
@@ -166,8 +177,9 @@ class Hop(Protocol):
 
     async def open(self, batch: int, max_len: int) -> None: ...
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]: ...
-    async def replay(self, first_id: int, inputs: list[StepInput], *,
-                     per_step_s: float) -> list[torch.Tensor]: ...
+    async def replay(
+        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
+    ) -> list[torch.Tensor]: ...
     async def close(self) -> None: ...
 
 
@@ -192,37 +204,57 @@ class RemoteHop:
 
     async def open(self, batch: int, max_len: int) -> None:
         msg = OpenSession(
-            session_id=self._sid, model_id=self._model, start=self.plan.start,
-            end=self.plan.end, batch=batch, max_len=max_len, reply_codec=self._codec,
+            session_id=self._sid,
+            model_id=self._model,
+            start=self.plan.start,
+            end=self.plan.end,
+            batch=batch,
+            max_len=max_len,
+            reply_codec=self._codec,
         )
         reply, _ = await self._exchange(lambda: self._ch.send(msg))
         if not isinstance(reply, SessionOpened):
-            raise HopFailed(self.plan.host, f"expected SessionOpened, got {type(reply).__name__}",
-                            penalty="malformed")  # fmt: skip
+            raise HopFailed(
+                self.plan.host,
+                f"expected SessionOpened, got {type(reply).__name__}",
+                penalty="malformed",
+            )
 
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
         msg = Step(
-            session_id=self._sid, step_id=step_id, position=inp.position, causal=inp.causal,
-            tensor=header_of(enc), pad_mask=inp.pad_mask,
+            session_id=self._sid,
+            step_id=step_id,
+            position=inp.position,
+            causal=inp.causal,
+            tensor=header_of(enc),
+            pad_mask=inp.pad_mask,
         )
         t0 = trio.current_time()
         reply, payload = await self._exchange(lambda: self._ch.send(msg, enc))
         elapsed = trio.current_time() - t0
         if not isinstance(reply, StepResult) or reply.step_id != step_id:
-            raise HopFailed(self.plan.host, f"expected StepResult {step_id}, got {reply!r:.80}",
-                            penalty="malformed")  # fmt: skip
+            raise HopFailed(
+                self.plan.host,
+                f"expected StepResult {step_id}, got {reply!r:.80}",
+                penalty="malformed",
+            )
         out = _checked_output(self.plan.host, reply, payload, inp.x)
         timing = HopTiming(
-            host=self.plan.host, start=self.plan.start, end=self.plan.end,
-            compute_s=reply.compute_s, queue_s=reply.queue_s,
+            host=self.plan.host,
+            start=self.plan.start,
+            end=self.plan.end,
+            compute_s=reply.compute_s,
+            queue_s=reply.queue_s,
             transfer_s=max(0.0, elapsed - reply.compute_s - reply.queue_s),
-            bytes_out=len(enc.data), bytes_in=len(payload),
-        )  # fmt: skip
+            bytes_out=len(enc.data),
+            bytes_in=len(payload),
+        )
         return out, timing
 
-    async def replay(self, first_id: int, inputs: list[StepInput], *,
-                     per_step_s: float) -> list[torch.Tensor]:  # fmt: skip
+    async def replay(
+        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
+    ) -> list[torch.Tensor]:
         """Send every stored step at once and collect the answers (one round trip plus the
         compute, instead of one round trip per step). Sending and receiving run
         concurrently, so large answers can never block behind unsent steps.
@@ -237,8 +269,12 @@ class RemoteHop:
             for k, inp in enumerate(inputs):
                 enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
                 msg = Step(
-                    session_id=self._sid, step_id=first_id + k, position=inp.position,
-                    causal=inp.causal, tensor=header_of(enc), pad_mask=inp.pad_mask,
+                    session_id=self._sid,
+                    step_id=first_id + k,
+                    position=inp.position,
+                    causal=inp.causal,
+                    tensor=header_of(enc),
+                    pad_mask=inp.pad_mask,
                 )
                 try:
                     await self._ch.send(msg, enc)
@@ -250,15 +286,21 @@ class RemoteHop:
                 try:
                     reply, payload = await self._ch.receive()
                 except PeerProtocolError as exc:
-                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}",
-                                    penalty=protocol_penalty(exc)) from None  # fmt: skip
+                    raise HopFailed(
+                        self.plan.host,
+                        f"{type(exc).__name__}: {exc}",
+                        penalty=protocol_penalty(exc),
+                    ) from None
                 except MeshError as exc:
                     raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
                 if isinstance(reply, ExecFailure):
                     raise refused(self.plan.host, reply.code, reply.message)
                 if not isinstance(reply, StepResult) or reply.step_id != first_id + k:
-                    raise HopFailed(self.plan.host, f"expected StepResult {first_id + k}, got {reply!r:.80}",
-                                    penalty="malformed")  # fmt: skip
+                    raise HopFailed(
+                        self.plan.host,
+                        f"expected StepResult {first_id + k}, got {reply!r:.80}",
+                        penalty="malformed",
+                    )
                 outs.append(_checked_output(self.plan.host, reply, payload, inp.x))
 
         deadline_s = self._timeout + 2 * per_step_s * len(inputs)
@@ -268,8 +310,9 @@ class RemoteHop:
                     nursery.start_soon(send_all)
                     nursery.start_soon(receive_all)
         except trio.TooSlowError:
-            raise HopFailed(self.plan.host, f"replay of {len(inputs)} steps took over "
-                                            f"{deadline_s:.1f} s") from None  # fmt: skip
+            raise HopFailed(
+                self.plan.host, f"replay of {len(inputs)} steps took over {deadline_s:.1f} s"
+            ) from None
         except BaseExceptionGroup as group:  # trio wraps child errors; surface the hop failure
             failure = first_hop_failure(group)
             if failure is None:
@@ -297,8 +340,9 @@ class RemoteHop:
         except trio.TooSlowError:
             raise HopFailed(self.plan.host, f"no answer within {self._timeout} s") from None
         except PeerProtocolError as exc:  # a forged, replayed or malformed reply
-            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}",
-                            penalty=protocol_penalty(exc)) from None  # fmt: skip
+            raise HopFailed(
+                self.plan.host, f"{type(exc).__name__}: {exc}", penalty=protocol_penalty(exc)
+            ) from None
         except MeshError as exc:
             raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
         if isinstance(reply, ExecFailure):
@@ -318,8 +362,12 @@ class LocalHop:
 
     async def open(self, batch: int, max_len: int) -> None:
         msg = OpenSession(
-            session_id=self._sid, model_id=self._model, start=self.plan.start,
-            end=self.plan.end, batch=batch, max_len=max_len,
+            session_id=self._sid,
+            model_id=self._model,
+            start=self.plan.start,
+            end=self.plan.end,
+            batch=batch,
+            max_len=max_len,
         )
         try:
             await self._host.open(self._self, msg)
@@ -329,8 +377,12 @@ class LocalHop:
     async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x)
         msg = Step(
-            session_id=self._sid, step_id=step_id, position=inp.position, causal=inp.causal,
-            tensor=header_of(enc), pad_mask=inp.pad_mask,
+            session_id=self._sid,
+            step_id=step_id,
+            position=inp.position,
+            causal=inp.causal,
+            tensor=header_of(enc),
+            pad_mask=inp.pad_mask,
         )
         try:
             reply, out_enc = await self._host.step(self._self, msg, enc.data)
@@ -338,24 +390,34 @@ class LocalHop:
         except ExecRefused as exc:
             raise refused(self.plan.host, exc.code, str(exc)) from None
         except AtomError as exc:
-            raise HopFailed(self.plan.host, f"invalid output: {exc}", penalty="bad_output") from None
+            raise HopFailed(
+                self.plan.host, f"invalid output: {exc}", penalty="bad_output"
+            ) from None
         _check_output(self.plan.host, inp.x, out)
         timing = HopTiming(
-            host=self.plan.host, start=self.plan.start, end=self.plan.end,
-            compute_s=reply.compute_s, queue_s=reply.queue_s, transfer_s=0.0, bytes_out=0,
+            host=self.plan.host,
+            start=self.plan.start,
+            end=self.plan.end,
+            compute_s=reply.compute_s,
+            queue_s=reply.queue_s,
+            transfer_s=0.0,
+            bytes_out=0,
             bytes_in=0,
-        )  # fmt: skip
+        )
         return out, timing
 
-    async def replay(self, first_id: int, inputs: list[StepInput], *,
-                     per_step_s: float) -> list[torch.Tensor]:  # fmt: skip
+    async def replay(
+        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
+    ) -> list[torch.Tensor]:
         return [(await self.step(first_id + k, inp))[0] for k, inp in enumerate(inputs)]
 
     async def close(self) -> None:
         self._host.close(self._self, self._sid)
 
 
-def _checked_output(host: bytes, reply: StepResult, payload: bytes, x: torch.Tensor) -> torch.Tensor:
+def _checked_output(
+    host: bytes, reply: StepResult, payload: bytes, x: torch.Tensor
+) -> torch.Tensor:
     """The reply's tensor, decoded (dtype, length, finiteness) and shape-checked against `x`."""
     try:
         out = tensor_of(reply.tensor, payload)
@@ -368,11 +430,17 @@ def _checked_output(host: bytes, reply: StepResult, payload: bytes, x: torch.Ten
 def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor) -> None:
     """A wrong shape is a bad output, scored as one (not as a timeout)."""
     if out.dim() < 2 or out.shape[0] != x.shape[0]:
-        raise HopFailed(host, f"invalid output: shape {tuple(out.shape)} does not fit input "
-                              f"{tuple(x.shape)}", penalty="bad_output")  # fmt: skip
+        raise HopFailed(
+            host,
+            f"invalid output: shape {tuple(out.shape)} does not fit input {tuple(x.shape)}",
+            penalty="bad_output",
+        )
     if x.dim() >= 2 and out.dim() >= 3 and x.dim() in (2, 3) and out.shape[1] != x.shape[1]:
-        raise HopFailed(host, f"invalid output: {out.shape[1]} tokens, input had {x.shape[1]}",
-                        penalty="bad_output")  # fmt: skip
+        raise HopFailed(
+            host,
+            f"invalid output: {out.shape[1]} tokens, input had {x.shape[1]}",
+            penalty="bad_output",
+        )
 
 
 def protocol_penalty(exc: PeerProtocolError) -> str:
@@ -533,7 +601,11 @@ class RoutedSession:
 
     def _sampled(self, live: _Live) -> bool:
         v = self._verify
-        return v is not None and live.hop.plan.host != v.trusted and v.policy.sampled(live.steps, v.rng)
+        return (
+            v is not None
+            and live.hop.plan.host != v.trusted
+            and v.policy.sampled(live.steps, v.rng)
+        )
 
     def _check_inputs(self, live: _Live, x: StepInput) -> list[StepInput]:
         """What a fresh session needs to give this step's output: this step alone without a
@@ -573,8 +645,9 @@ class RoutedSession:
         await self._judge(live.hop.plan, inputs, out, opinion[0])
         return out, timing
 
-    async def _judge(self, plan: HopPlan, inputs: list[StepInput], out: torch.Tensor,
-                     opinion: _Opinion) -> None:  # fmt: skip
+    async def _judge(
+        self, plan: HopPlan, inputs: list[StepInput], out: torch.Tensor, opinion: _Opinion
+    ) -> None:
         v = self._verify
         assert v is not None
         ref, replica, is_truth = opinion
@@ -587,10 +660,16 @@ class RoutedSession:
             if truth is not None:
                 truth = last_tokens(truth, out)
                 wrong = difference(ref, truth)
-                if replica is not None and wrong > v.policy.tolerance(ref.dtype, truth.dtype, v.codec):
+                if replica is not None and wrong > v.policy.tolerance(
+                    ref.dtype, truth.dtype, v.codec
+                ):
                     self._excluded.add(replica)  # the replica lied: it serves this session no more
-                    self._report(replica, "wrong_output", f"verification replica of atoms "
-                                 f"[{plan.start},{plan.end}) off by {wrong:.2e} from the origin's own output")  # fmt: skip
+                    self._report(
+                        replica,
+                        "wrong_output",
+                        f"verification replica of atoms "
+                        f"[{plan.start},{plan.end}) off by {wrong:.2e} from the origin's own output",
+                    )
                     self._outcome("wrong_output")
         else:
             truth = None if ref is None else last_tokens(ref, out)
@@ -601,9 +680,13 @@ class RoutedSession:
         tol = v.policy.tolerance(out.dtype, truth.dtype, v.codec)
         if diff > tol:
             self._outcome("wrong_output")
-            raise HopFailed(plan.host, f"wrong output on atoms [{plan.start},{plan.end}): off by "
-                                       f"{diff:.2e} (tolerance {tol:.1e}) from the origin's own "
-                                       f"computation", penalty="wrong_output")  # fmt: skip
+            raise HopFailed(
+                plan.host,
+                f"wrong output on atoms [{plan.start},{plan.end}): off by "
+                f"{diff:.2e} (tolerance {tol:.1e}) from the origin's own "
+                f"computation",
+                penalty="wrong_output",
+            )
         self._outcome("agreed")
 
     async def _own(self, plan: HopPlan, inputs: list[StepInput]) -> torch.Tensor | None:
@@ -613,11 +696,18 @@ class RoutedSession:
         try:
             return await v.arbiter(plan.start, plan.end, inputs, self._batch, self._max_len)
         except (HopFailed, NexusError, AtomError) as exc:
-            log.warning("verify_undecided", host=plan.host.hex()[:8], start=plan.start,
-                        end=plan.end, reason=f"arbiter failed: {exc}")  # fmt: skip
+            log.warning(
+                "verify_undecided",
+                host=plan.host.hex()[:8],
+                start=plan.start,
+                end=plan.end,
+                reason=f"arbiter failed: {exc}",
+            )
             return None
 
-    async def _second_opinion(self, plan: HopPlan, inputs: list[StepInput], per_step_s: float) -> _Opinion:
+    async def _second_opinion(
+        self, plan: HopPlan, inputs: list[StepInput], per_step_s: float
+    ) -> _Opinion:
         """Another replica's output of `plan`'s span on `inputs` and its host (None when the
         span's other hosts form a chain); with no other replica, the origin's own output."""
         try:
@@ -632,7 +722,10 @@ class RoutedSession:
                 chain.append(_Live(hop=hop))
                 await hop.open(self._batch, self._max_len)
                 outs = await hop.replay(0, xs, per_step_s=per_step_s)
-                xs = [StepInput(o, s.position, s.causal, s.pad_mask) for o, s in zip(outs, xs, strict=True)]
+                xs = [
+                    StepInput(o, s.position, s.causal, s.pad_mask)
+                    for o, s in zip(outs, xs, strict=True)
+                ]
         except HopFailed as exc:  # the verifier failed, not the checked host
             if exc.blame:
                 self._report(exc.host, exc.penalty, exc.reason)
@@ -660,7 +753,10 @@ class RoutedSession:
                     outs = await live.hop.replay(live.next_id, xs, per_step_s=old.per_step_s)
                     live.history.extend(xs)
                     live.next_id += len(xs)
-                    xs = [StepInput(o, x.position, x.causal, x.pad_mask) for o, x in zip(outs, xs, strict=True)]
+                    xs = [
+                        StepInput(o, x.position, x.causal, x.pad_mask)
+                        for o, x in zip(outs, xs, strict=True)
+                    ]
             except HopFailed as exc:
                 await _close_all(new)
                 self._fail(exc)
@@ -671,8 +767,13 @@ class RoutedSession:
             self._hops[i : i + 1] = new
             if self._on_route is not None:
                 self._on_route(self.route, self.failovers[-1] if self.failovers else "rerouted")
-            log.info("span_rerouted", start=old.hop.plan.start, end=old.hop.plan.end,
-                     replayed=len(old.history), hosts=[lv.hop.plan.host.hex()[:8] for lv in new])  # fmt: skip
+            log.info(
+                "span_rerouted",
+                start=old.hop.plan.start,
+                end=old.hop.plan.end,
+                replayed=len(old.history),
+                hosts=[lv.hop.plan.host.hex()[:8] for lv in new],
+            )
             return
 
     async def close(self) -> None:

@@ -142,8 +142,9 @@ class TrainHost:
             return [await self._loss(sess, msg, payload)]
         if isinstance(msg, TrainNorm):
             sq = await self._run(sess.trainer.grad_sq_norm)
-            reply = TrainNormResult(session_id=sid, step=msg.step, sq_norm=sq,
-                                    micro_batches=sess.trainer.micro_batches)
+            reply = TrainNormResult(
+                session_id=sid, step=msg.step, sq_norm=sq, micro_batches=sess.trainer.micro_batches
+            )
             return [(reply, None)]
         if isinstance(msg, TrainApply):
             return [(await self._apply(sess, msg), None)]
@@ -169,8 +170,14 @@ class TrainHost:
             raise ExecRefused("busy", f"host trains its maximum of {self._max} sessions")
         span = self._span_for(msg.model_id, msg.start, msg.end)
         try:
-            optim = OptimConfig(weight_decay=msg.weight_decay, beta1=msg.beta1, beta2=msg.beta2,
-                                eps=msg.eps, dropout=msg.dropout, precision=msg.precision)
+            optim = OptimConfig(
+                weight_decay=msg.weight_decay,
+                beta1=msg.beta1,
+                beta2=msg.beta2,
+                eps=msg.eps,
+                dropout=msg.dropout,
+                precision=msg.precision,
+            )
         except ValueError as exc:
             raise ExecRefused("bad_input", str(exc)) from None
 
@@ -178,34 +185,52 @@ class TrainHost:
             atoms = span.atom_list()
             # a private fp32 master copy of what trains; frozen spans are shared as served
             own = Span(fp32_copy(atoms)) if trainable(atoms) else Span(atoms)
-            return SpanTrainer(own, optim, needs_input_grad=msg.needs_input_grad,
-                               graph_budget_bytes=self._budget)
+            return SpanTrainer(
+                own, optim, needs_input_grad=msg.needs_input_grad, graph_budget_bytes=self._budget
+            )
 
         trainer = await trio.to_thread.run_sync(build, limiter=self._limiter)
         trainer.next_step = msg.next_step
         sess = _Session(msg, trainer, self._clock())
         self._sessions[key] = sess
         self._metrics.inc("train_sessions_total")
-        log.info("train_session_opened", peer=peer.hex()[:8], model=msg.model_id,
-                 span=f"[{msg.start},{msg.end})", trains=trainer.trains, next_step=msg.next_step)
+        log.info(
+            "train_session_opened",
+            peer=peer.hex()[:8],
+            model=msg.model_id,
+            span=f"[{msg.start},{msg.end})",
+            trains=trainer.trains,
+            next_step=msg.next_step,
+        )
         return self._opened(sess)
 
     @staticmethod
     def _opened(sess: _Session) -> TrainOpened:
         n = sum(p.numel() for _, p in sess.trainer.params)
-        return TrainOpened(session_id=sess.opened.session_id, trainable_params=n,
-                           next_step=sess.trainer.next_step)
+        return TrainOpened(
+            session_id=sess.opened.session_id, trainable_params=n, next_step=sess.trainer.next_step
+        )
 
-    def _context(self, sess: _Session, x: torch.Tensor, *, causal: bool, seed: int,
-                 grad: bool, pad_mask: bytes) -> ForwardContext:
+    def _context(
+        self,
+        sess: _Session,
+        x: torch.Tensor,
+        *,
+        causal: bool,
+        seed: int,
+        grad: bool,
+        pad_mask: bytes,
+    ) -> ForwardContext:
         if x.dim() < 2:
             raise ExecRefused("bad_input", f"expected a (B, T, ...) tensor, got {tuple(x.shape)}")
         tokens = x.shape[1] if sess.trainer.span.in_kind in (IOKind.IDS, IOKind.HIDDEN) else 1
         pad = None
         if pad_mask:
             if len(pad_mask) != x.shape[0] * tokens:
-                raise ExecRefused("bad_input", f"pad_mask: expected {x.shape[0] * tokens} bytes, "
-                                               f"got {len(pad_mask)}")
+                raise ExecRefused(
+                    "bad_input",
+                    f"pad_mask: expected {x.shape[0] * tokens} bytes, got {len(pad_mask)}",
+                )
             pad = torch.frombuffer(bytearray(pad_mask), dtype=torch.uint8)
             pad = pad.view(x.shape[0], tokens).bool()
         ctx = ForwardContext.for_tokens(x.shape[0], tokens, causal=causal, pad_mask=pad)
@@ -215,30 +240,44 @@ class TrainHost:
 
     async def _forward(self, sess: _Session, msg: TrainForward, payload: bytes) -> Reply:
         x = _decode(msg.tensor, payload)
-        ctx = self._context(sess, x, causal=msg.causal, seed=msg.seed, grad=msg.grad,
-                            pad_mask=msg.pad_mask)
+        ctx = self._context(
+            sess, x, causal=msg.causal, seed=msg.seed, grad=msg.grad, pad_mask=msg.pad_mask
+        )
         tr = sess.trainer
         fn = (lambda: tr.forward(msg.mb, x, ctx)) if msg.grad else (lambda: tr.infer(x, ctx))
         (out, compute_s), queue_s = await self._timed(fn)
         enc = encode(out)
-        reply = TrainOutput(session_id=msg.session_id, mb=msg.mb, has_tensor=True,
-                            tensor=header_of(enc), compute_s=compute_s, queue_s=queue_s)
+        reply = TrainOutput(
+            session_id=msg.session_id,
+            mb=msg.mb,
+            has_tensor=True,
+            tensor=header_of(enc),
+            compute_s=compute_s,
+            queue_s=queue_s,
+        )
         return reply, enc
 
     async def _backward(self, sess: _Session, msg: TrainBackward, payload: bytes) -> Reply:
         g = _decode(msg.tensor, payload)
         (grad_in, compute_s), queue_s = await self._timed(lambda: sess.trainer.backward(msg.mb, g))
         enc = EMPTY if grad_in is None else encode(grad_in.float())
-        reply = TrainOutput(session_id=msg.session_id, mb=msg.mb, has_tensor=grad_in is not None,
-                            tensor=header_of(enc), compute_s=compute_s, queue_s=queue_s)
+        reply = TrainOutput(
+            session_id=msg.session_id,
+            mb=msg.mb,
+            has_tensor=grad_in is not None,
+            tensor=header_of(enc),
+            compute_s=compute_s,
+            queue_s=queue_s,
+        )
         return reply, enc
 
     async def _loss(self, sess: _Session, msg: TrainLoss, payload: bytes) -> Reply:
         x = _decode(msg.tensor, payload)
         targets = torch.frombuffer(bytearray(msg.targets), dtype=torch.int64)
         targets = targets.view(msg.targets_shape)
-        ctx = self._context(sess, x, causal=msg.causal, seed=msg.seed, grad=not msg.evaluate,
-                            pad_mask=msg.pad_mask)
+        ctx = self._context(
+            sess, x, causal=msg.causal, seed=msg.seed, grad=not msg.evaluate, pad_mask=msg.pad_mask
+        )
         tr = sess.trainer
 
         def run() -> tuple[LossSum, torch.Tensor | None]:
@@ -249,9 +288,15 @@ class TrainHost:
         ((result, grad_in), compute_s), queue_s = await self._timed(run)
         enc = EMPTY if grad_in is None else encode(grad_in.float())
         reply = TrainLossResult(
-            session_id=msg.session_id, mb=msg.mb, loss=result.loss, count=result.count,
-            correct=result.correct, has_tensor=grad_in is not None, tensor=header_of(enc),
-            compute_s=compute_s, queue_s=queue_s,
+            session_id=msg.session_id,
+            mb=msg.mb,
+            loss=result.loss,
+            count=result.count,
+            correct=result.correct,
+            has_tensor=grad_in is not None,
+            tensor=header_of(enc),
+            compute_s=compute_s,
+            queue_s=queue_s,
         )
         return reply, enc
 
@@ -275,10 +320,17 @@ class TrainHost:
         out: list[Reply] = []
         for i, (name, t) in enumerate(sorted(tensors.items())):
             enc = encode(t)
-            out.append((TrainStateTensor(session_id=sid, name=name, index=i,
-                                         tensor=header_of(enc)), enc))
-        out.append((TrainStateEnd(session_id=sid, count=len(tensors),
-                                  next_step=sess.trainer.next_step, kind=kind), None))
+            out.append(
+                (TrainStateTensor(session_id=sid, name=name, index=i, tensor=header_of(enc)), enc)
+            )
+        out.append(
+            (
+                TrainStateEnd(
+                    session_id=sid, count=len(tensors), next_step=sess.trainer.next_step, kind=kind
+                ),
+                None,
+            )
+        )
         return out
 
     def _receive_state(self, sess: _Session, msg: TrainStateTensor, payload: bytes) -> None:
@@ -293,8 +345,9 @@ class TrainHost:
     async def _restore(self, sess: _Session, msg: TrainStateEnd) -> TrainApplied:
         incoming, sess.incoming = sess.incoming, {}
         if len(incoming) != msg.count:
-            raise ExecRefused("bad_input", f"state: {msg.count} tensors announced, "
-                                           f"{len(incoming)} received")
+            raise ExecRefused(
+                "bad_input", f"state: {msg.count} tensors announced, {len(incoming)} received"
+            )
         tr = sess.trainer
         if msg.kind == "grads":
             await self._run(lambda: tr.set_grads(incoming))
@@ -349,7 +402,9 @@ def _decode(header: object, payload: bytes) -> torch.Tensor:
         raise ExecRefused("bad_input", str(exc)) from None
 
 
-def local_link(host: TrainHost, self_id: bytes) -> Callable[..., Awaitable[list[tuple[object, bytes]]]]:
+def local_link(
+    host: TrainHost, self_id: bytes
+) -> Callable[..., Awaitable[list[tuple[object, bytes]]]]:
     """A `train_origin.Link` to this node's own `TrainHost`: the same messages and checks as
     a remote host, without the network (refusals come back as `ExecFailure`, as on the wire).
     """
@@ -359,8 +414,9 @@ def local_link(host: TrainHost, self_id: bytes) -> Callable[..., Awaitable[list[
             out = await host.handle(self_id, msg, enc.data if enc is not None else b"")
         except ExecRefused as exc:
             sid = getattr(msg, "session_id", b"")
-            failure = ExecFailure(session_id=sid, step_id=getattr(msg, "mb", -1), code=exc.code,
-                                  message=str(exc))
+            failure = ExecFailure(
+                session_id=sid, step_id=getattr(msg, "mb", -1), code=exc.code, message=str(exc)
+            )
             return [(failure, b"")]
         return [(reply, e.data if e is not None else b"") for reply, e in out]
 

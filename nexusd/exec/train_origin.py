@@ -175,8 +175,15 @@ class TrainHop:
     """A training session on one hop's host, over a `Link` (a remote channel or this
     node's own `TrainHost`)."""
 
-    def __init__(self, plan: HopPlan, model_id: str, link: Link, *, remote: bool,
-                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        plan: HopPlan,
+        model_id: str,
+        link: Link,
+        *,
+        remote: bool,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.plan = plan
         self._model = model_id
         self._link = link
@@ -199,51 +206,91 @@ class TrainHop:
 
     def _one(self, out: Replies, kind: type) -> tuple[object, bytes]:
         if len(out) != 1 or not isinstance(out[0][0], kind):
-            raise HopFailed(self.plan.host, f"expected {kind.__name__}, got {out!r:.80}",
-                            penalty="malformed")  # fmt: skip
+            raise HopFailed(
+                self.plan.host, f"expected {kind.__name__}, got {out!r:.80}", penalty="malformed"
+            )
         return out[0]
 
     def _tensor(self, header: object, payload: bytes) -> torch.Tensor:
         try:
             return tensor_of(header, payload)  # type: ignore[arg-type]
         except AtomError as exc:
-            raise HopFailed(self.plan.host, f"invalid output: {exc}", penalty="bad_output") from None
+            raise HopFailed(
+                self.plan.host, f"invalid output: {exc}", penalty="bad_output"
+            ) from None
 
-    def _timing(self, compute_s: float, queue_s: float, elapsed: float, out_b: int,
-                in_b: int) -> HopTiming:
+    def _timing(
+        self, compute_s: float, queue_s: float, elapsed: float, out_b: int, in_b: int
+    ) -> HopTiming:
         transfer = max(0.0, elapsed - compute_s - queue_s) if self._remote else 0.0
-        return HopTiming(host=self.plan.host, start=self.plan.start, end=self.plan.end,
-                         compute_s=compute_s, queue_s=queue_s, transfer_s=transfer,
-                         bytes_out=out_b, bytes_in=in_b)
+        return HopTiming(
+            host=self.plan.host,
+            start=self.plan.start,
+            end=self.plan.end,
+            compute_s=compute_s,
+            queue_s=queue_s,
+            transfer_s=transfer,
+            bytes_out=out_b,
+            bytes_in=in_b,
+        )
 
     async def open(self, optim: OptimConfig, *, needs_input_grad: bool, next_step: int) -> None:
-        msg = TrainOpen(session_id=self.sid, model_id=self._model, start=self.plan.start,
-                        end=self.plan.end, needs_input_grad=needs_input_grad,
-                        weight_decay=optim.weight_decay, beta1=optim.beta1, beta2=optim.beta2,
-                        eps=optim.eps, dropout=optim.dropout, precision=optim.precision,
-                        next_step=next_step)
+        msg = TrainOpen(
+            session_id=self.sid,
+            model_id=self._model,
+            start=self.plan.start,
+            end=self.plan.end,
+            needs_input_grad=needs_input_grad,
+            weight_decay=optim.weight_decay,
+            beta1=optim.beta1,
+            beta2=optim.beta2,
+            eps=optim.eps,
+            dropout=optim.dropout,
+            precision=optim.precision,
+            next_step=next_step,
+        )
         reply, _ = self._one(await self._call(msg), TrainOpened)
         assert isinstance(reply, TrainOpened)
         self.trainable_params = reply.trainable_params
 
-    async def forward(self, mb: int, seed: int, x: torch.Tensor, *, grad: bool, causal: bool,
-                      pad_mask: bytes = b"") -> tuple[torch.Tensor, HopTiming]:
+    async def forward(
+        self,
+        mb: int,
+        seed: int,
+        x: torch.Tensor,
+        *,
+        grad: bool,
+        causal: bool,
+        pad_mask: bytes = b"",
+    ) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(x)
-        msg = TrainForward(session_id=self.sid, mb=mb, seed=seed, causal=causal, grad=grad,
-                           tensor=header_of(enc), pad_mask=pad_mask)
+        msg = TrainForward(
+            session_id=self.sid,
+            mb=mb,
+            seed=seed,
+            causal=causal,
+            grad=grad,
+            tensor=header_of(enc),
+            pad_mask=pad_mask,
+        )
         t0 = trio.current_time()
         reply, payload = self._one(await self._call(msg, enc), TrainOutput)
         assert isinstance(reply, TrainOutput)
         out = self._tensor(reply.tensor, payload)
         tokens_differ = out.dim() >= 3 and x.dim() >= 2 and out.shape[1] != x.shape[1]
         if out.dim() < 2 or out.shape[0] != x.shape[0] or tokens_differ or reply.mb != mb:
-            raise HopFailed(self.plan.host, f"invalid output: {tuple(out.shape)} does not fit "
-                                            f"input {tuple(x.shape)}", penalty="bad_output")
-        return out, self._timing(reply.compute_s, reply.queue_s, trio.current_time() - t0,
-                                 len(enc.data), len(payload))
+            raise HopFailed(
+                self.plan.host,
+                f"invalid output: {tuple(out.shape)} does not fit input {tuple(x.shape)}",
+                penalty="bad_output",
+            )
+        return out, self._timing(
+            reply.compute_s, reply.queue_s, trio.current_time() - t0, len(enc.data), len(payload)
+        )
 
-    async def backward(self, mb: int, grad: torch.Tensor,
-                       like: torch.Tensor) -> tuple[torch.Tensor | None, HopTiming]:
+    async def backward(
+        self, mb: int, grad: torch.Tensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor | None, HopTiming]:
         """Send d loss / d output of `mb`; returns d loss / d input (shaped like `like`)."""
         enc = encode(grad)
         msg = TrainBackward(session_id=self.sid, mb=mb, tensor=header_of(enc))
@@ -251,42 +298,76 @@ class TrainHop:
         reply, payload = self._one(await self._call(msg, enc), TrainOutput)
         assert isinstance(reply, TrainOutput)
         grad_in = self._input_grad(reply.has_tensor, reply.tensor, payload, like)
-        return grad_in, self._timing(reply.compute_s, reply.queue_s, trio.current_time() - t0,
-                                     len(enc.data), len(payload))
+        return grad_in, self._timing(
+            reply.compute_s, reply.queue_s, trio.current_time() - t0, len(enc.data), len(payload)
+        )
 
-    def _input_grad(self, has: bool, header: object, payload: bytes,
-                    like: torch.Tensor) -> torch.Tensor | None:
+    def _input_grad(
+        self, has: bool, header: object, payload: bytes, like: torch.Tensor
+    ) -> torch.Tensor | None:
         if not has:
             return None
         g = self._tensor(header, payload)
         if tuple(g.shape) != tuple(like.shape):
-            raise HopFailed(self.plan.host, f"invalid output: input gradient {tuple(g.shape)} "
-                                            f"does not fit input {tuple(like.shape)}",
-                            penalty="bad_output")  # fmt: skip
+            raise HopFailed(
+                self.plan.host,
+                f"invalid output: input gradient {tuple(g.shape)} "
+                f"does not fit input {tuple(like.shape)}",
+                penalty="bad_output",
+            )
         return g
 
-    async def loss(self, mb: int, seed: int, x: torch.Tensor, targets: torch.Tensor, *,
-                   causal: bool, evaluate: bool,
-                   pad_mask: bytes = b"") -> tuple[LossSum, torch.Tensor | None, HopTiming]:
+    async def loss(
+        self,
+        mb: int,
+        seed: int,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        causal: bool,
+        evaluate: bool,
+        pad_mask: bytes = b"",
+    ) -> tuple[LossSum, torch.Tensor | None, HopTiming]:
         enc = encode(x)
         t = targets.to(torch.int64).contiguous()
-        msg = TrainLoss(session_id=self.sid, mb=mb, seed=seed, causal=causal, evaluate=evaluate,
-                        tensor=header_of(enc), targets=t.numpy().astype("<i8").tobytes(),
-                        targets_shape=tuple(t.shape), pad_mask=pad_mask)
+        msg = TrainLoss(
+            session_id=self.sid,
+            mb=mb,
+            seed=seed,
+            causal=causal,
+            evaluate=evaluate,
+            tensor=header_of(enc),
+            targets=t.numpy().astype("<i8").tobytes(),
+            targets_shape=tuple(t.shape),
+            pad_mask=pad_mask,
+        )
         t0 = trio.current_time()
         reply, payload = self._one(await self._call(msg, enc), TrainLossResult)
         assert isinstance(reply, TrainLossResult)
         if not 0 <= reply.count <= t.numel() or not 0 <= reply.correct <= reply.count:
-            raise HopFailed(self.plan.host, f"implausible loss counts {reply.count}, {reply.correct}",
-                            penalty="bad_output")  # fmt: skip
+            raise HopFailed(
+                self.plan.host,
+                f"implausible loss counts {reply.count}, {reply.correct}",
+                penalty="bad_output",
+            )
         result = LossSum(loss=reply.loss, count=reply.count, correct=reply.correct)
         grad_in = self._input_grad(reply.has_tensor, reply.tensor, payload, x)
-        return result, grad_in, self._timing(reply.compute_s, reply.queue_s,
-                                             trio.current_time() - t0, len(enc.data), len(payload))
+        return (
+            result,
+            grad_in,
+            self._timing(
+                reply.compute_s,
+                reply.queue_s,
+                trio.current_time() - t0,
+                len(enc.data),
+                len(payload),
+            ),
+        )
 
     async def norm(self, step: int) -> tuple[float, int]:
-        reply, _ = self._one(await self._call(TrainNorm(session_id=self.sid, step=step)),
-                             TrainNormResult)
+        reply, _ = self._one(
+            await self._call(TrainNorm(session_id=self.sid, step=step)), TrainNormResult
+        )
         assert isinstance(reply, TrainNormResult)
         if not (math.isfinite(reply.sq_norm) and reply.sq_norm >= 0):
             raise NonFiniteStep(step, f"gradient norm {reply.sq_norm} from {self}")
@@ -305,21 +386,31 @@ class TrainHop:
         tensors: dict[str, torch.Tensor] = {}
         end = out[-1][0] if out else None
         if not isinstance(end, TrainStateEnd) or end.count != len(out) - 1:
-            raise HopFailed(self.plan.host, "checkpoint transfer ended early or miscounted",
-                            penalty="malformed")  # fmt: skip
+            raise HopFailed(
+                self.plan.host, "checkpoint transfer ended early or miscounted", penalty="malformed"
+            )
         for reply, payload in out[:-1]:
             if not isinstance(reply, TrainStateTensor):
-                raise HopFailed(self.plan.host, f"expected TrainStateTensor, got {reply!r:.60}",
-                                penalty="malformed")  # fmt: skip
-            tensors[absolute_name(reply.name, self.plan.start)] = self._tensor(reply.tensor, payload)
+                raise HopFailed(
+                    self.plan.host,
+                    f"expected TrainStateTensor, got {reply!r:.60}",
+                    penalty="malformed",
+                )
+            tensors[absolute_name(reply.name, self.plan.start)] = self._tensor(
+                reply.tensor, payload
+            )
         return tensors, end.next_step
 
-    async def load_state(self, tensors: dict[str, torch.Tensor], next_step: int,
-                         kind: str = "state") -> None:
+    async def load_state(
+        self, tensors: dict[str, torch.Tensor], next_step: int, kind: str = "state"
+    ) -> None:
         """Send this hop's part of `tensors` (names absolute; others ignored): restore a
         checkpoint ("state"), set the step's gradients ("grads") or parameters ("params")."""
-        mine = {relative_name(n, self.plan.start): t for n, t in tensors.items()
-                if self.plan.start <= atom_of(n) < self.plan.end}
+        mine = {
+            relative_name(n, self.plan.start): t
+            for n, t in tensors.items()
+            if self.plan.start <= atom_of(n) < self.plan.end
+        }
         for i, (name, t) in enumerate(sorted(mine.items())):
             enc = encode(t)
             msg = TrainStateTensor(session_id=self.sid, name=name, index=i, tensor=header_of(enc))
@@ -329,8 +420,10 @@ class TrainHop:
 
     async def close(self) -> None:
         """Tell the host (shielded, bounded); hosts reclaim idle training sessions anyway."""
-        await close_bounded(partial(self._link, TrainClose(session_id=self.sid), None, 0),
-                            ignore=(HopFailed, NexusError))
+        await close_bounded(
+            partial(self._link, TrainClose(session_id=self.sid), None, 0),
+            ignore=(HopFailed, NexusError),
+        )
         if self._on_close is not None:
             await close_bounded(self._on_close, ignore=(MeshError,))
 
@@ -355,13 +448,15 @@ def channel_link(channel: ExecChannel, host: bytes, *, timeout_s: float) -> Link
             except trio.TooSlowError:
                 raise HopFailed(host, f"no answer within {timeout_s} s") from None
             except PeerProtocolError as exc:  # a forged, replayed or malformed reply
-                raise HopFailed(host, f"{type(exc).__name__}: {exc}",
-                                penalty=protocol_penalty(exc)) from None  # fmt: skip
+                raise HopFailed(
+                    host, f"{type(exc).__name__}: {exc}", penalty=protocol_penalty(exc)
+                ) from None
             except MeshError as exc:
                 raise HopFailed(host, f"{type(exc).__name__}: {exc}") from None
         if replies:
-            raise HopFailed(host, f"more than {MAX_STATE_TENSORS} checkpoint tensors",
-                            penalty="malformed")  # fmt: skip
+            raise HopFailed(
+                host, f"more than {MAX_STATE_TENSORS} checkpoint tensors", penalty="malformed"
+            )
         return out
 
     return link
@@ -401,15 +496,18 @@ class TrainPipeline:
         causal: the model's attention is causal (language models).
     """
 
-    def __init__(self, hops: Sequence[TrainHop], *, first_trainable: int, schedule: str,
-                 causal: bool) -> None:
+    def __init__(
+        self, hops: Sequence[TrainHop], *, first_trainable: int, schedule: str, causal: bool
+    ) -> None:
         if not hops or hops[-1].plan.end <= first_trainable:
             raise NexusError("a training route needs a trainable atom in its last hop")
         self.hops = list(hops)
         self._causal = causal
         self._schedule = schedule
-        self.roles = [_Role(backward=h.plan.end > first_trainable,
-                            input_grad=h.plan.start > first_trainable) for h in self.hops]
+        self.roles = [
+            _Role(backward=h.plan.end > first_trainable, input_grad=h.plan.start > first_trainable)
+            for h in self.hops
+        ]
         self.stages = sum(r.backward for r in self.roles)
 
     @property
@@ -419,9 +517,11 @@ class TrainPipeline:
     def trainable_hops(self) -> list[TrainHop]:
         return [h for h, r in zip(self.hops, self.roles, strict=True) if r.backward]
 
-    async def open(self, optim: OptimConfig, *, next_step: int,
-                   state: dict[str, torch.Tensor] | None) -> None:
+    async def open(
+        self, optim: OptimConfig, *, next_step: int, state: dict[str, torch.Tensor] | None
+    ) -> None:
         """Open every hop's session (concurrently) and restore `state` onto them."""
+
         async def one(hop: TrainHop, role: _Role) -> None:
             await hop.open(optim, needs_input_grad=role.input_grad, next_step=next_step)
             if state is not None and role.backward:
@@ -439,8 +539,9 @@ class TrainPipeline:
                 ops.append([("F", k) for k in range(micro_batches)])
         return ops
 
-    async def step(self, step: int, mbs: Sequence[MicroBatch], *, lr: float,
-                   clip: float) -> StepReport:
+    async def step(
+        self, step: int, mbs: Sequence[MicroBatch], *, lr: float, clip: float
+    ) -> StepReport:
         """One optimiser step over `mbs`: forwards, losses and backwards in the schedule's
         order, then the global-norm clip and `TrainApply(step)` on every trainable hop."""
         report = await self.run(step, mbs)
@@ -454,8 +555,9 @@ class TrainPipeline:
         gates = [Turnstile(ops) for ops in self._ops(len(mbs))]
         t0 = trio.current_time()
         try:
-            await _gather([partial(self._micro_batch, k, mbs[k], gates, report)
-                           for k in range(len(mbs))])
+            await _gather(
+                [partial(self._micro_batch, k, mbs[k], gates, report) for k in range(len(mbs))]
+            )
         except NonFiniteStep as exc:  # raised by a hop that knows no step number
             raise NonFiniteStep(step, exc.detail) from None
         if report.count == 0:
@@ -470,8 +572,9 @@ class TrainPipeline:
         norms = await _gather([partial(h.norm, step) for h in self.trainable_hops()])
         return sum(sq for sq, _ in norms)
 
-    async def commit(self, step: int, report: StepReport, *, sq_norm: float, lr: float,
-                     clip: float) -> None:
+    async def commit(
+        self, step: int, report: StepReport, *, sq_norm: float, lr: float, clip: float
+    ) -> None:
         """Apply optimiser step `step`: clip the mean gradient (norm sqrt(sq_norm) / count)
         to `clip`, then one AdamW update at `lr` on every trainable hop."""
         grad_norm = math.sqrt(sq_norm) / report.count
@@ -479,8 +582,7 @@ class TrainPipeline:
         clip_scale = min(1.0, clip / grad_norm) if clip > 0 and grad_norm > 0 else 1.0
         scale = clip_scale / report.count
         t0 = trio.current_time()
-        await _gather([partial(h.apply, step, lr=lr, scale=scale)
-                       for h in self.trainable_hops()])
+        await _gather([partial(h.apply, step, lr=lr, scale=scale) for h in self.trainable_hops()])
         report.wall_s += trio.current_time() - t0
 
     async def tensors(self, kind: str) -> dict[str, torch.Tensor]:
@@ -493,25 +595,34 @@ class TrainPipeline:
 
     async def push(self, tensors: dict[str, torch.Tensor], kind: str, next_step: int) -> None:
         """Send every trainable hop its part of `tensors` of `kind`."""
-        await _gather([partial(h.load_state, tensors, next_step, kind)
-                       for h in self.trainable_hops()])
+        await _gather(
+            [partial(h.load_state, tensors, next_step, kind) for h in self.trainable_hops()]
+        )
 
-    async def _micro_batch(self, k: int, mb: MicroBatch, gates: list[Turnstile],
-                           report: StepReport) -> None:
+    async def _micro_batch(
+        self, k: int, mb: MicroBatch, gates: list[Turnstile], report: StepReport
+    ) -> None:
         x, mask = mb.x, mb.pad_mask()
         inputs: list[torch.Tensor] = []
         last = len(self.hops) - 1
         for i, hop in enumerate(self.hops[:-1]):
             async with gates[i].turn(("F", k)):
                 inputs.append(x)
-                x, timing = await hop.forward(k, mb.seed, x, grad=self.roles[i].backward,
-                                              causal=self._causal, pad_mask=mask)
+                x, timing = await hop.forward(
+                    k, mb.seed, x, grad=self.roles[i].backward, causal=self._causal, pad_mask=mask
+                )
             report.hops[hop.plan].add(timing)
         last_takes_tokens = x.dim() >= 3 or x.dtype == torch.long
         async with gates[last].turn(("L", k)):
             result, grad, timing = await self.hops[last].loss(
-                k, mb.seed, x, mb.targets, causal=self._causal, evaluate=False,
-                pad_mask=mask if last_takes_tokens else b"")
+                k,
+                mb.seed,
+                x,
+                mb.targets,
+                causal=self._causal,
+                evaluate=False,
+                pad_mask=mask if last_takes_tokens else b"",
+            )
         report.hops[self.hops[last].plan].add(timing)
         report.add_loss(result)
         for i in range(last - 1, -1, -1):
@@ -530,12 +641,19 @@ class TrainPipeline:
             async with limit:
                 x, mask = mb.x, mb.pad_mask()
                 for hop in self.hops[:-1]:
-                    x, _ = await hop.forward(0, 0, x, grad=False, causal=self._causal,
-                                             pad_mask=mask)
+                    x, _ = await hop.forward(
+                        0, 0, x, grad=False, causal=self._causal, pad_mask=mask
+                    )
                 tokens = x.dim() >= 3 or x.dtype == torch.long
-                result, _, _ = await self.hops[-1].loss(0, 0, x, mb.targets,
-                                                        causal=self._causal, evaluate=True,
-                                                        pad_mask=mask if tokens else b"")
+                result, _, _ = await self.hops[-1].loss(
+                    0,
+                    0,
+                    x,
+                    mb.targets,
+                    causal=self._causal,
+                    evaluate=True,
+                    pad_mask=mask if tokens else b"",
+                )
             total[0] += result.loss
             total[1] += result.count
             total[2] += result.correct
@@ -582,8 +700,7 @@ async def _gather(fns: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
     return results  # type: ignore[return-value]
 
 
-def _first_of(group: BaseExceptionGroup[BaseException],
-                kind: type[E]) -> E | None:
+def _first_of(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E | None:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             inner = _first_of(exc, kind)

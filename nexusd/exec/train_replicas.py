@@ -62,36 +62,45 @@ class ReplicaGroup:
     def replicas(self) -> int:
         return len(self.pipelines)
 
-    async def step(self, step: int, mbs: Sequence[MicroBatch], *, lr: float,
-                   clip: float) -> StepReport:
+    async def step(
+        self, step: int, mbs: Sequence[MicroBatch], *, lr: float, clip: float
+    ) -> StepReport:
         if self.replicas == 1:
             return await self.pipelines[0].step(step, mbs, lr=lr, clip=clip)
         shares = [list(mbs[r :: self.replicas]) for r in range(self.replicas)]
-        reports = await _gather([partial(p.run, step, share)
-                                 for p, share in zip(self.pipelines, shares, strict=True)])
+        reports = await _gather(
+            [partial(p.run, step, share) for p, share in zip(self.pipelines, shares, strict=True)]
+        )
         if self.averaging.every == 1:
             await self._synchronous(step, reports, lr=lr, clip=clip)
         else:
-            await _gather([partial(self._local, p, step, r, lr, clip)
-                           for p, r in zip(self.pipelines, reports, strict=True)])
+            await _gather(
+                [
+                    partial(self._local, p, step, r, lr, clip)
+                    for p, r in zip(self.pipelines, reports, strict=True)
+                ]
+            )
             if (step + 1) % self.averaging.every == 0:
                 await self.average(step + 1)
         return _merge(reports)
 
-    async def _local(self, pipe: TrainPipeline, step: int, report: StepReport, lr: float,
-                     clip: float) -> None:
+    async def _local(
+        self, pipe: TrainPipeline, step: int, report: StepReport, lr: float, clip: float
+    ) -> None:
         sq = await pipe.grad_sq_norm(step)
         await pipe.commit(step, report, sq_norm=sq, lr=lr, clip=clip)
 
-    async def _synchronous(self, step: int, reports: Sequence[StepReport], *, lr: float,
-                           clip: float) -> None:
+    async def _synchronous(
+        self, step: int, reports: Sequence[StepReport], *, lr: float, clip: float
+    ) -> None:
         grads = await _gather([partial(p.tensors, "grads") for p in self.pipelines])
         total = {name: sum_in_order([g[name] for g in grads]) for name in grads[0]}
         sq = sum(float(t.double().pow(2).sum()) for t in total.values())
         merged = _merge(reports)
         await _gather([partial(p.push, total, "grads", step) for p in self.pipelines])
-        await _gather([partial(p.commit, step, merged, sq_norm=sq, lr=lr, clip=clip)
-                       for p in self.pipelines])
+        await _gather(
+            [partial(p.commit, step, merged, sq_norm=sq, lr=lr, clip=clip) for p in self.pipelines]
+        )
 
     async def average(self, next_step: int) -> None:
         """One outer step: average the replicas' parameters, Nesterov momentum, push."""
@@ -124,10 +133,16 @@ class ReplicaGroup:
 
     def load_outer(self, tensors: dict[str, torch.Tensor]) -> None:
         self._outer = _Outer(
-            params={n.removeprefix("outer_param/"): t for n, t in tensors.items()
-                    if n.startswith("outer_param/")},
-            momentum={n.removeprefix("outer_momentum/"): t for n, t in tensors.items()
-                      if n.startswith("outer_momentum/")},
+            params={
+                n.removeprefix("outer_param/"): t
+                for n, t in tensors.items()
+                if n.startswith("outer_param/")
+            },
+            momentum={
+                n.removeprefix("outer_momentum/"): t
+                for n, t in tensors.items()
+                if n.startswith("outer_momentum/")
+            },
         )
 
 

@@ -265,10 +265,23 @@ class TrainClose:
 
 
 TRAIN_HOST_INBOUND = (
-    TrainOpen, TrainForward, TrainBackward, TrainLoss, TrainNorm, TrainApply, TrainGetState,
-    TrainStateTensor, TrainStateEnd, TrainClose,
+    TrainOpen,
+    TrainForward,
+    TrainBackward,
+    TrainLoss,
+    TrainNorm,
+    TrainApply,
+    TrainGetState,
+    TrainStateTensor,
+    TrainStateEnd,
+    TrainClose,
 )
 TRAIN_ORIGIN_INBOUND = (
-    TrainOpened, TrainOutput, TrainLossResult, TrainNormResult, TrainApplied, TrainStateTensor,
+    TrainOpened,
+    TrainOutput,
+    TrainLossResult,
+    TrainNormResult,
+    TrainApplied,
+    TrainStateTensor,
     TrainStateEnd,
 )

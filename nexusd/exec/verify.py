@@ -50,8 +50,14 @@ class VerifyPolicy:
     def __post_init__(self) -> None:
         if not (isinstance(self.rate, (int, float)) and 0.0 <= self.rate <= 1.0):
             raise ValueError(f"verify_rate: expected 0..1, got {self.rate!r}")
-        if isinstance(self.first_steps, bool) or not isinstance(self.first_steps, int) or self.first_steps < 0:
-            raise ValueError(f"verify_first_steps: expected an integer >= 0, got {self.first_steps!r}")
+        if (
+            isinstance(self.first_steps, bool)
+            or not isinstance(self.first_steps, int)
+            or self.first_steps < 0
+        ):
+            raise ValueError(
+                f"verify_first_steps: expected an integer >= 0, got {self.first_steps!r}"
+            )
         for name in ("tol_fp32", "tol_bf16"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):

@@ -69,11 +69,15 @@ class OpenSession:
 
     def __post_init__(self) -> None:
         if len(self.session_id) != SESSION_ID_BYTES:
-            raise ValueError(f"session_id: expected {SESSION_ID_BYTES} bytes, got {len(self.session_id)}")
+            raise ValueError(
+                f"session_id: expected {SESSION_ID_BYTES} bytes, got {len(self.session_id)}"
+            )
         if not 0 <= self.start < self.end:
             raise ValueError(f"span: expected 0 <= start < end, got [{self.start}, {self.end})")
         if not 1 <= self.batch <= 4096 or not 0 <= self.max_len <= 1 << 20:
-            raise ValueError(f"batch 1..4096 and max_len 0..2^20 expected, got {self.batch}, {self.max_len}")
+            raise ValueError(
+                f"batch 1..4096 and max_len 0..2^20 expected, got {self.batch}, {self.max_len}"
+            )
 
 
 @record("x.opened")
@@ -100,7 +104,9 @@ class Step:
 
     def __post_init__(self) -> None:
         if self.step_id < 0 or self.position < 0:
-            raise ValueError(f"step_id and position must be >= 0, got {self.step_id}, {self.position}")
+            raise ValueError(
+                f"step_id and position must be >= 0, got {self.step_id}, {self.position}"
+            )
 
 
 @record("x.result")
@@ -131,9 +137,14 @@ class ExecFailure:
 
 
 FAILURE_CODES = (
-    "bad_input", "not_hosted", "no_session", "out_of_order", "cache_exhausted", "busy",
+    "bad_input",
+    "not_hosted",
+    "no_session",
+    "out_of_order",
+    "cache_exhausted",
+    "busy",
     "internal",
-)  # fmt: skip
+)
 HOST_INBOUND = (OpenSession, Step, CloseSession)
 ORIGIN_INBOUND = (SessionOpened, StepResult, ExecFailure)
 
@@ -190,9 +201,13 @@ class ExecChannel:
             await self.stream.send_many([encode(msg), payload])  # type: ignore[attr-defined]
             return
         env = seal_large(
-            self._signer.key, EXEC_DOMAIN, encode(msg), payload,
-            clock=self._signer.clock, now=time.time(),
-        )  # fmt: skip
+            self._signer.key,
+            EXEC_DOMAIN,
+            encode(msg),
+            payload,
+            clock=self._signer.clock,
+            now=time.time(),
+        )
         await self.stream.send(env)
         await self.stream.send(payload)
 

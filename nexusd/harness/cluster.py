@@ -46,13 +46,22 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class DaemonProcess:
     """`nexusd run` in a subprocess; its parsed JSON log lines arrive in `events`."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 log_file: Path | None = None, prefix: Sequence[str] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_file: Path | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "nexusd", "run", "--data-dir", str(data_dir), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=daemon_env(env),
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=daemon_env(env),
+        )
         self._log: IO[str] | None = log_file.open("w") if log_file else None
         self.lines: queue.Queue[Event | None] = queue.Queue()
         self.seen: list[Event] = []
@@ -90,7 +99,9 @@ class DaemonProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no matching log event within {timeout_s}s; last: {self.seen[-5:]}")
+                raise TimeoutError(
+                    f"no matching log event within {timeout_s}s; last: {self.seen[-5:]}"
+                )
             try:
                 item = self.lines.get(timeout=remaining)
             except queue.Empty:
@@ -135,10 +146,17 @@ class DaemonProcess:
         self.stop()
 
 
-def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None,
-            timeout_s: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "nexusd", *args], capture_output=True,
-                          text=True, timeout=timeout_s, env=daemon_env(env), check=False)  # fmt: skip
+def run_cli(
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexusd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=daemon_env(env),
+        check=False,
+    )
 
 
 class ClusterError(RuntimeError):
@@ -157,10 +175,17 @@ class LocalCluster:
         listen_hosts: per node, the address its mesh transport listens on (127.0.0.1).
     """
 
-    def __init__(self, root: Path, size: int, *, models_dir: Path,
-                 env: dict[str, str] | None = None, names: Sequence[str] | None = None,
-                 prefixes: Sequence[Sequence[str]] | None = None,
-                 listen_hosts: Sequence[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        size: int,
+        *,
+        models_dir: Path,
+        env: dict[str, str] | None = None,
+        names: Sequence[str] | None = None,
+        prefixes: Sequence[Sequence[str]] | None = None,
+        listen_hosts: Sequence[str] | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least 1 node, got {size}")
         self.root = root
@@ -188,9 +213,16 @@ class LocalCluster:
                 raise ClusterError(f"init of {self.names[i]} failed: {res.stderr.strip()}")
 
     def _spawn(self, i: int) -> DaemonProcess:
-        return DaemonProcess(self.data_dir(i), "--port", "0", "--listen-host", self.listen_hosts[i],
-                             env=self.env, log_file=self.root / f"{self.names[i]}.log",
-                             prefix=self.prefixes[i])  # fmt: skip
+        return DaemonProcess(
+            self.data_dir(i),
+            "--port",
+            "0",
+            "--listen-host",
+            self.listen_hosts[i],
+            env=self.env,
+            log_file=self.root / f"{self.names[i]}.log",
+            prefix=self.prefixes[i],
+        )
 
     def start(self, i: int, *, timeout_s: float = 120.0) -> DaemonProcess:
         """(Re)start node i's daemon and wait until it serves."""
@@ -214,14 +246,33 @@ class LocalCluster:
             self.call(i, JoinMeshRequest(token, name), expect=JoinedReply, timeout_s=120)
 
     @overload
-    def call(self, i: int, request: object, *, expect: type[R], timeout_s: float | None = 120,
-             on_event: Callable[[object], None] | None = None) -> R: ...  # fmt: skip
+    def call(
+        self,
+        i: int,
+        request: object,
+        *,
+        expect: type[R],
+        timeout_s: float | None = 120,
+        on_event: Callable[[object], None] | None = None,
+    ) -> R: ...
     @overload
-    def call(self, i: int, request: object, *, timeout_s: float | None = 120,
-             on_event: Callable[[object], None] | None = None) -> object: ...  # fmt: skip
-    def call(self, i: int, request: object, *, expect: type[object] = object,
-             timeout_s: float | None = 120,
-             on_event: Callable[[object], None] | None = None) -> object:  # fmt: skip
+    def call(
+        self,
+        i: int,
+        request: object,
+        *,
+        timeout_s: float | None = 120,
+        on_event: Callable[[object], None] | None = None,
+    ) -> object: ...
+    def call(
+        self,
+        i: int,
+        request: object,
+        *,
+        expect: type[object] = object,
+        timeout_s: float | None = 120,
+        on_event: Callable[[object], None] | None = None,
+    ) -> object:
         """One API request to node i (blocking); events go to `on_event`. With `expect`, the
         reply is of that type (see `nexusd.api.client.call`)."""
 
@@ -242,13 +293,19 @@ class LocalCluster:
     def wait_hosts(self, i: int, count: int, model: str = "", timeout_s: float = 60) -> object:
         from ..api.records import PeersReply, PeersRequest
 
-        reply = self.call(i, PeersRequest(count, model, timeout_s), expect=PeersReply,
-                          timeout_s=timeout_s + 10)  # fmt: skip
-        hosting = sum(1 for p in reply.peers if p.hosted and (not model or
-                      any(h.startswith(model + ":") for h in p.hosted)))  # fmt: skip
+        reply = self.call(
+            i, PeersRequest(count, model, timeout_s), expect=PeersReply, timeout_s=timeout_s + 10
+        )
+        hosting = sum(
+            1
+            for p in reply.peers
+            if p.hosted and (not model or any(h.startswith(model + ":") for h in p.hosted))
+        )
         if hosting < count:
-            raise ClusterError(f"{self.names[i]} sees {hosting} hosts of {model or 'any model'} "
-                               f"after {timeout_s}s, expected {count}")  # fmt: skip
+            raise ClusterError(
+                f"{self.names[i]} sees {hosting} hosts of {model or 'any model'} "
+                f"after {timeout_s}s, expected {count}"
+            )
         return reply
 
     def stop_all(self) -> None:
@@ -259,13 +316,26 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(root: Path, size: int, *, models_dir: Path, env: dict[str, str] | None = None,
-                  names: Sequence[str] | None = None,
-                  prefixes: Sequence[Sequence[str]] | None = None,
-                  listen_hosts: Sequence[str] | None = None) -> Iterator[LocalCluster]:  # fmt: skip
+def local_cluster(
+    root: Path,
+    size: int,
+    *,
+    models_dir: Path,
+    env: dict[str, str] | None = None,
+    names: Sequence[str] | None = None,
+    prefixes: Sequence[Sequence[str]] | None = None,
+    listen_hosts: Sequence[str] | None = None,
+) -> Iterator[LocalCluster]:
     """A started, joined cluster; every daemon is stopped on exit."""
-    cluster = LocalCluster(root, size, models_dir=models_dir, env=env, names=names,
-                           prefixes=prefixes, listen_hosts=listen_hosts)  # fmt: skip
+    cluster = LocalCluster(
+        root,
+        size,
+        models_dir=models_dir,
+        env=env,
+        names=names,
+        prefixes=prefixes,
+        listen_hosts=listen_hosts,
+    )
     try:
         cluster.init()
         cluster.start_all()

@@ -96,9 +96,11 @@ def run_demo(opts: DemoOptions) -> int:
     registry = ModelRegistry(models_dir)
     gen_info = registry.info(DEFAULT_GENERATE_MODEL)
     emb_info = registry.info(DEFAULT_EMBED_MODEL)
-    say(f"  {gen_info.model_id}: {gen_info.n_atoms} atoms, digest {gen_info.digest[:12]}; "
+    say(
+        f"  {gen_info.model_id}: {gen_info.n_atoms} atoms, digest {gen_info.digest[:12]}; "
         f"{emb_info.model_id}: {emb_info.n_atoms} atoms, digest {emb_info.digest[:12]} "
-        f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
     names = ["origin"] + [f"host{i}" for i in range(1, opts.nodes)]
     cluster = LocalCluster(workdir, opts.nodes, models_dir=models_dir, names=names)
     try:
@@ -107,8 +109,10 @@ def run_demo(opts: DemoOptions) -> int:
         cluster.init()
         cluster.start_all()
         cluster.join_all()
-        say(f"  mesh founded by {names[0]}; {', '.join(names[1:])} joined "
-            f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+        say(
+            f"  mesh founded by {names[0]}; {', '.join(names[1:])} joined "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
         layout = place_atoms(cluster, gen_info.n_atoms, emb_info.n_atoms, opts)
         for i, specs in layout.items():
             say(f"  {names[i]:<8} hosts {', '.join(specs)}")
@@ -116,8 +120,12 @@ def run_demo(opts: DemoOptions) -> int:
         cluster.wait_hosts(0, opts.nodes - 1, DEFAULT_EMBED_MODEL)
         reference = registry.load_model(DEFAULT_GENERATE_MODEL)
         tok = registry.tokenizer(DEFAULT_GENERATE_MODEL)
-        ref_tokens = reference_generation(reference, tok.encode_prompt(PROMPT), opts.max_tokens,
-                                          registry.eos_token_ids(DEFAULT_GENERATE_MODEL))
+        ref_tokens = reference_generation(
+            reference,
+            tok.encode_prompt(PROMPT),
+            opts.max_tokens,
+            registry.eos_token_ids(DEFAULT_GENERATE_MODEL),
+        )
         demo_generate(cluster, ref_tokens, opts.max_tokens, outcome)
         demo_embed(cluster, registry, outcome)
         demo_classify(cluster, outcome)
@@ -139,8 +147,9 @@ def run_demo(opts: DemoOptions) -> int:
     return 1 if failed else 0
 
 
-def place_atoms(cluster: LocalCluster, gen_atoms: int, emb_atoms: int, opts: DemoOptions
-                ) -> dict[int, list[str]]:  # fmt: skip
+def place_atoms(
+    cluster: LocalCluster, gen_atoms: int, emb_atoms: int, opts: DemoOptions
+) -> dict[int, list[str]]:
     """Nexus 1.1 across every node (with --failover, a replicated tail); MiniLM on the hosts."""
     n = cluster.size
     layout: dict[int, list[str]] = {i: [] for i in range(n)}
@@ -160,20 +169,29 @@ def place_atoms(cluster: LocalCluster, gen_atoms: int, emb_atoms: int, opts: Dem
     return layout
 
 
-def reference_generation(model: Model, prompt_ids: list[int], max_tokens: int,
-                         eos: tuple[int, ...]) -> tuple[int, ...]:
+def reference_generation(
+    model: Model, prompt_ids: list[int], max_tokens: int, eos: tuple[int, ...]
+) -> tuple[int, ...]:
     """The demo's generation in this process: the mesh's must equal it token for token."""
     from atoms.generation import GenerationParams, generate
 
-    params = GenerationParams(max_new_tokens=max_tokens, stop_token_ids=eos,
-                              temperature=TEMPERATURE, top_k=TOP_K, seed=SEED)
+    params = GenerationParams(
+        max_new_tokens=max_tokens,
+        stop_token_ids=eos,
+        temperature=TEMPERATURE,
+        top_k=TOP_K,
+        seed=SEED,
+    )
     return generate(model, prompt_ids, params).token_ids
 
 
-def demo_generate(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
-                  outcome: Outcome) -> None:  # fmt: skip
-    say(f"\n[3/6] generate ({DEFAULT_GENERATE_MODEL}, trained by the mesh; sampled at "
-        f"temperature {TEMPERATURE}, seed {SEED}) from origin")
+def demo_generate(
+    cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int, outcome: Outcome
+) -> None:
+    say(
+        f"\n[3/6] generate ({DEFAULT_GENERATE_MODEL}, trained by the mesh; sampled at "
+        f"temperature {TEMPERATURE}, seed {SEED}) from origin"
+    )
     sys.stdout.write("  > " + PROMPT)
 
     def show(event: object) -> None:
@@ -181,32 +199,53 @@ def demo_generate(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
             sys.stdout.write(event.text)
             sys.stdout.flush()
 
-    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens,
-                          temperature=TEMPERATURE, top_k=TOP_K, seed=SEED)
+    req = GenerateRequest(
+        prompt=PROMPT,
+        model=DEFAULT_GENERATE_MODEL,
+        max_new_tokens=max_tokens,
+        temperature=TEMPERATURE,
+        top_k=TOP_K,
+        seed=SEED,
+    )
     reply = cluster.call(0, req, expect=GenerateReply, on_event=show)
-    say(f"\n  {len(reply.token_ids)} tokens in {reply.elapsed_s:.2f}s ({reply.tokens_per_s:.1f} tok/s)")
+    say(
+        f"\n  {len(reply.token_ids)} tokens in {reply.elapsed_s:.2f}s ({reply.tokens_per_s:.1f} tok/s)"
+    )
     say(_indent(route_table(reply.route)))
-    outcome.check("generation equals single-process", reply.token_ids == ref,
-                  f"{len(ref)} sampled tokens compared")  # fmt: skip
+    outcome.check(
+        "generation equals single-process",
+        reply.token_ids == ref,
+        f"{len(ref)} sampled tokens compared",
+    )
 
 
 def demo_embed(cluster: LocalCluster, registry: ModelRegistry, outcome: Outcome) -> None:
     from atoms.embed import embed_texts
 
-    say(f"\n[4/6] embed {len(SENTENCES)} sentences ({DEFAULT_EMBED_MODEL}, micro-batched) and classify")
+    say(
+        f"\n[4/6] embed {len(SENTENCES)} sentences ({DEFAULT_EMBED_MODEL}, micro-batched) and classify"
+    )
     req = EmbedRequest(texts=SENTENCES, model=DEFAULT_EMBED_MODEL, micro_batch=2)
     reply = cluster.call(0, req, expect=EmbedReply)
     got = torch.tensor(vectors_of(reply))
     ref = embed_texts(registry.load_model(DEFAULT_EMBED_MODEL), list(SENTENCES))
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     sims = got @ got.T
-    best = max((float(sims[i, j]), i, j) for i in range(len(SENTENCES))
-                for j in range(i + 1, len(SENTENCES)))  # fmt: skip
-    say(f"  {reply.count} x {reply.dims} in {reply.elapsed_s:.2f}s; most similar pair "
-        f"({best[0]:.2f}): {SENTENCES[best[1]]!r} ~ {SENTENCES[best[2]]!r}")  # fmt: skip
+    best = max(
+        (float(sims[i, j]), i, j)
+        for i in range(len(SENTENCES))
+        for j in range(i + 1, len(SENTENCES))
+    )
+    say(
+        f"  {reply.count} x {reply.dims} in {reply.elapsed_s:.2f}s; most similar pair "
+        f"({best[0]:.2f}): {SENTENCES[best[1]]!r} ~ {SENTENCES[best[2]]!r}"
+    )
     say(_indent(route_table(reply.route)))
-    outcome.check("embeddings equal single-process", float(cos.min()) >= 0.9999,
-                  f"min cosine {float(cos.min()):.6f}")  # fmt: skip
+    outcome.check(
+        "embeddings equal single-process",
+        float(cos.min()) >= 0.9999,
+        f"min cosine {float(cos.min()):.6f}",
+    )
 
 
 def demo_classify(cluster: LocalCluster, outcome: Outcome) -> None:
@@ -222,8 +261,9 @@ def demo_classify(cluster: LocalCluster, outcome: Outcome) -> None:
     outcome.check("classification", right == len(CLASSIFY), f"{right}/{len(CLASSIFY)} correct")
 
 
-def demo_failover(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
-                  outcome: Outcome) -> None:  # fmt: skip
+def demo_failover(
+    cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int, outcome: Outcome
+) -> None:
     say("\n[5b/6] failover: kill the host serving the tail mid-generation")
     state = _FailoverWatch()
 
@@ -238,21 +278,33 @@ def demo_failover(cluster: LocalCluster, ref: tuple[int, ...], max_tokens: int,
             state.tokens += 1
             if state.tokens == max(2, len(ref) // 3) and not state.victim and state.route:
                 victim_hex = state.route.hops[-1].host
-                idx = next(i for i, d in enumerate(cluster.daemons)
-                           if d is not None and _node_hex(cluster, i) == victim_hex)  # fmt: skip
+                idx = next(
+                    i
+                    for i, d in enumerate(cluster.daemons)
+                    if d is not None and _node_hex(cluster, i) == victim_hex
+                )
                 state.victim = cluster.names[idx]
                 say(f"\n  ** killing {state.victim} (SIGKILL) after {state.tokens} tokens **")
                 cluster.daemon(idx).kill()
 
     t0 = time.perf_counter()
-    req = GenerateRequest(prompt=PROMPT, model=DEFAULT_GENERATE_MODEL, max_new_tokens=max_tokens,
-                          temperature=TEMPERATURE, top_k=TOP_K, seed=SEED)
+    req = GenerateRequest(
+        prompt=PROMPT,
+        model=DEFAULT_GENERATE_MODEL,
+        max_new_tokens=max_tokens,
+        temperature=TEMPERATURE,
+        top_k=TOP_K,
+        seed=SEED,
+    )
     reply = cluster.call(0, req, expect=GenerateReply, on_event=watch)
     say(f"\n  finished in {time.perf_counter() - t0:.2f}s; failovers: {len(reply.failovers)}")
     say(_indent(route_table(reply.route)))
-    outcome.check("failover output identical", reply.token_ids == ref and bool(reply.failovers),
-                  f"killed {state.victim}, {len(reply.failovers)} failover(s), tokens equal: "
-                  f"{reply.token_ids == ref}")  # fmt: skip
+    outcome.check(
+        "failover output identical",
+        reply.token_ids == ref and bool(reply.failovers),
+        f"killed {state.victim}, {len(reply.failovers)} failover(s), tokens equal: "
+        f"{reply.token_ids == ref}",
+    )
 
 
 @dataclass(slots=True)

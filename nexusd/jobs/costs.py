@@ -32,9 +32,16 @@ class HopCosts:
         rows = sorted(self.hops.items(), key=lambda kv: (kv[0][1], kv[0][0]))
         return tuple(
             HopReport(
-                host=h.hex(), name=name_of(h), start=s, end=e, steps=a.steps,
-                compute_s=round(a.compute_s, 6), queue_s=round(a.queue_s, 6),
-                transfer_s=round(a.transfer_s, 6), bytes_out=a.bytes_out, bytes_in=a.bytes_in,
+                host=h.hex(),
+                name=name_of(h),
+                start=s,
+                end=e,
+                steps=a.steps,
+                compute_s=round(a.compute_s, 6),
+                queue_s=round(a.queue_s, 6),
+                transfer_s=round(a.transfer_s, 6),
+                bytes_out=a.bytes_out,
+                bytes_in=a.bytes_in,
             )
             for (h, s, e), a in rows
         )

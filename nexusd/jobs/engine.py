@@ -128,12 +128,25 @@ class JobEngine:
     # ---- sessions ------------------------------------------------------------------------
 
     def _session(
-        self, model_id: str, *, n_atoms: int, batch: int, max_len: int, bytes_per_hop: int,
-        kind: Literal["latency", "batch"], codec: str,
+        self,
+        model_id: str,
+        *,
+        n_atoms: int,
+        batch: int,
+        max_len: int,
+        bytes_per_hop: int,
+        kind: Literal["latency", "batch"],
+        codec: str,
         on_route: Callable[[list[HopPlan], str], None] | None = None,
-    ) -> RoutedSession:  # fmt: skip
-        plan = make_planner(self.view, model_id=model_id, bytes_per_hop=bytes_per_hop,
-                            kv_tokens=max_len, kind=kind, rng=self._rng)  # fmt: skip
+    ) -> RoutedSession:
+        plan = make_planner(
+            self.view,
+            model_id=model_id,
+            bytes_per_hop=bytes_per_hop,
+            kv_tokens=max_len,
+            kind=kind,
+            rng=self._rng,
+        )
 
         async def make_hop(p: HopPlan) -> Hop:
             if p.host == self.view.node_id:
@@ -141,20 +154,37 @@ class JobEngine:
             channel = await self._open_channel(p.host)
             return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=codec)
 
-        async def arbiter(start: int, end: int, inputs: list[StepInput], batch: int, max_len: int) -> torch.Tensor:
+        async def arbiter(
+            start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
+        ) -> torch.Tensor:
             return await self._own_output(model_id, start, end, inputs, batch, max_len)
 
-        verify = None if self._verify is None else Verification(
-            policy=self._verify, arbiter=arbiter, codec=codec, trusted=self.view.node_id,
-            rng=random.Random(self._rng.getrandbits(64)),
-            on_check=lambda outcome: self._metrics.inc("verify_checks_total", outcome=outcome),
-        )  # fmt: skip
-        return RoutedSession(n_atoms=n_atoms, plan=plan, make_hop=make_hop,
-                             report_failure=self._report, batch=batch, max_len=max_len,
-                             on_route=on_route, verify=verify)  # fmt: skip
+        verify = (
+            None
+            if self._verify is None
+            else Verification(
+                policy=self._verify,
+                arbiter=arbiter,
+                codec=codec,
+                trusted=self.view.node_id,
+                rng=random.Random(self._rng.getrandbits(64)),
+                on_check=lambda outcome: self._metrics.inc("verify_checks_total", outcome=outcome),
+            )
+        )
+        return RoutedSession(
+            n_atoms=n_atoms,
+            plan=plan,
+            make_hop=make_hop,
+            report_failure=self._report,
+            batch=batch,
+            max_len=max_len,
+            on_route=on_route,
+            verify=verify,
+        )
 
-    async def _own_output(self, model_id: str, start: int, end: int, inputs: list[StepInput],
-                          batch: int, max_len: int) -> torch.Tensor:  # fmt: skip
+    async def _own_output(
+        self, model_id: str, start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
+    ) -> torch.Tensor:
         """This node's own output of atoms [start, end) (float32, from its model files, on a
         fresh session) for the last of `inputs`: the judge of a spot check. The last
         `ARBITER_SPANS` spans loaded stay loaded (checks of one job reuse them)."""
@@ -165,8 +195,13 @@ class JobEngine:
         self._arbiter_spans[key] = span
         while len(self._arbiter_spans) > ARBITER_SPANS:
             self._arbiter_spans.popitem(last=False)
-        host = SpanHost([span], kv_budget_bytes=1 << 40, max_sessions=1, limiter=self._arbiter_limiter,
-                        metrics=Metrics())  # fmt: skip
+        host = SpanHost(
+            [span],
+            kv_budget_bytes=1 << 40,
+            max_sessions=1,
+            limiter=self._arbiter_limiter,
+            metrics=Metrics(),
+        )
         hop = LocalHop(HopPlan(self.view.node_id, start, end), model_id, host, self.view.node_id)
         try:
             await hop.open(batch, max_len)
@@ -187,8 +222,13 @@ class JobEngine:
             raise HopFailed(host, f"cannot open a stream: {exc}") from None
         except Exception as exc:  # boundary: any transport failure is this hop's failure
             raise HopFailed(host, f"cannot open a stream: {type(exc).__name__}: {exc}") from None
-        return ExecChannel(stream, self._signer, self._verifier, self.view.is_member,
-                           (*ORIGIN_INBOUND, *TRAIN_ORIGIN_INBOUND))
+        return ExecChannel(
+            stream,
+            self._signer,
+            self._verifier,
+            self.view.is_member,
+            (*ORIGIN_INBOUND, *TRAIN_ORIGIN_INBOUND),
+        )
 
     def _report(self, host: bytes, penalty: str, reason: str) -> None:
         """A hop failed and is blamed: count it, score `penalty` against the host."""
@@ -198,8 +238,11 @@ class JobEngine:
             self.view.report(host, penalty)
 
     def route_event(self, job_id: str, hops: list[HopPlan], reason: str) -> RouteEvent:
-        return RouteEvent(job_id, tuple(RouteHop(h.host.hex(), self.view.name_of(h.host), h.start,
-                                                 h.end) for h in hops), reason)  # fmt: skip
+        return RouteEvent(
+            job_id,
+            tuple(RouteHop(h.host.hex(), self.view.name_of(h.host), h.start, h.end) for h in hops),
+            reason,
+        )
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -208,38 +251,62 @@ class JobEngine:
         _check_codec(req.codec)
         info = self.registry.info(req.model)
         if not info.causal:
-            raise ApiError("bad_request", f"model {req.model} is an encoder ({info.family}); "
-                                          "generation needs a decoder such as nexus-1.1")  # fmt: skip
+            raise ApiError(
+                "bad_request",
+                f"model {req.model} is an encoder ({info.family}); "
+                "generation needs a decoder such as nexus-1.1",
+            )
         if not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:
-            raise ApiError("bad_request", f"max_new_tokens: expected 1..{MAX_NEW_TOKENS}, got {req.max_new_tokens}")
+            raise ApiError(
+                "bad_request",
+                f"max_new_tokens: expected 1..{MAX_NEW_TOKENS}, got {req.max_new_tokens}",
+            )
         if len(req.prompt) > MAX_TEXT_CHARS or not req.prompt:
-            raise ApiError("bad_request", f"prompt: expected 1..{MAX_TEXT_CHARS} characters, got {len(req.prompt)}")
+            raise ApiError(
+                "bad_request",
+                f"prompt: expected 1..{MAX_TEXT_CHARS} characters, got {len(req.prompt)}",
+            )
         try:
             params = GenerationParams(
-                max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
-                top_p=req.top_p, seed=req.seed, stop_sequences=req.stop,
+                max_new_tokens=req.max_new_tokens,
+                temperature=req.temperature,
+                top_k=req.top_k,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop_sequences=req.stop,
                 stop_token_ids=self.registry.eos_token_ids(req.model),
-            )  # fmt: skip
+            )
         except ValueError as exc:
             raise ApiError("bad_request", str(exc)) from None
         tok = self.registry.tokenizer(req.model)
         prompt_ids = tok.encode_prompt(req.prompt)  # [CLS] text: continued, not closed
-        context = (self.registry.config_int(req.model, "max_positions", 0)
-                   or self.registry.config_int(req.model, "max_position_embeddings", 0))  # fmt: skip
+        context = self.registry.config_int(
+            req.model, "max_positions", 0
+        ) or self.registry.config_int(req.model, "max_position_embeddings", 0)
         if context and len(prompt_ids) + req.max_new_tokens > context:
-            raise ApiError("bad_request", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
-                                          f"({req.max_new_tokens}) exceeds {req.model}'s context "
-                                          f"of {context} positions")  # fmt: skip
+            raise ApiError(
+                "bad_request",
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                f"({req.max_new_tokens}) exceeds {req.model}'s context "
+                f"of {context} positions",
+            )
         pending: list[object] = []
-        gen = TokenGenerator(params, decode=tok.decode,
-                             on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)))  # fmt: skip
+        gen = TokenGenerator(
+            params,
+            decode=tok.decode,
+            on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)),
+        )
         hidden = self.registry.config_int(req.model, "hidden_size", 0)
         session = self._session(
-            req.model, n_atoms=info.n_atoms, batch=1, max_len=len(prompt_ids) + req.max_new_tokens,
-            bytes_per_hop=wire_bytes(hidden, torch.float32, req.codec), kind="latency",
+            req.model,
+            n_atoms=info.n_atoms,
+            batch=1,
+            max_len=len(prompt_ids) + req.max_new_tokens,
+            bytes_per_hop=wire_bytes(hidden, torch.float32, req.codec),
+            kind="latency",
             codec=req.codec,
             on_route=lambda hops, why: pending.append(self.route_event(job_id, hops, why)),
-        )  # fmt: skip
+        )
         costs = HopCosts()
         t0 = time.perf_counter()
         try:
@@ -249,7 +316,9 @@ class JobEngine:
             pending.clear()
             step: StepRequest | Done = gen.start(prompt_ids)
             while isinstance(step, StepRequest):
-                logits, timings = await session.step(StepInput(step.input_ids(), step.start, True, b""))
+                logits, timings = await session.step(
+                    StepInput(step.input_ids(), step.start, True, b"")
+                )
                 costs.add(timings)
                 step = gen.feed(logits)
                 for event in pending:
@@ -260,12 +329,17 @@ class JobEngine:
         elapsed = time.perf_counter() - t0
         self._metrics.inc("jobs_tokens_total", len(step.token_ids), model=req.model)
         return GenerateReply(
-            job_id=job_id, model=req.model, text=step.text, token_ids=step.token_ids,
-            stop_reason=step.reason.value, prompt_tokens=len(prompt_ids),
+            job_id=job_id,
+            model=req.model,
+            text=step.text,
+            token_ids=step.token_ids,
+            stop_reason=step.reason.value,
+            prompt_tokens=len(prompt_ids),
             elapsed_s=round(elapsed, 6),
             tokens_per_s=round(len(step.token_ids) / elapsed, 3) if elapsed else 0.0,
-            route=costs.report(self.view.name_of), failovers=tuple(session.failovers),
-        )  # fmt: skip
+            route=costs.report(self.view.name_of),
+            failovers=tuple(session.failovers),
+        )
 
     # ---- embeddings ----------------------------------------------------------------------
 
@@ -276,16 +350,27 @@ class JobEngine:
         )
         n, dims = vectors.shape
         return EmbedReply(
-            job_id=job_id, model=req.model, count=n, dims=dims,
-            vectors=vectors.contiguous().numpy().tobytes(), elapsed_s=round(elapsed, 6),
+            job_id=job_id,
+            model=req.model,
+            count=n,
+            dims=dims,
+            vectors=vectors.contiguous().numpy().tobytes(),
+            elapsed_s=round(elapsed, 6),
             texts_per_s=round(n / elapsed, 3) if elapsed else 0.0,
-            route=costs.report(self.view.name_of), failovers=failovers,
-        )  # fmt: skip
+            route=costs.report(self.view.name_of),
+            failovers=failovers,
+        )
 
     async def _embed_texts(
-        self, model_id: str, texts: Sequence[str], micro_batch: int, codec: str, job_id: str,
-        emit: Emit, max_texts: int = MAX_TEXTS,
-    ) -> tuple[torch.Tensor, HopCosts, tuple[str, ...], float]:  # fmt: skip
+        self,
+        model_id: str,
+        texts: Sequence[str],
+        micro_batch: int,
+        codec: str,
+        job_id: str,
+        emit: Emit,
+        max_texts: int = MAX_TEXTS,
+    ) -> tuple[torch.Tensor, HopCosts, tuple[str, ...], float]:
         _check_codec(codec)
         if not texts or len(texts) > max_texts:
             raise ApiError("bad_request", f"texts: expected 1..{max_texts}, got {len(texts)}")
@@ -295,8 +380,11 @@ class JobEngine:
             raise ApiError("bad_request", f"micro_batch: expected 1..256, got {micro_batch}")
         info = self.registry.info(model_id)
         if info.causal:
-            raise ApiError("bad_request", f"model {model_id} is a decoder; embeddings need an "
-                                          "encoder with pooling such as minilm")  # fmt: skip
+            raise ApiError(
+                "bad_request",
+                f"model {model_id} is a decoder; embeddings need an "
+                "encoder with pooling such as minilm",
+            )
         tok = self.registry.tokenizer(model_id)
         # Sort by length so micro-batches pad little; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -317,10 +405,15 @@ class JobEngine:
         async def lane() -> None:
             nonlocal done
             avg_tokens = 32
-            session = self._session(model_id, n_atoms=info.n_atoms, batch=micro_batch, max_len=0,
-                                    bytes_per_hop=wire_bytes(micro_batch * avg_tokens * hidden,
-                                                             torch.float32, codec),
-                                    kind="batch", codec=codec)  # fmt: skip
+            session = self._session(
+                model_id,
+                n_atoms=info.n_atoms,
+                batch=micro_batch,
+                max_len=0,
+                bytes_per_hop=wire_bytes(micro_batch * avg_tokens * hidden, torch.float32, codec),
+                kind="batch",
+                codec=codec,
+            )
             try:
                 await session.open()
                 async for idx in todo:
@@ -358,27 +451,47 @@ class JobEngine:
             raise ApiError("unavailable", "this node runs no training jobs")
 
         def planner(model_id: str, bytes_per_hop: int) -> Planner:
-            return make_planner(self.view, model_id=model_id, bytes_per_hop=bytes_per_hop,
-                                kv_tokens=0, kind="latency", rng=self._rng)
+            return make_planner(
+                self.view,
+                model_id=model_id,
+                bytes_per_hop=bytes_per_hop,
+                kv_tokens=0,
+                kind="latency",
+                rng=self._rng,
+            )
 
         async def connect(p: HopPlan, model_id: str) -> TrainHop:
             if p.host == self.view.node_id:
                 return TrainHop(p, model_id, local_link(setup.host, p.host), remote=False)
             channel = await self._open_channel(p.host)
-            return TrainHop(p, model_id, channel_link(channel, p.host, timeout_s=setup.timeout_s),
-                            remote=True, on_close=channel.aclose)
+            return TrainHop(
+                p,
+                model_id,
+                channel_link(channel, p.host, timeout_s=setup.timeout_s),
+                remote=True,
+                on_close=channel.aclose,
+            )
 
-        mesh = TrainMesh(node_id=self.view.node_id, planner=planner, connect=connect,
-                         report=self._report, name_of=self.view.name_of, registry=self.registry,
-                         limiter=setup.limiter, metrics=self._metrics,
-                         graph_budget_bytes=setup.graph_budget_bytes, folder=setup.folder,
-                         route_wait_s=setup.route_wait_s,
-                         on_route=lambda hops, why: emit(self.route_event(job_id, hops, why)))
+        mesh = TrainMesh(
+            node_id=self.view.node_id,
+            planner=planner,
+            connect=connect,
+            report=self._report,
+            name_of=self.view.name_of,
+            registry=self.registry,
+            limiter=setup.limiter,
+            metrics=self._metrics,
+            graph_budget_bytes=setup.graph_budget_bytes,
+            folder=setup.folder,
+            route_wait_s=setup.route_wait_s,
+            on_route=lambda hops, why: emit(self.route_event(job_id, hops, why)),
+        )
         try:
             return await run_training(req, job_id, emit, mesh)
         except NonFiniteStep as exc:
-            raise ApiError("failed", f"{exc}; the last good checkpoint is kept in "
-                                     f"{setup.folder / job_id}") from None
+            raise ApiError(
+                "failed", f"{exc}; the last good checkpoint is kept in {setup.folder / job_id}"
+            ) from None
 
     # ---- classification ------------------------------------------------------------------
 
@@ -389,7 +502,9 @@ class JobEngine:
         # the request's size is checked before anything is looked up, for either kind of model
         shown = list(req.labels) if len(req.labels) <= 10 else f"{len(req.labels)} labels"
         if len(req.labels) > MAX_LABELS:
-            raise ApiError("bad_request", f"labels: expected 2..{MAX_LABELS} distinct labels, got {shown}")
+            raise ApiError(
+                "bad_request", f"labels: expected 2..{MAX_LABELS} distinct labels, got {shown}"
+            )
         if not req.texts or len(req.texts) > MAX_TEXTS:
             raise ApiError("bad_request", f"texts: expected 1..{MAX_TEXTS}, got {len(req.texts)}")
         head = self.registry.trained_head(req.model)
@@ -397,7 +512,9 @@ class JobEngine:
             return await self._classify_trained(req, job_id, emit, head)
         labels = tuple(lab.strip() for lab in req.labels if lab.strip())
         if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ApiError("bad_request", f"labels: expected 2..{MAX_LABELS} distinct labels, got {shown}")
+            raise ApiError(
+                "bad_request", f"labels: expected 2..{MAX_LABELS} distinct labels, got {shown}"
+            )
         if "{}" not in req.template:
             raise ApiError("bad_request", "template: must contain {} where the label goes")
         prompts = [req.template.replace("{}", lab) for lab in labels]
@@ -405,32 +522,43 @@ class JobEngine:
             req.model, [*req.texts, *prompts], 16, "raw", job_id, emit, MAX_TEXTS + MAX_LABELS
         )
         texts_v, labels_v = vectors[: len(req.texts)], vectors[len(req.texts) :]
-        sims = torch.nn.functional.normalize(texts_v, dim=-1) @ torch.nn.functional.normalize(labels_v, dim=-1).T
+        sims = (
+            torch.nn.functional.normalize(texts_v, dim=-1)
+            @ torch.nn.functional.normalize(labels_v, dim=-1).T
+        )
         probs = torch.softmax(sims / 0.05, dim=-1)  # CLIP-style temperature over cosines
-        return _softmax_reply(job_id, req.model, labels, probs, elapsed,
-                              costs.report(self.view.name_of))
+        return _softmax_reply(
+            job_id, req.model, labels, probs, elapsed, costs.report(self.view.name_of)
+        )
 
-    async def _classify_trained(self, req: ClassifyRequest, job_id: str, emit: Emit,
-                                head: TrainedHead) -> ClassifyReply:
+    async def _classify_trained(
+        self, req: ClassifyRequest, job_id: str, emit: Emit, head: TrainedHead
+    ) -> ClassifyReply:
         given = tuple(lab.strip() for lab in req.labels if lab.strip())
         if given and set(given) != set(head.labels):
-            raise ApiError("bad_request", f"labels: {req.model} was trained on {list(head.labels)}; "
-                                          "leave labels out or give exactly these")
+            raise ApiError(
+                "bad_request",
+                f"labels: {req.model} was trained on {list(head.labels)}; "
+                "leave labels out or give exactly these",
+            )
         vectors, costs, _fo, elapsed = await self._embed_texts(
             head.parent, req.texts, 16, "raw", job_id, emit
         )
-        span = await trio.to_thread.run_sync(self.registry.load_span, req.model, head.index,
-                                             head.index + 1)
+        span = await trio.to_thread.run_sync(
+            self.registry.load_span, req.model, head.index, head.index + 1
+        )
 
         def run() -> torch.Tensor:
             with torch.inference_mode():
                 ctx = ForwardContext.for_tokens(vectors.shape[0], 1)
                 return torch.softmax(span(vectors, ctx).float(), dim=-1)
 
-        probs = await trio.to_thread.run_sync(run, limiter=self.training.limiter
-                                              if self.training else None)
-        return _softmax_reply(job_id, req.model, head.labels, probs, elapsed,
-                              costs.report(self.view.name_of))
+        probs = await trio.to_thread.run_sync(
+            run, limiter=self.training.limiter if self.training else None
+        )
+        return _softmax_reply(
+            job_id, req.model, head.labels, probs, elapsed, costs.report(self.view.name_of)
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -445,12 +573,25 @@ class TrainingSetup:
     route_wait_s: float = 60.0  # waiting for a route to appear (after a restart, a failover)
 
 
-def _softmax_reply(job_id: str, model: str, labels: tuple[str, ...], probs: torch.Tensor,
-                   elapsed: float, route: tuple[HopReport, ...]) -> ClassifyReply:
+def _softmax_reply(
+    job_id: str,
+    model: str,
+    labels: tuple[str, ...],
+    probs: torch.Tensor,
+    elapsed: float,
+    route: tuple[HopReport, ...],
+) -> ClassifyReply:
     predicted = tuple(labels[int(i)] for i in probs.argmax(dim=-1))
     scores = tuple(tuple(round(float(p), 6) for p in row) for row in probs)
-    return ClassifyReply(job_id=job_id, model=model, labels=labels, predicted=predicted,
-                         scores=scores, elapsed_s=round(elapsed, 6), route=route)
+    return ClassifyReply(
+        job_id=job_id,
+        model=model,
+        labels=labels,
+        predicted=predicted,
+        scores=scores,
+        elapsed_s=round(elapsed, 6),
+        route=route,
+    )
 
 
 def _check_codec(codec: str) -> None:

@@ -368,8 +368,13 @@ class Journal:
         """
         digest = params_digest(params) if isinstance(params, bytes) else ""
         fresh = JobRecord(
-            job_id=job_id, kind=kind, params=params, params_digest=digest,
-            state=JobState.ACCEPTED, created_ms=now_ms, updated_ms=now_ms,
+            job_id=job_id,
+            kind=kind,
+            params=params,
+            params_digest=digest,
+            state=JobState.ACCEPTED,
+            created_ms=now_ms,
+            updated_ms=now_ms,
         )
         with self._tx("submit") as conn:
             old = _load(conn, job_id)
@@ -654,9 +659,18 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
 
 def _row(r: JobRecord) -> tuple[object, ...]:
     return (
-        r.job_id, r.kind, r.params, r.params_digest, r.state.value, r.created_ms,
-        r.updated_ms, r.result, r.error, r.progress, r.attempts,
-    )  # fmt: skip
+        r.job_id,
+        r.kind,
+        r.params,
+        r.params_digest,
+        r.state.value,
+        r.created_ms,
+        r.updated_ms,
+        r.result,
+        r.error,
+        r.progress,
+        r.attempts,
+    )
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:  # Any: the DB decode boundary
@@ -665,15 +679,35 @@ def _record(row: tuple[Any, ...]) -> JobRecord:  # Any: the DB decode boundary
     Raises:
         InvalidJob: the stored row is not a valid job (a corrupt or hand-edited journal).
     """
-    job_id, kind, params, digest, state, created_ms, updated_ms, result, error, progress, attempts = row
+    (
+        job_id,
+        kind,
+        params,
+        digest,
+        state,
+        created_ms,
+        updated_ms,
+        result,
+        error,
+        progress,
+        attempts,
+    ) = row
     try:
         job_state = JobState(state)
     except ValueError:
         raise InvalidJob(f"job {job_id!r}: stored state {state!r} is not a JobState") from None
     return JobRecord(
-        job_id=job_id, kind=kind, params=params, params_digest=digest, state=job_state,
-        created_ms=created_ms, updated_ms=updated_ms, result=result, error=error,
-        progress=progress, attempts=attempts,
+        job_id=job_id,
+        kind=kind,
+        params=params,
+        params_digest=digest,
+        state=job_state,
+        created_ms=created_ms,
+        updated_ms=updated_ms,
+        result=result,
+        error=error,
+        progress=progress,
+        attempts=attempts,
     )
 
 

@@ -54,8 +54,12 @@ from .journal import (
 
 log = structlog.get_logger(__name__)
 
-JOB_KINDS: dict[type, str] = {GenerateRequest: "generate", EmbedRequest: "embed",
-                              ClassifyRequest: "classify", TrainRequest: "train"}  # fmt: skip
+JOB_KINDS: dict[type, str] = {
+    GenerateRequest: "generate",
+    EmbedRequest: "embed",
+    ClassifyRequest: "classify",
+    TrainRequest: "train",
+}
 REQUEST_OF_KIND = {v: k for k, v in JOB_KINDS.items()}
 
 
@@ -76,8 +80,9 @@ def now_ms() -> int:
 class JobService:
     """Owns running jobs and their journal; serves the job requests of the local API."""
 
-    def __init__(self, engine: JobEngine, journal: Journal, metrics: Metrics, *,
-                 max_attempts: int = 3) -> None:  # fmt: skip
+    def __init__(
+        self, engine: JobEngine, journal: Journal, metrics: Metrics, *, max_attempts: int = 3
+    ) -> None:
         self.engine = engine
         self.journal = journal
         self._metrics = metrics
@@ -104,7 +109,9 @@ class JobService:
         api.route(CancelRequest, self._cancel)
         api.route(ResultRequest, self._result)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         """Recover interrupted jobs, then hold the nursery jobs run in."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -118,7 +125,9 @@ class JobService:
                 try:
                     req = decode_any(rec.params, tuple(JOB_KINDS))
                 except MalformedMessage as exc:
-                    await trio.to_thread.run_sync(self.journal.fail, rec.job_id, f"unreadable params: {exc}", now_ms())
+                    await trio.to_thread.run_sync(
+                        self.journal.fail, rec.job_id, f"unreadable params: {exc}", now_ms()
+                    )
                     continue
                 log.info("job_resumed", job=rec.job_id, kind=rec.kind, attempt=rec.attempts)
                 self._start(rec.job_id, req)
@@ -130,7 +139,9 @@ class JobService:
         job_id = req.job_id or new_job_id()
         params = encode(dataclasses.replace(req, job_id=job_id))
         try:
-            outcome = await trio.to_thread.run_sync(self.journal.submit, job_id, kind, params, now_ms())
+            outcome = await trio.to_thread.run_sync(
+                self.journal.submit, job_id, kind, params, now_ms()
+            )
         except JobConflict as exc:
             raise ApiError("conflict", str(exc)) from None
         except InvalidJob as exc:
@@ -161,9 +172,11 @@ class JobService:
     async def _run_job(self, job_id: str, req: Any, running: _Running) -> None:
         kind = JOB_KINDS[type(req)]
         runners: dict[str, Callable[[Any, str, Emit], Awaitable[object]]] = {
-            "generate": self.engine.generate, "embed": self.engine.embed,
-            "classify": self.engine.classify, "train": self.engine.train,
-        }  # fmt: skip
+            "generate": self.engine.generate,
+            "embed": self.engine.embed,
+            "classify": self.engine.classify,
+            "train": self.engine.train,
+        }
         run = runners[kind]
 
         async def fan_out(event: object) -> None:
@@ -179,7 +192,9 @@ class JobService:
                 await trio.to_thread.run_sync(self.journal.mark_running, job_id, now_ms())
                 log.info("job_started", kind=kind)
                 running.reply = await run(req, job_id, fan_out)
-                await trio.to_thread.run_sync(self.journal.succeed, job_id, encode(running.reply), now_ms())
+                await trio.to_thread.run_sync(
+                    self.journal.succeed, job_id, encode(running.reply), now_ms()
+                )
                 self._metrics.inc("jobs_total", outcome="succeeded", kind=kind)
                 log.info("job_succeeded", kind=kind)
             if running.scope.cancelled_caught:
@@ -220,10 +235,20 @@ class JobService:
         if not 1 <= req.limit <= 1000:
             raise ApiError("bad_request", f"limit: expected 1..1000, got {req.limit}")
         recs = await trio.to_thread.run_sync(lambda: self.journal.list(limit=req.limit))
-        return JobsReply(tuple(JobRow(
-            job_id=r.job_id, kind=r.kind, state=r.state.value, created_ms=r.created_ms,
-            updated_ms=r.updated_ms, attempts=r.attempts, error=r.error or "",
-        ) for r in recs))  # fmt: skip
+        return JobsReply(
+            tuple(
+                JobRow(
+                    job_id=r.job_id,
+                    kind=r.kind,
+                    state=r.state.value,
+                    created_ms=r.created_ms,
+                    updated_ms=r.updated_ms,
+                    attempts=r.attempts,
+                    error=r.error or "",
+                )
+                for r in recs
+            )
+        )
 
     async def _cancel(self, req: CancelRequest, _emit: Emit) -> OkReply:
         running = self._running.get(req.job_id)

@@ -74,8 +74,16 @@ log = structlog.get_logger(__name__)
 Emit = Callable[[object], Awaitable[None]]
 KEEP_CHECKPOINTS = 2
 MAX_STEPS = 1_000_000
-METRICS_FIELDS = ("step", "lr", "train_loss", "val_loss", "val_ppl", "val_accuracy",
-                  "tokens", "elapsed_s")
+METRICS_FIELDS = (
+    "step",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "val_accuracy",
+    "tokens",
+    "elapsed_s",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,16 +115,22 @@ def validate(req: TrainRequest) -> None:
     """Refuse a request whose settings are out of range (`bad_request` names the field)."""
     checks = [
         (req.task in TRAIN_TASKS, "task", f"one of {TRAIN_TASKS}"),
-        (bool(req.output) and "/" not in req.output and not req.output.startswith("."),
-         "output", "a model id without '/'"),
+        (
+            bool(req.output) and "/" not in req.output and not req.output.startswith("."),
+            "output",
+            "a model id without '/'",
+        ),
         (req.output != req.model, "output", "an id other than the parent model's"),
         (1 <= req.steps <= MAX_STEPS, "steps", f"1..{MAX_STEPS}"),
         (1 <= req.micro_batch <= 512, "micro_batch", "1..512"),
         (1 <= req.accumulation <= 1024, "accumulation", "1..1024"),
         (2 <= req.seq_len <= 4096, "seq_len", "2..4096"),
-        (req.micro_batch * req.seq_len <= MAX_TARGETS, "micro_batch",
-         f"micro_batch x seq_len at most {MAX_TARGETS} (one message carries a loss step's "
-         "targets)"),
+        (
+            req.micro_batch * req.seq_len <= MAX_TARGETS,
+            "micro_batch",
+            f"micro_batch x seq_len at most {MAX_TARGETS} (one message carries a loss step's "
+            "targets)",
+        ),
         (0 <= req.warmup_steps <= req.steps, "warmup_steps", "0..steps"),
         (req.clip >= 0 and math.isfinite(req.clip), "clip", ">= 0 (0: no clipping)"),
         (req.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
@@ -126,18 +140,27 @@ def validate(req: TrainRequest) -> None:
         (0 <= req.seed < 1 << 62, "seed", "0..2^62"),
         (1 <= req.replicas <= 64, "replicas", "1..64"),
         (1 <= req.average_every <= 100_000, "average_every", "1..100000"),
-        (req.checkpoint_interval % req.average_every == 0, "checkpoint_interval",
-         "a multiple of average_every (replicas are identical only after a round)"),
+        (
+            req.checkpoint_interval % req.average_every == 0,
+            "checkpoint_interval",
+            "a multiple of average_every (replicas are identical only after a round)",
+        ),
         (0 < req.outer_lr <= 2, "outer_lr", "(0, 2]"),
         (0 <= req.outer_momentum < 1, "outer_momentum", "[0, 1)"),
     ]
     for ok, name, expected in checks:
         if not ok:
-            raise ApiError("bad_request", f"{name}: expected {expected}, got "
-                                          f"{getattr(req, name)!r}")
+            raise ApiError(
+                "bad_request", f"{name}: expected {expected}, got {getattr(req, name)!r}"
+            )
     try:
-        Schedule(lr=req.lr, warmup_steps=req.warmup_steps, total_steps=req.steps,
-                 decay=req.decay, min_ratio=req.min_lr_ratio)
+        Schedule(
+            lr=req.lr,
+            warmup_steps=req.warmup_steps,
+            total_steps=req.steps,
+            decay=req.decay,
+            min_ratio=req.min_lr_ratio,
+        )
         OptimConfig(weight_decay=req.weight_decay, dropout=req.dropout, precision=req.precision)
     except ValueError as exc:
         raise ApiError("bad_request", str(exc)) from None
@@ -159,8 +182,11 @@ class CheckpointStore:
     def save(self, step: int, tensors: dict[str, torch.Tensor]) -> Path:
         path = self.folder / f"step-{step:08d}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp),
-                  metadata={"step": str(step), "request": self._digest})
+        save_file(
+            {n: t.contiguous() for n, t in tensors.items()},
+            str(tmp),
+            metadata={"step": str(step), "request": self._digest},
+        )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -242,11 +268,19 @@ def load_data(req: TrainRequest, parent: Model) -> Dataset:
         if req.task == "lm":
             path = Path(req.data) if req.data else corpus_path()
             val = read_text(Path(req.validation)) if req.validation else None
-            return lm_dataset(read_text(path), tok, length=req.seq_len, digest=file_digest(path),
-                              validation_text=val)
+            return lm_dataset(
+                read_text(path),
+                tok,
+                length=req.seq_len,
+                digest=file_digest(path),
+                validation_text=val,
+            )
         if not req.data:
-            raise ApiError("bad_request", "data: train classify needs a labelled .jsonl or "
-                                          ".csv file (text and label per row)")
+            raise ApiError(
+                "bad_request",
+                "data: train classify needs a labelled .jsonl or "
+                ".csv file (text and label per row)",
+            )
         path = Path(req.data)
         rows = read_labelled(path)
         if req.validation:
@@ -257,13 +291,17 @@ def load_data(req: TrainRequest, parent: Model) -> Dataset:
         raise ApiError("bad_request", f"data: {exc}") from None
 
 
-def micro_batches(data: Examples, order: Order, step: int, accumulation: int,
-                  seed: int) -> list[MicroBatch]:
+def micro_batches(
+    data: Examples, order: Order, step: int, accumulation: int, seed: int
+) -> list[MicroBatch]:
     out = []
     for k in range(accumulation):
         ex = data.take(order.rows(step * accumulation + k))
-        out.append(MicroBatch(x=ex.inputs, targets=ex.targets, mask=ex.mask,
-                              seed=micro_batch_seed(seed, step, k)))
+        out.append(
+            MicroBatch(
+                x=ex.inputs, targets=ex.targets, mask=ex.mask, seed=micro_batch_seed(seed, step, k)
+            )
+        )
     return out
 
 
@@ -279,8 +317,17 @@ def eval_batches(data: Examples, size: int, limit: int) -> list[MicroBatch]:
 class TrainRun:
     """One training job from request to new model (see the module rules)."""
 
-    def __init__(self, req: TrainRequest, job_id: str, plan: Plan, route: Route, *,
-                 folder: Path, emit: Emit, max_failovers: int = 8) -> None:
+    def __init__(
+        self,
+        req: TrainRequest,
+        job_id: str,
+        plan: Plan,
+        route: Route,
+        *,
+        folder: Path,
+        emit: Emit,
+        max_failovers: int = 8,
+    ) -> None:
         self.req, self.job_id, self.plan, self.route = req, job_id, plan, route
         self.store = CheckpointStore(folder, request_digest(req))
         self.emit = emit
@@ -358,29 +405,51 @@ class TrainRun:
             try:
                 pipes.append(await self._open_one(step, inner, taken, wait=False))
             except ApiError as exc:
-                log.warning("train_replicas_reduced", job=self.job_id, replicas=len(pipes),
-                            reason=exc.message)
+                log.warning(
+                    "train_replicas_reduced",
+                    job=self.job_id,
+                    replicas=len(pipes),
+                    reason=exc.message,
+                )
                 break
-        group = ReplicaGroup(pipes, Averaging(every=self.req.average_every,
-                                              outer_lr=self.req.outer_lr,
-                                              outer_momentum=self.req.outer_momentum))
+        group = ReplicaGroup(
+            pipes,
+            Averaging(
+                every=self.req.average_every,
+                outer_lr=self.req.outer_lr,
+                outer_momentum=self.req.outer_momentum,
+            ),
+        )
         if outer:
             group.load_outer(outer)
         else:
             await group.start()
         return group
 
-    async def _open_one(self, step: int, state: dict[str, torch.Tensor] | None,
-                        taken: frozenset[bytes], *, wait: bool = True) -> TrainPipeline:
+    async def _open_one(
+        self,
+        step: int,
+        state: dict[str, torch.Tensor] | None,
+        taken: frozenset[bytes],
+        *,
+        wait: bool = True,
+    ) -> TrainPipeline:
         while True:
             hops: list[TrainHop] = []
             try:
-                plans = await self._plan() if wait else self.route.plan(
-                    self.req.model, frozenset(self._excluded) | taken)
+                plans = (
+                    await self._plan()
+                    if wait
+                    else self.route.plan(self.req.model, frozenset(self._excluded) | taken)
+                )
                 for p in plans:
                     hops.append(await self.route.connect(p, self.req.model))
-                pipe = TrainPipeline(hops, first_trainable=self.plan.first_trainable,
-                                     schedule=self.req.schedule, causal=self.plan.causal)
+                pipe = TrainPipeline(
+                    hops,
+                    first_trainable=self.plan.first_trainable,
+                    schedule=self.req.schedule,
+                    causal=self.plan.causal,
+                )
                 await pipe.open(self.plan.optim, next_step=step, state=state)
                 if self.route.on_route is not None:
                     why = self.failovers[-1] if self.failovers else "opened"
@@ -391,8 +460,9 @@ class TrainRun:
                     await hop.close()
                 self._failed(exc)
 
-    async def _train(self, group: ReplicaGroup, step: int,
-                     t0: float) -> tuple[int, dict[str, torch.Tensor]]:
+    async def _train(
+        self, group: ReplicaGroup, step: int, t0: float
+    ) -> tuple[int, dict[str, torch.Tensor]]:
         req, data = self.req, self.plan.data
         start = step
         while step < req.steps:
@@ -408,8 +478,9 @@ class TrainRun:
             rate = self.tokens / elapsed if elapsed > 0 else 0.0
             eta = (req.steps - step) * elapsed / max(1, step - start)
             self.store.append_metrics(self._row(step, lr, evaluate or step == req.steps, elapsed))
-            await self.emit(self._progress(step, lr, rate, eta=eta,
-                                           evaluated=evaluate or step == req.steps))
+            await self.emit(
+                self._progress(step, lr, rate, eta=eta, evaluated=evaluate or step == req.steps)
+            )
             if req.checkpoint_interval and step % req.checkpoint_interval == 0 and step < req.steps:
                 await trio.to_thread.run_sync(self.store.save, step, await _state(group))
         if req.replicas > 1 and step % req.average_every:
@@ -426,28 +497,47 @@ class TrainRun:
             self.idle.setdefault(plan.host, []).append(report.idle_fraction(plan))
 
     async def _evaluate(self, pipe: TrainPipeline) -> None:
-        batches = eval_batches(self.plan.data.validation, self.req.micro_batch,
-                               self.req.eval_examples)
+        batches = eval_batches(
+            self.plan.data.validation, self.req.micro_batch, self.req.eval_examples
+        )
         result = await pipe.evaluate(batches)
         if result.count:
             self.val = (result.loss / result.count, result.correct / result.count)
 
     def _row(self, step: int, lr: float, evaluated: bool, elapsed: float) -> dict[str, object]:
         val_loss, val_acc = self.val if evaluated else (math.nan, math.nan)
-        return {"step": step, "lr": f"{lr:.6g}", "train_loss": f"{self.last_loss:.6f}",
-                "val_loss": "" if math.isnan(val_loss) else f"{val_loss:.6f}",
-                "val_ppl": "" if math.isnan(val_loss) else f"{math.exp(min(val_loss, 50)):.4f}",
-                "val_accuracy": "" if math.isnan(val_acc) else f"{val_acc:.6f}",
-                "tokens": self.tokens, "elapsed_s": f"{elapsed:.2f}"}
+        return {
+            "step": step,
+            "lr": f"{lr:.6g}",
+            "train_loss": f"{self.last_loss:.6f}",
+            "val_loss": "" if math.isnan(val_loss) else f"{val_loss:.6f}",
+            "val_ppl": "" if math.isnan(val_loss) else f"{math.exp(min(val_loss, 50)):.4f}",
+            "val_accuracy": "" if math.isnan(val_acc) else f"{val_acc:.6f}",
+            "tokens": self.tokens,
+            "elapsed_s": f"{elapsed:.2f}",
+        }
 
-    def _progress(self, step: int, lr: float, rate: float, *, eta: float = 0.0,
-                  evaluated: bool = False, resumed_from: int = -1) -> TrainProgressEvent:
+    def _progress(
+        self,
+        step: int,
+        lr: float,
+        rate: float,
+        *,
+        eta: float = 0.0,
+        evaluated: bool = False,
+        resumed_from: int = -1,
+    ) -> TrainProgressEvent:
         val_loss, val_acc = self.val if evaluated else (-1.0, -1.0)
         return TrainProgressEvent(
-            job_id=self.job_id, step=step, steps=self.req.steps,
+            job_id=self.job_id,
+            step=step,
+            steps=self.req.steps,
             loss=0.0 if math.isnan(self.last_loss) else round(self.last_loss, 6),
-            lr=lr, tokens_per_s=round(rate, 2), eta_s=round(eta, 1),
-            val_loss=round(val_loss, 6), val_accuracy=round(val_acc, 6),
+            lr=lr,
+            tokens_per_s=round(rate, 2),
+            eta_s=round(eta, 1),
+            val_loss=round(val_loss, 6),
+            val_accuracy=round(val_acc, 6),
             resumed_from=resumed_from,
         )
 
@@ -455,8 +545,9 @@ class TrainRun:
         return self.costs.report(self.route.name_of)
 
     def bubble(self) -> tuple[tuple[str, float], ...]:
-        return tuple((self.route.name_of(h), round(sum(v) / len(v), 4))
-                     for h, v in self.idle.items() if v)
+        return tuple(
+            (self.route.name_of(h), round(sum(v) / len(v), 4)) for h, v in self.idle.items() if v
+        )
 
 
 async def _state(group: ReplicaGroup) -> dict[str, torch.Tensor]:
@@ -470,25 +561,37 @@ def reply_of(run: TrainRun, output: str, elapsed: float) -> TrainReply:
     req = run.req
     val_loss, val_acc = run.val
     return TrainReply(
-        job_id=run.job_id, task=req.task, model=output, parent=req.model, steps=req.steps,
+        job_id=run.job_id,
+        task=req.task,
+        model=output,
+        parent=req.model,
+        steps=req.steps,
         train_loss=round(run.last_loss, 6) if not math.isnan(run.last_loss) else 0.0,
         val_loss=round(val_loss, 6) if not math.isnan(val_loss) else 0.0,
         val_perplexity=round(math.exp(min(val_loss, 50)), 4)
-        if req.task == "lm" and not math.isnan(val_loss) else 0.0,
+        if req.task == "lm" and not math.isnan(val_loss)
+        else 0.0,
         val_accuracy=round(val_acc, 6) if not math.isnan(val_acc) else 0.0,
-        tokens=run.tokens, elapsed_s=round(elapsed, 3),
+        tokens=run.tokens,
+        elapsed_s=round(elapsed, 3),
         tokens_per_s=round(run.tokens / elapsed, 2) if elapsed > 0 else 0.0,
-        resumed_from=run.resumed_from, checkpoint=str(run.store.folder),
-        route=run.hop_reports(), failovers=tuple(run.failovers), bubble=run.bubble(),
+        resumed_from=run.resumed_from,
+        checkpoint=str(run.store.folder),
+        route=run.hop_reports(),
+        failovers=tuple(run.failovers),
+        bubble=run.bubble(),
     )
 
 
-def lineage(req: TrainRequest, parent_digest: str, data_digest: str,
-            reply_metrics: dict[str, float]) -> dict[str, str | int | float | bool]:
+def lineage(
+    req: TrainRequest, parent_digest: str, data_digest: str, reply_metrics: dict[str, float]
+) -> dict[str, str | int | float | bool]:
     """The config entries that record where a trained model came from."""
     settings = {k: v for k, v in dataclasses.asdict(req).items() if k not in ("job_id",)}
     return {
-        "parent": req.model, "parent_digest": parent_digest, "data_digest": data_digest,
+        "parent": req.model,
+        "parent_digest": parent_digest,
+        "data_digest": data_digest,
         "training": json.dumps(settings, sort_keys=True),
         "training_metrics": json.dumps(reply_metrics, sort_keys=True),
     }
@@ -528,8 +631,9 @@ async def train(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Train
     """Run a training job (see the module rules) and register the model it produces."""
     validate(req)
     if req.output in mesh.registry.available():
-        raise ApiError("conflict", f"output: a model {req.output!r} exists already; "
-                                   "choose another id")
+        raise ApiError(
+            "conflict", f"output: a model {req.output!r} exists already; choose another id"
+        )
     parent = await trio.to_thread.run_sync(mesh.registry.load_model, req.model)
     data = await trio.to_thread.run_sync(load_data, req, parent)
     n = len(parent)
@@ -538,27 +642,48 @@ async def train(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Train
     if req.task == "lm":
         model, causal = parent, parent.family in ("nexus", "llama")
         if not causal:
-            raise ApiError("bad_request", f"model {req.model} is an encoder; train lm needs a "
-                                          "decoder such as nexus-1.1")
+            raise ApiError(
+                "bad_request",
+                f"model {req.model} is an encoder; train lm needs a decoder such as nexus-1.1",
+            )
         plan_parent = mesh.planner(req.model, bytes_per_hop)
-        route = Route(plan=lambda _m, ex: plan_parent(0, n, ex), connect=mesh.connect,
-                      report=mesh.report, name_of=mesh.name_of, wait_s=mesh.route_wait_s,
-                      on_route=mesh.on_route)
+        route = Route(
+            plan=lambda _m, ex: plan_parent(0, n, ex),
+            connect=mesh.connect,
+            report=mesh.report,
+            name_of=mesh.name_of,
+            wait_s=mesh.route_wait_s,
+            on_route=mesh.on_route,
+        )
     else:
         model, causal = _with_head(parent, req, data.labels), False
         route = _head_route(mesh, req, n, model, bytes_per_hop)
-    plan = Plan(parent=model, first_trainable=first_trainable(model), causal=causal, data=data,
-                optim=OptimConfig(weight_decay=req.weight_decay, dropout=req.dropout,
-                                  precision=req.precision),
-                schedule=Schedule(lr=req.lr, warmup_steps=req.warmup_steps,
-                                  total_steps=req.steps, decay=req.decay,
-                                  min_ratio=req.min_lr_ratio))
+    plan = Plan(
+        parent=model,
+        first_trainable=first_trainable(model),
+        causal=causal,
+        data=data,
+        optim=OptimConfig(
+            weight_decay=req.weight_decay, dropout=req.dropout, precision=req.precision
+        ),
+        schedule=Schedule(
+            lr=req.lr,
+            warmup_steps=req.warmup_steps,
+            total_steps=req.steps,
+            decay=req.decay,
+            min_ratio=req.min_lr_ratio,
+        ),
+    )
     run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit)
     state, elapsed = await run.run()
     reply = reply_of(run, req.output, elapsed)
-    metrics = {"val_loss": reply.val_loss, "val_perplexity": reply.val_perplexity,
-               "val_accuracy": reply.val_accuracy, "train_loss": reply.train_loss,
-               "steps": float(reply.steps)}
+    metrics = {
+        "val_loss": reply.val_loss,
+        "val_perplexity": reply.val_perplexity,
+        "val_accuracy": reply.val_accuracy,
+        "train_loss": reply.train_loss,
+        "steps": float(reply.steps),
+    }
     extra = lineage(req, mesh.registry.manifest(req.model).digest, data.digest, metrics)
     if data.labels:
         extra |= {"labels": json.dumps(list(data.labels)), "head_of": req.model}
@@ -580,8 +705,7 @@ def _with_head(parent: Model, req: TrainRequest, labels: tuple[str, ...]) -> Mod
     return model
 
 
-def _head_route(mesh: Mesh, req: TrainRequest, n: int, model: Model,
-                bytes_per_hop: int) -> Route:
+def _head_route(mesh: Mesh, req: TrainRequest, n: int, model: Model, bytes_per_hop: int) -> Route:
     """The parent's atoms [0, n) over the mesh (frozen, forward only), then the new head on
     this node: the origin owns the only trainable atom, so it trains it in a TrainHost of
     the job's own."""
@@ -593,14 +717,23 @@ def _head_route(mesh: Mesh, req: TrainRequest, n: int, model: Model,
             raise ExecRefused("not_hosted", f"this job trains only {req.output}[{n},{n + 1})")
         return model.span(start, end)
 
-    head_host = TrainHost(span_for, limiter=mesh.limiter, metrics=mesh.metrics,
-                          graph_budget_bytes=mesh.graph_budget_bytes)
+    head_host = TrainHost(
+        span_for,
+        limiter=mesh.limiter,
+        metrics=mesh.metrics,
+        graph_budget_bytes=mesh.graph_budget_bytes,
+    )
 
     async def connect(p: HopPlan, model_id: str) -> TrainHop:
         if p == head_plan:
             return TrainHop(p, req.output, local_link(head_host, mesh.node_id), remote=False)
         return await mesh.connect(p, model_id)
 
-    return Route(plan=lambda _m, ex: [*plan_parent(0, n, ex), head_plan], connect=connect,
-                 report=mesh.report, name_of=mesh.name_of, wait_s=mesh.route_wait_s,
-                      on_route=mesh.on_route)
+    return Route(
+        plan=lambda _m, ex: [*plan_parent(0, n, ex), head_plan],
+        connect=connect,
+        report=mesh.report,
+        name_of=mesh.name_of,
+        wait_s=mesh.route_wait_s,
+        on_route=mesh.on_route,
+    )

@@ -84,8 +84,12 @@ def node_lock(paths: NodePaths) -> Iterator[IO[str]]:
 
 def verify_policy(cfg: ExecConfig) -> VerifyPolicy | None:
     """The origin's spot-check policy from [exec]; None when it checks nothing."""
-    policy = VerifyPolicy(rate=cfg.verify_rate, first_steps=cfg.verify_first_steps,
-                          tol_fp32=cfg.verify_tol_fp32, tol_bf16=cfg.verify_tol_bf16)  # fmt: skip
+    policy = VerifyPolicy(
+        rate=cfg.verify_rate,
+        first_steps=cfg.verify_first_steps,
+        tol_fp32=cfg.verify_tol_fp32,
+        tol_bf16=cfg.verify_tol_bf16,
+    )
     return policy if policy.enabled else None
 
 
@@ -103,31 +107,62 @@ class Daemon:
         self._stop = trio.Event()
         self._config_spans: set[str] = set()  # atoms.host entries hosted (start or reload)
         self._reloading = trio.Lock()  # one SIGHUP reload at a time
-        self.registry = ModelRegistry(Path(cfg.atoms.models_dir) if cfg.atoms.models_dir
-                                      else paths.models_dir)  # fmt: skip
+        self.registry = ModelRegistry(
+            Path(cfg.atoms.models_dir) if cfg.atoms.models_dir else paths.models_dir
+        )
         self.limiter = trio.CapacityLimiter(1)  # one device: torch work runs one at a time
-        self.host = SpanHost([], kv_budget_bytes=cfg.atoms.kv_cache_budget_bytes,
-                             max_sessions=cfg.atoms.max_sessions, limiter=self.limiter,
-                             metrics=self.metrics, max_step_tokens=cfg.atoms.max_step_tokens)  # fmt: skip
+        self.host = SpanHost(
+            [],
+            kv_budget_bytes=cfg.atoms.kv_cache_budget_bytes,
+            max_sessions=cfg.atoms.max_sessions,
+            limiter=self.limiter,
+            metrics=self.metrics,
+            max_step_tokens=cfg.atoms.max_step_tokens,
+        )
         self.signer = Signer(self.key, HybridClock(max_drift_s=cfg.mesh.max_clock_drift_s))
         self.verifier = EnvelopeVerifier(
-            clock=self.signer.clock, window_s=cfg.mesh.envelope_window_s,
-            max_body_bytes=cfg.mesh.max_frame_bytes, replay_capacity=cfg.mesh.replay_cache_entries,
-        )  # fmt: skip
-        self.trainer = TrainHost(self.host.span_for, limiter=self.limiter, metrics=self.metrics,
-                                 graph_budget_bytes=cfg.train.graph_budget_bytes,
-                                 max_sessions=cfg.train.max_sessions)
-        self.mesh = MeshService(cfg, paths, self.signer, self.host, self.metrics, self.verifier,
-                                self.name, trainer=self.trainer)  # fmt: skip
+            clock=self.signer.clock,
+            window_s=cfg.mesh.envelope_window_s,
+            max_body_bytes=cfg.mesh.max_frame_bytes,
+            replay_capacity=cfg.mesh.replay_cache_entries,
+        )
+        self.trainer = TrainHost(
+            self.host.span_for,
+            limiter=self.limiter,
+            metrics=self.metrics,
+            graph_budget_bytes=cfg.train.graph_budget_bytes,
+            max_sessions=cfg.train.max_sessions,
+        )
+        self.mesh = MeshService(
+            cfg,
+            paths,
+            self.signer,
+            self.host,
+            self.metrics,
+            self.verifier,
+            self.name,
+            trainer=self.trainer,
+        )
         self.view: MeshView = NodeView(self.mesh)
-        training = TrainingSetup(host=self.trainer, limiter=self.limiter,
-                                 folder=paths.data_dir / "train", timeout_s=cfg.train.op_timeout_s,
-                                 graph_budget_bytes=cfg.train.graph_budget_bytes,
-                                 route_wait_s=cfg.train.route_wait_s)
-        self.engine = JobEngine(view=self.view, host=self.host, registry=self.registry,
-                                signer=self.signer, verifier=self.verifier, metrics=self.metrics,
-                                step_timeout_s=cfg.mesh.read_timeout_s,
-                                training=training, verify=verify_policy(cfg.exec))  # fmt: skip
+        training = TrainingSetup(
+            host=self.trainer,
+            limiter=self.limiter,
+            folder=paths.data_dir / "train",
+            timeout_s=cfg.train.op_timeout_s,
+            graph_budget_bytes=cfg.train.graph_budget_bytes,
+            route_wait_s=cfg.train.route_wait_s,
+        )
+        self.engine = JobEngine(
+            view=self.view,
+            host=self.host,
+            registry=self.registry,
+            signer=self.signer,
+            verifier=self.verifier,
+            metrics=self.metrics,
+            step_timeout_s=cfg.mesh.read_timeout_s,
+            training=training,
+            verify=verify_policy(cfg.exec),
+        )
         self.journal = Journal(paths.jobs_db)
         self.jobs = JobService(self.engine, self.journal, self.metrics)
         self.api = ApiServer(
@@ -163,9 +198,11 @@ class Daemon:
                 await nursery.start(self.api.run)
                 if self.cfg.metrics.listen_port:
                     await nursery.start(
-                        serve_metrics, self.metrics, self.cfg.metrics.listen_host,
+                        serve_metrics,
+                        self.metrics,
+                        self.cfg.metrics.listen_host,
                         self.cfg.metrics.listen_port,
-                    )  # fmt: skip
+                    )
                 nursery.start_soon(self._reclaim_sessions)
                 log.info(
                     "daemon_started",
@@ -191,12 +228,15 @@ class Daemon:
         """Load and serve "MODEL" or "MODEL:START-END" (weights verified by digest), in
         `dtype` (default: the node's atoms.dtype)."""
         model_id, start, end = await trio.to_thread.run_sync(parse_host_spec, spec, self.registry)
-        span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end,
-                                             dtype or self.cfg.atoms.dtype)  # fmt: skip
+        span = await trio.to_thread.run_sync(
+            self.registry.load_span, model_id, start, end, dtype or self.cfg.atoms.dtype
+        )
         warm_s = await trio.to_thread.run_sync(warm_up, span, limiter=self.limiter)
         hosted = self.host.add_span(span)
         self.mesh.refresh_advert()
-        log.info("span_hosted", model=model_id, start=start, end=end, warm_up_ms=round(warm_s * 1e3, 1))
+        log.info(
+            "span_hosted", model=model_id, start=start, end=end, warm_up_ms=round(warm_s * 1e3, 1)
+        )
         return hosted
 
     async def reload(self, new: Config) -> None:
@@ -216,12 +256,18 @@ class Daemon:
                 continue
             self._config_spans.add(spec)
         old, fresh = dataclasses.asdict(self.cfg), dataclasses.asdict(new)
-        restart = sorted(f"{section}.{key}" for section, values in fresh.items()
-                         for key, value in values.items()
-                         if value != old[section][key] and (section, key) not in _RELOADABLE)  # fmt: skip
+        restart = sorted(
+            f"{section}.{key}"
+            for section, values in fresh.items()
+            for key, value in values.items()
+            if value != old[section][key] and (section, key) not in _RELOADABLE
+        )
         unhost = sorted(self._config_spans - set(new.atoms.host))
-        log.info("config_reloaded", log_level=new.log.level,
-                 hosted=[f"{h.model_id}:{h.start}-{h.end}" for h in self.host.hosted()])  # fmt: skip
+        log.info(
+            "config_reloaded",
+            log_level=new.log.level,
+            hosted=[f"{h.model_id}:{h.start}-{h.end}" for h in self.host.hosted()],
+        )
         if restart or unhost:
             log.warning("config_reload_needs_restart", keys=restart, still_hosted=unhost)
 
@@ -261,8 +307,9 @@ class Daemon:
         return OkReply(f"hosting {hosted.model_id} atoms [{hosted.start},{hosted.end})")
 
 
-async def run_daemon(cfg: Config, paths: NodePaths,
-                     reload_config: Callable[[], Config] | None = None) -> None:  # fmt: skip
+async def run_daemon(
+    cfg: Config, paths: NodePaths, reload_config: Callable[[], Config] | None = None
+) -> None:
     """`nexusd run`: hold the lock, run the daemon, stop on SIGINT/SIGTERM, reload on SIGHUP.
 
     The first SIGINT/SIGTERM asks for a graceful stop; a second one cancels at once.

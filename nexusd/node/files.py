@@ -91,8 +91,11 @@ def init_node(
         mesh_id = info.mesh_id
     (paths.data_dir / "name").write_text(node_name + "\n")
     return InitResult(
-        data_dir=paths.data_dir, node_id=key.node_id.hex(), name=node_name,
-        config_file=paths.config_file, mesh_id=mesh_id,
+        data_dir=paths.data_dir,
+        node_id=key.node_id.hex(),
+        name=node_name,
+        config_file=paths.config_file,
+        mesh_id=mesh_id,
     )
 
 

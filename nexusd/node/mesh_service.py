@@ -66,9 +66,13 @@ BANDWIDTH_ALPHA = 0.5
 
 def transport_config(cfg: Config) -> TransportConfig:
     m = cfg.mesh
-    return TransportConfig(max_frame_bytes=m.max_frame_bytes, read_timeout_s=m.read_timeout_s,
-                           write_timeout_s=m.write_timeout_s, connect_timeout_s=m.connect_timeout_s,
-                           gossip_heartbeat_s=m.gossip_heartbeat_s)  # fmt: skip
+    return TransportConfig(
+        max_frame_bytes=m.max_frame_bytes,
+        read_timeout_s=m.read_timeout_s,
+        write_timeout_s=m.write_timeout_s,
+        connect_timeout_s=m.connect_timeout_s,
+        gossip_heartbeat_s=m.gossip_heartbeat_s,
+    )
 
 
 def advertise_hosts(m: MeshConfig) -> tuple[str, ...]:
@@ -80,18 +84,29 @@ def advertise_hosts(m: MeshConfig) -> tuple[str, ...]:
     if m.advertise_host:
         return (m.advertise_host,)
     hosts = tuple(local_ipv4_addresses()) or ("127.0.0.1",)
-    log.warning("advertising_interface_addresses", listen_host=m.listen_host,
-                advertised=list(hosts), hint="set mesh.advertise_host to pick the one "
-                "peers should dial")  # fmt: skip
+    log.warning(
+        "advertising_interface_addresses",
+        listen_host=m.listen_host,
+        advertised=list(hosts),
+        hint="set mesh.advertise_host to pick the one peers should dial",
+    )
     return hosts
 
 
 class MeshService:
     """Owns the transport and the mesh node of the daemon."""
 
-    def __init__(self, cfg: Config, paths: NodePaths, signer: Signer, host: SpanHost,
-                 metrics: Metrics, verifier_factory: object, name: str,
-                 trainer: TrainHandler | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        paths: NodePaths,
+        signer: Signer,
+        host: SpanHost,
+        metrics: Metrics,
+        verifier_factory: object,
+        name: str,
+        trainer: TrainHandler | None = None,
+    ) -> None:
         self.cfg = cfg
         self.trainer = trainer
         self.paths = paths
@@ -115,7 +130,9 @@ class MeshService:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         from mesh.transport.libp2p import open_libp2p_transport  # import cost only in daemons
 
         key = self.signer.key
@@ -123,33 +140,45 @@ class MeshService:
         tcfg = transport_config(self.cfg)
         self.advertised = advertise_hosts(m)
         async with (
-            open_libp2p_transport(key.seed, m.listen_port, tcfg, listen_host=m.listen_host,
-                                  advertise_hosts=self.advertised) as transport,
+            open_libp2p_transport(
+                key.seed,
+                m.listen_port,
+                tcfg,
+                listen_host=m.listen_host,
+                advertise_hosts=self.advertised,
+            ) as transport,
             self._open_state() as (identity, state, store),
         ):
-                node = MeshNode(key=key, transport=transport, identity=identity, state=state,
-                                store=store, cfg=self.cfg.mesh.node_config(), rng=random.Random(),
-                                invites_path=self.paths.data_dir / "invites.json")  # fmt: skip
-                node.set_stream_handler(EXEC_PROTOCOL, self._serve_exec)
-                node.set_stream_handler(PROBE_PROTOCOL, self._serve_probe)
-                self.node = node
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    await nursery.start(node.run)
-                    if node.certify_self(self.name):
-                        log.info("founder_certified", name=self.name)
-                    self.tcfg = tcfg
-                    if m.direct_enabled:
-                        await nursery.start(self._run_direct, tcfg)
-                    for addr in m.bootstrap:
-                        nursery.start_soon(self._dial_bootstrap, addr)
-                    self.refresh_advert()
-                    nursery.start_soon(self._publish_load)
-                    nursery.start_soon(self._probe_loop)
-                    log.info("mesh_listening", addrs=transport.listen_addrs())
-                    self._ready.set()
-                    task_status.started()
-                    await trio.sleep_forever()
+            node = MeshNode(
+                key=key,
+                transport=transport,
+                identity=identity,
+                state=state,
+                store=store,
+                cfg=self.cfg.mesh.node_config(),
+                rng=random.Random(),
+                invites_path=self.paths.data_dir / "invites.json",
+            )
+            node.set_stream_handler(EXEC_PROTOCOL, self._serve_exec)
+            node.set_stream_handler(PROBE_PROTOCOL, self._serve_probe)
+            self.node = node
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(node.run)
+                if node.certify_self(self.name):
+                    log.info("founder_certified", name=self.name)
+                self.tcfg = tcfg
+                if m.direct_enabled:
+                    await nursery.start(self._run_direct, tcfg)
+                for addr in m.bootstrap:
+                    nursery.start_soon(self._dial_bootstrap, addr)
+                self.refresh_advert()
+                nursery.start_soon(self._publish_load)
+                nursery.start_soon(self._probe_loop)
+                log.info("mesh_listening", addrs=transport.listen_addrs())
+                self._ready.set()
+                task_status.started()
+                await trio.sleep_forever()
         raise AssertionError("unreachable")  # pragma: no cover
 
     @asynccontextmanager
@@ -163,10 +192,15 @@ class MeshService:
                 yield None, None, store
                 return
             secret = MeshSecret.from_bytes(self.paths.mesh_secret.read_bytes())
-            identity = MeshIdentity(bytes.fromhex(info.mesh_id), bytes.fromhex(info.founder), secret)
-            state = MeshState(mesh_id=identity.mesh_id, founder=identity.founder,
-                              max_drift_ms=round(self.cfg.mesh.max_clock_drift_s * 1000),
-                              max_lease_ms=round(max(600.0, self.cfg.mesh.advert_lease_s) * 1000))  # fmt: skip
+            identity = MeshIdentity(
+                bytes.fromhex(info.mesh_id), bytes.fromhex(info.founder), secret
+            )
+            state = MeshState(
+                mesh_id=identity.mesh_id,
+                founder=identity.founder,
+                max_drift_ms=round(self.cfg.mesh.max_clock_drift_s * 1000),
+                max_lease_ms=round(max(600.0, self.cfg.mesh.advert_lease_s) * 1000),
+            )
             yield identity, state, store
         finally:
             store.close()
@@ -182,15 +216,25 @@ class MeshService:
         except (MeshError, ValueError, trio.TooSlowError) as exc:
             log.warning("bootstrap_dial_failed", addr=addr, reason=str(exc))
 
-    async def _run_direct(self, tcfg: TransportConfig, *,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    async def _run_direct(
+        self,
+        tcfg: TransportConfig,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         from mesh.transport.direct import open_direct_listener
 
         m = self.cfg.mesh
         # `is_member` is the listener's whole admission: members only, and not while banned
         # (or revoked); a peer cut off later loses its open streams too.
-        async with open_direct_listener(self.signer.key, m.listen_host, m.direct_port, tcfg,
-                                        self.is_member, self._serve_exec_direct) as listener:  # fmt: skip
+        async with open_direct_listener(
+            self.signer.key,
+            m.listen_host,
+            m.direct_port,
+            tcfg,
+            self.is_member,
+            self._serve_exec_direct,
+        ) as listener:
             self.direct = listener
             if self.node is not None:
                 self.node.on_peer_excluded(self._close_direct)
@@ -216,8 +260,9 @@ class MeshService:
 
             host, _, port = advert.direct_addr.rpartition(":")
             try:
-                return await connect_direct(self.signer.key, (host, int(port)), peer, self.tcfg,
-                                            is_member=self.is_member)  # fmt: skip
+                return await connect_direct(
+                    self.signer.key, (host, int(port)), peer, self.tcfg, is_member=self.is_member
+                )
             except (MeshError, ValueError, OSError) as exc:
                 log.warning("direct_dial_failed", peer=peer.hex()[:8], reason=str(exc))
                 self.metrics.inc("direct_dial_failures_total")
@@ -230,8 +275,13 @@ class MeshService:
             await self._serve_exec(stream)
         except PeerProtocolError as exc:
             reason, penalty = classify_rejection(exc)
-            log.warning("exec_peer_misbehaved", peer=stream.remote_id.hex()[:8],
-                        error=type(exc).__name__, reason=reason, detail=str(exc))  # fmt: skip
+            log.warning(
+                "exec_peer_misbehaved",
+                peer=stream.remote_id.hex()[:8],
+                error=type(exc).__name__,
+                reason=reason,
+                detail=str(exc),
+            )
             self.metrics.inc("exec_rejections_total", reason=reason, channel="direct")
             if self.node is not None and penalty is not None:
                 await self.node.report(stream.remote_id, penalty)
@@ -239,11 +289,17 @@ class MeshService:
     async def _serve_exec(self, stream: Stream) -> None:
         node = self.node
         assert node is not None
-        channel = ExecChannel(stream, self.signer, self._verifier,  # type: ignore[arg-type]
-                              self.is_member, (*HOST_INBOUND, *TRAIN_HOST_INBOUND))
+        channel = ExecChannel(
+            stream,
+            self.signer,
+            self._verifier,  # type: ignore[arg-type]
+            self.is_member,
+            (*HOST_INBOUND, *TRAIN_HOST_INBOUND),
+        )
         try:
-            await self.host.serve(channel, idle_timeout_s=self.cfg.atoms.session_idle_s,
-                                  train=self.trainer)
+            await self.host.serve(
+                channel, idle_timeout_s=self.cfg.atoms.session_idle_s, train=self.trainer
+            )
         finally:
             self.refresh_load()
             await close_bounded(stream.aclose)
@@ -252,8 +308,9 @@ class MeshService:
 
     async def _serve_probe(self, stream: Stream) -> None:
         try:
-            payload = await stream.receive(timeout_s=self.cfg.mesh.read_timeout_s,
-                                           max_bytes=MAX_PROBE_BYTES)  # fmt: skip
+            payload = await stream.receive(
+                timeout_s=self.cfg.mesh.read_timeout_s, max_bytes=MAX_PROBE_BYTES
+            )
             await stream.send(len(payload).to_bytes(8, "big"))
         finally:
             await close_bounded(stream.aclose)
@@ -313,8 +370,14 @@ class MeshService:
             return
         spans = tuple(self.host.hosted())
         free_kv = max(0, self.cfg.atoms.kv_cache_budget_bytes - self.host.kv_bytes_used)
-        self.node.set_local_advert(spans, free_kv, free_kv_tokens(free_kv, self.host), CODECS,
-                                   state, direct_addr=self.direct_addr)  # fmt: skip
+        self.node.set_local_advert(
+            spans,
+            free_kv,
+            free_kv_tokens(free_kv, self.host),
+            CODECS,
+            state,
+            direct_addr=self.direct_addr,
+        )
         self.refresh_load()
 
     def refresh_load(self) -> None:
@@ -365,9 +428,20 @@ class NodeView:
         svc = self._svc
         util = svc.host.load.utilisation()
         queue = svc.host.load.peak_queue()
-        out = [HostSpan(self.node_id, h.model_id, h.start, h.end, DEFAULT_COMPUTE_S_PER_ATOM,
-                        queue, util, 1 << 30) for h in svc.host.hosted()
-               if h.model_id == model_id]  # fmt: skip
+        out = [
+            HostSpan(
+                self.node_id,
+                h.model_id,
+                h.start,
+                h.end,
+                DEFAULT_COMPUTE_S_PER_ATOM,
+                queue,
+                util,
+                1 << 30,
+            )
+            for h in svc.host.hosted()
+            if h.model_id == model_id
+        ]
         node = svc.node
         if node is None:
             return out
@@ -380,10 +454,19 @@ class NodeView:
             load = loads.get(peer)
             for s in advert.spans:
                 if s.model_id == model_id:
-                    out.append(HostSpan(peer, s.model_id, s.start, s.end, DEFAULT_COMPUTE_S_PER_ATOM,
-                                        load.queue_depth if load else 0,
-                                        min(1.0, load.utilisation) if load else 0.0,
-                                        advert.free_kv_tokens, node.penalty_s(peer)))  # fmt: skip
+                    out.append(
+                        HostSpan(
+                            peer,
+                            s.model_id,
+                            s.start,
+                            s.end,
+                            DEFAULT_COMPUTE_S_PER_ATOM,
+                            load.queue_depth if load else 0,
+                            min(1.0, load.utilisation) if load else 0.0,
+                            advert.free_kv_tokens,
+                            node.penalty_s(peer),
+                        )
+                    )
         return out
 
     def links(self) -> list[Link]:
@@ -391,8 +474,11 @@ class NodeView:
         if node is None:
             return []
         bandwidth = self._svc.bandwidth
-        return [Link(self.node_id, peer, rtt, bandwidth.get(peer, UNPROBED_BANDWIDTH))
-                for peer, rtt in sorted(node.rtts().items()) if peer != self.node_id]  # fmt: skip
+        return [
+            Link(self.node_id, peer, rtt, bandwidth.get(peer, UNPROBED_BANDWIDTH))
+            for peer, rtt in sorted(node.rtts().items())
+            if peer != self.node_id
+        ]
 
     def name_of(self, node_id: bytes) -> str:
         if node_id == self.node_id:
@@ -467,8 +553,10 @@ class MeshApi:
     async def _invite(self, req: InviteRequest, _emit: Emit) -> InviteReply:
         node = self._node()
         if not 60 <= req.ttl_s <= 30 * 86400 or not 1 <= req.uses <= 1000:
-            raise ApiError("bad_request", f"ttl 60 s..30 days and uses 1..1000 expected, "
-                                          f"got {req.ttl_s} s and {req.uses}")  # fmt: skip
+            raise ApiError(
+                "bad_request",
+                f"ttl 60 s..30 days and uses 1..1000 expected, got {req.ttl_s} s and {req.uses}",
+            )
         try:
             token = await node.create_invite(req.ttl_s, req.uses, req.name)
         except AdminRequired as exc:
@@ -490,8 +578,9 @@ class MeshApi:
             raise ApiError("bad_request", f"invalid invite: {exc}") from None
         except (MeshError, trio.TooSlowError) as exc:
             raise ApiError("unavailable", f"cannot reach the inviting node: {exc}") from None
-        write_mesh_files(self._paths, identity.mesh_id.hex(), identity.founder.hex(),
-                         identity.secret.raw)  # fmt: skip
+        write_mesh_files(
+            self._paths, identity.mesh_id.hex(), identity.founder.hex(), identity.secret.raw
+        )
         self._svc.refresh_advert()
         self._on_joined()  # type: ignore[operator]
         return JoinedReply(identity.mesh_id.hex(), identity.founder.hex(), len(node.members()))
@@ -514,30 +603,43 @@ class MeshApi:
         known = set(node.members()) | set(node.live_adverts())
         matches = [n for n in known if n.hex().startswith(text)]
         if len(matches) != 1:
-            raise ApiError("not_found" if not matches else "bad_request",
-                           f"node id prefix {text!r} matches {len(matches)} members")  # fmt: skip
+            raise ApiError(
+                "not_found" if not matches else "bad_request",
+                f"node id prefix {text!r} matches {len(matches)} members",
+            )
         return matches[0]
 
     async def _peers(self, req: PeersRequest, _emit: Emit) -> PeersReply:
         node = self._node()
         if req.wait_hosts > 0:
+
             def enough() -> bool:
                 adverts = node.live_adverts()
-                hosting = [a for a in adverts.values()
-                           if any(not req.model or s.model_id == req.model for s in a.spans)]  # fmt: skip
+                hosting = [
+                    a
+                    for a in adverts.values()
+                    if any(not req.model or s.model_id == req.model for s in a.spans)
+                ]
                 return len(hosting) >= req.wait_hosts
 
             with trio.move_on_after(max(0.0, min(req.timeout_s, 600.0))):
                 await node.wait_for(enough)
-        return PeersReply(node.identity.mesh_id.hex() if node.identity else "", self._rows(node),
-                          tuple(sorted(node.counters().items())))  # fmt: skip
+        return PeersReply(
+            node.identity.mesh_id.hex() if node.identity else "",
+            self._rows(node),
+            tuple(sorted(node.counters().items())),
+        )
 
     async def _wait(self, req: WaitRequest, _emit: Emit) -> PeersReply:
         node = self._node()
         try:
-            target = bytes.fromhex(req.node) if len(req.node) == 64 else self._resolve(node, req.node)
+            target = (
+                bytes.fromhex(req.node) if len(req.node) == 64 else self._resolve(node, req.node)
+            )
         except ValueError:
-            raise ApiError("bad_request", f"node: expected a hex node id, got {req.node!r}") from None
+            raise ApiError(
+                "bad_request", f"node: expected a hex node id, got {req.node!r}"
+            ) from None
         now_ms = lambda: int(time.time() * 1000)  # noqa: E731
         probes_before = self._svc.probes.get(target, 0)
         checks = {
@@ -552,17 +654,25 @@ class MeshApi:
             "probed": lambda: self._svc.probes.get(target, 0) > probes_before,
         }
         if req.condition not in checks:
-            raise ApiError("bad_request", f"condition: expected one of {sorted(checks)}, got {req.condition!r}")
+            raise ApiError(
+                "bad_request", f"condition: expected one of {sorted(checks)}, got {req.condition!r}"
+            )
         predicate = checks[req.condition]
         with trio.move_on_after(max(0.0, min(req.timeout_s, 600.0))) as scope:
             while not predicate():  # lease expiry changes nothing: re-check at least each second
                 with trio.move_on_after(1.0):
                     await node.wait_changed()
         if scope.cancelled_caught:
-            raise ApiError("unavailable", f"condition {req.condition} on {target.hex()[:8]} "
-                                          f"did not hold within {req.timeout_s} s")  # fmt: skip
-        return PeersReply(node.identity.mesh_id.hex() if node.identity else "", self._rows(node),
-                          tuple(sorted(node.counters().items())))  # fmt: skip
+            raise ApiError(
+                "unavailable",
+                f"condition {req.condition} on {target.hex()[:8]} "
+                f"did not hold within {req.timeout_s} s",
+            )
+        return PeersReply(
+            node.identity.mesh_id.hex() if node.identity else "",
+            self._rows(node),
+            tuple(sorted(node.counters().items())),
+        )
 
     def _rows(self, node: MeshNode) -> tuple[PeerRow, ...]:
         now_ms = int(time.time() * 1000)
@@ -574,16 +684,27 @@ class MeshApi:
         rows = []
         for nid in sorted(set(members) | set(adverts)):
             cert, adv, load = members.get(nid), adverts.get(nid), loads.get(nid)
-            rows.append(PeerRow(
-                node_id=nid.hex(), name=cert.name if cert else "",
-                roles=tuple(cert.roles) if cert else (), is_self=nid == node.node_id,
-                connected=nid in connected,
-                state=adv.state.name.lower() if adv else "no-advert",
-                rtt_ms=round(rtts[nid] * 1000, 3) if nid in rtts else -1.0,
-                hosted=tuple(f"{s.model_id}:{s.start}-{s.end}" for s in adv.spans) if adv else (),
-                lease_left_s=round(max(0.0, (adv.lease_expires_ms - now_ms) / 1000), 1) if adv else 0.0,
-                queue_depth=load.queue_depth if load else 0, banned=node.is_banned(nid),
-                utilisation=round(load.utilisation, 3) if load else 0.0,
-                bandwidth_mb_per_s=round(self._svc.bandwidth[nid] / 1e6, 3) if nid in self._svc.bandwidth else -1.0,
-            ))  # fmt: skip
+            rows.append(
+                PeerRow(
+                    node_id=nid.hex(),
+                    name=cert.name if cert else "",
+                    roles=tuple(cert.roles) if cert else (),
+                    is_self=nid == node.node_id,
+                    connected=nid in connected,
+                    state=adv.state.name.lower() if adv else "no-advert",
+                    rtt_ms=round(rtts[nid] * 1000, 3) if nid in rtts else -1.0,
+                    hosted=tuple(f"{s.model_id}:{s.start}-{s.end}" for s in adv.spans)
+                    if adv
+                    else (),
+                    lease_left_s=round(max(0.0, (adv.lease_expires_ms - now_ms) / 1000), 1)
+                    if adv
+                    else 0.0,
+                    queue_depth=load.queue_depth if load else 0,
+                    banned=node.is_banned(nid),
+                    utilisation=round(load.utilisation, 3) if load else 0.0,
+                    bandwidth_mb_per_s=round(self._svc.bandwidth[nid] / 1e6, 3)
+                    if nid in self._svc.bandwidth
+                    else -1.0,
+                )
+            )
         return tuple(rows)

@@ -14,15 +14,17 @@ ROOT = Path(__file__).resolve().parents[2]
 nexusd_env = daemon_env
 
 
-def run_cli(args: Sequence[str], *, timeout_s: float = 60, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_cli(
+    args: Sequence[str], *, timeout_s: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `nexusd ARGS` to completion in a subprocess."""
     return _run_cli(args, env=env, timeout_s=timeout_s)
 
 
 @contextlib.contextmanager
-def running(data_dir: Path, *args: str, env: dict[str, str] | None = None
-            ) -> Iterator[DaemonProcess]:  # fmt: skip
+def running(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess(data_dir, *args, env=env)
     try:
         yield daemon.started()

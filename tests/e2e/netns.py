@@ -53,8 +53,21 @@ class Namespaces:
         for i, ns in enumerate(self.names):
             _run("ip", "netns", "add", ns)
             _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "link", "add", "nx0", "type", "veth", "peer", "name", f"nxb{i}",
-                 "netns", self.bridge)  # fmt: skip
+            _run(
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                "nx0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"nxb{i}",
+                "netns",
+                self.bridge,
+            )
             _run("ip", "-n", ns, "addr", "add", f"{self.addrs[i]}/24", "dev", "nx0")
             _run("ip", "-n", ns, "link", "set", "nx0", "up")
             _run("ip", "-n", self.bridge, "link", "set", f"nxb{i}", "master", "br0")
@@ -62,13 +75,32 @@ class Namespaces:
 
     def slow(self, i: int, rate: str = "1mbit") -> None:
         for ns, dev in ((self.names[i], "nx0"), (self.bridge, f"nxb{i}")):
-            _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-                 "rate", rate, "burst", "16kb", "latency", "500ms")  # fmt: skip
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "16kb",
+                "latency",
+                "500ms",
+            )
 
     def fast(self, i: int) -> None:
         for ns, dev in ((self.names[i], "nx0"), (self.bridge, f"nxb{i}")):
-            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"],
-                           capture_output=True)  # fmt: skip
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"],
+                capture_output=True,
+            )
 
     def teardown(self) -> None:
         for ns in [*self.names, self.bridge]:

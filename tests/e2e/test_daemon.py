@@ -134,9 +134,11 @@ def test_sighup_reloads_what_it_can_and_never_stops_the_node(
     original = config.read_text()
     env = {"NEXUSD_ATOMS__MODELS_DIR": str(models_dir)}
     with running(node_dir, "--port", "0", env=env) as daemon:
-        config.write_text(original.replace('level = "info"', 'level = "debug"')
-                          .replace("host = []", 'host = ["minilm"]')
-                          .replace("max_sessions = 64", "max_sessions = 8"))  # fmt: skip
+        config.write_text(
+            original.replace('level = "info"', 'level = "debug"')
+            .replace("host = []", 'host = ["minilm"]')
+            .replace("max_sessions = 64", "max_sessions = 8")
+        )
         daemon.proc.send_signal(signal.SIGHUP)
         reloaded = daemon.wait_for("config_reloaded", 120)
         assert reloaded["log_level"] == "debug" and "minilm:0-8" in reloaded["hosted"]

@@ -26,10 +26,16 @@ from nexusd.model_registry import ModelRegistry
 pytestmark = pytest.mark.e2e
 
 PROMPT = "Devices that share the work of a model"
-TEXTS = tuple(f"Sentence number {i} is about {w}." for i, w in
-              enumerate(["cats", "the stock market", "rain", "football", "a violin", "bread"]))  # fmt: skip
-FAST = {"NEXUSD_MESH__ADVERT_REFRESH_S": "1", "NEXUSD_MESH__ADVERT_LEASE_S": "4",
-        "NEXUSD_MESH__PING_INTERVAL_S": "1", "NEXUSD_MESH__READ_TIMEOUT_S": "5"}  # fmt: skip
+TEXTS = tuple(
+    f"Sentence number {i} is about {w}."
+    for i, w in enumerate(["cats", "the stock market", "rain", "football", "a violin", "bread"])
+)
+FAST = {
+    "NEXUSD_MESH__ADVERT_REFRESH_S": "1",
+    "NEXUSD_MESH__ADVERT_LEASE_S": "4",
+    "NEXUSD_MESH__PING_INTERVAL_S": "1",
+    "NEXUSD_MESH__READ_TIMEOUT_S": "5",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,9 @@ def cluster(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
         yield c
 
 
-def test_three_daemons_equal_one_process(cluster: LocalCluster,
-                                         reference: tuple[tuple[int, ...], torch.Tensor]) -> None:  # fmt: skip
+def test_three_daemons_equal_one_process(
+    cluster: LocalCluster, reference: tuple[tuple[int, ...], torch.Tensor]
+) -> None:
     tokens, vectors = reference
     for i, (a, b) in enumerate(even_spans(11, 3)):
         cluster.host(i, f"nexus-1.1:{a}-{b}")
@@ -60,7 +67,9 @@ def test_three_daemons_equal_one_process(cluster: LocalCluster,
     assert isinstance(gen, GenerateReply)
     assert gen.token_ids == tokens
     assert [(h.start, h.end) for h in gen.route] == even_spans(11, 3)  # all three took part
-    emb = cluster.call(0, EmbedRequest(texts=TEXTS, model="minilm", micro_batch=1))  # several per lane
+    emb = cluster.call(
+        0, EmbedRequest(texts=TEXTS, model="minilm", micro_batch=1)
+    )  # several per lane
     assert isinstance(emb, EmbedReply)
     cos = torch.nn.functional.cosine_similarity(torch.tensor(vectors_of(emb)), vectors, dim=-1)
     assert float(cos.min()) >= 0.9999

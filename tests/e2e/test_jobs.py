@@ -37,13 +37,16 @@ def cli_json(data: Path, *args: str) -> dict[str, object]:
     return json.loads(res.stdout)
 
 
-def test_jobs_equal_single_process(node: tuple[Path, dict[str, str]], registry: ModelRegistry) -> None:
+def test_jobs_equal_single_process(
+    node: tuple[Path, dict[str, str]], registry: ModelRegistry
+) -> None:
     data, env = node
     model = registry.load_model("nexus-1.1")
     tok = registry.tokenizer("nexus-1.1")
     eos = registry.eos_token_ids("nexus-1.1")
-    want = generate(model, tok.encode_prompt(PROMPT),
-                    GenerationParams(max_new_tokens=12, stop_token_ids=eos))
+    want = generate(
+        model, tok.encode_prompt(PROMPT), GenerationParams(max_new_tokens=12, stop_token_ids=eos)
+    )
     minilm = registry.load_model("minilm")
     ref = embed_texts(minilm, TEXTS)
     with running(data, "--port", "0", env=env):
@@ -76,10 +79,25 @@ def test_no_acknowledged_job_is_lost_across_a_crash(node: tuple[Path, dict[str, 
     daemon = DaemonProcess(data, "--port", "0", env=env).started(120)
     try:
         client = subprocess.Popen(
-            [sys.executable, "-m", "nexusd", "generate", PROMPT, "--max-tokens", "400",
-             "--job-id", "long-1", "--data-dir", str(data), "--json"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=nexusd_env(env), cwd=ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "nexusd",
+                "generate",
+                PROMPT,
+                "--max-tokens",
+                "400",
+                "--job-id",
+                "long-1",
+                "--data-dir",
+                str(data),
+                "--json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=nexusd_env(env),
+            cwd=ROOT,
+        )
         daemon.wait_for(lambda e: e.get("event") == "job_started" and e.get("job") == "long-1", 60)
         daemon.proc.send_signal(signal.SIGKILL)  # a crash: no graceful anything
         daemon.stop()

@@ -67,7 +67,10 @@ def test_members_see_each_others_adverts(cluster: LocalCluster) -> None:
     assert {p.name for p in peers.peers if not p.is_self} >= {"node0", "node2"}
     doctor = run_cli(["doctor", "--data-dir", str(cluster.data_dir(1))], env=cluster.env)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    assert doctor.stdout.count("[ok  ] peer:") == 2 and "[WARN] listening: only on loopback" in doctor.stdout
+    assert (
+        doctor.stdout.count("[ok  ] peer:") == 2
+        and "[WARN] listening: only on loopback" in doctor.stdout
+    )
     shown = run_cli(["status", "--json", "--data-dir", str(cluster.data_dir(1))], env=cluster.env)
     assert {p["name"] for p in json.loads(shown.stdout)["peers"]} >= {"node0", "node1", "node2"}
 
@@ -95,11 +98,17 @@ def test_non_member_is_disconnected_and_hears_nothing(tmp_path: Path, models_dir
     with local_cluster(tmp_path / "mesh", 2, models_dir=models_dir, env=FAST) as mesh:
         founder_addr = status(mesh, 0).listen_addrs[0]
         outsider_env = {**FAST, "NEXUSD_MESH__BOOTSTRAP": founder_addr}
-        with local_cluster(tmp_path / "out", 1, models_dir=models_dir, env=outsider_env,
-                           names=["outsider"]) as out:  # fmt: skip
+        with local_cluster(
+            tmp_path / "out", 1, models_dir=models_dir, env=outsider_env, names=["outsider"]
+        ) as out:
             outsider = status(out, 0).node_id
-            mesh.daemon(0).wait_for(lambda e: e.get("event") in ("stream_refused", "peer_cut_off")
-                                    and e.get("peer") == outsider[:8], 30)  # fmt: skip
+            mesh.daemon(0).wait_for(
+                lambda e: (
+                    e.get("event") in ("stream_refused", "peer_cut_off")
+                    and e.get("peer") == outsider[:8]
+                ),
+                30,
+            )
             mesh.call(0, WaitRequest("disconnected", outsider, timeout_s=30))
             seen = out.call(0, PeersRequest())
             assert isinstance(seen, PeersReply)

@@ -25,8 +25,13 @@ from mesh.wire import decode
 
 pytestmark = pytest.mark.e2e
 
-CFG = MeshNodeConfig(advert_refresh_s=2.0, advert_lease_s=6.0, anti_entropy_interval_s=1.0,
-                     ping_interval_s=1.0, read_timeout_s=3.0)  # fmt: skip
+CFG = MeshNodeConfig(
+    advert_refresh_s=2.0,
+    advert_lease_s=6.0,
+    anti_entropy_interval_s=1.0,
+    ping_interval_s=1.0,
+    read_timeout_s=3.0,
+)
 TRANSPORT = TransportConfig(read_timeout_s=5.0, write_timeout_s=5.0, connect_timeout_s=3.0)
 
 
@@ -36,11 +41,22 @@ async def running_node(
 ) -> AsyncIterator[MeshNode]:
     state = None
     if identity is not None:
-        state = MeshState(mesh_id=identity.mesh_id, founder=identity.founder,
-                          max_drift_ms=5000, max_lease_ms=600_000)  # fmt: skip
+        state = MeshState(
+            mesh_id=identity.mesh_id,
+            founder=identity.founder,
+            max_drift_ms=5000,
+            max_lease_ms=600_000,
+        )
     async with open_libp2p_transport(key.seed, 0, TRANSPORT) as transport:
-        node = MeshNode(key=key, transport=transport, identity=identity, state=state, store=None,
-                        cfg=CFG, rng=random.Random(seed))  # fmt: skip
+        node = MeshNode(
+            key=key,
+            transport=transport,
+            identity=identity,
+            state=state,
+            store=None,
+            cfg=CFG,
+            rng=random.Random(seed),
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             yield node
@@ -63,15 +79,21 @@ async def test_three_nodes_join_by_invite_and_see_each_others_adverts() -> None:
             ids = {k.node_id for k in keys}
 
             async def everyone_sees_everyone(node: MeshNode) -> None:
-                await node.wait_for(lambda: set(node.live_adverts()) == ids
-                                    and node.live_adverts()[b.node_id].spans != ())  # fmt: skip
+                await node.wait_for(
+                    lambda: (
+                        set(node.live_adverts()) == ids
+                        and node.live_adverts()[b.node_id].spans != ()
+                    )
+                )
 
             async with trio.open_nursery() as nursery:
                 for node in nodes:
                     nursery.start_soon(everyone_sees_everyone, node)
             for node in nodes:
-                assert all(ad.addrs and ad.addrs[0].startswith("/ip4/127.0.0.1/tcp/")
-                           for ad in node.live_adverts().values())  # fmt: skip
+                assert all(
+                    ad.addrs and ad.addrs[0].startswith("/ip4/127.0.0.1/tcp/")
+                    for ad in node.live_adverts().values()
+                )
                 assert {c.name for c in node.members().values()} == {"alpha", "beta"}
 
 
@@ -123,11 +145,18 @@ async def test_invite_whose_bootstrap_names_another_node_is_a_clear_refusal() ->
             running_node(keys[0], identity, 0) as member,
             running_node(keys[1], None, 1) as joiner,
         ):
-            token, _record = create_invite(other_admin, os.urandom(16),
-                                           tuple(member.transport.listen_addrs()), 3600, 1, "",
-                                           time.time())  # fmt: skip
-            with pytest.raises(MalformedMessage, match="bootstrap address is not valid for the "
-                               "invite's issuer") as refused:  # fmt: skip
+            token, _record = create_invite(
+                other_admin,
+                os.urandom(16),
+                tuple(member.transport.listen_addrs()),
+                3600,
+                1,
+                "",
+                time.time(),
+            )
+            with pytest.raises(
+                MalformedMessage, match="bootstrap address is not valid for the invite's issuer"
+            ) as refused:
                 await joiner.join(token, "j")
             assert isinstance(refused.value, PeerProtocolError)  # the API says bad_request
             assert joiner.identity is None

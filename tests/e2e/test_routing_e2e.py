@@ -24,7 +24,6 @@ from .test_distributed import FAST
 pytestmark = pytest.mark.e2e
 
 
-
 @pytest.fixture
 def cluster(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
     with local_cluster(tmp_path, 3, models_dir=models_dir, env=FAST) as c:
@@ -52,8 +51,9 @@ def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
 
     def load() -> None:
         try:
-            req = GenerateRequest(prompt="keep busy", model="nexus-1.1", max_new_tokens=480,
-                                  job_id=job_id)  # fmt: skip
+            req = GenerateRequest(
+                prompt="keep busy", model="nexus-1.1", max_new_tokens=480, job_id=job_id
+            )
             cluster.call(busy, req, timeout_s=300)
         except ApiError as exc:  # cancelled at the end: expected
             if "cancelled" not in exc.message:
@@ -63,7 +63,9 @@ def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
     worker.start()
     try:
         cluster.call(0, WaitRequest("busy", node_hex(cluster, busy), 0.4, timeout_s=60))
-        reply = cluster.call(0, GenerateRequest(prompt="route me", model="nexus-1.1", max_new_tokens=4))
+        reply = cluster.call(
+            0, GenerateRequest(prompt="route me", model="nexus-1.1", max_new_tokens=4)
+        )
         assert isinstance(reply, GenerateReply)
         return [h.host for h in reply.route]
     finally:
@@ -86,12 +88,22 @@ def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Pa
     reason = netns_available()
     if reason:
         pytest.skip(reason)
-    env = {**FAST, "NEXUSD_MESH__BANDWIDTH_PROBE_INTERVAL_S": "2",
-           "NEXUSD_MESH__BANDWIDTH_PROBE_BYTES": "65536"}  # fmt: skip
-    with namespaces(3) as ns, local_cluster(
-        tmp_path, 3, models_dir=models_dir, env=env,
-        prefixes=[ns.prefix(i) for i in range(3)], listen_hosts=ns.addrs,
-    ) as cluster:  # fmt: skip
+    env = {
+        **FAST,
+        "NEXUSD_MESH__BANDWIDTH_PROBE_INTERVAL_S": "2",
+        "NEXUSD_MESH__BANDWIDTH_PROBE_BYTES": "65536",
+    }
+    with (
+        namespaces(3) as ns,
+        local_cluster(
+            tmp_path,
+            3,
+            models_dir=models_dir,
+            env=env,
+            prefixes=[ns.prefix(i) for i in range(3)],
+            listen_hosts=ns.addrs,
+        ) as cluster,
+    ):
         for i in (1, 2):
             cluster.host(i, "nexus-1.1")
         cluster.wait_hosts(0, 2, "nexus-1.1")

@@ -33,9 +33,13 @@ from nexusd.model_registry import ModelRegistry
 
 pytestmark = pytest.mark.e2e
 
-FAST = {"NEXUSD_MESH__ADVERT_REFRESH_S": "1", "NEXUSD_MESH__ADVERT_LEASE_S": "4",
-        "NEXUSD_MESH__PING_INTERVAL_S": "1", "NEXUSD_MESH__READ_TIMEOUT_S": "5",
-        "NEXUSD_TRAIN__OP_TIMEOUT_S": "20"}  # fmt: skip
+FAST = {
+    "NEXUSD_MESH__ADVERT_REFRESH_S": "1",
+    "NEXUSD_MESH__ADVERT_LEASE_S": "4",
+    "NEXUSD_MESH__PING_INTERVAL_S": "1",
+    "NEXUSD_MESH__READ_TIMEOUT_S": "5",
+    "NEXUSD_TRAIN__OP_TIMEOUT_S": "20",
+}
 TEXT = "\n\n".join(
     f"Paragraph {i}: the whale and the ship went on across the grey sea, and Emma said "
     f"that the weather of day {i} was fine enough for a walk to the village."
@@ -46,10 +50,23 @@ VALIDATION = "The ship and the whale were seen again near the village."
 
 def lm_request(data: Path, output: str, **kw: object) -> TrainRequest:
     settings: dict[str, object] = {
-        "task": "lm", "model": "nexus-1.1", "output": output, "data": str(data),
-        "steps": 3, "micro_batch": 2, "accumulation": 3, "seq_len": 16, "lr": 1e-3,
-        "warmup_steps": 1, "dropout": 0.1, "clip": 0.5, "eval_interval": 0,
-        "eval_examples": 4, "checkpoint_interval": 1, "seed": 7, **kw,
+        "task": "lm",
+        "model": "nexus-1.1",
+        "output": output,
+        "data": str(data),
+        "steps": 3,
+        "micro_batch": 2,
+        "accumulation": 3,
+        "seq_len": 16,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "dropout": 0.1,
+        "clip": 0.5,
+        "eval_interval": 0,
+        "eval_examples": 4,
+        "checkpoint_interval": 1,
+        "seed": 7,
+        **kw,
     }
     return TrainRequest(**settings)  # type: ignore[arg-type]
 
@@ -61,8 +78,13 @@ def reference(model: Model, req: TrainRequest, data: Path) -> dict[str, torch.Te
     ds = lm_dataset(data.read_text(), tok, length=req.seq_len, digest="")
     optim = OptimConfig(weight_decay=req.weight_decay, dropout=req.dropout)
     trainer = SpanTrainer(Span(fp32_copy(model.atoms)), optim, needs_input_grad=False)
-    sched = Schedule(lr=req.lr, warmup_steps=req.warmup_steps, total_steps=req.steps,
-                     decay=req.decay, min_ratio=req.min_lr_ratio)
+    sched = Schedule(
+        lr=req.lr,
+        warmup_steps=req.warmup_steps,
+        total_steps=req.steps,
+        decay=req.decay,
+        min_ratio=req.min_lr_ratio,
+    )
     order = Order(len(ds.train), req.micro_batch, req.seed)
     for step in range(req.steps):
         count = 0
@@ -77,8 +99,11 @@ def reference(model: Model, req: TrainRequest, data: Path) -> dict[str, torch.Te
 
 def trained(registry: ModelRegistry, model_id: str) -> dict[str, torch.Tensor]:
     model = registry.load_model(model_id)
-    return {f"atoms.{a.spec.index}.{n}": p.detach() for a in model.atoms
-            for n, p in a.named_parameters()}
+    return {
+        f"atoms.{a.spec.index}.{n}": p.detach()
+        for a in model.atoms
+        for n, p in a.named_parameters()
+    }
 
 
 def assert_close(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
@@ -163,8 +188,9 @@ def test_host_killed_mid_training_moves_its_span_to_a_replica(
     survivor = next(h.name for h in routes[-1].hops if h.start == 8)
     assert names[survivor] not in killed
     assert reply.failovers, "the run should have rerouted around the killed host"
-    assert_close(reference(registry.load_model("nexus-1.1"), req, data),
-                 trained(registry, "nexus-e2e-c"))
+    assert_close(
+        reference(registry.load_model("nexus-1.1"), req, data), trained(registry, "nexus-e2e-c")
+    )
 
 
 def test_trained_classifier_beats_zero_shot(tmp_path: Path, models_dir: Path) -> None:
@@ -173,27 +199,44 @@ def test_trained_classifier_beats_zero_shot(tmp_path: Path, models_dir: Path) ->
         rows.append((f"The striker scored a goal in match {i} and the crowd cheered.", "alpha"))
         rows.append((f"Shares fell {i} percent as the bank cut its interest rate.", "beta"))
         rows.append((f"Bake the bread for {i} minutes, then add butter and salt.", "gamma"))
-    lines = [f'{{"text": "{t}", "label": "{lab}", "split": "{"validation" if i % 5 == 0 else "train"}"}}'
-             for i, (t, lab) in enumerate(rows)]
+    lines = [
+        f'{{"text": "{t}", "label": "{lab}", "split": "{"validation" if i % 5 == 0 else "train"}"}}'
+        for i, (t, lab) in enumerate(rows)
+    ]
     path = tmp_path / "topics.jsonl"
     path.write_text("\n".join(lines) + "\n")
     val = [(t, lab) for i, (t, lab) in enumerate(rows) if i % 5 == 0]
     with local_cluster(tmp_path, 2, models_dir=models_dir, env=FAST) as c:
         c.host(1, "minilm")
         c.wait_hosts(0, 1, "minilm")
-        req = TrainRequest(task="classify", model="minilm", output="topics-head", data=str(path),
-                           steps=30, micro_batch=16, accumulation=1, lr=5e-3, warmup_steps=3,
-                           dropout=0.0, eval_interval=0, eval_examples=100,
-                           checkpoint_interval=0)
+        req = TrainRequest(
+            task="classify",
+            model="minilm",
+            output="topics-head",
+            data=str(path),
+            steps=30,
+            micro_batch=16,
+            accumulation=1,
+            lr=5e-3,
+            warmup_steps=3,
+            dropout=0.0,
+            eval_interval=0,
+            eval_examples=100,
+            checkpoint_interval=0,
+        )
         reply = c.call(0, req, expect=TrainReply, timeout_s=600)
         assert reply.val_accuracy > 0.9
         texts = tuple(t for t, _ in val)
-        trained_reply = c.call(0, ClassifyRequest(texts=texts, labels=(), model="topics-head"),
-                               expect=ClassifyReply)
-        zero = c.call(0, ClassifyRequest(texts=texts, labels=("alpha", "beta", "gamma")),
-                      expect=ClassifyReply)
+        trained_reply = c.call(
+            0, ClassifyRequest(texts=texts, labels=(), model="topics-head"), expect=ClassifyReply
+        )
+        zero = c.call(
+            0, ClassifyRequest(texts=texts, labels=("alpha", "beta", "gamma")), expect=ClassifyReply
+        )
     truth = [lab for _, lab in val]
-    acc_trained = sum(p == t for p, t in zip(trained_reply.predicted, truth, strict=True)) / len(truth)
+    acc_trained = sum(p == t for p, t in zip(trained_reply.predicted, truth, strict=True)) / len(
+        truth
+    )
     acc_zero = sum(p == t for p, t in zip(zero.predicted, truth, strict=True)) / len(truth)
     assert acc_trained > 0.9 and acc_trained > acc_zero + 0.2
 
@@ -201,11 +244,17 @@ def test_trained_classifier_beats_zero_shot(tmp_path: Path, models_dir: Path) ->
 def test_replicas_split_micro_batches_and_stay_in_sync(
     cluster: LocalCluster, registry: ModelRegistry, data: Path
 ) -> None:
-    req = lm_request(data, "nexus-e2e-d", steps=2, replicas=2, average_every=1,
-                     checkpoint_interval=0)
+    req = lm_request(
+        data, "nexus-e2e-d", steps=2, replicas=2, average_every=1, checkpoint_interval=0
+    )
     routes: list[RouteEvent] = []
-    reply = cluster.call(0, req, expect=TrainReply, timeout_s=600,
-                         on_event=lambda e: routes.append(e) if isinstance(e, RouteEvent) else None)
+    reply = cluster.call(
+        0,
+        req,
+        expect=TrainReply,
+        timeout_s=600,
+        on_event=lambda e: routes.append(e) if isinstance(e, RouteEvent) else None,
+    )
     assert reply.steps == 2 and not reply.failovers
     trained_hosts = {next(h.name for h in r.hops if h.start == 8) for r in routes}
     assert trained_hosts == {"node1", "node2"}  # one replica each

@@ -150,8 +150,9 @@ async def test_gossip_heartbeat_is_the_configured_one_and_stays_so() -> None:
 async def test_listening_on_all_interfaces_advertises_dialable_addresses() -> None:
     async with (
         open_libp2p_transport(seed(0), 0, conformance.CONFIG, listen_host="0.0.0.0") as wild,
-        open_libp2p_transport(seed(1), 0, conformance.CONFIG, listen_host="0.0.0.0",
-                              advertise_hosts=("127.0.0.1",)) as chosen,  # fmt: skip
+        open_libp2p_transport(
+            seed(1), 0, conformance.CONFIG, listen_host="0.0.0.0", advertise_hosts=("127.0.0.1",)
+        ) as chosen,
         open_libp2p_transport(seed(2), 0, conformance.CONFIG) as dialer,
     ):
         assert not any("/0.0.0.0/" in a for a in wild.listen_addrs() + chosen.listen_addrs())

@@ -44,19 +44,26 @@ class Tally:
             self.refusals[reason] += 1
 
     def as_dict(self) -> dict[str, object]:
-        return {"target": self.name, "frames": self.frames, "accepted": self.accepted_count,
-                "refused": sum(self.refusals.values()),
-                "refusals": dict(self.refusals.most_common())}  # fmt: skip
+        return {
+            "target": self.name,
+            "frames": self.frames,
+            "accepted": self.accepted_count,
+            "refused": sum(self.refusals.values()),
+            "refusals": dict(self.refusals.most_common()),
+        }
 
     def summary(self) -> str:
         top = ", ".join(f"{r}={n}" for r, n in self.refusals.most_common())
-        return (f"fuzz {self.name}: {self.frames} frames, {self.accepted_count} accepted, "
-                f"{sum(self.refusals.values())} refused ({top or 'none'})")  # fmt: skip
+        return (
+            f"fuzz {self.name}: {self.frames} frames, {self.accepted_count} accepted, "
+            f"{sum(self.refusals.values())} refused ({top or 'none'})"
+        )
 
 
 @pytest.fixture(scope="module")
-def tally(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[Tally]:  # fmt: skip
+def tally(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Tally]:
     name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
     t = Tally(name)
     yield t

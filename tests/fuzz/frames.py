@@ -23,10 +23,19 @@ from mesh.wire import WIRE_VERSION, Limits, decode, encode, kind_of
 
 # Every module that defines wire records (records register at import time).
 RECORD_MODULES = (
-    "mesh.hlc", "mesh.identity.envelope", "mesh.membership", "mesh.scoring", "mesh.state",
-    "mesh.state_records", "mesh.sync", "mesh.transport.direct", "mesh.wire",
-    "nexusd.api.records", "nexusd.exec.wire", "nexusd.exec.train_wire",
-)  # fmt: skip
+    "mesh.hlc",
+    "mesh.identity.envelope",
+    "mesh.membership",
+    "mesh.scoring",
+    "mesh.state",
+    "mesh.state_records",
+    "mesh.sync",
+    "mesh.transport.direct",
+    "mesh.wire",
+    "nexusd.api.records",
+    "nexusd.exec.wire",
+    "nexusd.exec.train_wire",
+)
 
 
 def _record_classes() -> tuple[type, ...]:
@@ -46,9 +55,16 @@ SMALL = Limits(max_bytes=64 * 1024, max_depth=8, max_items=1024)
 
 
 def fuzz_settings(n: int) -> settings:
-    return settings(max_examples=n, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])  # fmt: skip
+    return settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,14 +102,22 @@ def reason_of(exc: MalformedMessage) -> str:
 # values, and now and then a value of the wrong type
 
 _ANY = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=8) | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=6,
-)  # fmt: skip
-_INTS = (st.integers(-4, 70) | st.sampled_from([-(2**63), -(2**31), 2**31, 2**47, 2**53 + 1,
-                                                2**63 - 1, 2**63, 2**64 - 1])
-         | st.integers(-(2**63), 2**64 - 1))  # fmt: skip
+)
+_INTS = (
+    st.integers(-4, 70)
+    | st.sampled_from([-(2**63), -(2**31), 2**31, 2**47, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1])
+    | st.integers(-(2**63), 2**64 - 1)
+)
 _BYTE_LENS = st.sampled_from([0, 1, 15, 16, 17, 31, 32, 33, 63, 64, 65])
 
 
@@ -125,8 +149,9 @@ def _raw_for(tp: Any, depth: int) -> st.SearchStrategy[Any]:
         items = [] if args == ((),) else [_raw_for(a, depth + 1) for a in args]
         shaped = st.tuples(*items).map(list)
     elif origin is dict:
-        shaped = st.dictionaries(st.text(max_size=6), _raw_for(args[1], depth + 1),
-                                 max_size=3 if depth < 3 else 0)  # fmt: skip
+        shaped = st.dictionaries(
+            st.text(max_size=6), _raw_for(args[1], depth + 1), max_size=3 if depth < 3 else 0
+        )
     else:
         raise TypeError(f"no strategy for {tp!r}")
     return st.one_of(shaped, _ANY) if depth > 0 else shaped
@@ -209,8 +234,27 @@ def mutated_frames(draw: st.DrawFn, corpus: list[bytes]) -> bytes:
         if op == "flip" and buf:
             buf[at] ^= 1 << draw(st.integers(0, 7))
         elif op == "set" and buf:
-            buf[at] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0x90, 0xC0, 0xC1, 0xC4, 0xC6,
-                                            0xCF, 0xD3, 0xDC, 0xDD, 0xDE, 0xDF, 0xFF]))  # fmt: skip
+            buf[at] = draw(
+                st.sampled_from(
+                    [
+                        0x00,
+                        0x7F,
+                        0x80,
+                        0x90,
+                        0xC0,
+                        0xC1,
+                        0xC4,
+                        0xC6,
+                        0xCF,
+                        0xD3,
+                        0xDC,
+                        0xDD,
+                        0xDE,
+                        0xDF,
+                        0xFF,
+                    ]
+                )
+            )
         elif op == "cut":
             del buf[at:]
         elif op == "insert":

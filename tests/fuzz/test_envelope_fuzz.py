@@ -53,11 +53,18 @@ ALICE, BOB = NodeKey.from_seed(b"a" * 32), NodeKey.from_seed(b"b" * 32)
 MALLORY = NodeKey.from_seed(b"m" * 32)  # not a member
 MEMBERS = frozenset({ALICE.node_id, BOB.node_id})
 
-CI_STEPS = settings(max_examples=60, stateful_step_count=40, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+CI_STEPS = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 LONG_STEPS = settings(CI_STEPS, max_examples=1500, stateful_step_count=80)
-BUDGETS = [pytest.param(CI_STEPS, id="ci"),
-           pytest.param(LONG_STEPS, id="long", marks=pytest.mark.slow)]  # fmt: skip
+BUDGETS = [
+    pytest.param(CI_STEPS, id="ci"),
+    pytest.param(LONG_STEPS, id="long", marks=pytest.mark.slow),
+]
 
 
 def mutate(data: st.DataObject, raw: bytes) -> bytes:
@@ -89,11 +96,13 @@ class VerifierMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = HybridClock(max_drift_s=DRIFT_S)
-        self.verifier = EnvelopeVerifier(clock=self.clock, window_s=WINDOW_S,
-                                         max_body_bytes=MAX_BODY, replay_capacity=CAPACITY)  # fmt: skip
+        self.verifier = EnvelopeVerifier(
+            clock=self.clock, window_s=WINDOW_S, max_body_bytes=MAX_BODY, replay_capacity=CAPACITY
+        )
         self.now = T0
-        self.sender_clocks = {k.node_id: HybridClock(max_drift_s=DRIFT_S)
-                              for k in (ALICE, BOB, MALLORY)}  # fmt: skip
+        self.sender_clocks = {
+            k.node_id: HybridClock(max_drift_s=DRIFT_S) for k in (ALICE, BOB, MALLORY)
+        }
         self.seen: set[tuple[bytes, bytes]] = set()  # (sender, nonce) accepted so far
 
     # -- helpers --------------------------------------------------------------------------
@@ -105,10 +114,16 @@ class VerifierMachine(RuleBasedStateMachine):
     def tick(self) -> None:
         self.now += 0.001  # every genuine message carries a wall time after all earlier ones
 
-    def seal_from(self, key: NodeKey, body: bytes, *, domain: str = DOMAIN,
-                  at: float | None = None) -> bytes:  # fmt: skip
-        return seal(key, domain, body, clock=self.sender_clocks[key.node_id],
-                    now=self.now if at is None else at)  # fmt: skip
+    def seal_from(
+        self, key: NodeKey, body: bytes, *, domain: str = DOMAIN, at: float | None = None
+    ) -> bytes:
+        return seal(
+            key,
+            domain,
+            body,
+            clock=self.sender_clocks[key.node_id],
+            now=self.now if at is None else at,
+        )
 
     def must_accept(self, raw: bytes) -> Envelope:
         self.tally.tried()
@@ -118,19 +133,20 @@ class VerifierMachine(RuleBasedStateMachine):
         self.tally.accepted()
         return env
 
-    def must_refuse(self, raw: bytes, *expected: type[PeerProtocolError],
-                    payload: bytes | None = None) -> None:  # fmt: skip
+    def must_refuse(
+        self, raw: bytes, *expected: type[PeerProtocolError], payload: bytes | None = None
+    ) -> None:
         """`raw` is refused with a PeerProtocolError (one of `expected` when given) and the
         verifier's state is unchanged."""
         self.tally.tried()
         before = self.snapshot()
         try:
             if payload is None:
-                self.verifier.open(raw, domain=DOMAIN, now=self.now,
-                                   is_known=MEMBERS.__contains__)  # fmt: skip
+                self.verifier.open(raw, domain=DOMAIN, now=self.now, is_known=MEMBERS.__contains__)
             else:
-                self.verifier.open_large(raw, payload, domain=DOMAIN, now=self.now,
-                                         is_known=MEMBERS.__contains__)  # fmt: skip
+                self.verifier.open_large(
+                    raw, payload, domain=DOMAIN, now=self.now, is_known=MEMBERS.__contains__
+                )
         except PeerProtocolError as exc:
             refusal: PeerProtocolError | None = exc
         else:
@@ -198,19 +214,24 @@ class VerifierMachine(RuleBasedStateMachine):
         self.tick()
         self.must_refuse(self.seal_from(sender, b"\0" * (MAX_BODY + extra)), OversizeMessage)
 
-    @rule(sender=st.sampled_from([ALICE, BOB]), payload=st.binary(min_size=1, max_size=256),
-          data=st.data())  # fmt: skip
+    @rule(
+        sender=st.sampled_from([ALICE, BOB]),
+        payload=st.binary(min_size=1, max_size=256),
+        data=st.data(),
+    )
     def large_payload(self, sender: NodeKey, payload: bytes, data: st.DataObject) -> None:
         """A tampered payload is refused and spends nothing; the genuine one then opens."""
         self.tick()
-        raw = seal_large(sender, DOMAIN, b"hdr", payload,
-                         clock=self.sender_clocks[sender.node_id], now=self.now)  # fmt: skip
+        raw = seal_large(
+            sender, DOMAIN, b"hdr", payload, clock=self.sender_clocks[sender.node_id], now=self.now
+        )
         tampered = mutate(data, payload)
         if tampered != payload:
             self.must_refuse(raw, InvalidSignature, payload=tampered)
         self.tally.tried()
-        env, large = self.verifier.open_large(raw, payload, domain=DOMAIN, now=self.now,
-                                              is_known=MEMBERS.__contains__)  # fmt: skip
+        env, large = self.verifier.open_large(
+            raw, payload, domain=DOMAIN, now=self.now, is_known=MEMBERS.__contains__
+        )
         assert large.header == b"hdr" and (env.sender, env.nonce) not in self.seen
         self.seen.add((env.sender, env.nonce))
         self.tally.accepted()

@@ -54,15 +54,38 @@ HONEST = NodeKey.from_seed(b"\x4e" * 32)
 ACCOMPLICE = NodeKey.from_seed(b"\xac" * 32)
 REFUSED = [r.value for r in JoinRefusal]
 
-VARIANTS = ("other_joiner", "bad_signature", "bad_proof", "wrong_mesh", "stale", "future",
-            "unknown_invite", "shaped", "bytes", "bytes", "bytes", "random")  # fmt: skip
+VARIANTS = (
+    "other_joiner",
+    "bad_signature",
+    "bad_proof",
+    "wrong_mesh",
+    "stale",
+    "future",
+    "unknown_invite",
+    "shaped",
+    "bytes",
+    "bytes",
+    "bytes",
+    "random",
+)
 # the refusal each structural variant must get (rate limits and bans may come first)
-EXPECTED = {"other_joiner": "forged", "bad_signature": "forged", "bad_proof": "forged",
-            "wrong_mesh": "wrong_mesh", "stale": "stale", "future": "stale",
-            "unknown_invite": "not_a_member", "random": "malformed"}  # fmt: skip
+EXPECTED = {
+    "other_joiner": "forged",
+    "bad_signature": "forged",
+    "bad_proof": "forged",
+    "wrong_mesh": "wrong_mesh",
+    "stale": "stale",
+    "future": "stale",
+    "unknown_invite": "not_a_member",
+    "random": "malformed",
+}
 
-CI = settings(max_examples=100, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+CI = settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 LONG = settings(CI, max_examples=3000)
 BUDGETS = [pytest.param(CI, id="ci"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
 
@@ -73,14 +96,22 @@ def signed(key: NodeKey, req_bytes: bytes) -> bytes:
 
 def request(key: NodeKey, invite: Invite, now: float, **changes: object) -> bytes:
     """A join request by `key` (properly signed by it) with some fields replaced."""
-    base = decode(decode(make_join_request(key, invite, "fuzz", ("/mem/1",), now),
-                         SignedJoinRequest).request, JoinRequest)  # fmt: skip
+    base = decode(
+        decode(make_join_request(key, invite, "fuzz", ("/mem/1",), now), SignedJoinRequest).request,
+        JoinRequest,
+    )
     return signed(key, encode(replace(base, **changes)))  # type: ignore[arg-type]
 
 
-_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
-                  st.text(max_size=70), st.binary(max_size=70),
-                  st.lists(st.text(max_size=300), max_size=20))  # fmt: skip
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.text(max_size=70),
+    st.binary(max_size=70),
+    st.lists(st.text(max_size=300), max_size=20),
+)
 
 
 def build(variant: str, data: st.DataObject, invite: Invite, valid: bytes, now: float) -> bytes:
@@ -100,8 +131,12 @@ def build(variant: str, data: st.DataObject, invite: Invite, valid: bytes, now: 
         skew = data.draw(st.floats(CFG.envelope_window_s + 1, INVITE_TTL_S / 2))
         return request(ATTACKER, invite, now - skew if variant == "stale" else now + skew)
     if variant == "unknown_invite":
-        return request(ATTACKER, invite, now,
-                       invite_key=invite_key_of(data.draw(st.binary(min_size=32, max_size=32))).node_id)  # fmt: skip
+        return request(
+            ATTACKER,
+            invite,
+            now,
+            invite_key=invite_key_of(data.draw(st.binary(min_size=32, max_size=32))).node_id,
+        )
     if variant == "shaped":  # a well-signed envelope around type-shaped request fields
         fields = [data.draw(_JUNK) for _ in range(data.draw(st.integers(5, 8)))]
         if data.draw(st.booleans()):
@@ -131,8 +166,9 @@ async def let_time_pass(clock: trio.testing.MockClock, seconds: float) -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
-async def exchange(transport: MemoryTransport, peer: bytes, addrs: list[str], frame: bytes
-                   ) -> object | None:  # fmt: skip
+async def exchange(
+    transport: MemoryTransport, peer: bytes, addrs: list[str], frame: bytes
+) -> object | None:
     """Send one join request on a fresh connection, as a joiner does; the decoded reply, or
     None when the stream was reset."""
     await transport.connect(peer, addrs)
@@ -151,8 +187,11 @@ async def exchange(transport: MemoryTransport, peer: bytes, addrs: list[str], fr
 
 
 def refusals(node: MeshNode) -> dict[str, int]:
-    return {k: v for k, v in node.counters().items()
-            if k.startswith("join_") and k not in ("join_accepted", "join_retried")}  # fmt: skip
+    return {
+        k: v
+        for k, v in node.counters().items()
+        if k.startswith("join_") and k not in ("join_accepted", "join_retried")
+    }
 
 
 def invite_state(node: MeshNode, invite: Invite) -> object:
@@ -226,8 +265,9 @@ def test_join_refuses_and_counts_every_bad_request(tally: Tally, budget: setting
 # (they failed before the `sec` branch was merged).
 
 
-async def founder_and_stranger(nursery: trio.Nursery, network: MemoryNetwork
-                               ) -> tuple[SimNode, MeshNode, Invite]:  # fmt: skip
+async def founder_and_stranger(
+    nursery: trio.Nursery, network: MemoryNetwork
+) -> tuple[SimNode, MeshNode, Invite]:
     rng = random.Random(11)
     founder_key = NodeKey.from_seed(rng.randbytes(32))
     identity = new_mesh(founder_key, rng, CFG)

@@ -114,9 +114,16 @@ def test_announced_sizes_never_allocate_beyond_the_frame(tally: Tally, budget: i
     anything is allocated)."""
 
     @_settings(budget // 3)
-    @given(st.lists(st.tuples(st.sampled_from(["array", "map", "bin", "str"]),
-                              st.integers(0, 2**32 - 1)), min_size=1, max_size=4),
-           st.integers(1, 1100), st.binary(max_size=64), st.sampled_from(RECORDS))  # fmt: skip
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from(["array", "map", "bin", "str"]), st.integers(0, 2**32 - 1)),
+            min_size=1,
+            max_size=4,
+        ),
+        st.integers(1, 1100),
+        st.binary(max_size=64),
+        st.sampled_from(RECORDS),
+    )
     def run(headers: list[tuple[str, int]], repeat: int, tail: bytes, cls: type) -> None:
         body = b"".join(_container_header(k, n) for k, n in headers) * repeat
         buf = b"\x93\x01" + msgpack.packb(kind_of(cls)) + body + tail
@@ -183,11 +190,17 @@ def test_depth_walk_agrees_with_msgpack(tally: Tally, budget: int) -> None:
     """The depth walk refuses exactly the values nested deeper than the limit: it never
     refuses an honest value, whatever its types (str/bin/ext lengths are skipped right)."""
     values = st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-        | st.text(max_size=40) | st.binary(max_size=300),
-        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text(max_size=40)
+        | st.binary(max_size=300),
+        lambda inner: (
+            st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+        ),
         max_leaves=30,
-    )  # fmt: skip
+    )
 
     @_settings(budget)
     @given(st.lists(values, max_size=4), st.integers(1, 6))

@@ -25,10 +25,17 @@ from mesh.transport.memory import MemoryNetwork, MemoryTransport, open_memory_tr
 WALL_EPOCH = 1_800_000_000.0
 
 FAST_CFG = MeshNodeConfig(
-    advert_refresh_s=10.0, advert_lease_s=30.0, anti_entropy_interval_s=5.0,
-    ping_interval_s=2.0, read_timeout_s=3.0, max_clock_drift_s=5.0, max_peers=8,
-    redial_base_s=0.5, redial_max_s=8.0, ban_score_threshold=100.0,
-)  # fmt: skip
+    advert_refresh_s=10.0,
+    advert_lease_s=30.0,
+    anti_entropy_interval_s=5.0,
+    ping_interval_s=2.0,
+    read_timeout_s=3.0,
+    max_clock_drift_s=5.0,
+    max_peers=8,
+    redial_base_s=0.5,
+    redial_max_s=8.0,
+    ban_score_threshold=100.0,
+)
 TRANSPORT_CFG = TransportConfig(read_timeout_s=5.0, write_timeout_s=5.0, connect_timeout_s=2.0)
 
 
@@ -50,20 +57,31 @@ def new_mesh(founder: NodeKey, rng: random.Random, cfg: MeshNodeConfig = FAST_CF
 
 def new_state(identity: MeshIdentity, cfg: MeshNodeConfig = FAST_CFG) -> MeshState:
     """An empty state for `identity`'s mesh with the node config's drift and lease bounds."""
-    return MeshState(mesh_id=identity.mesh_id, founder=identity.founder,
-                     max_drift_ms=round(cfg.max_clock_drift_s * 1000),
-                     max_lease_ms=round(cfg.max_lease_s * 1000))  # fmt: skip
+    return MeshState(
+        mesh_id=identity.mesh_id,
+        founder=identity.founder,
+        max_drift_ms=round(cfg.max_clock_drift_s * 1000),
+        max_lease_ms=round(cfg.max_lease_s * 1000),
+    )
 
 
-def seeded_certs(founder: NodeKey, identity: MeshIdentity, members: Sequence[NodeKey],
-                 now: float) -> MeshState:  # fmt: skip
+def seeded_certs(
+    founder: NodeKey, identity: MeshIdentity, members: Sequence[NodeKey], now: float
+) -> MeshState:
     """The founder's state with a certificate for each member (membership set up offline)."""
     state = new_state(identity)
     clock = HybridClock(max_drift_s=5.0)
     now_ms = wall_ms_of(now)
     for i, key in enumerate(members):
-        cert = MemberCert(identity.mesh_id, key.node_id, f"n{i}", ("member",), now_ms,
-                          now_ms + 10**9, founder.node_id)  # fmt: skip
+        cert = MemberCert(
+            identity.mesh_id,
+            key.node_id,
+            f"n{i}",
+            ("member",),
+            now_ms,
+            now_ms + 10**9,
+            founder.node_id,
+        )
         state.local_write(founder, Slot(SlotKind.MEMBER, key.node_id), cert, clock, now)
     return state
 
@@ -116,13 +134,22 @@ class SimNode:
             self._scope = scope
             store = StateStore(self.store_path) if self.store_path is not None else None
             try:
-                async with open_memory_transport(self.network, self.key.node_id,
-                                                 TRANSPORT_CFG) as transport:  # fmt: skip
+                async with open_memory_transport(
+                    self.network, self.key.node_id, TRANSPORT_CFG
+                ) as transport:
                     self.transport = transport
-                    node = MeshNode(key=self.key, transport=transport, identity=self.identity,
-                                    state=self.state, store=store, cfg=self.cfg, wall=sim_wall,
-                                    rng=random.Random(self.seed), perf=trio.current_time,
-                                    invites_path=self.invites_path)  # fmt: skip
+                    node = MeshNode(
+                        key=self.key,
+                        transport=transport,
+                        identity=self.identity,
+                        state=self.state,
+                        store=store,
+                        cfg=self.cfg,
+                        wall=sim_wall,
+                        rng=random.Random(self.seed),
+                        perf=trio.current_time,
+                        invites_path=self.invites_path,
+                    )
                     for peer, addrs in self.bootstrap:
                         node.add_peer_addrs(peer, addrs)
                     self.node = node

@@ -33,8 +33,13 @@ from .sim_fixtures import (
 )
 
 # Quiet adverts (long refresh) so converged moments are not constantly broken by refreshes.
-SIM_CFG = dataclasses.replace(FAST_CFG, advert_refresh_s=60.0, advert_lease_s=180.0,
-                              anti_entropy_interval_s=3.0, ping_interval_s=5.0)  # fmt: skip
+SIM_CFG = dataclasses.replace(
+    FAST_CFG,
+    advert_refresh_s=60.0,
+    advert_lease_s=180.0,
+    anti_entropy_interval_s=3.0,
+    ping_interval_s=5.0,
+)
 PARTITION_S = 30.0
 HEAL_DEADLINE_S = 60.0
 
@@ -43,22 +48,30 @@ def manifest() -> PublishedModel:
     return PublishedModel("bert", "{}", (PublishedAtom(0, "embed", digest(b"w0"), 10),))
 
 
-async def start_mesh(n: int, seed: int, network: MemoryNetwork,
-                     nursery: trio.Nursery) -> list[MeshNode]:  # fmt: skip
+async def start_mesh(
+    n: int, seed: int, network: MemoryNetwork, nursery: trio.Nursery
+) -> list[MeshNode]:
     rng = random.Random(seed)
     keys = [key_from(rng) for _ in range(n)]
     identity = new_mesh(keys[0], rng)
     seeded = seeded_certs(keys[0], identity, keys[1:], sim_wall())
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
-            faults = LinkFaults(delay_s=rng.uniform(0.002, 0.05), drop_probability=0.05,
-                                duplicate_probability=0.02)  # fmt: skip
+            faults = LinkFaults(
+                delay_s=rng.uniform(0.002, 0.05), drop_probability=0.05, duplicate_probability=0.02
+            )
             network.set_link_faults(a.node_id, b.node_id, faults)
     sims: list[SimNode] = []
     nodes: list[MeshNode] = []
     for i, key in enumerate(keys):
-        sim = SimNode(key, network, identity, new_state(identity, SIM_CFG).merge(seeded),
-                      cfg=SIM_CFG, seed=seed * 1000 + i)  # fmt: skip
+        sim = SimNode(
+            key,
+            network,
+            identity,
+            new_state(identity, SIM_CFG).merge(seeded),
+            cfg=SIM_CFG,
+            seed=seed * 1000 + i,
+        )
         # bootstrap: the founder plus two random earlier nodes
         for other in [sims[0], *rng.sample(sims[1:], min(2, len(sims) - 1))] if sims else []:
             sim.bootstrap.append((other.node_id, other.addrs))
@@ -86,8 +99,9 @@ async def simulate(n: int, seed: int) -> dict[str, float]:
         await side_a[0].publish_model("m-a", manifest())  # side_a[0] is the founder
         b_id = side_b[0].node_id
         with trio.fail_after(PARTITION_S):  # each side converges on its own writes
-            await wait_until(side_b, lambda: all(
-                x.live_adverts()[b_id].spans == (span_b,) for x in side_b))  # fmt: skip
+            await wait_until(
+                side_b, lambda: all(x.live_adverts()[b_id].spans == (span_b,) for x in side_b)
+            )
             await wait_until(side_a, lambda: all("m-a" in x.models() for x in side_a))
         await trio.sleep(PARTITION_S)  # hold the partition (a scenario step, not a wait)
         assert all(x.live_adverts()[b_id].spans == () for x in side_a)  # nothing crossed

@@ -18,8 +18,15 @@ from nexusd.exec.session import HopPlan, RemoteHop, RoutedSession
 from nexusd.exec.wire import HOST_INBOUND, ORIGIN_INBOUND, ExecChannel, Signer
 from nexusd.metrics import Metrics
 
-TINY = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+TINY = LlamaConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 
 
 def tiny_llama(model_id: str = "tiny") -> Span:
@@ -30,8 +37,13 @@ def tiny_llama(model_id: str = "tiny") -> Span:
 class FakeStream:
     """One end of an in-memory frame stream; `break_()` makes both ends fail."""
 
-    def __init__(self, out: trio.MemorySendChannel[bytes], inp: trio.MemoryReceiveChannel[bytes],
-                 remote_id: bytes, ends: list[trio.abc.AsyncResource]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        out: trio.MemorySendChannel[bytes],
+        inp: trio.MemoryReceiveChannel[bytes],
+        remote_id: bytes,
+        ends: list[trio.abc.AsyncResource],
+    ) -> None:
         self._out, self._in, self.remote_id, self._ends = out, inp, remote_id, ends
 
     def break_(self) -> None:
@@ -45,7 +57,9 @@ class FakeStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise TransportBroken("stream broken") from None
 
-    async def receive(self, *, timeout_s: float | None = None, max_bytes: int | None = None) -> bytes:
+    async def receive(
+        self, *, timeout_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         try:
             with trio.fail_after(math.inf if timeout_s is None else timeout_s):
                 payload = await self._in.receive()
@@ -75,11 +89,17 @@ class Node:
         self.key = NodeKey.generate()
         self.id = self.key.node_id
         self.signer = Signer(self.key, HybridClock(max_drift_s=5))
-        self.verifier = EnvelopeVerifier(clock=self.signer.clock, window_s=60,
-                                         max_body_bytes=1 << 20, replay_capacity=10_000)  # fmt: skip
+        self.verifier = EnvelopeVerifier(
+            clock=self.signer.clock, window_s=60, max_body_bytes=1 << 20, replay_capacity=10_000
+        )
         self.metrics = Metrics()
-        self.host = SpanHost(spans, kv_budget_bytes=budget, max_sessions=8,
-                             limiter=trio.CapacityLimiter(1), metrics=self.metrics)  # fmt: skip
+        self.host = SpanHost(
+            spans,
+            kv_budget_bytes=budget,
+            max_sessions=8,
+            limiter=trio.CapacityLimiter(1),
+            metrics=self.metrics,
+        )
         self.streams: list[FakeStream] = []
 
 
@@ -101,7 +121,9 @@ class Cluster:
         host = self.hosts[plan.host]
         o_end, h_end = stream_pair(self.origin.id, host.id)
         host.streams.append(h_end)
-        o_ch = ExecChannel(o_end, self.origin.signer, self.origin.verifier, self.is_member, ORIGIN_INBOUND)
+        o_ch = ExecChannel(
+            o_end, self.origin.signer, self.origin.verifier, self.is_member, ORIGIN_INBOUND
+        )
         h_ch = ExecChannel(h_end, host.signer, host.verifier, self.is_member, HOST_INBOUND)
         self.nursery.start_soon(self._serve, host, h_ch)
         return RemoteHop(plan, "tiny", o_ch, step_timeout_s=5)
@@ -116,14 +138,22 @@ class Cluster:
         self.failures.append((host, reason))
         self.penalties.append((host, penalty))
 
-    def session(self, plan: Callable[[int, int, frozenset[bytes]], list[HopPlan]], *,
-                max_len: int = 32) -> RoutedSession:
+    def session(
+        self, plan: Callable[[int, int, frozenset[bytes]], list[HopPlan]], *, max_len: int = 32
+    ) -> RoutedSession:
         """A batch-1 session over the tiny model's 6 atoms, hops opened in this cluster."""
-        return RoutedSession(n_atoms=6, plan=plan, make_hop=self.make_hop,
-                             report_failure=self.report, batch=1, max_len=max_len)  # fmt: skip
+        return RoutedSession(
+            n_atoms=6,
+            plan=plan,
+            make_hop=self.make_hop,
+            report_failure=self.report,
+            batch=1,
+            max_len=max_len,
+        )
 
-    def planner(self, layout: list[tuple[int, int, list[bytes]]]
-                ) -> Callable[[int, int, frozenset[bytes]], list[HopPlan]]:  # fmt: skip
+    def planner(
+        self, layout: list[tuple[int, int, list[bytes]]]
+    ) -> Callable[[int, int, frozenset[bytes]], list[HopPlan]]:
         """Static layout: (start, end, hosts in preference order) per span."""
 
         def plan(start: int, end: int, excluded: frozenset[bytes]) -> list[HopPlan]:

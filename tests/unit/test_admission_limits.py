@@ -30,8 +30,9 @@ async def stranger(mesh: Mesh, nursery: trio.Nursery) -> MemoryTransport:
     ready: list[MemoryTransport] = []
 
     async def run(*, task_status: trio.TaskStatus[None]) -> None:
-        async with open_memory_transport(mesh.network, key_from(mesh.rng).node_id,
-                                         TRANSPORT_CFG) as transport:  # fmt: skip
+        async with open_memory_transport(
+            mesh.network, key_from(mesh.rng).node_id, TRANSPORT_CFG
+        ) as transport:
             transport.set_admission(lambda _peer: True)
             ready.append(transport)
             task_status.started()
@@ -98,8 +99,10 @@ async def test_a_members_streams_per_protocol_are_capped(
         member = await mesh.add_joiner(name="m")
         await trio.testing.wait_all_tasks_blocked()
         before = founder.counters().get("too_many_streams", 0)
-        streams = [await member.transport.open_stream(founder.node_id, PING_PROTOCOL)
-                   for _ in range(FAST_CFG.max_streams_per_peer + 2)]  # fmt: skip
+        streams = [
+            await member.transport.open_stream(founder.node_id, PING_PROTOCOL)
+            for _ in range(FAST_CFG.max_streams_per_peer + 2)
+        ]
         await trio.testing.wait_all_tasks_blocked()
         # the member's own ping session holds one slot: 32 - 1 of ours fit, 3 are refused
         assert founder.counters()["too_many_streams"] - before == 3
@@ -120,8 +123,9 @@ async def test_idle_stranger_is_cut_after_the_join_window(
                 await founder.wait_for(lambda: outsider.node_id not in founder.connected())
         assert trio.current_time() - t0 >= FAST_CFG.join_window_s
         assert founder.counters()["stranger_idle"] == 1
-        assert any(e["event"] == "stranger_disconnected" and e["reason"] == "not_joining"
-                   for e in logs)  # fmt: skip
+        assert any(
+            e["event"] == "stranger_disconnected" and e["reason"] == "not_joining" for e in logs
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -133,8 +137,9 @@ async def test_a_stranger_is_kept_while_its_join_exchange_runs_then_cut(
     cfg = dataclasses.replace(FAST_CFG, join_window_s=1.0)
     async with trio.open_nursery() as nursery:
         mesh = Mesh(nursery)
-        sim = SimNode(mesh.founder_key, mesh.network, mesh.identity, new_state(mesh.identity),
-                      cfg=cfg)  # fmt: skip
+        sim = SimNode(
+            mesh.founder_key, mesh.network, mesh.identity, new_state(mesh.identity), cfg=cfg
+        )
         mesh.sims.append(sim)
         founder = await sim.start(nursery)
         outsider = await stranger(mesh, nursery)
@@ -145,7 +150,9 @@ async def test_a_stranger_is_kept_while_its_join_exchange_runs_then_cut(
         with trio.fail_after(AFTER_JOIN_S + 1):
             await founder.wait_for(lambda: outsider.node_id not in founder.connected())
         waited = trio.current_time() - opened
-        assert cfg.read_timeout_s + AFTER_JOIN_S <= waited <= cfg.read_timeout_s + AFTER_JOIN_S + 0.1
+        assert (
+            cfg.read_timeout_s + AFTER_JOIN_S <= waited <= cfg.read_timeout_s + AFTER_JOIN_S + 0.1
+        )
         nursery.cancel_scope.cancel()
 
 

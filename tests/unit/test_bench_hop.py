@@ -18,8 +18,12 @@ def test_bench_hop_smoke_prints_one_json_object() -> None:
     # leave nothing on stdout but its result (logs go to stderr).
     done = subprocess.run(
         [sys.executable, "-m", "bench.hop", "--smoke"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("\n") == 1
     doc = json.loads(done.stdout)
@@ -35,6 +39,7 @@ def test_bench_hop_smoke_prints_one_json_object() -> None:
             assert 0 < result[kind]["median_ms"] <= result[kind]["p99_ms"]
         for kind in KINDS[1:]:
             ratio = result[f"{kind}_over_tcp"]
-            assert ratio == pytest.approx(result[kind]["median_ms"] / result["tcp"]["median_ms"],
-                                          rel=1e-2)  # fmt: skip
+            assert ratio == pytest.approx(
+                result[kind]["median_ms"] / result["tcp"]["median_ms"], rel=1e-2
+            )
         assert {"direct_signing_ms", "libp2p_signing_ms"} <= result.keys()

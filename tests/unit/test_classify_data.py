@@ -15,8 +15,15 @@ from atoms.corpus import corpus_path, corpus_text, read_text
 from scripts.build_classify import OUT, PER_CLASS, build_rows, encode, passages, sentences
 
 ROOT = Path(__file__).resolve().parents[2]
-LABELS = {"sense-and-sensibility", "pride-and-prejudice", "mansfield-park", "emma",
-          "northanger-abbey", "persuasion", "moby-dick"}  # fmt: skip
+LABELS = {
+    "sense-and-sensibility",
+    "pride-and-prejudice",
+    "mansfield-park",
+    "emma",
+    "northanger-abbey",
+    "persuasion",
+    "moby-dick",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,9 @@ def test_passages_come_from_their_own_corpus_split(rows: list[dict[str, str]]) -
 def test_the_shipped_file_matches_its_readme_and_its_builder() -> None:
     packed = OUT.read_bytes()
     readme = (ROOT / "data" / "classify" / "README.md").read_text()
-    m = re.search(r"^\| `novels.jsonl.xz` \(shipped\) \| (\d+) \| `([0-9a-f]{64})` \|$", readme, re.M)
+    m = re.search(
+        r"^\| `novels.jsonl.xz` \(shipped\) \| (\d+) \| `([0-9a-f]{64})` \|$", readme, re.M
+    )
     assert m is not None
     assert (int(m.group(1)), m.group(2)) == (len(packed), hashlib.sha256(packed).hexdigest())
     rebuilt = encode(build_rows(read_text(corpus_path()), PER_CLASS))

@@ -15,8 +15,14 @@ from atoms.model import Model
 from nexusd.cli.app import main
 from nexusd.model_registry import ModelRegistry
 
-CFG = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=128, max_position_embeddings=512)
+CFG = BertConfig(
+    vocab_size=30522,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=512,
+)
 
 
 def test_compress_adds_a_smaller_model_that_records_its_figures(
@@ -25,11 +31,29 @@ def test_compress_adds_a_smaller_model_that_records_its_figures(
     data = tmp_path / "node"
     base = random_bert(CFG, model_id="tiny", seed=5)
     registry = ModelRegistry(data / "models")
-    registry.save(Model(model_id="tiny", family="bert", config=base.config, atoms=base.atoms,
-                        tokenizer=load_minilm().tokenizer))
+    registry.save(
+        Model(
+            model_id="tiny",
+            family="bert",
+            config=base.config,
+            atoms=base.atoms,
+            tokenizer=load_minilm().tokenizer,
+        )
+    )
     capsys.readouterr()  # the setup's log lines
-    argv = ["compress", "tiny", "--quant", "int8", "--prune-heads", "0.25", "--prune-ffn",
-            "0.25", "--data-dir", str(data), "--json"]
+    argv = [
+        "compress",
+        "tiny",
+        "--quant",
+        "int8",
+        "--prune-heads",
+        "0.25",
+        "--prune-ffn",
+        "0.25",
+        "--data-dir",
+        str(data),
+        "--json",
+    ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["id"] == "tiny-int8-p25-25" and out["bytes"] < out["ref_bytes"]

@@ -80,7 +80,9 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
-    path = write(tmp_path, "[mesh]\nlisten_port = 1000\nping_interval_s = 2\n[log]\nlevel = 'debug'\n")
+    path = write(
+        tmp_path, "[mesh]\nlisten_port = 1000\nping_interval_s = 2\n[log]\nlevel = 'debug'\n"
+    )
     env = {"NEXUSD_MESH__LISTEN_PORT": "2000", "NEXUSD_LOG__LEVEL": "warning", "OTHER": "x"}
     cfg = load_config(path, env=env, overrides={"mesh.listen_port": 3000, "node.name": None})
     assert cfg.mesh.listen_port == 3000  # flag beats env beats file
@@ -90,8 +92,11 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
 
 
 def test_env_values_are_typed(tmp_path: Path) -> None:
-    env = {"NEXUSD_MESH__BOOTSTRAP": "a,b", "NEXUSD_ATOMS__HOST": '["m:0-2"]',
-           "NEXUSD_NODE__NAME": "42"}  # fmt: skip
+    env = {
+        "NEXUSD_MESH__BOOTSTRAP": "a,b",
+        "NEXUSD_ATOMS__HOST": '["m:0-2"]',
+        "NEXUSD_NODE__NAME": "42",
+    }
     cfg = load_config(None, env=env)
     assert cfg.mesh.bootstrap == ("a", "b")
     assert cfg.atoms.host == ("m:0-2",)

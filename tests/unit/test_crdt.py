@@ -34,8 +34,9 @@ def make_register(hlc: int, author: bytes, value: int, dead: bool) -> LWWRegiste
     return LWWRegister(stamp_for(hlc, author, value), None if dead else value)
 
 
-registers = st.builds(make_register, st.integers(0, 3), st.sampled_from(AUTHORS),
-                      st.integers(0, 3), st.booleans())  # fmt: skip
+registers = st.builds(
+    make_register, st.integers(0, 3), st.sampled_from(AUTHORS), st.integers(0, 3), st.booleans()
+)
 
 
 @LAWS
@@ -64,10 +65,15 @@ def test_lww_tombstone_outranks_same_stamp_and_loses_to_newer() -> None:
 
 Op = tuple[str, int, int, bytes, int]
 map_ops = st.lists(
-    st.tuples(st.sampled_from(["set", "set", "prune"]), st.integers(0, 3), st.integers(0, 4),
-              st.sampled_from(AUTHORS), st.integers(0, 3)),
+    st.tuples(
+        st.sampled_from(["set", "set", "prune"]),
+        st.integers(0, 3),
+        st.integers(0, 4),
+        st.sampled_from(AUTHORS),
+        st.integers(0, 3),
+    ),
     max_size=10,
-)  # fmt: skip
+)
 
 
 def build_map(ops: list[Op]) -> LWWMap[int, int]:
@@ -112,10 +118,14 @@ def test_lww_map_without_drops_keys_and_repr() -> None:
 # -- AddWinsSet --------------------------------------------------------------------------
 
 set_ops = st.lists(
-    st.tuples(st.sampled_from(["add", "add", "remove"]), st.integers(0, 3),
-              st.sampled_from(AUTHORS), st.integers(0, 5)),
+    st.tuples(
+        st.sampled_from(["add", "add", "remove"]),
+        st.integers(0, 3),
+        st.sampled_from(AUTHORS),
+        st.integers(0, 5),
+    ),
     max_size=10,
-)  # fmt: skip
+)
 
 
 def build_set(ops: list[tuple[str, int, bytes, int]]) -> AddWinsSet[int]:
@@ -127,9 +137,11 @@ def build_set(ops: list[tuple[str, int, bytes, int]]) -> AddWinsSet[int]:
 
 @LAWS
 @given(set_ops, set_ops, set_ops)
-def test_add_wins_set_merge_laws(a: list[tuple[str, int, bytes, int]],
-                                 b: list[tuple[str, int, bytes, int]],
-                                 c: list[tuple[str, int, bytes, int]]) -> None:  # fmt: skip
+def test_add_wins_set_merge_laws(
+    a: list[tuple[str, int, bytes, int]],
+    b: list[tuple[str, int, bytes, int]],
+    c: list[tuple[str, int, bytes, int]],
+) -> None:
     check_laws(build_set(a), build_set(b), build_set(c), lambda x, y: x.merge(y))
 
 

@@ -39,7 +39,8 @@ def test_gossip_heartbeat_and_join_window_reach_transport_and_node(tmp_path: Pat
 def test_all_interfaces_is_never_advertised() -> None:
     assert advertise_hosts(MeshConfig(listen_host="192.0.2.7")) == ("192.0.2.7",)
     assert advertise_hosts(MeshConfig(listen_host="0.0.0.0", advertise_host="192.0.2.9")) == (
-        "192.0.2.9",)  # fmt: skip
+        "192.0.2.9",
+    )
     derived = advertise_hosts(MeshConfig(listen_host="0.0.0.0"))
     assert "0.0.0.0" not in derived and derived == tuple(local_ipv4_addresses() or ["127.0.0.1"])
     with pytest.raises(ConfigError, match=r"mesh\.advertise_host: 0\.0\.0\.0 cannot be dialled"):
@@ -49,8 +50,13 @@ def test_all_interfaces_is_never_advertised() -> None:
 
 
 def host_of(*spans: Span) -> SpanHost:
-    return SpanHost(list(spans), kv_budget_bytes=1 << 20, max_sessions=1,
-                    limiter=trio.CapacityLimiter(1), metrics=Metrics())  # fmt: skip
+    return SpanHost(
+        list(spans),
+        kv_budget_bytes=1 << 20,
+        max_sessions=1,
+        limiter=trio.CapacityLimiter(1),
+        metrics=Metrics(),
+    )
 
 
 def test_free_kv_tokens_use_the_hosted_spans_bytes_per_token() -> None:
@@ -107,5 +113,5 @@ def test_systemd_reload_sends_sighup_not_sigterm() -> None:
     for unit in ("nexusd.service", "nexusd-user.service"):
         lines = (ROOT / "systemd" / unit).read_text().splitlines()
         assert [ln for ln in lines if ln.startswith("ExecReload=")] == [
-            "ExecReload=/bin/kill -HUP $MAINPID"], unit  # fmt: skip
-
+            "ExecReload=/bin/kill -HUP $MAINPID"
+        ], unit

@@ -95,8 +95,9 @@ class DirectNode:
     async def open_stream(self, node_id: bytes, protocol: str) -> Stream:
         self._check_open()
         host, port = self._peers.get(node_id, self._directory[node_id]).split(":")
-        stream = await connect_direct(self._key, (host, int(port)), node_id, self._config,
-                                      protocol=protocol)  # fmt: skip
+        stream = await connect_direct(
+            self._key, (host, int(port)), node_id, self._config, protocol=protocol
+        )
         self._streams.append(stream)
         return stream
 
@@ -201,9 +202,14 @@ async def test_non_member_is_refused_after_the_handshake_with_a_logged_reason() 
         assert bob.refused == 1
         refusal = [e for e in logs if e["event"] == "direct_refused"]
         assert refusal == [
-            {"event": "direct_refused", "reason": "not_member", "peer": ALICE.node_id.hex()[:8],
-             "error": None, "log_level": "warning"}
-        ]  # fmt: skip
+            {
+                "event": "direct_refused",
+                "reason": "not_member",
+                "peer": ALICE.node_id.hex()[:8],
+                "error": None,
+                "log_level": "warning",
+            }
+        ]
 
 
 async def test_banned_or_revoked_member_is_cut_off_and_refused_on_the_direct_channel(
@@ -218,8 +224,9 @@ async def test_banned_or_revoked_member_is_cut_off_and_refused_on_the_direct_cha
         a = await mesh.add_joiner(name="a")
         b = await mesh.add_joiner(name="b")
         svc = daemon_view_of(founder, tmp_path, nursery)
-        async with open_direct_listener(founder.key, LOCAL, 0, CONFIG, svc.is_member,
-                                        echo) as listener:  # fmt: skip
+        async with open_direct_listener(
+            founder.key, LOCAL, 0, CONFIG, svc.is_member, echo
+        ) as listener:
             svc.direct = listener
             founder.on_peer_excluded(svc._close_direct)
             streams = {}
@@ -237,7 +244,9 @@ async def test_banned_or_revoked_member_is_cut_off_and_refused_on_the_direct_cha
                         await connect_direct(member.key, listener.addr, founder.node_id, CONFIG)
             assert listener.refusals == {"not_member": 2}
             assert [e["peer"] for e in logs if e["event"] == "direct_refused"] == [
-                a.node_id.hex()[:8], b.node_id.hex()[:8]]  # fmt: skip
+                a.node_id.hex()[:8],
+                b.node_id.hex()[:8],
+            ]
         nursery.cancel_scope.cancel()
 
 
@@ -374,20 +383,24 @@ async def test_exec_channel_over_a_direct_stream_matches_local_logits() -> None:
     members = {host.id, origin.id}
 
     async def serve_exec(stream: Stream) -> None:
-        channel = ExecChannel(stream, host.signer, host.verifier, members.__contains__,
-                              HOST_INBOUND)  # fmt: skip
+        channel = ExecChannel(
+            stream, host.signer, host.verifier, members.__contains__, HOST_INBOUND
+        )
         await host.host.serve(channel, idle_timeout_s=5)
 
     prompt = torch.tensor([[5, 17, 42, 8, 3]])
     with torch.inference_mode():
-        ctx = ForwardContext.for_tokens(1, 5, start=0, causal=True,
-                                        cache=model.new_session_cache(1, 32, 1 << 24))  # fmt: skip
+        ctx = ForwardContext.for_tokens(
+            1, 5, start=0, causal=True, cache=model.new_session_cache(1, 32, 1 << 24)
+        )
         want = model(prompt, ctx)
-    async with open_direct_listener(host.key, LOCAL, 0, CONFIG, members.__contains__,
-                                    serve_exec) as listener:  # fmt: skip
+    async with open_direct_listener(
+        host.key, LOCAL, 0, CONFIG, members.__contains__, serve_exec
+    ) as listener:
         stream = await connect_direct(origin.key, listener.addr, host.id, CONFIG)
-        channel = ExecChannel(stream, origin.signer, origin.verifier, members.__contains__,
-                              ORIGIN_INBOUND)  # fmt: skip
+        channel = ExecChannel(
+            stream, origin.signer, origin.verifier, members.__contains__, ORIGIN_INBOUND
+        )
         hop = RemoteHop(HopPlan(host.id, 0, 6), "tiny", channel, step_timeout_s=5)
         await hop.open(1, 32)
         got, timing = await hop.step(0, StepInput(prompt, 0, True, b""))

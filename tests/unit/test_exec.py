@@ -62,7 +62,9 @@ def split(model: Span, cuts: list[tuple[int, int]]) -> list[Span]:
 async def test_three_hosts_equal_one_process() -> None:
     model = tiny_llama()
     want = reference_greedy(model, 12)
-    a, b, c = (Node(n, [s]) for n, s in zip("abc", split(model, [(0, 2), (2, 4), (4, 6)]), strict=True))
+    a, b, c = (
+        Node(n, [s]) for n, s in zip("abc", split(model, [(0, 2), (2, 4), (4, 6)]), strict=True)
+    )
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [a, b, c])
         plan = cl.planner([(0, 2, [a.id]), (2, 4, [b.id]), (4, 6, [c.id])])
@@ -79,7 +81,11 @@ async def test_host_killed_mid_generation_output_identical() -> None:
     model = tiny_llama()
     want = reference_greedy(model, 12)
     spans = split(model, [(0, 3), (3, 6)])
-    a, b1, b2 = Node("a", [spans[0]]), Node("b1", [spans[1]]), Node("b2", [split(model, [(3, 6)])[0]])
+    a, b1, b2 = (
+        Node("a", [spans[0]]),
+        Node("b1", [spans[1]]),
+        Node("b2", [split(model, [(3, 6)])[0]]),
+    )
     async with trio.open_nursery() as nursery:
         cl = Cluster(nursery, [a, b1, b2])
         plan = cl.planner([(0, 3, [a.id]), (3, 6, [b1.id, b2.id])])

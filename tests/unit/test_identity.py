@@ -61,13 +61,21 @@ def known(sender: bytes) -> bool:
 
 def verifier(*, capacity: int = 100, max_body: int = 1024) -> EnvelopeVerifier:
     return EnvelopeVerifier(
-        clock=HybridClock(max_drift_s=2.0), window_s=30.0, max_body_bytes=max_body,
+        clock=HybridClock(max_drift_s=2.0),
+        window_s=30.0,
+        max_body_bytes=max_body,
         replay_capacity=capacity,
-    )  # fmt: skip
+    )
 
 
-def sealed(body: bytes = b"hello", *, now: float = T0, nonce: bytes | None = None,
-           domain: str = DOMAIN, key: NodeKey = ALICE) -> bytes:  # fmt: skip
+def sealed(
+    body: bytes = b"hello",
+    *,
+    now: float = T0,
+    nonce: bytes | None = None,
+    domain: str = DOMAIN,
+    key: NodeKey = ALICE,
+) -> bytes:
     return seal(key, domain, body, clock=HybridClock(max_drift_s=2.0), now=now, nonce=nonce)
 
 
@@ -252,9 +260,11 @@ envelopes = st.builds(
     Envelope,
     version=st.just(1),
     domain=st.from_regex(r"[a-z0-9][a-z0-9/._-]{0,20}", fullmatch=True),
-    sender=st.binary(min_size=32, max_size=32), hlc=st.integers(0, 2**63 - 1),
-    nonce=st.binary(min_size=16, max_size=16), body=st.binary(max_size=64),
-)  # fmt: skip
+    sender=st.binary(min_size=32, max_size=32),
+    hlc=st.integers(0, 2**63 - 1),
+    nonce=st.binary(min_size=16, max_size=16),
+    body=st.binary(max_size=64),
+)
 
 
 @FAST

@@ -25,8 +25,14 @@ from nexusd.model_registry import ModelRegistry
 def llama_folder(tmp_path: Path) -> tuple[Path, torch.Tensor]:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=101)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     folder = tmp_path / "tiny-llama"
     model.save_pretrained(folder, safe_serialization=True)
@@ -41,7 +47,9 @@ def test_import_then_span_equals_transformers(
 ) -> None:
     folder, want = llama_folder
     data = tmp_path / "node"
-    assert main(["import-model", str(folder), "--id", "tiny", "--data-dir", str(data), "--json"]) == 0
+    assert (
+        main(["import-model", str(folder), "--id", "tiny", "--data-dir", str(data), "--json"]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["id"] == "tiny" and out["atoms"] == 4  # embedding, 2 blocks, head
     registry = ModelRegistry(data / "models")
@@ -69,14 +77,20 @@ def test_import_refuses_unsupported_and_duplicates(
     assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
 
 
-def test_spans_load_in_bfloat16_on_request(tmp_path: Path, llama_folder: tuple[Path, torch.Tensor]) -> None:
+def test_spans_load_in_bfloat16_on_request(
+    tmp_path: Path, llama_folder: tuple[Path, torch.Tensor]
+) -> None:
     folder, want = llama_folder
-    assert main(["import-model", str(folder), "--id", "tiny", "--data-dir", str(tmp_path / "n")]) == 0
+    assert (
+        main(["import-model", str(folder), "--id", "tiny", "--data-dir", str(tmp_path / "n")]) == 0
+    )
     registry = ModelRegistry(tmp_path / "n" / "models")
     span = registry.load_span("tiny", 0, 4, "bfloat16")
     assert {a.spec.dtype for a in span.atom_list()} == {"bfloat16"}
     with torch.inference_mode():
-        got = span(torch.tensor([[3, 14, 15, 92, 65]]), ForwardContext.for_tokens(1, 5, causal=True))
+        got = span(
+            torch.tensor([[3, 14, 15, 92, 65]]), ForwardContext.for_tokens(1, 5, causal=True)
+        )
     cos = torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)
     assert float(cos) > 0.99
 
@@ -100,8 +114,11 @@ class LocalView:
         self._host = host
 
     def host_spans(self, model_id: str) -> list[HostSpan]:
-        return [HostSpan(self.node_id, h.model_id, h.start, h.end, 0.002, 0, 0.0, 1 << 30)
-                for h in self._host.hosted() if h.model_id == model_id]  # fmt: skip
+        return [
+            HostSpan(self.node_id, h.model_id, h.start, h.end, 0.002, 0, 0.0, 1 << 30)
+            for h in self._host.hosted()
+            if h.model_id == model_id
+        ]
 
     def links(self) -> list[Link]:
         return []
@@ -127,9 +144,15 @@ async def test_generation_stops_at_the_eos_an_imported_llama_declares(
     daemon's engine stops right there, token for token as `transformers`' `generate`."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                   eos_token_id=100)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        eos_token_id=100,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     model.generation_config.eos_token_id = None
@@ -149,16 +172,29 @@ async def test_generation_stops_at_the_eos_an_imported_llama_declares(
     assert main(["import-model", str(folder), "--id", "tiny", "--data-dir", str(data)]) == 0
     registry = ModelRegistry(data / "models")
     assert registry.eos_token_ids("tiny") == (eos,)
-    host = SpanHost([registry.load_span("tiny", 0, 4)], kv_budget_bytes=1 << 24, max_sessions=2,
-                    limiter=trio.CapacityLimiter(1), metrics=Metrics())  # fmt: skip
+    host = SpanHost(
+        [registry.load_span("tiny", 0, 4)],
+        kv_budget_bytes=1 << 24,
+        max_sessions=2,
+        limiter=trio.CapacityLimiter(1),
+        metrics=Metrics(),
+    )
     unused: Any = None
-    engine = JobEngine(view=LocalView(host), host=host, registry=registry, signer=unused,
-                       verifier=unused, metrics=Metrics(), step_timeout_s=30)  # fmt: skip
+    engine = JobEngine(
+        view=LocalView(host),
+        host=host,
+        registry=registry,
+        signer=unused,
+        verifier=unused,
+        metrics=Metrics(),
+        step_timeout_s=30,
+    )
     events: list[object] = []
 
     async def emit(event: object) -> None:
         events.append(event)
 
-    reply = await engine.generate(GenerateRequest(prompt="t3 t14 t15 t92 t65", model="tiny",
-                                                         max_new_tokens=12), "job", emit)  # fmt: skip
+    reply = await engine.generate(
+        GenerateRequest(prompt="t3 t14 t15 t92 t65", model="tiny", max_new_tokens=12), "job", emit
+    )
     assert list(reply.token_ids) == want and reply.stop_reason == "stop_token"

@@ -147,8 +147,11 @@ def test_full_lifecycle_and_progress(journal: Journal) -> None:
     assert journal.set_progress("j", 0.25, 3).progress == 0.25
     done = journal.succeed("j", b"", 4)
     assert (done.state, done.result, done.error, done.updated_ms) == (
-        JobState.SUCCEEDED, b"", None, 4,
-    )  # fmt: skip
+        JobState.SUCCEEDED,
+        b"",
+        None,
+        4,
+    )
 
 
 @pytest.mark.parametrize(

@@ -54,14 +54,20 @@ def test_module_respects_layering(path: Path) -> None:
 
 
 def test_every_module_declares_its_rules() -> None:
-    missing = [str(p.relative_to(ROOT)) for p in sources()
-               if p.name != "__init__.py" and not ast.get_docstring(ast.parse(p.read_text()))]  # fmt: skip
+    missing = [
+        str(p.relative_to(ROOT))
+        for p in sources()
+        if p.name != "__init__.py" and not ast.get_docstring(ast.parse(p.read_text()))
+    ]
     assert not missing, f"modules without a docstring: {missing}"
 
 
 def test_modules_stay_under_the_size_cap() -> None:
-    big = {str(p.relative_to(ROOT)): n for p in sources()
-           if (n := len(p.read_text().splitlines())) > 800}  # fmt: skip
+    big = {
+        str(p.relative_to(ROOT)): n
+        for p in sources()
+        if (n := len(p.read_text().splitlines())) > 800
+    }
     assert not big, f"modules over 800 lines: {big}"
 
 
@@ -118,8 +124,9 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, *([base] if base else [])])
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base
-                           for a in node.names]  # fmt: skip
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names
+                ]
             for target in targets:
                 while target and target not in paths:
                     target = target.rpartition(".")[0]

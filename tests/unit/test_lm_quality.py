@@ -16,7 +16,8 @@ def test_every_target_is_scored_once_after_its_own_context() -> None:
                 continue
             scored.append(t)
             ctx = x[1 : i + 1]  # what the model saw before predicting t (after [BOS])
-            assert any([*s, 2][j : j + len(ctx) + 1] == [*ctx, t]
-                       for s in seqs for j in range(len(s) + 1)), (ctx, t)
+            assert any(
+                [*s, 2][j : j + len(ctx) + 1] == [*ctx, t] for s in seqs for j in range(len(s) + 1)
+            ), (ctx, t)
             assert len(x[: i + 1]) <= 6
     assert sorted(scored) == sorted(t for s in seqs for t in [*s, 2])

@@ -68,23 +68,38 @@ class Mesh:
 
     def __post_init__(self) -> None:
         self.admitter = Admitter(
-            mesh_id=MESH, book=self.book, mesh_secret=self.mesh_secret, founder=ADMIN.node_id,
-            bootstrap=ADDRS, issue_cert=self.issue, is_revoked=self.revoked.__contains__,
-            is_admin=self.admins.__contains__, limiter=self.limiter, scores=self.scores,
-        )  # fmt: skip
+            mesh_id=MESH,
+            book=self.book,
+            mesh_secret=self.mesh_secret,
+            founder=ADMIN.node_id,
+            bootstrap=ADDRS,
+            issue_cert=self.issue,
+            is_revoked=self.revoked.__contains__,
+            is_admin=self.admins.__contains__,
+            limiter=self.limiter,
+            scores=self.scores,
+        )
 
     def issue(self, node: bytes, name: str, roles: tuple[str, ...]) -> bytes:
         self.issued.append((node, name, roles))
         return b"cert|" + node + name.encode()
 
-    def invite(self, *, uses: int = 1, ttl_s: float = 3600, name: str = "", mesh: bytes = MESH,
-               secret: bytes = SECRET) -> Invite:  # fmt: skip
+    def invite(
+        self,
+        *,
+        uses: int = 1,
+        ttl_s: float = 3600,
+        name: str = "",
+        mesh: bytes = MESH,
+        secret: bytes = SECRET,
+    ) -> Invite:
         token, rec = create_invite(ADMIN, mesh, ADDRS, ttl_s, uses, name, NOW, secret=secret)
         self.book.add(rec)
         return parse_invite(token)
 
-    def join(self, key: NodeKey, invite: Invite, *, at: float = NOW + 1,
-             sender: bytes | None = None) -> JoinAccept | JoinReject:  # fmt: skip
+    def join(
+        self, key: NodeKey, invite: Invite, *, at: float = NOW + 1, sender: bytes | None = None
+    ) -> JoinAccept | JoinReject:
         raw = make_join_request(key, invite, "box", ("/ip4/10.0.0.2/tcp/4001",), at)
         return self.admitter.handle_join(raw, sender=sender or key.node_id, now=at)
 
@@ -146,7 +161,12 @@ def test_token_round_trip(
     token, rec = create_invite(key, mesh_id, tuple(addrs), ttl_s, uses, name, NOW, secret=secret)
     inv = parse_invite(token)
     assert (inv.mesh_id, inv.bootstrap, inv.secret, inv.uses, inv.name, inv.issuer) == (
-        mesh_id, tuple(addrs), secret, uses, name, key.node_id,
+        mesh_id,
+        tuple(addrs),
+        secret,
+        uses,
+        name,
+        key.node_id,
     )
     assert format_invite(inv) == token
     assert rec.invite_key == inv.invite_key and rec.uses_left == uses
@@ -184,9 +204,12 @@ def test_parse_invite_oversize() -> None:
 
 
 _FORGED_CHANGES: list[dict[str, object]] = [
-    {"uses": 1000}, {"expires_ms": 2**40}, {"bootstrap": ("/ip4/6.6.6.6/tcp/1",)},
-    {"issuer": THIEF.node_id}, {"secret": b"\x00" * 32},
-]  # fmt: skip
+    {"uses": 1000},
+    {"expires_ms": 2**40},
+    {"bootstrap": ("/ip4/6.6.6.6/tcp/1",)},
+    {"issuer": THIEF.node_id},
+    {"secret": b"\x00" * 32},
+]
 
 
 @pytest.mark.parametrize("change", _FORGED_CHANGES)
@@ -307,8 +330,11 @@ def test_refused_stolen_proof_replayed_for_another_key() -> None:
     inv = m.invite()
     stolen = request_of(make_join_request(JOINER, inv, "box", (), NOW))
     mine = replace(stolen, joiner=THIEF.node_id)  # the proof names JOINER
-    refused(m.admitter.handle_join(signed(THIEF, mine), sender=THIEF.node_id, now=NOW),
-            JoinRefusal.FORGED, "invite proof does not verify")  # fmt: skip
+    refused(
+        m.admitter.handle_join(signed(THIEF, mine), sender=THIEF.node_id, now=NOW),
+        JoinRefusal.FORGED,
+        "invite proof does not verify",
+    )
 
 
 def test_refused_bad_joiner_signature() -> None:
@@ -316,22 +342,27 @@ def test_refused_bad_joiner_signature() -> None:
     inv = m.invite()
     outer = decode(make_join_request(JOINER, inv, "box", (), NOW), SignedJoinRequest)
     raw = encode(replace(outer, signature=THIEF.sign(b"nexus-join-request\0" + outer.request)))
-    refused(m.admitter.handle_join(raw, sender=JOINER.node_id, now=NOW), JoinRefusal.FORGED,
-            r"join request signature does not verify for joiner [0-9a-f]{8}")  # fmt: skip
+    refused(
+        m.admitter.handle_join(raw, sender=JOINER.node_id, now=NOW),
+        JoinRefusal.FORGED,
+        r"join request signature does not verify for joiner [0-9a-f]{8}",
+    )
 
 
 def test_refused_sender_is_not_the_joiner() -> None:
     m = Mesh()
     reply = m.join(JOINER, m.invite(), sender=THIEF.node_id)
-    refused(reply, JoinRefusal.FORGED,
-            f"joiner {sid(JOINER)} sent by transport peer {sid(THIEF)}")  # fmt: skip
+    refused(reply, JoinRefusal.FORGED, f"joiner {sid(JOINER)} sent by transport peer {sid(THIEF)}")
     assert m.scores.score(THIEF.node_id, NOW + 1) == 30.0  # penalised as join_forged
 
 
 def test_refused_wrong_mesh() -> None:
     m = Mesh()
-    refused(m.join(JOINER, m.invite(mesh=OTHER_MESH)), JoinRefusal.WRONG_MESH,
-            f"join request for mesh {OTHER_MESH.hex()}, this is mesh {MESH.hex()}")  # fmt: skip
+    refused(
+        m.join(JOINER, m.invite(mesh=OTHER_MESH)),
+        JoinRefusal.WRONG_MESH,
+        f"join request for mesh {OTHER_MESH.hex()}, this is mesh {MESH.hex()}",
+    )
 
 
 def test_refused_revoked() -> None:
@@ -345,8 +376,11 @@ def test_refused_issuer_no_longer_admin() -> None:
     m = Mesh()
     inv = m.invite()
     m.admins.clear()
-    refused(m.join(JOINER, inv), JoinRefusal.NOT_A_MEMBER,
-            f"invite issuer {ADMIN.node_id[:4].hex()} is no longer an admin")  # fmt: skip
+    refused(
+        m.join(JOINER, inv),
+        JoinRefusal.NOT_A_MEMBER,
+        f"invite issuer {ADMIN.node_id[:4].hex()} is no longer an admin",
+    )
 
 
 def test_refused_cancelled_invite() -> None:
@@ -361,13 +395,19 @@ def test_refused_rate_limited_per_peer_and_globally() -> None:
     inv = m.invite(uses=5)
     replies = [m.join(JOINER, inv, at=NOW) for _ in range(3)]
     assert [type(r) for r in replies] == [JoinAccept, JoinAccept, JoinReject]
-    refused(replies[2], JoinRefusal.RATE_LIMITED,
-            rf"join attempts from {sid(JOINER)} \(at most 2 at once, 0.1/s after\)")  # fmt: skip
+    refused(
+        replies[2],
+        JoinRefusal.RATE_LIMITED,
+        rf"join attempts from {sid(JOINER)} \(at most 2 at once, 0.1/s after\)",
+    )
     assert isinstance(m.join(JOINER, inv, at=NOW + 10), JoinAccept)  # refilled
     m.admitter.global_limiter = RateLimiter(rate_per_s=1.0, burst=1)
     assert isinstance(m.join(THIEF, inv, at=NOW + 20), JoinAccept)
-    refused(m.join(NodeKey.from_seed(b"\x08" * 32), inv, at=NOW + 20), JoinRefusal.RATE_LIMITED,
-            r"too many join attempts overall")  # fmt: skip
+    refused(
+        m.join(NodeKey.from_seed(b"\x08" * 32), inv, at=NOW + 20),
+        JoinRefusal.RATE_LIMITED,
+        r"too many join attempts overall",
+    )
     assert m.admitter.counters["rate_limited"] == 2
 
 
@@ -375,16 +415,25 @@ def test_refused_rate_limited_per_peer_and_globally() -> None:
 def test_refused_stale_timestamp(made_at: float, sign: str) -> None:
     m = Mesh()
     raw = make_join_request(JOINER, m.invite(ttl_s=7200), "box", (), made_at)
-    refused(m.admitter.handle_join(raw, sender=JOINER.node_id, now=NOW), JoinRefusal.STALE,
-            rf"{sign} ms from our clock, outside the window of \+-300000 ms")  # fmt: skip
+    refused(
+        m.admitter.handle_join(raw, sender=JOINER.node_id, now=NOW),
+        JoinRefusal.STALE,
+        rf"{sign} ms from our clock, outside the window of \+-300000 ms",
+    )
 
 
 def test_refused_malformed() -> None:
     m = Mesh()
-    refused(m.admitter.handle_join(b"\x93\x01", sender=JOINER.node_id, now=NOW),
-            JoinRefusal.MALFORMED, "join request: ")  # fmt: skip
-    refused(m.admitter.handle_join(b"x" * 9000, sender=JOINER.node_id, now=NOW),
-            JoinRefusal.MALFORMED, "over the limit of 8192")  # fmt: skip
+    refused(
+        m.admitter.handle_join(b"\x93\x01", sender=JOINER.node_id, now=NOW),
+        JoinRefusal.MALFORMED,
+        "join request: ",
+    )
+    refused(
+        m.admitter.handle_join(b"x" * 9000, sender=JOINER.node_id, now=NOW),
+        JoinRefusal.MALFORMED,
+        "over the limit of 8192",
+    )
 
 
 def test_refusals_are_counted_logged_and_change_nothing() -> None:
@@ -397,7 +446,8 @@ def test_refusals_are_counted_logged_and_change_nothing() -> None:
         m.admitter.handle_join(raw, sender=JOINER.node_id, now=NOW + 3601)
     refusals = [e for e in logs if e["event"] == "join_refused"]
     assert [(e["event"], e["reason"], e["log_level"]) for e in refusals] == [
-        ("join_refused", "forged", "warning"), ("join_refused", "expired", "warning"),
+        ("join_refused", "forged", "warning"),
+        ("join_refused", "expired", "warning"),
     ]
     assert m.book.to_records() == before and m.issued == []
     assert {k: v for k, v in m.admitter.counters.items() if v} == {"forged": 1, "expired": 1}

@@ -95,8 +95,14 @@ class Mesh:
 
     async def start_founder(self) -> MeshNode:
         store = self.tmp / "founder.sqlite3" if self.tmp else None
-        sim = SimNode(self.founder_key, self.network, self.identity, new_state(self.identity),
-                      seed=0, store_path=store)  # fmt: skip
+        sim = SimNode(
+            self.founder_key,
+            self.network,
+            self.identity,
+            new_state(self.identity),
+            seed=0,
+            store_path=store,
+        )
         self.sims.append(sim)
         return await sim.start(self.nursery)
 
@@ -129,14 +135,23 @@ async def test_founder_and_two_joiners_see_each_others_adverts(
         founder = await mesh.start_founder()
         a = await mesh.add_joiner(name="alpha")
         b = await mesh.add_joiner(name="beta")
-        a.set_local_advert((HostedSpan("m", 0, 2, "float32"),), 1 << 20, 512, ("fp32",),
-                           direct_addr="127.0.0.1:9000")  # fmt: skip
+        a.set_local_advert(
+            (HostedSpan("m", 0, 2, "float32"),),
+            1 << 20,
+            512,
+            ("fp32",),
+            direct_addr="127.0.0.1:9000",
+        )
         ids = {founder.node_id, a.node_id, b.node_id}
         with trio.fail_after(30):
-            await wait_until(mesh.nodes, lambda: all(
-                set(n.live_adverts()) == ids
-                and n.live_adverts()[a.node_id].spans == (HostedSpan("m", 0, 2, "float32"),)
-                for n in mesh.nodes))  # fmt: skip
+            await wait_until(
+                mesh.nodes,
+                lambda: all(
+                    set(n.live_adverts()) == ids
+                    and n.live_adverts()[a.node_id].spans == (HostedSpan("m", 0, 2, "float32"),)
+                    for n in mesh.nodes
+                ),
+            )
             await wait_until(mesh.nodes, lambda: len({n.fingerprint() for n in mesh.nodes}) == 1)
         assert {c.name for c in founder.members().values()} == {"alpha", "beta"}
         assert b.live_adverts()[a.node_id].direct_addr == "127.0.0.1:9000"
@@ -146,8 +161,9 @@ async def test_founder_and_two_joiners_see_each_others_adverts(
             assert joiner.identity.founder == founder.node_id
             assert joiner.identity.secret.raw == mesh.identity.secret.raw
         with trio.fail_after(30):  # full mesh of connections and measured RTTs
-            await wait_until(mesh.nodes, lambda: all(
-                set(n.rtts()) == ids - {n.node_id} for n in mesh.nodes))  # fmt: skip
+            await wait_until(
+                mesh.nodes, lambda: all(set(n.rtts()) == ids - {n.node_id} for n in mesh.nodes)
+            )
         assert founder.status().members == 2 and founder.status().is_admin
         with pytest.raises(AdminRequired):
             await a.create_invite(60, 1, "")
@@ -186,8 +202,9 @@ async def test_non_member_receives_nothing_and_its_messages_are_dropped(
         member = await mesh.add_joiner(name="m")
         outsider_key = key_from(mesh.rng)
         topic = gossip_topic(mesh.identity.mesh_id)
-        async with open_memory_transport(mesh.network, outsider_key.node_id,
-                                         TRANSPORT_CFG) as outsider:  # fmt: skip
+        async with open_memory_transport(
+            mesh.network, outsider_key.node_id, TRANSPORT_CFG
+        ) as outsider:
             outsider.set_admission(lambda _peer: True)
             inbox = outsider.subscribe(topic)
             await outsider.connect(founder.node_id, founder.transport.listen_addrs())
@@ -200,8 +217,9 @@ async def test_non_member_receives_nothing_and_its_messages_are_dropped(
             clock = HybridClock(max_drift_s=5)
             fake = founder.state.entries()[:1] if founder.state else []
             with structlog.testing.capture_logs() as logs:
-                forged = seal_delta(outsider_key, mesh.identity.secret, tuple(fake),
-                                    clock=clock, now=sim_wall())  # fmt: skip
+                forged = seal_delta(
+                    outsider_key, mesh.identity.secret, tuple(fake), clock=clock, now=sim_wall()
+                )
                 await outsider.publish(topic, forged)
                 await trio.sleep(1)  # virtual time (autojump_clock): gossip has settled
             assert any(e["event"] == "pubsub_refused" for e in logs)
@@ -244,9 +262,15 @@ async def test_revoked_node_is_cut_off_everywhere_and_cannot_rejoin(
             await wait_until(mesh.nodes, lambda: c.node_id in a.connected())
         await founder.revoke(c.node_id, "lost laptop")
         with trio.fail_after(30):
-            await wait_until(mesh.nodes, lambda: all(
-                c.node_id not in n.connected() and c.node_id not in n.members()
-                and c.node_id not in n.live_adverts() for n in (founder, a)))  # fmt: skip
+            await wait_until(
+                mesh.nodes,
+                lambda: all(
+                    c.node_id not in n.connected()
+                    and c.node_id not in n.members()
+                    and c.node_id not in n.live_adverts()
+                    for n in (founder, a)
+                ),
+            )
         await mesh.sims[2].stop()
         token = await founder.create_invite(3600, 1, "")
         again = await SimNode(c_key, mesh.network, None, None, seed=9).start(nursery)
@@ -313,9 +337,14 @@ async def test_restarted_node_resumes_with_its_persisted_state(
         own_advert = (founder.node_id, SlotKind.ADVERT)
         before = {e for e in founder.state.entries() if (e.author, e.slot.kind) != own_advert}
         await mesh.sims[0].stop()
-        restarted = SimNode(mesh.founder_key, mesh.network, mesh.identity,
-                            new_state(mesh.identity), seed=42,
-                            store_path=tmp_path / "founder.sqlite3")  # fmt: skip
+        restarted = SimNode(
+            mesh.founder_key,
+            mesh.network,
+            mesh.identity,
+            new_state(mesh.identity),
+            seed=42,
+            store_path=tmp_path / "founder.sqlite3",
+        )
         node = await restarted.start(nursery)
         assert node.state is not None
         assert before <= set(node.state.entries())
@@ -349,14 +378,19 @@ async def test_misbehaving_member_is_scored_banned_and_refused(
                 if founder.is_banned(a.node_id):
                     break
                 session = RoutedSession(
-                    n_atoms=6, plan=partial(only_host, a.node_id), make_hop=partial(exec_hop, founder),
-                    report_failure=lambda h, p, _r: view.report(h, p), batch=1, max_len=0,
-                )  # fmt: skip
+                    n_atoms=6,
+                    plan=partial(only_host, a.node_id),
+                    make_hop=partial(exec_hop, founder),
+                    report_failure=lambda h, p, _r: view.report(h, p),
+                    batch=1,
+                    max_len=0,
+                )
                 await session.open()
                 with pytest.raises(JobFailed, match="no other host"):
                     await session.step(StepInput(torch.tensor([[5, 17, 42, 8, 3]]), 0, True, b""))
-                assert session.failovers == [f"host {a.node_id.hex()[:8]}: invalid output: "
-                                             "2 tokens, input had 5"]  # fmt: skip
+                assert session.failovers == [
+                    f"host {a.node_id.hex()[:8]}: invalid output: 2 tokens, input had 5"
+                ]
                 with trio.fail_after(5):
                     await founder.wait_for(lambda n=attempt: founder.counters()["bad_output"] > n)
         assert [e["reason"] for e in logs if e["event"] == "peer_banned"] == ["bad_output"]
@@ -375,14 +409,25 @@ def serve_bad_outputs(node: MeshNode) -> None:
     """`node` hosts a tiny Llama over the exec protocol but answers every step with logits
     for 2 tokens, whatever it was given. (Its compute is replaced, not wrapped: torch in a
     worker thread would let the autojump clock run past every deadline meanwhile.)"""
-    host = SpanHost([tiny_llama()], kv_budget_bytes=1 << 24, max_sessions=4,
-                    limiter=trio.CapacityLimiter(1), metrics=Metrics())  # fmt: skip
+    host = SpanHost(
+        [tiny_llama()],
+        kv_budget_bytes=1 << 24,
+        max_sessions=4,
+        limiter=trio.CapacityLimiter(1),
+        metrics=Metrics(),
+    )
 
-    async def truncated(_peer: bytes, _sess: object, msg: Step, *_args: object
-                        ) -> tuple[StepResult, Encoded]:  # fmt: skip
+    async def truncated(
+        _peer: bytes, _sess: object, msg: Step, *_args: object
+    ) -> tuple[StepResult, Encoded]:
         enc = encode_tensor(torch.zeros((1, 2, TINY.vocab_size)))
-        return StepResult(session_id=msg.session_id, step_id=msg.step_id, tensor=header_of(enc),
-                          compute_s=0.001, queue_s=0.0), enc
+        return StepResult(
+            session_id=msg.session_id,
+            step_id=msg.step_id,
+            tensor=header_of(enc),
+            compute_s=0.001,
+            queue_s=0.0,
+        ), enc
 
     host._compute = truncated  # type: ignore[method-assign,assignment]
     signer = Signer(node.key, HybridClock(max_drift_s=5))
@@ -395,17 +440,26 @@ def serve_bad_outputs(node: MeshNode) -> None:
 
 
 def verifier(signer: Signer) -> EnvelopeVerifier:
-    return EnvelopeVerifier(clock=signer.clock, window_s=60, max_body_bytes=1 << 20,
-                            replay_capacity=1000)  # fmt: skip
+    return EnvelopeVerifier(
+        clock=signer.clock, window_s=60, max_body_bytes=1 << 20, replay_capacity=1000
+    )
 
 
 def daemon_view_of(node: MeshNode, tmp: Path, nursery: trio.Nursery) -> MeshService:
     """The daemon's mesh service around a running node (what `NodeView` reports through)."""
     signer = Signer(node.key, HybridClock(max_drift_s=5))
-    host = SpanHost([], kv_budget_bytes=1, max_sessions=1, limiter=trio.CapacityLimiter(1),
-                    metrics=Metrics())  # fmt: skip
-    svc = MeshService(Config(), resolve_paths(str(tmp), "", {}), signer, host, Metrics(),
-                      verifier(signer), "founder")  # fmt: skip
+    host = SpanHost(
+        [], kv_budget_bytes=1, max_sessions=1, limiter=trio.CapacityLimiter(1), metrics=Metrics()
+    )
+    svc = MeshService(
+        Config(),
+        resolve_paths(str(tmp), "", {}),
+        signer,
+        host,
+        Metrics(),
+        verifier(signer),
+        "founder",
+    )
     svc.node, svc._nursery = node, nursery
     return svc
 
@@ -443,8 +497,12 @@ def test_delta_outbox_coalesces_lww_slots_and_batches_by_size() -> None:
     slot = Slot(SlotKind.ADVERT, founder.node_id)
     now = sim_wall_fixed()
     lease_ms = wall_ms_of(now) + 10_000
-    writes = [state.local_write(founder, slot, Advert((), i, 0, (), (), NodeState.ONLINE, lease_ms),
-                                clock, now) for i in range(5)]  # fmt: skip
+    writes = [
+        state.local_write(
+            founder, slot, Advert((), i, 0, (), (), NodeState.ONLINE, lease_ms), clock, now
+        )
+        for i in range(5)
+    ]
     outbox = DeltaOutbox(max_bytes=4096)
     outbox.put(writes)
     assert len(outbox) == 1 and outbox.take() == (writes[-1],) and outbox.take() == ()

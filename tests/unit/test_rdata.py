@@ -107,8 +107,13 @@ def _lazyload(tmp_path: Path, entries: dict[str, bytes], *, lie: int = 0) -> Pat
 
 
 def test_lazyload_database_round_trip(tmp_path: Path) -> None:
-    rdx = _lazyload(tmp_path, {"emma": HEADER + strsxp("EMMA", "", "By Jane Austen"),
-                               "mobydick": HEADER + strsxp("Call me Ishmael.")})  # fmt: skip
+    rdx = _lazyload(
+        tmp_path,
+        {
+            "emma": HEADER + strsxp("EMMA", "", "By Jane Austen"),
+            "mobydick": HEADER + strsxp("Call me Ishmael."),
+        },
+    )
     db = read_lazyload_db(rdx)
     assert list(db) == ["emma", "mobydick"]
     emma = db["emma"]

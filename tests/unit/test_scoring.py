@@ -34,7 +34,11 @@ def test_ban_when_score_reaches_threshold() -> None:
         ban = s.penalise(A, "invalid_signature", now=T0)  # 100 >= 100
     assert ban is not None
     assert (ban.peer, ban.reason, ban.duration_s, ban.until, ban.ban_count) == (
-        A, "invalid_signature", 60.0, T0 + 60.0, 1,
+        A,
+        "invalid_signature",
+        60.0,
+        T0 + 60.0,
+        1,
     )
     assert ban.score == pytest.approx(100.0)
     assert [e["event"] for e in logs] == ["peer_banned"]

@@ -67,16 +67,30 @@ def entry(key: NodeKey, slot: Slot, payload: Payload, at: int, mesh: bytes = MES
     return SignedEntry(slot, key.node_id, at, body, signature)
 
 
-def cert(issuer: NodeKey, node: NodeKey, at: int, *, admin: bool = False,
-         expires_ms: int = FOREVER, mesh: bytes = MESH) -> SignedEntry:  # fmt: skip
+def cert(
+    issuer: NodeKey,
+    node: NodeKey,
+    at: int,
+    *,
+    admin: bool = False,
+    expires_ms: int = FOREVER,
+    mesh: bytes = MESH,
+) -> SignedEntry:
     roles = ("admin",) if admin else ()
     payload = MemberCert(mesh, node.node_id, "n", roles, 0, expires_ms, issuer.node_id)
     return entry(issuer, Slot(SlotKind.MEMBER, node.node_id), payload, at)
 
 
 def advert(node: NodeKey, at: int, lease_ms: int, *, slot_of: NodeKey | None = None) -> SignedEntry:
-    payload = Advert((HostedSpan("m", 0, 2, "float32"),), 1 << 30, 4096, ("fp16",),
-                     ("/ip4/127.0.0.1/tcp/4001",), NodeState.ONLINE, lease_ms)  # fmt: skip
+    payload = Advert(
+        (HostedSpan("m", 0, 2, "float32"),),
+        1 << 30,
+        4096,
+        ("fp16",),
+        ("/ip4/127.0.0.1/tcp/4001",),
+        NodeState.ONLINE,
+        lease_ms,
+    )
     return entry(node, Slot(SlotKind.ADVERT, (slot_of or node).node_id), payload, at)
 
 
@@ -91,12 +105,15 @@ def revoke(author: NodeKey, node: NodeKey, at: int) -> SignedEntry:
 
 
 def model(author: NodeKey, model_id: str, at: int, family: str = "bert") -> SignedEntry:
-    payload = PublishedModel(family, '{"layers": 2}', (PublishedAtom(0, "embed", b"\x01" * 32, 10),))
+    payload = PublishedModel(
+        family, '{"layers": 2}', (PublishedAtom(0, "embed", b"\x01" * 32, 10),)
+    )
     return entry(author, Slot.model(model_id), payload, at)
 
 
-def removal(author: NodeKey, node: NodeKey, dots: tuple[tuple[bytes, int], ...],
-            at: int) -> SignedEntry:  # fmt: skip
+def removal(
+    author: NodeKey, node: NodeKey, dots: tuple[tuple[bytes, int], ...], at: int
+) -> SignedEntry:
     payload = MemberRemoval(node.node_id, dots)
     return entry(author, Slot(SlotKind.UNMEMBER, node.node_id), payload, at)
 
@@ -107,8 +124,11 @@ def fresh() -> MeshState:
 
 def base_entries() -> list[SignedEntry]:
     """A founder-certified admin and member, each with an advert."""
-    return [cert(FOUNDER, ADMIN, hlc(100), admin=True), cert(FOUNDER, M1, hlc(100)),
-            advert(M1, hlc(200), 5_000)]  # fmt: skip
+    return [
+        cert(FOUNDER, ADMIN, hlc(100), admin=True),
+        cert(FOUNDER, M1, hlc(100)),
+        advert(M1, hlc(200), 5_000),
+    ]
 
 
 def based() -> MeshState:
@@ -133,8 +153,10 @@ def test_apply_accepts_a_batch_in_any_order_and_returns_new_entries() -> None:
 
 def test_admin_writes_certs_and_models_members_write_own_slots() -> None:
     state = based()
-    accepted = state.apply([cert(ADMIN, M2, hlc(300)), model(ADMIN, "minilm", hlc(300)),
-                            load(M2, hlc(400), depth=3)], NOW_MS)  # fmt: skip
+    accepted = state.apply(
+        [cert(ADMIN, M2, hlc(300)), model(ADMIN, "minilm", hlc(300)), load(M2, hlc(400), depth=3)],
+        NOW_MS,
+    )
     assert len(accepted) == 3
     assert state.loads()[M2.node_id].queue_depth == 3
     assert state.models()["minilm"].family == "bert"
@@ -144,54 +166,115 @@ def test_admin_writes_certs_and_models_members_write_own_slots() -> None:
 def test_local_write_signs_applies_and_moves_hlc_past_previous_write() -> None:
     state = based()
     clock = HybridClock(max_drift_s=5)
-    first = state.local_write(M1, Slot(SlotKind.LOAD, M1.node_id),
-                              LoadReport(1, 0.5, (), ()), clock, 1.0)  # fmt: skip
+    first = state.local_write(
+        M1, Slot(SlotKind.LOAD, M1.node_id), LoadReport(1, 0.5, (), ()), clock, 1.0
+    )
     slow_clock = HybridClock(max_drift_s=5)  # a restarted node whose clock went back
-    second = state.local_write(M1, Slot(SlotKind.LOAD, M1.node_id),
-                               LoadReport(2, 0.5, (), ()), slow_clock, 0.5)  # fmt: skip
+    second = state.local_write(
+        M1, Slot(SlotKind.LOAD, M1.node_id), LoadReport(2, 0.5, (), ()), slow_clock, 0.5
+    )
     assert second.hlc > first.hlc
     assert state.loads()[M1.node_id].queue_depth == 2
     with pytest.raises(TypeError, match=r"LOAD slot: expected LoadReport, got Revocation"):
-        state.local_write(M1, Slot(SlotKind.LOAD, M1.node_id),
-                          Revocation(MESH, M1.node_id, "", 0), clock, 1.0)  # fmt: skip
+        state.local_write(
+            M1, Slot(SlotKind.LOAD, M1.node_id), Revocation(MESH, M1.node_id, "", 0), clock, 1.0
+        )
 
 
 # -- write rules: each rejection has its own error -----------------------------------------
 
 REJECTIONS = [
-    pytest.param(lambda: advert(M1, hlc(300), 5_000, slot_of=M2), ForeignSlot,
-                 r"advert entry by \w+: a node writes only its own slot", id="foreign-advert"),
-    pytest.param(lambda: load(M2, hlc(300)), NotMember,
-                 r"load entry by \w+: expected a member at 300 ms", id="non-member-load"),
-    pytest.param(lambda: cert(M1, M2, hlc(300)), NotAdmin,
-                 r"member entry by \w+: expected an admin at 300 ms", id="non-admin-cert"),
-    pytest.param(lambda: revoke(M1, ADMIN, hlc(300)), NotAdmin,
-                 r"revoke entry by \w+: expected an admin", id="non-admin-revoke"),
-    pytest.param(lambda: model(M1, "minilm", hlc(300)), NotAdmin,
-                 r"model entry by \w+: expected an admin", id="non-admin-model"),
-    pytest.param(lambda: cert(ADMIN, M2, hlc(300), admin=True), ForbiddenWrite,
-                 r"only the founder grants the admin role", id="admin-grant-by-non-founder"),
-    pytest.param(lambda: revoke(ADMIN, FOUNDER, hlc(300)), ForbiddenWrite,
-                 r"the founder cannot be revoked", id="revoke-founder"),
-    pytest.param(lambda: advert(M1, hlc(300), 300 + 600_001), ForbiddenWrite,
-                 r"expected lease at most 600000 ms after the entry, got 600001 ms", id="lease"),
-    pytest.param(lambda: cert(FOUNDER, M2, hlc(300), mesh=b"other"), WrongMesh,
-                 r"expected mesh 6d6573682d74657374, got 6f74686572", id="wrong-mesh"),
-    pytest.param(lambda: entry(FOUNDER, Slot(SlotKind.MEMBER, M2.node_id),
-                               MemberCert(MESH, M3.node_id, "n", (), 0, 1, FOUNDER.node_id),
-                               hlc(300)),
-                 InconsistentEntry, r"expected payload node \w+ \(the slot\)", id="cert-slot"),
-    pytest.param(lambda: entry(FOUNDER, Slot(SlotKind.MEMBER, M2.node_id),
-                               MemberCert(MESH, M2.node_id, "n", (), 0, 1, ADMIN.node_id),
-                               hlc(300)),
-                 InconsistentEntry, r"expected issuer = author", id="cert-issuer"),
-    pytest.param(lambda: entry(M1, Slot(SlotKind.LOAD, M1.node_id),
-                               Revocation(MESH, M1.node_id, "", 0), hlc(300)),
-                 MalformedMessage, r"wrong record kind 'revocation', expected 'load_report'",
-                 id="payload-kind"),
-    pytest.param(lambda: advert(M1, hlc(NOW_MS + 60_001), NOW_MS + 70_000), FutureMessage,
-                 r"expected hlc at most 60000 ms ahead, got 60001 ms ahead", id="future"),
-]  # fmt: skip
+    pytest.param(
+        lambda: advert(M1, hlc(300), 5_000, slot_of=M2),
+        ForeignSlot,
+        r"advert entry by \w+: a node writes only its own slot",
+        id="foreign-advert",
+    ),
+    pytest.param(
+        lambda: load(M2, hlc(300)),
+        NotMember,
+        r"load entry by \w+: expected a member at 300 ms",
+        id="non-member-load",
+    ),
+    pytest.param(
+        lambda: cert(M1, M2, hlc(300)),
+        NotAdmin,
+        r"member entry by \w+: expected an admin at 300 ms",
+        id="non-admin-cert",
+    ),
+    pytest.param(
+        lambda: revoke(M1, ADMIN, hlc(300)),
+        NotAdmin,
+        r"revoke entry by \w+: expected an admin",
+        id="non-admin-revoke",
+    ),
+    pytest.param(
+        lambda: model(M1, "minilm", hlc(300)),
+        NotAdmin,
+        r"model entry by \w+: expected an admin",
+        id="non-admin-model",
+    ),
+    pytest.param(
+        lambda: cert(ADMIN, M2, hlc(300), admin=True),
+        ForbiddenWrite,
+        r"only the founder grants the admin role",
+        id="admin-grant-by-non-founder",
+    ),
+    pytest.param(
+        lambda: revoke(ADMIN, FOUNDER, hlc(300)),
+        ForbiddenWrite,
+        r"the founder cannot be revoked",
+        id="revoke-founder",
+    ),
+    pytest.param(
+        lambda: advert(M1, hlc(300), 300 + 600_001),
+        ForbiddenWrite,
+        r"expected lease at most 600000 ms after the entry, got 600001 ms",
+        id="lease",
+    ),
+    pytest.param(
+        lambda: cert(FOUNDER, M2, hlc(300), mesh=b"other"),
+        WrongMesh,
+        r"expected mesh 6d6573682d74657374, got 6f74686572",
+        id="wrong-mesh",
+    ),
+    pytest.param(
+        lambda: entry(
+            FOUNDER,
+            Slot(SlotKind.MEMBER, M2.node_id),
+            MemberCert(MESH, M3.node_id, "n", (), 0, 1, FOUNDER.node_id),
+            hlc(300),
+        ),
+        InconsistentEntry,
+        r"expected payload node \w+ \(the slot\)",
+        id="cert-slot",
+    ),
+    pytest.param(
+        lambda: entry(
+            FOUNDER,
+            Slot(SlotKind.MEMBER, M2.node_id),
+            MemberCert(MESH, M2.node_id, "n", (), 0, 1, ADMIN.node_id),
+            hlc(300),
+        ),
+        InconsistentEntry,
+        r"expected issuer = author",
+        id="cert-issuer",
+    ),
+    pytest.param(
+        lambda: entry(
+            M1, Slot(SlotKind.LOAD, M1.node_id), Revocation(MESH, M1.node_id, "", 0), hlc(300)
+        ),
+        MalformedMessage,
+        r"wrong record kind 'revocation', expected 'load_report'",
+        id="payload-kind",
+    ),
+    pytest.param(
+        lambda: advert(M1, hlc(NOW_MS + 60_001), NOW_MS + 70_000),
+        FutureMessage,
+        r"expected hlc at most 60000 ms ahead, got 60001 ms ahead",
+        id="future",
+    ),
+]
 
 
 @pytest.mark.parametrize(("make", "error", "message"), REJECTIONS)
@@ -226,8 +309,9 @@ def test_admin_rights_are_judged_at_the_entry_time() -> None:
 def test_skip_invalid_drops_and_logs_instead_of_raising() -> None:
     state = fresh()
     with capture_logs() as logs:
-        accepted = state.apply([cert(FOUNDER, M1, hlc(100)), load(M2, hlc(300))], NOW_MS,
-                               skip_invalid=True)  # fmt: skip
+        accepted = state.apply(
+            [cert(FOUNDER, M1, hlc(100)), load(M2, hlc(300))], NOW_MS, skip_invalid=True
+        )
     assert accepted == [cert(FOUNDER, M1, hlc(100))]
     assert [(e["event"], e["error"]) for e in logs] == [("state_entry_rejected", "NotMember")]
 
@@ -317,8 +401,14 @@ def test_prune_drops_old_load_reports() -> None:
 def test_digest_is_compact_and_round_trips_on_the_wire() -> None:
     state = based()
     for i, node in enumerate((M2, M3)):
-        state.apply([cert(FOUNDER, node, hlc(100)), advert(node, hlc(200 + i), 5_000),
-                     load(node, hlc(300))], NOW_MS)  # fmt: skip
+        state.apply(
+            [
+                cert(FOUNDER, node, hlc(100)),
+                advert(node, hlc(200 + i), 5_000),
+                load(node, hlc(300)),
+            ],
+            NOW_MS,
+        )
     raw = encode(state.digest())
     assert decode(raw, StateDigest) == state.digest()
     assert len(raw) < 100 * len(state.digest().rows)  # under 100 bytes per row
@@ -336,8 +426,10 @@ def test_missing_for_sends_only_newer_lww_entries() -> None:
 def test_paged_sync_applies_page_by_page() -> None:
     source = based()
     for node in (ADMIN, M2, M3):
-        source.apply([cert(FOUNDER, node, hlc(100)), advert(node, hlc(200), 5_000),
-                      load(node, hlc(300))], NOW_MS)  # fmt: skip
+        source.apply(
+            [cert(FOUNDER, node, hlc(100)), advert(node, hlc(200), 5_000), load(node, hlc(300))],
+            NOW_MS,
+        )
     source.apply([model(ADMIN, "x", hlc(300))], NOW_MS)
     replica, pages = fresh(), 0
     while page := source.missing_for(replica.digest(), max_bytes=600):

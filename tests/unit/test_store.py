@@ -30,8 +30,15 @@ from tests.unit.test_state import (
 
 def rich_state() -> MeshState:
     state = based()
-    state.apply([cert(FOUNDER, M2, hlc(100)), load(M2, hlc(300)), model(FOUNDER, "x", hlc(300)),
-                 advert(M2, hlc(300), 5_000)], NOW_MS)  # fmt: skip
+    state.apply(
+        [
+            cert(FOUNDER, M2, hlc(100)),
+            load(M2, hlc(300)),
+            model(FOUNDER, "x", hlc(300)),
+            advert(M2, hlc(300), 5_000),
+        ],
+        NOW_MS,
+    )
     return state
 
 
@@ -89,8 +96,10 @@ def test_restore_re_verifies_and_skips_bad_rows(tmp_path: Path) -> None:
     with StateStore.open(tmp_path) as store:
         store.save([good, forged])
         with store._transaction() as conn:  # a torn / corrupt row
-            conn.execute("INSERT INTO entries VALUES (?, 1, ?, ?, 0, ?)",
-                         (b"x" * 32, b"k", b"a", b"\x93garbage"))  # fmt: skip
+            conn.execute(
+                "INSERT INTO entries VALUES (?, 1, ?, ?, 0, ?)",
+                (b"x" * 32, b"k", b"a", b"\x93garbage"),
+            )
         state = fresh()
         with capture_logs() as logs:
             assert store.restore(state, NOW_MS) == [good]

@@ -85,8 +85,9 @@ def wire_link(host: TrainHost, peer: bytes):  # type: ignore[no-untyped-def]
 def micro_batches(step: int) -> list[MicroBatch]:
     out = []
     for k in range(M):
-        ids = torch.randint(1000, 3000, (B, T + 1),
-                            generator=torch.Generator().manual_seed(100 * step + k))
+        ids = torch.randint(
+            1000, 3000, (B, T + 1), generator=torch.Generator().manual_seed(100 * step + k)
+        )
         out.append(MicroBatch(x=ids[:, :-1], targets=ids[:, 1:], seed=micro_batch_seed(1, step, k)))
     return out
 
@@ -96,13 +97,16 @@ def pipeline(model: Model, cuts: list[int], schedule: str = "1f1b") -> TrainPipe
     bounds = [0, *cuts, len(model)]
     hops = []
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-        host = TrainHost(span_lookup(model), limiter=limiter, metrics=Metrics(),
-                         graph_budget_bytes=1 << 30)
+        host = TrainHost(
+            span_lookup(model), limiter=limiter, metrics=Metrics(), graph_budget_bytes=1 << 30
+        )
         node = bytes([i + 1]) * 32
-        hops.append(TrainHop(HopPlan(node, a, b), model.model_id, wire_link(host, b"o" * 32),
-                             remote=False))
-    return TrainPipeline(hops, first_trainable=base_atom_count(model) + 1, schedule=schedule,
-                         causal=True)
+        hops.append(
+            TrainHop(HopPlan(node, a, b), model.model_id, wire_link(host, b"o" * 32), remote=False)
+        )
+    return TrainPipeline(
+        hops, first_trainable=base_atom_count(model) + 1, schedule=schedule, causal=True
+    )
 
 
 def reference_step(chain: SpanTrainer, step: int, *, lr: float, clip: float) -> float:
@@ -202,8 +206,16 @@ async def test_bad_checkpoint_is_refused_and_nan_loss_stops_at_its_step(model: M
 
 
 def test_schedules_order_and_bubble() -> None:
-    assert schedule_ops("1f1b", 4, 3, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3),
-                                             ("B", 1), ("B", 2), ("B", 3)]
+    assert schedule_ops("1f1b", 4, 3, 0) == [
+        ("F", 0),
+        ("F", 1),
+        ("F", 2),
+        ("B", 0),
+        ("F", 3),
+        ("B", 1),
+        ("B", 2),
+        ("B", 3),
+    ]
     assert schedule_ops("1f1b", 4, 3, 2) == [("L", k) for k in range(4)]
     assert schedule_ops("gpipe", 2, 2, 0) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
     for kind in ("1f1b", "gpipe"):
@@ -230,19 +242,37 @@ def test_the_largest_loss_step_fits_one_exec_header() -> None:
     limit: the largest one the records allow, signed as a channel sends it, fits; a request
     whose micro-batches would not is refused up front, naming micro_batch."""
     sid = bytes(SESSION_ID_BYTES)
-    msg = TrainLoss(session_id=sid, mb=MAX_MICRO_BATCHES - 1, seed=2**62, causal=True,
-                    evaluate=False, tensor=TensorHeader(dtype="float32", shape=(1, 1, 1),
-                                                        codec="raw"),
-                    targets=bytes(8 * MAX_TARGETS), targets_shape=(1, MAX_TARGETS),
-                    pad_mask=bytes(MAX_TARGETS))  # fmt: skip
+    msg = TrainLoss(
+        session_id=sid,
+        mb=MAX_MICRO_BATCHES - 1,
+        seed=2**62,
+        causal=True,
+        evaluate=False,
+        tensor=TensorHeader(dtype="float32", shape=(1, 1, 1), codec="raw"),
+        targets=bytes(8 * MAX_TARGETS),
+        targets_shape=(1, MAX_TARGETS),
+        pad_mask=bytes(MAX_TARGETS),
+    )
     key = NodeKey.generate()
-    env = seal_large(key, EXEC_DOMAIN, encode(msg), b"", clock=HybridClock(max_drift_s=5),
-                     now=time.time())  # fmt: skip
+    env = seal_large(
+        key, EXEC_DOMAIN, encode(msg), b"", clock=HybridClock(max_drift_s=5), now=time.time()
+    )
     assert len(env) < MAX_HEADER_BYTES
     with pytest.raises(ValueError, match="at most"):
-        TrainLoss(session_id=sid, mb=0, seed=0, causal=True, evaluate=False, tensor=msg.tensor,
-                  targets=bytes(8 * MAX_TARGETS + 8), targets_shape=(MAX_TARGETS + 1,))
+        TrainLoss(
+            session_id=sid,
+            mb=0,
+            seed=0,
+            causal=True,
+            evaluate=False,
+            tensor=msg.tensor,
+            targets=bytes(8 * MAX_TARGETS + 8),
+            targets_shape=(MAX_TARGETS + 1,),
+        )
     validate(TrainRequest(task="lm", model="m", output="o", micro_batch=512, seq_len=128))
-    with pytest.raises(ApiError, match=rf"micro_batch: expected micro_batch x seq_len at most "
-                                       rf"{MAX_TARGETS}"):  # fmt: skip
+    with pytest.raises(
+        ApiError,
+        match=rf"micro_batch: expected micro_batch x seq_len at most "
+        rf"{MAX_TARGETS}",
+    ):
         validate(TrainRequest(task="lm", model="m", output="o", micro_batch=512, seq_len=129))

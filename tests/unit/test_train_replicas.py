@@ -57,7 +57,9 @@ async def test_diloco_rounds_make_replicas_identical(model: Model) -> None:
     assert all(torch.equal(p0[n], p1[n]) for n in p0)
     assert any(not torch.equal(p0[n], start[n]) for n in p0)
     outer = g.outer_state()
-    assert {n.removeprefix("outer_param/") for n in outer if n.startswith("outer_param/")} == set(p0)
+    assert {n.removeprefix("outer_param/") for n in outer if n.startswith("outer_param/")} == set(
+        p0
+    )
 
 
 def test_averaging_settings_are_validated() -> None:

@@ -34,8 +34,6 @@ async def test_conformance(check: conformance.Check, autojump_clock: trio.abc.Cl
     await check(opener(MemoryNetwork(rng=random.Random(1))))
 
 
-
-
 async def test_stream_frames_are_delayed_but_in_order(autojump_clock: trio.abc.Clock) -> None:
     network = MemoryNetwork(rng=random.Random(1), default_faults=LinkFaults(delay_s=0.5))
     async with (

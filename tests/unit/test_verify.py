@@ -59,10 +59,17 @@ def spans(cuts: list[tuple[int, int]], *, lie_from: int | None = None) -> list[S
     return [LyingSpan(atoms[s:e], lie_from) for s, e in cuts]
 
 
-async def own_output(start: int, end: int, inputs: list[StepInput], batch: int, max_len: int) -> torch.Tensor:
+async def own_output(
+    start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
+) -> torch.Tensor:
     """The origin's own computation (what the engine does from its model files)."""
-    host = SpanHost(spans([(start, end)]), kv_budget_bytes=1 << 24, max_sessions=1,
-                    limiter=trio.CapacityLimiter(1), metrics=Metrics())  # fmt: skip
+    host = SpanHost(
+        spans([(start, end)]),
+        kv_budget_bytes=1 << 24,
+        max_sessions=1,
+        limiter=trio.CapacityLimiter(1),
+        metrics=Metrics(),
+    )
     hop = LocalHop(HopPlan(b"origin", start, end), "tiny", host, b"origin")
     await hop.open(batch, max_len)
     try:
@@ -87,11 +94,24 @@ async def generate(session: RoutedSession) -> list[torch.Tensor]:
     return logits
 
 
-def verified(cl: Cluster, layout: list[tuple[int, int, list[bytes]]], policy: VerifyPolicy,
-             outcomes: list[str]) -> RoutedSession:  # fmt: skip
-    verify = Verification(policy=policy, arbiter=own_output, rng=random.Random(0), on_check=outcomes.append)
-    return RoutedSession(n_atoms=6, plan=cl.planner(layout), make_hop=cl.make_hop,
-                         report_failure=cl.report, batch=1, max_len=32, verify=verify)  # fmt: skip
+def verified(
+    cl: Cluster,
+    layout: list[tuple[int, int, list[bytes]]],
+    policy: VerifyPolicy,
+    outcomes: list[str],
+) -> RoutedSession:
+    verify = Verification(
+        policy=policy, arbiter=own_output, rng=random.Random(0), on_check=outcomes.append
+    )
+    return RoutedSession(
+        n_atoms=6,
+        plan=cl.planner(layout),
+        make_hop=cl.make_hop,
+        report_failure=cl.report,
+        batch=1,
+        max_len=32,
+        verify=verify,
+    )
 
 
 async def honest_logits() -> list[torch.Tensor]:
@@ -134,7 +154,9 @@ def test_sampling_checks_first_steps_then_a_seeded_fraction() -> None:
     picks = [p.sampled(n, rng1) for n in range(2, 10_002)]
     assert picks == [p.sampled(n, rng2) for n in range(2, 10_002)]  # deterministic given the seed
     assert 800 < sum(picks) < 1200
-    assert not any(VerifyPolicy(rate=0.0, first_steps=0).sampled(0, random.Random(0)) for _ in range(100))
+    assert not any(
+        VerifyPolicy(rate=0.0, first_steps=0).sampled(0, random.Random(0)) for _ in range(100)
+    )
     assert not VerifyPolicy(rate=0.0, first_steps=0).enabled
 
 
@@ -166,7 +188,9 @@ async def test_a_lying_host_is_caught_on_its_first_step_and_the_output_is_the_ho
         good = Node("good", spans([(3, 6)]))
         cl = Cluster(nursery, [head, liar, good])
         outcomes: list[str] = []
-        session = verified(cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])], VerifyPolicy(), outcomes)
+        session = verified(
+            cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])], VerifyPolicy(), outcomes
+        )
         logits = await generate(session)
         assert cl.penalties == [(liar.id, "wrong_output")]  # caught at once, nobody else
         assert "wrong output on atoms [3,6)" in cl.failures[0][1]
@@ -184,7 +208,9 @@ async def test_a_lying_replica_is_reported_and_the_honest_host_keeps_its_place()
         liar = Node("liar", spans([(3, 6)], lie_from=0))
         cl = Cluster(nursery, [head, good, liar])
         outcomes: list[str] = []
-        session = verified(cl, [(0, 3, [head.id]), (3, 6, [good.id, liar.id])], VerifyPolicy(), outcomes)
+        session = verified(
+            cl, [(0, 3, [head.id]), (3, 6, [good.id, liar.id])], VerifyPolicy(), outcomes
+        )
         await generate(session)
         assert cl.penalties == [(liar.id, "wrong_output")]
         assert [h.host for h in session.route] == [head.id, good.id] and session.failovers == []
@@ -201,8 +227,12 @@ async def test_a_late_lie_is_caught_by_a_check_of_the_whole_history_in_one_step(
         good = Node("good", spans([(3, 6)]))
         cl = Cluster(nursery, [head, liar, good])
         outcomes: list[str] = []
-        session = verified(cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])],
-                           VerifyPolicy(rate=1.0, first_steps=0), outcomes)  # fmt: skip
+        session = verified(
+            cl,
+            [(0, 3, [head.id]), (3, 6, [liar.id, good.id])],
+            VerifyPolicy(rate=1.0, first_steps=0),
+            outcomes,
+        )
         logits = await generate(session)
         assert cl.penalties == [(liar.id, "wrong_output")]
         # 2 hops x 3 honest steps, then step 3: its first hop agrees, the liar is caught
@@ -221,7 +251,9 @@ async def test_a_host_that_keeps_lying_is_banned_at_the_third_job() -> None:
         good = Node("good", spans([(3, 6)]))
         cl = Cluster(nursery, [head, liar, good])
         for job in range(3):
-            session = verified(cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])], VerifyPolicy(), [])
+            session = verified(
+                cl, [(0, 3, [head.id]), (3, 6, [liar.id, good.id])], VerifyPolicy(), []
+            )
             await generate(session)
             host, penalty = cl.penalties[job]
             bans.append(scores.penalise(host, penalty, now=float(job)))
@@ -236,7 +268,9 @@ async def test_a_host_that_keeps_lying_is_banned_at_the_third_job() -> None:
 class MemView:
     """A mesh in memory: the origin (hosting nothing) and hosts reached over FakeStreams."""
 
-    def __init__(self, nursery: trio.Nursery, origin: Node, hosts: list[tuple[Node, float]]) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, origin: Node, hosts: list[tuple[Node, float]]
+    ) -> None:
         self.node_id = origin.id
         self._nursery = nursery
         self._origin = origin
@@ -244,8 +278,11 @@ class MemView:
         self.reports: list[tuple[bytes, str]] = []
 
     def host_spans(self, model_id: str) -> list[HostSpan]:
-        return [HostSpan(n.id, h.model_id, h.start, h.end, cost, 0, 0.0, 1 << 30)
-                for n, cost in self._hosts.values() for h in n.host.hosted()]  # fmt: skip
+        return [
+            HostSpan(n.id, h.model_id, h.start, h.end, cost, 0, 0.0, 1 << 30)
+            for n, cost in self._hosts.values()
+            for h in n.host.hosted()
+        ]
 
     def links(self) -> list[Link]:
         return []
@@ -271,13 +308,17 @@ class MemView:
         self.reports.append((node_id, penalty))
 
 
-async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(tmp_path: Path) -> None:
+async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
+    tmp_path: Path,
+) -> None:
     """No other replica of the liar's span: the origin computes it from its model folder,
     catches the lie on the first step, reports "wrong_output" and continues on the honest
     (slower, so not preferred) host; the outputs are the honest ones."""
     model = tiny_llama()
-    save_model(Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
-               tmp_path / "models" / "tiny")
+    save_model(
+        Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
+        tmp_path / "models" / "tiny",
+    )
     honest = await honest_logits()
     async with trio.open_nursery() as nursery:
         origin = Node("origin", [])
@@ -286,11 +327,20 @@ async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
         good = Node("good", spans([(3, 6)]))
         view = MemView(nursery, origin, [(head, 0.002), (liar, 0.001), (good, 0.05)])
         metrics = Metrics()
-        engine = JobEngine(view=view, host=origin.host, registry=ModelRegistry(tmp_path / "models"),
-                           signer=origin.signer, verifier=origin.verifier, metrics=metrics,
-                           step_timeout_s=10, rng=random.Random(0), verify=VerifyPolicy())  # fmt: skip
-        session = engine._session("tiny", n_atoms=6, batch=1, max_len=32, bytes_per_hop=1024,
-                                  kind="latency", codec="raw")  # fmt: skip
+        engine = JobEngine(
+            view=view,
+            host=origin.host,
+            registry=ModelRegistry(tmp_path / "models"),
+            signer=origin.signer,
+            verifier=origin.verifier,
+            metrics=metrics,
+            step_timeout_s=10,
+            rng=random.Random(0),
+            verify=VerifyPolicy(),
+        )
+        session = engine._session(
+            "tiny", n_atoms=6, batch=1, max_len=32, bytes_per_hop=1024, kind="latency", codec="raw"
+        )
         logits = await generate(session)
         assert view.reports == [(liar.id, "wrong_output")]
         assert [h.host for h in session.route] == [head.id, good.id]

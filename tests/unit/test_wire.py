@@ -128,9 +128,22 @@ def chain(n: int) -> Chain:
 def sample() -> AllTypes:
     inner = Inner("a", 1.5)
     return AllTypes(
-        True, 7, 0.5, "x", b"\x00", None, None, (1, 2), ("s", b"b"), Color.RED, Level.HIGH,
-        inner, (inner,), {"k": 1}, None,
-    )  # fmt: skip
+        True,
+        7,
+        0.5,
+        "x",
+        b"\x00",
+        None,
+        None,
+        (1, 2),
+        ("s", b"b"),
+        Color.RED,
+        Level.HIGH,
+        inner,
+        (inner,),
+        {"k": 1},
+        None,
+    )
 
 
 def raw_fields(rec: object) -> list[object]:

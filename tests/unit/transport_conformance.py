@@ -257,8 +257,9 @@ async def check_pubsub_ignores_non_members(open_node: OpenNode) -> None:
                 outsider,
                 "t",
                 b"spam",
-                lambda: bool(member_inbox)
-                and any(e.get("reason") == "author_not_member" for e in logs),
+                lambda: (
+                    bool(member_inbox) and any(e.get("reason") == "author_not_member" for e in logs)
+                ),
             )
         assert set(b_inbox) == {(member.node_id, b"real")}
         assert set(member_inbox) == {(outsider.node_id, b"spam")}

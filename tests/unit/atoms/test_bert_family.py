@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 transformers = pytest.importorskip("transformers")
 
+
 class _TinyConfig(TypedDict):
     vocab_size: int
     hidden_size: int

@@ -18,16 +18,27 @@ from atoms.nexus import NexusConfig, init_random, nexus_atom_from_spec, nexus_sp
 from atoms.prune import Importance, importance, magnitude_prune, prune_block
 from atoms.quant import QuantEmbedding, QuantLinear, QuantTable, quantize_atom, spec_quant
 
-CFG = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=128, max_position_embeddings=512)
+CFG = BertConfig(
+    vocab_size=30522,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=512,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny() -> Model:
     """A small random BERT with MiniLM's tokenizer (the corpus is the calibration text)."""
     model = random_bert(CFG, model_id="tiny", seed=3)
-    return Model(model_id="tiny", family="bert", config=model.config, atoms=model.atoms,
-                 tokenizer=load_minilm().tokenizer)
+    return Model(
+        model_id="tiny",
+        family="bert",
+        config=model.config,
+        atoms=model.atoms,
+        tokenizer=load_minilm().tokenizer,
+    )
 
 
 def _outputs(model: Model) -> torch.Tensor:
@@ -42,10 +53,12 @@ def test_quantised_atoms_are_packed_and_rebuild_from_their_spec(tiny: Model, lev
     q = quantize_atom(tiny.atoms[1], level, 32)
     assert spec_quant(q.spec) == (level, 32 if level == "int4" else 0)
     assert isinstance(q.q, QuantLinear) and not any(
-        t.dtype == torch.float32 and t.numel() == 64 * 64 for t in q.state_dict().values())
+        t.dtype == torch.float32 and t.numel() == 64 * 64 for t in q.state_dict().values()
+    )
     rebuilt = build_atom(q.spec)
     assert {n: t.shape for n, t in rebuilt.state_dict().items()} == {
-        n: t.shape for n, t in q.state_dict().items()}
+        n: t.shape for n, t in q.state_dict().items()
+    }
     emb = quantize_atom(tiny.atoms[0], level, 32)
     assert isinstance(emb.word, QuantEmbedding)
     assert emb.word.qweight.dtype == (torch.int8 if level == "int8" else torch.uint8)
@@ -56,12 +69,21 @@ def test_quantise_refuses_a_quantised_atom(tiny: Model) -> None:
         quantize_atom(quantize_atom(tiny.atoms[1], "int8"), "int8")
 
 
-def test_compressed_model_loads_equal_and_its_figures_recompute(tiny: Model,
-                                                                 tmp_path: Path) -> None:
-    settings = CompressSettings(model_id="tiny-c", quant="int8", prune_heads=0.25,
-                                prune_ffn=0.25, calib_texts=12, eval_texts=6)
+def test_compressed_model_loads_equal_and_its_figures_recompute(
+    tiny: Model, tmp_path: Path
+) -> None:
+    settings = CompressSettings(
+        model_id="tiny-c",
+        quant="int8",
+        prune_heads=0.25,
+        prune_ffn=0.25,
+        calib_texts=12,
+        eval_texts=6,
+    )
     derived, figs = compress(tiny, settings)
-    assert derived.atoms[1].spec.dim("heads") == 3 and derived.atoms[1].spec.dim("intermediate") == 96
+    assert (
+        derived.atoms[1].spec.dim("heads") == 3 and derived.atoms[1].spec.dim("intermediate") == 96
+    )
     assert figs.bytes < 0.4 * figs.ref_bytes and figs.params < figs.ref_params
     config = dict(derived.config)
     assert config["compress.cosine"] == figs.cosine and config["compress.bytes"] == figs.bytes
@@ -78,7 +100,9 @@ def test_compressed_model_loads_equal_and_its_figures_recompute(tiny: Model,
 
 
 def test_a_corrupted_quantised_weight_file_is_refused(tiny: Model, tmp_path: Path) -> None:
-    q = tiny.with_atoms([quantize_atom(a, "int4", 32) for a in tiny.atoms[:2]] + list(tiny.atoms[2:]))
+    q = tiny.with_atoms(
+        [quantize_atom(a, "int4", 32) for a in tiny.atoms[:2]] + list(tiny.atoms[2:])
+    )
     manifest = save_model(q, tmp_path)
     path = tmp_path / "weights" / f"{manifest.atoms[1].digest}.safetensors"
     raw = bytearray(path.read_bytes())
@@ -100,10 +124,12 @@ def test_int4_gptq_on_calibration_beats_round_to_nearest(tiny: Model) -> None:
 
 
 def _nexus_block() -> torch.nn.Module:
-    spec = nexus_specs(NexusConfig(heads=4, intermediate=96), hidden=64, vocab=100,
-                       first_index=3, model_id="nx")[1]
-    return init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(2),
-                       residual_layers=2)
+    spec = nexus_specs(
+        NexusConfig(heads=4, intermediate=96), hidden=64, vocab=100, first_index=3, model_id="nx"
+    )[1]
+    return init_random(
+        nexus_atom_from_spec(spec), torch.Generator().manual_seed(2), residual_layers=2
+    )
 
 
 def test_structured_pruning_keeps_everything_at_zero_and_shrinks_the_block(tiny: Model) -> None:
@@ -119,7 +145,8 @@ def test_structured_pruning_keeps_everything_at_zero_and_shrinks_the_block(tiny:
         layout = small.kv_layout()
         assert layout is not None and layout.kv_heads == 2
         assert sum(p.numel() for p in small.parameters()) < sum(
-            p.numel() for p in block.parameters())
+            p.numel() for p in block.parameters()
+        )
         rebuilt = build_atom(small.spec)
         rebuilt.load_state_dict(small.state_dict())
         with torch.no_grad():
@@ -138,20 +165,25 @@ def test_prune_refuses_bad_fractions_and_magnitude_pruning_zeroes(tiny: Model) -
 
 
 def test_a_quantised_nexus_head_packs_its_tied_table() -> None:
-    spec = nexus_specs(NexusConfig(heads=4, intermediate=96), hidden=64, vocab=100,
-                       first_index=3, model_id="nx")[-1]
-    head = init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(6),
-                       residual_layers=2)
+    spec = nexus_specs(
+        NexusConfig(heads=4, intermediate=96), hidden=64, vocab=100, first_index=3, model_id="nx"
+    )[-1]
+    head = init_random(
+        nexus_atom_from_spec(spec), torch.Generator().manual_seed(6), residual_layers=2
+    )
     with torch.no_grad():
         dict(head.named_parameters())["table"].copy_(
-            torch.randn(100, 64, generator=torch.Generator().manual_seed(7)))
+            torch.randn(100, 64, generator=torch.Generator().manual_seed(7))
+        )
     q = quantize_atom(head, "int8")
     assert isinstance(q.table, QuantTable) and q.table.qweight.dtype == torch.int8
     assert "table" not in dict(q.named_parameters())
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(8))
     ctx = ForwardContext.for_tokens(2, 5, causal=True)
     with torch.no_grad():
-        cos = torch.nn.functional.cosine_similarity(q(x, ctx).flatten(), head(x, ctx).flatten(), dim=0)
+        cos = torch.nn.functional.cosine_similarity(
+            q(x, ctx).flatten(), head(x, ctx).flatten(), dim=0
+        )
     assert float(cos) > 0.999
     rebuilt = build_atom(q.spec)
     rebuilt.load_state_dict(q.state_dict())

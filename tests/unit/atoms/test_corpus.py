@@ -94,14 +94,18 @@ def test_size_bound_holds_before_reading_and_after_inflating(tmp_path: Path) -> 
 
 
 def _readme_sha256(row: str) -> str:
-    m = re.search(rf"^\| {re.escape(row)} \| (\d+) \| `([0-9a-f]{{64}})` \|$", README.read_text(), re.M)
+    m = re.search(
+        rf"^\| {re.escape(row)} \| (\d+) \| `([0-9a-f]{{64}})` \|$", README.read_text(), re.M
+    )
     assert m is not None, f"data/corpus/README.md has no row {row!r}"
     return m.group(2)
 
 
 def test_the_shipped_file_is_the_one_the_readme_describes() -> None:
     path = corpus_path()
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == _readme_sha256("`english.txt.xz` (shipped)")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == _readme_sha256(
+        "`english.txt.xz` (shipped)"
+    )
     text = read_text(path)
     assert hashlib.sha256(text.encode()).hexdigest() == _readme_sha256("its text (UTF-8)")
 

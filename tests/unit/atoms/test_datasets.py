@@ -39,7 +39,9 @@ def test_lm_windows_keep_long_paragraphs_and_start_from_bos(tok: TextTokenizer) 
     assert len(ds.train) * 8 > 16  # the long paragraph was not truncated at max_length
     stream = ds.train.targets.flatten().tolist()
     assert eos in stream
-    assert ds.validation.target_count() == len(tok.encode_untruncated(["held out text here"])[0]) + 1
+    assert (
+        ds.validation.target_count() == len(tok.encode_untruncated(["held out text here"])[0]) + 1
+    )
 
 
 def test_paragraph_examples_pad_with_ignored_targets() -> None:
@@ -59,14 +61,17 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
 
 
 def test_labelled_jsonl_csv_and_xz(tmp_path: Path, tok: TextTokenizer) -> None:
-    rows = [{"text": f"sentence {i}", "label": "ab"[i % 2],
-             "split": "validation" if i > 5 else "train"} for i in range(8)]
+    rows = [
+        {"text": f"sentence {i}", "label": "ab"[i % 2], "split": "validation" if i > 5 else "train"}
+        for i in range(8)
+    ]
     jl = write_jsonl(tmp_path / "d.jsonl", rows)
     xz = tmp_path / "d.jsonl.xz"
     xz.write_bytes(lzma.compress(jl.read_bytes()))
     csv = tmp_path / "d.csv"
-    csv.write_text("text,label,split\n" + "".join(f"{r['text']},{r['label']},{r['split']}\n"
-                                                  for r in rows))
+    csv.write_text(
+        "text,label,split\n" + "".join(f"{r['text']},{r['label']},{r['split']}\n" for r in rows)
+    )
     for path in (jl, xz, csv):
         ds = classify_dataset(read_labelled(path), tok, digest="d")
         assert ds.labels == ("a", "b") and len(ds.train) == 6 and len(ds.validation) == 2
@@ -86,11 +91,14 @@ def test_bad_labelled_data_is_refused_with_its_line(tmp_path: Path, tok: TextTok
     broken.write_text(broken.read_text() + '{"text": "y"}\n')
     with pytest.raises(DataError, match=r"b.jsonl:2: `label`"):
         read_labelled(broken)
-    stray = write_jsonl(tmp_path / "s.jsonl", [
-        {"text": "one", "label": "a", "split": "train"},
-        {"text": "two", "label": "b", "split": "train"},
-        {"text": "three", "label": "c", "split": "validation"},
-    ])
+    stray = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"text": "one", "label": "a", "split": "train"},
+            {"text": "two", "label": "b", "split": "train"},
+            {"text": "three", "label": "c", "split": "validation"},
+        ],
+    )
     with pytest.raises(DataError, match=r"not in the label set \['a', 'b'\]: \['c'\]"):
         classify_dataset(read_labelled(stray), tok, digest="d")
     with pytest.raises(DataError, match="labels not in the label set"):

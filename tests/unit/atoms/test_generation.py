@@ -46,8 +46,15 @@ def drive(gen: TokenGenerator, script: str, prompt: Sequence[int] = (0,)) -> Don
 
 @pytest.fixture(scope="module")
 def tiny_atoms() -> list[Atom]:
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     g = torch.Generator().manual_seed(0)
     return [init_random(a, g, std=0.2) for a in build_llama_atoms(cfg, model_id="g")]
 
@@ -211,8 +218,9 @@ def test_a_decoder_that_rewrites_text_keeps_done_text_exact() -> None:
         return decode(ids).replace("ab", "X")
 
     pieces: list[str] = []
-    gen = TokenGenerator(GenerationParams(max_new_tokens=3), decode=merging,
-                         on_token=lambda _t, p: pieces.append(p))
+    gen = TokenGenerator(
+        GenerationParams(max_new_tokens=3), decode=merging, on_token=lambda _t, p: pieces.append(p)
+    )
     done = drive(gen, "abc")
     assert done.text == "Xc"
     assert pieces == ["a", "", "c"]

@@ -107,9 +107,16 @@ def test_sharded_checkpoint_loads_the_same_weights(
     "overrides",
     [
         {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True},
-        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 4}},
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 4,
+            }
+        },
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0}},
         {"num_key_value_heads": 4, "head_dim": 8},
     ],
@@ -133,7 +140,7 @@ def test_greedy_generation_matches_transformers_generate(
         out = model.generate(  # type: ignore[misc]
             torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12
         )
-    expected = out[0, len(prompt):].tolist()
+    expected = out[0, len(prompt) :].tolist()
     done = generate(atoms, prompt, GenerationParams(max_new_tokens=12))
     assert list(done.token_ids) == expected
     recomputed = generate(atoms, prompt, GenerationParams(max_new_tokens=12), use_cache=False)
@@ -148,8 +155,10 @@ def test_cached_steps_match_full_forward_logits(atoms: list[Atom]) -> None:
     with torch.no_grad():
         first = span(ids[:, :5], ForwardContext.for_tokens(1, 5, causal=True, cache=cache))
         steps = [first] + [
-            span(ids[:, t : t + 1], ForwardContext.for_tokens(1, 1, start=t, causal=True,
-                                                               cache=cache))
+            span(
+                ids[:, t : t + 1],
+                ForwardContext.for_tokens(1, 1, start=t, causal=True, cache=cache),
+            )
             for t in range(5, 8)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
@@ -228,8 +237,9 @@ def test_unsupported_configs_are_model_format_errors(tmp_path: Path) -> None:
     _write_config(tmp_path, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
     with pytest.raises(ModelFormatError, match="rope type 'yarn' is not supported"):
         load_llama_atoms(tmp_path, model_id="x")
-    _write_config(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-                  hidden_act="gelu")
+    _write_config(
+        tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="gelu"
+    )
     with pytest.raises(ModelFormatError, match="hidden_act must be 'silu', got 'gelu'"):
         load_llama_atoms(tmp_path, model_id="x")
     with pytest.raises(ModelFormatError, match="expected model_type 'llama', got 'bert'"):

@@ -45,8 +45,14 @@ def _ctx(length: int, *, start: int = 0, cache: SessionCache | None = None) -> F
 
 def test_structure_vocab_and_frozen_base(model: Model) -> None:
     kinds = [a.spec.kind for a in model.atoms]
-    assert kinds == [AtomKind.EMBEDDING, *[AtomKind.BLOCK] * 6, AtomKind.POSITION,
-                     AtomKind.BLOCK, AtomKind.BLOCK, AtomKind.LM_HEAD]
+    assert kinds == [
+        AtomKind.EMBEDDING,
+        *[AtomKind.BLOCK] * 6,
+        AtomKind.POSITION,
+        AtomKind.BLOCK,
+        AtomKind.BLOCK,
+        AtomKind.LM_HEAD,
+    ]
     assert [a.spec.family for a in model.atoms] == ["bert"] * 7 + ["nexus"] * 4
     assert model.tokenizer is not None
     assert model.atoms[-1].spec.dim("vocab") == model.tokenizer.vocab_size == 30522
@@ -55,8 +61,11 @@ def test_structure_vocab_and_frozen_base(model: Model) -> None:
     assert model.config["eos_token_ids"] == "102" == str(model.tokenizer.token_to_id("[SEP]"))
     n = base_atom_count(model)
     assert all(not p.requires_grad for a in model.atoms[:n] for p in a.parameters())
-    trainable = {f"{a.spec.index}.{name}": p.requires_grad for a in model.atoms[n:]
-                 for name, p in a.named_parameters()}
+    trainable = {
+        f"{a.spec.index}.{name}": p.requires_grad
+        for a in model.atoms[n:]
+        for name, p in a.named_parameters()
+    }
     # everything after the base trains, but the tied head's copy of the word embeddings
     assert [k for k, v in trainable.items() if not v] == [f"{len(model.atoms) - 1}.table"]
     head = model.atoms[-1]
@@ -67,7 +76,10 @@ def test_structure_vocab_and_frozen_base(model: Model) -> None:
 def test_specs_are_numbered_after_the_base_and_heads_must_divide_width() -> None:
     specs = nexus_specs(NexusConfig(heads=4), hidden=16, vocab=10, first_index=7, model_id="t")
     assert [(s.index, s.kind) for s in specs] == [
-        (7, AtomKind.POSITION), (8, AtomKind.BLOCK), (9, AtomKind.BLOCK), (10, AtomKind.LM_HEAD)
+        (7, AtomKind.POSITION),
+        (8, AtomKind.BLOCK),
+        (9, AtomKind.BLOCK),
+        (10, AtomKind.LM_HEAD),
     ]
     with pytest.raises(ModelFormatError, match="hidden size 16 is not a multiple of heads 6"):
         nexus_specs(NexusConfig(heads=6), hidden=16, vocab=10, first_index=0, model_id="t")
@@ -83,8 +95,9 @@ def test_config_is_validated() -> None:
 def test_seed_gives_identical_fresh_weights() -> None:
     def fresh(seed: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        specs = nexus_specs(NexusConfig(heads=4, intermediate=32), hidden=16, vocab=10,
-                            first_index=3, model_id="t")
+        specs = nexus_specs(
+            NexusConfig(heads=4, intermediate=32), hidden=16, vocab=10, first_index=3, model_id="t"
+        )
         atoms = [init_random(nexus_atom_from_spec(s), g, residual_layers=2) for s in specs]
         return [p for a in atoms for p in a.parameters()]
 
@@ -93,10 +106,12 @@ def test_seed_gives_identical_fresh_weights() -> None:
 
 
 def _tiny_block(seed: int = 0) -> NexusBlock:
-    spec = nexus_specs(NexusConfig(heads=4, intermediate=32), hidden=16, vocab=10,
-                       first_index=0, model_id="t")[1]
-    block = init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(seed),
-                        residual_layers=1)
+    spec = nexus_specs(
+        NexusConfig(heads=4, intermediate=32), hidden=16, vocab=10, first_index=0, model_id="t"
+    )[1]
+    block = init_random(
+        nexus_atom_from_spec(spec), torch.Generator().manual_seed(seed), residual_layers=1
+    )
     assert isinstance(block, NexusBlock)
     return block
 
@@ -123,10 +138,16 @@ def test_positions_sinusoidal_and_learned() -> None:
     table = sinusoidal_table(torch.tensor([[0, 1]]), 4)
     expected = [[0.0, 1.0, 0.0, 1.0], [math.sin(1), math.cos(1), math.sin(0.01), math.cos(0.01)]]
     torch.testing.assert_close(table[0], torch.tensor(expected))
-    spec = nexus_specs(NexusConfig(position="learned", max_positions=4, heads=4), hidden=16,
-                       vocab=10, first_index=0, model_id="t")[0]
-    atom = init_random(nexus_atom_from_spec(spec), torch.Generator().manual_seed(0),
-                       residual_layers=1)
+    spec = nexus_specs(
+        NexusConfig(position="learned", max_positions=4, heads=4),
+        hidden=16,
+        vocab=10,
+        first_index=0,
+        model_id="t",
+    )[0]
+    atom = init_random(
+        nexus_atom_from_spec(spec), torch.Generator().manual_seed(0), residual_layers=1
+    )
     assert isinstance(atom, NexusPosition)
     x = torch.zeros(1, 2, 16)
     assert torch.equal(atom(x, _ctx(2, start=1)), atom.table.weight[1:3].unsqueeze(0))

@@ -33,10 +33,14 @@ def test_shipped_weights_load_and_match_their_digest(registry: ModelRegistry) ->
     b = dict(again.atoms[8].named_parameters())
     assert all(torch.equal(a[n], b[n]) for n in a)
     random_init = registry.load_model("nexus-1.1-random")
-    assert not torch.equal(a["qkv.weight"], dict(random_init.atoms[8].named_parameters())["qkv.weight"])
+    assert not torch.equal(
+        a["qkv.weight"], dict(random_init.atoms[8].named_parameters())["qkv.weight"]
+    )
     # the frozen base and the tied word embeddings are the bundled MiniLM's, untouched
-    assert torch.equal(dict(model.atoms[0].named_parameters())["word.weight"],
-                       dict(random_init.atoms[0].named_parameters())["word.weight"])
+    assert torch.equal(
+        dict(model.atoms[0].named_parameters())["word.weight"],
+        dict(random_init.atoms[0].named_parameters())["word.weight"],
+    )
 
 
 def test_a_tampered_file_is_refused(tmp_path: Path) -> None:

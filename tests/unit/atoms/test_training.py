@@ -51,8 +51,13 @@ def trainers(model: Model, cuts: list[int], **kw: object) -> list[SpanTrainer]:
     first = next(i for i, a in enumerate(atoms) if any(p.requires_grad for p in a.parameters()))
     out = []
     for a, b in itertools.pairwise(bounds):
-        out.append(SpanTrainer(Span(atoms[a:b]), OptimConfig(**kw),  # type: ignore[arg-type]
-                               needs_input_grad=a > first))
+        out.append(
+            SpanTrainer(
+                Span(atoms[a:b]),
+                OptimConfig(**kw),  # type: ignore[arg-type]
+                needs_input_grad=a > first,
+            )
+        )
     return out
 
 
@@ -66,7 +71,11 @@ def run_step(chain: list[SpanTrainer], step: int, mbs: int = 2, lr: float = 1e-3
         seed = micro_batch_seed(7, step, mb)
         h = x
         for tr in chain[:-1]:
-            h = tr.forward(mb, h, ctx(seed)) if tr.trains or tr.needs_input_grad else tr.infer(h, ctx(seed))
+            h = (
+                tr.forward(mb, h, ctx(seed))
+                if tr.trains or tr.needs_input_grad
+                else tr.infer(h, ctx(seed))
+            )
         result, g = chain[-1].loss(mb, h, y, ctx(seed))
         loss, count = loss + result.loss, count + result.count
         for tr in reversed(chain[:-1]):
@@ -81,7 +90,11 @@ def run_step(chain: list[SpanTrainer], step: int, mbs: int = 2, lr: float = 1e-3
 
 
 def params(chain: list[SpanTrainer]) -> dict[str, torch.Tensor]:
-    return {f"{tr.span.start}.{n}": p.detach().clone() for tr in chain for n, p in tr.span.named_parameters()}
+    return {
+        f"{tr.span.start}.{n}": p.detach().clone()
+        for tr in chain
+        for n, p in tr.span.named_parameters()
+    }
 
 
 def test_cut_anywhere_equals_one_span(model: Model) -> None:
