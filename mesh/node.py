@@ -674,13 +674,21 @@ class MeshNode:
         """Report misbehaviour by `peer` (e.g. "bad_output", "timeout"): scores it (a ban
         disconnects it) and adds a routing backoff penalty.
 
+        A "timeout" (deadline, broken stream) is scored only when `peer` is not already in
+        backoff: one outage (a crash, a freeze) fails every session on the host at once,
+        and honest hosts have outages, so an outage counts once against the ban threshold;
+        each report still counts and lengthens the backoff (docs/architecture.md §2).
+
         Raises:
             ValueError: a reason without a default weight (`scoring.DEFAULT_WEIGHTS`) and
                 no `weight`.
         """
-        await self._penalise(peer, reason, weight)
+        now = trio.current_time()
+        same_outage = reason == "timeout" and self._failures.penalty_s(peer, now) > 0
+        if not same_outage:
+            await self._penalise(peer, reason, weight)
         self._rejections[reason] += 1
-        self._failures.failed(peer, trio.current_time())
+        self._failures.failed(peer, now)
 
     def report_success(self, peer: bytes) -> None:
         """Clear the peer's routing backoff after a successful request."""
