@@ -27,7 +27,10 @@ TEXTS = ["A man is eating food.", "A man is riding a horse.", "The new movie is 
 def node(tmp_path: Path, models_dir: Path) -> tuple[Path, dict[str, str]]:
     data = tmp_path / "node"
     assert run_cli(["init", "--data-dir", str(data), "--new-mesh"]).returncode == 0
-    env = {"NEXUSD_ATOMS__MODELS_DIR": str(models_dir), "NEXUSD_ATOMS__HOST": "nexus-1.1,minilm"}
+    env = {
+        "NEXUSD_ATOMS__MODELS_DIR": str(models_dir),
+        "NEXUSD_ATOMS__HOST": "nexus-1.1,nexus-1.1-random,minilm",
+    }
     return data, env
 
 
@@ -85,6 +88,8 @@ def test_no_acknowledged_job_is_lost_across_a_crash(node: tuple[Path, dict[str, 
                 "nexusd",
                 "generate",
                 PROMPT,
+                "--model",
+                "nexus-1.1-random",  # untrained: runs its full length (no early [SEP])
                 "--max-tokens",
                 "400",
                 "--job-id",
