@@ -26,8 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-ORDER = ("route", "hop", "generate", "embed", "failover", "converge", "compress")
+ORDER = ("route", "hop", "generate", "embed", "failover", "converge", "train", "compress")
 FULL_TIMEOUT_S = 420.0
+TIMEOUTS_S = {"train": 900.0}  # five clusters' worth of training runs and baselines
 SMOKE_TIMEOUT_S = 180.0
 
 Doc = dict[str, object]
@@ -92,68 +93,211 @@ def _of_target(v: float | None, target: float, *, higher_is_better: bool) -> str
 
 
 ROWS = (
-    Row("route", "route planning, 1000 hosts (median)", "≤ 50 ms",
+    Row(
+        "route",
+        "route planning, 1000 hosts (median)",
+        "≤ 50 ms",
         lambda d: _fmt(_route_ms(d), " ms", 1),
-        lambda d: _of_target(_num(d, "ratio_to_target"), 1.0, higher_is_better=False)),
-    Row("hop", "exec hop (direct channel), 1.5 KB, vs raw TCP", "≤ 3x",
-        lambda d: f"{_fmt(_hop_ratio(d), 'x')} (with a per-message signature: "
-                  f"{_fmt(_hop_ratio(d, 'direct_over_tcp'), 'x')}; libp2p stream, signed: "
-                  f"{_fmt(_hop_ratio(d, 'libp2p_over_tcp'), 'x')})",
-        lambda d: _of_target(_hop_ratio(d), 3.0, higher_is_better=False)),
-    Row("generate", "tokens/s, 3-daemon mesh vs one process", "≥ 0.8x",
-        lambda d: f"{_fmt(_num(d, 'ratio'), 'x')} ({_fmt(_num(d, 'mesh_tokens_per_s'), '', 1)} vs "
-                  f"{_fmt(_num(d, 'one_process_tokens_per_s'), '', 1)} tok/s, {_get(d, 'nodes')} daemons; "
-                  f"identical: {_get(d, 'tokens_identical')})",
-        lambda d: _of_target(_num(d, "ratio"), 0.8, higher_is_better=True)),
-    Row("generate", "overhead per hop per token", "(Petals: ~6-7 ms per server)",
-        lambda d: f"{_fmt(_num(d, 'per_hop_overhead_ms_per_token'), ' ms')} (transfer "
-                  f"{_fmt(_num(d, 'per_hop_transfer_ms_per_token'), ' ms')})",
-        lambda d: "-"),
-    Row("embed", "sentences/s, mesh (2 hosts) vs one process", "-",
-        lambda d: f"{_fmt(_num(d, 'ratio_vs_one_process'), 'x')} ({_fmt(_num(d, 'mesh_texts_per_s'), '', 1)} vs "
-                  f"{_fmt(_num(d, 'one_process_texts_per_s'), '', 1)}/s; min cos {_get(d, 'min_cosine_vs_one_process')})",
-        lambda d: "-"),
-    Row("embed", "2 pinned single-core hosts vs 1 single-core process", "≥ 1.6x",
-        lambda d: f"{_fmt(_num(d, 'speedup_pinned'), 'x')} (best micro-batch {_get(d, 'best_micro_batch')}: "
-                  f"{_fmt(_num(d, 'best_speedup_pinned'), 'x')}; pinned: {_get(d, 'pinned')})",
-        lambda d: _of_target(_num(d, "speedup_pinned"), 1.6, higher_is_better=True)),
-    Row("failover", "added latency / (2 steps + replay), worst run", "< 1",
-        lambda d: f"{_fmt(_num(d, 'added_over_budget_worst'))} (added {_fmt(_num(d, 'added_s_median'), ' s', 3)}, "
-                  f"step {_fmt(_num(d, 'step_ms'), ' ms', 1)}; identical: {_get(d, 'identical')})",
-        lambda d: _of_target(_num(d, "added_over_budget_worst"), 1.0, higher_is_better=False)),
-    Row("converge", "3 daemons: new advert seen by all (median)", "-",
-        lambda d: f"{_fmt(_num(d, 'real', 'all_seen_ms_median'), ' ms', 1)} (API round trip "
-                  f"{_fmt(_num(d, 'real', 'api_round_trip_ms'), ' ms')})",
-        lambda d: "-"),
-    Row("converge", "50 simulated nodes: change / partition heal (virtual)", "-",
-        lambda d: f"{_fmt(_num(d, 'sim', 'converged_virtual_s_median'), ' s', 3)} / "
-                  f"{_fmt(_num(d, 'sim', 'heal', 'heal_virtual_s'), ' s', 2)} "
-                  f"({_fmt(_num(d, 'sim', 'cpu_s'), ' s CPU', 1)}, {_get(d, 'sim', 'nodes')} nodes)",
-        lambda d: "-"),
-    Row("compress", "MiniLM int8 weight-only: embedding cosine, weight bytes", "≥ 0.999, ≤ 0.35x",
-        lambda d: _compress(d, "int8"), lambda d: _met(d, "int8_cosine_0.999_bytes_0.35")),
-    Row("compress", "MiniLM 4-bit (int4 g32, GPTQ; int8 atoms within budget)", "≥ 0.99, ≤ 0.2x",
-        lambda d: _compress(d, "int4"), lambda d: _met(d, "int4_cosine_0.99_bytes_0.2")),
-    Row("compress", "MiniLM 25 % heads + FFN neurons pruned: cosine, speed", "≥ 0.98, ≥ 1.2x",
+        lambda d: _of_target(_num(d, "ratio_to_target"), 1.0, higher_is_better=False),
+    ),
+    Row(
+        "hop",
+        "exec hop (direct channel), 1.5 KB, vs raw TCP",
+        "≤ 3x",
+        lambda d: (
+            f"{_fmt(_hop_ratio(d), 'x')} (with a per-message signature: "
+            f"{_fmt(_hop_ratio(d, 'direct_over_tcp'), 'x')}; libp2p stream, signed: "
+            f"{_fmt(_hop_ratio(d, 'libp2p_over_tcp'), 'x')})"
+        ),
+        lambda d: _of_target(_hop_ratio(d), 3.0, higher_is_better=False),
+    ),
+    Row(
+        "generate",
+        "tokens/s, 3-daemon mesh vs one process",
+        "≥ 0.8x",
+        lambda d: (
+            f"{_fmt(_num(d, 'ratio'), 'x')} ({_fmt(_num(d, 'mesh_tokens_per_s'), '', 1)} vs "
+            f"{_fmt(_num(d, 'one_process_tokens_per_s'), '', 1)} tok/s, {_get(d, 'nodes')} daemons; "
+            f"identical: {_get(d, 'tokens_identical')})"
+        ),
+        lambda d: _of_target(_num(d, "ratio"), 0.8, higher_is_better=True),
+    ),
+    Row(
+        "generate",
+        "overhead per hop per token",
+        "(Petals: ~6-7 ms per server)",
+        lambda d: (
+            f"{_fmt(_num(d, 'per_hop_overhead_ms_per_token'), ' ms')} (transfer "
+            f"{_fmt(_num(d, 'per_hop_transfer_ms_per_token'), ' ms')})"
+        ),
+        lambda d: "-",
+    ),
+    Row(
+        "embed",
+        "sentences/s, mesh (2 hosts) vs one process",
+        "-",
+        lambda d: (
+            f"{_fmt(_num(d, 'ratio_vs_one_process'), 'x')} ({_fmt(_num(d, 'mesh_texts_per_s'), '', 1)} vs "
+            f"{_fmt(_num(d, 'one_process_texts_per_s'), '', 1)}/s; min cos {_get(d, 'min_cosine_vs_one_process')})"
+        ),
+        lambda d: "-",
+    ),
+    Row(
+        "embed",
+        "2 pinned single-core hosts vs 1 single-core process",
+        "≥ 1.6x",
+        lambda d: (
+            f"{_fmt(_num(d, 'speedup_pinned'), 'x')} (best micro-batch {_get(d, 'best_micro_batch')}: "
+            f"{_fmt(_num(d, 'best_speedup_pinned'), 'x')}; pinned: {_get(d, 'pinned')})"
+        ),
+        lambda d: _of_target(_num(d, "speedup_pinned"), 1.6, higher_is_better=True),
+    ),
+    Row(
+        "failover",
+        "added latency / (2 steps + replay), worst run",
+        "< 1",
+        lambda d: (
+            f"{_fmt(_num(d, 'added_over_budget_worst'))} (added {_fmt(_num(d, 'added_s_median'), ' s', 3)}, "
+            f"step {_fmt(_num(d, 'step_ms'), ' ms', 1)}; identical: {_get(d, 'identical')})"
+        ),
+        lambda d: _of_target(_num(d, "added_over_budget_worst"), 1.0, higher_is_better=False),
+    ),
+    Row(
+        "converge",
+        "3 daemons: new advert seen by all (median)",
+        "-",
+        lambda d: (
+            f"{_fmt(_num(d, 'real', 'all_seen_ms_median'), ' ms', 1)} (API round trip "
+            f"{_fmt(_num(d, 'real', 'api_round_trip_ms'), ' ms')})"
+        ),
+        lambda d: "-",
+    ),
+    Row(
+        "converge",
+        "50 simulated nodes: change / partition heal (virtual)",
+        "-",
+        lambda d: (
+            f"{_fmt(_num(d, 'sim', 'converged_virtual_s_median'), ' s', 3)} / "
+            f"{_fmt(_num(d, 'sim', 'heal', 'heal_virtual_s'), ' s', 2)} "
+            f"({_fmt(_num(d, 'sim', 'cpu_s'), ' s CPU', 1)}, {_get(d, 'sim', 'nodes')} nodes)"
+        ),
+        lambda d: "-",
+    ),
+    Row(
+        "train",
+        "training tokens/s, 3-daemon mesh vs one process",
+        "≥ 0.7x",
+        lambda d: (
+            f"{_fmt(_num(d, 'ratio'), 'x')} ({_fmt(_num(d, 'mesh_tokens_per_s'), '', 1)} vs "
+            f"{_fmt(_num(d, 'one_process_tokens_per_s'), '', 1)} tok/s, 1F1B; GPipe "
+            f"{_fmt(_num(d, 'ratio_gpipe'), 'x')}; losses match: {_get(d, 'losses_match')})"
+        ),
+        lambda d: _of_target(_num(d, "ratio"), 0.7, higher_is_better=True),
+    ),
+    Row(
+        "train",
+        "training, 2 pinned single-core hosts vs 1 single-core process",
+        "≥ 1.5x",
+        lambda d: (
+            f"{_fmt(_num(d, 'speedup_pinned'), 'x')} (best cut {_get(d, 'best_cut')}; "
+            f"{_cut_speedups(d)}; pinned: {_get(d, 'pinned')}; other processes used "
+            f"{_fmt(_num(d, 'pinned_cuts', str(_get(d, 'best_cut')), 'others_cores'))} cores)"
+        ),
+        lambda d: _of_target(_num(d, "speedup_pinned"), 1.5, higher_is_better=True),
+    ),
+    Row(
+        "train",
+        "pipeline bubble (idle share) vs GPipe formula (p-1)/(m+p-1)",
+        "-",
+        lambda d: _bubbles(d),
+        lambda d: "-",
+    ),
+    Row(
+        "train",
+        "bf16 autocast vs fp32 tokens/s, one process",
+        "-",
+        lambda d: (
+            f"{_fmt(_num(d, 'precision', 'bf16_over_fp32'), 'x')} (val loss after "
+            f"{_get(d, 'settings', 'steps')} steps: fp32 {_get(d, 'precision', 'fp32', 'val_loss_after')}, "
+            f"bf16 {_get(d, 'precision', 'bf16', 'val_loss_after')}, from "
+            f"{_get(d, 'precision', 'fp32', 'val_loss_before')})"
+        ),
+        lambda d: "-",
+    ),
+    Row(
+        "compress",
+        "MiniLM int8 weight-only: embedding cosine, weight bytes",
+        "≥ 0.999, ≤ 0.35x",
+        lambda d: _compress(d, "int8"),
+        lambda d: _met(d, "int8_cosine_0.999_bytes_0.35"),
+    ),
+    Row(
+        "compress",
+        "MiniLM 4-bit (int4 g32, GPTQ; int8 atoms within budget)",
+        "≥ 0.99, ≤ 0.2x",
+        lambda d: _compress(d, "int4"),
+        lambda d: _met(d, "int4_cosine_0.99_bytes_0.2"),
+    ),
+    Row(
+        "compress",
+        "MiniLM 25 % heads + FFN neurons pruned: cosine, speed",
+        "≥ 0.98, ≥ 1.2x",
         lambda d: _compress(d, "prune_25"),
-        lambda d: f"cosine {_met(d, 'prune_cosine_0.98')}, speed {_met(d, 'prune_speedup_1.2')}"),
-    Row("compress", "Nexus 1.1 int8: perplexity vs fp32", "≤ 1.02x",
-        lambda d: f"{_fmt(_num(d, 'nexus', 'int8', 'perplexity_ratio'), 'x', 4)} "
-                  f"({_get(d, 'nexus', 'int8', 'perplexity')} vs {_get(d, 'nexus', 'int8', 'ref_perplexity')}, "
-                  f"{_get(d, 'nexus', 'model')})",
-        lambda d: _met(d, "nexus_int8_perplexity_2pct")),
-)  # fmt: skip
+        lambda d: f"cosine {_met(d, 'prune_cosine_0.98')}, speed {_met(d, 'prune_speedup_1.2')}",
+    ),
+    Row(
+        "compress",
+        "Nexus 1.1 int8: perplexity vs fp32",
+        "≤ 1.02x",
+        lambda d: (
+            f"{_fmt(_num(d, 'nexus', 'int8', 'perplexity_ratio'), 'x', 4)} "
+            f"({_get(d, 'nexus', 'int8', 'perplexity')} vs {_get(d, 'nexus', 'int8', 'ref_perplexity')}, "
+            f"{_get(d, 'nexus', 'model')})"
+        ),
+        lambda d: _met(d, "nexus_int8_perplexity_2pct"),
+    ),
+)
 
 
 def _compress(doc: Doc, run: str) -> str:
-    return (f"cosine {_fmt(_num(doc, 'minilm', run, 'cosine'), '', 4)}, "
-            f"{_fmt(_num(doc, 'minilm', run, 'bytes_ratio'), 'x', 3)} bytes, "
-            f"{_fmt(_num(doc, 'minilm', run, 'speedup'), 'x')} fp32 speed")
+    return (
+        f"cosine {_fmt(_num(doc, 'minilm', run, 'cosine'), '', 4)}, "
+        f"{_fmt(_num(doc, 'minilm', run, 'bytes_ratio'), 'x', 3)} bytes, "
+        f"{_fmt(_num(doc, 'minilm', run, 'speedup'), 'x')} fp32 speed"
+    )
 
 
 def _met(doc: Doc, key: str) -> str:
     met = _get(doc, "targets_met", key)
     return "n/a" if met is None else ("✓" if met else "✗")
+
+
+def _cut_speedups(doc: Doc) -> str:
+    cuts = _get(doc, "pinned_cuts")
+    if not isinstance(cuts, dict):
+        return "n/a"
+    return ", ".join(
+        f"{k}: {_fmt(_num(v, 'speedup'), 'x')}" for k, v in cuts.items() if isinstance(v, dict)
+    )
+
+
+def _bubbles(doc: Doc) -> str:
+    """The bottleneck host's (least idle) measured share beside the formula, per run."""
+    daemons = len(_rows(doc, "mesh_layout"))
+    runs = [(f"{daemons} daemons {s}", _get(doc, "by_schedule", s)) for s in ("1f1b", "gpipe")]
+    runs.append(
+        (f"pinned {_get(doc, 'best_cut')}", _get(doc, "pinned_cuts", str(_get(doc, "best_cut"))))
+    )
+    parts = []
+    for name, run in runs:
+        if not isinstance(run, dict) or not isinstance(run.get("bubble_measured"), dict):
+            continue
+        idle = min(float(v) for v in run["bubble_measured"].values())
+        parts.append(
+            f"{name}: {idle:.2f} vs {_fmt(_num(run, 'bubble_gpipe_formula'))} "
+            f"(p={run.get('stages_p')}, m={run.get('micro_batches_m')})"
+        )
+    return "; ".join(parts) or "n/a"
 
 
 def available(name: str) -> bool:
@@ -163,12 +307,14 @@ def available(name: str) -> bool:
 def run_one(name: str, smoke: bool, extra: list[str]) -> Doc:
     """Run `python -m bench.NAME`; its JSON, or {"error": ...}."""
     cmd = [sys.executable, "-m", f"bench.{name}", *(["--smoke"] if smoke else []), *extra]
+    timeout = SMOKE_TIMEOUT_S if smoke else TIMEOUTS_S.get(name, FULL_TIMEOUT_S)
     t0 = time.perf_counter()
     try:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                             timeout=SMOKE_TIMEOUT_S if smoke else FULL_TIMEOUT_S)  # fmt: skip
+        res = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {SMOKE_TIMEOUT_S if smoke else FULL_TIMEOUT_S} s"}
+        return {"error": f"timed out after {timeout} s"}
     took = round(time.perf_counter() - t0, 1)
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines:
@@ -227,16 +373,20 @@ def main(argv: list[str] | None = None) -> int:
         if not available(name):
             results[name] = {"skipped": "not in this tree"}
             continue
-        extra = mesh_extra if name in ("generate", "embed", "failover", "converge") else []
+        extra = mesh_extra if name in ("generate", "embed", "failover", "converge", "train") else []
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
         results[name] = run_one(name, args.smoke, extra)
     doc = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "smoke": args.smoke,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                 "platform": platform.platform(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
         "benches": results,
-    }  # fmt: skip
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(table(results))

@@ -1,11 +1,10 @@
 """Smoke tests of the mesh benches: each `--smoke` variant prints one JSON object with its keys.
 
 The benches run as subprocesses (they start daemons, pin threads, configure logging), each
-under a deadline. The generate smoke (2 daemons, 4 tokens: ~11-16 s) always runs, as the
-one end-to-end check of the mesh benches; embed (plus a pinned baseline subprocess),
-failover (4 daemons) and converge with real daemons (3) take 12-35 s on the shared 2-core
-machine and are marked `bench` (run with `-m bench`); the simulated convergence (~2 s) and
-the `bench.all` table are fast and always run.
+under a deadline. The generate smoke (2 daemons, 4 tokens) takes ~11-16 s; embed (plus a
+pinned baseline subprocess), failover (4 daemons), converge with real daemons (3) and train
+(2 daemons, 3 training jobs, 2 baseline subprocesses: ~30 s) take 12-35 s on the shared
+2-core machine; the simulated convergence (~2 s) and the `bench.all` table are fast.
 """
 
 from __future__ import annotations
@@ -28,8 +27,12 @@ def run_bench(name: str, *args: str, tmp_path: Path) -> dict[str, Any]:
     """`python -m bench.NAME --smoke ARGS` (daemon data in tmp_path); its one JSON object."""
     res = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--smoke", "--workdir", str(tmp_path), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1, res.stdout[-1000:]
@@ -62,7 +65,8 @@ def test_embed_smoke_reports_both_baselines(tmp_path: Path) -> None:
     assert set(one["cpu_s"]) == {"origin", "host1", "host2"}
     if doc["pinned"]:
         assert doc["speedup_pinned"] == pytest.approx(
-            doc["mesh_texts_per_s"] / doc["single_core_process_texts_per_s"], rel=0.01)  # fmt: skip
+            doc["mesh_texts_per_s"] / doc["single_core_process_texts_per_s"], rel=0.01
+        )
 
 
 def test_failover_smoke_kills_a_host_and_output_is_identical(tmp_path: Path) -> None:
@@ -92,9 +96,44 @@ def test_converge_smoke_simulation(tmp_path: Path) -> None:
     assert sim["heal"]["heal_virtual_s"] > 0 and sim["cpu_s"] > 0
 
 
+def test_train_smoke_mesh_learns_like_one_process(tmp_path: Path) -> None:
+    doc = run_bench("train", tmp_path=tmp_path)
+    assert doc["losses_match"] is True and doc["max_loss_diff_vs_one_process"] < 1e-3
+    assert doc["settings"]["tokens_per_step"] == 64 and doc["settings"]["timed_steps"] == 1
+    assert doc["mesh_tokens_per_s"] > 0 and doc["one_process_tokens_per_s"] > 0
+    assert doc["ratio"] == pytest.approx(
+        doc["mesh_tokens_per_s"] / doc["one_process_tokens_per_s"], rel=0.01
+    )
+    for schedule in ("1f1b", "gpipe"):
+        run = doc["by_schedule"][schedule]
+        assert [h["atoms"] for h in run["hops"]] == ["0-10", "10-11"]
+        assert run["stages_p"] == 2 and run["bubble_gpipe_formula"] == pytest.approx(
+            1 / 3, abs=1e-3
+        )
+        assert set(run["bubble_measured"]) == {"origin", "host1"}
+        assert all(0.0 <= v <= 1.0 for v in run["bubble_measured"].values())
+        assert run["failovers"] == 0
+    fp32, bf16 = doc["precision"]["fp32"], doc["precision"]["bf16"]
+    assert fp32["tokens_per_s"] > 0 and bf16["tokens_per_s"] > 0
+    assert fp32["val_loss_after"] != fp32["val_loss_before"]  # the steps changed the weights
+    assert bf16["val_loss_after"] == pytest.approx(fp32["val_loss_after"], abs=0.05)
+    cut = doc["pinned_cuts"][doc["best_cut"]]
+    assert doc["speedup_pinned"] == pytest.approx(
+        cut["tokens_per_s"] / cut["single_core_tokens_per_s"], rel=0.02
+    )
+    rows = [line for line in bench_all.table({"train": doc}).splitlines() if "bench.train" in line]
+    assert len(rows) == 4 and not any("n/a" in row for row in rows)
+
+
 def test_compress_smoke_measures_every_level() -> None:
-    res = subprocess.run([sys.executable, "-m", "bench.compress", "--smoke"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.compress", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout.strip().splitlines()[-1])
     assert doc["bench"] == "compress" and doc["smoke"] is True
@@ -104,7 +143,9 @@ def test_compress_smoke_measures_every_level() -> None:
     assert runs["prune_25"]["params"] < runs["prune_25"]["ref_params"]
     assert runs["magnitude_50"]["bytes_ratio"] == 1.0 and runs["bf16"]["bytes_ratio"] == 0.5
     assert doc["kernels"]["fp32"] > 0 and doc["kernels"]["ours_int8"] > 0
-    rows = [line for line in bench_all.table({"compress": doc}).splitlines() if "bench.compress" in line]
+    rows = [
+        line for line in bench_all.table({"compress": doc}).splitlines() if "bench.compress" in line
+    ]
     assert len(rows) == 4
 
 
