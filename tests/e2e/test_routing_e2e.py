@@ -28,8 +28,8 @@ pytestmark = pytest.mark.e2e
 def cluster(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
     with local_cluster(tmp_path, 3, models_dir=models_dir, env=FAST) as c:
         for i in (1, 2):
-            c.host(i, "nexus-1.1")
-        c.wait_hosts(0, 2, "nexus-1.1")
+            c.host(i, "nexus-1.1-random")  # untrained: a long job runs its full length
+        c.wait_hosts(0, 2, "nexus-1.1-random")
         yield c
 
 
@@ -52,7 +52,7 @@ def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
     def load() -> None:
         try:
             req = GenerateRequest(
-                prompt="keep busy", model="nexus-1.1", max_new_tokens=480, job_id=job_id
+                prompt="keep busy", model="nexus-1.1-random", max_new_tokens=480, job_id=job_id
             )
             cluster.call(busy, req, timeout_s=300)
         except ApiError as exc:  # cancelled at the end: expected
@@ -64,7 +64,7 @@ def route_while_busy(cluster: LocalCluster, busy: int) -> list[str]:
     try:
         cluster.call(0, WaitRequest("busy", node_hex(cluster, busy), 0.4, timeout_s=60))
         reply = cluster.call(
-            0, GenerateRequest(prompt="route me", model="nexus-1.1", max_new_tokens=4)
+            0, GenerateRequest(prompt="route me", model="nexus-1.1-random", max_new_tokens=4)
         )
         assert isinstance(reply, GenerateReply)
         return [h.host for h in reply.route]
@@ -105,8 +105,8 @@ def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Pa
         ) as cluster,
     ):
         for i in (1, 2):
-            cluster.host(i, "nexus-1.1")
-        cluster.wait_hosts(0, 2, "nexus-1.1")
+            cluster.host(i, "nexus-1.1-random")
+        cluster.wait_hosts(0, 2, "nexus-1.1-random")
         ids = {i: node_hex(cluster, i) for i in (1, 2)}
         for slow, fast in ((1, 2), (2, 1)):
             ns.fast(fast)
@@ -114,7 +114,7 @@ def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Pa
             for _ in range(2):  # two fresh probes of each: the averages follow the change
                 for i in (1, 2):
                     cluster.call(0, WaitRequest("probed", ids[i], timeout_s=60))
-            req = GenerateRequest(prompt="slow links", model="nexus-1.1", max_new_tokens=3)
+            req = GenerateRequest(prompt="slow links", model="nexus-1.1-random", max_new_tokens=3)
             reply = cluster.call(0, req)
             assert isinstance(reply, GenerateReply)
             assert [h.host for h in reply.route] == [ids[fast]], (slow, reply.route)
