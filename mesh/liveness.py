@@ -1,6 +1,7 @@
-"""Liveness: per-peer ping round trips, smoothed RTTs and unresponsive peers.
+"""Liveness: per-peer ping round trips, smoothed RTTs, link bandwidth, unresponsive peers.
 
-`RttTable` is the sans-IO core (EWMA per peer, alpha 0.2 by default); `serve_ping` and
+`RttTable` is the sans-IO core (EWMA per peer, alpha 0.2 by default); `BandwidthTable`
+turns timed probe frames into a per-peer bandwidth (median of the last few); `serve_ping` and
 `ping_loop` are the thin trio shell over one long-lived `/nexus/ping/1` stream per peer
 (a new stream per ping would cost a multistream-select round trip, docs/architecture.md §13, pitfall 8).
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
@@ -35,6 +38,8 @@ PING_PROTOCOL = "/nexus/ping/1"
 NONCE_BYTES = 8
 AFTER_JOIN_S = 1.0  # a stranger's connection outlives its join exchange this long (the reply)
 DEFAULT_ALPHA = 0.2
+BANDWIDTH_WINDOW = 3  # probes whose median is the bandwidth: follows a change in 2 probes
+BASE_RTT_WINDOW = 8  # probes over which the lowest smoothed RTT stands for the path latency
 
 
 class RttTable:
@@ -84,6 +89,55 @@ class RttTable:
             f"RttTable(alpha={self.alpha}, peers={len(self._rtt)}, "
             f"unresponsive={sum(1 for c in self.timeouts.values() if c)})"
         )
+
+
+class BandwidthTable:
+    """Per-peer link bandwidth from timed probes of a known size.
+
+    A probe's time is one path latency plus size / bandwidth. The latency subtracted is the
+    lowest smoothed RTT seen at the last `BASE_RTT_WINDOW` probes, not the current one: a
+    probe queued behind a slow link inflates the RTT of the same moment, and subtracting
+    that would make the slow link look fast. The estimate is the median of the last
+    `BANDWIDTH_WINDOW` samples, so a link that changes speed is seen at its new speed after
+    two probes (an EWMA keeps a large share of the old figure for many probes, in either
+    direction) and one odd sample does not move it.
+    """
+
+    def __init__(self, window: int = BANDWIDTH_WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"bandwidth window: expected >= 1 probes, got {window!r}")
+        self.window = window
+        self._per_byte: dict[bytes, deque[float]] = {}
+        self._rtts: dict[bytes, deque[float]] = {}
+        self._bandwidth: dict[bytes, float] = {}
+        self.probes: dict[bytes, int] = {}
+
+    def observe(self, peer: bytes, *, size: int, elapsed_s: float, rtt_s: float | None) -> float:
+        """Fold one probe (`size` bytes answered after `elapsed_s`); return bytes/s."""
+        if size <= 0 or not (math.isfinite(elapsed_s) and elapsed_s >= 0):
+            raise ValueError(f"bandwidth probe: bad size {size!r} or time {elapsed_s!r}")
+        rtts = self._rtts.setdefault(peer, deque(maxlen=BASE_RTT_WINDOW))
+        if rtt_s is not None and math.isfinite(rtt_s) and rtt_s >= 0:
+            rtts.append(rtt_s)
+        base = min(rtts, default=0.0)
+        samples = self._per_byte.setdefault(peer, deque(maxlen=self.window))
+        samples.append(max(elapsed_s - base, 1e-6) / size)
+        bw = 1.0 / statistics.median(samples)
+        self._bandwidth[peer] = bw
+        self.probes[peer] = self.probes.get(peer, 0) + 1
+        return bw
+
+    def get(self, peer: bytes, default: float) -> float:
+        return self._bandwidth.get(peer, default)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._bandwidth
+
+    def __getitem__(self, peer: bytes) -> float:
+        return self._bandwidth[peer]
+
+    def __repr__(self) -> str:
+        return f"BandwidthTable(window={self.window}, peers={len(self._bandwidth)})"
 
 
 async def serve_ping(stream: Stream, *, idle_timeout_s: float) -> None:

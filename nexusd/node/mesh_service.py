@@ -22,6 +22,7 @@ import trio
 from mesh.closing import close_bounded
 from mesh.errors import AdminRequired, AlreadyJoined, JoinRefused, MeshError, PeerProtocolError
 from mesh.identity import MeshSecret
+from mesh.liveness import BandwidthTable
 from mesh.membership import parse_invite
 from mesh.node import MeshIdentity, MeshNode
 from mesh.routing import HostSpan, Link
@@ -61,7 +62,6 @@ log = structlog.get_logger(__name__)
 CODECS = ("raw", "fp16", "bf16", "int8")
 PROBE_PROTOCOL = "/nexus/probe/1"
 UNPROBED_BANDWIDTH = 12.5e6  # bytes/s assumed until a probe measured it (100 Mbit/s)
-BANDWIDTH_ALPHA = 0.5
 
 
 def transport_config(cfg: Config) -> TransportConfig:
@@ -122,8 +122,7 @@ class MeshService:
         self.direct: DirectListener | None = None
         self.advertised: tuple[str, ...] = ()  # hosts in our addresses (never 0.0.0.0)
         self.tcfg: TransportConfig | None = None
-        self.bandwidth: dict[bytes, float] = {}  # bytes/s per peer, EWMA of probes
-        self.probes: dict[bytes, int] = {}  # probes completed per peer
+        self.bandwidth = BandwidthTable()  # bytes/s per peer, from timed probes
 
     def __repr__(self) -> str:
         return f"MeshService(node={self.node!r})"
@@ -336,15 +335,7 @@ class MeshService:
             return None
         if int.from_bytes(ack, "big") != size:
             return None
-        rtt = node.rtts().get(peer, 0.0)
-        # Average seconds per byte, not bytes per second: a link that just became slow must
-        # look slow after one probe (an EWMA of rates would keep half of the old fast rate).
-        sample = max(elapsed - rtt, 1e-6) / size
-        old = self.bandwidth.get(peer)
-        per_byte = sample if old is None else BANDWIDTH_ALPHA * sample + (1 - BANDWIDTH_ALPHA) / old
-        bw = 1.0 / per_byte
-        self.bandwidth[peer] = bw
-        self.probes[peer] = self.probes.get(peer, 0) + 1
+        bw = self.bandwidth.observe(peer, size=size, elapsed_s=elapsed, rtt_s=node.rtts().get(peer))
         self.metrics.set("peer_bandwidth_bytes_per_s", bw, peer=peer.hex()[:8])
         return bw
 
@@ -641,7 +632,7 @@ class MeshApi:
                 "bad_request", f"node: expected a hex node id, got {req.node!r}"
             ) from None
         now_ms = lambda: int(time.time() * 1000)  # noqa: E731
-        probes_before = self._svc.probes.get(target, 0)
+        probes_before = self._svc.bandwidth.probes.get(target, 0)
         checks = {
             "busy": lambda: _util(node, target) >= req.threshold,
             "idle": lambda: _util(node, target) < req.threshold,
@@ -651,7 +642,7 @@ class MeshApi:
             "not_member": lambda: node.state is None or not node.state.is_member(target, now_ms()),
             "connected": lambda: target in node.connected(),
             "disconnected": lambda: target not in node.connected(),
-            "probed": lambda: self._svc.probes.get(target, 0) > probes_before,
+            "probed": lambda: self._svc.bandwidth.probes.get(target, 0) > probes_before,
         }
         if req.condition not in checks:
             raise ApiError(

@@ -92,6 +92,11 @@ def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Pa
         **FAST,
         "NEXUSD_MESH__BANDWIDTH_PROBE_INTERVAL_S": "2",
         "NEXUSD_MESH__BANDWIDTH_PROBE_BYTES": "65536",
+        # No spot-checks: a first-step check would send the step to the other replica too,
+        # and the one behind the slow link times out there and carries a failure penalty
+        # into the next phase (correct routing, but not the bandwidth this test is about).
+        "NEXUSD_EXEC__VERIFY_FIRST_STEPS": "0",
+        "NEXUSD_EXEC__VERIFY_RATE": "0",
     }
     with (
         namespaces(3) as ns,
@@ -111,7 +116,9 @@ def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Pa
         for slow, fast in ((1, 2), (2, 1)):
             ns.fast(fast)
             ns.slow(slow)
-            for _ in range(2):  # two fresh probes of each: the averages follow the change
+            # Three fresh probes of each (the first may have started before the change): the
+            # median of the last three then stands on probes of the new link alone.
+            for _ in range(3):
                 for i in (1, 2):
                     cluster.call(0, WaitRequest("probed", ids[i], timeout_s=60))
             req = GenerateRequest(prompt="slow links", model="nexus-1.1-random", max_new_tokens=3)

@@ -29,7 +29,7 @@ from mesh.errors import (
 from mesh.hlc import HybridClock, wall_ms_of
 from mesh.identity import EnvelopeVerifier, NodeKey, seal
 from mesh.join import load_invite_book, save_invite_book
-from mesh.liveness import RttTable
+from mesh.liveness import BandwidthTable, RttTable
 from mesh.membership import InviteBook, JoinRefusal, create_invite
 from mesh.node import MeshNode
 from mesh.state import (
@@ -486,6 +486,25 @@ def test_rtt_table_is_an_ewma_and_timeouts_drop_the_average() -> None:
     assert table.timeouts == {} and table.rtts() == {b"p": 0.005}
     with pytest.raises(ValueError, match="alpha"):
         RttTable(alpha=0.0)
+
+
+def test_bandwidth_table_follows_a_change_in_two_probes_and_ignores_queued_rtts() -> None:
+    table = BandwidthTable()
+    fast = {"size": 1_000_000, "elapsed_s": 0.011, "rtt_s": 0.001}  # 100 MB/s past 1 ms
+    slow = {"size": 1_000_000, "elapsed_s": 1.001, "rtt_s": 0.001}  # 1 MB/s
+    for _ in range(3):
+        assert table.observe(b"p", **fast) == pytest.approx(1e8)
+    assert table.observe(b"p", **slow) == pytest.approx(1e8)  # one odd probe: the median holds
+    assert table.observe(b"p", **slow) == pytest.approx(1e6)  # two: the link is slow now
+    # A probe queued behind the slow link inflates the RTT of the moment; the base latency
+    # stays the lowest recent RTT, so the link does not look faster than it is.
+    assert table.observe(b"p", size=1_000_000, elapsed_s=1.001, rtt_s=0.9) == pytest.approx(1e6)
+    for _ in range(2):
+        table.observe(b"p", **fast)
+    assert table[b"p"] == pytest.approx(1e8) and table.probes[b"p"] == 8
+    assert b"p" in table and table.get(b"q", 5.0) == 5.0
+    with pytest.raises(ValueError, match="bandwidth"):
+        table.observe(b"p", size=0, elapsed_s=1.0, rtt_s=None)
 
 
 def test_delta_outbox_coalesces_lww_slots_and_batches_by_size() -> None:
