@@ -227,8 +227,13 @@ class TrainConfig:
             "max_sessions",
             "lr",
             "replicas",
+    # spot-checks of the hosts (`nexusd.exec.train_verify`; tolerances from [exec])
+    verify_rate: float = 0.02  # fraction of a stage host's later micro-batches recomputed
+    verify_first_micro_batches: int = 1  # a stage host's first N in a job always are
             "average_every",
             "outer_lr",
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ConfigError(f"train.verify_rate: expected 0..1, got {self.verify_rate}")
         ):
             _positive(f"train.{name}", getattr(self, name))
         for name in (
@@ -251,6 +256,7 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
+            "verify_first_micro_batches",
                     f"train.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
                 )
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import trio
@@ -64,6 +64,9 @@ from .train_wire import (
     TrainStateTensor,
 )
 from .wire import SESSION_ID_BYTES, ExecChannel, ExecFailure, header_of, tensor_of
+
+if TYPE_CHECKING:
+    from .train_verify import Probe, TrainVerifier
 
 Replies = list[tuple[object, bytes]]
 Link = Callable[[object, Encoded | None, int], Awaitable[Replies]]
@@ -494,10 +497,17 @@ class TrainPipeline:
         first_trainable: index of the model's first atom with a trainable parameter.
         schedule: "1f1b" or "gpipe".
         causal: the model's attention is causal (language models).
+        verify: spot-checks of the hosts' outputs and gradients (`train_verify`); None: none.
     """
 
     def __init__(
-        self, hops: Sequence[TrainHop], *, first_trainable: int, schedule: str, causal: bool
+        self,
+        hops: Sequence[TrainHop],
+        *,
+        first_trainable: int,
+        schedule: str,
+        causal: bool,
+        verify: TrainVerifier | None = None,
     ) -> None:
         if not hops or hops[-1].plan.end <= first_trainable:
             raise NexusError("a training route needs a trainable atom in its last hop")
@@ -509,6 +519,7 @@ class TrainPipeline:
             for h in self.hops
         ]
         self.stages = sum(r.backward for r in self.roles)
+        self.verify = verify
 
     @property
     def route(self) -> list[HopPlan]:
@@ -550,13 +561,18 @@ class TrainPipeline:
         return report
 
     async def run(self, step: int, mbs: Sequence[MicroBatch]) -> StepReport:
-        """The micro-batches of optimiser step `step` (gradients summed on the hosts)."""
+        """The micro-batches of optimiser step `step` (gradients summed on the hosts), the
+        sampled ones checked before any optimiser step (`train_verify`)."""
         report = StepReport(hops={h.plan: HopTotals() for h in self.hops})
         gates = [Turnstile(ops) for ops in self._ops(len(mbs))]
+        probes = self.verify.sample(self.route, len(mbs)) if self.verify is not None else {}
         t0 = trio.current_time()
         try:
             await _gather(
-                [partial(self._micro_batch, k, mbs[k], gates, report) for k in range(len(mbs))]
+                [
+                    partial(self._micro_batch, k, mbs[k], gates, report, probes.get(k, {}))
+                    for k in range(len(mbs))
+                ]
             )
         except NonFiniteStep as exc:  # raised by a hop that knows no step number
             raise NonFiniteStep(step, exc.detail) from None
@@ -565,6 +581,8 @@ class TrainPipeline:
         if not math.isfinite(report.loss):
             raise NonFiniteStep(step, f"summed loss {report.loss}")
         report.wall_s = trio.current_time() - t0
+        if self.verify is not None and probes:
+            await self.verify.check(self, step, mbs, probes)
         return report
 
     async def grad_sq_norm(self, step: int) -> float:
@@ -600,7 +618,12 @@ class TrainPipeline:
         )
 
     async def _micro_batch(
-        self, k: int, mb: MicroBatch, gates: list[Turnstile], report: StepReport
+        self,
+        k: int,
+        mb: MicroBatch,
+        gates: list[Turnstile],
+        report: StepReport,
+        probes: dict[int, Probe],
     ) -> None:
         x, mask = mb.x, mb.pad_mask()
         inputs: list[torch.Tensor] = []
@@ -612,25 +635,26 @@ class TrainPipeline:
                     k, mb.seed, x, grad=self.roles[i].backward, causal=self._causal, pad_mask=mask
                 )
             report.hops[hop.plan].add(timing)
-        last_takes_tokens = x.dim() >= 3 or x.dtype == torch.long
+            if i in probes:
+                probes[i].forward(inputs[i], x, mask)
+        last_mask = mask if x.dim() >= 3 or x.dtype == torch.long else b""
         async with gates[last].turn(("L", k)):
             result, grad, timing = await self.hops[last].loss(
-                k,
-                mb.seed,
-                x,
-                mb.targets,
-                causal=self._causal,
-                evaluate=False,
-                pad_mask=mask if last_takes_tokens else b"",
+                k, mb.seed, x, mb.targets, causal=self._causal, evaluate=False, pad_mask=last_mask
             )
         report.hops[self.hops[last].plan].add(timing)
         report.add_loss(result)
+        if last in probes:
+            probes[last].loss_of(x, result, grad, last_mask)
         for i in range(last - 1, -1, -1):
             if grad is None or not self.roles[i].backward:
                 break
             async with gates[i].turn(("B", k)):
-                grad, timing = await self.hops[i].backward(k, grad, inputs[i])
+                grad_out = grad
+                grad, timing = await self.hops[i].backward(k, grad_out, inputs[i])
             report.hops[self.hops[i].plan].add(timing)
+            if i in probes:
+                probes[i].backward(grad_out, grad)
 
     async def evaluate(self, mbs: Sequence[MicroBatch], *, in_flight: int = 4) -> LossSum:
         """The summed loss over `mbs` (no dropout, no gradients), a few in flight."""

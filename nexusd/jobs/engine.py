@@ -487,6 +487,7 @@ class JobEngine:
             on_route=lambda hops, why: emit(self.route_event(job_id, hops, why)),
         )
         try:
+            verify=setup.verify,
             return await run_training(req, job_id, emit, mesh)
         except NonFiniteStep as exc:
             raise ApiError(
@@ -574,6 +575,7 @@ class TrainingSetup:
 
 
 def _softmax_reply(
+    verify: VerifyPolicy | None = None  # spot-checks of the hosts ([train] verify_*)
     job_id: str,
     model: str,
     labels: tuple[str, ...],

@@ -64,7 +64,9 @@ from ..exec.train_origin import (
     TrainPipeline,
 )
 from ..exec.train_replicas import Averaging, ReplicaGroup
+from ..exec.train_verify import TrainVerifier
 from ..exec.train_wire import MAX_TARGETS, SCHEDULES
+from ..exec.verify import VerifyPolicy
 from ..metrics import Metrics
 from ..model_registry import ModelRegistry
 from .costs import HopCosts
@@ -327,8 +329,10 @@ class TrainRun:
         folder: Path,
         emit: Emit,
         max_failovers: int = 8,
+        verify: TrainVerifier | None = None,
     ) -> None:
         self.req, self.job_id, self.plan, self.route = req, job_id, plan, route
+        self.verify = verify
         self.store = CheckpointStore(folder, request_digest(req))
         self.emit = emit
         self.failovers: list[str] = []
@@ -387,6 +391,10 @@ class TrainRun:
             try:
                 return self.route.plan(self.req.model, frozenset(self._excluded))
             except ApiError as exc:
+                if exc.code == "unavailable" and waited >= self.route.wait_s and self.failovers:
+                    raise ApiError(
+                        exc.code, f"{exc.message}; excluded: {self.failovers[-1]}"
+                    ) from None
                 if exc.code != "unavailable" or waited >= self.route.wait_s:
                     raise
                 log.info("train_waiting_for_route", job=self.job_id, reason=exc.message)
@@ -399,6 +407,8 @@ class TrainRun:
         and restore `state` onto every one of them."""
         outer = {n: t for n, t in (state or {}).items() if n.startswith("outer_")}
         inner = {n: t for n, t in state.items() if not n.startswith("outer_")} if state else None
+        if self.verify is not None:
+            self.verify.opened(step, inner, self.plan.parent)
         pipes = [await self._open_one(step, inner, frozenset())]
         while len(pipes) < self.req.replicas:
             taken = frozenset(h.plan.host for p in pipes for h in p.trainable_hops())
@@ -449,6 +459,7 @@ class TrainRun:
                     first_trainable=self.plan.first_trainable,
                     schedule=self.req.schedule,
                     causal=self.plan.causal,
+                    verify=self.verify,
                 )
                 await pipe.open(self.plan.optim, next_step=step, state=state)
                 if self.route.on_route is not None:
@@ -625,6 +636,7 @@ class Mesh:
     folder: Path  # checkpoints live in folder/<job id>/
     route_wait_s: float
     on_route: Callable[[list[HopPlan], str], Awaitable[None]] | None = None
+    verify: VerifyPolicy | None = None  # spot-checks of the hosts ([train] verify_*)
 
 
 async def train(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> TrainReply:
@@ -674,7 +686,20 @@ async def train(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Train
             min_ratio=req.min_lr_ratio,
         ),
     )
-    run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit)
+    verify = (
+        None
+        if mesh.verify is None
+        else TrainVerifier.of(
+            mesh.verify,
+            plan.parent,
+            plan.optim,
+            plan.causal,
+            mesh.node_id,
+            mesh.limiter,
+            mesh.metrics,
+        )
+    )
+    run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit, verify=verify)
     state, elapsed = await run.run()
     reply = reply_of(run, req.output, elapsed)
     metrics = {

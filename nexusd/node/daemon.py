@@ -99,6 +99,17 @@ class Daemon:
     def __init__(self, cfg: Config, paths: NodePaths) -> None:
         self.cfg = cfg
         self.paths = paths
+def train_verify_policy(cfg: Config) -> VerifyPolicy | None:
+    """The origin's spot-checks of training hosts ([train] verify_*, [exec] tolerances)."""
+    policy = VerifyPolicy(
+        rate=cfg.train.verify_rate,
+        first_steps=cfg.train.verify_first_micro_batches,
+        tol_fp32=cfg.exec.verify_tol_fp32,
+        tol_bf16=cfg.exec.verify_tol_bf16,
+    )
+    return policy if policy.enabled else None
+
+
         self.metrics = Metrics()
         self.key = load_node_key(paths)
         self.name = load_name(paths, cfg)
@@ -164,6 +175,7 @@ class Daemon:
             verify=verify_policy(cfg.exec),
         )
         self.journal = Journal(paths.jobs_db)
+            verify=train_verify_policy(cfg),
         self.jobs = JobService(self.engine, self.journal, self.metrics)
         self.api = ApiServer(
             paths.socket,
