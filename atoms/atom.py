@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cache import KVLayout, SessionCache
+from .cache import KVCache, KVLayout
 from .errors import DtypeMismatch, ModelFormatError, NonFiniteInput, ShapeMismatch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -150,7 +150,7 @@ class ForwardContext:
     positions: torch.Tensor
     pad_mask: torch.Tensor | None = None
     causal: bool = False
-    cache: SessionCache | None = None
+    cache: KVCache | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     dropout: float = 0.0
     seed: int = 0
@@ -164,7 +164,7 @@ class ForwardContext:
         start: int = 0,
         causal: bool = False,
         pad_mask: torch.Tensor | None = None,
-        cache: SessionCache | None = None,
+        cache: KVCache | None = None,
     ) -> ForwardContext:
         pos = torch.arange(start, start + length, dtype=torch.long).unsqueeze(0).expand(batch, -1)
         return cls(positions=pos, pad_mask=pad_mask, causal=causal, cache=cache)

@@ -344,7 +344,7 @@ class BertLayer(Atom):
         v = self.v(x).view(b, t, h, d).transpose(1, 2)
         if ctx.cache is not None:
             layer = ctx.cache.layer(self.spec.index, self.spec.uid)
-            k, v = layer.append(k.to(layer.k.dtype), v.to(layer.v.dtype))  # (B, H, L, D)
+            k, v = layer.append(k.to(layer.dtype), v.to(layer.dtype))  # (B, H, L, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
         mask = attention_allowed(ctx, t, k.shape[2])
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)

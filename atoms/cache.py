@@ -5,11 +5,15 @@ Going past its token capacity or its byte budget raises `CacheExhausted`, and a 
 forward through an atom whose layer was never allocated raises `CacheNotReady`.
 Rule 2: caches belong to sessions, not to modules: one hosted atom serves many sessions,
 each with its own `SessionCache` (the Petals `MemoryCache` idea, without the shared pool).
+Rule 3: attention atoms see a cache only through `KVCache`/`KVLayer` (`layer(index, uid)`,
+`dtype`, `append`), so a host may hand them the paged pool's view instead
+(`atoms.kv_pool.PagedCache`, the shared pool of a host).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -27,6 +31,23 @@ class KVLayout:
     def bytes_per_token(self, batch: int) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * batch * self.kv_heads * self.head_dim * itemsize
+
+
+class KVLayer(Protocol):
+    """One attention atom's keys and values in one session (or one batch of sessions)."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def append(
+        self, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class KVCache(Protocol):
+    """What an attention atom asks of `ctx.cache`: the layer of its atom index."""
+
+    def layer(self, index: int, uid: str = "?") -> KVLayer: ...
 
 
 class LayerCache:
@@ -57,6 +78,10 @@ class LayerCache:
         self.v[:, :, self.length : end] = v_new
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
 
     @property
     def nbytes(self) -> int:

@@ -282,7 +282,7 @@ def cached_attention(
     """
     if ctx.cache is not None:
         layer = ctx.cache.layer(spec.index, spec.uid)
-        k, v = layer.append(k.to(layer.k.dtype), v.to(layer.v.dtype))
+        k, v = layer.append(k.to(layer.dtype), v.to(layer.dtype))
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # (B, H_kv, L, D) -> (B, H, L, D), head h reads kv head h // groups
         k = k.repeat_interleave(groups, dim=1)

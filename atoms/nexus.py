@@ -233,7 +233,7 @@ class NexusBlock(Atom):
         q = q * temperature.view(1, h, 1, 1)  # scales the logits q.k of head h
         if ctx.cache is not None:
             layer = ctx.cache.layer(self.spec.index, self.spec.uid)
-            k, v = layer.append(k.to(layer.k.dtype), v.to(layer.v.dtype))  # (B, H, L, D)
+            k, v = layer.append(k.to(layer.dtype), v.to(layer.dtype))  # (B, H, L, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
         mask = attention_mask(ctx, t, k.shape[2])
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
