@@ -165,6 +165,19 @@ class ApiServer:
         except MalformedMessage as exc:
             raise ApiError("malformed", str(exc)) from None
 
+    async def call(self, request: object, emit: Emit) -> object:
+        """Serve one request in-process (the HTTP API): the same handler a socket client
+        reaches, counted the same; refusals raise `ApiError` as they would be sent.
+
+        Raises:
+            ApiError: no handler for the request's type, or the handler refused it.
+        """
+        handler = self._routes.get(type(request))
+        if handler is None:
+            raise ApiError("malformed", f"no handler for {type(request).__name__}")
+        self._metrics.inc("api_requests_total", kind=type(request).__name__)
+        return await handler(request, emit)
+
     async def _dispatch(self, request: object, stream: trio.SocketStream) -> object:
         handler = self._routes[type(request)]
         kind = type(request).__name__

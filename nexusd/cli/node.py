@@ -89,6 +89,19 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="serve Prometheus metrics on 127.0.0.1:P (config: metrics.listen_port)",
     )
+    p.add_argument(
+        "--http-port",
+        dest="api.http_port",
+        type=int,
+        metavar="P",
+        help="serve the OpenAI-compatible HTTP API and the dashboard on P (config: api.http_port)",
+    )
+    p.add_argument(
+        "--http-host",
+        dest="api.http_host",
+        metavar="H",
+        help="HTTP API address; not loopback: a bearer token is required (config: api.http_host)",
+    )
 
 
 def _run(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:

@@ -34,7 +34,11 @@ from ..api.records import (
     JobsReply,
     JobsRequest,
     OkReply,
+    ProgressEvent,
     ResultRequest,
+    RouteEvent,
+    TokenEvent,
+    TrainProgressEvent,
     TrainRequest,
 )
 from ..api.server import ApiServer, Emit
@@ -71,6 +75,28 @@ class _Running:
     reply: object | None = None
     error: ApiError | None = None
     user_cancelled: bool = False
+    kind: str = ""
+    started_ms: int = 0
+    route: RouteEvent | None = None  # the latest route (opened, or after a failover)
+    tokens: int = 0  # generated tokens streamed so far
+    progress: ProgressEvent | None = None
+    losses: list[TrainProgressEvent] = field(default_factory=list)  # last LOSS_POINTS steps
+
+
+LOSS_POINTS = 500  # training steps kept per running job for the dashboard's loss curve
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunningJob:
+    """A running job as the dashboard shows it (a snapshot; the job goes on)."""
+
+    job_id: str
+    kind: str
+    started_ms: int
+    route: RouteEvent | None
+    tokens: int
+    progress: ProgressEvent | None
+    losses: tuple[TrainProgressEvent, ...]
 
 
 def now_ms() -> int:
@@ -104,6 +130,21 @@ class JobService:
 
     def register(self, api: ApiServer) -> None:
         for request_type in JOB_KINDS:
+    def snapshot(self) -> list[RunningJob]:
+        """The running jobs with their current route, progress and recent losses."""
+        return [
+            RunningJob(
+                job_id=job_id,
+                kind=r.kind,
+                started_ms=r.started_ms,
+                route=r.route,
+                tokens=r.tokens,
+                progress=r.progress,
+                losses=tuple(r.losses),
+            )
+            for job_id, r in self._running.items()
+        ]
+
             api.route(request_type, self._submit)
         api.route(JobsRequest, self._jobs)
         api.route(CancelRequest, self._cancel)
@@ -164,7 +205,7 @@ class JobService:
 
     def _start(self, job_id: str, req: Any) -> _Running:
         assert self._nursery is not None, "JobService.run must be started first"
-        running = _Running(scope=trio.CancelScope())
+        running = _Running(scope=trio.CancelScope(), kind=JOB_KINDS[type(req)], started_ms=now_ms())
         self._running[job_id] = running
         self._nursery.start_soon(self._run_job, job_id, req, running)
         return running
@@ -182,6 +223,7 @@ class JobService:
         async def fan_out(event: object) -> None:
             for listener in list(running.listeners):
                 try:
+            _observe(running, event)
                     await listener(event)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     running.listeners.remove(listener)  # that client left; the job goes on
@@ -275,3 +317,16 @@ class JobService:
         except UnknownJob:
             raise ApiError("not_found", f"no job {req.job_id!r}") from None
         return self._stored_outcome(rec)
+
+
+def _observe(running: _Running, event: object) -> None:
+    """Keep what the dashboard shows of a running job from its events."""
+    if isinstance(event, RouteEvent):
+        running.route = event
+    elif isinstance(event, TokenEvent):
+        running.tokens += 1
+    elif isinstance(event, ProgressEvent):
+        running.progress = event
+    elif isinstance(event, TrainProgressEvent):
+        running.losses.append(event)
+        del running.losses[:-LOSS_POINTS]

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API and the live dashboard (hypercorn on trio, one ASGI app)."""
