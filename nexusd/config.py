@@ -269,11 +269,24 @@ class ApiConfig:
     max_request_bytes: int = 16 * MiB
     request_timeout_s: float = 30.0
     max_clients: int = 64
+    # The OpenAI-compatible HTTP API and dashboard (nexusd.http); 0: off.
+    http_port: int = 0
+    http_host: str = "127.0.0.1"  # not loopback: a bearer token (DATA_DIR/http_token) is required
+    http_max_body_bytes: int = 4 * MiB
+    http_max_inflight: int = 16  # HTTP jobs at once; more get 429
+    http_keep_alive_s: float = 5.0  # idle keep-alive, and the deadline for a request's headers
+    http_body_timeout_s: float = 30.0  # deadline for a request's body once its headers are in
 
     def __post_init__(self) -> None:
         _positive("api.max_request_bytes", self.max_request_bytes)
         _positive("api.request_timeout_s", self.request_timeout_s)
         _positive("api.max_clients", self.max_clients)
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"api.http_port: expected 0..65535, got {self.http_port}")
+        _positive("api.http_max_body_bytes", self.http_max_body_bytes)
+        _positive("api.http_max_inflight", self.http_max_inflight)
+        _positive("api.http_keep_alive_s", self.http_keep_alive_s)
+        _positive("api.http_body_timeout_s", self.http_body_timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,24 +301,11 @@ class LogConfig:
             raise ConfigError(f"log.level: expected debug/info/warning/error, got {self.level!r}")
         if self.format not in ("auto", "console", "json"):
             raise ConfigError(f"log.format: expected auto/console/json, got {self.format!r}")
-    # The OpenAI-compatible HTTP API and dashboard (nexusd.http); 0: off.
-    http_port: int = 0
-    http_host: str = "127.0.0.1"  # not loopback: a bearer token (DATA_DIR/http_token) is required
-    http_max_body_bytes: int = 4 * MiB
-    http_max_inflight: int = 16  # HTTP jobs at once; more get 429
-    http_keep_alive_s: float = 5.0  # idle keep-alive, and the deadline for a request's headers
-    http_body_timeout_s: float = 30.0  # deadline for a request's body once its headers are in
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """[metrics]: Prometheus text exposition on a local port."""
-        if not 0 <= self.http_port <= 65535:
-            raise ConfigError(f"api.http_port: expected 0..65535, got {self.http_port}")
-        _positive("api.http_max_body_bytes", self.http_max_body_bytes)
-        _positive("api.http_max_inflight", self.http_max_inflight)
-        _positive("api.http_keep_alive_s", self.http_keep_alive_s)
-        _positive("api.http_body_timeout_s", self.http_body_timeout_s)
 
     listen_host: str = "127.0.0.1"
     listen_port: int = 0  # 0: metrics endpoint off

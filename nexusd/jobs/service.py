@@ -128,8 +128,6 @@ class JobService:
         while self._running:
             await next(iter(self._running.values())).done.wait()
 
-    def register(self, api: ApiServer) -> None:
-        for request_type in JOB_KINDS:
     def snapshot(self) -> list[RunningJob]:
         """The running jobs with their current route, progress and recent losses."""
         return [
@@ -145,6 +143,8 @@ class JobService:
             for job_id, r in self._running.items()
         ]
 
+    def register(self, api: ApiServer) -> None:
+        for request_type in JOB_KINDS:
             api.route(request_type, self._submit)
         api.route(JobsRequest, self._jobs)
         api.route(CancelRequest, self._cancel)
@@ -221,9 +221,9 @@ class JobService:
         run = runners[kind]
 
         async def fan_out(event: object) -> None:
+            _observe(running, event)
             for listener in list(running.listeners):
                 try:
-            _observe(running, event)
                     await listener(event)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     running.listeners.remove(listener)  # that client left; the job goes on

@@ -215,6 +215,10 @@ def train_verify_policy(cfg: Config) -> VerifyPolicy | None:
                         self.cfg.metrics.listen_host,
                         self.cfg.metrics.listen_port,
                     )
+                if self.cfg.api.http_port:
+                    from ..http.server import start_http  # hypercorn loads only when enabled
+
+                    await start_http(nursery, self)
                 nursery.start_soon(self._reclaim_sessions)
                 log.info(
                     "daemon_started",
@@ -244,10 +248,6 @@ def train_verify_policy(cfg: Config) -> VerifyPolicy | None:
             self.registry.load_span, model_id, start, end, dtype or self.cfg.atoms.dtype
         )
         warm_s = await trio.to_thread.run_sync(warm_up, span, limiter=self.limiter)
-                if self.cfg.api.http_port:
-                    from ..http.server import start_http  # hypercorn loads only when enabled
-
-                    await start_http(nursery, self)
         hosted = self.host.add_span(span)
         self.mesh.refresh_advert()
         log.info(
