@@ -15,6 +15,7 @@ import trio
 from atoms.codecs import encode
 from atoms.model import Model
 from atoms.nexus import NexusConfig, base_atom_count, build_nexus
+from atoms.precision import to_dtype
 from atoms.training import OptimConfig
 from nexusd.config import ConfigError, TrainConfig
 from nexusd.exec.session import HopFailed, HopPlan
@@ -80,6 +81,7 @@ def pipeline(
     liar: int = -1,
     lie: str = "backward",
     liar_model: Model | None = None,
+    served: dict[int, Model] | None = None,
 ) -> TrainPipeline:
     limiter = trio.CapacityLimiter(1)
     bounds = [0, *cuts, len(model)]
@@ -91,7 +93,8 @@ def pipeline(
         if i == liar:
             host: TrainHost = LyingTrainHost(span_lookup(liar_model or model), lie=lie, **kw)
         else:
-            host = TrainHost(span_lookup(model), **kw)  # type: ignore[arg-type]
+            own = (served or {}).get(i, model)
+            host = TrainHost(span_lookup(own), **kw)  # type: ignore[arg-type]
         link = local_link(host, ORIGIN)
         hops.append(TrainHop(HopPlan(node, a, b), model.model_id, link, remote=False))
     return TrainPipeline(
@@ -181,6 +184,18 @@ async def test_a_host_with_other_weights_is_caught_at_the_start(model: Model) ->
     await pipe.open(OPTIM, next_step=0, state=None)
     with pytest.raises(HopFailed, match=r"parameter param/atoms\.9\..* at the job.s start"):
         await pipe.step(0, micro_batches(0), lr=1e-3, clip=0.5)
+
+
+async def test_hosts_serving_bfloat16_are_judged_with_the_bf16_tolerance(model: Model) -> None:
+    """An honest host that serves its span in bfloat16 (a frozen span, and one holding a
+    frozen and a trainable atom) is no false positive: its outputs and starting parameters
+    show it, and it is judged with the bf16 tolerance."""
+    half = model.with_atoms([to_dtype(a, "bfloat16") for a in model.atoms])
+    outcomes: list[str] = []
+    pipe = pipeline(model, cuts(model), verifier(model, outcomes), served={0: half, 1: half})
+    await pipe.open(OPTIM, next_step=0, state=None)
+    await pipe.step(0, micro_batches(0), lr=1e-3, clip=0.5)
+    assert outcomes == ["agreed"] * (4 * 4)
 
 
 async def test_only_sampled_micro_batches_are_checked(model: Model) -> None:
