@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -159,6 +159,10 @@ class LossSum:
     correct: int  # argmax == target among them
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[LossSum, torch.Tensor]]
+"""(span output, targets) -> (the summed loss's figures, the loss tensor to backpropagate)."""
+
+
 @dataclass(slots=True)
 class _Record:
     """A micro-batch between its forward and its backward."""
@@ -189,6 +193,9 @@ class SpanTrainer:
             holding the first trainable atom: the frozen prefix before it needs none).
         graph_budget_bytes: autograd memory kept between forwards and backwards; past it,
             a micro-batch keeps only its input and is recomputed in its backward.
+        loss_fn: the training loss of `loss` (outputs, targets) -> (sums, summed loss);
+            None: cross-entropy against the targets (e.g. `atoms.distill.TeacherLoss`
+            instead). Validation (`evaluate`) is always cross-entropy.
     """
 
     def __init__(
@@ -198,8 +205,10 @@ class SpanTrainer:
         *,
         needs_input_grad: bool,
         graph_budget_bytes: int = 256 << 20,
+        loss_fn: LossFn | None = None,
     ) -> None:
         self.span = span
+        self.loss_fn = loss_fn
         self.optim = optim
         self.needs_input_grad = needs_input_grad and span.in_kind is not IOKind.IDS
         self.budget = graph_budget_bytes
@@ -314,7 +323,7 @@ class SpanTrainer:
         """
         self.span.check_input(x)
         leaf, out = self._run(x, ctx)
-        result, loss = _cross_entropy(out, targets)
+        result, loss = (self.loss_fn or _cross_entropy)(out, targets)
         if not math.isfinite(result.loss):
             raise NonFiniteLoss(f"micro-batch {mb}: loss is {result.loss}")
         with self._autocast():

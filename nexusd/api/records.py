@@ -379,7 +379,7 @@ class PeersReply:
 
 # ---- training ----------------------------------------------------------------------------
 
-TRAIN_TASKS = ("lm", "classify")
+TRAIN_TASKS = ("lm", "classify", "distill")
 
 
 @record("api.train")
@@ -418,6 +418,10 @@ class TrainRequest:
     average_every: int = 1
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    # distill: the teacher model (run at the origin) and the loss's temperature and alpha
+    teacher: str = ""
+    temperature: float = 2.0
+    alpha: float = 0.5
     job_id: str = ""
 
 
@@ -458,6 +462,7 @@ class TrainReply:
     route: tuple[HopReport, ...]
     failovers: tuple[str, ...]
     bubble: tuple[tuple[str, float], ...]  # (host name, idle share of step wall time)
+    teacher_val_perplexity: float = 0.0  # distill: the teacher's, on the same validation
 
 
 REPLY_TYPES: tuple[type, ...] = (

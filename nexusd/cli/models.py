@@ -1,4 +1,5 @@
-"""Model commands: list the models this node can use, import a local checkpoint."""
+"""Model commands: list the models this node can use, import a local checkpoint, cut a
+smaller student from a Nexus model (for `train distill`)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,80 @@ def _import(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     return 0
 
 
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated indices, got {text!r}"
+        ) from None
+
+
+def _student_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("teacher", help="a Nexus 1.1 model (e.g. nexus-1.1)")
+    p.add_argument(
+        "--base-layers",
+        type=_indices,
+        default=None,
+        metavar="I,J,..",
+        help="0-based base (BERT) layers the student keeps, e.g. 0,2,4 (default: all)",
+    )
+    p.add_argument(
+        "--blocks",
+        type=_indices,
+        default=None,
+        metavar="I,J,..",
+        help="0-based Nexus blocks the student keeps (default: all)",
+    )
+    p.add_argument("--id", dest="model_id", required=True, help="id of the student model")
+
+
+def _student(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
+    from atoms.compress import atom_bytes, atom_params
+    from atoms.distill import student_of
+    from atoms.errors import ModelFormatError
+
+    from ..errors import ApiError
+    from ..model_registry import ModelRegistry
+
+    registry = ModelRegistry(_models_dir(cfg, paths))
+    teacher = registry.load_model(args.teacher)
+    try:
+        student = student_of(
+            teacher, args.model_id, base_layers=args.base_layers, blocks=args.blocks
+        )
+    except ModelFormatError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+    folder = registry.save(student)
+    sizes = {
+        m.model_id: (sum(atom_bytes(a) for a in m.atoms), sum(atom_params(a) for a in m.atoms))
+        for m in (teacher, student)
+    }
+    data = {
+        "id": args.model_id,
+        "teacher": args.teacher,
+        "folder": str(folder),
+        "atoms": len(student),
+        "teacher_atoms": len(teacher),
+        "bytes": sizes[args.model_id][0],
+        "teacher_bytes": sizes[args.teacher][0],
+        "params": sizes[args.model_id][1],
+        "teacher_params": sizes[args.teacher][1],
+    }
+    emit(
+        args,
+        data,
+        lambda: (
+            f"student {args.model_id}: {len(student)} atoms of {args.teacher}'s "
+            f"{len(teacher)}, {data['params']:,} parameters ({data['teacher_params']:,}); "
+            f"saved in {folder}; host it (`nexusd host {args.model_id}`), then "
+            f"`nexusd train distill --model {args.model_id} --teacher {args.teacher} "
+            "--output ID`"
+        ),
+    )
+    return 0
+
+
 MODEL_COMMANDS = (
     CommandSpec("models", "list the models this node can host or use", no_flags, _list),
     CommandSpec(
@@ -79,5 +154,12 @@ MODEL_COMMANDS = (
         "import a local Llama or BERT checkpoint as a hostable model",
         _import_flags,
         _import,
+    ),
+    CommandSpec(
+        "make-student",
+        "cut a smaller student from a Nexus model (fewer base layers and/or blocks, the "
+        "teacher's weights) to train with `train distill`",
+        _student_flags,
+        _student,
     ),
 )

@@ -1,4 +1,4 @@
-"""`nexusd train lm|classify`: a training job over the mesh, with a live progress bar.
+"""`nexusd train lm|classify|distill`: a training job over the mesh, with a live progress bar.
 
 Rule: every knob is a flag that sets a `[train]` config key (`dest="train.<key>"`), so the
 defaults live in one place (the config) and a journaled job records the values it ran with.
@@ -20,16 +20,18 @@ from ..paths import NodePaths
 from .base import CommandSpec, call_daemon
 from .output import emit, route_table, table
 
-DEFAULT_MODELS = {"lm": "nexus-1.1", "classify": "minilm"}
+DEFAULT_MODELS = {"lm": "nexus-1.1", "classify": "minilm", "distill": ""}
 
 
 def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "task",
-        choices=("lm", "classify"),
+        choices=("lm", "classify", "distill"),
         help="lm: causal-LM fine-tuning of a decoder (its trainable atoms; a frozen "
         "base stays frozen); classify: a classifier head over an encoder's "
-        "pooled features",
+        "pooled features; distill: train a student decoder (--model, hosted by the "
+        "mesh, e.g. made by `nexusd make-student`) on a teacher's soft targets "
+        "(--teacher, run on this node) mixed with the hard labels",
     )
     p.add_argument(
         "--output",
@@ -40,7 +42,8 @@ def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="",
-        help="model to start from (default: nexus-1.1 for lm, minilm for classify)",
+        help="model to start from (default: nexus-1.1 for lm, minilm for classify; "
+        "distill: the student, required)",
     )
     p.add_argument(
         "--data",
@@ -85,6 +88,28 @@ def _flags(p: argparse.ArgumentParser) -> None:
             help=what,
         )
     g.add_argument(
+        "--teacher",
+        dest="train.teacher",
+        metavar="MODEL",
+        help="distill: the teacher model; it runs forward only, on this node",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        dest="train.distill_temperature",
+        metavar="T",
+        help="distill: softening temperature of teacher and student distributions "
+        "(the KL term is scaled by T^2)",
+    )
+    g.add_argument(
+        "--alpha",
+        type=float,
+        dest="train.distill_alpha",
+        metavar="X",
+        help="distill: weight of the KL term in [0, 1]; 1 - alpha weighs the hard-label "
+        "cross-entropy (0: hard labels only)",
+    )
+    g.add_argument(
         "--decay",
         choices=("cosine", "linear", "constant"),
         dest="train.decay",
@@ -118,6 +143,8 @@ def _flags(p: argparse.ArgumentParser) -> None:
 def _request(args: argparse.Namespace, cfg: Config) -> TrainRequest:
     t = cfg.train
     model = args.model or DEFAULT_MODELS[args.task]
+    if not model:
+        raise ApiError("bad_request", "--model: train distill needs the student model's id")
     data = str(Path(args.data).resolve()) if args.data else ""
     validation = str(Path(args.validation).resolve()) if args.validation else ""
     for name, path in (("--data", data), ("--validation", validation)):
@@ -150,6 +177,9 @@ def _request(args: argparse.Namespace, cfg: Config) -> TrainRequest:
         average_every=t.average_every,
         outer_lr=t.outer_lr,
         outer_momentum=t.outer_momentum,
+        teacher=t.teacher if args.task == "distill" else "",
+        temperature=t.distill_temperature,
+        alpha=t.distill_alpha,
         job_id=args.job_id,
     )
 
@@ -215,8 +245,10 @@ def _human(r: TrainReply, verbose: bool) -> str:
         ["train loss", f"{r.train_loss:.4f}"],
         ["validation loss", f"{r.val_loss:.4f}"],
     ]
-    if r.task == "lm":
+    if r.task in ("lm", "distill"):
         rows.append(["validation perplexity", f"{r.val_perplexity:.2f}"])
+    if r.task == "distill":
+        rows.append(["teacher's validation perplexity", f"{r.teacher_val_perplexity:.2f}"])
     rows += [
         ["validation accuracy", f"{r.val_accuracy:.2%}"],
         ["time", f"{r.elapsed_s:.1f} s ({r.tokens_per_s:.0f} targets/s, {r.tokens} in all)"],
@@ -240,8 +272,9 @@ def _human(r: TrainReply, verbose: bool) -> str:
 TRAIN_COMMANDS = (
     CommandSpec(
         "train",
-        "train a model over the mesh: lm (fine-tune a decoder) or classify "
-        "(a classifier head); a live progress bar, checkpoints that resume",
+        "train a model over the mesh: lm (fine-tune a decoder), classify "
+        "(a classifier head) or distill (a student on a teacher's soft targets); "
+        "a live progress bar, checkpoints that resume",
         _flags,
         _train,
     ),

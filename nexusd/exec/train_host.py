@@ -28,6 +28,7 @@ from atoms.span import Span
 from atoms.training import (
     BadCheckpoint,
     BadGradient,
+    LossFn,
     LossSum,
     NonFiniteLoss,
     OptimConfig,
@@ -84,6 +85,8 @@ class TrainHost:
         graph_budget_bytes: autograd memory one session keeps between forward and backward.
         max_sessions: training sessions at once; more are refused with `busy`.
         clock: monotonic seconds.
+        loss_fn: the loss of every session's head span (None: cross-entropy); a job's own
+            host sets it (distillation: `atoms.distill.TeacherLoss`).
     """
 
     def __init__(
@@ -95,8 +98,10 @@ class TrainHost:
         graph_budget_bytes: int,
         max_sessions: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        loss_fn: LossFn | None = None,
     ) -> None:
         self._span_for = span_for
+        self._loss_fn = loss_fn
         self._limiter = limiter
         self._metrics = metrics
         self._budget = graph_budget_bytes
@@ -186,7 +191,11 @@ class TrainHost:
             # a private fp32 master copy of what trains; frozen spans are shared as served
             own = Span(fp32_copy(atoms)) if trainable(atoms) else Span(atoms)
             return SpanTrainer(
-                own, optim, needs_input_grad=msg.needs_input_grad, graph_budget_bytes=self._budget
+                own,
+                optim,
+                needs_input_grad=msg.needs_input_grad,
+                graph_budget_bytes=self._budget,
+                loss_fn=self._loss_fn,
             )
 
         trainer = await trio.to_thread.run_sync(build, limiter=self._limiter)

@@ -1,0 +1,207 @@
+"""`train distill`: a student model trained over the mesh on a teacher's soft targets.
+
+Rule 1: the student is an ordinary decoder the mesh hosts (e.g. `nexusd models student`
+cuts one from Nexus 1.1); its atoms [0, n-1) run on their hosts exactly as in `train lm`
+(forwards, backwards, optimiser steps, checkpoints, failover), and its head [n-1, n) runs
+here, in a `TrainHost` of the job's own whose loss is `atoms.distill.TeacherLoss`.
+Rule 2: the teacher runs here too, forward only: for each micro-batch the head's loss
+rebuilds the input ids from the targets and runs the teacher on them, so teacher logits
+(B x T x vocab floats) never cross the network and no exec message changes.
+Rule 3: validation is the hard-label perplexity of the student, and the teacher's on the
+same examples is reported beside it; the student saved under `output` records the teacher,
+its digest, temperature and alpha in its lineage, as `train lm` records its parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import structlog
+import torch
+import trio
+
+from atoms.atom import ForwardContext
+from atoms.datasets import Examples, special_ids
+from atoms.distill import DistillConfig, TeacherLoss
+from atoms.model import Model
+from atoms.span import Span
+from atoms.training import IGNORE, OptimConfig, Schedule, apply_trained, renamed
+
+from ..api.records import TrainReply, TrainRequest
+from ..errors import ApiError
+from ..exec.hosting import ExecRefused
+from ..exec.session import HopPlan
+from ..exec.train_host import TrainHost, local_link
+from ..exec.train_origin import TrainHop
+from .training import (
+    Emit,
+    Mesh,
+    Plan,
+    Route,
+    TrainRun,
+    first_trainable,
+    lineage,
+    load_data,
+    reply_of,
+    validate,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def validate_distill(req: TrainRequest) -> DistillConfig:
+    """The request's distillation settings (`bad_request` names a bad field)."""
+    if not req.teacher:
+        raise ApiError("bad_request", "teacher: train distill needs a teacher model id")
+    if req.teacher == req.model:
+        raise ApiError("bad_request", "teacher: expected a model other than the student")
+    try:
+        return DistillConfig(temperature=req.temperature, alpha=req.alpha)
+    except ValueError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+
+
+def _check_pair(teacher: Model, student: Model) -> None:
+    for m in (teacher, student):
+        if m.family not in ("nexus", "llama") or m.atoms[-1].spec.kind.value != "lm_head":
+            raise ApiError("bad_request", f"model {m.model_id}: train distill needs decoders")
+    t_tok, s_tok = teacher.tokenizer, student.tokenizer
+    if t_tok is None or s_tok is None or t_tok.to_json() != s_tok.to_json():
+        raise ApiError(
+            "bad_request",
+            f"teacher {teacher.model_id} and student {student.model_id} must share one "
+            "tokenizer (soft targets are over the same vocabulary)",
+        )
+
+
+def teacher_perplexity(teacher: Model, data: Examples, batch: int, limit: int) -> float:
+    """The teacher's hard-label perplexity on the first `limit` validation examples."""
+    span = Span(teacher.atoms)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, min(limit, len(data)), batch):
+            ex = data.take(range(i, min(i + batch, limit, len(data))))
+            ctx = ForwardContext.for_tokens(ex.inputs.shape[0], ex.inputs.shape[1], causal=True)
+            out = span(ex.inputs, ctx, check=False).float()
+            flat = ex.targets.reshape(-1)
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    out.reshape(flat.shape[0], -1), flat, ignore_index=IGNORE, reduction="sum"
+                )
+            )
+            count += int((flat != IGNORE).sum())
+    return math.exp(min(nll / max(count, 1), 50.0))
+
+
+def _route(mesh: Mesh, req: TrainRequest, n: int, head_host: TrainHost) -> Route:
+    """The student's atoms [0, n-1) over the mesh, its head [n-1, n) on this node."""
+    plan_body = mesh.planner(
+        req.model,
+        req.micro_batch * req.seq_len * mesh.registry.config_int(req.model, "hidden_size", 384) * 4,
+    )
+    head_plan = HopPlan(mesh.node_id, n - 1, n)
+
+    async def connect(p: HopPlan, model_id: str) -> TrainHop:
+        if p == head_plan:
+            return TrainHop(p, model_id, local_link(head_host, mesh.node_id), remote=False)
+        return await mesh.connect(p, model_id)
+
+    return Route(
+        plan=lambda _m, ex: [*plan_body(0, n - 1, ex), head_plan],
+        connect=connect,
+        report=mesh.report,
+        name_of=mesh.name_of,
+        wait_s=mesh.route_wait_s,
+        on_route=mesh.on_route,
+    )
+
+
+async def distill(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> TrainReply:
+    """Run a distillation job (see the module rules) and register the student it trains."""
+    validate(req)
+    cfg = validate_distill(req)
+    if req.output in mesh.registry.available():
+        raise ApiError(
+            "conflict", f"output: a model {req.output!r} exists already; choose another id"
+        )
+    student = await trio.to_thread.run_sync(mesh.registry.load_model, req.model)
+    teacher = await trio.to_thread.run_sync(mesh.registry.load_model, req.teacher)
+    _check_pair(teacher, student)
+    as_lm = dataclasses.replace(req, task="lm")
+    data = await trio.to_thread.run_sync(load_data, as_lm, student)
+    tok = student.tokenizer
+    assert tok is not None  # _check_pair
+    bos, eos = special_ids(tok)
+    loss = TeacherLoss(Span(teacher.atoms), cfg, bos=bos, pad=eos)
+    n = len(student)
+    head = student.span(n - 1, n)
+
+    def span_for(model_id: str, start: int, end: int) -> Span:
+        if model_id != req.model or (start, end) != (n - 1, n):
+            raise ExecRefused("not_hosted", f"this job trains only {req.model}[{n - 1},{n})")
+        return head
+
+    head_host = TrainHost(
+        span_for,
+        limiter=mesh.limiter,
+        metrics=mesh.metrics,
+        graph_budget_bytes=mesh.graph_budget_bytes,
+        loss_fn=loss,
+    )
+    plan = Plan(
+        parent=student,
+        first_trainable=first_trainable(student),
+        causal=True,
+        data=data,
+        optim=OptimConfig(
+            weight_decay=req.weight_decay, dropout=req.dropout, precision=req.precision
+        ),
+        schedule=Schedule(
+            lr=req.lr,
+            warmup_steps=req.warmup_steps,
+            total_steps=req.steps,
+            decay=req.decay,
+            min_ratio=req.min_lr_ratio,
+        ),
+    )
+    route = _route(mesh, req, n, head_host)
+    run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit)
+    state, elapsed = await run.run()
+    reply = reply_of(run, req.output, elapsed)
+    val_loss = run.val[0]
+    teacher_ppl = await trio.to_thread.run_sync(
+        teacher_perplexity, teacher, data.validation, req.micro_batch, req.eval_examples
+    )
+    reply = dataclasses.replace(
+        reply,
+        val_perplexity=round(math.exp(min(val_loss, 50)), 4) if not math.isnan(val_loss) else 0.0,
+        teacher_val_perplexity=round(teacher_ppl, 4),
+    )
+    metrics = {
+        "val_loss": reply.val_loss,
+        "val_perplexity": reply.val_perplexity,
+        "teacher_val_perplexity": reply.teacher_val_perplexity,
+        "val_accuracy": reply.val_accuracy,
+        "train_loss": reply.train_loss,
+        "steps": float(reply.steps),
+    }
+    extra = lineage(req, mesh.registry.manifest(req.model).digest, data.digest, metrics)
+    extra |= {
+        "teacher": req.teacher,
+        "teacher_digest": mesh.registry.manifest(req.teacher).digest,
+        "distill": json.dumps({"temperature": cfg.temperature, "alpha": cfg.alpha}),
+    }
+    trained = renamed(apply_trained(student, state), req.output, config=extra)
+    await trio.to_thread.run_sync(mesh.registry.save, trained)
+    mesh.metrics.inc("train_jobs_models_total", task=req.task)
+    log.info(
+        "distill_model_saved",
+        model=req.output,
+        student=req.model,
+        teacher=req.teacher,
+        val_ppl=reply.val_perplexity,
+        teacher_val_ppl=reply.teacher_val_perplexity,
+    )
+    return reply
