@@ -209,6 +209,11 @@ class TrainConfig:
     average_every: int = 1  # 1: gradients summed every step; H > 1: DiLoCo rounds
     outer_lr: float = 0.7  # DiLoCo outer SGD (Nesterov)
     outer_momentum: float = 0.9
+    # train distill: the teacher (run at the origin), the softening temperature T of the
+    # soft targets, and alpha, the soft (KL) term's weight against the hard labels' 1 - alpha
+    teacher: str = "nexus-1.1"
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
     op_timeout_s: float = 300.0  # deadline of one training exchange with a host
     route_wait_s: float = 60.0  # a run waits this long for hosts to appear before failing
     graph_budget_bytes: int = 1024 * MiB  # autograd memory a host keeps per session
@@ -236,6 +241,11 @@ class TrainConfig:
             raise ConfigError(f"train.verify_rate: expected 0..1, got {self.verify_rate}")
         ):
             _positive(f"train.{name}", getattr(self, name))
+        if not 0.0 < self.distill_temperature <= 100.0 or not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(
+                "train.distill_temperature / distill_alpha: expected (0, 100] / [0, 1], got "
+                f"{self.distill_temperature} / {self.distill_alpha}"
+            )
         for name in (
             "warmup_steps",
             "eval_interval",

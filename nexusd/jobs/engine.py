@@ -68,6 +68,7 @@ from ..exec.wire import ORIGIN_INBOUND, ExecChannel, Signer
 from ..metrics import Metrics
 from ..model_registry import ModelRegistry, TrainedHead
 from .costs import HopCosts
+from .distill import distill as run_distill
 from .training import Mesh as TrainMesh
 from .training import train as run_training
 
@@ -445,7 +446,8 @@ class JobEngine:
     # ---- training ------------------------------------------------------------------------
 
     async def train(self, req: TrainRequest, job_id: str, emit: Emit) -> TrainReply:
-        """Train over the mesh (jobs/training.py); the result is a new model on this node."""
+        """Train over the mesh (jobs/training.py, distill: jobs/distill.py); the result is a
+        new model on this node."""
         setup = self.training
         if setup is None:
             raise ApiError("unavailable", "this node runs no training jobs")
@@ -488,7 +490,8 @@ class JobEngine:
         )
         try:
             verify=setup.verify,
-            return await run_training(req, job_id, emit, mesh)
+            run = run_distill if req.task == "distill" else run_training
+            return await run(req, job_id, emit, mesh)
         except NonFiniteStep as exc:
             raise ApiError(
                 "failed", f"{exc}; the last good checkpoint is kept in {setup.folder / job_id}"
