@@ -487,9 +487,9 @@ class JobEngine:
             folder=setup.folder,
             route_wait_s=setup.route_wait_s,
             on_route=lambda hops, why: emit(self.route_event(job_id, hops, why)),
+            verify=setup.verify,
         )
         try:
-            verify=setup.verify,
             run = run_distill if req.task == "distill" else run_training
             return await run(req, job_id, emit, mesh)
         except NonFiniteStep as exc:
@@ -575,10 +575,10 @@ class TrainingSetup:
     timeout_s: float  # one training exchange with a host
     graph_budget_bytes: int
     route_wait_s: float = 60.0  # waiting for a route to appear (after a restart, a failover)
+    verify: VerifyPolicy | None = None  # spot-checks of the hosts ([train] verify_*)
 
 
 def _softmax_reply(
-    verify: VerifyPolicy | None = None  # spot-checks of the hosts ([train] verify_*)
     job_id: str,
     model: str,
     labels: tuple[str, ...],
