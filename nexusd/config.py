@@ -218,8 +218,13 @@ class TrainConfig:
     route_wait_s: float = 60.0  # a run waits this long for hosts to appear before failing
     graph_budget_bytes: int = 1024 * MiB  # autograd memory a host keeps per session
     max_sessions: int = 4  # training sessions a host serves at once
+    # spot-checks of the hosts (`nexusd.exec.train_verify`; tolerances from [exec])
+    verify_rate: float = 0.02  # fraction of a stage host's later micro-batches recomputed
+    verify_first_micro_batches: int = 1  # a stage host's first N in a job always are
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ConfigError(f"train.verify_rate: expected 0..1, got {self.verify_rate}")
         for name in (
             "steps",
             "micro_batch",
@@ -232,13 +237,8 @@ class TrainConfig:
             "max_sessions",
             "lr",
             "replicas",
-    # spot-checks of the hosts (`nexusd.exec.train_verify`; tolerances from [exec])
-    verify_rate: float = 0.02  # fraction of a stage host's later micro-batches recomputed
-    verify_first_micro_batches: int = 1  # a stage host's first N in a job always are
             "average_every",
             "outer_lr",
-        if not 0.0 <= self.verify_rate <= 1.0:
-            raise ConfigError(f"train.verify_rate: expected 0..1, got {self.verify_rate}")
         ):
             _positive(f"train.{name}", getattr(self, name))
         if not 0.0 < self.distill_temperature <= 100.0 or not 0.0 <= self.distill_alpha <= 1.0:
@@ -247,6 +247,7 @@ class TrainConfig:
                 f"{self.distill_temperature} / {self.distill_alpha}"
             )
         for name in (
+            "verify_first_micro_batches",
             "warmup_steps",
             "eval_interval",
             "checkpoint_interval",

@@ -93,12 +93,6 @@ def verify_policy(cfg: ExecConfig) -> VerifyPolicy | None:
     return policy if policy.enabled else None
 
 
-class Daemon:
-    """One node: key, local API, metrics, hosted spans, job engine and (when set up) mesh."""
-
-    def __init__(self, cfg: Config, paths: NodePaths) -> None:
-        self.cfg = cfg
-        self.paths = paths
 def train_verify_policy(cfg: Config) -> VerifyPolicy | None:
     """The origin's spot-checks of training hosts ([train] verify_*, [exec] tolerances)."""
     policy = VerifyPolicy(
@@ -110,6 +104,12 @@ def train_verify_policy(cfg: Config) -> VerifyPolicy | None:
     return policy if policy.enabled else None
 
 
+class Daemon:
+    """One node: key, local API, metrics, hosted spans, job engine and (when set up) mesh."""
+
+    def __init__(self, cfg: Config, paths: NodePaths) -> None:
+        self.cfg = cfg
+        self.paths = paths
         self.metrics = Metrics()
         self.key = load_node_key(paths)
         self.name = load_name(paths, cfg)
@@ -162,6 +162,7 @@ def train_verify_policy(cfg: Config) -> VerifyPolicy | None:
             timeout_s=cfg.train.op_timeout_s,
             graph_budget_bytes=cfg.train.graph_budget_bytes,
             route_wait_s=cfg.train.route_wait_s,
+            verify=train_verify_policy(cfg),
         )
         self.engine = JobEngine(
             view=self.view,
@@ -175,7 +176,6 @@ def train_verify_policy(cfg: Config) -> VerifyPolicy | None:
             verify=verify_policy(cfg.exec),
         )
         self.journal = Journal(paths.jobs_db)
-            verify=train_verify_policy(cfg),
         self.jobs = JobService(self.engine, self.journal, self.metrics)
         self.api = ApiServer(
             paths.socket,
