@@ -267,7 +267,6 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
-            "verify_first_micro_batches",
                     f"train.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
                 )
 
