@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	# requirement would pull several GB of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,lint]'
+	# The dashboard's browser test drives Debian's chromium headless; it skips without it.
+	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y --no-install-recommends chromium >/dev/null \
+			|| echo "chromium not installed: the dashboard browser test will be skipped"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -146,6 +147,13 @@ class DaemonProcess:
         self.stop()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (for a daemon's --http-port)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def run_cli(
     args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
@@ -173,6 +181,7 @@ class LocalCluster:
         env: extra environment for every daemon.
         prefixes: per node, a command prefix (e.g. `ip netns exec NS`) to run its daemon in.
         listen_hosts: per node, the address its mesh transport listens on (127.0.0.1).
+        node_args: per node, extra `nexusd run` flags (e.g. `--http-port P` for node 0).
     """
 
     def __init__(
@@ -185,6 +194,7 @@ class LocalCluster:
         names: Sequence[str] | None = None,
         prefixes: Sequence[Sequence[str]] | None = None,
         listen_hosts: Sequence[str] | None = None,
+        node_args: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least 1 node, got {size}")
@@ -194,6 +204,7 @@ class LocalCluster:
         self.env = {"NEXUSD_ATOMS__MODELS_DIR": str(models_dir), **(env or {})}
         self.prefixes = [list(p) for p in prefixes] if prefixes else [[] for _ in range(size)]
         self.listen_hosts = list(listen_hosts or ["127.0.0.1"] * size)
+        self.node_args = [list(a) for a in node_args] if node_args else [[] for _ in range(size)]
         self.daemons: list[DaemonProcess | None] = [None] * size
 
     def data_dir(self, i: int) -> Path:
@@ -219,6 +230,7 @@ class LocalCluster:
             "0",
             "--listen-host",
             self.listen_hosts[i],
+            *self.node_args[i],
             env=self.env,
             log_file=self.root / f"{self.names[i]}.log",
             prefix=self.prefixes[i],

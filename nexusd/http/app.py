@@ -100,8 +100,11 @@ class _Response:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def json(self, status: int, payload: object) -> None:
-        await self.start(status, "application/json")
-        await self.body(json.dumps(payload).encode())
+        await self.whole(status, "application/json", json.dumps(payload).encode())
+
+    async def whole(self, status: int, content_type: str, data: bytes) -> None:
+        await self.start(status, content_type, [(b"content-length", str(len(data)).encode())])
+        await self.body(data)
 
 
 class HttpApp:
@@ -243,8 +246,7 @@ class HttpApp:
     # ---- pages ----------------------------------------------------------------------------
 
     async def _dashboard(self, res: _Response) -> None:
-        await res.start(200, "text/html; charset=utf-8")
-        await res.body(DASHBOARD_HTML)
+        await res.whole(200, "text/html; charset=utf-8", DASHBOARD_HTML)
 
     async def _mesh(self, res: _Response) -> None:
         await res.json(200, await self.backend.mesh())
