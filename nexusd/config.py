@@ -150,11 +150,20 @@ class AtomsConfig:
     session_idle_s: float = 300.0
     max_sessions: int = 64
     max_step_tokens: int = 65536
+    # `nexusd host --max-memory`: weight bytes a hosted model may take (0: no budget, the
+    # model as saved) and the lowest output cosine against fp32 a compression level may have
+    host_max_memory_bytes: int = 0
+    host_accuracy_floor: float = 0.99
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"atoms.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         _positive("atoms.kv_cache_budget_bytes", self.kv_cache_budget_bytes)
+        if self.host_max_memory_bytes < 0 or not -1.0 <= self.host_accuracy_floor <= 1.0:
+            raise ConfigError(
+                "atoms.host_max_memory_bytes / host_accuracy_floor: expected >= 0 / [-1, 1], "
+                f"got {self.host_max_memory_bytes} / {self.host_accuracy_floor}"
+            )
         _positive("atoms.session_idle_s", self.session_idle_s)
         _positive("atoms.max_sessions", self.max_sessions)
         _positive("atoms.max_step_tokens", self.max_step_tokens)

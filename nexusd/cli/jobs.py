@@ -31,6 +31,7 @@ from ..config import Config
 from ..errors import ApiError
 from ..paths import NodePaths
 from .base import CommandSpec, call_daemon
+from .fitting import fit_flags, fit_to_budget
 from .output import emit, route_table, table
 
 
@@ -292,12 +293,14 @@ def _host_flags(p: argparse.ArgumentParser) -> None:
         default="",
         help="precision of these atoms (default: config atoms.dtype)",
     )
+    fit_flags(p)
 
 
-def _host(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
+def _host(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
+    fitted = fit_to_budget(args, cfg, paths)  # --max-memory: the level that fits, or nothing
     spec = f"{args.model}:{args.atoms}" if args.atoms else args.model
     reply = call_daemon(paths, HostRequest(spec, args.dtype), expect=OkReply, timeout_s=600)
-    emit(args, {"hosting": spec}, lambda: reply.message)
+    emit(args, {"hosting": spec, **fitted.data}, lambda: fitted.text + reply.message)
     return 0
 
 
