@@ -4,8 +4,11 @@ The idea is vLLM's PagedAttention (Kwon et al., SOSP 2023, §4.2-4.3): a session
 values live in fixed-size blocks found through a block table, so a session holds memory
 in proportion to its length and a freed block serves anyone.
 
-Rule 1: the pool is one tensor of `pages` x `page_bytes`, allocated once; every page has the
-same size, so memory cannot fragment: any free page serves any session.
+Rule 1: the pool is one tensor of up to `pages` x `page_bytes`; every page has the same
+size, so memory cannot fragment: any free page serves any session. The page count is fixed
+when the pool is built (the budget); the tensor grows by doubling up to it, to the highest
+page ever used (free pages are taken lowest id first), and never shrinks: a 512 MiB budget
+costs its memory only once sessions have used it.
 Rule 2: a page holds `tokens` consecutive tokens of ONE sequence row for EVERY attention
 layer of a span (`PageFormat` says where each layer lives inside it); a session keeps one
 page table per row and takes a page only when its length crosses into it.
@@ -19,6 +22,7 @@ Rule 5: attention reads a gather of the session's pages into one contiguous-per-
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +91,8 @@ class KVPool:
             raise ValueError(f"pool needs page_bytes a multiple of {ALIGN} and pages >= 0")
         self.page_bytes = page_bytes
         self.capacity = pages
-        self._storage = torch.empty((pages + 1, page_bytes), dtype=torch.uint8)
-        self._storage[PAD_PAGE].zero_()
-        self._free = list(range(pages, PAD_PAGE, -1))  # a stack: pop() gives the lowest id
+        self._storage = torch.zeros((min(pages, 15) + 1, page_bytes), dtype=torch.uint8)
+        self._free = list(range(PAD_PAGE + 1, pages + 1))  # a heap: the lowest id first
         self._used: set[int] = set()
         self._views: dict[tuple[int, LayerSlot], torch.Tensor] = {}
 
@@ -117,8 +120,9 @@ class KVPool:
                 f"KV pool: {n} pages requested, {len(self._free)} of {self.capacity} free "
                 f"({self.page_bytes} bytes each)"
             )
-        pages = [self._free.pop() for _ in range(n)]
+        pages = [heapq.heappop(self._free) for _ in range(n)]
         if pages:
+            self._grow(max(pages) + 1)
             self._storage[torch.tensor(pages)] = 0
         self._used.update(pages)
         return pages
@@ -133,10 +137,30 @@ class KVPool:
         if stray:
             raise ValueError(f"KV pool: pages {stray[:4]} are not in use")
         self._used.difference_update(pages)
-        self._free.extend(sorted(pages, reverse=True))
+        for p in pages:
+            heapq.heappush(self._free, p)
+
+    def _grow(self, rows: int) -> None:
+        """Make the tensor hold at least `rows` pages (doubling, capped at the pool)."""
+        have = self._storage.shape[0]
+        if rows <= have:
+            return
+        bigger = torch.empty(
+            (min(max(rows, 2 * have), self.capacity + 1), self.page_bytes), dtype=torch.uint8
+        )
+        bigger[:have] = self._storage
+        self._storage = bigger
+        self._views.clear()  # they viewed the old tensor
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes the pool's tensor holds now (its high-water mark, pad page included)."""
+        return self._storage.numel()
 
     def layer_view(self, fmt: PageFormat, slot: LayerSlot) -> torch.Tensor:
-        """Every page's region of one layer, typed: (pages + 1, tokens, 2, H_kv, D).
+        """Every allocated page's region of one layer, typed: (rows, tokens, 2, H_kv, D).
+
+        Valid until the pool next grows (`take`): fetch it after reserving pages.
 
         Raises:
             CacheExhausted: the span's pages need more bytes than this pool's pages have.

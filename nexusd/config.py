@@ -147,6 +147,7 @@ class AtomsConfig:
     host: tuple[str, ...] = ()  # "MODEL" or "MODEL:START-END", e.g. "nexus-1.1:0-4"
     dtype: str = "float32"
     kv_cache_budget_bytes: int = 512 * MiB
+    kv_page_tokens: int = 16  # tokens per page of the KV pool (atoms/kv_pool.py)
     session_idle_s: float = 300.0
     max_sessions: int = 64
     max_step_tokens: int = 65536
@@ -159,6 +160,7 @@ class AtomsConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"atoms.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         _positive("atoms.kv_cache_budget_bytes", self.kv_cache_budget_bytes)
+        _positive("atoms.kv_page_tokens", self.kv_page_tokens)
         if self.host_max_memory_bytes < 0 or not -1.0 <= self.host_accuracy_floor <= 1.0:
             raise ConfigError(
                 "atoms.host_max_memory_bytes / host_accuracy_floor: expected >= 0 / [-1, 1], "
@@ -178,8 +180,11 @@ class ExecConfig:
     verify_first_steps: int = 1  # a host's first N steps in a session are always checked
     verify_tol_fp32: float = 1e-4  # max |diff| / max |reference|, float32 outputs, raw codec
     verify_tol_bf16: float = 5e-2  # the same when either output is bfloat16/float16
+    batch_window_ms: float = 2.0  # as a host: a decode step waits this for others to batch
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.batch_window_ms <= 1000.0:
+            raise ConfigError(f"exec.batch_window_ms: expected 0..1000, got {self.batch_window_ms}")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"exec.verify_rate: expected 0..1, got {self.verify_rate}")
         if self.verify_first_steps < 0:

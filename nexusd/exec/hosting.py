@@ -2,16 +2,21 @@
 
 Rule 1: a session belongs to the peer that opened it: (peer, session id) is the key, so no
 origin can touch another's cache.
-Rule 2: all sessions share one KV byte budget; a session that does not fit is refused with
-`cache_exhausted` (the origin routes elsewhere), never allocated partially.
+Rule 2: all sessions share one KV budget, preallocated as the pages of one `KVPool`
+(atoms/kv_pool.py); a session takes pages as its length grows and gives them back when it
+closes or idles out. A step the pool cannot hold is refused with `cache_exhausted` before
+anything is written (the session stays usable); so is a session whose max_len could never
+fit, or that would not get its first page.
 Rule 3: a step id is applied once; a repeat is answered from the stored result; a step that
 fails mid-way drops its session (its cache may be half-written) and says so.
 Rule 4: torch runs in worker threads behind one CapacityLimiter per device; the time spent
-waiting for it is the step's queue time, reported back with the compute time.
+waiting for it is the step's queue time, reported back with the compute time. Decode steps
+of different sessions that wait together run as one batch (`batching.StepBatcher`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -23,15 +28,17 @@ import torch
 import trio
 
 from atoms.atom import ForwardContext, IOKind
-from atoms.cache import SessionCache
+from atoms.batched import BatchItem, batchable
 from atoms.codecs import Encoded, encode
 from atoms.errors import AtomError, CacheExhausted, CacheNotReady
+from atoms.kv_pool import KVPool, PagedCache, PageFormat
 from atoms.span import Span
 from mesh.errors import MeshError, PeerProtocolError
 from mesh.state import HostedSpan
 
 from ..errors import NexusError
 from ..metrics import Metrics
+from .batching import BatchedStep, StepBatcher
 from .wire import (
     CloseSession,
     ExecChannel,
@@ -46,6 +53,8 @@ from .wire import (
 
 log = structlog.get_logger(__name__)
 KEPT_RESULTS = 1  # answers kept per session for a repeated step id (a resend after a timeout)
+ACTIVE_S = 1.0  # a session that stepped this recently counts as company for a batch
+MAX_BATCH = 32  # decode steps in one batch at most
 
 
 class LoadMeter:
@@ -104,6 +113,14 @@ def warm_up(span: Span) -> float:
     return time.perf_counter() - t0
 
 
+def _physical_memory() -> int:
+    """The machine's RAM in bytes: a KV budget beyond it could not be allocated."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: trust the budget
+        return 1 << 62
+
+
 class TrainHandler(Protocol):
     """What `serve` needs of the training sessions (`exec.train_host.TrainHost`)."""
 
@@ -124,7 +141,7 @@ class ExecRefused(NexusError):
 class _Session:
     opened: OpenSession
     span: Span
-    cache: SessionCache | None
+    cache: PagedCache | None
     batch: int
     reply_codec: str
     last_used: float
@@ -144,6 +161,9 @@ class SpanHost:
         clock: monotonic seconds (injected for tests).
         load_window_s: the window of the advertised utilisation and peak queue depth.
         max_step_tokens: batch x tokens one step may carry (bounds a step's memory).
+        kv_page_tokens: tokens per page of the KV pool ([atoms] kv_page_tokens).
+        batch_window_s: how long a decode step waits for other sessions' steps to batch
+            with ([exec] batch_window_ms); 0 batches only steps that queue anyway.
     """
 
     def __init__(
@@ -157,6 +177,8 @@ class SpanHost:
         clock: Callable[[], float] = time.monotonic,
         load_window_s: float = 5.0,
         max_step_tokens: int = 65536,
+        kv_page_tokens: int = 16,
+        batch_window_s: float = 0.0,
     ) -> None:
         self._spans = list(spans)
         self._max_step_tokens = max_step_tokens
@@ -168,6 +190,15 @@ class SpanHost:
         self._sessions: dict[tuple[bytes, bytes], _Session] = {}
         self.queued = 0  # steps waiting for or using the device right now
         self.load = LoadMeter(load_window_s, clock)
+        self._page_tokens = kv_page_tokens
+        self._pool: KVPool | None = None  # built at the first session that needs a cache
+        self._batcher = StepBatcher(
+            limiter=limiter,
+            window_s=batch_window_s,
+            max_batch=MAX_BATCH,
+            active=self._active_sessions,
+            on_batch=self._batched,
+        )
 
     def __repr__(self) -> str:
         spans = ", ".join(f"{s.model_id}[{s.start},{s.end})" for s in self._spans)
@@ -195,9 +226,47 @@ class SpanHost:
         ]
         return max(costs, default=0)
 
+    def _page_bytes(self) -> int:
+        """Page size that fits the most demanding hosted span (at least 16 bytes)."""
+        sizes = [PageFormat.of(s.kv_layouts(), self._page_tokens).nbytes for s in self._spans]
+        return max([16, *sizes])
+
+    def _pool_for(self, span: Span) -> tuple[KVPool, PageFormat]:
+        """The pool, (re)built while no page is in use when the hosted spans need bigger
+        pages than it has (a span added later); and `span`'s page format."""
+        fmt = PageFormat.of(span.kv_layouts(), self._page_tokens)
+        pool = self._pool
+        if pool is None or (pool.used_pages == 0 and pool.page_bytes != self._page_bytes()):
+            budget = min(self._budget, _physical_memory())  # e.g. the arbiter's 2**40
+            pool = self._pool = KVPool.for_budget(budget, self._page_bytes())
+            log.info("kv_pool_built", pages=pool.capacity, page_bytes=pool.page_bytes)
+        return pool, fmt
+
+    def kv_pages(self) -> tuple[int, int]:
+        """(pages in use, pages in the pool); before the pool exists, what it will hold."""
+        if self._pool is not None:
+            return self._pool.used_pages, self._pool.capacity
+        return 0, min(self._budget, _physical_memory()) // self._page_bytes()
+
     @property
     def kv_bytes_used(self) -> int:
-        return sum(s.cache.nbytes for s in self._sessions.values() if s.cache is not None)
+        """Pool bytes held by sessions (whole pages)."""
+        return self._pool.used_pages * self._pool.page_bytes if self._pool else 0
+
+    @property
+    def kv_free_bytes(self) -> int:
+        """Bytes of free pages: what new tokens can still take here (the advert's room)."""
+        used, total = self.kv_pages()
+        return (total - used) * (self._pool.page_bytes if self._pool else self._page_bytes())
+
+    def _active_sessions(self) -> int:
+        cutoff = self._clock() - ACTIVE_S
+        return sum(1 for s in self._sessions.values() if s.last_used >= cutoff)
+
+    def _batched(self, steps: int, seconds: float) -> None:
+        self.load.busy(seconds)
+        self._metrics.inc("exec_batches_total")
+        self._metrics.inc("exec_batched_steps_total", steps)
 
     @property
     def sessions(self) -> int:
@@ -227,16 +296,7 @@ class SpanHost:
         span = self.span_for(msg.model_id, msg.start, msg.end)
         cache = None
         if msg.max_len > 0 and span.kv_layouts():
-            remaining = self._budget - self.kv_bytes_used
-            try:
-                cache = await trio.to_thread.run_sync(
-                    span.new_session_cache, msg.batch, msg.max_len, remaining
-                )
-            except CacheExhausted as exc:
-                self._metrics.inc("exec_refused_total", code="cache_exhausted")
-                raise ExecRefused(
-                    "cache_exhausted", f"{exc} (host budget {self._budget})"
-                ) from None
+            cache = self._new_cache(span, msg)
         self._sessions[key] = _Session(
             opened=msg,
             span=span,
@@ -248,8 +308,28 @@ class SpanHost:
         self._metrics.set("host_sessions", len(self._sessions))
         return SessionOpened(msg.session_id, cache.nbytes if cache else 0)
 
+    def _new_cache(self, span: Span, msg: OpenSession) -> PagedCache:
+        pool, fmt = self._pool_for(span)
+        cache = PagedCache(pool, fmt, batch=msg.batch, max_len=msg.max_len)
+        need = cache.pages_for(msg.max_len)
+        if need > pool.capacity or pool.free_pages < msg.batch:
+            self._metrics.inc("exec_refused_total", code="cache_exhausted")
+            raise ExecRefused(
+                "cache_exhausted",
+                f"KV cache for batch {msg.batch} x {msg.max_len} tokens needs up to {need} "
+                f"pages of {pool.page_bytes} bytes; the pool has {pool.free_pages} of "
+                f"{pool.capacity} free (host budget {self._budget})",
+            )
+        return cache
+
+    def _drop(self, key: tuple[bytes, bytes]) -> None:
+        """Forget a session and give its pages back to the pool."""
+        sess = self._sessions.pop(key, None)
+        if sess is not None and sess.cache is not None:
+            sess.cache.release()
+
     def close(self, peer: bytes, session_id: bytes) -> None:
-        self._sessions.pop((peer, session_id), None)
+        self._drop((peer, session_id))
         self._metrics.set("host_sessions", len(self._sessions))
 
     def reclaim_idle(self, idle_s: float) -> int:
@@ -257,7 +337,7 @@ class SpanHost:
         cutoff = self._clock() - idle_s
         stale = [k for k, s in self._sessions.items() if s.last_used < cutoff]
         for k in stale:
-            del self._sessions[k]
+            self._drop(k)
         if stale:
             log.info("sessions_reclaimed", count=len(stale), idle_s=idle_s)
             self._metrics.set("host_sessions", len(self._sessions))
@@ -281,6 +361,12 @@ class SpanHost:
             ctx = self._context(sess, msg, x)
         except AtomError as exc:
             raise ExecRefused("bad_input", str(exc)) from None
+        if sess.cache is not None:
+            try:  # all pages of the step before anything is written: a refusal keeps it
+                sess.cache.reserve(msg.position + ctx.positions.shape[1])
+            except CacheExhausted as exc:
+                self._metrics.inc("exec_refused_total", code="cache_exhausted")
+                raise ExecRefused("cache_exhausted", str(exc)) from None
         result, enc = await self._compute(peer, sess, msg, x, ctx)
         sess.next_step += 1
         sess.results[msg.step_id] = (result, enc)
@@ -337,35 +423,35 @@ class SpanHost:
     async def _compute(
         self, peer: bytes, sess: _Session, msg: Step, x: torch.Tensor, ctx: ForwardContext
     ) -> tuple[StepResult, Encoded]:
-        queued_at = time.perf_counter()
-        started: list[float] = []
-
-        def run() -> torch.Tensor:
-            started.append(time.perf_counter())
-            with torch.inference_mode():
-                out: torch.Tensor = sess.span(x, ctx)
-            return out
-
+        item = BatchItem(
+            x=x, position=msg.position, causal=msg.causal, pad_mask=ctx.pad_mask, cache=sess.cache
+        )
+        kinds = (IOKind.IDS, IOKind.HIDDEN)
+        step = BatchedStep(
+            span=sess.span,
+            item=item,
+            single=lambda: sess.span(x, ctx),
+            batchable=sess.span.in_kind in kinds and batchable(item),
+        )
         self.queued += 1
         self.load.queue(self.queued)
         self._metrics.set("host_queue_depth", self.queued)
         try:
-            out = await trio.to_thread.run_sync(run, limiter=self._limiter)
+            out = await self._batcher.run(step)  # measures the step's queue and compute time
         except (AtomError, ValueError, RuntimeError) as exc:
-            self._sessions.pop((peer, msg.session_id), None)  # its cache may be half-written
+            self._drop((peer, msg.session_id))  # its cache may be half-written
             code = "cache_exhausted" if isinstance(exc, CacheExhausted) else "bad_input"
             if isinstance(exc, CacheNotReady):
                 code = "internal"
             self._metrics.inc("exec_refused_total", code=code)
             raise ExecRefused(code, f"{type(exc).__name__}: {exc}") from None
         except BaseException:  # cleanup, then re-raise: not a boundary
-            self._sessions.pop((peer, msg.session_id), None)  # half-written cache: unusable
+            self._drop((peer, msg.session_id))  # half-written cache: unusable
             raise
         finally:
             self.queued -= 1
             self._metrics.set("host_queue_depth", self.queued)
-        done = time.perf_counter()
-        self.load.busy(done - started[0])
+        queued_at, started, done = step.queued_at, [step.started], step.finished
         enc = encode(out, sess.reply_codec)
         queue_s = started[0] - queued_at if started else 0.0
         self._metrics.inc("exec_steps_total", model=sess.span.model_id)

@@ -129,6 +129,8 @@ class Daemon:
             limiter=self.limiter,
             metrics=self.metrics,
             max_step_tokens=cfg.atoms.max_step_tokens,
+            kv_page_tokens=cfg.atoms.kv_page_tokens,
+            batch_window_s=cfg.exec.batch_window_ms / 1000,
         )
         self.signer = Signer(self.key, HybridClock(max_drift_s=cfg.mesh.max_clock_drift_s))
         self.verifier = EnvelopeVerifier(

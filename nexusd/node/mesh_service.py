@@ -360,7 +360,7 @@ class MeshService:
         if self.node is None:
             return
         spans = tuple(self.host.hosted())
-        free_kv = max(0, self.cfg.atoms.kv_cache_budget_bytes - self.host.kv_bytes_used)
+        free_kv = self.host.kv_free_bytes  # the KV pool's free pages
         self.node.set_local_advert(
             spans,
             free_kv,

@@ -220,3 +220,19 @@ def test_pool_never_fragments(ops: list[tuple[int, int, int]]) -> None:
         assert pool.used_pages + pool.free_pages == pool.capacity
         for k, c in sessions.items():
             assert c.pages == c.pages_for(lengths[k])
+
+
+def test_pool_memory_grows_to_its_high_water_mark_and_keeps_pages() -> None:
+    layout = KVLayout(kv_heads=1, head_dim=4, dtype=torch.float32)
+    fmt = PageFormat.of({0: ("m/000", layout)}, tokens=2)
+    pool = KVPool(page_bytes=fmt.nbytes, pages=1000)
+    assert pool.allocated_bytes == 16 * fmt.nbytes  # the pad page and 15 more, not 1000
+    cache = PagedCache(pool, fmt, batch=1, max_len=100)
+    k = torch.arange(2 * 4, dtype=torch.float32).view(1, 1, 2, 4)
+    cache.layer(0).append(k, -k)
+    cache.reserve(60)  # 30 pages: the tensor doubles once
+    assert pool.allocated_bytes == 32 * fmt.nbytes
+    got_k, got_v = cache.layer(0).append(k, -k)
+    assert torch.equal(got_k[:, :, :2], k) and torch.equal(got_v[:, :, 2:], -k)
+    cache.release()
+    assert pool.take(1) == [1]  # the lowest free page first

@@ -1,0 +1,191 @@
+"""Batching the decode steps of concurrent sessions on one host (issue #15, item 2).
+
+Rule 1: a step that can join a batch (`atoms.batched.batchable`: one new token per row)
+waits at most `window_s` for steps of other sessions, and not at all when fewer than two
+sessions stepped recently (an idle host or a lone session pays nothing); the wait ends as
+soon as every recently active session has a step waiting.
+Rule 2: whoever gets the device first runs every waiting step of its span and key (up to
+`max_batch`) as ONE forward (`atoms.batched.run_batched`); steps that arrive while the
+device is busy simply wait, and the next holder takes them together (continuous batching
+in Orca's sense, Yu et al., OSDI 2022, §3.2: the batch is re-formed at every step).
+Rule 3: a batch that fails is undone (each cache's lengths restored; its pages stay with
+their sessions) and its steps run one by one, so one session's bad step fails only itself.
+Rule 4: one step alone runs exactly the unbatched code (`single`): bit-identical to a host
+without batching.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+import torch
+import trio
+
+from atoms.batched import BatchItem, batch_key, run_batched
+from atoms.errors import AtomError
+
+if TYPE_CHECKING:
+    from atoms.span import Span
+
+log = structlog.get_logger(__name__)
+STEP_ERRORS = (AtomError, ValueError, RuntimeError)  # what a forward raises on bad input
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class BatchedStep:
+    """One session's step waiting for the device, and then its outcome.
+
+    Args:
+        span: the span the step runs on (steps batch only with steps of an equal span).
+        item: the step as a batch member.
+        single: runs the step alone, exactly as an unbatched host would.
+        batchable: whether it may join others (`atoms.batched.batchable`); if not, it
+            runs alone at its turn, without waiting for company.
+    """
+
+    span: Span
+    item: BatchItem
+    single: Callable[[], torch.Tensor]
+    batchable: bool
+    queued_at: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    batch_size: int = 0
+    out: torch.Tensor | None = None
+    error: Exception | None = None
+    done: bool = False
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        if not self.batchable:
+            return (id(self),)
+        s = self.span
+        return (s.model_id, s.start, s.end, *batch_key(self.item))
+
+
+class StepBatcher:
+    """Runs steps on the device, one batch per turn of the device limiter.
+
+    Args:
+        limiter: the device's CapacityLimiter (torch work runs behind it).
+        window_s: how long a step waits for company (0: never).
+        max_batch: most steps in one batch.
+        active: how many sessions stepped recently on this host (the company to expect).
+        on_batch: called with (steps, seconds) after every run (metrics, load meter).
+    """
+
+    def __init__(
+        self,
+        *,
+        limiter: trio.CapacityLimiter,
+        window_s: float,
+        max_batch: int,
+        active: Callable[[], int],
+        on_batch: Callable[[int, float], None],
+    ) -> None:
+        if window_s < 0 or max_batch < 1:
+            raise ValueError(f"batcher needs window_s >= 0 and max_batch >= 1, got {window_s}")
+        self._limiter = limiter
+        self._window = window_s
+        self._max = max_batch
+        self._active = active
+        self._on_batch = on_batch
+        self._waiting: list[BatchedStep] = []
+        self._arrived = trio.Event()
+        self._gathering: trio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"StepBatcher({len(self._waiting)} waiting, window {self._window * 1e3:.1f} ms)"
+
+    async def run(self, step: BatchedStep) -> torch.Tensor:
+        """Compute `step` (alone or in a batch) and return its output.
+
+        Raises:
+            AtomError, ValueError, RuntimeError: the step's own forward failed.
+
+        Cancellation: a cancelled step leaves the queue; a batch already on the device
+        finishes (torch threads are not abandoned), and its results are delivered.
+        """
+        step.queued_at = time.perf_counter()
+        self._waiting.append(step)
+        self._arrived.set()
+        try:
+            if step.batchable:
+                await self._gather()
+            while not step.done:
+                async with self._limiter:
+                    if not step.done:
+                        await self._execute(self._take(step))
+        finally:
+            if not step.done and step in self._waiting:
+                self._waiting.remove(step)
+        if step.error is not None:
+            raise step.error
+        assert step.out is not None
+        return step.out
+
+    async def _gather(self) -> None:
+        """The first waiting step holds the others back for up to the window (Rule 1)."""
+        if self._gathering is not None:
+            await self._gathering.wait()
+            return
+        expected = min(self._max, self._active())
+        if self._window <= 0 or expected < 2:
+            return
+        self._gathering = trio.Event()
+        try:
+            with trio.move_on_after(self._window):
+                while len(self._waiting) < expected:
+                    self._arrived = trio.Event()
+                    await self._arrived.wait()
+        finally:
+            self._gathering.set()
+            self._gathering = None
+
+    def _take(self, step: BatchedStep) -> list[BatchedStep]:
+        key = step.key
+        batch = [s for s in self._waiting if s.key == key][: self._max]
+        if step not in batch:
+            batch[-1:] = [step]
+        for s in batch:
+            self._waiting.remove(s)
+        return batch
+
+    async def _execute(self, batch: list[BatchedStep]) -> None:
+        t0 = time.perf_counter()
+        await trio.to_thread.run_sync(_compute, batch)  # the device is held by the caller
+        for s in batch:
+            s.done = True
+        self._on_batch(len(batch), time.perf_counter() - t0)
+
+
+def _compute(batch: list[BatchedStep]) -> None:
+    """Worker thread: run the batch, or its steps one by one (alone, or after a failure)."""
+    start = time.perf_counter()
+    if len(batch) > 1:
+        caches = [s.item.cache for s in batch if s.item.cache is not None]
+        saved = [dict(c.lengths) for c in caches]
+        try:
+            with torch.inference_mode():
+                outs = run_batched(batch[0].span, [s.item for s in batch])
+        except STEP_ERRORS as exc:
+            for cache, lengths in zip(caches, saved, strict=True):
+                cache.lengths = lengths  # undo: the pages written past them are rewritten
+            log.info("batch_failed_retrying_alone", steps=len(batch), reason=str(exc))
+        else:
+            end = time.perf_counter()
+            for s, out in zip(batch, outs, strict=True):
+                s.out, s.started, s.finished, s.batch_size = out, start, end, len(batch)
+            return
+    for s in batch:
+        s.started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                s.out = s.single()
+        except STEP_ERRORS as exc:
+            s.error = exc
+        s.finished, s.batch_size = time.perf_counter(), 1

@@ -1,0 +1,136 @@
+"""A host's KV pool accounting and batched decode steps (SpanHost over atoms.kv_pool)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+
+from atoms.batched import BATCH_RTOL
+from atoms.codecs import encode
+from atoms.span import Span
+from nexusd.exec.hosting import ExecRefused, SpanHost
+from nexusd.exec.wire import OpenSession, Step, header_of, tensor_of
+from nexusd.metrics import Metrics
+
+from .exec_fixtures import tiny_llama
+
+PEER = b"o" * 32
+LENGTHS = [3, 7, 2, 12, 5, 9, 2, 16]  # 8 sessions of mixed prompt lengths (prefills of 2+
+# tokens run alone: a batch is made of one-token steps)
+
+
+def make_host(span: Span, *, budget: int = 1 << 24, window_s: float = 0.0) -> SpanHost:
+    """A host whose clock stands still: every open session counts as recently active."""
+    return SpanHost(
+        [span],
+        kv_budget_bytes=budget,
+        max_sessions=16,
+        limiter=trio.CapacityLimiter(1),
+        metrics=Metrics(),
+        kv_page_tokens=4,
+        batch_window_s=window_s,
+        clock=lambda: 0.0,
+    )
+
+
+def sid(i: int) -> bytes:
+    return bytes([i]) * 16
+
+
+async def open_session(host: SpanHost, i: int, max_len: int = 40) -> None:
+    msg = OpenSession(session_id=sid(i), model_id="tiny", start=0, end=6, batch=1, max_len=max_len)
+    await host.open(PEER, msg)
+
+
+async def step(host: SpanHost, i: int, step_id: int, pos: int, ids: list[int]) -> torch.Tensor:
+    enc = encode(torch.tensor([ids]))
+    msg = Step(
+        session_id=sid(i),
+        step_id=step_id,
+        position=pos,
+        causal=True,
+        tensor=header_of(enc),
+        pad_mask=b"",
+    )
+    result, out = await host.step(PEER, msg, enc.data)
+    return tensor_of(result.tensor, out.data)
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [(7 * i + 3 * t) % 90 + 1 for t in range(n)]
+
+
+async def decode_all(
+    host: SpanHost, *, together: bool, rounds: int = 4
+) -> list[list[torch.Tensor]]:
+    """Prefill each session alone, then `rounds` decode steps of all 8 (concurrent or not)."""
+    outs: list[list[torch.Tensor]] = [[] for _ in LENGTHS]
+    for i, n in enumerate(LENGTHS):
+        await open_session(host, i)
+        outs[i].append(await step(host, i, 0, 0, prompt(i, n)))
+
+    async def one(i: int, r: int) -> None:
+        token = int(outs[i][-1][0, -1].argmax())
+        outs[i].append(await step(host, i, r + 1, LENGTHS[i] + r, [token]))
+
+    for r in range(rounds):
+        if together:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(LENGTHS)):
+                    nursery.start_soon(one, i, r)
+        else:
+            for i in range(len(LENGTHS)):
+                await one(i, r)
+    return outs
+
+
+async def test_concurrent_decode_steps_run_as_one_batch_and_match_alone() -> None:
+    span = tiny_llama()
+    alone = await decode_all(make_host(span), together=False)
+    host = make_host(span, window_s=10.0)  # the wait ends when all 8 active sessions arrive
+    batched = await decode_all(host, together=True)
+    for want, got in zip(alone, batched, strict=True):
+        assert torch.equal(want[0], got[0])  # a step alone is the unbatched code, bit for bit
+        for a, b in zip(want[1:], got[1:], strict=True):
+            assert float((a - b).abs().max() / a.abs().max()) <= BATCH_RTOL
+    metrics = host._metrics
+    assert metrics.value("exec_batches_total") == len(LENGTHS) + 4  # prefills alone, 4 rounds
+    assert metrics.value("exec_batched_steps_total") == len(LENGTHS) * 5
+
+
+async def test_pages_follow_session_length_and_come_back() -> None:
+    span = tiny_llama()
+    host = make_host(span)
+    assert host.kv_pages()[0] == 0
+    await open_session(host, 0)
+    assert host.kv_pages()[0] == 0  # nothing taken before the first step
+    await step(host, 0, 0, 0, prompt(0, 9))  # 9 tokens: 3 pages of 4
+    used, total = host.kv_pages()
+    assert used == 3 and total == (1 << 24) // host._page_bytes()
+    assert host.kv_free_bytes == (total - used) * host._page_bytes()
+    await open_session(host, 1)
+    await step(host, 1, 0, 0, prompt(1, 2))
+    assert host.kv_pages()[0] == 4
+    host.close(PEER, sid(0))
+    assert host.kv_pages()[0] == 1
+    assert host.reclaim_idle(-1.0) == 1  # idle past a negative age: every session
+    assert host.kv_pages()[0] == 0
+
+
+async def test_a_full_pool_refuses_the_step_and_keeps_the_session() -> None:
+    span = tiny_llama()
+    page = make_host(span)._page_bytes()
+    host = make_host(span, budget=4 * page)  # 4 pages of 4 tokens
+    await open_session(host, 0, max_len=16)
+    await open_session(host, 1, max_len=16)
+    await step(host, 0, 0, 0, prompt(0, 12))  # 3 pages
+    with pytest.raises(ExecRefused, match="2 pages requested, 1 of 4 free") as info:
+        await step(host, 1, 0, 0, prompt(1, 5))
+    assert info.value.code == "cache_exhausted"
+    host.close(PEER, sid(0))
+    out = await step(host, 1, 0, 0, prompt(1, 5))  # the same step, now that pages are free
+    assert out.shape == (1, 5, 97)
+    with pytest.raises(ExecRefused, match="needs up to 50 pages") as info:
+        await open_session(host, 2, max_len=200)  # could never fit in 4 pages
+    assert info.value.code == "cache_exhausted"
