@@ -158,7 +158,11 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
         help="also kill a host mid-generation and show the job finishing identically",
     )
     p.add_argument("--max-tokens", type=int, default=40, help="tokens per generation (default 40)")
-    p.add_argument("--keep", action="store_true", help="keep the demo's data dirs and logs")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the mesh up (the dashboard's URL is printed) until Ctrl-C, then its data dirs",
+    )
     p.add_argument("--workdir", type=Path, help="where the demo's nodes live (default: a temp dir)")
     p.add_argument(
         "--models-dir",

@@ -34,7 +34,7 @@ from ..api.records import (
 )
 from ..cli.output import route_table
 from ..model_registry import DEFAULT_EMBED_MODEL, DEFAULT_GENERATE_MODEL, ModelRegistry
-from .cluster import LocalCluster, even_spans
+from .cluster import LocalCluster, even_spans, free_port
 
 PROMPT = "It was a truth universally acknowledged, that"
 TEMPERATURE, TOP_K, SEED = 0.8, 40, 7  # sampled: readable, and reproducible by the seed
@@ -102,7 +102,14 @@ def run_demo(opts: DemoOptions) -> int:
         f"({time.perf_counter() - t0:.1f}s)"
     )
     names = ["origin"] + [f"host{i}" for i in range(1, opts.nodes)]
-    cluster = LocalCluster(workdir, opts.nodes, models_dir=models_dir, names=names)
+    http_port = free_port()
+    cluster = LocalCluster(
+        workdir,
+        opts.nodes,
+        models_dir=models_dir,
+        names=names,
+        node_args=[["--http-port", str(http_port)]] + [[] for _ in range(1, opts.nodes)],
+    )
     try:
         say(f"\n[2/6] starting {opts.nodes} daemons and joining them by invite")
         t0 = time.perf_counter()
@@ -131,6 +138,11 @@ def run_demo(opts: DemoOptions) -> int:
         demo_classify(cluster, outcome)
         if opts.failover:
             demo_failover(cluster, ref_tokens, opts.max_tokens, outcome)
+        url = f"http://127.0.0.1:{http_port}/"
+        say(f"\n  dashboard: {url}   OpenAI-compatible API: {url}v1")
+        if opts.keep:
+            say("  the mesh stays up (--keep): open the dashboard; Ctrl-C stops it")
+            _wait_for_interrupt(cluster)
     finally:
         say("\n[6/6] stopping the daemons (SIGTERM, graceful)")
         codes = []
@@ -328,3 +340,22 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_for_interrupt(cluster: LocalCluster) -> None:
+    """Block until Ctrl-C or SIGTERM (or until the origin daemon exits on its own)."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # A shell starts background jobs with SIGINT ignored: take both signals explicitly.
+    old_int = signal.signal(signal.SIGINT, interrupt)
+    old_term = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        cluster.daemon(0).proc.wait()
+        say("  the origin daemon exited")
+    except KeyboardInterrupt:
+        say("\n  interrupted")
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
