@@ -479,6 +479,10 @@ def _msgpack_steps() -> tuple[tuple[int, int], ...]:
 
 
 _STEPS = _msgpack_steps()
+# Every byte that is not a container type byte (fixmap, fixarray, array16/32, map16/32):
+# deleting them leaves an upper bound on the containers a message can open.
+_NOT_CONTAINER = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
+_QUICK_BYTES = 4096
 
 
 def _check_nesting(buf: bytes, max_depth: int) -> None:
@@ -495,6 +499,8 @@ def _check_nesting(buf: bytes, max_depth: int) -> None:
     Raises:
         MalformedMessage: a container at depth > `max_depth` (the top-level array is 1).
     """
+    if len(buf) <= _QUICK_BYTES and len(buf.translate(None, _NOT_CONTAINER)) <= max_depth:
+        return  # no more container bytes than max_depth: cannot nest deeper (~0.3 us)
     steps, open_items = _STEPS, [1]  # items still to come in each open container (+ the root)
     pos, end = 0, len(buf)
     while pos < end:

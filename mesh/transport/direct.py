@@ -75,6 +75,8 @@ _ROLE_INITIATOR = b"initiator\0"
 _ROLE_RESPONDER = b"responder\0"
 _HEADER = struct.Struct(">I")
 _HANDSHAKE_MAX_BYTES = 1024  # the largest handshake message is ~200 bytes
+#: The largest header a `send_message` frame may carry (the exec protocol's own bound).
+MAX_MESSAGE_HEADER_BYTES = 1024 * 1024
 _READ_CHUNK = 64 * 1024
 _READ_CHUNK_MAX = 1024 * 1024
 _MAX_HANDSHAKES = 64  # concurrent unauthenticated connections per listener
@@ -258,8 +260,7 @@ class DirectStream:
         await _acquire(self._send_lock)
         try:
             self._check_usable()
-            sealed = self._tx.seal(payload)
-            await self._send_wire(_HEADER.pack(len(sealed)) + sealed)
+            await self._send_wire(self._tx.seal_frame(payload))
         finally:
             self._send_lock.release()
 
@@ -282,10 +283,72 @@ class DirectStream:
         await _acquire(self._send_lock)
         try:
             self._check_usable()
-            sealed = [self._tx.seal(payload) for payload in payloads]
-            await self._send_wire(b"".join(_HEADER.pack(len(c)) + c for c in sealed))
+            await self._send_wire(b"".join([self._tx.seal_frame(p) for p in payloads]))
         finally:
             self._send_lock.release()
+
+    async def send_message(self, header: bytes, payload: bytes) -> None:
+        """Send a (header, payload) message as ONE frame: 4-byte header length, header,
+        payload, sealed together (one AEAD and one wake-up per message, where two frames
+        cost two of each; read it with `receive_message`).
+
+        Raises:
+            OversizeMessage: `payload` over `max_frame_bytes`, or `header` over
+                `MAX_MESSAGE_HEADER_BYTES` (before anything is sent).
+            As for `send` otherwise.
+        """
+        if len(payload) > self._config.max_frame_bytes or len(header) > MAX_MESSAGE_HEADER_BYTES:
+            raise OversizeMessage(
+                f"message of {len(header)} + {len(payload)} bytes, over the limits of "
+                f"{MAX_MESSAGE_HEADER_BYTES} + {self._config.max_frame_bytes}"
+            )
+        self._check_usable()
+        await _acquire(self._send_lock)
+        try:
+            self._check_usable()
+            plain = b"".join((_HEADER.pack(len(header)), header, payload))
+            await self._send_wire(self._tx.seal_frame(plain))
+        finally:
+            self._send_lock.release()
+
+    async def receive_message(
+        self, *, timeout_s: float | None = None, max_header_bytes: int = MAX_MESSAGE_HEADER_BYTES
+    ) -> tuple[bytes, bytes]:
+        """Receive one `send_message` message: (header, payload).
+
+        The frame is bounded on its length prefix by `max_frame_bytes` + `max_header_bytes`
+        (+ 4 + tag) before its body is read; the header's length, inside the authenticated
+        frame, is then checked against `max_header_bytes`.
+
+        Raises:
+            MalformedMessage: the header length is over `max_header_bytes` or past the end
+                of the frame (stream closed).
+            As for `receive` otherwise.
+        """
+        self._check_usable()
+        deadline = self._config.read_timeout_s if timeout_s is None else timeout_s
+        limit = self._config.max_frame_bytes + min(max_header_bytes, MAX_MESSAGE_HEADER_BYTES)
+        await _acquire(self._receive_lock)
+        try:
+            self._check_usable()
+            sealed = await self._receive_frame(deadline, None, limit + _HEADER.size)
+        finally:
+            self._receive_lock.release()
+        try:
+            plain = self._rx.open(sealed)
+            if len(plain) < _HEADER.size:
+                raise MalformedMessage(f"message frame of {len(plain)} bytes has no header length")
+            (length,) = _HEADER.unpack_from(plain)
+            end = _HEADER.size + length
+            if length > max_header_bytes or end > len(plain):
+                raise MalformedMessage(
+                    f"message header of {length} bytes: over {max_header_bytes} or past the "
+                    f"{len(plain)}-byte frame"
+                )
+        except PeerProtocolError as exc:
+            await self._break(f"peer protocol error: {exc}")
+            raise
+        return plain[_HEADER.size : end], plain[end:]
 
     async def _send_wire(self, data: bytes) -> None:
         # A bare CancelScope rather than fail_after: the same deadline at a fraction of the
@@ -329,10 +392,13 @@ class DirectStream:
             await self._break(f"peer protocol error: {exc}")
             raise
 
-    async def _receive_frame(self, deadline: float, max_bytes: int | None) -> bytes:
-        limit = self._config.max_frame_bytes
-        if max_bytes is not None:
-            limit = max(0, min(max_bytes, limit))
+    async def _receive_frame(
+        self, deadline: float, max_bytes: int | None, limit: int | None = None
+    ) -> bytes:
+        if limit is None:
+            limit = self._config.max_frame_bytes
+            if max_bytes is not None:
+                limit = max(0, min(max_bytes, limit))
         limit += AEAD_TAG_BYTES
         sealed = None
         try:

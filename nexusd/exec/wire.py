@@ -1,14 +1,15 @@
 """The execution protocol: activations between an origin and the hosts of a route.
 
-Rule 1: every message is two frames on a long-lived stream: a header (one of the records
-below), then the tensor payload (empty when the message has none). On a stream the
+Rule 1: every message is a header (one of the records below) and a tensor payload (empty
+when the message has none) on a long-lived stream. On a stream the
 transport does not authenticate per frame (libp2p), the header travels inside a signed
 envelope (domain `nexus/act/1`) that also signs the payload's BLAKE2b digest, so a
 tampered or truncated tensor is rejected before it is decoded. On a channel that
 authenticates every frame itself (the direct channel: a signed handshake binding both
 node ids, AEAD with per-direction counters), the per-message signature adds nothing but
-cost (0.6 ms per round trip, measured by bench/hop), so the header travels bare, both
-frames in one write; membership is still checked on every message.
+cost (0.6 ms per round trip, measured by bench/hop), so the header travels bare, header
+and payload sealed as one frame (`DirectStream.send_message`: one AEAD, one read and one
+wake-up per message); membership is still checked on every message.
 Rule 2: tensors are decoded only through `atoms.codecs` (length, dtype, finiteness
 checked); a host or origin never trusts a peer's tensor before that.
 Rule 3: steps of a session carry consecutive ids; a host applies each id once and answers
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 import torch
@@ -194,11 +195,12 @@ class ExecChannel:
         self._is_member = is_member
         self._expect = expect
         self.signed = not getattr(stream, "channel_authenticated", False)
+        self._messages = None if self.signed else cast("MessageStream", stream)
 
     async def send(self, msg: object, tensor: Encoded | None = None) -> None:
         payload = tensor.data if tensor is not None else b""
-        if not self.signed:
-            await self.stream.send_many([encode(msg), payload])  # type: ignore[attr-defined]
+        if self._messages is not None:
+            await self._messages.send_message(encode(msg), payload)
             return
         env = seal_large(
             self._signer.key,
@@ -219,12 +221,15 @@ class ExecChannel:
                 sender other than the stream's authenticated peer, or malformed record.
             TransportBroken: the stream broke or the deadline passed.
         """
-        raw = await self.stream.receive(timeout_s=timeout_s, max_bytes=MAX_HEADER_BYTES)
-        payload = await self.stream.receive(timeout_s=timeout_s)
-        if not self.signed:
+        if self._messages is not None:
+            raw, payload = await self._messages.receive_message(
+                timeout_s=timeout_s, max_header_bytes=MAX_HEADER_BYTES
+            )
             if not self._is_member(self.stream.remote_id):
                 raise UnknownSender("exec peer is no longer a member of the mesh")
             return decode_any(raw, self._expect), payload
+        raw = await self.stream.receive(timeout_s=timeout_s, max_bytes=MAX_HEADER_BYTES)
+        payload = await self.stream.receive(timeout_s=timeout_s)
         env, large = self._verifier.open_large(
             raw, payload, domain=EXEC_DOMAIN, now=time.time(), is_known=self._is_member
         )
@@ -234,6 +239,16 @@ class ExecChannel:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class MessageStream(Protocol):
+    """A stream that authenticates every frame and carries a (header, payload) message in
+    one frame (`mesh.transport.direct.DirectStream`)."""
+
+    async def send_message(self, header: bytes, payload: bytes) -> None: ...
+    async def receive_message(
+        self, *, timeout_s: float | None = None, max_header_bytes: int
+    ) -> tuple[bytes, bytes]: ...
 
 
 class IsMember(Protocol):

@@ -15,6 +15,7 @@ from atoms.atom import ForwardContext
 from mesh.errors import (
     ClosedError,
     DecryptionFailed,
+    MalformedMessage,
     OversizeMessage,
     PeerProtocolError,
     TransportBroken,
@@ -188,6 +189,33 @@ async def test_send_many_writes_several_frames_at_once() -> None:
         await stream.aclose()
         with pytest.raises(ClosedError):
             await stream.send_many((b"late",))
+
+
+async def test_message_is_one_frame_bounded_by_its_header_length() -> None:
+    # The echo sees a message as one frame (header length, header, payload sealed together).
+    async with open_direct_listener(BOB, LOCAL, 0, CONFIG, everyone, echo) as bob:
+        stream = await connect_direct(ALICE, bob.addr, BOB.node_id, CONFIG)
+        await stream.send_message(b"header", b"payload" * 1000)
+        assert await stream.receive_message(max_header_bytes=64) == (b"header", b"payload" * 1000)
+        await stream.send_message(b"", b"")
+        assert await stream.receive_message(max_header_bytes=0) == (b"", b"")
+        with pytest.raises(OversizeMessage, match="over the limits"):
+            await stream.send_message(b"h", b"x" * (CONFIG.max_frame_bytes + 1))
+        await stream.send_message(b"h" * 65, b"p")
+        with pytest.raises(MalformedMessage, match="message header of 65 bytes"):
+            await stream.receive_message(max_header_bytes=64)
+        with pytest.raises(TransportBroken):  # a peer protocol error closes the stream
+            await stream.receive_message(max_header_bytes=64)
+
+        stream = await connect_direct(ALICE, bob.addr, BOB.node_id, CONFIG)
+        await stream.send(b"\0\0\0\x10short")  # announces a 16-byte header in a 9-byte frame
+        with pytest.raises(MalformedMessage, match="past the 9-byte frame"):
+            await stream.receive_message(max_header_bytes=64)
+        stream = await connect_direct(ALICE, bob.addr, BOB.node_id, CONFIG)
+        await stream.send(b"\0\0")
+        with pytest.raises(MalformedMessage, match="no header length"):
+            await stream.receive_message(max_header_bytes=64)
+        await stream.aclose()
 
 
 async def test_non_member_is_refused_after_the_handshake_with_a_logged_reason() -> None:
