@@ -180,6 +180,10 @@ class ExecConfig:
     verify_first_steps: int = 1  # a host's first N steps in a session are always checked
     verify_tol_fp32: float = 1e-4  # max |diff| / max |reference|, float32 outputs, raw codec
     verify_tol_bf16: float = 5e-2  # the same when either output is bfloat16/float16
+    # jobs with `--codec auto`: a hop whose link to this node is measured below
+    # slow_link_bytes_per_s carries slow_link_codec (the error the job accepts), others raw
+    slow_link_bytes_per_s: float = 6.25e6  # 50 Mbit/s
+    slow_link_codec: str = "int8"  # fp16 | bf16 | int8
     batch_window_ms: float = 2.0  # as a host: a decode step waits this for others to batch
 
     def __post_init__(self) -> None:
@@ -187,6 +191,11 @@ class ExecConfig:
             raise ConfigError(f"exec.batch_window_ms: expected 0..1000, got {self.batch_window_ms}")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"exec.verify_rate: expected 0..1, got {self.verify_rate}")
+        if self.slow_link_bytes_per_s < 0 or self.slow_link_codec not in ("fp16", "bf16", "int8"):
+            raise ConfigError(
+                "exec.slow_link_bytes_per_s / slow_link_codec: expected >= 0 / fp16, bf16 or "
+                f"int8, got {self.slow_link_bytes_per_s} / {self.slow_link_codec!r}"
+            )
         if self.verify_first_steps < 0:
             raise ConfigError(
                 f"exec.verify_first_steps: expected >= 0, got {self.verify_first_steps}"

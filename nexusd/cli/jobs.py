@@ -102,8 +102,9 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--codec",
         default="raw",
-        choices=("raw", "fp16", "bf16", "int8"),
-        help="wire codec for activations (default raw: exact)",
+        choices=("raw", "fp16", "bf16", "int8", "auto"),
+        help="wire codec for activations (default raw: exact; auto: per hop, "
+        "[exec] slow_link_codec on links measured below slow_link_bytes_per_s, else raw)",
     )
     _job_flags(p)
 
@@ -170,8 +171,9 @@ def _embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--codec",
         default="raw",
-        choices=("raw", "fp16", "bf16", "int8"),
-        help="wire codec for activations (default raw: exact)",
+        choices=("raw", "fp16", "bf16", "int8", "auto"),
+        help="wire codec for activations (default raw: exact; auto: per hop, "
+        "[exec] slow_link_codec on links measured below slow_link_bytes_per_s, else raw)",
     )
     _job_flags(p)
 

@@ -25,7 +25,7 @@ import torch
 import trio
 
 from atoms.atom import ForwardContext
-from atoms.codecs import CODECS, wire_bytes
+from atoms.codecs import wire_bytes
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
 from atoms.span import Span
 from mesh.closing import close_bounded
@@ -47,6 +47,7 @@ from ..api.records import (
     TrainRequest,
 )
 from ..errors import NEXUS_ERRORS, ApiError
+from ..exec.adaptive import AUTO, JOB_CODECS, CodecPolicy, hop_codec, tolerance_codec
 from ..exec.hosting import SpanHost
 from ..exec.planner import MeshView, make_planner
 from ..exec.session import (
@@ -94,6 +95,7 @@ class JobEngine:
         step_timeout_s: deadline of one hop's answer (a frozen host is failed over).
         training: this node's training host and limits; None: no training jobs.
         verify: spot-checks of the hosts a session goes through ([exec] verify_*); None: none.
+        codec_policy: how a job with codec "auto" picks each hop's codec ([exec] slow_link_*).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class JobEngine:
         rng: random.Random | None = None,
         training: TrainingSetup | None = None,
         verify: VerifyPolicy | None = None,
+        codec_policy: CodecPolicy | None = None,
     ) -> None:
         self.view = view
         self.host = host
@@ -120,6 +123,7 @@ class JobEngine:
         self._rng = rng or random.Random()
         self.training = training
         self._verify = verify
+        self._codec_policy = codec_policy or CodecPolicy()
         self._arbiter_spans: OrderedDict[tuple[str, int, int], Span] = OrderedDict()
         self._arbiter_limiter = trio.CapacityLimiter(1)
 
@@ -153,7 +157,13 @@ class JobEngine:
             if p.host == self.view.node_id:
                 return LocalHop(p, model_id, self.host, self.view.node_id)
             channel = await self._open_channel(p.host)
-            return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=codec)
+            chosen = hop_codec(
+                codec, self.view.links(), self.view.node_id, p.host, self._codec_policy
+            )
+            if codec == AUTO:
+                log.info("hop_codec", host=self.view.name_of(p.host), codec=chosen)
+                self._metrics.inc("wire_codec_hops_total", codec=chosen)
+            return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=chosen)
 
         async def arbiter(
             start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
@@ -166,7 +176,7 @@ class JobEngine:
             else Verification(
                 policy=self._verify,
                 arbiter=arbiter,
-                codec=codec,
+                codec=tolerance_codec(codec, self._codec_policy),
                 trusted=self.view.node_id,
                 rng=random.Random(self._rng.getrandbits(64)),
                 on_check=lambda outcome: self._metrics.inc("verify_checks_total", outcome=outcome),
@@ -303,7 +313,7 @@ class JobEngine:
             n_atoms=info.n_atoms,
             batch=1,
             max_len=len(prompt_ids) + req.max_new_tokens,
-            bytes_per_hop=wire_bytes(hidden, torch.float32, req.codec),
+            bytes_per_hop=wire_bytes(hidden, torch.float32, _sized(req.codec)),
             kind="latency",
             codec=req.codec,
             on_route=lambda hops, why: pending.append(self.route_event(job_id, hops, why)),
@@ -411,7 +421,9 @@ class JobEngine:
                 n_atoms=info.n_atoms,
                 batch=micro_batch,
                 max_len=0,
-                bytes_per_hop=wire_bytes(micro_batch * avg_tokens * hidden, torch.float32, codec),
+                bytes_per_hop=wire_bytes(
+                    micro_batch * avg_tokens * hidden, torch.float32, _sized(codec)
+                ),
                 kind="batch",
                 codec=codec,
             )
@@ -600,8 +612,13 @@ def _softmax_reply(
 
 
 def _check_codec(codec: str) -> None:
-    if codec not in CODECS:
-        raise ApiError("bad_request", f"codec: expected one of {sorted(CODECS)}, got {codec!r}")
+    if codec not in JOB_CODECS:
+        raise ApiError("bad_request", f"codec: expected one of {JOB_CODECS}, got {codec!r}")
+
+
+def _sized(codec: str) -> str:
+    """The codec a route's cost is estimated with ("auto": raw, the worst case)."""
+    return "raw" if codec == AUTO else codec
 
 
 def _first_job_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

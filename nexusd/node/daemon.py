@@ -36,6 +36,7 @@ from ..api.records import HostRequest, OkReply, ShutdownRequest, StatusReply, St
 from ..api.server import ApiServer, Emit
 from ..config import Config, ExecConfig
 from ..errors import NEXUS_ERRORS, AlreadyRunning
+from ..exec.adaptive import codec_policy_of
 from ..exec.hosting import SpanHost, warm_up
 from ..exec.planner import MeshView
 from ..exec.train_host import TrainHost
@@ -176,6 +177,7 @@ class Daemon:
             step_timeout_s=cfg.mesh.read_timeout_s,
             training=training,
             verify=verify_policy(cfg.exec),
+            codec_policy=codec_policy_of(cfg.exec),
         )
         self.journal = Journal(paths.jobs_db)
         self.jobs = JobService(self.engine, self.journal, self.metrics)
