@@ -62,6 +62,7 @@ from mesh.state import (
     SignedEntry,
     Slot,
     SlotKind,
+    SpanProfile,
 )
 from mesh.store import StateStore
 from mesh.sync import SYNC_PROTOCOL, Replicator, classify_rejection
@@ -620,6 +621,7 @@ class MeshNode:
     def set_local_advert(
         self, spans: tuple[HostedSpan, ...], free_memory_bytes: int, free_kv_tokens: int,
         codecs: tuple[str, ...], state: NodeState = NodeState.ONLINE, direct_addr: str = "",
+        profiles: tuple[SpanProfile, ...] = (), memory_bytes: int = 0,
     ) -> None:  # fmt: skip
         """Set what our advert says; it is re-signed and gossiped now and every refresh.
 
@@ -627,7 +629,7 @@ class MeshNode:
             ValueError: a value out of range (see `Advert`).
         """
         self._advert = Advert(tuple(spans), free_memory_bytes, free_kv_tokens, tuple(codecs),
-                              (), state, 0, direct_addr)  # fmt: skip
+                              (), state, 0, direct_addr, tuple(profiles), memory_bytes)  # fmt: skip
         self._advert_wake.set()
 
     def set_local_load(self, queue_depth: int, utilisation: float,

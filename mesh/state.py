@@ -68,6 +68,7 @@ from mesh.state_records import NodeState as NodeState
 from mesh.state_records import PublishedAtom as PublishedAtom
 from mesh.state_records import PublishedModel as PublishedModel
 from mesh.state_records import Revocation as Revocation
+from mesh.state_records import SpanProfile as SpanProfile
 from mesh.wire import Limits, decode, encode, record
 
 log = structlog.get_logger(__name__)

@@ -129,6 +129,36 @@ class HostedSpan:
         _need_name("span dtype", self.dtype)
 
 
+MAX_COMPUTE_S_PER_ATOM = 3600.0  # a profile slower than an hour per atom is nonsense
+MAX_KV_BYTES_PER_TOKEN = 1 << 40
+
+
+@record("span_profile")
+@dataclass(frozen=True, slots=True)
+class SpanProfile:
+    """What a host measured of one hosted span: compute seconds per atom of a one-token
+    step (smoothed), KV-cache bytes one token costs across the span, and whether the
+    daemon placed it itself (`--auto`: it may move it when the swarm needs it elsewhere).
+    """
+
+    model_id: str
+    start: int
+    end: int
+    compute_s_per_atom: float
+    kv_bytes_per_token: int
+    auto: bool = False
+
+    def __post_init__(self) -> None:
+        _need_len("profile model_id", self.model_id.encode(), 1, MAX_MODEL_ID_BYTES)
+        rng = (self.start, self.end)
+        _need(0 <= self.start < self.end, "profile range", "0 <= start < end", rng)
+        c = self.compute_s_per_atom
+        ok = math.isfinite(c) and 0 < c <= MAX_COMPUTE_S_PER_ATOM
+        _need(ok, "profile compute_s_per_atom", f"0 < s <= {MAX_COMPUTE_S_PER_ATOM}", c)
+        kv = self.kv_bytes_per_token
+        _need(0 <= kv <= MAX_KV_BYTES_PER_TOKEN, "profile kv_bytes_per_token", "0..2^40", kv)
+
+
 class NodeState(enum.Enum):
     """Lifecycle of a node as advertised."""
 
@@ -150,9 +180,13 @@ class Advert:
     state: NodeState
     lease_expires_ms: int
     direct_addr: str = ""  # "HOST:PORT" of the node's direct data channel, "" for none
+    profiles: tuple[SpanProfile, ...] = ()  # measured figures of the hosted spans
+    memory_bytes: int = 0  # weight memory the node gives hosting (0: not said)
 
     def __post_init__(self) -> None:
         _need_len("advert spans", self.spans, 0, 256)
+        _need_len("advert profiles", self.profiles, 0, 256)
+        _need(self.memory_bytes >= 0, "advert memory_bytes", ">= 0", self.memory_bytes)
         _need_len("advert direct_addr", self.direct_addr, 0, 64)
         free = (self.free_memory_bytes, self.free_kv_tokens)
         _need(min(free) >= 0, "advert free_memory_bytes, free_kv_tokens", ">= 0", free)

@@ -144,7 +144,7 @@ class AtomsConfig:
     """[atoms]: models this node hosts and the memory it gives them."""
 
     models_dir: str = ""  # empty: <data_dir>/models
-    host: tuple[str, ...] = ()  # "MODEL" or "MODEL:START-END", e.g. "nexus-1.1:0-4"
+    host: tuple[str, ...] = ()  # "MODEL", "MODEL:START-END" ("nexus-1.1:0-4") or "MODEL:auto"
     dtype: str = "float32"
     kv_cache_budget_bytes: int = 512 * MiB
     kv_page_tokens: int = 16  # tokens per page of the KV pool (atoms/kv_pool.py)
@@ -155,8 +155,17 @@ class AtomsConfig:
     # model as saved) and the lowest output cosine against fp32 a compression level may have
     host_max_memory_bytes: int = 0
     host_accuracy_floor: float = 0.99
+    memory_budget_bytes: int = 0  # weights "MODEL:auto" may place here; 0: half the RAM
+    placement_interval_s: float = 30.0  # how often "MODEL:auto" re-checks its span
+    rebalance_threshold: float = 0.2  # move only for this much more swarm throughput
 
     def __post_init__(self) -> None:
+        if self.memory_budget_bytes < 0 or self.rebalance_threshold < 0:
+            raise ConfigError(
+                "atoms.memory_budget_bytes and atoms.rebalance_threshold: expected >= 0, "
+                f"got {self.memory_budget_bytes} and {self.rebalance_threshold}"
+            )
+        _positive("atoms.placement_interval_s", self.placement_interval_s)
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"atoms.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         _positive("atoms.kv_cache_budget_bytes", self.kv_cache_budget_bytes)

@@ -369,12 +369,28 @@ class WaitRequest:
     timeout_s: float = 30.0
 
 
+@record("api.bottleneck_row")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BottleneckRow:
+    """A model's least-served span in the swarm (tokens/s 0: nobody serves it) and the
+    command that would fix it."""
+
+    model_id: str
+    n_atoms: int
+    start: int
+    end: int
+    tokens_per_s: float
+    hosts: int
+    fix: str
+
+
 @record("api.peers_reply")
 @dataclass(frozen=True, slots=True)
 class PeersReply:
     mesh_id: str
     peers: tuple[PeerRow, ...]
     counters: tuple[tuple[str, int], ...]
+    bottlenecks: tuple[BottleneckRow, ...] = ()  # per model the node knows
 
 
 # ---- training ----------------------------------------------------------------------------

@@ -148,6 +148,15 @@ def _peer_findings(peers: PeersReply, cfg: Config) -> list[Finding]:
         else:
             rtt = f"{p.rtt_ms:.1f} ms" if p.rtt_ms >= 0 else "RTT not measured yet"
             out.append(Finding("ok", "peer", f"{who}: connected, {rtt}, {p.state}"))
+    for b in peers.bottlenecks:
+        where = f"{b.model_id} atoms {b.start}-{b.end} (of {b.n_atoms})"
+        if b.tokens_per_s <= 0:
+            detail = f"{where}: nobody serves them, jobs on {b.model_id} fail; fix: {b.fix}"
+            out.append(Finding("fail", "bottleneck", detail))
+        else:
+            speed = f"{b.tokens_per_s:.1f} tokens/s"
+            detail = f"{where} is the slowest span at {speed}; to raise it: {b.fix}"
+            out.append(Finding("ok", "bottleneck", detail))
     suspicious = {k: v for k, v in peers.counters if v and k in ("future", "stale")}
     if suspicious:
         out.append(

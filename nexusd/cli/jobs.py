@@ -290,6 +290,12 @@ def _host_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model id, e.g. nexus-1.1 or minilm")
     p.add_argument("--atoms", metavar="A-B", help="host atoms A..B-1 only (default: all)")
     p.add_argument(
+        "--auto",
+        action="store_true",
+        help="let the node pick the span where the swarm needs it, and move it when the "
+        "swarm changes (config: atoms.placement_interval_s, atoms.rebalance_threshold)",
+    )
+    p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
         default="",
@@ -300,7 +306,10 @@ def _host_flags(p: argparse.ArgumentParser) -> None:
 
 def _host(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     fitted = fit_to_budget(args, cfg, paths)  # --max-memory: the level that fits, or nothing
+    if args.auto and args.atoms:
+        raise ApiError("bad_request", "--auto picks the atoms itself: give --atoms or --auto")
     spec = f"{args.model}:{args.atoms}" if args.atoms else args.model
+    spec = f"{args.model}:auto" if args.auto else spec
     reply = call_daemon(paths, HostRequest(spec, args.dtype), expect=OkReply, timeout_s=600)
     emit(args, {"hosting": spec, **fitted.data}, lambda: fitted.text + reply.message)
     return 0

@@ -126,10 +126,24 @@ def peers_table(reply: PeersReply) -> str:
         ]
         for p in reply.peers
     ]
-    return table(
+    out = table(
         ["name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting", "queue/busy", ""],
         rows,
     )
+    return "\n".join([out, *bottleneck_lines(reply)])
+
+
+def bottleneck_lines(reply: PeersReply) -> list[str]:
+    """One line per model: the swarm's least-served span and what would fix it."""
+    out = []
+    for b in reply.bottlenecks:
+        where = f"{b.model_id} atoms {b.start}-{b.end} of {b.n_atoms}"
+        if b.tokens_per_s <= 0:
+            out.append(f"bottleneck: {where}: NOBODY serves them; fix: {b.fix}")
+        else:
+            speed = f"{b.tokens_per_s:.1f} tokens/s"
+            out.append(f"bottleneck: {where} at {speed} ({b.hosts} hosts); to raise it: {b.fix}")
+    return out
 
 
 def _leave_flags(p: argparse.ArgumentParser) -> None:

@@ -34,11 +34,12 @@ from atoms.errors import AtomError, CacheExhausted, CacheNotReady
 from atoms.kv_pool import KVPool, PagedCache, PageFormat
 from atoms.span import Span
 from mesh.errors import MeshError, PeerProtocolError
-from mesh.state import HostedSpan
+from mesh.state import HostedSpan, SpanProfile
 
 from ..errors import NexusError
 from ..metrics import Metrics
 from .batching import BatchedStep, StepBatcher
+from .profile import ComputeProfile
 from .wire import (
     CloseSession,
     ExecChannel,
@@ -199,6 +200,7 @@ class SpanHost:
             active=self._active_sessions,
             on_batch=self._batched,
         )
+        self.profile = ComputeProfile()  # measured seconds per atom, per model
 
     def __repr__(self) -> str:
         spans = ", ".join(f"{s.model_id}[{s.start},{s.end})" for s in self._spans)
@@ -208,6 +210,15 @@ class SpanHost:
         """Serve one more span (atoms already loaded and verified)."""
         self._spans.append(span)
         return self.hosted()[-1]
+
+    def remove_span(self, model_id: str, start: int, end: int) -> bool:
+        """Stop offering exactly [start, end) of `model_id` to new sessions (sessions
+        already open on it keep their span until they close); False if not hosted."""
+        for i, s in enumerate(self._spans):
+            if (s.model_id, s.start, s.end) == (model_id, start, end):
+                del self._spans[i]
+                return True
+        return False
 
     def hosted(self) -> list[HostedSpan]:
         """The spans this node serves, as it advertises them."""
@@ -225,6 +236,19 @@ class SpanHost:
             for s in self._spans
         ]
         return max(costs, default=0)
+
+    def profiles(self, auto: frozenset[tuple[str, int, int]] = frozenset()) -> list[SpanProfile]:
+        """What we measured of each hosted span (those not timed yet are left out); `auto`
+        names the spans the daemon placed itself."""
+        out = []
+        for s in self._spans:
+            c = self.profile.get(s.model_id)
+            if c is None or not c > 0:
+                continue
+            kv = sum(layout.bytes_per_token(1) for _uid, layout in s.kv_layouts().values())
+            key = (s.model_id, s.start, s.end)
+            out.append(SpanProfile(s.model_id, s.start, s.end, c, kv, key in auto))
+        return out
 
     def _page_bytes(self) -> int:
         """Page size that fits the most demanding hosted span (at least 16 bytes)."""
@@ -452,6 +476,12 @@ class SpanHost:
             self.queued -= 1
             self._metrics.set("host_queue_depth", self.queued)
         queued_at, started, done = step.queued_at, [step.started], step.finished
+        tokens = x.shape[0] * (
+            x.shape[1] if sess.span.in_kind in (IOKind.IDS, IOKind.HIDDEN) else 1
+        )
+        self.profile.observe(
+            sess.span.model_id, len(sess.span.atom_list()), tokens, done - started[0]
+        )
         enc = encode(out, sess.reply_codec)
         queue_s = started[0] - queued_at if started else 0.0
         self._metrics.inc("exec_steps_total", model=sess.span.model_id)

@@ -18,11 +18,21 @@ from typing import Literal, Protocol
 
 from mesh.errors import NoRoute
 from mesh.routing import HostSpan, JobShape, Link, RouteConfig, plan_route
+from mesh.state import SpanProfile
 
 from ..errors import ApiError
 from .session import HopPlan, Planner
 
-DEFAULT_COMPUTE_S_PER_ATOM = 0.002
+DEFAULT_COMPUTE_S_PER_ATOM = 0.002  # for a host that has not reported a measured figure
+
+
+def advertised_compute_s(profiles: Sequence[SpanProfile], model_id: str, start: int) -> float:
+    """A host's measured seconds per atom for its span of `model_id` starting at `start`
+    (any span of the model if that one is not profiled), else the default."""
+    mine = [p for p in profiles if p.model_id == model_id]
+    exact = [p for p in mine if p.start == start]
+    chosen = exact or mine
+    return chosen[0].compute_s_per_atom if chosen else DEFAULT_COMPUTE_S_PER_ATOM
 
 
 class ExecStream(Protocol):

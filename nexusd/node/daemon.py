@@ -39,6 +39,7 @@ from ..errors import NEXUS_ERRORS, AlreadyRunning
 from ..exec.adaptive import codec_policy_of
 from ..exec.hosting import SpanHost, warm_up
 from ..exec.planner import MeshView
+from ..exec.profile import measure_step
 from ..exec.train_host import TrainHost
 from ..exec.verify import VerifyPolicy
 from ..exec.wire import Signer
@@ -49,8 +50,10 @@ from ..logging import set_level
 from ..metrics import Metrics, serve_metrics
 from ..model_registry import ModelRegistry, parse_host_spec
 from ..paths import NodePaths, ensure_private_dir
+from .auto_host import DaemonHoster, bottleneck_rows
 from .files import MeshInfo, load_name, load_node_key
 from .mesh_service import MeshApi, MeshService, NodeView
+from .placement_service import PlacementService, weight_memory_budget
 
 log = structlog.get_logger(__name__)
 _RELOADABLE = frozenset({("log", "level"), ("atoms", "host")})  # what SIGHUP applies
@@ -158,6 +161,14 @@ class Daemon:
             trainer=self.trainer,
         )
         self.view: MeshView = NodeView(self.mesh)
+        self.placement = PlacementService(  # "MODEL:auto" spans (`--auto`)
+            DaemonHoster(self),
+            lambda: self.mesh.node,
+            memory_bytes=weight_memory_budget(cfg.atoms),
+            interval_s=cfg.atoms.placement_interval_s,
+            threshold=cfg.atoms.rebalance_threshold,
+        )
+        self.mesh.swarm_report = lambda: bottleneck_rows(self.placement, self.mesh.node)
         training = TrainingSetup(
             host=self.trainer,
             limiter=self.limiter,
@@ -207,9 +218,10 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 for spec in self.cfg.atoms.host:
-                    await self.host_span(spec)
+                    await self.host_spec(spec)
                     self._config_spans.add(spec)
                 await nursery.start(self.mesh.run)
+                await nursery.start(self.placement.run)
                 await nursery.start(self.jobs.run)
                 await nursery.start(self.api.run)
                 if self.cfg.metrics.listen_port:
@@ -252,12 +264,30 @@ class Daemon:
             self.registry.load_span, model_id, start, end, dtype or self.cfg.atoms.dtype
         )
         warm_s = await trio.to_thread.run_sync(warm_up, span, limiter=self.limiter)
+        step_s = await trio.to_thread.run_sync(measure_step, span, limiter=self.limiter)
+        self.host.profile.seed(model_id, step_s)
         hosted = self.host.add_span(span)
         self.mesh.refresh_advert()
         log.info(
-            "span_hosted", model=model_id, start=start, end=end, warm_up_ms=round(warm_s * 1e3, 1)
+            "span_hosted",
+            model=model_id,
+            start=start,
+            end=end,
+            warm_up_ms=round(warm_s * 1e3, 1),
+            ms_per_atom=round(step_s * 1e3, 3),
         )
         return hosted
+
+    async def host_spec(self, spec: str, dtype: str = "") -> str:
+        """Host "MODEL", "MODEL:START-END", or place "MODEL:auto" (the placement service
+        picks the span, now and every `atoms.placement_interval_s`); returns what it did."""
+        model_id, _, rng = spec.partition(":")
+        if rng == "auto":
+            await trio.to_thread.run_sync(self.registry.manifest, model_id)  # known here?
+            self.placement.add(model_id)
+            return f"placing {model_id} automatically (where the swarm needs it)"
+        hosted = await self.host_span(spec, dtype)
+        return f"hosting {hosted.model_id} atoms [{hosted.start},{hosted.end})"
 
     async def reload(self, new: Config) -> None:
         """Apply a re-read config (SIGHUP, see Rule 3)."""
@@ -270,7 +300,7 @@ class Daemon:
             if spec in self._config_spans:
                 continue
             try:
-                await self.host_span(spec)
+                await self.host_spec(spec)
             except NEXUS_ERRORS as exc:  # ApiError included (bad spec, unknown model)
                 log.error("reload_host_failed", spec=spec, reason=str(exc))
                 continue
@@ -323,8 +353,7 @@ class Daemon:
         return OkReply("stopping")
 
     async def _host_request(self, req: HostRequest, _emit: Emit) -> OkReply:
-        hosted = await self.host_span(req.spec, req.dtype)
-        return OkReply(f"hosting {hosted.model_id} atoms [{hosted.start},{hosted.end})")
+        return OkReply(await self.host_spec(req.spec, req.dtype))
 
 
 async def run_daemon(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, NoReturn
 
@@ -33,6 +33,7 @@ from mesh.sync import classify_rejection
 from mesh.transport.base import Stream, TransportConfig, local_ipv4_addresses
 
 from ..api.records import (
+    BottleneckRow,
     InviteReply,
     InviteRequest,
     JoinedReply,
@@ -48,12 +49,13 @@ from ..api.server import ApiServer, Emit
 from ..config import MAX_PROBE_BYTES, Config, MeshConfig
 from ..errors import ApiError
 from ..exec.hosting import SpanHost, TrainHandler
-from ..exec.planner import DEFAULT_COMPUTE_S_PER_ATOM, ExecStream
+from ..exec.planner import DEFAULT_COMPUTE_S_PER_ATOM, ExecStream, advertised_compute_s
 from ..exec.train_wire import TRAIN_HOST_INBOUND
 from ..exec.wire import EXEC_PROTOCOL, HOST_INBOUND, ExecChannel, Signer
 from ..metrics import Metrics
 from ..paths import NodePaths
 from .files import MeshInfo, write_mesh_files
+from .placement_service import profile_drifted, span_throughputs, weight_memory_budget
 
 if TYPE_CHECKING:
     from mesh.transport.direct import DirectListener
@@ -123,6 +125,9 @@ class MeshService:
         self.advertised: tuple[str, ...] = ()  # hosts in our addresses (never 0.0.0.0)
         self.tcfg: TransportConfig | None = None
         self.bandwidth = BandwidthTable()  # bytes/s per peer, from timed probes
+        self.swarm_report: Callable[[], tuple[BottleneckRow, ...]] = tuple  # set by the daemon
+        self.auto_spans: set[tuple[str, int, int]] = set()  # placed by the placement service
+        self._advertised: dict[str, float] = {}  # model -> s/atom in our advert
 
     def __repr__(self) -> str:
         return f"MeshService(node={self.node!r})"
@@ -361,6 +366,8 @@ class MeshService:
             return
         spans = tuple(self.host.hosted())
         free_kv = self.host.kv_free_bytes  # the KV pool's free pages
+        profiles = tuple(self.host.profiles(frozenset(self.auto_spans)))
+        self._advertised = {p.model_id: p.compute_s_per_atom for p in profiles}
         self.node.set_local_advert(
             spans,
             free_kv,
@@ -368,13 +375,19 @@ class MeshService:
             CODECS,
             state,
             direct_addr=self.direct_addr,
+            profiles=profiles,
+            memory_bytes=weight_memory_budget(self.cfg.atoms),
         )
         self.refresh_load()
 
     def refresh_load(self) -> None:
         if self.node is None:
             return
-        self.node.set_local_load(self.host.load.peak_queue(), self.host.load.utilisation())
+        self.node.set_local_load(
+            self.host.load.peak_queue(),
+            self.host.load.utilisation(),
+            span_throughputs(self.host.profiles()),
+        )
         self._export_mesh_metrics(self.node)
 
     def _export_mesh_metrics(self, node: MeshNode) -> None:
@@ -391,6 +404,8 @@ class MeshService:
 
     async def _publish_load(self) -> None:
         while True:  # periodic: load changes continuously, adverts carry it every refresh
+            if profile_drifted(self._advertised, self.host.profiles()):
+                self.refresh_advert()  # the measured speed moved: re-advertise it now
             self.refresh_load()
             await trio.sleep(self.cfg.mesh.advert_refresh_s / 2)
 
@@ -419,13 +434,14 @@ class NodeView:
         svc = self._svc
         util = svc.host.load.utilisation()
         queue = svc.host.load.peak_queue()
+        own_compute = svc.host.profile.get(model_id) or DEFAULT_COMPUTE_S_PER_ATOM
         out = [
             HostSpan(
                 self.node_id,
                 h.model_id,
                 h.start,
                 h.end,
-                DEFAULT_COMPUTE_S_PER_ATOM,
+                own_compute,
                 queue,
                 util,
                 1 << 30,
@@ -451,7 +467,7 @@ class NodeView:
                             s.model_id,
                             s.start,
                             s.end,
-                            DEFAULT_COMPUTE_S_PER_ATOM,
+                            advertised_compute_s(advert.profiles, model_id, s.start),
                             load.queue_depth if load else 0,
                             min(1.0, load.utilisation) if load else 0.0,
                             advert.free_kv_tokens,
@@ -619,6 +635,7 @@ class MeshApi:
             node.identity.mesh_id.hex() if node.identity else "",
             self._rows(node),
             tuple(sorted(node.counters().items())),
+            self._svc.swarm_report(),
         )
 
     async def _wait(self, req: WaitRequest, _emit: Emit) -> PeersReply:
