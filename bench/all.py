@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-ORDER = ("route", "hop", "generate", "embed", "failover", "converge", "train", "compress")
+ORDER = ("route", "hop", "generate", "embed", "failover", "converge", "train", "compress", "http")
 FULL_TIMEOUT_S = 420.0
 TIMEOUTS_S = {"train": 900.0}  # five clusters' worth of training runs and baselines
 SMOKE_TIMEOUT_S = 180.0
@@ -255,6 +255,18 @@ ROWS = (
             f"{_get(d, 'nexus', 'model')})"
         ),
         lambda d: _met(d, "nexus_int8_perplexity_2pct"),
+    ),
+    Row(
+        "http",
+        "HTTP API: 16-token completion latency vs the Unix socket",
+        "≤ 1.1x",
+        lambda d: (
+            f"{_fmt(_num(d, 'latency_ratio'), 'x', 3)} ({_get(d, 'http_ms')} vs "
+            f"{_get(d, 'socket_ms')} ms; streamed {_get(d, 'http_stream_tokens_per_s')} vs "
+            f"{_get(d, 'socket_stream_tokens_per_s')} tok/s over the socket; "
+            f"same tokens: {_get(d, 'same_tokens')})"
+        ),
+        lambda d: _of_target(_num(d, "latency_ratio"), 1.1, higher_is_better=False),
     ),
 )
 
