@@ -162,8 +162,12 @@ class MeshNode:
         self.transport.set_connection_handler(self._strangers.connected)
         self.transport.set_stream_handler(JOIN_PROTOCOL, self._bounded(JOIN_PROTOCOL, self._on_join),
                                           open_to_all=True)  # fmt: skip
-        self.transport.set_stream_handler(SYNC_PROTOCOL, self._bounded(SYNC_PROTOCOL, self._on_sync))
-        self.transport.set_stream_handler(PING_PROTOCOL, self._bounded(PING_PROTOCOL, self._on_ping))
+        self.transport.set_stream_handler(
+            SYNC_PROTOCOL, self._bounded(SYNC_PROTOCOL, self._on_sync)
+        )
+        self.transport.set_stream_handler(
+            PING_PROTOCOL, self._bounded(PING_PROTOCOL, self._on_ping)
+        )
         for protocol, handler in self._app_handlers.items():
             self.transport.set_stream_handler(protocol, handler)
         try:
@@ -633,13 +637,14 @@ class MeshNode:
         self._advert_wake.set()
 
     def set_local_load(self, queue_depth: int, utilisation: float,
-                       throughput: tuple[tuple[str, int, float], ...] = ()) -> None:  # fmt: skip
+                       throughput: tuple[tuple[str, int, float], ...] = (),
+                       kv_pages: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
         """Set our load; gossiped with the advert, with our measured RTTs merged in.
 
         Raises:
             ValueError: a value out of range (see `LoadReport`).
         """
-        self._load = LoadReport(queue_depth, utilisation, tuple(throughput), ())
+        self._load = LoadReport(queue_depth, utilisation, tuple(throughput), (), *kv_pages)
 
     # -- app streams and misbehaviour -----------------------------------------------------
 

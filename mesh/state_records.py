@@ -202,12 +202,15 @@ class Advert:
 @record("load_report")
 @dataclass(frozen=True, slots=True)
 class LoadReport:
-    """How busy a node is: queue, utilisation, (model_id, atom, tokens/s), (peer, rtt_ms)."""
+    """How busy a node is: queue, utilisation, (model_id, atom, tokens/s), (peer, rtt_ms),
+    and its KV pool: pages in use of pages in all (0 of 0: no pool, or not said)."""
 
     queue_depth: int
     utilisation: float
     throughput: tuple[tuple[str, int, float], ...]
     rtts: tuple[tuple[bytes, float], ...]
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
 
     def __post_init__(self) -> None:
         _need(self.queue_depth >= 0, "load queue_depth", ">= 0", self.queue_depth)
@@ -218,6 +221,8 @@ class LoadReport:
             _need(atom >= 0, "throughput atom_index", ">= 0", atom)
             _need(math.isfinite(tps) and tps >= 0, "tokens_per_s", "finite, >= 0", tps)
         _need_len("load rtts", self.rtts, 0, 256)
+        pages = (self.kv_pages_used, self.kv_pages_total)
+        _need(0 <= pages[0] <= pages[1] <= 1 << 40, "load kv pages", "0 <= used <= total", pages)
         for peer, rtt_ms in self.rtts:
             _need_id("rtt peer", peer)
             _need(math.isfinite(rtt_ms) and rtt_ms >= 0, "rtt_ms", "finite, >= 0", rtt_ms)

@@ -350,6 +350,8 @@ class PeerRow:
     banned: bool
     utilisation: float = 0.0
     bandwidth_mb_per_s: float = -1.0  # -1: not probed yet
+    kv_pages_used: int = -1  # the node's KV pool (its load report); -1: not known
+    kv_pages_total: int = -1
 
 
 @record("api.wait")

@@ -110,7 +110,8 @@ def _peers(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
 
 
 def peers_table(reply: PeersReply) -> str:
-    """Members as a table: name, id, roles, advert state, connection, RTT, bandwidth, load."""
+    """Members as a table: name, id, roles, advert state, connection, RTT, bandwidth, load,
+    and KV pool pages in use / in all."""
     rows = [
         [
             (p.name or "?") + (" (self)" if p.is_self else ""),
@@ -122,12 +123,16 @@ def peers_table(reply: PeersReply) -> str:
             f"{p.bandwidth_mb_per_s:.0f}" if p.bandwidth_mb_per_s >= 0 else "-",
             " ".join(p.hosted) or "-",
             f"{p.queue_depth}/{p.utilisation:.0%}",
+            f"{p.kv_pages_used}/{p.kv_pages_total}" if p.kv_pages_total > 0 else "-",
             "BANNED" if p.banned else "",
         ]
         for p in reply.peers
     ]
     out = table(
-        ["name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting", "queue/busy", ""],
+        [
+            *("name", "node", "roles", "state", "conn", "rtt ms", "MB/s", "hosting"),
+            *("queue/busy", "KV pages", ""),
+        ],
         rows,
     )
     return "\n".join([out, *bottleneck_lines(reply)])

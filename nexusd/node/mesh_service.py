@@ -387,6 +387,7 @@ class MeshService:
             self.host.load.peak_queue(),
             self.host.load.utilisation(),
             span_throughputs(self.host.profiles()),
+            kv_pages=self.host.kv_pages(),
         )
         self._export_mesh_metrics(self.node)
 
@@ -713,6 +714,8 @@ class MeshApi:
                     bandwidth_mb_per_s=round(self._svc.bandwidth[nid] / 1e6, 3)
                     if nid in self._svc.bandwidth
                     else -1.0,
+                    kv_pages_used=load.kv_pages_used if load else -1,
+                    kv_pages_total=load.kv_pages_total if load else -1,
                 )
             )
         return tuple(rows)

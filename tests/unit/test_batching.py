@@ -134,3 +134,30 @@ async def test_a_full_pool_refuses_the_step_and_keeps_the_session() -> None:
     with pytest.raises(ExecRefused, match="needs up to 50 pages") as info:
         await open_session(host, 2, max_len=200)  # could never fit in 4 pages
     assert info.value.code == "cache_exhausted"
+
+
+def test_pool_use_travels_in_the_load_report_and_shows_in_peers() -> None:
+    from mesh.state_records import LoadReport
+    from nexusd.api.records import PeerRow, PeersReply
+    from nexusd.cli.mesh import peers_table
+
+    assert LoadReport(0, 0.0, (), (), 3, 100).kv_pages_used == 3
+    with pytest.raises(ValueError, match="kv pages"):
+        LoadReport(0, 0.0, (), (), 101, 100)
+    row = PeerRow(
+        node_id="ab" * 32,
+        name="n1",
+        roles=(),
+        is_self=True,
+        connected=True,
+        state="online",
+        rtt_ms=-1.0,
+        hosted=("m:0-4",),
+        lease_left_s=1.0,
+        queue_depth=0,
+        banned=False,
+        kv_pages_used=3,
+        kv_pages_total=100,
+    )
+    text = peers_table(PeersReply("mesh", (row,), ()))
+    assert "KV pages" in text and "3/100" in text
