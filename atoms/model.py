@@ -27,7 +27,7 @@ from .partition import AtomEntry, ConfigValue, ModelManifest, TokenizerEntry
 from .quant import quantize_modules
 from .span import Span
 from .tokenizer import TextTokenizer
-from .weights import WeightStore, digest_hex
+from .weights import FileReader, WeightStore, digest_hex
 
 if TYPE_CHECKING:
     import torch
@@ -242,14 +242,16 @@ def load_atoms(
     entries: Sequence[AtomEntry],
     *,
     build: AtomBuilder = build_atom,
+    reader: FileReader | None = None,
 ) -> list[Atom]:
-    """Build the atoms of `entries` and load their verified weights from `folder/weights`.
+    """Build the atoms of `entries` and load their verified weights from `folder/weights`
+    (read with `reader`, e.g. decrypting files sealed at rest; default: plain files).
 
     Raises:
         WeightsError: a weight file is missing or corrupt (the message names it).
         ModelFormatError: a spec cannot be built or its weights do not fit it.
     """
-    store = WeightStore(Path(folder) / WEIGHTS_DIR)
+    store = WeightStore(Path(folder) / WEIGHTS_DIR, reader=reader)
     atoms = []
     for entry in entries:
         atom = build(entry.spec)
@@ -282,7 +284,14 @@ def apply_frozen(atoms: Sequence[Atom], config: Mapping[str, ConfigValue], n_ato
             atom.requires_grad_(False)
 
 
-def load_span(folder: Path, start: int, end: int, *, build: AtomBuilder = build_atom) -> Span:
+def load_span(
+    folder: Path,
+    start: int,
+    end: int,
+    *,
+    build: AtomBuilder = build_atom,
+    reader: FileReader | None = None,
+) -> Span:
     """Load only atoms [start, end) of the model in `folder`: what one host serves.
 
     Raises:
@@ -290,12 +299,14 @@ def load_span(folder: Path, start: int, end: int, *, build: AtomBuilder = build_
         WeightsError, ModelFormatError: as `load_atoms`.
     """
     manifest = read_manifest(folder)
-    atoms = load_atoms(folder, manifest.entries(start, end), build=build)
+    atoms = load_atoms(folder, manifest.entries(start, end), build=build, reader=reader)
     apply_frozen(atoms, dict(manifest.config), len(manifest.atoms))
     return Span(atoms)
 
 
-def load_model(folder: Path, *, build: AtomBuilder = build_atom) -> Model:
+def load_model(
+    folder: Path, *, build: AtomBuilder = build_atom, reader: FileReader | None = None
+) -> Model:
     """Load a whole saved model, tokenizer included (its file verified by digest).
 
     Raises:
@@ -304,7 +315,7 @@ def load_model(folder: Path, *, build: AtomBuilder = build_atom) -> Model:
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    atoms = load_atoms(folder, manifest.atoms, build=build)
+    atoms = load_atoms(folder, manifest.atoms, build=build, reader=reader)
     apply_frozen(atoms, dict(manifest.config), len(manifest.atoms))
     tokenizer = None
     if manifest.tokenizer is not None:

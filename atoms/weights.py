@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 SUFFIX = ".safetensors"
 DIGEST_HEX_LEN = 64  # BLAKE2b-256
+#: Reads a weight file's plaintext bytes (e.g. decrypting a file sealed at rest); raises
+#: WeightsError naming the file when it cannot. The default reads the file as it is.
+FileReader = Callable[[Path], bytes]
 
 
 def digest_hex(data: bytes) -> str:
@@ -77,10 +81,12 @@ class WeightStore:
 
     Args:
         root: the folder; created on the first `put`.
+        reader: how a file's bytes are read (default: as they are on disk).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, reader: FileReader | None = None) -> None:
         self.root = Path(root)
+        self._reader = reader
 
     def path(self, digest: str) -> Path:
         """The file that holds the weights with this digest (it may not exist)."""
@@ -143,7 +149,7 @@ class WeightStore:
         """
         path = self.path(digest)
         try:
-            data = path.read_bytes()
+            data = path.read_bytes() if self._reader is None else self._reader(path)
         except FileNotFoundError:
             raise WeightsError(f"weight file {path} is missing") from None
         except OSError as exc:

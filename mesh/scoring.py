@@ -38,6 +38,7 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "invalid_signature": 50.0,
     "forbidden_write": 50.0,
     "bad_output": 40.0,  # wrong shape / NaN activations from a host
+    "bad_weights": 40.0,  # a file that does not match its digest (a model's weights)
     "wrong_output": 34.0,  # plausible activations a spot check proved wrong: banned at the 3rd
     "replay": 30.0,
     "join_forged": 30.0,

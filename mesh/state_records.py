@@ -19,6 +19,7 @@ ADMIN_ROLE = "admin"
 NODE_ID_BYTES = 32
 MAX_MODEL_ID_BYTES = 128
 MAX_MESH_ID_BYTES = 64
+MAX_CONFIG_JSON_CHARS = 16384
 _NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 
 
@@ -116,17 +117,20 @@ class Revocation:
 @record("hosted_span")
 @dataclass(frozen=True, slots=True)
 class HostedSpan:
-    """Atoms `start..end-1` of `model_id`, hosted in `dtype`."""
+    """Atoms `start..end-1` of `model_id`, hosted in `dtype`, from the model manifest of
+    digest `manifest` (32 bytes; empty when the host does not say)."""
 
     model_id: str
     start: int
     end: int
     dtype: str
+    manifest: bytes = b""
 
     def __post_init__(self) -> None:
         _need_len("span model_id", self.model_id.encode(), 1, MAX_MODEL_ID_BYTES)
         _need(0 <= self.start < self.end, "span range", "0 <= start < end", (self.start, self.end))
         _need_name("span dtype", self.dtype)
+        _need(len(self.manifest) in (0, 32), "span manifest", "0 or 32 bytes", len(self.manifest))
 
 
 MAX_COMPUTE_S_PER_ATOM = 3600.0  # a profile slower than an hour per atom is nonsense
@@ -248,20 +252,38 @@ class PublishedAtom:
 @record("model_manifest")
 @dataclass(frozen=True, slots=True)
 class PublishedModel:
-    """A model as an admin publishes it in the mesh state: family, its config as a JSON
-    object, and its atoms in order.
+    """A model as an admin publishes it in the mesh state (signed, as the entry, by its
+    admin author): family (the architecture), its config as a JSON object, its atoms in
+    order with their weight digests, and, since manifests are mesh state: its id, version
+    (1, 2, ... per id), the digest of its complete manifest file, of its tokenizer file
+    (empty: none) and the id of the model it was derived from ("" for none).
 
     The mesh's wire summary of a model; the model's own complete manifest (atom specs,
-    tokenizer) is `atoms.partition.ModelManifest`, which the mesh never imports. The wire
-    kinds keep their historical names `model_manifest` and `atom_entry`.
+    tokenizer) is `atoms.partition.ModelManifest`, which the mesh never imports: peers
+    fetch it (and the tokenizer) by `manifest_digest` as blobs. The wire kinds keep their
+    historical names `model_manifest` and `atom_entry`.
     """
 
     family: str
     config_json: str
     atoms: tuple[PublishedAtom, ...]
+    model_id: str = ""
+    version: int = 0
+    manifest_digest: bytes = b""
+    tokenizer_digest: bytes = b""
+    parent: str = ""
 
     def __post_init__(self) -> None:
         _need_name("manifest family", self.family)
+        _need_len("manifest config_json", self.config_json, 2, MAX_CONFIG_JSON_CHARS)
+        _need_len("manifest model_id", self.model_id.encode(), 0, MAX_MODEL_ID_BYTES)
+        _need_len("manifest parent", self.parent.encode(), 0, MAX_MODEL_ID_BYTES)
+        _need(0 <= self.version < 1 << 31, "manifest version", "0..2^31-1", self.version)
+        for what, d in (
+            ("manifest_digest", self.manifest_digest),
+            ("tokenizer_digest", self.tokenizer_digest),
+        ):
+            _need(len(d) in (0, 32), f"manifest {what}", "0 or 32 bytes", len(d))
         try:
             config = json.loads(self.config_json)
         except ValueError:

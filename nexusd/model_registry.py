@@ -28,7 +28,7 @@ from atoms.model import Model, load_model, load_span, read_manifest, save_model
 from atoms.partition import ModelManifest
 from atoms.span import Span
 from atoms.tokenizer import TextTokenizer
-from atoms.weights import digest_hex
+from atoms.weights import FileReader, digest_hex
 
 from .errors import ApiError
 
@@ -102,9 +102,11 @@ class TrainedHead:
 class ModelRegistry:
     """Model folders under `models_dir`; built-ins are created there when first needed."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, *, reader: FileReader | None = None) -> None:
         self.models_dir = models_dir
         self._manifests: dict[str, ModelManifest] = {}
+        self.reader = reader  # reads weight files (decrypting those sealed at rest)
+        self.on_saved: Callable[[str], None] | None = None  # a model was added (`save`)
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self.models_dir}, loaded={sorted(self._manifests)})"
@@ -164,7 +166,13 @@ class ModelRegistry:
             raise ApiError("conflict", f"model {model.model_id!r} exists already")
         os.replace(tmp, folder)
         self._manifests.pop(model.model_id, None)
+        if self.on_saved is not None:
+            self.on_saved(model.model_id)
         return folder
+
+    def forget(self, model_id: str) -> None:
+        """Drop the cached manifest of `model_id` (its folder changed)."""
+        self._manifests.pop(model_id, None)
 
     def trained_head(self, model_id: str) -> TrainedHead | None:
         """The trained classifier head of `model_id`, or None for any other model."""
@@ -224,7 +232,7 @@ class ModelRegistry:
             )
         if dtype not in ("float32", "bfloat16"):
             raise ApiError("bad_request", f"dtype: expected float32 or bfloat16, got {dtype!r}")
-        span = load_span(self.folder(model_id), start, end)
+        span = load_span(self.folder(model_id), start, end, reader=self.reader)
         if dtype == "float32":
             return span
         from atoms.precision import to_dtype
@@ -253,7 +261,7 @@ class ModelRegistry:
         )
 
     def load_model(self, model_id: str) -> Model:
-        return load_model(self.folder(model_id))
+        return load_model(self.folder(model_id), reader=self.reader)
 
 
 def import_model(folder: Path, model_id: str, models_dir: Path, *, dtype: str = "float32") -> Path:

@@ -281,6 +281,45 @@ class HostRequest:
     dtype: str = ""  # "" = the node's atoms.dtype
 
 
+@record("api.models")
+@dataclass(frozen=True, slots=True)
+class ModelsRequest:
+    """List the mesh's models (published manifests) beside this node's own."""
+
+
+@record("api.model_row")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRow:
+    """One model: where it is (`local`: a folder here, `mesh`: published), its version
+    and manifest digest in the mesh (0 and "" when unpublished), and whether this node
+    holds all its weights."""
+
+    model_id: str
+    family: str
+    atoms: int
+    version: int
+    digest: str
+    local: bool
+    published: bool
+    weights_here: bool
+    parent: str = ""
+
+
+@record("api.models_reply")
+@dataclass(frozen=True, slots=True)
+class ModelsReply:
+    models: tuple[ModelRow, ...]
+
+
+@record("api.publish_model")
+@dataclass(frozen=True, slots=True)
+class PublishModelRequest:
+    """Publish a local model's manifest in the mesh state (admins; `import-model`,
+    `compress` send it when a daemon runs)."""
+
+    model_id: str
+
+
 # ---- mesh -------------------------------------------------------------------------------
 
 
@@ -495,5 +534,6 @@ REPLY_TYPES: tuple[type, ...] = (
     JoinedReply,
     PeersReply,
     TrainReply,
+    ModelsReply,
 )
 EVENT_TYPES: tuple[type, ...] = (TokenEvent, ProgressEvent, RouteEvent, TrainProgressEvent)

@@ -90,6 +90,9 @@ def _run(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     model = registry.load_model(args.model)
     derived, figs = compress(model, settings)
     folder = registry.save(derived)
+    from .mesh_models import settle_new_model
+
+    published = settle_new_model(cfg, paths, settings.model_id, folder)
     data = {
         "id": settings.model_id,
         "source": args.model,
@@ -138,7 +141,7 @@ def _run(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
             table(["atom", "kind", "bytes", "params", "ms", "cosine"], rows) + "\n"
             f"{settings.model_id}: {figs.bytes / figs.ref_bytes:.3f}x the bytes, "
             f"{figs.ref_ms / figs.ms:.2f}x the speed, output cosine {figs.cosine:.5f}"
-            f"{ppl}; saved in {folder}; serve with `nexusd host {settings.model_id}`"
+            f"{ppl}; saved in {folder}{published}; serve with `nexusd host {settings.model_id}`"
         )
 
     emit(args, data, human)

@@ -310,7 +310,16 @@ def _host(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
         raise ApiError("bad_request", "--auto picks the atoms itself: give --atoms or --auto")
     spec = f"{args.model}:{args.atoms}" if args.atoms else args.model
     spec = f"{args.model}:auto" if args.auto else spec
-    reply = call_daemon(paths, HostRequest(spec, args.dtype), expect=OkReply, timeout_s=600)
+    from .mesh_models import FetchBar
+
+    with FetchBar(args) as bar:  # weights this node lacks are fetched from peers first
+        reply = call_daemon(
+            paths,
+            HostRequest(spec, args.dtype),
+            expect=OkReply,
+            timeout_s=3600,
+            on_event=bar.on_event,
+        )
     emit(args, {"hosting": spec, **fitted.data}, lambda: fitted.text + reply.message)
     return 0
 

@@ -4,6 +4,7 @@ smaller student from a Nexus model (for `train distill`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..config import Config
@@ -18,7 +19,13 @@ def _models_dir(cfg: Config, paths: NodePaths) -> Path:
 
 def _list(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from ..model_registry import BUILTINS, ModelRegistry
+    from .mesh_models import MODEL_HEADERS, daemon_models, model_table_rows, where
 
+    mesh = daemon_models(paths)  # a running daemon lists the mesh's models with ours
+    if mesh is not None:
+        listed = [{**dataclasses.asdict(r), "where": where(r)} for r in mesh]
+        emit(args, listed, lambda: table(MODEL_HEADERS, model_table_rows(mesh)))
+        return 0
     registry = ModelRegistry(_models_dir(cfg, paths))
     built = set(registry.available())
     infos = {m: registry.info(m) for m in sorted(built)}
@@ -58,16 +65,18 @@ def _import_flags(p: argparse.ArgumentParser) -> None:
 
 def _import(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from ..model_registry import ModelRegistry, import_model
+    from .mesh_models import settle_new_model
 
     model_id = args.model_id or args.folder.resolve().name
     folder = import_model(args.folder, model_id, _models_dir(cfg, paths), dtype=args.dtype)
     info = ModelRegistry(_models_dir(cfg, paths)).info(model_id)
+    note = settle_new_model(cfg, paths, model_id, folder)  # sealed, published
     emit(
         args,
         {"id": model_id, "folder": str(folder), "atoms": info.n_atoms, "digest": info.digest},
         lambda: (
-            f"imported {model_id}: {info.n_atoms} atoms ({info.family}) into {folder}; "
-            f"serve with `nexusd host {model_id}`"
+            f"imported {model_id}: {info.n_atoms} atoms ({info.family}) into {folder}"
+            f"{note}; serve with `nexusd host {model_id}`"
         ),
     )
     return 0

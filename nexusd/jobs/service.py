@@ -115,6 +115,8 @@ class JobService:
         self._max_attempts = max_attempts
         self._running: dict[str, _Running] = {}
         self._nursery: trio.Nursery | None = None
+        # Fetches a mesh model's manifest and tokenizer when this node lacks them.
+        self.prepare: Callable[[str], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
         return f"JobService(running={sorted(self._running)})"
@@ -233,6 +235,8 @@ class JobService:
             with running.scope:
                 await trio.to_thread.run_sync(self.journal.mark_running, job_id, now_ms())
                 log.info("job_started", kind=kind)
+                if self.prepare is not None and isinstance(getattr(req, "model", None), str):
+                    await self.prepare(req.model)
                 running.reply = await run(req, job_id, fan_out)
                 await trio.to_thread.run_sync(
                     self.journal.succeed, job_id, encode(running.reply), now_ms()

@@ -13,6 +13,7 @@ restart. A config that does not load is logged and the running one is kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -32,10 +33,17 @@ from mesh.identity import EnvelopeVerifier
 from mesh.state import HostedSpan, NodeState
 
 from .. import __version__
-from ..api.records import HostRequest, OkReply, ShutdownRequest, StatusReply, StatusRequest
+from ..api.records import (
+    HostRequest,
+    OkReply,
+    ProgressEvent,
+    ShutdownRequest,
+    StatusReply,
+    StatusRequest,
+)
 from ..api.server import ApiServer, Emit
 from ..config import Config, ExecConfig
-from ..errors import NEXUS_ERRORS, AlreadyRunning
+from ..errors import NEXUS_ERRORS, AlreadyRunning, ApiError
 from ..exec.adaptive import codec_policy_of
 from ..exec.hosting import SpanHost, warm_up
 from ..exec.planner import MeshView
@@ -48,11 +56,13 @@ from ..jobs.journal import Journal
 from ..jobs.service import JobService
 from ..logging import set_level
 from ..metrics import Metrics, serve_metrics
+from ..model_files import weight_files
 from ..model_registry import ModelRegistry, parse_host_spec
 from ..paths import NodePaths, ensure_private_dir
 from .auto_host import DaemonHoster, bottleneck_rows
 from .files import MeshInfo, load_name, load_node_key
 from .mesh_service import MeshApi, MeshService, NodeView
+from .models_service import ModelsDaemonSide, ModelsService, Progress
 from .placement_service import PlacementService, weight_memory_budget
 
 log = structlog.get_logger(__name__)
@@ -122,8 +132,10 @@ class Daemon:
         self._stop = trio.Event()
         self._config_spans: set[str] = set()  # atoms.host entries hosted (start or reload)
         self._reloading = trio.Lock()  # one SIGHUP reload at a time
+        self.files = weight_files(paths, seal_new=not cfg.atoms.models_dir)
         self.registry = ModelRegistry(
-            Path(cfg.atoms.models_dir) if cfg.atoms.models_dir else paths.models_dir
+            Path(cfg.atoms.models_dir) if cfg.atoms.models_dir else paths.models_dir,
+            reader=self.files.read,
         )
         self.limiter = trio.CapacityLimiter(1)  # one device: torch work runs one at a time
         self.host = SpanHost(
@@ -204,6 +216,11 @@ class Daemon:
         self.api.route(HostRequest, self._host_request)
         self.jobs.register(self.api)
         MeshApi(self.mesh, paths, self._joined).register(self.api)
+        self.models = ModelsService(
+            cfg, self.registry, self.files, self.metrics, lambda: self.mesh.node
+        )
+        self.model_side = ModelsDaemonSide(self.models, seal_new=not cfg.atoms.models_dir)
+        self.model_side.attach(self.mesh, self.api, self.jobs)
 
     def __repr__(self) -> str:
         return f"Daemon(node={self.key.node_id.hex()[:8]}, data_dir={self.paths.data_dir})"
@@ -221,6 +238,7 @@ class Daemon:
                     await self.host_spec(spec)
                     self._config_spans.add(spec)
                 await nursery.start(self.mesh.run)
+                await nursery.start(self.model_side.run)
                 await nursery.start(self.placement.run)
                 await nursery.start(self.jobs.run)
                 await nursery.start(self.api.run)
@@ -256,10 +274,15 @@ class Daemon:
             self.journal.close()
         log.info("daemon_stopped")
 
-    async def host_span(self, spec: str, dtype: str = "") -> HostedSpan:
+    async def host_span(
+        self, spec: str, dtype: str = "", on_progress: Progress | None = None
+    ) -> HostedSpan:
         """Load and serve "MODEL" or "MODEL:START-END" (weights verified by digest), in
-        `dtype` (default: the node's atoms.dtype)."""
+        `dtype` (default: the node's atoms.dtype); weights this node lacks are fetched from
+        peers first (`ModelsService.fetch_span`, progress to `on_progress`)."""
+        await self.models.ensure_model(spec.partition(":")[0])
         model_id, start, end = await trio.to_thread.run_sync(parse_host_spec, spec, self.registry)
+        await self.models.fetch_span(model_id, start, end, on_progress)
         span = await trio.to_thread.run_sync(
             self.registry.load_span, model_id, start, end, dtype or self.cfg.atoms.dtype
         )
@@ -288,6 +311,38 @@ class Daemon:
             return f"placing {model_id} automatically (where the swarm needs it)"
         hosted = await self.host_span(spec, dtype)
         return f"hosting {hosted.model_id} atoms [{hosted.start},{hosted.end})"
+
+    async def _fetch_for(self, spec: str, emit: Emit) -> None:
+        """Fetch the weights `spec` needs before hosting it, progress as `ProgressEvent`s
+        ("weights", bytes done of total) for the CLI's bar."""
+        model_id, _, rng = spec.partition(":")
+        if rng == "auto":
+            return
+        await self.models.ensure_model(model_id)
+        model_id, start, end = await trio.to_thread.run_sync(parse_host_spec, spec, self.registry)
+        send, recv = trio.open_memory_channel[tuple[int, int]](1)
+
+        def progress(done: int, total: int) -> None:
+            with contextlib.suppress(trio.WouldBlock):  # the bar catches up with the next
+                send.send_nowait((done, total))
+
+        async def forward() -> None:
+            async for done, total in recv:
+                await emit(ProgressEvent("weights", done, total, "fetching weights"))
+
+        failed: ApiError | None = None
+        fetched = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward)
+            with send:
+                try:
+                    fetched = await self.models.fetch_span(model_id, start, end, progress)
+                except ApiError as exc:  # raised as itself, not in the nursery's group
+                    failed = exc
+        if failed is not None:
+            raise failed
+        if fetched:
+            await emit(ProgressEvent("weights", fetched, fetched, "fetched"))
 
     async def reload(self, new: Config) -> None:
         """Apply a re-read config (SIGHUP, see Rule 3)."""
@@ -323,6 +378,7 @@ class Daemon:
 
     def _joined(self) -> None:
         self.mesh_info = MeshInfo.load(self.paths.mesh_file)
+        self.model_side.joined(self.paths.mesh_secret.read_bytes())
 
     async def _reclaim_sessions(self) -> None:
         idle = self.cfg.atoms.session_idle_s
@@ -352,7 +408,8 @@ class Daemon:
         self.request_stop()
         return OkReply("stopping")
 
-    async def _host_request(self, req: HostRequest, _emit: Emit) -> OkReply:
+    async def _host_request(self, req: HostRequest, emit: Emit) -> OkReply:
+        await self._fetch_for(req.spec, emit)
         return OkReply(await self.host_spec(req.spec, req.dtype))
 
 

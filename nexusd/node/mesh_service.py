@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn
 
 import structlog
@@ -125,6 +126,8 @@ class MeshService:
         self.advertised: tuple[str, ...] = ()  # hosts in our addresses (never 0.0.0.0)
         self.tcfg: TransportConfig | None = None
         self.bandwidth = BandwidthTable()  # bytes/s per peer, from timed probes
+        self.stream_handlers: dict[str, Callable[[Stream], Awaitable[None]]] = {}  # e.g. weights
+        self.manifest_of: Callable[[str], bytes] = lambda _model: b""  # digest we serve/route
         self.swarm_report: Callable[[], tuple[BottleneckRow, ...]] = tuple  # set by the daemon
         self.auto_spans: set[tuple[str, int, int]] = set()  # placed by the placement service
         self._advertised: dict[str, float] = {}  # model -> s/atom in our advert
@@ -165,6 +168,8 @@ class MeshService:
             )
             node.set_stream_handler(EXEC_PROTOCOL, self._serve_exec)
             node.set_stream_handler(PROBE_PROTOCOL, self._serve_probe)
+            for protocol, handler in self.stream_handlers.items():
+                node.set_stream_handler(protocol, handler)
             self.node = node
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -364,7 +369,7 @@ class MeshService:
     def refresh_advert(self, state: NodeState = NodeState.ONLINE) -> None:
         if self.node is None:
             return
-        spans = tuple(self.host.hosted())
+        spans = tuple(replace(h, manifest=self.manifest_of(h.model_id)) for h in self.host.hosted())
         free_kv = self.host.kv_free_bytes  # the KV pool's free pages
         profiles = tuple(self.host.profiles(frozenset(self.auto_spans)))
         self._advertised = {p.model_id: p.compute_s_per_atom for p in profiles}
@@ -433,6 +438,7 @@ class NodeView:
 
     def host_spans(self, model_id: str) -> list[HostSpan]:
         svc = self._svc
+        want = svc.manifest_of(model_id)
         util = svc.host.load.utilisation()
         queue = svc.host.load.peak_queue()
         own_compute = svc.host.profile.get(model_id) or DEFAULT_COMPUTE_S_PER_ATOM
@@ -460,8 +466,8 @@ class NodeView:
             if advert.state is not NodeState.ONLINE:
                 continue
             load = loads.get(peer)
-            for s in advert.spans:
-                if s.model_id == model_id:
+            for s in advert.spans:  # only hosts of our manifest: versions never chain
+                if s.model_id == model_id and s.manifest == want:
                     out.append(
                         HostSpan(
                             peer,
