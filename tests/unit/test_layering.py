@@ -16,6 +16,7 @@ HOMES = {
     "msgpack": {"mesh/wire.py"},
     "nacl": {"mesh/identity/_nacl.py"},
     "networkx": {"mesh/routing.py"},
+    "hypercorn": {"nexusd/http/server.py"},
 }
 # package -> top-level imports it must never make
 FORBIDDEN = {
