@@ -6,9 +6,11 @@ that hop's span is re-planned, the stored inputs are replayed through the replac
 its KV caches are rebuilt, and the step continues: the result equals a run without the
 failure (replay uses the very same step shapes, so caches are bit-identical, given the
 exact `raw` codec and a replacement of the same dtype).
-Rule 2: outputs are checked before use: decodable, finite, and of the batch/token shape
-the input had.
-Rule 3: every step reports, per hop, compute, queue and transfer time.
+Rule 2: outputs are checked before use by the hops themselves (`hops.py`: decodable,
+finite, the input's batch/token shape), and every step reports, per hop, compute, queue
+and transfer time. The hop types are re-exported here, where callers import them.
+Rule 3: the step loop and failover live here; the hops (`RemoteHop`, `LocalHop`) in
+`hops.py`.
 Rule 4: sampled steps are spot-checked (`verify.VerifyPolicy`): the same input goes to a
 second replica of the hop's span (or, when there is none, to the origin's own computation,
 the arbiter); if the two disagree the arbiter decides, a host that disagrees with it is
@@ -18,435 +20,36 @@ with the honest output.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import structlog
 import torch
 import trio
 
-from atoms.codecs import encode
 from atoms.errors import AtomError
-from mesh.closing import close_bounded
-from mesh.errors import MeshError, PeerProtocolError
-from mesh.sync import classify_rejection
 
 from ..errors import NexusError
-from .hosting import ExecRefused, SpanHost
+from .hops import HONEST_REFUSALS as HONEST_REFUSALS
+from .hops import Hop as Hop
+from .hops import HopFailed as HopFailed
+from .hops import HopPlan as HopPlan
+from .hops import HopTiming as HopTiming
+from .hops import HopTotals as HopTotals
+from .hops import LocalHop as LocalHop
+from .hops import RemoteHop as RemoteHop
+from .hops import StepInput as StepInput
+from .hops import first_hop_failure as first_hop_failure
+from .hops import protocol_penalty as protocol_penalty
+from .hops import refused as refused
 from .verify import VerifyPolicy, difference, last_tokens
-from .wire import (
-    SESSION_ID_BYTES,
-    CloseSession,
-    ExecChannel,
-    ExecFailure,
-    OpenSession,
-    SessionOpened,
-    Step,
-    StepResult,
-    header_of,
-    tensor_of,
-)
 
 log = structlog.get_logger(__name__)
 
 
-class HopFailed(NexusError):
-    """A hop could not give a valid answer; the session fails over if it can.
-
-    Args:
-        retryable: another host may succeed (False: the input itself was refused).
-        blame: the host misbehaved or failed (broken stream, deadline, invalid output) and is
-            reported to the mesh; False for honest refusals (busy, out of KV room), which
-            only exclude the host from this session.
-        penalty: what the host is scored for when blamed (`mesh.scoring.DEFAULT_WEIGHTS`):
-            "bad_output" for an answer that is wrong (undecodable, NaN, wrong shape),
-            "malformed" for a reply that breaks the protocol, "timeout" for a failure
-            (deadline, broken stream), which honest hosts on bad links have too.
-    """
-
-    def __init__(
-        self,
-        host: bytes,
-        reason: str,
-        *,
-        retryable: bool = True,
-        blame: bool = True,
-        penalty: str = "timeout",
-    ) -> None:
-        super().__init__(f"host {host.hex()[:8]}: {reason}")
-        self.host = host
-        self.reason = reason
-        self.retryable = retryable
-        self.blame = blame
-        self.penalty = penalty
-
-
-HONEST_REFUSALS = frozenset({"busy", "cache_exhausted", "no_session", "out_of_order", "not_hosted"})
-
-
-def refused(host: bytes, code: str, message: str) -> HopFailed:
-    """The HopFailed for a host's refusal with `code` (see wire.FAILURE_CODES)."""
-    return HopFailed(
-        host,
-        f"refused: {code}: {message}",
-        retryable=code != "bad_input",
-        blame=code not in HONEST_REFUSALS and code != "bad_input",
-    )
-
-
-def first_hop_failure(group: BaseExceptionGroup[BaseException]) -> HopFailed | None:
-    """The first HopFailed (or transport failure, as one) inside a nursery's exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            inner = first_hop_failure(exc)
-            if inner is not None:
-                return inner
-        elif isinstance(exc, HopFailed):
-            return exc
-    return None
-
-
 class JobFailed(NexusError):
     """The job cannot complete (no route left, input rejected, too many failovers)."""
-
-
-@dataclass(frozen=True, slots=True)
-class HopPlan:
-    """One span of a route: atoms [start, end) on `host`."""
-
-    host: bytes
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HopTiming:
-    """What one hop cost for one step (seconds; bytes of the tensors each way)."""
-
-    host: bytes
-    start: int
-    end: int
-    compute_s: float
-    queue_s: float
-    transfer_s: float
-    bytes_out: int
-    bytes_in: int
-
-
-@dataclass(slots=True, kw_only=True)
-class HopTotals:
-    """Running totals of one hop over a job's steps (or a training run's operations)."""
-
-    steps: int = 0
-    compute_s: float = 0.0
-    queue_s: float = 0.0
-    transfer_s: float = 0.0
-    bytes_out: int = 0
-    bytes_in: int = 0
-
-    def add(self, t: HopTiming) -> None:
-        self.steps += 1
-        self.compute_s += t.compute_s
-        self.queue_s += t.queue_s
-        self.transfer_s += t.transfer_s
-        self.bytes_out += t.bytes_out
-        self.bytes_in += t.bytes_in
-
-    def merge(self, other: HopTotals) -> None:
-        self.steps += other.steps
-        self.compute_s += other.compute_s
-        self.queue_s += other.queue_s
-        self.transfer_s += other.transfer_s
-        self.bytes_out += other.bytes_out
-        self.bytes_in += other.bytes_in
-
-
-@dataclass(frozen=True, slots=True)
-class StepInput:
-    x: torch.Tensor
-    position: int
-    causal: bool
-    pad_mask: bytes
-
-
-class Hop(Protocol):
-    plan: HopPlan
-
-    async def open(self, batch: int, max_len: int) -> None: ...
-    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]: ...
-    async def replay(
-        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
-    ) -> list[torch.Tensor]: ...
-    async def close(self) -> None: ...
-
-
-class RemoteHop:
-    """A span on another node, reached over an `ExecChannel`."""
-
-    def __init__(
-        self,
-        plan: HopPlan,
-        model_id: str,
-        channel: ExecChannel,
-        *,
-        step_timeout_s: float,
-        codec: str = "raw",
-    ) -> None:
-        self.plan = plan
-        self._model = model_id
-        self._ch = channel
-        self._timeout = step_timeout_s
-        self._codec = codec
-        self._sid = os.urandom(SESSION_ID_BYTES)
-
-    async def open(self, batch: int, max_len: int) -> None:
-        msg = OpenSession(
-            session_id=self._sid,
-            model_id=self._model,
-            start=self.plan.start,
-            end=self.plan.end,
-            batch=batch,
-            max_len=max_len,
-            reply_codec=self._codec,
-        )
-        reply, _ = await self._exchange(lambda: self._ch.send(msg))
-        if not isinstance(reply, SessionOpened):
-            raise HopFailed(
-                self.plan.host,
-                f"expected SessionOpened, got {type(reply).__name__}",
-                penalty="malformed",
-            )
-
-    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
-        enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
-        msg = Step(
-            session_id=self._sid,
-            step_id=step_id,
-            position=inp.position,
-            causal=inp.causal,
-            tensor=header_of(enc),
-            pad_mask=inp.pad_mask,
-        )
-        t0 = trio.current_time()
-        reply, payload = await self._exchange(lambda: self._ch.send(msg, enc))
-        elapsed = trio.current_time() - t0
-        if not isinstance(reply, StepResult) or reply.step_id != step_id:
-            raise HopFailed(
-                self.plan.host,
-                f"expected StepResult {step_id}, got {reply!r:.80}",
-                penalty="malformed",
-            )
-        out = _checked_output(self.plan.host, reply, payload, inp.x)
-        timing = HopTiming(
-            host=self.plan.host,
-            start=self.plan.start,
-            end=self.plan.end,
-            compute_s=reply.compute_s,
-            queue_s=reply.queue_s,
-            transfer_s=max(0.0, elapsed - reply.compute_s - reply.queue_s),
-            bytes_out=len(enc.data),
-            bytes_in=len(payload),
-        )
-        return out, timing
-
-    async def replay(
-        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
-    ) -> list[torch.Tensor]:
-        """Send every stored step at once and collect the answers (one round trip plus the
-        compute, instead of one round trip per step). Sending and receiving run
-        concurrently, so large answers can never block behind unsent steps.
-
-        Args:
-            per_step_s: expected compute per step (measured on the failed host), for the
-                deadline: step_timeout + 2 x per_step_s x len(inputs).
-        """
-        outs: list[torch.Tensor] = []
-
-        async def send_all() -> None:
-            for k, inp in enumerate(inputs):
-                enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
-                msg = Step(
-                    session_id=self._sid,
-                    step_id=first_id + k,
-                    position=inp.position,
-                    causal=inp.causal,
-                    tensor=header_of(enc),
-                    pad_mask=inp.pad_mask,
-                )
-                try:
-                    await self._ch.send(msg, enc)
-                except MeshError as exc:
-                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
-
-        async def receive_all() -> None:
-            for k, inp in enumerate(inputs):
-                try:
-                    reply, payload = await self._ch.receive()
-                except PeerProtocolError as exc:
-                    raise HopFailed(
-                        self.plan.host,
-                        f"{type(exc).__name__}: {exc}",
-                        penalty=protocol_penalty(exc),
-                    ) from None
-                except MeshError as exc:
-                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
-                if isinstance(reply, ExecFailure):
-                    raise refused(self.plan.host, reply.code, reply.message)
-                if not isinstance(reply, StepResult) or reply.step_id != first_id + k:
-                    raise HopFailed(
-                        self.plan.host,
-                        f"expected StepResult {first_id + k}, got {reply!r:.80}",
-                        penalty="malformed",
-                    )
-                outs.append(_checked_output(self.plan.host, reply, payload, inp.x))
-
-        deadline_s = self._timeout + 2 * per_step_s * len(inputs)
-        try:
-            with trio.fail_after(deadline_s):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send_all)
-                    nursery.start_soon(receive_all)
-        except trio.TooSlowError:
-            raise HopFailed(
-                self.plan.host, f"replay of {len(inputs)} steps took over {deadline_s:.1f} s"
-            ) from None
-        except BaseExceptionGroup as group:  # trio wraps child errors; surface the hop failure
-            failure = first_hop_failure(group)
-            if failure is None:
-                raise
-            raise failure from None
-        return outs
-
-    async def close(self) -> None:
-        """Tell the host (best effort, bounded) and close the stream; never blocks long."""
-
-        async def tell_and_close() -> None:
-            try:
-                await self._ch.send(CloseSession(self._sid))
-            except MeshError:
-                pass  # the host reclaims idle sessions anyway
-            await self._ch.aclose()
-
-        await close_bounded(tell_and_close)
-
-    async def _exchange(self, send: Callable[[], Awaitable[None]]) -> tuple[object, bytes]:
-        try:
-            with trio.fail_after(self._timeout):
-                await send()
-                reply, payload = await self._ch.receive()
-        except trio.TooSlowError:
-            raise HopFailed(self.plan.host, f"no answer within {self._timeout} s") from None
-        except PeerProtocolError as exc:  # a forged, replayed or malformed reply
-            raise HopFailed(
-                self.plan.host, f"{type(exc).__name__}: {exc}", penalty=protocol_penalty(exc)
-            ) from None
-        except MeshError as exc:
-            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
-        if isinstance(reply, ExecFailure):
-            raise refused(self.plan.host, reply.code, reply.message)
-        return reply, payload
-
-
-class LocalHop:
-    """A span this node hosts itself: no network, same session semantics."""
-
-    def __init__(self, plan: HopPlan, model_id: str, host: SpanHost, self_id: bytes) -> None:
-        self.plan = plan
-        self._model = model_id
-        self._host = host
-        self._self = self_id
-        self._sid = os.urandom(SESSION_ID_BYTES)
-
-    async def open(self, batch: int, max_len: int) -> None:
-        msg = OpenSession(
-            session_id=self._sid,
-            model_id=self._model,
-            start=self.plan.start,
-            end=self.plan.end,
-            batch=batch,
-            max_len=max_len,
-        )
-        try:
-            await self._host.open(self._self, msg)
-        except ExecRefused as exc:
-            raise refused(self.plan.host, exc.code, str(exc)) from None
-
-    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
-        enc = encode(inp.x)
-        msg = Step(
-            session_id=self._sid,
-            step_id=step_id,
-            position=inp.position,
-            causal=inp.causal,
-            tensor=header_of(enc),
-            pad_mask=inp.pad_mask,
-        )
-        try:
-            reply, out_enc = await self._host.step(self._self, msg, enc.data)
-            out = tensor_of(reply.tensor, out_enc.data)
-        except ExecRefused as exc:
-            raise refused(self.plan.host, exc.code, str(exc)) from None
-        except AtomError as exc:
-            raise HopFailed(
-                self.plan.host, f"invalid output: {exc}", penalty="bad_output"
-            ) from None
-        _check_output(self.plan.host, inp.x, out)
-        timing = HopTiming(
-            host=self.plan.host,
-            start=self.plan.start,
-            end=self.plan.end,
-            compute_s=reply.compute_s,
-            queue_s=reply.queue_s,
-            transfer_s=0.0,
-            bytes_out=0,
-            bytes_in=0,
-        )
-        return out, timing
-
-    async def replay(
-        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
-    ) -> list[torch.Tensor]:
-        return [(await self.step(first_id + k, inp))[0] for k, inp in enumerate(inputs)]
-
-    async def close(self) -> None:
-        self._host.close(self._self, self._sid)
-
-
-def _checked_output(
-    host: bytes, reply: StepResult, payload: bytes, x: torch.Tensor
-) -> torch.Tensor:
-    """The reply's tensor, decoded (dtype, length, finiteness) and shape-checked against `x`."""
-    try:
-        out = tensor_of(reply.tensor, payload)
-    except AtomError as exc:
-        raise HopFailed(host, f"invalid output: {exc}", penalty="bad_output") from None
-    _check_output(host, x, out)
-    return out
-
-
-def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor) -> None:
-    """A wrong shape is a bad output, scored as one (not as a timeout)."""
-    if out.dim() < 2 or out.shape[0] != x.shape[0]:
-        raise HopFailed(
-            host,
-            f"invalid output: shape {tuple(out.shape)} does not fit input {tuple(x.shape)}",
-            penalty="bad_output",
-        )
-    if x.dim() >= 2 and out.dim() >= 3 and x.dim() in (2, 3) and out.shape[1] != x.shape[1]:
-        raise HopFailed(
-            host,
-            f"invalid output: {out.shape[1]} tokens, input had {x.shape[1]}",
-            penalty="bad_output",
-        )
-
-
-def protocol_penalty(exc: PeerProtocolError) -> str:
-    """Score reason of a protocol error on an exec reply (see `mesh.sync.classify_rejection`;
-    a sender no longer admitted, e.g. just banned, is scored as a plain failure)."""
-    return classify_rejection(exc)[1] or "timeout"
 
 
 Planner = Callable[[int, int, frozenset[bytes]], list[HopPlan]]
