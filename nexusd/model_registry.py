@@ -30,6 +30,7 @@ from atoms.span import Span
 from atoms.tokenizer import TextTokenizer
 from atoms.weights import FileReader, digest_hex
 
+from .chat_template import copy_shipped
 from .errors import ApiError
 
 log = structlog.get_logger(__name__)
@@ -304,6 +305,7 @@ def import_model(folder: Path, model_id: str, models_dir: Path, *, dtype: str = 
     tmp = models_dir / f".{model_id}.import{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
+    copy_shipped(folder, tmp)  # its chat template, for /v1/chat/completions
     os.replace(tmp, target)
     return target
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import chat_template
 from ..api.records import SEED_LIMIT, EmbedReply, EmbedRequest, GenerateReply, GenerateRequest
 from ..errors import ApiError
 
@@ -261,14 +262,24 @@ def parse_chat(data: dict[str, Any], template: ChatTemplate) -> TextCall:
 class ChatTemplate:
     """How a conversation becomes one prompt for a model, and where its answer ends."""
 
+    @classmethod
+    def shipped(cls, text: str, *, model: str, eos: str) -> ChatTemplate:
+        """The Jinja template an imported model shipped (its end-of-sequence id stops it)."""
+        return cls("shipped", "", "", "", "", (), jinja=text, model=model, eos=eos)
+
     name: str
     system: str  # format of a system turn, with {content}
     user: str
     assistant: str
     generation: str  # appended after the last turn: the assistant's turn begins
     stop: tuple[str, ...]
+    jinja: str = ""  # a template the model shipped (`nexusd.chat_template`): used instead
+    model: str = ""
+    eos: str = ""
 
     def render(self, turns: list[tuple[str, str]]) -> str:
+        if self.jinja:
+            return chat_template.render(self.jinja, turns, model=self.model, eos=self.eos)
         fmt = {"system": self.system, "developer": self.system, "user": self.user}
         return (
             "".join(fmt.get(role, self.assistant).format(content=c.strip()) for role, c in turns)

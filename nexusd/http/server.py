@@ -22,6 +22,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from .. import chat_template
 from ..api.server import ApiServer, Emit
 from ..config import ApiConfig
 from ..errors import ApiError, SetupError
@@ -65,12 +66,25 @@ class DaemonBackend:
         return cards
 
     def chat_template(self, model: str) -> ChatTemplate:
-        """Llama imports whose tokenizer knows the Llama 3 header tokens use that template;
-        every other decoder (Nexus 1.1) a plain "User:" / "Assistant:" transcript."""
+        """The template the model shipped (kept at import), else for Llama imports whose
+        tokenizer knows the Llama 3 header tokens that template, else (Nexus 1.1) a plain
+        "User:" / "Assistant:" transcript."""
         try:
             info = self._registry.info(model)
+            folder = self._registry.folder(model)
         except ApiError:
             return PLAIN_TEMPLATE  # unknown: the job says so (404) with the known models
+        shipped = folder / chat_template.FILE
+        if shipped.is_file() and shipped.stat().st_size <= chat_template.MAX_TEMPLATE_CHARS:
+            eos_text = ""
+            try:
+                eos = self._registry.eos_token_ids(model)
+                if eos:
+                    tok = self._registry.tokenizer(model)
+                    eos_text = tok.decode(list(eos[:1]), skip_special_tokens=False)
+            except ApiError as exc:  # no tokenizer: the job refuses the model, saying why
+                log.debug("http_chat_no_eos_text", model=model, reason=exc.message)
+            return ChatTemplate.shipped(shipped.read_text(), model=model, eos=eos_text)
         if info.family == "llama":
             tok = self._registry.tokenizer(model)
             if (

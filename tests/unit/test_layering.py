@@ -17,6 +17,7 @@ HOMES = {
     "nacl": {"mesh/identity/_nacl.py"},
     "networkx": {"mesh/routing.py"},
     "hypercorn": {"nexusd/http/server.py"},
+    "jinja2": {"nexusd/chat_template.py"},
 }
 # package -> top-level imports it must never make
 FORBIDDEN = {
