@@ -110,16 +110,17 @@ class MeshSnapshot:
             if hasattr(reply, key):
                 out[key] = getattr(reply, key)
         if isinstance(reply, TrainReply) and kind == "train":
-            out["losses"] = await trio.to_thread.run_sync(self._losses, job_id)
+            folder = Path(reply.checkpoint) if reply.checkpoint else self._train_dir / job_id
+            out["losses"] = await trio.to_thread.run_sync(self._losses, folder)
             out["model"] = reply.model
         self._done[job_id] = out
         while len(self._done) > ROUTE_CACHE:
             self._done.popitem(last=False)
         return out
 
-    def _losses(self, job_id: str) -> list[list[float]]:
-        """[step, train_loss, val_loss (-1: none)] from the job's metrics.csv (its tail)."""
-        path = self._train_dir / job_id / "metrics.csv"
+    def _losses(self, folder: Path) -> list[list[float]]:
+        """[step, train_loss, val_loss (-1: none)] from a run's metrics.csv (its tail)."""
+        path = folder / "metrics.csv"
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, io.SEEK_END)
