@@ -8,7 +8,7 @@ Rule 2: attention stays per session: each row attends to its own session's pages
 sees exactly the keys it would see alone.
 Rule 3: the result equals the unbatched steps up to fp32 rounding (a matrix product over R
 rows may sum in another order than over one; masked keys add exact zeros):
-tests/unit/atoms/test_kv_pool.py bounds the difference, README "Speed" states it.
+tests/unit/atoms/test_kv_pool.py bounds the difference, README "Benchmarks" states it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ rows with it, so the keys and values a mask hides are finite.
 Rule 4: a page is zeroed when taken; `release` gives every page back; asking for more pages
 than are free raises `CacheExhausted` and takes none.
 Rule 5: attention reads a gather of the session's pages into one contiguous-per-page view
-(`gather_rows`): one index copy per layer and step, measured in README "Speed".
+(`gather_rows`): one index copy of the row's keys and values per layer and step, measured
+in README "Benchmarks" (Serving many sessions).
 """
 
 from __future__ import annotations
@@ -216,8 +217,9 @@ def gather_rows(
     """
     r, n = table.shape
     per_page = view.shape[1]
-    sel = view[table]  # (R, n, P, 2, H, D), contiguous
-    flat = sel.view(r, n * per_page, *sel.shape[3:])[:, :length]  # (R, L, 2, H, D)
+    # index_select, not view[table]: 5x faster on CPU for this copy (18 vs 95 us, 26 pages)
+    sel = torch.index_select(view, 0, table.reshape(-1))  # (R x n, P, 2, H, D), contiguous
+    flat = sel.view(r, n * per_page, *sel.shape[2:])[:, :length]  # (R, L, 2, H, D)
     return flat[:, :, 0].transpose(1, 2), flat[:, :, 1].transpose(1, 2)
 
 

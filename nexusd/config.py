@@ -147,7 +147,7 @@ class AtomsConfig:
     host: tuple[str, ...] = ()  # "MODEL", "MODEL:START-END" ("nexus-1.1:0-4") or "MODEL:auto"
     dtype: str = "float32"
     kv_cache_budget_bytes: int = 512 * MiB
-    kv_page_tokens: int = 16  # tokens per page of the KV pool (atoms/kv_pool.py)
+    kv_page_tokens: int = 8  # tokens per page of the KV pool (atoms/kv_pool.py)
     session_idle_s: float = 300.0
     max_sessions: int = 64
     max_step_tokens: int = 65536

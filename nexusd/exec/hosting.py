@@ -178,7 +178,7 @@ class SpanHost:
         clock: Callable[[], float] = time.monotonic,
         load_window_s: float = 5.0,
         max_step_tokens: int = 65536,
-        kv_page_tokens: int = 16,
+        kv_page_tokens: int = 8,
         batch_window_s: float = 0.0,
     ) -> None:
         self._spans = list(spans)
