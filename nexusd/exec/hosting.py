@@ -412,8 +412,8 @@ class SpanHost:
                 f"a step carries at most {self._max_step_tokens} "
                 f"batch x tokens, got {x.shape[0] * tokens}",
             )
-        if sess.cache is None and msg.position != 0:
-            raise ExecRefused(
+        if sess.cache is None and msg.position != 0 and sess.span.kv_layouts():
+            raise ExecRefused(  # a span that keeps no KV (a head, a norm) runs at any position
                 "bad_input",
                 f"a session without a KV cache starts every step at position 0, got {msg.position}",
             )
