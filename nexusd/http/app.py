@@ -272,9 +272,10 @@ class HttpApp:
         self, scope: Scope, receive: Receive, res: _Response, data: dict[str, Any]
     ) -> None:
         model = data.get("model")
-        template = self.backend.chat_template(model) if isinstance(model, str) and model else None
-        if template is None:
+        if not isinstance(model, str) or not model:
             raise HttpError(400, "model: expected a non-empty string", param="model")
+        # off the event loop: it may read the model's manifest and tokenizer from disk
+        template = await trio.to_thread.run_sync(self.backend.chat_template, model)
         await self._text(scope, receive, res, parse_chat(data, template))
 
     async def _embeddings(
