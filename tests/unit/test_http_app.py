@@ -8,6 +8,7 @@ import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +22,11 @@ from nexusd.api.records import (
     GenerateRequest,
     TokenEvent,
 )
-from nexusd.errors import ApiError
+from nexusd.config import ApiConfig
+from nexusd.errors import ApiError, SetupError
 from nexusd.http.app import HttpApp, ModelCard
 from nexusd.http.openai import LLAMA3_TEMPLATE, PLAIN_TEMPLATE, ChatTemplate, HttpError
+from nexusd.http.server import TOKEN_FILE, hypercorn_config, is_loopback, load_token
 from nexusd.metrics import Metrics
 
 WORDS = (" one", " two", " three")
@@ -350,3 +353,24 @@ def test_http_error_shape() -> None:
     assert err == {
         "error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "busy"}
     }
+
+
+def test_token_file_rules(tmp_path: Path) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+    assert load_token(tmp_path, "127.0.0.1") is None  # loopback, no file: open
+    token = load_token(tmp_path, "0.0.0.0")  # any other bind: created, then required
+    assert token is not None and len(token) >= 32
+    path = tmp_path / TOKEN_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_token(tmp_path, "127.0.0.1") == token  # the file exists: loopback too
+    path.chmod(0o644)
+    with pytest.raises(SetupError, match="chmod 600"):
+        load_token(tmp_path, "0.0.0.0")
+
+
+def test_hypercorn_bounds_come_from_the_config() -> None:
+    hc = hypercorn_config(ApiConfig(http_port=8123, http_host="::1", http_keep_alive_s=3.0))
+    assert hc.bind == ["[::1]:8123"]
+    assert hc.keep_alive_timeout == 3.0 and hc.h11_max_incomplete_size == 16 * 1024
+    assert hc.read_timeout is None  # a client waiting on a long job is not cut off
