@@ -9,6 +9,7 @@ bf16 conversion and int8 weights computing in bf16, each with weight bytes, para
 modules, and torch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
 Targets (issue 13): int8 cosine >= 0.999 at <= 0.35x bytes; 4-bit >= 0.99 at <= 0.2x; Nexus
 int8 perplexity within 2 %; pruning 25 % keeps cosine >= 0.98 and runs >= 1.2x faster.
+`wire_codecs`: the accuracy of activations sent in each wire codec (`bench.wire_codecs`).
 
     python -m bench.compress [--smoke]
 """
@@ -32,6 +33,7 @@ from atoms.quant import QuantLinear
 from nexusd.model_registry import BUILTINS
 
 from .common import emit_json
+from .wire_codecs import measure_all
 
 
 def _summary(figs: Figures, model: Model | None = None) -> dict[str, object]:
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         nexus = nexus_model()
         _, figs = compress(nexus, CompressSettings(model_id="nexus-int8", quant="int8"))
         doc["nexus"] = {"model": nexus.model_id, "int8": _summary(figs)}
+    # activations in each wire codec across two hop boundaries (`--codec auto`'s trade)
+    doc["wire_codecs"] = measure_all(minilm, None if args.smoke else nexus, texts=evals)
     targets = {
         "int8_cosine_0.999_bytes_0.35": runs["int8"]["cosine"] >= 0.999  # type: ignore[operator]
         and runs["int8"]["bytes_ratio"] <= 0.35,  # type: ignore[operator]

@@ -143,6 +143,10 @@ def test_compress_smoke_measures_every_level() -> None:
     assert runs["prune_25"]["params"] < runs["prune_25"]["ref_params"]
     assert runs["magnitude_50"]["bytes_ratio"] == 1.0 and runs["bf16"]["bytes_ratio"] == 0.5
     assert doc["kernels"]["fp32"] > 0 and doc["kernels"]["ours_int8"] > 0
+    wire = doc["wire_codecs"]
+    assert wire["minilm_embeddings"]["raw"]["cosine"] == 1.0
+    assert wire["minilm_embeddings"]["int8"]["cosine"] >= 0.999
+    assert wire["sizes_hidden_384"]["int8"]["bytes_ratio"] < 0.3
     rows = [
         line for line in bench_all.table({"compress": doc}).splitlines() if "bench.compress" in line
     ]
