@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-CHECK_BUDGET_BYTES = 1 << 30  # autograd memory of the origin's check session (one at a time)
+CHECK_BUDGET_BYTES = 1 << 30  # autograd memory of one of the origin's check sessions
+MAX_CHECK_SESSIONS = 8  # spans whose check session (and fp32 copy) the origin keeps
 
 
 @dataclass(slots=True)
@@ -113,6 +114,8 @@ class TrainVerifier:
     start_step: int = 0
     _runs: dict[tuple[bytes, int, int], int] = field(default_factory=dict)
     _loose: set[tuple[bytes, int, int]] = field(default_factory=set)  # bf16 servers
+    _host: TrainHost | None = None  # the origin's own sessions of the checks
+    _own: dict[tuple[int, int, bool], TrainHop] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -195,8 +198,6 @@ class TrainVerifier:
         mbs: Sequence[MicroBatch],
         items: list[tuple[int, Probe]],
     ) -> None:
-        from .train_origin import TrainHop  # the pipeline's module imports this one
-
         hop, role = pipe.hops[i], pipe.roles[i]
         plan = hop.plan
         params: dict[str, torch.Tensor] = {}
@@ -204,17 +205,9 @@ class TrainVerifier:
             params = (await hop.get_state("params"))[0]
             if step == self.start_step and self.start_params:
                 self._judge_params(plan, params)
-        host = TrainHost(
-            self.span_for,
-            limiter=self.limiter,
-            metrics=Metrics(),
-            graph_budget_bytes=CHECK_BUDGET_BYTES,
-            max_sessions=1,
-        )
-        mine = HopPlan(self.trusted, plan.start, plan.end)  # its failures are the origin's
-        own = TrainHop(mine, self.model_id, local_link(host, self.trusted), remote=False)
+        key = (plan.start, plan.end, role.input_grad)
         try:
-            await own.open(self.optim, needs_input_grad=role.input_grad, next_step=step)
+            own = await self._session(key, step)
             if params:
                 await own.load_state(params, step, kind="params")
             for k, probe in items:
@@ -227,14 +220,48 @@ class TrainVerifier:
                 micro_batches=[k for k, _ in items],
             )
         except HopFailed as exc:
+            await self._drop(key)
             if exc.host != self.trusted:
                 raise
             self._outcome("undecided")  # the origin could not compute it: no verdict
             log.warning("train_verify_undecided", host=plan.host.hex()[:8], reason=exc.reason)
         except (NexusError, AtomError) as exc:
+            await self._drop(key)
             self._outcome("undecided")
             log.warning("train_verify_undecided", host=plan.host.hex()[:8], reason=str(exc))
-        finally:
+        except BaseException:
+            await self._drop(key)
+            raise
+
+    async def _session(self, key: tuple[int, int, bool], step: int) -> TrainHop:
+        """The origin's own training session over atoms [start, end) (kept for the run's
+        later checks of the same span: its fp32 copy is made once)."""
+        from .train_origin import TrainHop  # the pipeline's module imports this one
+
+        own = self._own.get(key)
+        if own is not None:
+            return own
+        if len(self._own) >= MAX_CHECK_SESSIONS:
+            for old in list(self._own):
+                await self._drop(old)
+        if self._host is None:
+            self._host = TrainHost(
+                self.span_for,
+                limiter=self.limiter,
+                metrics=Metrics(),
+                graph_budget_bytes=CHECK_BUDGET_BYTES,
+                max_sessions=MAX_CHECK_SESSIONS,
+            )
+        start, end, input_grad = key
+        mine = HopPlan(self.trusted, start, end)  # its failures are the origin's
+        own = TrainHop(mine, self.model_id, local_link(self._host, self.trusted), remote=False)
+        await own.open(self.optim, needs_input_grad=input_grad, next_step=step)
+        self._own[key] = own
+        return own
+
+    async def _drop(self, key: tuple[int, int, bool]) -> None:
+        own = self._own.pop(key, None)
+        if own is not None:
             await own.close()
 
     async def _judge(
