@@ -331,3 +331,9 @@ def test_dashboard_in_a_headless_browser(mesh3: tuple[LocalCluster, int], tmp_pa
         check=False,
     )
     assert shot.is_file() and shot.stat().st_size > 5000  # the artefact, in the test's tmp
+
+    # nobody in this mesh hosts Nexus 1.1: no route, 503 in OpenAI's shape
+    body = b'{"model": "nexus-1.1", "prompt": "x", "max_tokens": 2}'
+    status, answer = raw_http(port, post("/v1/completions", body, token=None), timeout_s=120)
+    assert status == 503, answer
+    assert json.loads(answer)["error"]["type"] == "service_unavailable"
