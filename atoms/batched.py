@@ -49,11 +49,12 @@ class BatchItem:
 
 
 def batchable(item: BatchItem) -> bool:
-    """Whether a step can join a batch: one token per row, and a cache length that matches."""
+    """Whether a step can join a batch: one token per row, and a cache length that matches
+    (a span without KV layers, e.g. an output head, batches at any position unpadded)."""
     if item.x.dim() < 2 or item.x.shape[1] != 1:
         return False
     if item.cache is None:
-        return item.position == 0
+        return item.pad_mask is None
     return item.cache.length == item.position and item.cache.batch == item.x.shape[0]
 
 
@@ -99,7 +100,7 @@ def run_batched(span: Span, items: list[BatchItem]) -> list[torch.Tensor]:
     length = max(it.position for it in items) + 1
     ctx = ForwardContext(
         positions=positions,  # (R, 1)
-        pad_mask=_pad_rows(items, length),  # (R, L) or None
+        pad_mask=_pad_rows(items, length) if caches else None,  # (R, L) or None
         causal=items[0].causal,
         cache=PagedBatch(caches) if caches else None,
     )

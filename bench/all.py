@@ -26,7 +26,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-ORDER = ("route", "hop", "generate", "embed", "failover", "converge", "train", "compress", "http")
+ORDER = (
+    "route",
+    "hop",
+    "generate",
+    "concurrency",
+    "embed",
+    "failover",
+    "converge",
+    "train",
+    "compress",
+    "http",
+)
 FULL_TIMEOUT_S = 420.0
 TIMEOUTS_S = {"train": 900.0}  # five clusters' worth of training runs and baselines
 SMOKE_TIMEOUT_S = 180.0
@@ -85,6 +96,14 @@ def _route_ms(doc: Doc) -> float | None:
     return None
 
 
+def _kv_held(doc: Doc) -> float | None:
+    """Pool bytes held over bytes used at the default page size (the first measured)."""
+    rows = _rows(doc, "kv_memory")
+    if rows and isinstance(rows[0], dict):
+        return float(rows[0]["held_over_used"])
+    return None
+
+
 def _of_target(v: float | None, target: float, *, higher_is_better: bool) -> str:
     if v is None:
         return "n/a"
@@ -93,6 +112,24 @@ def _of_target(v: float | None, target: float, *, higher_is_better: bool) -> str
 
 
 ROWS = (
+    Row(
+        "concurrency",
+        "8 concurrent generations vs one at a time, 3 daemons (aggregate tokens/s)",
+        "≥ 3x",
+        lambda d: (
+            f"{_fmt(_num(d, 'ratio'), 'x')} ({_fmt(_num(d, 'concurrent_tokens_per_s'), '', 1)} "
+            f"vs {_fmt(_num(d, 'one_at_a_time_tokens_per_s'), '', 1)} tok/s; "
+            f"identical: {_get(d, 'tokens_identical')})"
+        ),
+        lambda d: _of_target(_num(d, "ratio"), 3.0, higher_is_better=True),
+    ),
+    Row(
+        "concurrency",
+        "KV pool bytes held / bytes used, 8 sessions of mixed lengths",
+        "≤ 1.2x",
+        lambda d: f"{_fmt(_kv_held(d), 'x')}",
+        lambda d: _of_target(_kv_held(d), 1.2, higher_is_better=False),
+    ),
     Row(
         "route",
         "route planning, 1000 hosts (median)",
@@ -385,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         if not available(name):
             results[name] = {"skipped": "not in this tree"}
             continue
-        extra = mesh_extra if name in ("generate", "embed", "failover", "converge", "train") else []
+        meshes = ("generate", "concurrency", "embed", "failover", "converge", "train")
+        extra = mesh_extra if name in meshes else []
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
         results[name] = run_one(name, args.smoke, extra)
     doc = {

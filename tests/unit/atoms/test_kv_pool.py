@@ -236,3 +236,19 @@ def test_pool_memory_grows_to_its_high_water_mark_and_keeps_pages() -> None:
     assert torch.equal(got_k[:, :, :2], k) and torch.equal(got_v[:, :, 2:], -k)
     cache.release()
     assert pool.take(1) == [1]  # the lowest free page first
+
+
+def test_a_span_without_kv_layers_batches_at_any_position() -> None:
+    head = Span(tiny_llama().atom_list()[-1:])  # the output head alone: no KV cache
+    xs = [torch.randn((1, 1, WIDTH), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    items = [
+        BatchItem(x=x, position=5 + 7 * i, causal=True, pad_mask=None, cache=None)
+        for i, x in enumerate(xs)
+    ]
+    assert all(batchable(it) for it in items)
+    with torch.inference_mode():
+        got = run_batched(head, items)
+        for it, out in zip(items, got, strict=True):
+            ctx = ForwardContext.for_tokens(1, 1, start=it.position, causal=True)
+            want = head(it.x, ctx)
+            assert float((want - out).abs().max() / want.abs().max()) <= BATCH_RTOL
