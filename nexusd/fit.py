@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from atoms.compress import PREFIX, CompressSettings, compress, measure, text_batches
+from atoms.compress import PREFIX, CompressSettings, atom_bytes, compress, measure, text_batches
 from atoms.precision import model_to_dtype
 
 from .errors import ApiError
@@ -40,18 +40,21 @@ class Level:
     model_id: str
     dtype: str  # the dtype HostRequest asks for ("" = as saved)
     bytes: int
-    cosine: float
+    cosine: float | None  # None: not measured (its bytes already exceed the budget)
     perplexity: float | None = None
     ref_perplexity: float | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in LEVELS or self.bytes <= 0 or not -1.0 <= self.cosine <= 1.0 + 1e-6:
+        bad = self.cosine is not None and not -1.0 <= self.cosine <= 1.0 + 1e-6
+        if self.name not in LEVELS or self.bytes <= 0 or bad:
             raise ValueError(f"level {self.name!r}: bad figures ({self.bytes}, {self.cosine})")
 
     def cost(self) -> str:
         """The measured accuracy cost, in words."""
         if self.name == "fp32":
             return "none (the model as trained)"
+        if self.cosine is None:
+            return "not measured"
         out = f"output cosine {self.cosine:.5f} against fp32"
         if self.perplexity is not None and self.ref_perplexity:
             change = self.perplexity / self.ref_perplexity - 1.0
@@ -77,6 +80,8 @@ def choose(candidates: Iterator[Level] | list[Level], budget: int, floor: float)
     for level in candidates:
         if level.bytes > budget:
             passed.append(f"{level.name}: {level.bytes:,} bytes exceed the budget {budget:,}")
+        elif level.cosine is None:  # cannot happen: only a level over budget is unmeasured
+            passed.append(f"{level.name}: accuracy not measured")
         elif level.cosine < floor:
             passed.append(f"{level.name}: cosine {level.cosine:.5f} is below the floor {floor}")
         else:
@@ -117,25 +122,35 @@ def _from_manifest(registry: ModelRegistry, name: str, mid: str) -> Level:
 
 
 def levels(
-    registry: ModelRegistry, model_id: str, *, on_build: Callable[[str], None] | None = None
+    registry: ModelRegistry,
+    model_id: str,
+    *,
+    budget: int | None = None,
+    on_build: Callable[[str], None] | None = None,
 ) -> Iterator[Level]:
     """The levels of `model_id`, most accurate first, each measured or built only when the
-    caller asks for the next one (rule 3)."""
+    caller asks for the next one (rule 3); bf16's accuracy is not measured when its bytes
+    exceed `budget` already."""
     saved = sum(e.nbytes for e in registry.manifest(model_id).atoms)
     yield Level(name="fp32", model_id=model_id, dtype="float32", bytes=saved, cosine=1.0)
     model = registry.load_model(model_id)
     settings = CompressSettings(model_id=f"{model_id}-bf16")
     _, evaluation = text_batches(model, settings)
-    figs = measure(model, model_to_dtype(model, "bfloat16"), evaluation, repeats=1)
-    yield Level(
-        name="bf16",
-        model_id=model_id,
-        dtype="bfloat16",
-        bytes=figs.bytes,
-        cosine=figs.cosine,
-        perplexity=figs.perplexity,
-        ref_perplexity=figs.ref_perplexity,
-    )
+    half = model_to_dtype(model, "bfloat16")
+    half_bytes = sum(atom_bytes(a) for a in half.atoms)
+    if budget is not None and half_bytes > budget:
+        yield Level(name="bf16", model_id=model_id, dtype="bfloat16", bytes=half_bytes, cosine=None)
+    else:
+        figs = measure(model, half, evaluation, repeats=1)
+        yield Level(
+            name="bf16",
+            model_id=model_id,
+            dtype="bfloat16",
+            bytes=figs.bytes,
+            cosine=figs.cosine,
+            perplexity=figs.perplexity,
+            ref_perplexity=figs.ref_perplexity,
+        )
     for quant in ("int8", "int4"):
         mid = _derived(registry, model_id, quant)
         if mid is None:

@@ -85,7 +85,9 @@ def fit_to_budget(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> Fi
 
     source = args.model
     choice = choose(
-        levels(registry, source, on_build=building), budget, cfg.atoms.host_accuracy_floor
+        levels(registry, source, budget=budget, on_build=building),
+        budget,
+        cfg.atoms.host_accuracy_floor,
     )
     level = choice.chosen
     args.model, args.dtype = level.model_id, level.dtype

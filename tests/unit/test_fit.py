@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,8 @@ def test_a_budget_builds_and_hosts_the_int8_level_with_its_measured_cost(tmp_pat
     fp32, bf16 = next(all_levels), next(all_levels)
     assert bf16.bytes < 0.55 * fp32.bytes and bf16.cosine > 0.999
     assert "tiny-int8" not in registry.available()  # built only when asked for
+    over = list(itertools.islice(levels(registry, "tiny", budget=bf16.bytes - 1), 2))[1]
+    assert over.bytes == bf16.bytes and over.cosine is None  # not measured: it cannot fit
     budget = (bf16.bytes + fp32.bytes // 4) // 2  # below bf16, above int8 (~0.26x)
     cfg = load_config(
         None,
