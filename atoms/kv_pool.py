@@ -4,11 +4,11 @@ The idea is vLLM's PagedAttention (Kwon et al., SOSP 2023, §4.2-4.3): a session
 values live in fixed-size blocks found through a block table, so a session holds memory
 in proportion to its length and a freed block serves anyone.
 
-Rule 1: the pool is one tensor of up to `pages` x `page_bytes`; every page has the same
-size, so memory cannot fragment: any free page serves any session. The page count is fixed
-when the pool is built (the budget); the tensor grows by doubling up to it, to the highest
-page ever used (free pages are taken lowest id first), and never shrinks: a 512 MiB budget
-costs its memory only once sessions have used it.
+Rule 1: the pool is one tensor of `pages` x `page_bytes`, allocated once and never moved
+(worker threads write into it while the event loop takes and frees pages); every page has
+the same size, so memory cannot fragment: any free page serves any session. It is made with
+`torch.empty`: the OS maps a page of it only when a session first writes there, and free
+pages are taken lowest id first, so the resident memory is the high-water mark of use.
 Rule 2: a page holds `tokens` consecutive tokens of ONE sequence row for EVERY attention
 layer of a span (`PageFormat` says where each layer lives inside it); a session keeps one
 page table per row and takes a page only when its length crosses into it.
@@ -92,7 +92,8 @@ class KVPool:
             raise ValueError(f"pool needs page_bytes a multiple of {ALIGN} and pages >= 0")
         self.page_bytes = page_bytes
         self.capacity = pages
-        self._storage = torch.zeros((min(pages, 15) + 1, page_bytes), dtype=torch.uint8)
+        self._storage = torch.empty((pages + 1, page_bytes), dtype=torch.uint8)
+        self._storage[PAD_PAGE].zero_()
         self._free = list(range(PAD_PAGE + 1, pages + 1))  # a heap: the lowest id first
         self._used: set[int] = set()
         self._views: dict[tuple[int, LayerSlot], torch.Tensor] = {}
@@ -123,7 +124,6 @@ class KVPool:
             )
         pages = [heapq.heappop(self._free) for _ in range(n)]
         if pages:
-            self._grow(max(pages) + 1)
             self._storage[torch.tensor(pages)] = 0
         self._used.update(pages)
         return pages
@@ -141,27 +141,13 @@ class KVPool:
         for p in pages:
             heapq.heappush(self._free, p)
 
-    def _grow(self, rows: int) -> None:
-        """Make the tensor hold at least `rows` pages (doubling, capped at the pool)."""
-        have = self._storage.shape[0]
-        if rows <= have:
-            return
-        bigger = torch.empty(
-            (min(max(rows, 2 * have), self.capacity + 1), self.page_bytes), dtype=torch.uint8
-        )
-        bigger[:have] = self._storage
-        self._storage = bigger
-        self._views.clear()  # they viewed the old tensor
-
     @property
     def allocated_bytes(self) -> int:
-        """Bytes the pool's tensor holds now (its high-water mark, pad page included)."""
+        """Bytes of the pool's tensor (address space; resident only where written)."""
         return self._storage.numel()
 
     def layer_view(self, fmt: PageFormat, slot: LayerSlot) -> torch.Tensor:
-        """Every allocated page's region of one layer, typed: (rows, tokens, 2, H_kv, D).
-
-        Valid until the pool next grows (`take`): fetch it after reserving pages.
+        """Every page's region of one layer, typed: (pages + 1, tokens, 2, H_kv, D).
 
         Raises:
             CacheExhausted: the span's pages need more bytes than this pool's pages have.

@@ -115,7 +115,8 @@ def warm_up(span: Span) -> float:
 
 
 def _physical_memory() -> int:
-    """The machine's RAM in bytes: a KV budget beyond it could not be allocated."""
+    """The machine's RAM in bytes. The pool reserves its address space at once (resident
+    only where written), so a budget is capped at a quarter of it."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not POSIX: trust the budget
@@ -261,7 +262,7 @@ class SpanHost:
         fmt = PageFormat.of(span.kv_layouts(), self._page_tokens)
         pool = self._pool
         if pool is None or (pool.used_pages == 0 and pool.page_bytes != self._page_bytes()):
-            budget = min(self._budget, _physical_memory())  # e.g. the arbiter's 2**40
+            budget = min(self._budget, _physical_memory() // 4)  # e.g. the arbiter's 2**40
             pool = self._pool = KVPool.for_budget(budget, self._page_bytes())
             log.info("kv_pool_built", pages=pool.capacity, page_bytes=pool.page_bytes)
         return pool, fmt
@@ -270,7 +271,7 @@ class SpanHost:
         """(pages in use, pages in the pool); before the pool exists, what it will hold."""
         if self._pool is not None:
             return self._pool.used_pages, self._pool.capacity
-        return 0, min(self._budget, _physical_memory()) // self._page_bytes()
+        return 0, min(self._budget, _physical_memory() // 4) // self._page_bytes()
 
     @property
     def kv_bytes_used(self) -> int:
