@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
 SUFFIX = ".safetensors"
 DIGEST_HEX_LEN = 64  # BLAKE2b-256
-#: Reads a weight file's plaintext bytes (e.g. decrypting a file sealed at rest); raises
-#: WeightsError naming the file when it cannot. The default reads the file as it is.
+#: Reads a weight file's plaintext bytes (e.g. decrypting a file sealed at rest) verified
+#: against the digest the file is named by (hashing them, or authenticating a sealed file
+#: bound to that name); raises WeightsError naming the file when it cannot. Without one the
+#: store reads the file as it is and hashes it.
 FileReader = Callable[[Path], bytes]
 
 
@@ -149,7 +151,9 @@ class WeightStore:
         """
         path = self.path(digest)
         try:
-            data = path.read_bytes() if self._reader is None else self._reader(path)
+            if self._reader is not None:
+                return self._reader(path)  # verified by the reader (see FileReader)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise WeightsError(f"weight file {path} is missing") from None
         except OSError as exc:

@@ -27,7 +27,14 @@ from atoms.model import MANIFEST_FILE, TOKENIZER_FILE, WEIGHTS_DIR, read_manifes
 from atoms.weights import SUFFIX, digest_hex
 from mesh.blobs import PIECE_BYTES, piece_range
 from mesh.errors import DecryptionFailed
-from mesh.identity.at_rest import CHUNK_BYTES, HEADER_BYTES, MAGIC, SealedFiles, is_sealed
+from mesh.identity.at_rest import (
+    CHUNK_BYTES,
+    HEADER_BYTES,
+    MAGIC_BYTES,
+    SealedFiles,
+    is_sealed,
+    is_sealed_prefix,
+)
 
 from .model_registry import ModelRegistry
 from .paths import NodePaths
@@ -52,16 +59,22 @@ class WeightFiles:
         return f"WeightFiles(key={'yes' if self.sealer else 'no'}, seal_new={self.seal_new})"
 
     def read(self, path: Path) -> bytes:
-        """The plaintext of a weight file, sealed or not (see `atoms.weights.FileReader`).
+        """The verified plaintext of a weight file (see `atoms.weights.FileReader`): a plain
+        file is hashed against its name; a sealed one is authenticated, its key bound to
+        that name (`mesh.identity.at_rest`), so it is not hashed again.
 
         Raises:
             WeightsError: sealed and no mesh secret, or it does not open (names the file).
             FileNotFoundError: missing.
         """
         with open(path, "rb") as f:  # one open: a file sealed meanwhile is read whole
-            if f.read(len(MAGIC)) != MAGIC:
+            if not is_sealed_prefix(f.read(MAGIC_BYTES)):
                 f.seek(0)
-                return f.read()
+                data = f.read()
+                got = digest_hex(data)
+                if got != path.name.removesuffix(SUFFIX):
+                    raise WeightsError(f"weight file {path} is corrupt: its BLAKE2b is {got}")
+                return data
             if self.sealer is None:
                 raise WeightsError(
                     f"weight file {path} is encrypted at rest and this node has no mesh secret"
@@ -193,7 +206,7 @@ class PartSink:
             raise WeightsError(f"piece {index} of {self.target.name}: {len(data)} bytes")
         with open(self.part, "r+b") as f:
             f.seek(self.sealer.chunk_offset(CHUNK_BYTES, index))
-            f.write(self.sealer.seal_chunk(header, index, data))
+            f.write(self.sealer.seal_chunk(header, index, data, self.part))
         with open(self.idx, "ab") as f:
             f.write(index.to_bytes(4, "big"))
 

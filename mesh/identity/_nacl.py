@@ -9,6 +9,8 @@ Rule 3: key material stays inside these objects; none has a repr that shows it.
 
 from __future__ import annotations
 
+import ctypes
+
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
@@ -170,3 +172,77 @@ def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
         raise Rejected("frame does not authenticate")
     opened: bytes = _ffi.buffer(out, n)[:]
     return opened
+
+
+# AES-256-GCM for files sealed at rest (`at_rest`): with AES-NI it decrypts ~4x faster than
+# ChaCha20-Poly1305, which keeps a sealed span's load within 10 % of a plaintext one.
+# `aes256gcm_decrypt_into` writes the plaintext straight into the caller's buffer.
+_AES_KEY_BYTES: int = _lib.crypto_aead_aes256gcm_keybytes()
+_AES_NONCE_BYTES: int = _lib.crypto_aead_aes256gcm_npubbytes()
+
+
+def aes256gcm_available() -> bool:
+    """Whether this CPU runs libsodium's AES-256-GCM (it needs AES-NI and CLMUL)."""
+    return bool(_lib.crypto_aead_aes256gcm_is_available())
+
+
+def _check_aes(key: bytes, nonce: bytes) -> None:
+    if not aes256gcm_available():
+        raise Rejected("AES-256-GCM is not available on this CPU")
+    if len(key) != _AES_KEY_BYTES or len(nonce) != _AES_NONCE_BYTES:
+        raise ValueError(
+            f"aes-gcm: key and nonce must be {_AES_KEY_BYTES}, {_AES_NONCE_BYTES} bytes"
+        )
+
+
+def aes256gcm_encrypt(key: bytes, nonce: bytes, plaintext: bytes) -> bytes:
+    """AES-256-GCM: ciphertext plus a 16-byte tag."""
+    _check_aes(key, nonce)
+    n = len(plaintext)
+    out = _alloc("unsigned char[]", n + AEAD_TAG_BYTES)
+    rc = _lib.crypto_aead_aes256gcm_encrypt(
+        out, _ffi.NULL, plaintext, n, _ffi.NULL, 0, _ffi.NULL, nonce, key
+    )
+    if rc != 0:
+        raise Rejected("aes-gcm encryption failed")
+    sealed: bytes = _ffi.buffer(out)[:]
+    return sealed
+
+
+def aes256gcm_decrypt_into(
+    key: bytes,
+    nonce: bytes,
+    ciphertext: bytes | bytearray | memoryview,
+    out: bytes | bytearray,
+    at: int,
+) -> int:
+    """Authenticate and decrypt into `out[at:]`; returns the plaintext length. `Rejected`
+    (nothing trustworthy written) when it does not authenticate."""
+    _check_aes(key, nonce)
+    n = len(ciphertext) - AEAD_TAG_BYTES
+    if n < 0 or at + n > len(out):
+        raise Rejected("sealed chunk shorter than its tag, or longer than its place")
+    target = _ffi.from_buffer(out)  # `out` may be a bytes still being filled: see fresh_bytes
+    source = _ffi.from_buffer(ciphertext)
+    rc = _lib.crypto_aead_aes256gcm_decrypt(
+        target + at, _ffi.NULL, _ffi.NULL, source, len(ciphertext), _ffi.NULL, 0, nonce, key
+    )
+    if rc != 0:
+        raise Rejected("sealed chunk does not authenticate")
+    return n
+
+
+_PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
+_PyBytes_FromStringAndSize.restype = ctypes.py_object
+_PyBytes_FromStringAndSize.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def fresh_bytes(n: int) -> bytes:
+    """A new, uninitialised bytes object of `n` bytes that only the caller holds, to be
+    filled in place (`aes256gcm_decrypt_into`) before it is shared: what the C API's
+    PyBytes_FromStringAndSize(NULL, n) is for. It spares a sealed weight file a second copy
+    of its plaintext (bytearray -> bytes) on the load path."""
+    if n < 2:
+        return bytes(n)  # 0 and 1 byte objects are shared singletons: never fill those
+    out: bytes = _PyBytes_FromStringAndSize(None, n)
+    return out

@@ -1,13 +1,17 @@
 """Files encrypted at rest under a key derived from the mesh secret (`SealedFiles`).
 
-Format: a 36-byte header (magic `NXSEAL1\\n`, chunk size u32, plaintext size u64, random
-salt 16 bytes), then the plaintext in chunks of `chunk` bytes, each sealed with
-ChaCha20-Poly1305 (16-byte tag) under a key of its own file: BLAKE2b(key=the at-rest key,
-the header), with nonce = chunk index (8 bytes) + a last-chunk flag (4 bytes).
+Format: a 36-byte header (magic `NXSEAL2\\n` for AES-256-GCM, the default where the CPU
+has AES-NI, or `NXSEAL1\\n` for ChaCha20-Poly1305; chunk size u32, plaintext size u64,
+random salt 16 bytes), then the plaintext in chunks of `chunk` bytes, each sealed (16-byte
+tag) under a key of its own file: BLAKE2b(key=the at-rest key, the header + the file's
+name up to its first dot, i.e. the content digest a weight file is named by), with nonce =
+chunk index (8 bytes) + a last-chunk flag (4 bytes).
 
 Rule 1: authenticated: a flipped byte, a truncated, extended or reordered file, a chunk
-moved between files or a header edited all fail to open (`DecryptionFailed`, naming the
-file); the key is never derived without the mesh secret.
+moved between files, a file renamed to another digest or a header edited all fail to open
+(`DecryptionFailed`, naming the file); the key is never derived without the mesh secret.
+So a sealed file that opens holds what a holder of the mesh secret sealed under that name
+(weight files are verified against their digest before they are sealed).
 Rule 2: chunked: sealing, opening and serving a range never hold more than the plaintext
 plus one chunk; a download writes pieces at their chunk positions, in any order.
 """
@@ -17,15 +21,28 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
 
 from mesh.errors import DecryptionFailed
 
-from ._nacl import AEAD_TAG_BYTES, Rejected, aead_decrypt, aead_encrypt, random_bytes
+from ._nacl import (
+    AEAD_TAG_BYTES,
+    Rejected,
+    aead_decrypt,
+    aead_encrypt,
+    aes256gcm_available,
+    aes256gcm_decrypt_into,
+    aes256gcm_encrypt,
+    fresh_bytes,
+    random_bytes,
+)
 
-MAGIC = b"NXSEAL1\n"
-HEADER_BYTES = len(MAGIC) + 4 + 8 + 16
+MAGIC_CHACHA = b"NXSEAL1\n"
+MAGIC_AES = b"NXSEAL2\n"
+MAGIC = MAGIC_AES if aes256gcm_available() else MAGIC_CHACHA  # what new files get
+MAGIC_BYTES = 8
+HEADER_BYTES = MAGIC_BYTES + 4 + 8 + 16
 CHUNK_BYTES = 1 << 20
 _PERSON = b"nexus-at-rest"  # BLAKE2b personalisation of the at-rest key (<= 16 bytes)
 
@@ -34,9 +51,14 @@ def is_sealed(path: Path) -> bool:
     """True if the file starts with the sealed-file magic."""
     try:
         with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+            return is_sealed_prefix(f.read(MAGIC_BYTES))
     except OSError:
         return False
+
+
+def is_sealed_prefix(head: bytes) -> bool:
+    """True if `head` (a file's first bytes) is a sealed file's magic."""
+    return head[:MAGIC_BYTES] in (MAGIC_AES, MAGIC_CHACHA)
 
 
 def _n_chunks(size: int, chunk: int) -> int:
@@ -65,7 +87,7 @@ class SealedFiles:
     @staticmethod
     def parse_header(header: bytes, path: Path) -> tuple[int, int]:
         """(chunk, size) of a header, or DecryptionFailed naming `path`."""
-        if len(header) != HEADER_BYTES or not header.startswith(MAGIC):
+        if len(header) != HEADER_BYTES or not is_sealed_prefix(header):
             raise DecryptionFailed(f"weight file {path} is not a sealed file (bad header)")
         chunk = int.from_bytes(header[8:12], "big")
         size = int.from_bytes(header[12:20], "big")
@@ -73,8 +95,9 @@ class SealedFiles:
             raise DecryptionFailed(f"weight file {path}: corrupt header")
         return chunk, size
 
-    def _file_key(self, header: bytes) -> bytes:
-        return hashlib.blake2b(header, key=self._key, digest_size=32).digest()
+    def _file_key(self, header: bytes, path: Path) -> bytes:
+        bind = path.name.partition(".")[0].encode()  # "<digest>.safetensors[.part]"
+        return hashlib.blake2b(header + bind, key=self._key, digest_size=32).digest()
 
     @staticmethod
     def _nonce(index: int, last: bool) -> bytes:
@@ -84,10 +107,17 @@ class SealedFiles:
     def chunk_offset(header_chunk: int, index: int) -> int:
         return HEADER_BYTES + index * (header_chunk + AEAD_TAG_BYTES)
 
-    def seal_chunk(self, header: bytes, index: int, data: bytes) -> bytes:
-        chunk, size = self.parse_header(header, Path("<new>"))
+    def seal_chunk(self, header: bytes, index: int, data: bytes, path: Path) -> bytes:
+        """Chunk `index` of the file at `path` (its name binds the key) with `header`."""
+        chunk, size = self.parse_header(header, path)
         last = index == _n_chunks(size, chunk) - 1
-        return aead_encrypt(self._file_key(header), self._nonce(index, last), data)
+        return self._seal(header, self._file_key(header, path), self._nonce(index, last), data)
+
+    @staticmethod
+    def _seal(header: bytes, key: bytes, nonce: bytes, data: bytes) -> bytes:
+        if header.startswith(MAGIC_AES):
+            return aes256gcm_encrypt(key, nonce, data)
+        return aead_encrypt(key, nonce, data)
 
     # ---- whole files -------------------------------------------------------------------
 
@@ -95,7 +125,7 @@ class SealedFiles:
         """Seal `data` into `path` (written to a temporary file, then renamed)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         header = self.new_header(len(data))
-        key = self._file_key(header)
+        key = self._file_key(header, path)
         n = _n_chunks(len(data), CHUNK_BYTES)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".seal-")
         try:
@@ -104,7 +134,7 @@ class SealedFiles:
                 view = memoryview(data)
                 for i in range(n):
                     part = bytes(view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES])
-                    f.write(aead_encrypt(key, self._nonce(i, i == n - 1), part))
+                    f.write(self._seal(header, key, self._nonce(i, i == n - 1), part))
             os.replace(tmp, path)
         except BaseException:  # cleanup, then re-raise: not a boundary
             Path(tmp).unlink(missing_ok=True)
@@ -126,15 +156,20 @@ class SealedFiles:
         with open(path, "rb") as f:
             return self.read_open(f, path)
 
-    def read_open(self, f: BinaryIO, path: Path) -> bytes:
+    def read_open(self, f: BufferedReader, path: Path) -> bytes:
         """As `read`, from a file opened at its start (one inode, whatever renames)."""
         header = f.read(HEADER_BYTES)
         chunk, size = self.parse_header(header, path)
-        out = bytearray(size)
-        self._read_into(f, path, header, 0, _n_chunks(size, chunk), out, 0)
+        if not header.startswith(MAGIC_AES):
+            buf = bytearray(size)
+            self._read_into(f, path, header, 0, _n_chunks(size, chunk), buf, 0)
+            out = bytes(buf)
+        else:  # decrypted straight into the bytes object returned: one copy of the plaintext
+            out = fresh_bytes(size)
+            self._read_into(f, path, header, 0, _n_chunks(size, chunk), out, 0)
         if f.read(1):
             raise DecryptionFailed(f"weight file {path} is corrupt: data after the end")
-        return bytes(out)
+        return out
 
     def read_range(self, path: Path, offset: int, length: int) -> bytes:
         """Plaintext bytes [offset, offset+length) (the chunks that hold them, verified)."""
@@ -150,23 +185,40 @@ class SealedFiles:
         return bytes(buf[lo : lo + length]) if got else b""
 
     def _read_into(
-        self, f: BinaryIO, path: Path, header: bytes, first: int, end: int, out: bytearray, at: int
+        self,
+        f: BufferedReader,
+        path: Path,
+        header: bytes,
+        first: int,
+        end: int,
+        out: bytes | bytearray,
+        at: int,
     ) -> int:
+        """Decrypt chunks [first, end) into `out[at:]` (a bytes `out`: AES files only,
+        a fresh object from `fresh_bytes`)."""
         chunk, size = self.parse_header(header, path)
         n = _n_chunks(size, chunk)
-        key = self._file_key(header)
+        key = self._file_key(header, path)
         f.seek(self.chunk_offset(chunk, first))
+        aes = header.startswith(MAGIC_AES)
+        buf = bytearray(chunk + AEAD_TAG_BYTES)  # one buffer for every sealed chunk
         pos = at
         for i in range(first, end):
             plain_len = min(chunk, size - i * chunk) if i < n - 1 else size - (n - 1) * chunk
-            sealed = f.read(plain_len + AEAD_TAG_BYTES)
+            got = f.readinto(memoryview(buf)[: plain_len + AEAD_TAG_BYTES])
+            sealed = memoryview(buf)[:got]
+            nonce = self._nonce(i, i == n - 1)
             try:
-                plain = aead_decrypt(key, self._nonce(i, i == n - 1), sealed)
+                if aes:
+                    pos += aes256gcm_decrypt_into(key, nonce, sealed, out, pos)
+                    continue
+                plain = aead_decrypt(key, nonce, bytes(sealed))
             except Rejected:
                 raise DecryptionFailed(
                     f"weight file {path} is corrupt or sealed with another mesh secret "
                     f"(chunk {i} of {n} does not authenticate)"
                 ) from None
+            assert isinstance(out, bytearray)
             out[pos : pos + len(plain)] = plain
             pos += len(plain)
         return pos - at

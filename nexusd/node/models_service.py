@@ -342,6 +342,7 @@ class ModelsDaemonSide:
         self.svc = svc
         self.seal_new = seal_new
         self._send, self._todo = trio.open_memory_channel[str](256)
+        self._token: trio.lowlevel.TrioToken | None = None
 
     def __repr__(self) -> str:
         return f"ModelsDaemonSide({self.svc!r})"
@@ -365,7 +366,17 @@ class ModelsDaemonSide:
             return b""
 
     def saved(self, model_id: str) -> None:
-        """A model was saved here (a training result, ...): seal it, then publish it."""
+        """A model was saved here (a training result, ...): seal it, then publish it.
+        Called from the event loop or from a worker thread (`registry.save` runs in one)."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # a worker thread: hand it to the loop
+            if self._token is not None:
+                trio.from_thread.run_sync(self._queue, model_id, trio_token=self._token)
+            return
+        self._queue(model_id)
+
+    def _queue(self, model_id: str) -> None:
         try:
             self._send.send_nowait(model_id)
         except trio.WouldBlock:
@@ -378,6 +389,7 @@ class ModelsDaemonSide:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Seal every local model and publish ours, then each saved model as it comes."""
+        self._token = trio.lowlevel.current_trio_token()
         task_status.started()
         await self._settle("")
         async for model_id in self._todo:

@@ -168,6 +168,22 @@ def test_sealed_file_needs_the_secret_and_refuses_a_flipped_byte(tmp_path: Path)
     path.write_bytes(raw[: len(raw) - 50])  # truncated
     with pytest.raises(DecryptionFailed):
         SealedFiles(SECRET).read(path)
+    path.write_bytes(raw)
+    moved = tmp_path / "other.safetensors"  # sealed under one name, served as another
+    moved.write_bytes(raw)
+    with pytest.raises(DecryptionFailed, match="does not authenticate"):
+        SealedFiles(SECRET).read(moved)
+
+
+def test_a_plain_weight_file_is_hashed_against_its_name(tmp_path: Path) -> None:
+    data = blob(1000)
+    path = tmp_path / f"{hashlib.blake2b(data, digest_size=32).hexdigest()}.safetensors"
+    path.write_bytes(data)
+    files = WeightFiles(SealedFiles(SECRET), seal_new=True)
+    assert files.read(path) == data
+    path.write_bytes(data[:-1] + b"x")
+    with pytest.raises(WeightsError, match="is corrupt"):
+        files.read(path)
 
 
 def test_manifest_records_are_validated_and_round_trip() -> None:
