@@ -148,6 +148,8 @@ class _Session:
     reply_codec: str
     last_used: float
     next_step: int = 0
+    in_flight: bool = False  # a step of it is computing in a worker thread
+    dropped: bool = False  # forgotten meanwhile: its pages go back when the step ends
     results: OrderedDict[int, tuple[StepResult, Encoded]] = field(default_factory=OrderedDict)
 
 
@@ -350,7 +352,11 @@ class SpanHost:
     def _drop(self, key: tuple[bytes, bytes]) -> None:
         """Forget a session and give its pages back to the pool."""
         sess = self._sessions.pop(key, None)
-        if sess is not None and sess.cache is not None:
+        if sess is None or sess.cache is None:
+            return
+        if sess.in_flight:  # a worker thread still writes its pages: release them after
+            sess.dropped = True
+        else:
             sess.cache.release()
 
     def close(self, peer: bytes, session_id: bytes) -> None:
@@ -461,6 +467,7 @@ class SpanHost:
         self.queued += 1
         self.load.queue(self.queued)
         self._metrics.set("host_queue_depth", self.queued)
+        sess.in_flight = True
         try:
             out = await self._batcher.run(step)  # measures the step's queue and compute time
         except (AtomError, ValueError, RuntimeError) as exc:
@@ -476,6 +483,9 @@ class SpanHost:
         finally:
             self.queued -= 1
             self._metrics.set("host_queue_depth", self.queued)
+            sess.in_flight = False
+            if sess.dropped and sess.cache is not None:
+                sess.cache.release()
         queued_at, started, done = step.queued_at, [step.started], step.finished
         tokens = x.shape[0] * (
             x.shape[1] if sess.span.in_kind in (IOKind.IDS, IOKind.HIDDEN) else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import trio
+import trio.testing
 
 from atoms.batched import BATCH_RTOL
 from atoms.codecs import encode
@@ -161,3 +162,15 @@ def test_pool_use_travels_in_the_load_report_and_shows_in_peers() -> None:
     )
     text = peers_table(PeersReply("mesh", (row,), ()))
     assert "KV pages" in text and "3/100" in text
+
+
+async def test_a_session_closed_mid_step_gives_its_pages_back_when_the_step_ends() -> None:
+    host = make_host(tiny_llama())
+    await open_session(host, 0)
+    # the device is busy: the step waits, its pages reserved
+    async with trio.open_nursery() as nursery, host._limiter:
+        nursery.start_soon(step, host, 0, 0, 0, prompt(0, 9))
+        await trio.testing.wait_all_tasks_blocked()
+        host.close(PEER, sid(0))
+        assert host.kv_pages()[0] == 3  # the step will still write them
+    assert host.kv_pages()[0] == 0
