@@ -34,12 +34,13 @@ ORDER = (
     "embed",
     "failover",
     "converge",
+    "placement",
     "train",
     "compress",
     "http",
 )
 FULL_TIMEOUT_S = 420.0
-TIMEOUTS_S = {"train": 900.0}  # five clusters' worth of training runs and baselines
+TIMEOUTS_S = {"train": 900.0, "placement": 900.0}  # train: five clusters' worth of runs
 SMOKE_TIMEOUT_S = 180.0
 
 Doc = dict[str, object]
@@ -112,6 +113,17 @@ def _of_target(v: float | None, target: float, *, higher_is_better: bool) -> str
 
 
 ROWS = (
+    Row(
+        "placement",
+        "swarm tokens/s, 3 daemons --auto vs the best manual layout (same memory budget)",
+        "≥ 0.9x",
+        lambda d: (
+            f"{_fmt(_num(d, 'ratio'), 'x')} ({_fmt(_num(d, 'auto_tokens_per_s'), '', 1)} vs "
+            f"{_fmt(_num(d, 'best_manual_tokens_per_s'), '', 1)} tok/s, best manual: "
+            f"{_get(d, 'best_manual')})"
+        ),
+        lambda d: _of_target(_num(d, "ratio"), 0.9, higher_is_better=True),
+    ),
     Row(
         "concurrency",
         "8 concurrent generations vs one at a time, 3 daemons (aggregate tokens/s)",
@@ -422,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         if not available(name):
             results[name] = {"skipped": "not in this tree"}
             continue
-        meshes = ("generate", "concurrency", "embed", "failover", "converge", "train")
+        meshes = ("generate", "concurrency", "embed", "failover", "converge", "placement", "train")
         extra = mesh_extra if name in meshes else []
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
         results[name] = run_one(name, args.smoke, extra)

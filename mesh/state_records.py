@@ -143,6 +143,9 @@ class SpanProfile:
     """What a host measured of one hosted span: compute seconds per atom of a one-token
     step (smoothed), KV-cache bytes one token costs across the span, and whether the
     daemon placed it itself (`--auto`: it may move it when the swarm needs it elsewhere).
+    `capacity_s_per_atom` is the figure measured when the span loaded, on an idle device
+    (0: not said): placement goes by it, as Petals' does by its startup throughput, so a
+    busy moment does not move hosts; routing goes by the smoothed live figure.
     """
 
     model_id: str
@@ -151,6 +154,7 @@ class SpanProfile:
     compute_s_per_atom: float
     kv_bytes_per_token: int
     auto: bool = False
+    capacity_s_per_atom: float = 0.0
 
     def __post_init__(self) -> None:
         _need_len("profile model_id", self.model_id.encode(), 1, MAX_MODEL_ID_BYTES)
@@ -159,6 +163,9 @@ class SpanProfile:
         c = self.compute_s_per_atom
         ok = math.isfinite(c) and 0 < c <= MAX_COMPUTE_S_PER_ATOM
         _need(ok, "profile compute_s_per_atom", f"0 < s <= {MAX_COMPUTE_S_PER_ATOM}", c)
+        cap = self.capacity_s_per_atom
+        ok = cap == 0 or (math.isfinite(cap) and 0 < cap <= MAX_COMPUTE_S_PER_ATOM)
+        _need(ok, "profile capacity_s_per_atom", f"0, or 0 < s <= {MAX_COMPUTE_S_PER_ATOM}", cap)
         kv = self.kv_bytes_per_token
         _need(0 <= kv <= MAX_KV_BYTES_PER_TOKEN, "profile kv_bytes_per_token", "0..2^40", kv)
 

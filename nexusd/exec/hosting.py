@@ -250,7 +250,8 @@ class SpanHost:
                 continue
             kv = sum(layout.bytes_per_token(1) for _uid, layout in s.kv_layouts().values())
             key = (s.model_id, s.start, s.end)
-            out.append(SpanProfile(s.model_id, s.start, s.end, c, kv, key in auto))
+            cap = self.profile.capacity(s.model_id) or c
+            out.append(SpanProfile(s.model_id, s.start, s.end, c, kv, key in auto, cap))
         return out
 
     def _page_bytes(self) -> int:

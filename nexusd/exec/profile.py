@@ -5,6 +5,8 @@ the warm-up pass, so torch's first-call costs are not counted) and every real st
 is decode-shaped (at most `DECODE_TOKENS` batch x tokens) updates a smoothed figure.
 Rule 2: the figure is per atom: a step's compute seconds over the atoms it ran, so spans
 of different lengths of the same model share one figure.
+Rule 3: the figure measured at load is kept apart (`capacity`): placement goes by it (what
+the device can do), routing by the smoothed live figure (what it does now, busy or not).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ComputeProfile:
 
     def __init__(self) -> None:
         self._s_per_atom: dict[str, float] = {}
+        self._at_load: dict[str, float] = {}
         self.samples: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -33,8 +36,12 @@ class ComputeProfile:
         return f"ComputeProfile({figures})"
 
     def seed(self, model_id: str, s_per_atom: float) -> None:
-        """A figure measured at load; kept as is when real steps have been timed already."""
-        if s_per_atom > 0 and self.samples.get(model_id, 0) == 0:
+        """A figure measured at load: the capacity; also the live figure until real steps
+        have been timed."""
+        if s_per_atom <= 0:
+            return
+        self._at_load[model_id] = s_per_atom
+        if self.samples.get(model_id, 0) == 0:
             self._s_per_atom[model_id] = s_per_atom
 
     def observe(self, model_id: str, n_atoms: int, tokens: int, compute_s: float) -> None:
@@ -49,6 +56,10 @@ class ComputeProfile:
     def get(self, model_id: str) -> float | None:
         """Seconds per atom for `model_id`, None before any measure."""
         return self._s_per_atom.get(model_id)
+
+    def capacity(self, model_id: str) -> float | None:
+        """Seconds per atom measured when `model_id`'s span was last loaded."""
+        return self._at_load.get(model_id)
 
 
 def measure_step(span: Span) -> float:

@@ -51,7 +51,8 @@ class DaemonHoster:
         ]
 
     def compute_s_per_atom(self, model_id: str) -> float | None:
-        return self._d.host.profile.get(model_id)
+        profile = self._d.host.profile  # placement goes by the figure measured at load
+        return profile.capacity(model_id) or profile.get(model_id)
 
     async def host(self, model_id: str, start: int, end: int) -> None:
         key = (model_id, start, end)

@@ -63,6 +63,15 @@ def profile_drifted(advertised: Mapping[str, float], profiles: Sequence[SpanProf
     return False
 
 
+def capacity_s(profiles: Sequence[SpanProfile], model_id: str, start: int) -> float:
+    """What placement counts a host's span at: its seconds per atom measured at load
+    (`SpanProfile.capacity_s_per_atom`), else its live figure, else the default."""
+    for p in profiles:
+        if p.model_id == model_id and p.start == start and p.capacity_s_per_atom > 0:
+            return p.capacity_s_per_atom
+    return advertised_compute_s(profiles, model_id, start)
+
+
 class SwarmView(Protocol):
     """What placement needs of the mesh (a `MeshNode`)."""
 
@@ -168,7 +177,7 @@ class PlacementService:
             auto = {(p.start, p.end) for p in adv.profiles if p.model_id == model_id and p.auto}
             for s in adv.spans:
                 if s.model_id == model_id:
-                    c = advertised_compute_s(adv.profiles, model_id, s.start)
+                    c = capacity_s(adv.profiles, model_id, s.start)
                     out.append(Placed(host, s.start, s.end, c, (s.start, s.end) in auto))
         c = self._own_compute(model_id, out)
         h = self._hoster

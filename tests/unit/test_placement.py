@@ -152,3 +152,18 @@ def test_routing_avoids_a_host_measured_slower() -> None:
         route = plan_route(hosts, [], A, shape, cfg, rng=random.Random(seed))
         assert [h.host for h in route.hops] == [C]
     assert advertised_compute_s((), "m", 0) == DEFAULT_COMPUTE_S_PER_ATOM
+
+
+def test_bench_all_reports_the_placement_ratio() -> None:
+    from bench import all as bench_all
+
+    doc = {
+        "ratio": 0.95,
+        "auto_tokens_per_s": 19.0,
+        "best_manual_tokens_per_s": 20.0,
+        "best_manual": "cut5+second",
+    }
+    rows = [r for r in bench_all.table({"placement": doc}).splitlines() if "bench.placement" in r]
+    assert len(rows) == 1
+    assert "0.95x (19.0 vs 20.0 tok/s, best manual: cut5+second)" in rows[0]
+    assert "1.06x of target ✓" in rows[0]

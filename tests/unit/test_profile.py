@@ -14,7 +14,12 @@ from nexusd.cli.mesh import bottleneck_lines
 from nexusd.config import AtomsConfig, Config, ConfigError
 from nexusd.exec.profile import ComputeProfile, measure_step
 from nexusd.model_registry import ModelRegistry
-from nexusd.node.placement_service import profile_drifted, span_throughputs, weight_memory_budget
+from nexusd.node.placement_service import (
+    capacity_s,
+    profile_drifted,
+    span_throughputs,
+    weight_memory_budget,
+)
 
 
 def test_profile_seeds_then_smooths_decode_steps_only() -> None:
@@ -29,8 +34,10 @@ def test_profile_seeds_then_smooths_decode_steps_only() -> None:
     for _ in range(60):
         p.observe("m", n_atoms=4, tokens=1, compute_s=0.032)
     assert p.get("m") == pytest.approx(0.008, rel=1e-3)
-    p.seed("m", 1.0)  # a later load does not override real steps
+    assert p.capacity("m") == 0.004  # placement's figure: measured at load, idle
+    p.seed("m", 1.0)  # a later load does not override real steps, only the capacity
     assert p.get("m") == pytest.approx(0.008, rel=1e-3)
+    assert p.capacity("m") == 1.0
 
 
 def test_measure_step_times_a_real_span(registry: ModelRegistry) -> None:
@@ -45,7 +52,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
 
 
 def test_drift_and_throughputs_and_records() -> None:
-    prof = SpanProfile("m", 2, 6, 0.005, 2048, True)
+    prof = SpanProfile("m", 2, 6, 0.005, 2048, True, 0.002)
+    assert capacity_s([prof], "m", 2) == 0.002  # placement: the figure measured at load
+    assert capacity_s([SpanProfile("m", 2, 6, 0.005, 2048)], "m", 2) == 0.005
     span = HostedSpan("m", 2, 6, "float32")
     advert = Advert((span,), 0, 0, (), (), NodeState.ONLINE, 0, "", (prof,), 1 << 30)
     assert decode(encode(advert), expect=Advert) == advert
