@@ -151,13 +151,13 @@ def rebalance(
     by_host: dict[bytes, list[Placed]] = {}
     for p in placed:
         by_host.setdefault(p.host, []).append(p)
-    autos = {h: ps for h, ps in by_host.items() if any(p.auto for p in ps)}
+    autos = {h: [p for p in ps if p.auto] for h, ps in by_host.items()}
     if any(len(ps) > 1 for ps in autos.values()):
         return None  # a move is under way: wait until it completes
     tp = atom_throughput(n_atoms, placed)
     before, covered = min(tp), sum(1 for t in tp if t > 0)
-    for host, (mine,) in sorted(autos.items()):
-        others = [p for p in placed if p.host != host]
+    for host, (mine,) in sorted((h, ps) for h, ps in autos.items() if ps):
+        others = [p for p in placed if p is not mine]  # its manual spans stay
         budget = memory.get(host, 0) or sum(atom_bytes[mine.start : mine.end])
         span = choose_span(n_atoms, atom_bytes, others, mine.compute_s_per_atom, budget)
         if span is None or span == (mine.start, mine.end):

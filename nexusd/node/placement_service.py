@@ -203,10 +203,9 @@ class PlacementService:
             return None
         placed, memory = self.placed(model_id)
         me = view.node_id
-        if not self._hoster.auto_spans(model_id):
-            others = [p for p in placed if p.host != me]
-            c = self._own_compute(model_id, others)
-            span = choose_span(len(sizes), sizes, others, c, self.memory_bytes)
+        if not self._hoster.auto_spans(model_id):  # first placement: all served count
+            c = self._own_compute(model_id, [p for p in placed if p.host != me])
+            span = choose_span(len(sizes), sizes, placed, c, self.memory_bytes)
             if span is None:
                 log.warning(
                     "placement_refused",

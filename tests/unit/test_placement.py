@@ -119,6 +119,15 @@ def test_rebalance_has_hysteresis_and_manual_spans_never_move() -> None:
     assert rebalance(12, sizes, manual, memory, threshold=0.0) is None
 
 
+def test_a_manual_span_beside_an_auto_one_is_no_move_under_way() -> None:
+    sizes = [10] * 12
+    # B serves 0-8 by hand and 0-4 by itself; 8-12 has nobody: B's auto span moves there
+    placed = [Placed(B, 0, 8, 0.01, False), Placed(B, 0, 4, 0.01, True)]
+    move = rebalance(12, sizes, placed, {B: 40}, threshold=0.2)
+    assert move is not None and move.host == B and move.old == ((0, 4),)
+    assert (move.start, move.end) == (8, 12)
+
+
 def test_nobody_moves_while_a_move_is_under_way() -> None:
     sizes = [10] * 12
     memory = {A: 80, B: 80, C: 80}
