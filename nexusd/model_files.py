@@ -241,6 +241,12 @@ def weight_files(paths: NodePaths, *, seal_new: bool) -> WeightFiles:
     return WeightFiles(sealer, seal_new=seal_new)
 
 
+def node_registry(models_dir: Path, paths: NodePaths, *, own: bool) -> ModelRegistry:
+    """A registry over a node's models directory that opens its sealed weight files (for
+    the CLI's offline commands: compress, distill students, --max-memory levels)."""
+    return ModelRegistry(models_dir, reader=weight_files(paths, seal_new=own).read)
+
+
 def blake2b_hex(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
 

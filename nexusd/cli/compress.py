@@ -76,9 +76,9 @@ def _default_id(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from atoms.compress import CompressSettings, compress
 
-    from ..model_registry import ModelRegistry
+    from ..model_files import node_registry
 
-    registry = ModelRegistry(_models_dir(cfg, paths))
+    registry = node_registry(_models_dir(cfg, paths), paths, own=not cfg.atoms.models_dir)
     settings = CompressSettings(
         model_id=args.new_id or _default_id(args),
         quant=None if args.quant == "none" else args.quant,

@@ -73,12 +73,12 @@ def fit_to_budget(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> Fi
         return Fitted()
     from ..errors import ApiError
     from ..fit import choose, levels
-    from ..model_registry import ModelRegistry
+    from ..model_files import node_registry
 
     if args.dtype or getattr(args, "auto", False):
         raise ApiError("bad_request", "--max-memory picks the precision: drop --dtype/--auto")
     folder = Path(cfg.atoms.models_dir) if cfg.atoms.models_dir else paths.models_dir
-    registry = ModelRegistry(folder)
+    registry = node_registry(folder, paths, own=not cfg.atoms.models_dir)  # opens sealed files
 
     def building(mid: str) -> None:
         print(f"building {mid} (nexusd compress) to measure it …", file=sys.stderr)

@@ -116,9 +116,9 @@ def _student(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from atoms.errors import ModelFormatError
 
     from ..errors import ApiError
-    from ..model_registry import ModelRegistry
+    from ..model_files import node_registry
 
-    registry = ModelRegistry(_models_dir(cfg, paths))
+    registry = node_registry(_models_dir(cfg, paths), paths, own=not cfg.atoms.models_dir)
     teacher = registry.load_model(args.teacher)
     try:
         student = student_of(
@@ -127,6 +127,9 @@ def _student(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     except ModelFormatError as exc:
         raise ApiError("bad_request", str(exc)) from None
     folder = registry.save(student)
+    from .mesh_models import settle_new_model
+
+    note = settle_new_model(cfg, paths, args.model_id, folder)  # sealed, published
     sizes = {
         m.model_id: (sum(atom_bytes(a) for a in m.atoms), sum(atom_params(a) for a in m.atoms))
         for m in (teacher, student)
@@ -148,7 +151,7 @@ def _student(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
         lambda: (
             f"student {args.model_id}: {len(student)} atoms of {args.teacher}'s "
             f"{len(teacher)}, {data['params']:,} parameters ({data['teacher_params']:,}); "
-            f"saved in {folder}; host it (`nexusd host {args.model_id}`), then "
+            f"saved in {folder}{note}; host it (`nexusd host {args.model_id}`), then "
             f"`nexusd train distill --model {args.model_id} --teacher {args.teacher} "
             "--output ID`"
         ),
