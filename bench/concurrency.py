@@ -30,6 +30,7 @@ import trio
 from atoms.codecs import encode
 from nexusd.api.client import call
 from nexusd.api.records import GenerateReply, GenerateRequest
+from nexusd.config import ExecConfig
 from nexusd.exec.hosting import SpanHost
 from nexusd.exec.wire import OpenSession, Step, header_of
 from nexusd.harness.cluster import LocalCluster
@@ -265,7 +266,14 @@ def kv_memory(
 
 
 def run(
-    models_dir: Path, root: Path, *, nodes: int, streams: int, tokens: int, repeat: int
+    models_dir: Path,
+    root: Path,
+    *,
+    nodes: int,
+    streams: int,
+    tokens: int,
+    repeat: int,
+    window_ms: float | None = None,
 ) -> dict[str, object]:
     torch.set_num_threads(1)  # like the daemons
     registry = ModelRegistry(models_dir)
@@ -275,9 +283,9 @@ def run(
     prompt_ids = [tok.encode_prompt(t) for t in texts]
     layout = even_layout(BENCH_MODEL, info.n_atoms, nodes)
     t0 = time.perf_counter()
-    with hosted_mesh(
-        root / "mesh", layout, models_dir=models_dir, wait=[(BENCH_MODEL, nodes)]
-    ) as cl:
+    env = {} if window_ms is None else {"NEXUSD_EXEC__BATCH_WINDOW_MS": str(window_ms)}
+    wait = [(BENCH_MODEL, nodes)]
+    with hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait, env=env) as cl:
         setup_s = time.perf_counter() - t0
         mesh = mesh_rounds(cl, texts, tokens, repeat)
     return {
@@ -289,6 +297,7 @@ def run(
         "new_tokens": tokens,
         "prompt_tokens": [len(p) for p in prompt_ids],
         "repeat": repeat,
+        "batch_window_ms": ExecConfig().batch_window_ms if window_ms is None else window_ms,
         **mesh,
         "kv_memory": [kv_memory(registry, prompt_ids, tokens, n) for n in PAGE_TOKENS],
         "batch_compute": batch_compute(registry, layout, streams, 32),
@@ -308,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=8, help="concurrent generations")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
     p.add_argument("--repeat", type=int, default=3, help="rounds (each: one at a time + together)")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=None, help="the daemons' [exec] batch_window_ms"
+    )
     args = p.parse_args(argv)
     nodes, streams, tokens, repeat = args.nodes, args.streams, args.tokens, args.repeat
     if args.smoke:
@@ -317,7 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     models_dir = args.models_dir or default_models_dir()
     with work_dir(args.workdir) as root:
-        doc = run(models_dir, root, nodes=nodes, streams=streams, tokens=tokens, repeat=repeat)
+        doc = run(
+            models_dir,
+            root,
+            nodes=nodes,
+            streams=streams,
+            tokens=tokens,
+            repeat=repeat,
+            window_ms=args.batch_window_ms,
+        )
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)
     return 0
