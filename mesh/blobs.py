@@ -126,9 +126,18 @@ async def serve_blobs(
             if req.offset + req.length > source.size:
                 await stream.send(encode(BlobReply("bad_range", 0)))
                 continue
+            data = b""
+            if req.length:
+                try:
+                    data = await trio.to_thread.run_sync(source.read, req.offset, req.length)
+                except Exception as exc:  # boundary: our own file failing is not the peer's fault
+                    log.error(
+                        "blob_source_unreadable", digest=req.digest.hex()[:12], reason=str(exc)
+                    )
+                    await stream.send(encode(BlobReply("not_found", 0)))
+                    continue
             await stream.send(encode(BlobReply("ok", source.size)))
             if req.length:
-                data = await trio.to_thread.run_sync(source.read, req.offset, req.length)
                 await stream.send(data)
     finally:
         await close_bounded(stream.aclose)

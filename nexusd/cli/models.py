@@ -23,7 +23,7 @@ def _list(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
 
     mesh = daemon_models(paths)  # a running daemon lists the mesh's models with ours
     if mesh is not None:
-        listed = [{**dataclasses.asdict(r), "where": where(r)} for r in mesh]
+        listed = [{"id": r.model_id, **dataclasses.asdict(r), "where": where(r)} for r in mesh]
         emit(args, listed, lambda: table(MODEL_HEADERS, model_table_rows(mesh)))
         return 0
     registry = ModelRegistry(_models_dir(cfg, paths))

@@ -57,13 +57,17 @@ def sink_for(tmp_path: Path, data: bytes) -> PartSink:
 
 
 async def _run(
-    tmp_path: Path, data: bytes, served: list[bytes], sink: PartSink | None = None
+    tmp_path: Path,
+    data: bytes,
+    served: list[bytes],
+    sink: PartSink | None = None,
+    sources: list[Source] | None = None,
 ) -> tuple[PartSink, list[tuple[bytes, str]], list[Source], BaseException | None]:
     """Peers 1..n serve `served[i]` under the digest of `data`; peer 0 downloads."""
     digest = hashlib.blake2b(data, digest_size=32).digest()
     network = MemoryNetwork(rng=random.Random(1))
     sink = sink or sink_for(tmp_path, data)
-    sources = [Source(b) for b in served]
+    sources = sources or [Source(b) for b in served]
     blamed: list[tuple[bytes, str]] = []
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
@@ -206,3 +210,16 @@ def test_manifest_records_are_validated_and_round_trip() -> None:
         PublishedModel("llama", "{" + " " * 20000 + "}", ())
     with pytest.raises(ValueError, match="span manifest"):
         HostedSpan("m", 0, 1, "float32", b"x")
+
+
+class Unreadable(Source):
+    def read(self, offset: int, length: int) -> bytes:
+        raise OSError("disk error")
+
+
+async def test_a_server_whose_file_fails_says_not_found_and_nobody_is_blamed(
+    tmp_path: Path,
+) -> None:
+    data = blob(1000)
+    _, blamed, _, error = await _run(tmp_path, data, [data], sources=[Unreadable(data)])
+    assert isinstance(error, BlobUnavailable) and blamed == []
