@@ -561,8 +561,9 @@ class TrainPipeline:
         return report
 
     async def run(self, step: int, mbs: Sequence[MicroBatch]) -> StepReport:
-        """The micro-batches of optimiser step `step` (gradients summed on the hosts), the
-        sampled ones checked before any optimiser step (`train_verify`)."""
+        """The micro-batches of optimiser step `step` (gradients summed on the hosts); a
+        sampled one is checked as soon as its backward is done, while the later ones run,
+        and always before the optimiser step (`train_verify`)."""
         report = StepReport(hops={h.plan: HopTotals() for h in self.hops})
         gates = [Turnstile(ops) for ops in self._ops(len(mbs))]
         probes = self.verify.sample(self.route, len(mbs)) if self.verify is not None else {}
@@ -570,7 +571,7 @@ class TrainPipeline:
         try:
             await _gather(
                 [
-                    partial(self._micro_batch, k, mbs[k], gates, report, probes.get(k, {}))
+                    partial(self._micro_batch, step, k, mbs[k], gates, report, probes.get(k, {}))
                     for k in range(len(mbs))
                 ]
             )
@@ -581,8 +582,6 @@ class TrainPipeline:
         if not math.isfinite(report.loss):
             raise NonFiniteStep(step, f"summed loss {report.loss}")
         report.wall_s = trio.current_time() - t0
-        if self.verify is not None and probes:
-            await self.verify.check(self, step, mbs, probes)
         return report
 
     async def grad_sq_norm(self, step: int) -> float:
@@ -619,6 +618,7 @@ class TrainPipeline:
 
     async def _micro_batch(
         self,
+        step: int,
         k: int,
         mb: MicroBatch,
         gates: list[Turnstile],
@@ -655,6 +655,8 @@ class TrainPipeline:
             report.hops[self.hops[i].plan].add(timing)
             if i in probes:
                 probes[i].backward(grad_out, grad)
+        if probes and self.verify is not None:
+            await self.verify.check(self, step, k, mb, probes)
 
     async def evaluate(self, mbs: Sequence[MicroBatch], *, in_flight: int = 4) -> LossSum:
         """The summed loss over `mbs` (no dropout, no gradients), a few in flight."""

@@ -6,8 +6,8 @@ verify_rate, verify_first_micro_batches) from how many micro-batches the stage h
 probability `rate`. The origin's own hops are trusted and never checked.
 Rule 2: the pipeline records what a checked hop was sent and what it answered (its input,
 its forward output, the output gradient and the input gradient it returned, or its loss);
-after the step's last micro-batch and before any optimiser step (`TrainPipeline.run`), the
-origin recomputes them on a private `TrainHost` of its own, over its own copy of the
+as soon as that micro-batch's backward is done (the later micro-batches run meanwhile) and
+always before the optimiser step (`TrainPipeline.run`), the origin recomputes them on a private `TrainHost` of its own, over its own copy of the
 model's atoms [start, end) loaded with the parameters the host holds at that moment (so
 the check uses the same parameter version as the host), with the same dropout seed, mask
 and precision. A host that lies about its parameters to hide a lie fails the same check.
@@ -116,6 +116,7 @@ class TrainVerifier:
     _loose: set[tuple[bytes, int, int]] = field(default_factory=set)  # bf16 servers
     _host: TrainHost | None = None  # the origin's own sessions of the checks
     _own: dict[tuple[int, int, bool], TrainHop] = field(default_factory=dict)
+    _lock: trio.Lock = field(default_factory=trio.Lock)
 
     @classmethod
     def of(
@@ -180,23 +181,16 @@ class TrainVerifier:
             self.on_check(outcome)
 
     async def check(
-        self, pipe: TrainPipeline, step: int, mbs: Sequence[MicroBatch], probes: Probes
+        self, pipe: TrainPipeline, step: int, k: int, mb: MicroBatch, probes: dict[int, Probe]
     ) -> None:
-        """Recompute every probe of `step`; HopFailed("wrong_output") on a disagreement."""
-        by_hop: dict[int, list[tuple[int, Probe]]] = {}
-        for k, hops in sorted(probes.items()):
-            for i, probe in hops.items():
-                by_hop.setdefault(i, []).append((k, probe))
-        for i, items in sorted(by_hop.items()):
-            await self._check_hop(pipe, i, step, mbs, items)
+        """Recompute micro-batch k's probes (hop by hop, one check at a time: they share
+        the origin's sessions); HopFailed("wrong_output") on a disagreement."""
+        async with self._lock:
+            for i, probe in sorted(probes.items()):
+                await self._check_hop(pipe, i, step, k, mb, probe)
 
     async def _check_hop(
-        self,
-        pipe: TrainPipeline,
-        i: int,
-        step: int,
-        mbs: Sequence[MicroBatch],
-        items: list[tuple[int, Probe]],
+        self, pipe: TrainPipeline, i: int, step: int, k: int, mb: MicroBatch, probe: Probe
     ) -> None:
         hop, role = pipe.hops[i], pipe.roles[i]
         plan = hop.plan
@@ -210,14 +204,13 @@ class TrainVerifier:
             own = await self._session(key, step)
             if params:
                 await own.load_state(params, step, kind="params")
-            for k, probe in items:
-                await self._judge(own, plan, role.backward, step, k, mbs[k], probe)
+            await self._judge(own, plan, role.backward, step, k, mb, probe)
             log.info(
                 "train_verify_agreed",
                 host=plan.host.hex()[:8],
                 span=f"[{plan.start},{plan.end})",
                 step=step,
-                micro_batches=[k for k, _ in items],
+                micro_batch=k,
             )
         except HopFailed as exc:
             await self._drop(key)
