@@ -16,6 +16,9 @@ Per-hop overhead per token = (job elapsed - summed hop compute) / tokens / hops.
 verification off (`[exec] verify_rate = 0`, `verify_first_steps = 0`); rounds interleave
 one process, the mesh without checks and the mesh with the default checks, and the JSON's
 "verify" block gives both tokens/s and the overhead (target: under 10 %).
+`--mode relay|forward` runs the mesh in that `[exec] forward_mode` (default: the config's
+default); `--mode both` runs a relay mesh and a forward mesh of the same layout, rounds
+interleaved, and the JSON's "modes" block compares them (tokens must be identical).
 
 The cluster helpers here are shared with `bench.failover` and `bench.embed`.
 """
@@ -55,6 +58,12 @@ BENCH_MODEL = "nexus-1.1-random"
 TARGET_RATIO = 0.8  # mesh tokens/s over one-process tokens/s
 VERIFY_TARGET = 0.10  # tokens/s lost to spot checks at the default rate
 NO_VERIFY_ENV = {"NEXUSD_EXEC__VERIFY_RATE": "0", "NEXUSD_EXEC__VERIFY_FIRST_STEPS": "0"}
+MODES = ("default", "relay", "forward", "both")
+
+
+def mode_env(mode: str) -> dict[str, str]:
+    """The daemons' environment for an `[exec] forward_mode` (none for the default)."""
+    return {} if mode == "default" else {"NEXUSD_EXEC__FORWARD_MODE": mode}
 
 
 # ---- generation -------------------------------------------------------------------------------
@@ -107,6 +116,7 @@ def run(
     tokens: int,
     repeat: int,
     verify_overhead: bool = False,
+    mode: str = "default",
 ) -> dict[str, object]:
     """The measurement (see the module docstring); returns the JSON document."""
     torch.set_num_threads(1)  # like the daemons (node.torch_threads = 1)
@@ -118,9 +128,21 @@ def run(
     wait = [(BENCH_MODEL, nodes)]
     t_setup = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        main_env = mode_env("relay" if mode == "both" else mode)
         cluster = stack.enter_context(
-            hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait)
+            hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait, env=main_env)
         )
+        forward = None
+        if mode == "both":
+            forward = stack.enter_context(
+                hosted_mesh(
+                    root / "forward",
+                    layout,
+                    models_dir=models_dir,
+                    wait=wait,
+                    env=mode_env("forward"),
+                )
+            )
         unchecked = None
         if verify_overhead:
             unchecked = stack.enter_context(
@@ -130,12 +152,13 @@ def run(
             )
         setup_s = time.perf_counter() - t_setup
         ref, _ = local_generation(model, prompt_ids, tokens)  # warm-up, and the reference
-        for c in (cluster, unchecked):
+        for c in (cluster, unchecked, forward):
             if c is not None:
                 mesh_generation(c, min(tokens, 4))  # warm-up: streams, sessions, caches
         local_s: list[float] = []
         replies: list[tuple[GenerateReply, float]] = []
         bare: list[GenerateReply] = []
+        forwarded: list[GenerateReply] = []
         identical = True
         for _ in range(repeat):
             ids, secs = local_generation(model, prompt_ids, tokens)
@@ -145,6 +168,10 @@ def run(
                 plain, _ = mesh_generation(unchecked, tokens)
                 identical &= plain.token_ids == ref
                 bare.append(plain)
+            if forward is not None:
+                fwd, _ = mesh_generation(forward, tokens)
+                identical &= fwd.token_ids == ref
+                forwarded.append(fwd)
             reply, wall = mesh_generation(cluster, tokens)
             identical &= reply.token_ids == ref
             replies.append((reply, wall))
@@ -158,6 +185,27 @@ def run(
         prompt_tokens=len(prompt_ids),
         layout=layout,
     )
+    doc["forward_mode"] = "relay" if mode == "both" else mode
+    if forwarded:
+        relay_tps = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
+        fwd_tps = median([len(r.token_ids) / r.elapsed_s for r in forwarded])
+        fwd_costs = [hop_costs(r) for r in forwarded]
+        doc["modes"] = {
+            "relay_tokens_per_s": rounded(relay_tps, 2),
+            "forward_tokens_per_s": rounded(fwd_tps, 2),
+            "forward_over_relay": rounded(fwd_tps / relay_tps, 3),
+            "forward_ratio_to_one_process": rounded(
+                fwd_tps / float(str(doc["one_process_tokens_per_s"])), 3
+            ),
+            "forward_per_hop_overhead_ms_per_token": rounded(
+                median([c["overhead"] for c in fwd_costs]) * 1e3, 3
+            ),
+            "failovers_forward": sum(len(r.failovers) for r in forwarded),
+            # bytes the origin sent each hop in the last forward run: 0 past the first remote
+            # hop when activations went host to host
+            "forward_origin_bytes_out": [h.bytes_out for h in forwarded[-1].route],
+            "relay_origin_bytes_out": [h.bytes_out for h in replies[-1][0].route],
+        }
     if bare:
         on = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
         off = median([len(r.token_ids) / r.elapsed_s for r in bare])
@@ -246,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run a mesh without spot checks and report the checks' overhead",
     )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="default",
+        help="[exec] forward_mode of the mesh; 'both': a relay and a forward mesh, compared",
+    )
     args = p.parse_args(argv)
     nodes, tokens, repeat = args.nodes, args.tokens, args.repeat
     if args.smoke:
@@ -262,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=tokens,
             repeat=repeat,
             verify_overhead=args.verify_overhead,
+            mode=args.mode,
         )
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)

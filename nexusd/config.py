@@ -169,12 +169,12 @@ class AtomsConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"atoms.dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         _positive("atoms.kv_cache_budget_bytes", self.kv_cache_budget_bytes)
-        _positive("atoms.kv_page_tokens", self.kv_page_tokens)
         if self.host_max_memory_bytes < 0 or not -1.0 <= self.host_accuracy_floor <= 1.0:
             raise ConfigError(
                 "atoms.host_max_memory_bytes / host_accuracy_floor: expected >= 0 / [-1, 1], "
                 f"got {self.host_max_memory_bytes} / {self.host_accuracy_floor}"
             )
+        _positive("atoms.kv_page_tokens", self.kv_page_tokens)
         _positive("atoms.session_idle_s", self.session_idle_s)
         _positive("atoms.max_sessions", self.max_sessions)
         _positive("atoms.max_step_tokens", self.max_step_tokens)
@@ -194,8 +194,15 @@ class ExecConfig:
     slow_link_bytes_per_s: float = 6.25e6  # 50 Mbit/s
     slow_link_codec: str = "int8"  # fp16 | bf16 | int8
     batch_window_ms: float = 2.0  # as a host: a decode step waits this for others to batch
+    # as the origin: "relay" (every activation through the origin) or "forward" (hosts send
+    # activations straight to the next host, copies to the origin; exec/wire.py Rule 5)
+    forward_mode: str = "relay"
 
     def __post_init__(self) -> None:
+        if self.forward_mode not in ("relay", "forward"):
+            raise ConfigError(
+                f"exec.forward_mode: expected 'relay' or 'forward', got {self.forward_mode!r}"
+            )
         if not 0.0 <= self.batch_window_ms <= 1000.0:
             raise ConfigError(f"exec.batch_window_ms: expected 0..1000, got {self.batch_window_ms}")
         if not 0.0 <= self.verify_rate <= 1.0:

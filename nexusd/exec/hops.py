@@ -31,6 +31,7 @@ from .wire import (
     CloseSession,
     ExecChannel,
     ExecFailure,
+    ForwardHop,
     OpenSession,
     SessionOpened,
     Step,
@@ -166,6 +167,9 @@ class Hop(Protocol):
     async def close(self) -> None: ...
 
 
+MAX_STALE_REPLIES = 8
+
+
 class RemoteHop:
     """A span on another node, reached over an `ExecChannel`."""
 
@@ -184,6 +188,9 @@ class RemoteHop:
         self._timeout = step_timeout_s
         self._codec = codec
         self._sid = os.urandom(SESSION_ID_BYTES)
+        # Lets the hosts of this session's route step it with their outputs (forward mode);
+        # they learn it only from our `Step.route`, over encrypted channels.
+        self._token = os.urandom(SESSION_ID_BYTES)
 
     async def open(self, batch: int, max_len: int) -> None:
         msg = OpenSession(
@@ -194,6 +201,7 @@ class RemoteHop:
             batch=batch,
             max_len=max_len,
             reply_codec=self._codec,
+            forward_token=self._token,
         )
         reply, _ = await self._exchange(lambda: self._ch.send(msg))
         if not isinstance(reply, SessionOpened):
@@ -214,7 +222,7 @@ class RemoteHop:
             pad_mask=inp.pad_mask,
         )
         t0 = trio.current_time()
-        reply, payload = await self._exchange(lambda: self._ch.send(msg, enc))
+        reply, payload = await self._exchange(lambda: self._ch.send(msg, enc), step_id)
         elapsed = trio.current_time() - t0
         if not isinstance(reply, StepResult) or reply.step_id != step_id:
             raise HopFailed(
@@ -315,11 +323,76 @@ class RemoteHop:
 
         await close_bounded(tell_and_close)
 
-    async def _exchange(self, send: Callable[[], Awaitable[None]]) -> tuple[object, bytes]:
+    # ---- forward mode (wire Rule 5) ---------------------------------------------------------
+
+    def forward_target(self, step_id: int) -> ForwardHop:
+        """Where the previous hop's host sends this hop's input for step `step_id`."""
+        return ForwardHop(self.plan.host, self._sid, step_id, self._token)
+
+    async def send_forward(
+        self, step_id: int, inp: StepInput, route: tuple[ForwardHop, ...]
+    ) -> int:
+        """Send step `step_id` to be forwarded along `route` after this hop; the bytes sent."""
+        enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
+        msg = Step(
+            session_id=self._sid,
+            step_id=step_id,
+            position=inp.position,
+            causal=inp.causal,
+            tensor=header_of(enc),
+            pad_mask=inp.pad_mask,
+            route=route,
+        )
+        try:
+            with trio.fail_after(self._timeout):
+                await self._ch.send(msg, enc)
+        except trio.TooSlowError:
+            raise HopFailed(self.plan.host, f"could not send within {self._timeout} s") from None
+        except MeshError as exc:
+            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
+        return len(enc.data)
+
+    async def receive_forwarded(
+        self, step_id: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, StepResult, int]:
+        """This hop's copy of its output of step `step_id` (its input was `x`, forwarded by
+        the previous host): (output, the host's result record, payload bytes)."""
+
+        async def nothing() -> None:
+            return None
+
+        reply, payload = await self._exchange(nothing, step_id)
+        if not isinstance(reply, StepResult) or reply.step_id != step_id:
+            raise HopFailed(
+                self.plan.host,
+                f"expected StepResult {step_id}, got {reply!r:.80}",
+                penalty="malformed",
+            )
+        return _checked_output(self.plan.host, reply, payload, x), reply, len(payload)
+
+    async def _receive_reply(self, step_id: int | None) -> tuple[object, bytes]:
+        """The next reply, skipping answers to earlier steps: after a forwarded step falls
+        back to relay, a host may answer a step twice (its copy, then the repeat)."""
+        for _ in range(MAX_STALE_REPLIES + 1):
+            reply, payload = await self._ch.receive()
+            if (
+                step_id is not None
+                and isinstance(reply, (StepResult, ExecFailure))
+                and 0 <= reply.step_id < step_id
+            ):
+                continue
+            return reply, payload
+        raise HopFailed(
+            self.plan.host, f"over {MAX_STALE_REPLIES} stale replies", penalty="malformed"
+        )
+
+    async def _exchange(
+        self, send: Callable[[], Awaitable[None]], step_id: int | None = None
+    ) -> tuple[object, bytes]:
         try:
             with trio.fail_after(self._timeout):
                 await send()
-                reply, payload = await self._ch.receive()
+                reply, payload = await self._receive_reply(step_id)
         except trio.TooSlowError:
             raise HopFailed(self.plan.host, f"no answer within {self._timeout} s") from None
         except PeerProtocolError as exc:  # a forged, replayed or malformed reply

@@ -16,11 +16,12 @@ of different sessions that wait together run as one batch (`batching.StepBatcher
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -151,6 +152,7 @@ class _Session:
     in_flight: bool = False  # a step of it is computing in a worker thread
     dropped: bool = False  # forgotten meanwhile: its pages go back when the step ends
     results: OrderedDict[int, tuple[StepResult, Encoded]] = field(default_factory=OrderedDict)
+    channel: ExecChannel | None = None  # the origin's channel: forwarded steps answer there
 
 
 class SpanHost:
@@ -204,6 +206,11 @@ class SpanHost:
             on_batch=self._batched,
         )
         self.profile = ComputeProfile()  # measured seconds per atom, per model
+        # Forwarding (wire Rule 5): opens an exec channel to another host (set by the daemon;
+        # None: this host cannot forward, and says so in `StepResult.forward_error`).
+        self.dial: Callable[[bytes], Awaitable[ExecChannel]] | None = None
+        self._forward_to: dict[bytes, tuple[ExecChannel, float]] = {}  # host -> (channel, used)
+        self._idle_s = 60.0  # the serve loops' idle timeout: a peer closes idle channels
 
     def __repr__(self) -> str:
         spans = ", ".join(f"{s.model_id}[{s.start},{s.end})" for s in self._spans)
@@ -520,6 +527,7 @@ class SpanHost:
         caller, which scores the peer and closes the stream.
         """
         peer = channel.stream.remote_id
+        self._idle_s = idle_timeout_s
         while True:
             try:
                 msg, payload = await channel.receive(timeout_s=idle_timeout_s)
@@ -530,9 +538,12 @@ class SpanHost:
             try:
                 if isinstance(msg, OpenSession):
                     await channel.send(await self.open(peer, msg))
+                    self._sessions[(peer, msg.session_id)].channel = channel
+                elif isinstance(msg, Step) and msg.origin and msg.origin != peer:
+                    await self._forwarded(peer, msg, payload)
                 elif isinstance(msg, Step):
                     result, enc = await self.step(peer, msg, payload)
-                    await channel.send(result, enc)
+                    await self._answer(channel, peer, msg, result, enc)
                 elif isinstance(msg, CloseSession):
                     self.close(peer, msg.session_id)
                 elif train is not None:
@@ -547,3 +558,90 @@ class SpanHost:
                 step_id = getattr(msg, "step_id", -1)
                 log.info("exec_refused", peer=peer.hex()[:8], code=exc.code, reason=str(exc))
                 await channel.send(ExecFailure(sid, step_id, exc.code, str(exc)))
+
+    # ---- forwarding (wire Rule 5) ----------------------------------------------------------
+
+    async def _forwarded(self, peer: bytes, msg: Step, payload: bytes) -> None:
+        """A step another host forwards into a session `msg.origin` opened here: applied
+        only with that session's forward token; answered on the origin's channel, never to
+        the forwarding host (a refusal too: the origin decides what to do)."""
+        sess = self._sessions.get((msg.origin, msg.session_id))
+        token = sess.opened.forward_token if sess is not None else b""
+        if sess is None or sess.channel is None or not token:
+            reason = "no such session with forwarding here"
+        elif not hmac.compare_digest(token, msg.token):
+            reason = "wrong forward token"
+        else:
+            reason = ""
+        if reason or sess is None or sess.channel is None:
+            self._metrics.inc("exec_refused_total", code="forward_refused")
+            log.info("forward_refused", peer=peer.hex()[:8], reason=reason)
+            return
+        try:
+            try:
+                result, enc = await self.step(msg.origin, msg, payload)
+            except ExecRefused as exc:
+                log.info("exec_refused", peer=peer.hex()[:8], code=exc.code, reason=str(exc))
+                await sess.channel.send(
+                    ExecFailure(msg.session_id, msg.step_id, exc.code, str(exc))
+                )
+                return
+            await self._answer(sess.channel, msg.origin, msg, result, enc)
+        except MeshError as exc:  # the origin's channel broke: it fails this hop over
+            log.info("forward_answer_lost", origin=msg.origin.hex()[:8], reason=str(exc))
+
+    async def _answer(
+        self, channel: ExecChannel, owner: bytes, msg: Step, result: StepResult, enc: Encoded
+    ) -> None:
+        """Send the step's output on to the next hop of `msg.route` (the critical path),
+        then the result to the origin (its copy, for replay and spot checks)."""
+        if msg.route:
+            error = await self._forward(owner, msg, result, enc)
+            if error:
+                result = replace(result, forward_error=error[:200])
+        await channel.send(result, enc)
+
+    async def _forward(self, owner: bytes, msg: Step, result: StepResult, enc: Encoded) -> str:
+        """Send the output to `msg.route[0]`; "" when sent, else why not (one re-dial)."""
+        nxt = msg.route[0]
+        step = Step(
+            session_id=nxt.session_id,
+            step_id=nxt.step_id,
+            position=msg.position,
+            causal=msg.causal,
+            tensor=result.tensor,
+            pad_mask=msg.pad_mask,
+            route=msg.route[1:],
+            origin=owner,
+            token=nxt.token,
+        )
+        if self.dial is None:
+            return "this host does not forward"
+        error = ""
+        for fresh in (False, True):
+            try:
+                channel = await self._forward_channel(nxt.host, fresh=fresh)
+                await channel.send(step, enc)
+            except (MeshError, NexusError, OSError) as exc:
+                self._forward_to.pop(nxt.host, None)
+                error = f"to {nxt.host.hex()[:8]}: {type(exc).__name__}: {exc}"
+                continue
+            self._metrics.inc("exec_forwarded_total")
+            return ""
+        log.info("forward_failed", reason=error)
+        self._metrics.inc("exec_forward_failures_total")
+        return error
+
+    async def _forward_channel(self, host: bytes, *, fresh: bool) -> ExecChannel:
+        """A channel to `host`, reused while the host would not have closed it as idle."""
+        assert self.dial is not None
+        now = self._clock()
+        cached = self._forward_to.pop(host, None)
+        if cached is not None and not fresh and now - cached[1] < self._idle_s / 2:
+            channel = cached[0]
+        else:
+            if cached is not None:
+                await cached[0].aclose()
+            channel = await self.dial(host)
+        self._forward_to[host] = (channel, now)
+        return channel

@@ -109,6 +109,10 @@ class RoutedSession:
         max_failovers: failures tolerated in this session before the job fails.
         on_route: told (hops, reason) when the route is set up and after each reroute.
         verify: spot-checks of hop outputs; None: none.
+        forward: forward mode (wire Rule 5): a step goes to the first host with the rest of
+            the route and each host sends its output straight to the next; every host also
+            sends the origin a copy, which is what failover replays and spot checks use.
+            A step with a sampled hop, or with a hop on this node, runs in relay mode.
     """
 
     def __init__(
@@ -123,8 +127,10 @@ class RoutedSession:
         max_failovers: int = 4,
         on_route: Callable[[list[HopPlan], str], None] | None = None,
         verify: Verification | None = None,
+        forward: bool = False,
     ) -> None:
         self._n = n_atoms
+        self._forward = forward
         self._verify = verify if verify is not None and verify.policy.enabled else None
         self._plan = plan
         self._make_hop = make_hop
@@ -176,13 +182,39 @@ class RoutedSession:
 
     async def step(self, inp: StepInput) -> tuple[torch.Tensor, list[HopTiming]]:
         """Run one step through every hop; fail over hops that fail."""
+        picks = {id(live): self._sampled(live) for live in self._hops}
         timings: list[HopTiming] = []
-        x = inp
-        i = 0
-        while i < len(self._hops):
+        if not self._forward or any(picks.values()):
+            return (await self._relay(inp, 0, None, timings, picks)).x, timings
+        x, i = inp, 0
+        while i < len(self._hops):  # runs of 2+ remote hops forward; the rest relays
+            run = 0
+            while i + run < len(self._hops) and isinstance(self._hops[i + run].hop, RemoteHop):
+                run += 1
+            size = run if run >= 2 else 1
+            stop = self._hops[i + size] if i + size < len(self._hops) else None
+            if run >= 2:
+                x = await self._forward_run(x, i, run, stop, timings)
+            else:
+                x = await self._relay(x, i, stop, timings, {})
+            i = len(self._hops) if stop is None else self._hops.index(stop)
+        return x.x, timings
+
+    async def _relay(
+        self,
+        x: StepInput,
+        i: int,
+        stop: _Live | None,
+        timings: list[HopTiming],
+        picks: dict[int, bool],
+    ) -> StepInput:
+        """The step from hop i up to `stop` (None: the end), each hop's input sent by the
+        origin (relay mode); a failed hop is replaced and the step goes on from it."""
+        while i < len(self._hops) and self._hops[i] is not stop:
             live = self._hops[i]
+            sampled = picks.pop(id(live), None)
             try:
-                if self._sampled(live):
+                if sampled if sampled is not None else self._sampled(live):
                     out, timing = await self._checked_step(live, x)
                 else:
                     out, timing = await live.hop.step(live.next_id, x)
@@ -190,15 +222,70 @@ class RoutedSession:
                 self._fail(exc)
                 await self._replace(i)
                 continue  # the same step again, on the replacement
-            if self._max_len > 0:  # a KV cache to rebuild on failover: keep what built it
-                live.history.append(x)
-            live.next_id += 1
-            live.steps += 1
-            live.compute_s += timing.compute_s + timing.queue_s
+            self._applied(live, x, timing)
             timings.append(timing)
             x = StepInput(out, x.position, x.causal, x.pad_mask)
             i += 1
-        return x.x, timings
+        return x
+
+    def _applied(self, live: _Live, x: StepInput, timing: HopTiming) -> None:
+        if self._max_len > 0:  # a KV cache to rebuild on failover: keep what built it
+            live.history.append(x)
+        live.next_id += 1
+        live.steps += 1
+        live.compute_s += timing.compute_s + timing.queue_s
+
+    async def _forward_run(
+        self, x: StepInput, i: int, run: int, stop: _Live | None, timings: list[HopTiming]
+    ) -> StepInput:
+        """Hops [i, i + run), all remote, in forward mode: the step goes to hop i with the
+        rest of the run as its route. Copies arrive in route order; the first hop that fails
+        (or whose host could not forward) is failed over as in relay mode and the step
+        continues from it in relay mode: the hops before it applied the step (their copies
+        are here), the hops after it are asked again by step id, so one that did apply it
+        answers from its stored result."""
+        lives = self._hops[i : i + run]
+        remote = [live.hop for live in lives if isinstance(live.hop, RemoteHop)]
+        assert len(remote) == run
+        route = tuple(
+            hop.forward_target(live.next_id)
+            for live, hop in zip(lives[1:], remote[1:], strict=True)
+        )
+        try:
+            sent = await remote[0].send_forward(lives[0].next_id, x, route)
+        except HopFailed as exc:
+            self._fail(exc)
+            await self._replace(i)
+            return await self._relay(x, i, stop, timings, {})
+        before = trio.current_time()
+        for j, (live, hop) in enumerate(zip(lives, remote, strict=True)):
+            try:
+                out, reply, got = await hop.receive_forwarded(live.next_id, x.x)
+            except HopFailed as exc:
+                self._fail(exc)
+                await self._replace(i + j)
+                return await self._relay(x, i + j, stop, timings, {})
+            now = trio.current_time()
+            timing = HopTiming(
+                host=hop.plan.host,
+                start=hop.plan.start,
+                end=hop.plan.end,
+                compute_s=reply.compute_s,
+                queue_s=reply.queue_s,
+                transfer_s=max(0.0, now - before - reply.compute_s - reply.queue_s),
+                bytes_out=sent if j == 0 else 0,
+                bytes_in=got,
+            )
+            before = now
+            self._applied(live, x, timing)
+            timings.append(timing)
+            x = StepInput(out, x.position, x.causal, x.pad_mask)
+            if reply.forward_error and j + 1 < run:
+                log.info(
+                    "forward_fell_back", host=hop.plan.host.hex()[:8], reason=reply.forward_error
+                )
+                return await self._relay(x, i + j + 1, stop, timings, {})
+        return x
 
     # ---- spot checks (Rule 4) -------------------------------------------------------------
 

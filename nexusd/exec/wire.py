@@ -17,6 +17,12 @@ a repeated id from its stored result (the origin may resend after a timeout).
 Rule 4: a header frame over `MAX_HEADER_BYTES` is refused on its length prefix; the
 channel's `is_member` (the daemon's refuses banned and revoked peers) is checked on every
 message, so a peer cut off mid-stream gets no further answer.
+Rule 5 (forwarding, `[exec] forward_mode = "forward"`): the origin sends a step to the
+first host with the rest of the route (`Step.route`); each host sends its output straight
+to the next host, into the session the origin opened there (`Step.origin`, authorised by
+that session's secret `forward_token`, which only the origin and the route's hosts learn,
+over encrypted channels), and a copy of it to the origin after that (off the critical
+path): the origin keeps every hop's input for replay and spot checks as in relay mode.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Protocol, cast
 
 import structlog
 import torch
+import trio
 
 from atoms.codecs import Encoded, decode
 from mesh.errors import InvalidSignature, UnknownSender
@@ -67,8 +74,13 @@ class OpenSession:
     batch: int
     max_len: int
     reply_codec: str = "raw"
+    # Forwarding (Rule 5): a host holding this token may step the session with its output
+    # on the origin's behalf; empty: only the origin steps it.
+    forward_token: bytes = b""
 
     def __post_init__(self) -> None:
+        if self.forward_token and len(self.forward_token) != SESSION_ID_BYTES:
+            raise ValueError(f"forward_token: expected {SESSION_ID_BYTES} bytes or none")
         if len(self.session_id) != SESSION_ID_BYTES:
             raise ValueError(
                 f"session_id: expected {SESSION_ID_BYTES} bytes, got {len(self.session_id)}"
@@ -88,12 +100,35 @@ class SessionOpened:
     cache_bytes: int
 
 
+@record("x.fwdhop")
+@dataclass(frozen=True, slots=True)
+class ForwardHop:
+    """Where a host sends its output next: a session the origin opened on `host`."""
+
+    host: bytes
+    session_id: bytes
+    step_id: int
+    token: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.session_id) != SESSION_ID_BYTES or len(self.token) != SESSION_ID_BYTES:
+            raise ValueError(f"session_id and token: expected {SESSION_ID_BYTES} bytes each")
+        if self.step_id < 0:
+            raise ValueError(f"step_id must be >= 0, got {self.step_id}")
+
+
+MAX_ROUTE_HOPS = 64
+
+
 @record("x.step")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     """One forward step: the tensor is the span's input; `position` is the first new token's.
 
     `pad_mask` is B x (position + T) bytes of 0/1 (1 = real token), or empty for none.
+    Forwarding (Rule 5): `route` names the hops the output goes to next (the first gets
+    it from this host); `origin` and `token` are set when another host forwards the step
+    into a session `origin` opened (the token is that session's `forward_token`).
     """
 
     session_id: bytes
@@ -102,12 +137,17 @@ class Step:
     causal: bool
     tensor: TensorHeader
     pad_mask: bytes = b""
+    route: tuple[ForwardHop, ...] = ()
+    origin: bytes = b""
+    token: bytes = b""
 
     def __post_init__(self) -> None:
         if self.step_id < 0 or self.position < 0:
             raise ValueError(
                 f"step_id and position must be >= 0, got {self.step_id}, {self.position}"
             )
+        if len(self.route) > MAX_ROUTE_HOPS:
+            raise ValueError(f"route: at most {MAX_ROUTE_HOPS} hops, got {len(self.route)}")
 
 
 @record("x.result")
@@ -118,6 +158,9 @@ class StepResult:
     tensor: TensorHeader
     compute_s: float
     queue_s: float
+    # Forwarding: why the output could not be sent on to the next hop ("" = it was, or
+    # there was none); the origin then continues the step from that hop itself.
+    forward_error: str = ""
 
 
 @record("x.close")
@@ -196,6 +239,9 @@ class ExecChannel:
         self._expect = expect
         self.signed = not getattr(stream, "channel_authenticated", False)
         self._messages = None if self.signed else cast("MessageStream", stream)
+        # A host answers forwarded steps on the origin's channel from another channel's
+        # loop: the two frames of a signed message must not interleave with another's.
+        self._send_lock = trio.Lock()
 
     async def send(self, msg: object, tensor: Encoded | None = None) -> None:
         payload = tensor.data if tensor is not None else b""
@@ -210,8 +256,9 @@ class ExecChannel:
             clock=self._signer.clock,
             now=time.time(),
         )
-        await self.stream.send(env)
-        await self.stream.send(payload)
+        async with self._send_lock:
+            await self.stream.send(env)
+            await self.stream.send(payload)
 
     async def receive(self, *, timeout_s: float | None = None) -> tuple[object, bytes]:
         """The next message and its raw payload bytes (decode tensors with `tensor_of`).

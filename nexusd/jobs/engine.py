@@ -112,8 +112,10 @@ class JobEngine:
         training: TrainingSetup | None = None,
         verify: VerifyPolicy | None = None,
         codec_policy: CodecPolicy | None = None,
+        forward: bool = False,
     ) -> None:
         self.view = view
+        self._forward = forward  # [exec] forward_mode = "forward" (exec/wire.py Rule 5)
         self.host = host
         self.registry = registry
         self._signer = signer
@@ -126,6 +128,16 @@ class JobEngine:
         self._codec_policy = codec_policy or CodecPolicy()
         self._arbiter_spans: OrderedDict[tuple[str, int, int], Span] = OrderedDict()
         self._arbiter_limiter = trio.CapacityLimiter(1)
+        # As a host in another origin's forward-mode route, ours sends its outputs on to the
+        # next host over the channels this opens (exec/wire.py Rule 5).
+        host.dial = self._host_channel
+
+    async def _host_channel(self, peer: bytes) -> ExecChannel:
+        """A channel from our host to another host, for forwarded steps (it only sends)."""
+        stream = await self.view.open_exec_stream(peer)
+        return ExecChannel(
+            stream, self._signer, self._verifier, self.view.is_member, ORIGIN_INBOUND
+        )
 
     def __repr__(self) -> str:
         return f"JobEngine(node={self.view.node_id.hex()[:8]}, models={self.registry.available()})"
@@ -191,6 +203,7 @@ class JobEngine:
             max_len=max_len,
             on_route=on_route,
             verify=verify,
+            forward=self._forward,
         )
 
     async def _own_output(

@@ -201,6 +201,7 @@ class Daemon:
             training=training,
             verify=verify_policy(cfg.exec),
             codec_policy=codec_policy_of(cfg.exec),
+            forward=cfg.exec.forward_mode == "forward",
         )
         self.journal = Journal(paths.jobs_db)
         self.jobs = JobService(self.engine, self.journal, self.metrics)

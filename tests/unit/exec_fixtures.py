@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import trio
@@ -106,13 +107,27 @@ class Node:
 class Cluster:
     """An origin plus hosts; `make_hop` connects the origin to a host in memory."""
 
-    def __init__(self, nursery: trio.Nursery, hosts: list[Node]) -> None:
+    def __init__(self, nursery: trio.Nursery, hosts: list[Node], *, forward: bool = False) -> None:
         self.nursery = nursery
+        self.forward = forward  # sessions in forward mode; hosts dial each other in memory
         self.origin = Node("origin", [])
         self.hosts: dict[bytes, Node] = {h.id: h for h in hosts}
         self.members = {self.origin.id, *self.hosts}
         self.failures: list[tuple[bytes, str]] = []  # (host, reason)
         self.penalties: list[tuple[bytes, str]] = []  # (host, what it is scored for)
+        for h in hosts:
+            h.host.dial = partial(self.dial, h)
+
+    async def dial(self, src: Node, dst_id: bytes) -> ExecChannel:
+        """A host's channel to another host (forward mode), served by that host."""
+        dst = self.hosts[dst_id]
+        s_end, d_end = stream_pair(src.id, dst.id)
+        src.streams.append(s_end)
+        dst.streams.append(d_end)
+        s_ch = ExecChannel(s_end, src.signer, src.verifier, self.is_member, ORIGIN_INBOUND)
+        d_ch = ExecChannel(d_end, dst.signer, dst.verifier, self.is_member, HOST_INBOUND)
+        self.nursery.start_soon(self._serve, dst, d_ch)
+        return s_ch
 
     def is_member(self, node_id: bytes) -> bool:
         return node_id in self.members
@@ -149,6 +164,7 @@ class Cluster:
             report_failure=self.report,
             batch=1,
             max_len=max_len,
+            forward=self.forward,
         )
 
     def planner(

@@ -11,11 +11,20 @@ import torch
 import trio
 
 from atoms.atom import ForwardContext
+from atoms.codecs import encode
 from atoms.span import Span
-from nexusd.exec.session import HopFailed, JobFailed, RoutedSession, StepInput
-from nexusd.exec.wire import header_of
+from nexusd.exec.session import (
+    Hop,
+    HopFailed,
+    HopPlan,
+    JobFailed,
+    LocalHop,
+    RoutedSession,
+    StepInput,
+)
+from nexusd.exec.wire import Step, header_of
 
-from .exec_fixtures import Cluster, Node, tiny_llama
+from .exec_fixtures import TINY, Cluster, Node, tiny_llama
 
 if TYPE_CHECKING:
     from atoms.codecs import Encoded
@@ -287,3 +296,123 @@ async def test_session_without_cache_runs_many_steps_of_any_length() -> None:
         await sess.close()
         nursery.cancel_scope.cancel()
     assert cl.failures == [] and sess.failovers == []
+
+
+# ---- forward mode: hosts send activations straight to the next host ---------------------
+
+
+async def test_forward_mode_equals_relay_mode_and_one_process() -> None:
+    model = tiny_llama()
+    want = reference_greedy(model, 12)
+    got: dict[bool, list[int]] = {}
+    for forward in (False, True):
+        a, b, c = (
+            Node(n, [s]) for n, s in zip("abc", split(model, [(0, 2), (2, 4), (4, 6)]), strict=True)
+        )
+        async with trio.open_nursery() as nursery:
+            cl = Cluster(nursery, [a, b, c], forward=forward)
+            sess = cl.session(cl.planner([(0, 2, [a.id]), (2, 4, [b.id]), (4, 6, [c.id])]))
+            await sess.open()
+            got[forward] = await routed_greedy(sess, 12)
+            await sess.close()
+            nursery.cancel_scope.cancel()
+        assert cl.failures == []
+        # forward mode: every step after the first host went host to host
+        forwarded = sum(n.metrics.value("exec_forwarded_total") for n in (a, b, c))
+        assert forwarded == (2 * 12 if forward else 0)
+    assert got[True] == got[False] == want
+
+
+@pytest.mark.parametrize("victim", [0, 1, 2])
+async def test_forward_mode_host_killed_mid_generation_output_identical(victim: int) -> None:
+    model = tiny_llama()
+    want = reference_greedy(model, 12)
+    cuts = [(0, 2), (2, 4), (4, 6)]
+    hosts = [Node(n, [s]) for n, s in zip("abc", split(model, cuts), strict=True)]
+    spare = Node("spare", split(model, [cuts[victim]]))
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [*hosts, spare], forward=True)
+        layout = [
+            (s, e, [h.id] + ([spare.id] if i == victim else []))
+            for i, ((s, e), h) in enumerate(zip(cuts, hosts, strict=True))
+        ]
+        sess = cl.session(cl.planner(layout))
+        await sess.open()
+
+        def kill(i: int) -> None:
+            if i == 6:
+                for s in hosts[victim].streams:
+                    s.break_()
+
+        got = await routed_greedy(sess, 12, kill)
+        route = [p.host for p in sess.route]
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == want
+    assert route[victim] == spare.id
+    assert [h for h, _ in cl.failures] == [hosts[victim].id]
+    assert cl.penalties == [(hosts[victim].id, "timeout")]
+    # the spare replayed the victim's 6 steps from the origin's copies, then took the rest
+    assert spare.metrics.value("exec_steps_total", model="tiny") == 12
+
+
+async def test_a_forwarded_step_needs_the_sessions_token() -> None:
+    model = tiny_llama()
+    a, b = Node("a", split(model, [(0, 3)])), Node("b", split(model, [(3, 6)]))
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b], forward=True)
+        sess = cl.session(cl.planner([(0, 3, [a.id]), (3, 6, [b.id])]))
+        await sess.open()
+        got = await routed_greedy(sess, 2)  # b's session is open, fed by a
+        target = sess._hops[1].hop.forward_target(2)  # type: ignore[attr-defined]
+        channel = await cl.dial(a, b.id)  # a member, but without the token
+        x = torch.zeros((1, 1, TINY.hidden_size))
+        enc = encode(x)
+        forged = Step(
+            session_id=target.session_id,
+            step_id=2,
+            position=6,
+            causal=True,
+            tensor=header_of(enc),
+            origin=cl.origin.id,
+            token=bytes(16),
+        )
+        await channel.send(forged, enc)
+        await trio.testing.wait_all_tasks_blocked()  # b has read and refused it
+        assert b.metrics.value("exec_refused_total", code="forward_refused") == 1
+        assert b.metrics.value("exec_steps_total", model="tiny") == 2  # nothing computed
+        logits, _ = await sess.step(StepInput(torch.tensor([got[-1:]]), 6, True, b""))
+        assert [*got, int(logits[0, -1].argmax())] == reference_greedy(model, 3)  # intact
+        await sess.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_forward_mode_with_the_origins_own_first_span() -> None:
+    model = tiny_llama()
+    want = reference_greedy(model, 8)
+    mine, *theirs = split(model, [(0, 2), (2, 4), (4, 6)])
+    b, c = Node("b", [theirs[0]]), Node("c", [theirs[1]])
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [b, c], forward=True)
+        own = Node("own", [mine])  # the origin's SpanHost
+
+        async def make_hop(p: HopPlan) -> Hop:
+            if p.host == cl.origin.id:
+                return LocalHop(p, "tiny", own.host, cl.origin.id)
+            return await cl.make_hop(p)
+
+        sess = RoutedSession(
+            n_atoms=6,
+            plan=cl.planner([(0, 2, [cl.origin.id]), (2, 4, [b.id]), (4, 6, [c.id])]),
+            make_hop=make_hop,
+            report_failure=cl.report,
+            batch=1,
+            max_len=32,
+            forward=True,
+        )
+        await sess.open()
+        got = await routed_greedy(sess, 8)
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == want and cl.failures == []
+    assert b.metrics.value("exec_forwarded_total") == 8  # b -> c, past the origin

@@ -99,6 +99,8 @@ def verified(
     layout: list[tuple[int, int, list[bytes]]],
     policy: VerifyPolicy,
     outcomes: list[str],
+    *,
+    forward: bool = False,
 ) -> RoutedSession:
     verify = Verification(
         policy=policy, arbiter=own_output, rng=random.Random(0), on_check=outcomes.append
@@ -111,6 +113,7 @@ def verified(
         batch=1,
         max_len=32,
         verify=verify,
+        forward=forward,
     )
 
 
@@ -196,6 +199,26 @@ async def test_a_lying_host_is_caught_on_its_first_step_and_the_output_is_the_ho
         assert "wrong output on atoms [3,6)" in cl.failures[0][1]
         assert [h.host for h in session.route] == [head.id, good.id]
         assert outcomes.count("wrong_output") == 1 and outcomes.count("agreed") >= 2
+        for got, want in zip(logits, honest, strict=True):
+            assert torch.equal(got, want)
+        nursery.cancel_scope.cancel()
+
+
+async def test_forward_mode_checks_sampled_steps_in_relay_and_forwards_the_rest() -> None:
+    honest = await honest_logits()
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=0))
+        good = Node("good", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, liar, good], forward=True)
+        outcomes: list[str] = []
+        layout = [(0, 3, [head.id]), (3, 6, [liar.id, good.id])]
+        session = verified(cl, layout, VerifyPolicy(), outcomes, forward=True)
+        logits = await generate(session)
+        assert cl.penalties == [(liar.id, "wrong_output")]  # the first step is always checked
+        assert [h.host for h in session.route] == [head.id, good.id]
+        # the checked steps went through the origin; the others host to host
+        assert 0 < head.metrics.value("exec_forwarded_total") < STEPS
         for got, want in zip(logits, honest, strict=True):
             assert torch.equal(got, want)
         nursery.cancel_scope.cancel()
