@@ -193,7 +193,7 @@ class ExecConfig:
     # slow_link_bytes_per_s carries slow_link_codec (the error the job accepts), others raw
     slow_link_bytes_per_s: float = 6.25e6  # 50 Mbit/s
     slow_link_codec: str = "int8"  # fp16 | bf16 | int8
-    batch_window_ms: float = 2.0  # as a host: a decode step waits this for others to batch
+    batch_window_ms: float = 5.0  # as a host: a decode step waits this for others to batch
     # as the origin: "relay" (every activation through the origin) or "forward" (hosts send
     # activations straight to the next host, copies to the origin; exec/wire.py Rule 5)
     forward_mode: str = "relay"
