@@ -229,15 +229,19 @@ class ModelsService:
 
     async def ensure_model(self, model_id: str) -> None:
         """Make the mesh's model `model_id` known here (manifest and tokenizer, no weights)
-        if this node lacks it; a no-op for local and built-in models, or outside a mesh."""
-        if model_id in BUILTINS or model_id in self.registry.available():
+        if this node lacks it, or holds only an older fetched manifest of it (no weights:
+        it follows the mesh's newest version); a no-op for built-in models, models with
+        weights here, or outside a mesh."""
+        if model_id in BUILTINS:
             return
         node = self._node()
         pub = None if node is None or node.state is None else node.models().get(model_id)
         if pub is None or not pub.manifest_digest:
-            return  # unknown here and in the mesh: the registry says not_found
+            return  # unknown in the mesh: the local folder (or the registry's not_found)
+        if not self._stale(model_id, pub):
+            return
         async with self._lock(model_id):
-            if model_id in self.registry.available():
+            if not self._stale(model_id, pub):
                 return
             peers = self._peers_for(model_id, pub.manifest_digest, None)
             raw = await self._small_blob(pub.manifest_digest, peers)
@@ -251,6 +255,16 @@ class ModelsService:
             self.metrics.inc("models_fetched_total")
             log.info("model_fetched", model=model_id, version=pub.version, digest=manifest.digest)
 
+    def _stale(self, model_id: str, pub: PublishedModel) -> bool:
+        """True if we lack the model, or hold only a manifest (no weight file) of another
+        version than the published one."""
+        if model_id not in self.registry.available():
+            return True
+        folder = self.registry.models_dir / model_id
+        if any((folder / WEIGHTS_DIR).glob(f"*{SUFFIX}")):
+            return False  # weights here: our own version, hosted or imported
+        return self.registry.manifest(model_id).digest != pub.manifest_digest.hex()
+
     def _write_folder(self, model_id: str, manifest: bytes, tokenizer: bytes | None) -> None:
         root = self.registry.models_dir
         tmp = root / f".{model_id}.fetch{os.getpid()}"
@@ -259,7 +273,13 @@ class ModelsService:
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         if tokenizer is not None:
             (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
-        os.replace(tmp, root / model_id)
+        target = root / model_id
+        if target.exists():  # an older fetched manifest, no weights: replaced
+            old = root / f".{model_id}.old{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, target)
         self.registry.forget(model_id)
 
     def _lock(self, key: str) -> trio.Lock:

@@ -3,6 +3,7 @@ thread; and what a registry over sealed files reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -115,3 +116,20 @@ async def test_a_model_saved_in_a_worker_thread_is_sealed_and_published(tmp_path
     assert ModelRegistry(models, reader=files.read).load_span("child", 0, 1) is not None
     with pytest.raises(Exception, match="corrupt"):
         ModelRegistry(models).load_span("child", 0, 1)  # no key: the bytes are no weights
+
+
+async def test_only_a_weightless_older_manifest_is_refetched(tmp_path: Path) -> None:
+    """An origin that fetched version 1's manifest follows the mesh to version 2; a node
+    with weights of its own keeps its version (its adverts name it)."""
+    models = tmp_path / "models"
+    import_model(tiny(tmp_path / "a", 0), "m", models)
+    svc = service(models, FakeNode())
+    v1 = await svc.publish("m")
+    assert v1 is not None
+    v2 = dataclasses.replace(v1, version=2, manifest_digest=bytes(32))  # the mesh moved on
+    assert not svc._stale("m", v1) and not svc._stale("m", v2)  # weights here: ours
+    for p in (models / "m" / "weights").iterdir():
+        p.unlink()  # now only the manifest and tokenizer, as an origin fetched them
+    assert not svc._stale("m", v1)  # the mesh's version: nothing to do
+    assert svc._stale("m", v2)  # an older one: fetched again
+    assert svc._stale("other", v2)  # missing
