@@ -5,23 +5,27 @@ files).
 Rule 2: every mesh gets the same weight budget per node (`atoms.memory_budget_bytes`,
 default 80 MB: the 150 MB model does not fit one node, two can cover it), so the manual
 layouts are the ones a person could set up on those devices; each layout gets its own
-fresh mesh, and the figures are medians over `--repeat` rounds after a warm-up round.
+fresh mesh, and the figures are medians over `--repeat` rounds after a warm-up round,
+the layouts' rounds interleaved.
 Rule 3: the workload is swarm throughput, the figure placement optimises: `--streams`
 generations at once from node 0, tokens/s = all their tokens over the wall time.
 
 Manual layouts tried (node 0, 1, 2; atoms [A, B)): the embedding+4 blocks / the rest cut
 (the only cut both halves of which fit 80 MB) with the third node on either half or on
 the middle blocks. The auto mesh: every node `host MODEL --auto`; measured once the spans
-cover the model and have not changed for a few placement intervals.
+cover the model and have not changed for a few placement intervals. All the meshes run
+at once (12 daemons, idle but for the one measured) so that their rounds interleave.
 Target: auto / best manual >= 0.9.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from nexusd.api.records import GenerateReply, GenerateRequest, PeersReply, PeersRequest
@@ -113,27 +117,53 @@ def swarm_round(cluster: LocalCluster, streams: int, tokens: int) -> float:
     return sum(done) / elapsed
 
 
-def measure(
-    root: Path, models_dir: Path, specs: list[str] | None, streams: int, tokens: int, repeat: int
-) -> dict[str, object]:
-    """One fresh mesh: manual `specs` per node, or every node `--auto` when None."""
+@contextlib.contextmanager
+def mesh_for(
+    root: Path, models_dir: Path, specs: list[str] | None
+) -> Iterator[tuple[LocalCluster, tuple[tuple[str, ...], ...], float]]:
+    """A fresh mesh: manual `specs` per node, or every node `--auto` when None; yields it
+    once its layout has settled, with the layout and the setup seconds."""
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with local_cluster(root, 3, models_dir=models_dir, env=env(BUDGET)) as cluster:
         for i in range(3):
             cluster.host(i, f"{MODEL}:{specs[i]}" if specs else f"{MODEL}:auto")
         layout = wait_settled(cluster)
-        setup_s = time.monotonic() - t0
-        swarm_round(cluster, streams, tokens)  # warm-up
-        rounds = [swarm_round(cluster, streams, tokens) for _ in range(repeat)]
-        after = layout_of(cluster.call(0, PeersRequest(), expect=PeersReply))
-    return {
-        "layout": ["+".join(s) for s in layout],
-        "layout_after": ["+".join(s) for s in after],
-        "tokens_per_s": rounded(median(rounds), 2),
-        "rounds": [rounded(r, 2) for r in rounds],
-        "setup_s": rounded(setup_s, 1),
-    }
+        yield cluster, layout, time.monotonic() - t0
+
+
+def measure_all(
+    root: Path,
+    models_dir: Path,
+    layouts: dict[str, list[str] | None],
+    streams: int,
+    tokens: int,
+    repeat: int,
+) -> dict[str, dict[str, object]]:
+    """Every layout's mesh up at once; rounds interleaved layout by layout (these shared
+    machines vary 10-40 % from minute to minute), a warm-up round each first."""
+    with contextlib.ExitStack() as stack:
+        meshes = {
+            name: stack.enter_context(mesh_for(root / name, models_dir, specs))
+            for name, specs in layouts.items()
+        }
+        rounds: dict[str, list[float]] = {name: [] for name in layouts}
+        for r in range(repeat + 1):
+            for name, (cluster, _, _) in meshes.items():
+                tps = swarm_round(cluster, streams, tokens)
+                if r:  # round 0 warms up
+                    rounds[name].append(tps)
+        out: dict[str, dict[str, object]] = {}
+        for name, (cluster, layout, setup_s) in meshes.items():
+            after = layout_of(cluster.call(0, PeersRequest(), expect=PeersReply))
+            out[name] = {
+                "layout": ["+".join(s) for s in layout],
+                "layout_after": ["+".join(s) for s in after],
+                "tokens_per_s": rounded(median(rounds[name]), 2),
+                "rounds": [rounded(x, 2) for x in rounds[name]],
+                "setup_s": rounded(setup_s, 1),
+            }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,11 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         manual = {"cut5+second": MANUAL["cut5+second"]}
     quiet_logs()
     models_dir = args.models_dir or default_models_dir()
-    results: dict[str, dict[str, object]] = {}
+    layouts: dict[str, list[str] | None] = {"auto": None, **manual}
     with work_dir(args.workdir) as root:
-        results["auto"] = measure(root / "auto", models_dir, None, streams, tokens, repeat)
-        for name, specs in manual.items():
-            results[name] = measure(root / name, models_dir, specs, streams, tokens, repeat)
+        results = measure_all(root, models_dir, layouts, streams, tokens, repeat)
     best = max(manual, key=lambda n: float(results[n]["tokens_per_s"]))  # type: ignore[arg-type]
     auto_tps = float(results["auto"]["tokens_per_s"])  # type: ignore[arg-type]
     best_tps = float(results[best]["tokens_per_s"])  # type: ignore[arg-type]
