@@ -5,6 +5,7 @@ id are never chained in one route."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,6 +106,9 @@ def test_a_node_that_imported_nothing_runs_a_mesh_model_fetched_verified_sealed(
         "tiny" in mesh_models(cluster, i) for i in (1, 2)))  # fmt: skip
     row = mesh_models(cluster, 2)["tiny"]
     assert (row.local, row.published, row.version) == (False, True, 1)  # type: ignore[attr-defined]
+    listed = run_cli(["models", "--json", "--data-dir", str(cluster.data_dir(2))], env=cluster.env)
+    rows = {r["id"]: r for r in json.loads(listed.stdout)}
+    assert rows["tiny"]["where"] == "mesh" and rows["tiny"]["version"] == 1
 
     # A peer serving corrupt bytes: node0's copy of atom 1 replaced by wrong plaintext.
     manifest = ModelRegistry(cluster.data_dir(0) / "models").manifest("tiny")
