@@ -434,7 +434,9 @@ def test_jobs_survive_hosts_killed_and_frozen(
             four.start(i)
     # honest outages (kills, freezes) must not get a host banned: a ban outlives the
     # restart and leaves the model without its replica (tests/unit/test_host_failures.py)
-    bans = dict(four.call(0, PeersRequest(), expect=PeersReply).counters).get("ban", 0)
+    peers = four.call(0, PeersRequest(), expect=PeersReply)
+    bans = dict(peers.counters).get("ban", 0)
+    banned = sorted(p.name for p in peers.peers if p.banned)  # the flags, as `peers` shows them
     four.daemon(0).stop()
     keep_log(four, 0, "run")
     four.start(0)
@@ -455,12 +457,14 @@ def test_jobs_survive_hosts_killed_and_frozen(
         "max_job_s": round(max(j.elapsed_s for j in jobs), 1),
         "failovers": sum(len(getattr(j.reply, "failovers", ())) for j in jobs),
         "bans": bans,
+        "banned": banned,
         "faults": killer.log,
         "not_ok": details,
     }
     assert outcomes["lost"] == 0 and outcomes["wrong"] == 0, (details, killer.log)
     assert outcomes["failed_unclear"] == 0, (details, killer.log)
     assert bans == 0, (bans, killer.log)
+    assert banned == [], (banned, killer.log)  # no honest host is banned at the end
     assert outcomes["not_acknowledged"] == 0, details  # the origin never died
     assert killer.kills + killer.stops >= 1, killer.log
     assert outcomes["ok"] >= n_jobs // 2, (outcomes, details, killer.log)
