@@ -4,6 +4,7 @@ line (one `nexusd: error:` line, never a traceback), in the API records, and in 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
@@ -55,9 +56,10 @@ def test_the_generate_record_refuses_a_seed_out_of_range() -> None:
 def engine() -> JobEngine:
     """An engine whose mesh and models are never reached (validation comes first)."""
     unused: Any = None
+    host: Any = SimpleNamespace()  # the engine sets its forward-mode dialer on it
     return JobEngine(
         view=unused,
-        host=unused,
+        host=host,
         registry=unused,
         signer=unused,
         verifier=unused,
