@@ -622,7 +622,7 @@ class SpanHost:
             try:
                 channel = await self._forward_channel(nxt.host, fresh=fresh)
                 await channel.send(step, enc)
-            except (MeshError, NexusError, OSError) as exc:
+            except (MeshError, NexusError, OSError, ValueError) as exc:  # e.g. our own id
                 self._forward_to.pop(nxt.host, None)
                 error = f"to {nxt.host.hex()[:8]}: {type(exc).__name__}: {exc}"
                 continue

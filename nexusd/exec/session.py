@@ -189,7 +189,7 @@ class RoutedSession:
         x, i = inp, 0
         while i < len(self._hops):  # runs of 2+ remote hops forward; the rest relays
             run = 0
-            while i + run < len(self._hops) and isinstance(self._hops[i + run].hop, RemoteHop):
+            while i + run < len(self._hops) and self._forwards_to(i, run):
                 run += 1
             size = run if run >= 2 else 1
             stop = self._hops[i + size] if i + size < len(self._hops) else None
@@ -199,6 +199,15 @@ class RoutedSession:
                 x = await self._relay(x, i, stop, timings, {})
             i = len(self._hops) if stop is None else self._hops.index(stop)
         return x.x, timings
+
+    def _forwards_to(self, i: int, run: int) -> bool:
+        """Whether hop i + run can join the forward run that starts at hop i: it is remote,
+        and not on the same host as the hop before it (a host never forwards to itself: two
+        spans one host serves in a row are two relayed hops)."""
+        hop = self._hops[i + run].hop
+        if not isinstance(hop, RemoteHop):
+            return False
+        return run == 0 or self._hops[i + run - 1].hop.plan.host != hop.plan.host
 
     async def _relay(
         self,

@@ -323,6 +323,26 @@ async def test_forward_mode_equals_relay_mode_and_one_process() -> None:
     assert got[True] == got[False] == want
 
 
+async def test_forward_mode_with_two_spans_in_a_row_on_one_host() -> None:
+    """A host serving two consecutive spans never forwards to itself: those two hops relay,
+    and the run from its second span on forwards (found by the two-versions e2e test)."""
+    model = tiny_llama()
+    want = reference_greedy(model, 12)
+    s0, s1, s2 = split(model, [(0, 2), (2, 4), (4, 6)])
+    a, b = Node("a", [s0, s1]), Node("b", [s2])
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b], forward=True)
+        sess = cl.session(cl.planner([(0, 2, [a.id]), (2, 4, [a.id]), (4, 6, [b.id])]))
+        await sess.open()
+        got = await routed_greedy(sess, 12)
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert cl.failures == []
+    assert got == want
+    assert a.metrics.value("exec_forwarded_total") == 12  # a's second span on to b
+    assert a.metrics.value("exec_forward_failures_total") == 0
+
+
 @pytest.mark.parametrize("victim", [0, 1, 2])
 async def test_forward_mode_host_killed_mid_generation_output_identical(victim: int) -> None:
     model = tiny_llama()
