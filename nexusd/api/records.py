@@ -84,6 +84,8 @@ class ShutdownRequest:
 
 # ---- jobs -------------------------------------------------------------------------------
 
+MAX_CODEC_NAME = 16
+
 
 @record("api.hop")
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +102,19 @@ class HopReport:
     transfer_s: float
     bytes_out: int
     bytes_in: int
+    # The wire codec of the hop ("" = local, or a reply from before codecs were reported)
+    # and the bytes it saved against the exact `raw` codec, both ways, over all steps.
+    codec: str = ""
+    bytes_saved: int = 0
+
+    def __post_init__(self) -> None:
+        if self.codec and not (len(self.codec) <= MAX_CODEC_NAME and self.codec.isalnum()):
+            raise ValueError(f"codec: expected a short codec name, got {self.codec!r:.40}")
+        if self.bytes_saved < -(self.bytes_out + self.bytes_in):
+            raise ValueError(
+                f"bytes_saved: {self.bytes_saved} is more than the {self.bytes_out + self.bytes_in}"
+                " bytes sent"
+            )
 
 
 @record("api.generate")

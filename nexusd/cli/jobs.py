@@ -32,7 +32,7 @@ from ..errors import ApiError
 from ..paths import NodePaths
 from .base import CommandSpec, call_daemon
 from .fitting import fit_flags, fit_to_budget
-from .output import emit, route_table, table
+from .output import emit, route_table, table, wire_summary
 
 
 def _job_flags(p: argparse.ArgumentParser) -> None:
@@ -140,6 +140,8 @@ def _generate(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
             f"({reply.tokens_per_s:.1f} tok/s), stop: {reply.stop_reason}"
         )
         print(route_table(reply.route))
+        if wire := wire_summary(reply.route):
+            print(wire)
         for f in reply.failovers:
             print(f"failover: {f}")
     return 0
@@ -208,6 +210,8 @@ def _embed(args: argparse.Namespace, _cfg: Config, paths: NodePaths) -> int:
         head = ", ".join(f"{x:+.3f}" for x in v[:4])
         print(f"[{head}, …] ({reply.dims} dims)  {text[:60]}")
     print(f"{reply.count} texts in {reply.elapsed_s:.2f}s ({reply.texts_per_s:.1f}/s)")
+    if wire := wire_summary(reply.route):
+        print(wire)
     if args.verbose:
         print(route_table(reply.route))
     return 0

@@ -60,12 +60,24 @@ def route_table(route: tuple[HopReport, ...]) -> str:
             f"{h.queue_s * 1000:.1f}",
             f"{h.transfer_s * 1000:.1f}",
             f"{(h.bytes_out + h.bytes_in) / 1e6:.2f}",
+            h.codec or "-",
+            f"{h.bytes_saved / 1e6:.2f}",
         ]
         for h in route
     ]
-    return table(
-        ["host", "id", "atoms", "steps", "compute ms", "queue ms", "transfer ms", "MB"], rows
-    )
+    headers = ["host", "id", "atoms", "steps", "compute ms", "queue ms", "transfer ms", "MB"]
+    return table([*headers, "codec", "MB saved"], rows)
+
+
+def wire_summary(route: tuple[HopReport, ...]) -> str:
+    """One line on the lossy wire codecs a job's hops used and the bytes they saved vs raw
+    ("" when every hop was raw or local: nothing to say)."""
+    lossy = [h for h in route if h.codec not in ("", "raw")]
+    if not lossy:
+        return ""
+    codecs = ", ".join(sorted({h.codec for h in lossy}))
+    saved = sum(h.bytes_saved for h in route)
+    return f"wire: {codecs} on {len(lossy)} of {len(route)} hops, {saved / 1e6:.2f} MB saved vs raw"
 
 
 def human_duration(seconds: float) -> str:

@@ -118,6 +118,8 @@ class HopTiming:
     transfer_s: float
     bytes_out: int
     bytes_in: int
+    codec: str = ""  # the wire codec both ways ("" = a local hop, nothing on the wire)
+    bytes_saved: int = 0  # raw bytes of the tensors both ways minus bytes_out + bytes_in
 
 
 @dataclass(slots=True, kw_only=True)
@@ -130,6 +132,8 @@ class HopTotals:
     transfer_s: float = 0.0
     bytes_out: int = 0
     bytes_in: int = 0
+    codec: str = ""
+    bytes_saved: int = 0
 
     def add(self, t: HopTiming) -> None:
         self.steps += 1
@@ -138,6 +142,8 @@ class HopTotals:
         self.transfer_s += t.transfer_s
         self.bytes_out += t.bytes_out
         self.bytes_in += t.bytes_in
+        self.codec = t.codec or self.codec
+        self.bytes_saved += t.bytes_saved
 
     def merge(self, other: HopTotals) -> None:
         self.steps += other.steps
@@ -146,6 +152,8 @@ class HopTotals:
         self.transfer_s += other.transfer_s
         self.bytes_out += other.bytes_out
         self.bytes_in += other.bytes_in
+        self.codec = other.codec or self.codec
+        self.bytes_saved += other.bytes_saved
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,11 @@ class StepInput:
     position: int
     causal: bool
     pad_mask: bytes
+
+
+def raw_bytes(t: torch.Tensor) -> int:
+    """What `t` costs on the wire in the exact `raw` codec (the baseline of bytes_saved)."""
+    return t.numel() * t.element_size()
 
 
 class Hop(Protocol):
@@ -191,6 +204,11 @@ class RemoteHop:
         # Lets the hosts of this session's route step it with their outputs (forward mode);
         # they learn it only from our `Step.route`, over encrypted channels.
         self._token = os.urandom(SESSION_ID_BYTES)
+
+    @property
+    def codec(self) -> str:
+        """The wire codec of this hop's tensors, both ways."""
+        return self._codec
 
     async def open(self, batch: int, max_len: int) -> None:
         msg = OpenSession(
@@ -240,6 +258,8 @@ class RemoteHop:
             transfer_s=max(0.0, elapsed - reply.compute_s - reply.queue_s),
             bytes_out=len(enc.data),
             bytes_in=len(payload),
+            codec=self._codec,
+            bytes_saved=raw_bytes(inp.x) + raw_bytes(out) - len(enc.data) - len(payload),
         )
         return out, timing
 

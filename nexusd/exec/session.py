@@ -42,6 +42,7 @@ from .hops import RemoteHop as RemoteHop
 from .hops import StepInput as StepInput
 from .hops import first_hop_failure as first_hop_failure
 from .hops import protocol_penalty as protocol_penalty
+from .hops import raw_bytes
 from .hops import refused as refused
 from .verify import VerifyPolicy, difference, last_tokens
 
@@ -284,6 +285,8 @@ class RoutedSession:
                 transfer_s=max(0.0, now - before - reply.compute_s - reply.queue_s),
                 bytes_out=sent if j == 0 else 0,
                 bytes_in=got,
+                codec=hop.codec,
+                bytes_saved=(raw_bytes(x.x) - sent if j == 0 else 0) + raw_bytes(out) - got,
             )
             before = now
             self._applied(live, x, timing)

@@ -42,6 +42,8 @@ class HopCosts:
                 transfer_s=round(a.transfer_s, 6),
                 bytes_out=a.bytes_out,
                 bytes_in=a.bytes_in,
+                codec=a.codec,
+                bytes_saved=a.bytes_saved,
             )
             for (h, s, e), a in rows
         )

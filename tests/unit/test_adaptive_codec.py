@@ -11,16 +11,21 @@ import torch
 import torch.nn.functional as F
 import trio
 
+from mesh import wire
 from mesh.routing import Link
+from nexusd.api.records import HopReport
+from nexusd.cli.output import wire_summary
 from nexusd.config import ConfigError, load_config
 from nexusd.errors import ApiError
 from nexusd.exec.adaptive import AUTO, CodecPolicy, codec_policy_of, hop_codec, link_bandwidth
+from nexusd.exec.session import RoutedSession, StepInput
+from nexusd.jobs.costs import HopCosts
 from nexusd.jobs.engine import JobEngine, _check_codec
 from nexusd.metrics import Metrics
 from nexusd.model_registry import ModelRegistry
 
 from .exec_fixtures import Node
-from .test_verify import MemView, generate, honest_logits, spans
+from .test_verify import PROMPT, STEPS, MemView, honest_logits, spans
 
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
 POLICY = CodecPolicy(slow_bytes_per_s=1e6, slow_codec="int8")
@@ -84,7 +89,7 @@ async def test_an_auto_job_compresses_only_its_slow_hop(tmp_path: Path) -> None:
         session = engine._session(
             "tiny", n_atoms=6, batch=1, max_len=32, bytes_per_hop=1024, kind="latency", codec=AUTO
         )
-        logits = await generate(session)
+        logits, costs = await generate_with_costs(session)
         text = metrics.render()
         assert 'wire_codec_hops_total{codec="raw"} 1' in text
         assert 'wire_codec_hops_total{codec="int8"} 1' in text
@@ -93,3 +98,57 @@ async def test_an_auto_job_compresses_only_its_slow_hop(tmp_path: Path) -> None:
     for got, want in zip(logits, honest, strict=True):
         assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
     assert not all(torch.equal(g, w) for g, w in zip(logits, honest, strict=True))
+    # the reply's route says which codec each hop used and what it saved against raw
+    by_start = {h.start: h for h in costs.report(lambda _: "")}
+    assert (by_start[0].codec, by_start[0].bytes_saved) == ("raw", 0)
+    tail_hop = by_start[3]
+    assert tail_hop.codec == "int8"
+    sent = tail_hop.bytes_out + tail_hop.bytes_in
+    # int8 blockwise: ~1 byte per value plus its block scales, against 4 in raw fp32
+    assert 2.5 * sent < sent + tail_hop.bytes_saved < 4.5 * sent
+
+
+async def generate_with_costs(session: RoutedSession) -> tuple[list[torch.Tensor], HopCosts]:
+    """`generate`, keeping the per-hop costs of every step as a job does."""
+    costs = HopCosts()
+    await session.open()
+    x, pos, logits = PROMPT, 0, []
+    try:
+        for _ in range(STEPS):
+            out, timings = await session.step(StepInput(x, pos, True, b""))
+            costs.add(timings)
+            logits.append(out)
+            pos += x.shape[1]
+            x = out[:, -1:].argmax(-1)
+    finally:
+        await session.close()
+    return logits, costs
+
+
+def hop_report(codec: str = "", bytes_saved: int = 0, sent: int = 100) -> HopReport:
+    return HopReport(
+        host="ab" * 32,
+        name="h",
+        start=0,
+        end=3,
+        steps=2,
+        compute_s=0.1,
+        queue_s=0.0,
+        transfer_s=0.2,
+        bytes_out=sent,
+        bytes_in=sent,
+        codec=codec,
+        bytes_saved=bytes_saved,
+    )
+
+
+def test_hop_reports_carry_the_codec_and_what_it_saved() -> None:
+    hop = hop_report("int8", 2_400_000)
+    assert wire.decode(wire.encode(hop), HopReport) == hop
+    local = hop_report()  # a local hop: no codec, nothing saved
+    assert wire_summary((hop, local)) == "wire: int8 on 1 of 2 hops, 2.40 MB saved vs raw"
+    assert wire_summary((local, hop_report("raw"))) == ""
+    with pytest.raises(ValueError, match="codec"):
+        hop_report("int8;rm -rf")
+    with pytest.raises(ValueError, match="bytes_saved"):
+        hop_report("raw", -3, sent=1)
