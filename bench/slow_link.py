@@ -138,6 +138,7 @@ def run(
         "auto_hop_codec": hop.codec,
         "auto_hop_bytes": hop.bytes_out + hop.bytes_in,
         "auto_hop_bytes_saved": hop.bytes_saved,
+        "auto_hop_wire_error": hop.wire_error,
         "raw_hop_bytes": raw_hop.bytes_out + raw_hop.bytes_in,
         "auto_cosine_to_raw_mean": rounded(sum(cosines) / len(cosines), 6),
         "auto_cosine_to_raw_min": rounded(min(cosines), 6),

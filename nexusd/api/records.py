@@ -7,6 +7,7 @@ Rule 2: refusals are `ErrorReply(code, message)` with a stable code, never a clo
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -106,8 +107,13 @@ class HopReport:
     # and the bytes it saved against the exact `raw` codec, both ways, over all steps.
     codec: str = ""
     bytes_saved: int = 0
+    # The largest relative error (max|x - decoded| / max|x|) of the activations the origin
+    # sent this hop in a lossy codec (0: exact); the host's replies are not measured.
+    wire_error: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.wire_error) and self.wire_error >= 0):
+            raise ValueError(f"wire_error: expected a finite value >= 0, got {self.wire_error}")
         if self.codec and not (len(self.codec) <= MAX_CODEC_NAME and self.codec.isalnum()):
             raise ValueError(f"codec: expected a short codec name, got {self.codec!r:.40}")
         if self.bytes_saved < -(self.bytes_out + self.bytes_in):

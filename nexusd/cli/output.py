@@ -77,7 +77,11 @@ def wire_summary(route: tuple[HopReport, ...]) -> str:
         return ""
     codecs = ", ".join(sorted({h.codec for h in lossy}))
     saved = sum(h.bytes_saved for h in route)
-    return f"wire: {codecs} on {len(lossy)} of {len(route)} hops, {saved / 1e6:.2f} MB saved vs raw"
+    error = max(h.wire_error for h in lossy)
+    return (
+        f"wire: {codecs} on {len(lossy)} of {len(route)} hops, {saved / 1e6:.2f} MB saved vs raw,"
+        f" max relative error {error:.2g}"
+    )
 
 
 def human_duration(seconds: float) -> str:

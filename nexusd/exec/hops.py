@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 import trio
 
-from atoms.codecs import encode
+from atoms.codecs import Encoded, decode, encode
 from atoms.errors import AtomError
 from mesh.closing import close_bounded
 from mesh.errors import MeshError, PeerProtocolError
@@ -120,6 +120,7 @@ class HopTiming:
     bytes_in: int
     codec: str = ""  # the wire codec both ways ("" = a local hop, nothing on the wire)
     bytes_saved: int = 0  # raw bytes of the tensors both ways minus bytes_out + bytes_in
+    wire_error: float = 0.0  # max|x - decoded| / max|x| of the activations sent (`wire_error`)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -134,6 +135,7 @@ class HopTotals:
     bytes_in: int = 0
     codec: str = ""
     bytes_saved: int = 0
+    wire_error: float = 0.0  # the largest over the steps
 
     def add(self, t: HopTiming) -> None:
         self.steps += 1
@@ -144,6 +146,7 @@ class HopTotals:
         self.bytes_in += t.bytes_in
         self.codec = t.codec or self.codec
         self.bytes_saved += t.bytes_saved
+        self.wire_error = max(self.wire_error, t.wire_error)
 
     def merge(self, other: HopTotals) -> None:
         self.steps += other.steps
@@ -154,6 +157,7 @@ class HopTotals:
         self.bytes_in += other.bytes_in
         self.codec = other.codec or self.codec
         self.bytes_saved += other.bytes_saved
+        self.wire_error = max(self.wire_error, other.wire_error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +171,17 @@ class StepInput:
 def raw_bytes(t: torch.Tensor) -> int:
     """What `t` costs on the wire in the exact `raw` codec (the baseline of bytes_saved)."""
     return t.numel() * t.element_size()
+
+
+def wire_error(x: torch.Tensor, enc: Encoded) -> float:
+    """The error a lossy codec put into the activations sent: max|x - decoded| / max|x|
+    (0 for raw and for token ids). Costs one decode per step of a lossy hop."""
+    if enc.codec == "raw" or not x.is_floating_point():
+        return 0.0
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak == 0.0:
+        return 0.0
+    return float((decode(enc).float() - x.float()).abs().max()) / peak
 
 
 class Hop(Protocol):
@@ -260,6 +275,7 @@ class RemoteHop:
             bytes_in=len(payload),
             codec=self._codec,
             bytes_saved=raw_bytes(inp.x) + raw_bytes(out) - len(enc.data) - len(payload),
+            wire_error=wire_error(inp.x, enc),
         )
         return out, timing
 
@@ -351,8 +367,9 @@ class RemoteHop:
 
     async def send_forward(
         self, step_id: int, inp: StepInput, route: tuple[ForwardHop, ...]
-    ) -> int:
-        """Send step `step_id` to be forwarded along `route` after this hop; the bytes sent."""
+    ) -> tuple[int, float]:
+        """Send step `step_id` to be forwarded along `route` after this hop; the bytes sent
+        and their `wire_error`."""
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
         msg = Step(
             session_id=self._sid,
@@ -370,7 +387,7 @@ class RemoteHop:
             raise HopFailed(self.plan.host, f"could not send within {self._timeout} s") from None
         except MeshError as exc:
             raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
-        return len(enc.data)
+        return len(enc.data), wire_error(inp.x, enc)
 
     async def receive_forwarded(
         self, step_id: int, x: torch.Tensor

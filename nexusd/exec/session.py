@@ -262,7 +262,7 @@ class RoutedSession:
             for live, hop in zip(lives[1:], remote[1:], strict=True)
         )
         try:
-            sent = await remote[0].send_forward(lives[0].next_id, x, route)
+            sent, error = await remote[0].send_forward(lives[0].next_id, x, route)
         except HopFailed as exc:
             self._fail(exc)
             await self._replace(i)
@@ -287,6 +287,7 @@ class RoutedSession:
                 bytes_in=got,
                 codec=hop.codec,
                 bytes_saved=(raw_bytes(x.x) - sent if j == 0 else 0) + raw_bytes(out) - got,
+                wire_error=error if j == 0 else 0.0,
             )
             before = now
             self._applied(live, x, timing)

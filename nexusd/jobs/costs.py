@@ -44,6 +44,7 @@ class HopCosts:
                 bytes_in=a.bytes_in,
                 codec=a.codec,
                 bytes_saved=a.bytes_saved,
+                wire_error=round(a.wire_error, 6),
             )
             for (h, s, e), a in rows
         )

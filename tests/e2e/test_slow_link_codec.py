@@ -88,12 +88,13 @@ def test_auto_codec_is_int8_behind_a_10_mbit_link_and_raw_on_a_fast_one(
 
         fast_bw = fresh_bandwidth(cluster, node)
         fast, exact = auto_job(cluster, node)
-        assert (fast.codec, fast.bytes_saved) == ("raw", 0), (fast_bw, fast)
+        assert (fast.codec, fast.bytes_saved, fast.wire_error) == ("raw", 0, 0), (fast_bw, fast)
 
         ns.slow(1, "10mbit")
         slow_bw = fresh_bandwidth(cluster, node)
         slow, approx = auto_job(cluster, node)
         assert slow.codec == "int8", (slow_bw, slow)
+        assert 0 < slow.wire_error <= 1 / 254 + 1e-6, slow  # int8: half a step of 1/127
         # int8 blockwise sends ~1 byte per value against raw fp32's 4: most bytes are saved
         sent = slow.bytes_out + slow.bytes_in
         assert slow.bytes_saved > 2 * sent, slow

@@ -3,6 +3,7 @@ link, the lossy slow-link codec on a slow one), and the job's output stays close
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -100,9 +101,11 @@ async def test_an_auto_job_compresses_only_its_slow_hop(tmp_path: Path) -> None:
     assert not all(torch.equal(g, w) for g, w in zip(logits, honest, strict=True))
     # the reply's route says which codec each hop used and what it saved against raw
     by_start = {h.start: h for h in costs.report(lambda _: "")}
-    assert (by_start[0].codec, by_start[0].bytes_saved) == ("raw", 0)
+    assert (by_start[0].codec, by_start[0].bytes_saved, by_start[0].wire_error) == ("raw", 0, 0)
     tail_hop = by_start[3]
     assert tail_hop.codec == "int8"
+    # blockwise absmax int8: at most half a step (1/254 of a block's peak) per value
+    assert 0 < tail_hop.wire_error <= 1 / 254 + 1e-6
     sent = tail_hop.bytes_out + tail_hop.bytes_in
     # int8 blockwise: ~1 byte per value plus its block scales, against 4 in raw fp32
     assert 2.5 * sent < sent + tail_hop.bytes_saved < 4.5 * sent
@@ -125,7 +128,9 @@ async def generate_with_costs(session: RoutedSession) -> tuple[list[torch.Tensor
     return logits, costs
 
 
-def hop_report(codec: str = "", bytes_saved: int = 0, sent: int = 100) -> HopReport:
+def hop_report(
+    codec: str = "", bytes_saved: int = 0, sent: int = 100, wire_error: float = 0.0031
+) -> HopReport:
     return HopReport(
         host="ab" * 32,
         name="h",
@@ -139,6 +144,7 @@ def hop_report(codec: str = "", bytes_saved: int = 0, sent: int = 100) -> HopRep
         bytes_in=sent,
         codec=codec,
         bytes_saved=bytes_saved,
+        wire_error=wire_error if codec not in ("", "raw") else 0.0,
     )
 
 
@@ -146,9 +152,13 @@ def test_hop_reports_carry_the_codec_and_what_it_saved() -> None:
     hop = hop_report("int8", 2_400_000)
     assert wire.decode(wire.encode(hop), HopReport) == hop
     local = hop_report()  # a local hop: no codec, nothing saved
-    assert wire_summary((hop, local)) == "wire: int8 on 1 of 2 hops, 2.40 MB saved vs raw"
+    assert wire_summary((hop, local)) == (
+        "wire: int8 on 1 of 2 hops, 2.40 MB saved vs raw, max relative error 0.0031"
+    )
     assert wire_summary((local, hop_report("raw"))) == ""
     with pytest.raises(ValueError, match="codec"):
         hop_report("int8;rm -rf")
     with pytest.raises(ValueError, match="bytes_saved"):
         hop_report("raw", -3, sent=1)
+    with pytest.raises(ValueError, match="wire_error"):
+        hop_report("int8", 10, wire_error=math.nan)
