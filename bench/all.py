@@ -37,6 +37,7 @@ ORDER = (
     "placement",
     "train",
     "compress",
+    "slow_link",
     "http",
 )
 FULL_TIMEOUT_S = 420.0
@@ -304,6 +305,17 @@ ROWS = (
             f"{_get(d, 'nexus', 'model')})"
         ),
         lambda d: _met(d, "nexus_int8_perplexity_2pct"),
+    ),
+    Row(
+        "slow_link",
+        "MiniLM embeddings/s over a 10 Mbit/s tbf link, --codec auto vs raw",
+        "≥ 2x",
+        lambda d: (
+            f"{_fmt(_num(d, 'auto_over_raw'), 'x')} ({_fmt(_num(d, 'auto_sentences_per_s'), '', 1)}"
+            f" vs {_fmt(_num(d, 'raw_sentences_per_s'), '', 1)} sentences/s; hop codec "
+            f"{_get(d, 'auto_hop_codec')}, cosine to raw min {_get(d, 'auto_cosine_to_raw_min')})"
+        ),
+        lambda d: _of_target(_num(d, "auto_over_raw"), 2.0, higher_is_better=True),
     ),
     Row(
         "http",
