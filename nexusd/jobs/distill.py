@@ -27,7 +27,7 @@ from atoms.datasets import Examples, special_ids
 from atoms.distill import DistillConfig, TeacherLoss
 from atoms.model import Model
 from atoms.span import Span
-from atoms.training import IGNORE, OptimConfig, Schedule, apply_trained, renamed
+from atoms.training import IGNORE, apply_trained, renamed
 
 from ..api.records import TrainReply, TrainRequest
 from ..errors import ApiError
@@ -44,7 +44,9 @@ from .training import (
     first_trainable,
     lineage,
     load_data,
+    optim_of,
     reply_of,
+    schedule_of,
     validate,
 )
 
@@ -155,16 +157,8 @@ async def distill(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Tra
         first_trainable=first_trainable(student),
         causal=True,
         data=data,
-        optim=OptimConfig(
-            weight_decay=req.weight_decay, dropout=req.dropout, precision=req.precision
-        ),
-        schedule=Schedule(
-            lr=req.lr,
-            warmup_steps=req.warmup_steps,
-            total_steps=req.steps,
-            decay=req.decay,
-            min_ratio=req.min_lr_ratio,
-        ),
+        optim=optim_of(req),
+        schedule=schedule_of(req),
     )
     route = _route(mesh, req, n, head_host)
     run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit)

@@ -156,16 +156,26 @@ def validate(req: TrainRequest) -> None:
                 "bad_request", f"{name}: expected {expected}, got {getattr(req, name)!r}"
             )
     try:
-        Schedule(
-            lr=req.lr,
-            warmup_steps=req.warmup_steps,
-            total_steps=req.steps,
-            decay=req.decay,
-            min_ratio=req.min_lr_ratio,
-        )
-        OptimConfig(weight_decay=req.weight_decay, dropout=req.dropout, precision=req.precision)
+        schedule_of(req)
+        optim_of(req)
     except ValueError as exc:
         raise ApiError("bad_request", str(exc)) from None
+
+
+def schedule_of(req: TrainRequest) -> Schedule:
+    """The learning-rate schedule a request asks for (ValueError names a bad knob)."""
+    return Schedule(
+        lr=req.lr,
+        warmup_steps=req.warmup_steps,
+        total_steps=req.steps,
+        decay=req.decay,
+        min_ratio=req.min_lr_ratio,
+    )
+
+
+def optim_of(req: TrainRequest) -> OptimConfig:
+    """The optimiser settings a request asks for (ValueError names a bad knob)."""
+    return OptimConfig(weight_decay=req.weight_decay, dropout=req.dropout, precision=req.precision)
 
 
 class CheckpointStore:
@@ -675,16 +685,8 @@ async def train(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Train
         first_trainable=first_trainable(model),
         causal=causal,
         data=data,
-        optim=OptimConfig(
-            weight_decay=req.weight_decay, dropout=req.dropout, precision=req.precision
-        ),
-        schedule=Schedule(
-            lr=req.lr,
-            warmup_steps=req.warmup_steps,
-            total_steps=req.steps,
-            decay=req.decay,
-            min_ratio=req.min_lr_ratio,
-        ),
+        optim=optim_of(req),
+        schedule=schedule_of(req),
     )
     verify = (
         None
