@@ -117,6 +117,16 @@ def verified(
     )
 
 
+def assert_same_output(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The honest output: equal, or within the batching bound when a host ran this step
+    in one batch with another session's (hosts batch steps that queue together: equal to
+    the step alone within 1e-5 relative, nexusd/exec/batching.py), which a loaded machine
+    makes likely here (the check's replay and the session share a host). A lie is far
+    outside it (the liars here add 1e-2 noise: 1000 times the bound)."""
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-5 * max(scale, 1.0), (got, want)
+
+
 async def honest_logits() -> list[torch.Tensor]:
     """The same generation in one honest host, unchecked."""
     async with trio.open_nursery() as nursery:
@@ -200,7 +210,7 @@ async def test_a_lying_host_is_caught_on_its_first_step_and_the_output_is_the_ho
         assert [h.host for h in session.route] == [head.id, good.id]
         assert outcomes.count("wrong_output") == 1 and outcomes.count("agreed") >= 2
         for got, want in zip(logits, honest, strict=True):
-            assert torch.equal(got, want)
+            assert_same_output(got, want)
         nursery.cancel_scope.cancel()
 
 
@@ -220,7 +230,7 @@ async def test_forward_mode_checks_sampled_steps_in_relay_and_forwards_the_rest(
         # the checked steps went through the origin; the others host to host
         assert 0 < head.metrics.value("exec_forwarded_total") < STEPS
         for got, want in zip(logits, honest, strict=True):
-            assert torch.equal(got, want)
+            assert_same_output(got, want)
         nursery.cancel_scope.cancel()
 
 
@@ -261,7 +271,7 @@ async def test_a_late_lie_is_caught_by_a_check_of_the_whole_history_in_one_step(
         # 2 hops x 3 honest steps, then step 3: its first hop agrees, the liar is caught
         assert outcomes[:8] == ["agreed"] * 7 + ["wrong_output"]
         for got, want in zip(logits, honest, strict=True):
-            assert torch.equal(got, want)
+            assert_same_output(got, want)
         nursery.cancel_scope.cancel()
 
 
@@ -368,7 +378,7 @@ async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
         assert view.reports == [(liar.id, "wrong_output")]
         assert [h.host for h in session.route] == [head.id, good.id]
         for got, want in zip(logits, honest, strict=True):
-            assert torch.equal(got, want)
+            assert_same_output(got, want)
         text = metrics.render()
         assert 'verify_checks_total{outcome="wrong_output"} 1' in text
         assert 'hop_failures_total{reason="wrong_output"} 1' in text
