@@ -139,6 +139,14 @@ class HopTotals:
 
     def add(self, t: HopTiming) -> None:
         self.steps += 1
+        self._fold(t)
+
+    def merge(self, other: HopTotals) -> None:
+        self.steps += other.steps
+        self._fold(other)
+
+    def _fold(self, t: HopTiming | HopTotals) -> None:
+        """Sum one step's (or another total's) costs into these."""
         self.compute_s += t.compute_s
         self.queue_s += t.queue_s
         self.transfer_s += t.transfer_s
@@ -147,17 +155,6 @@ class HopTotals:
         self.codec = t.codec or self.codec
         self.bytes_saved += t.bytes_saved
         self.wire_error = max(self.wire_error, t.wire_error)
-
-    def merge(self, other: HopTotals) -> None:
-        self.steps += other.steps
-        self.compute_s += other.compute_s
-        self.queue_s += other.queue_s
-        self.transfer_s += other.transfer_s
-        self.bytes_out += other.bytes_out
-        self.bytes_in += other.bytes_in
-        self.codec = other.codec or self.codec
-        self.bytes_saved += other.bytes_saved
-        self.wire_error = max(self.wire_error, other.wire_error)
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,7 +222,7 @@ class TrainVerifier:
             await self._drop(key)
             self._outcome("undecided")
             log.warning("train_verify_undecided", host=plan.host.hex()[:8], reason=str(exc))
-        except BaseException:
+        except BaseException:  # boundary: drop the check session, then re-raise (cancel too)
             await self._drop(key)
             raise
 
