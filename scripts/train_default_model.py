@@ -1,12 +1,18 @@
 """Train the default generator (Nexus 1.1's blocks and output projection) with the mesh.
 
-Starts a local mesh of two daemons on 127.0.0.1 (the first hosts the frozen MiniLM base
-and the two Nexus blocks, the second the output head), then runs the exact command
+Starts a local mesh of two daemons on 127.0.0.1, then runs the exact command
 
     nexusd --data-dir <node0> train lm --output <id> [settings...] --json
 
 against the first, on the shipped English corpus; writes the reply, the metrics CSV and a
-log of progress into --out. `scripts/ship_default_model.py` turns the result into the
+log of progress into --out.
+
+Layouts (`--layout`): `replicas` (the default) has both daemons host the whole model and
+trains two data-parallel replicas (`--replicas 2`, gradients summed every step): each
+daemon's core computes whole micro-batches, so neither waits on the other; `pipeline` has
+the first daemon host the frozen MiniLM base and the two Nexus blocks and the second the
+output head (a 2-stage 1F1B pipeline: the head is two thirds of a micro-batch's compute,
+so the first stage idles about a third of the time). `scripts/ship_default_model.py` turns the result into the
 weights the project ships.
 
 Usage:
@@ -28,10 +34,10 @@ from nexusd.harness.cluster import local_cluster
 
 SETTINGS = {
     "--micro-batch": "8",
-    "--accumulation": "4",
+    "--accumulation": "8",
     "--seq-len": "128",
-    "--lr": "0.003",
-    "--warmup-steps": "60",
+    "--lr": "0.004",
+    "--warmup-steps": "80",
     "--decay": "cosine",
     "--min-lr-ratio": "0.1",
     "--weight-decay": "0.01",
@@ -39,13 +45,16 @@ SETTINGS = {
     "--clip": "1.0",
     "--precision": "bf16",
     "--schedule": "1f1b",
-    "--eval-interval": "85",
+    "--eval-interval": "110",
     "--eval-examples": "240",
-    "--checkpoint-interval": "85",
+    "--checkpoint-interval": "110",
     "--seed": "1",
 }
 PARENT = "nexus-1.1-random"  # the architecture with untrained blocks
-SPANS = (f"{PARENT}:0-10", f"{PARENT}:10-11")
+LAYOUTS = {
+    "replicas": ((f"{PARENT}:0-11", f"{PARENT}:0-11"), ["--replicas", "2"]),
+    "pipeline": ((f"{PARENT}:0-10", f"{PARENT}:10-11"), []),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for the run (created)")
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
     p.add_argument("--output", default="nexus-1.1-trained", help="id of the trained model")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="replicas", help="see above")
     p.add_argument(
         "--models-dir",
         type=Path,
@@ -64,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models_dir or args.out / "models"
     env = {"NEXUSD_NODE__TORCH_THREADS": "1", "NEXUSD_TRAIN__OP_TIMEOUT_S": "600"}
     with local_cluster(args.out / "mesh", 2, models_dir=models, env=env) as cluster:
-        for i, spec in enumerate(SPANS):
+        spans, layout_flags = LAYOUTS[args.layout]
+        for i, spec in enumerate(spans):
             cluster.host(i, spec)
         cluster.wait_hosts(0, 2, PARENT)
         cmd = [
@@ -86,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "--job-id",
             "default-model",
             *[x for kv in SETTINGS.items() for x in kv],
+            *layout_flags,
             "--json",
             "-v",
         ]
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(Path(reply["checkpoint"]) / "metrics.csv", args.out / "metrics.csv")
         (args.out / "run.json").write_text(
             json.dumps(
-                {"command": shown, "wall_s": round(wall, 1), "spans": SPANS, "reply": reply},
+                {"command": shown, "wall_s": round(wall, 1), "spans": spans, "reply": reply},
                 indent=2,
             )
             + "\n"

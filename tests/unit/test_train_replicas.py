@@ -41,9 +41,16 @@ async def test_synchronous_replicas_stay_identical_and_equal_one_route(model: Mo
     r0, r1 = await states(two)
     assert r0.keys() == r1.keys() and all(torch.equal(r0[n], r1[n]) for n in r0)
     (single,) = await states(one)
+    c = model.atoms[0].spec.dim("hidden")
     for name, t in single.items():
         if name.startswith("param/"):
-            assert torch.allclose(r0[name], t, rtol=1e-5, atol=1e-6), name
+            got = r0[name]
+            if name.endswith("qkv.bias"):
+                # the key bias's gradient is zero in exact arithmetic (softmax ignores a shift
+                # of every logit of a row): what remains is rounding noise, which AdamW turns
+                # into steps of up to lr whatever the sum order; compare q and v only
+                got, t = torch.cat([got[:c], got[2 * c :]]), torch.cat([t[:c], t[2 * c :]])
+            assert torch.allclose(got, t, rtol=1e-5, atol=1e-6), name
 
 
 async def test_diloco_rounds_make_replicas_identical(model: Model) -> None:

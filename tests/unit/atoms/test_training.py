@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from atoms.atom import ForwardContext
 from atoms.model import Model
@@ -15,6 +16,7 @@ from atoms.span import Span
 from atoms.training import (
     IGNORE,
     BadGradient,
+    ChunkedCrossEntropy,
     NonFiniteLoss,
     OptimConfig,
     Schedule,
@@ -241,3 +243,25 @@ def test_lm_examples_start_from_bos_and_shift() -> None:
     assert out == [([101, 5, 6], [5, 6, 7]), ([101, 8, 9], [8, 9, 10])]
     targets = torch.tensor([[1, IGNORE]])
     assert targets.dtype == torch.long
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch(dtype: torch.dtype) -> None:
+    """The row-blocked loss, its gradient and the argmax count equal F.cross_entropy on a
+    float32 copy (more rows than one block, IGNORE rows, both dtypes)."""
+    g = torch.Generator().manual_seed(0)
+    rows = ChunkedCrossEntropy.ROWS * 2 + 37
+    logits = (torch.randn(rows, 501, generator=g) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 501, (rows,), generator=g)
+    targets[::5] = IGNORE
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    (want,) = torch.autograd.grad(ref * 0.5, logits)
+    loss, correct = ChunkedCrossEntropy.apply(logits, targets)
+    (got,) = torch.autograd.grad(loss * 0.5, logits)
+    assert got.dtype == dtype
+    assert torch.allclose(loss.detach(), ref.detach(), rtol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: one rounding of the gradient
+    assert (got.float() - want.float()).abs().max() <= tol
+    valid = targets != IGNORE
+    hits = (logits.detach().float().argmax(-1) == targets) & valid
+    assert int(correct) == int(hits.sum())
