@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,7 @@ def demo_failover(
         if isinstance(event, RouteEvent):
             state.route = event
             hops = " -> ".join(f"{h.name}[{h.start}-{h.end - 1}]" for h in event.hops)
-            say(f"\n  route ({event.reason[:70]}): {hops}")
+            say(f"\n  route ({textwrap.shorten(event.reason, 110)}): {hops}")
         elif isinstance(event, TokenEvent):
             sys.stdout.write(event.text)
             sys.stdout.flush()
