@@ -20,7 +20,10 @@ unpinned, 1F1B and GPipe, against the one-process baseline; (2) two daemons pinn
 core each (origin on the first span) against a single-core process, for each 2-way cut;
 (3) each run's measured idle share per host (`TrainReply.bubble`) beside the GPipe formula
 (p-1)/(m+p-1), p = stages with a backward, m = accumulation; (4) fp32 vs bf16 autocast in
-one process: tokens/s and validation loss before and after the same steps.
+one process: tokens/s and validation loss before and after the same steps; (5) the same two
+pinned daemons each hosting the whole model as two data-parallel replicas (`replicas=2`,
+gradients summed every step: losses equal one process up to the order of the sums), which
+no cut can match when one atom (the head) is most of a step.
 """
 
 from __future__ import annotations
@@ -387,6 +390,16 @@ def run(plan: Plan, root: Path, *, smoke: bool) -> Doc:
                 wait=[(MODEL, 2)],
             ) as cluster:
                 cuts[f"0-{c}+{c}-{N_ATOMS}"] = pinned(plan, cluster, cores)
+        whole = (0, N_ATOMS)
+        with hosted_mesh(
+            root / "replicas",
+            layout_of((whole, whole)),
+            models_dir=plan.models,
+            names=names[:2],
+            wait=[(MODEL, 2)],
+        ) as cluster:  # setup 5: data parallelism instead of a cut
+            two = dataclasses.replace(plan, req=dataclasses.replace(plan.req, replicas=2))
+            cuts[f"replicas 2 x 0-{N_ATOMS}"] = pinned(two, cluster, cores)
     ref = un.one["fp32"][0]
     one = median([r.tokens_per_s for r in un.one["fp32"]])
     rate = {s: median([r.tokens_per_s for r in runs]) for s, runs in un.mesh.items()}
