@@ -128,7 +128,8 @@ class TeacherLoss:
         return distill_loss(out, self.teacher_logits(targets), targets, self.cfg)
 
 
-def _copy(atom: Atom, model_id: str, index: int) -> Atom:
+def copy_atom(atom: Atom, model_id: str, index: int) -> Atom:
+    """A copy of `atom` as atom `index` of `model_id`, weights and frozen flags kept."""
     new = build_atom(dataclasses.replace(atom.spec, model_id=model_id, index=index))
     load_state(new, atom.state_dict(), f"student copy of {atom.spec.uid}")
     for (_, src), (_, dst) in zip(atom.named_parameters(), new.named_parameters(), strict=True):
@@ -183,6 +184,6 @@ def student_of(
         model_id=model_id,
         family=teacher.family,
         config=config,
-        atoms=[_copy(a, model_id, i) for i, a in enumerate(chosen)],
+        atoms=[copy_atom(a, model_id, i) for i, a in enumerate(chosen)],
         tokenizer=teacher.tokenizer,
     )

@@ -194,7 +194,9 @@ class SpanTrainer:
             a micro-batch keeps only its input and is recomputed in its backward.
         loss_fn: the training loss of `loss` (outputs, targets) -> (sums, summed loss);
             None: cross-entropy against the targets (e.g. `atoms.distill.TeacherLoss`
-            instead). Validation (`evaluate`) is always cross-entropy.
+            instead).
+        eval_fn: the validation loss of `evaluate`; None: cross-entropy (an embedding
+            student's pooled vectors have no classes: `atoms.distill_embed`).
     """
 
     def __init__(
@@ -205,9 +207,11 @@ class SpanTrainer:
         needs_input_grad: bool,
         graph_budget_bytes: int = 256 << 20,
         loss_fn: LossFn | None = None,
+        eval_fn: LossFn | None = None,
     ) -> None:
         self.span = span
         self.loss_fn = loss_fn
+        self.eval_fn = eval_fn
         self.optim = optim
         self.needs_input_grad = needs_input_grad and span.in_kind is not IOKind.IDS
         self.budget = graph_budget_bytes
@@ -336,7 +340,8 @@ class SpanTrainer:
         ctx.dropout = 0.0
         with torch.no_grad(), self._autocast():
             out = self.span(x, ctx, check=False)
-        return _cross_entropy(out, targets)[0]
+        with torch.no_grad():
+            return (self.eval_fn or _cross_entropy)(out, targets)[0]
 
     def infer(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """A forward with no gradient and no dropout (the frozen spans of a training run)."""

@@ -500,6 +500,8 @@ class TrainRequest:
     teacher: str = ""
     temperature: float = 2.0
     alpha: float = 0.5
+    # wire codec of activations and gradients between stages ("raw": exact; "auto": per hop)
+    codec: str = "raw"
     job_id: str = ""
 
 
@@ -541,6 +543,9 @@ class TrainReply:
     failovers: tuple[str, ...]
     bubble: tuple[tuple[str, float], ...]  # (host name, idle share of step wall time)
     teacher_val_perplexity: float = 0.0  # distill: the teacher's, on the same validation
+    # distill of an embedding model: the student's cosine to the teacher on validation
+    val_cosine_mean: float = 0.0
+    val_cosine_min: float = 0.0
 
 
 REPLY_TYPES: tuple[type, ...] = (

@@ -92,13 +92,16 @@ def _indices(text: str) -> tuple[int, ...]:
 
 
 def _student_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("teacher", help="a Nexus 1.1 model (e.g. nexus-1.1)")
+    p.add_argument(
+        "teacher", help="a Nexus 1.1 model (e.g. nexus-1.1) or a BERT embedding model (minilm)"
+    )
     p.add_argument(
         "--base-layers",
         type=_indices,
         default=None,
         metavar="I,J,..",
-        help="0-based base (BERT) layers the student keeps, e.g. 0,2,4 (default: all)",
+        help="0-based base (BERT) layers the student keeps, e.g. 0,2,4 (default: all); "
+        "for an embedding model, its encoder layers",
     )
     p.add_argument(
         "--blocks",
@@ -113,6 +116,7 @@ def _student_flags(p: argparse.ArgumentParser) -> None:
 def _student(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     from atoms.compress import atom_bytes, atom_params
     from atoms.distill import student_of
+    from atoms.distill_embed import encoder_student_of, ends_in_pooling
     from atoms.errors import ModelFormatError
 
     from ..errors import ApiError
@@ -121,9 +125,15 @@ def _student(args: argparse.Namespace, cfg: Config, paths: NodePaths) -> int:
     registry = node_registry(_models_dir(cfg, paths), paths, own=not cfg.atoms.models_dir)
     teacher = registry.load_model(args.teacher)
     try:
-        student = student_of(
-            teacher, args.model_id, base_layers=args.base_layers, blocks=args.blocks
-        )
+        if ends_in_pooling(teacher):  # an embedding model: its encoder layers
+            if args.blocks is not None:
+                raise ModelFormatError(f"student: {args.teacher} has no Nexus blocks (--blocks)")
+            layers = args.base_layers or range(len(teacher) - 2)
+            student = encoder_student_of(teacher, args.model_id, layers=layers)
+        else:
+            student = student_of(
+                teacher, args.model_id, base_layers=args.base_layers, blocks=args.blocks
+            )
     except ModelFormatError as exc:
         raise ApiError("bad_request", str(exc)) from None
     folder = registry.save(student)
@@ -169,8 +179,9 @@ MODEL_COMMANDS = (
     ),
     CommandSpec(
         "make-student",
-        "cut a smaller student from a Nexus model (fewer base layers and/or blocks, the "
-        "teacher's weights) to train with `train distill`",
+        "cut a smaller student from a Nexus model (fewer base layers and/or blocks) or a "
+        "MiniLM-style embedding model (fewer encoder layers), with the teacher's weights, "
+        "to train with `train distill`",
         _student_flags,
         _student,
     ),

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import ApiError
 from ..paths import NodePaths
 from .base import CommandSpec, call_daemon
-from .output import emit, route_table, table
+from .output import emit, route_table, table, wire_summary
 
 DEFAULT_MODELS = {"lm": "nexus-1.1", "classify": "minilm", "distill": ""}
 
@@ -127,6 +127,15 @@ def _flags(p: argparse.ArgumentParser) -> None:
         dest="train.schedule",
         help="pipeline schedule of micro-batches across hosts",
     )
+    g.add_argument(
+        "--codec",
+        choices=("raw", "fp16", "bf16", "int8", "auto"),
+        dest="train.codec",
+        help="wire codec of the activations and gradients between stages on other hosts "
+        "(default raw: exact, equal to one process; a lossy codec changes the training "
+        "a little; auto: per hop from the link's RTT and bandwidth and [exec] "
+        "slow_link_codec, the error budget)",
+    )
     p.add_argument(
         "--job-id",
         default="",
@@ -180,6 +189,7 @@ def _request(args: argparse.Namespace, cfg: Config) -> TrainRequest:
         teacher=t.teacher if args.task == "distill" else "",
         temperature=t.distill_temperature,
         alpha=t.distill_alpha,
+        codec=t.codec,
         job_id=args.job_id,
     )
 
@@ -245,12 +255,21 @@ def _human(r: TrainReply, verbose: bool) -> str:
         ["train loss", f"{r.train_loss:.4f}"],
         ["validation loss", f"{r.val_loss:.4f}"],
     ]
-    if r.task in ("lm", "distill"):
+    embeddings = r.task == "distill" and (r.val_cosine_mean != 0.0 or r.val_cosine_min != 0.0)
+    if r.task == "lm" or (r.task == "distill" and not embeddings):
         rows.append(["validation perplexity", f"{r.val_perplexity:.2f}"])
-    if r.task == "distill":
+    if r.task == "distill" and not embeddings:
         rows.append(["teacher's validation perplexity", f"{r.teacher_val_perplexity:.2f}"])
+    if embeddings:
+        rows.append(
+            [
+                "validation cosine to the teacher",
+                f"mean {r.val_cosine_mean:.4f}, min {r.val_cosine_min:.4f}",
+            ]
+        )
+    accuracy = "validation share at cosine >= 0.95" if embeddings else "validation accuracy"
     rows += [
-        ["validation accuracy", f"{r.val_accuracy:.2%}"],
+        [accuracy, f"{r.val_accuracy:.2%}"],
         ["time", f"{r.elapsed_s:.1f} s ({r.tokens_per_s:.0f} targets/s, {r.tokens} in all)"],
         ["checkpoints", r.checkpoint],
     ]
@@ -258,6 +277,8 @@ def _human(r: TrainReply, verbose: bool) -> str:
         rows.append(["resumed from step", str(r.resumed_from)])
     if r.failovers:
         rows.append(["failovers", "; ".join(r.failovers)])
+    if wire := wire_summary(r.route):  # a lossy --codec: per-hop codec and bytes saved
+        rows.append(["wire", wire.removeprefix("wire: ")])
     out = table(["", ""], rows)
     if verbose:
         out += (

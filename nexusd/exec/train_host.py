@@ -87,6 +87,8 @@ class TrainHost:
         clock: monotonic seconds.
         loss_fn: the loss of every session's head span (None: cross-entropy); a job's own
             host sets it (distillation: `atoms.distill.TeacherLoss`).
+        eval_fn: the head span's validation loss (None: cross-entropy; embedding
+            distillation: `atoms.distill_embed.EmbedTeacherLoss`).
     """
 
     def __init__(
@@ -99,9 +101,11 @@ class TrainHost:
         max_sessions: int = 4,
         clock: Callable[[], float] = time.monotonic,
         loss_fn: LossFn | None = None,
+        eval_fn: LossFn | None = None,
     ) -> None:
         self._span_for = span_for
         self._loss_fn = loss_fn
+        self._eval_fn = eval_fn
         self._limiter = limiter
         self._metrics = metrics
         self._budget = graph_budget_bytes
@@ -196,6 +200,7 @@ class TrainHost:
                 needs_input_grad=msg.needs_input_grad,
                 graph_budget_bytes=self._budget,
                 loss_fn=self._loss_fn,
+                eval_fn=self._eval_fn,
             )
 
         trainer = await trio.to_thread.run_sync(build, limiter=self._limiter)
@@ -255,7 +260,7 @@ class TrainHost:
         tr = sess.trainer
         fn = (lambda: tr.forward(msg.mb, x, ctx)) if msg.grad else (lambda: tr.infer(x, ctx))
         (out, compute_s), queue_s = await self._timed(fn)
-        enc = encode(out)
+        enc = _reply_tensor(sess, out)
         reply = TrainOutput(
             session_id=msg.session_id,
             mb=msg.mb,
@@ -269,7 +274,7 @@ class TrainHost:
     async def _backward(self, sess: _Session, msg: TrainBackward, payload: bytes) -> Reply:
         g = _decode(msg.tensor, payload)
         (grad_in, compute_s), queue_s = await self._timed(lambda: sess.trainer.backward(msg.mb, g))
-        enc = EMPTY if grad_in is None else encode(grad_in.float())
+        enc = EMPTY if grad_in is None else _reply_tensor(sess, grad_in.float())
         reply = TrainOutput(
             session_id=msg.session_id,
             mb=msg.mb,
@@ -295,7 +300,7 @@ class TrainHost:
             return tr.loss(msg.mb, x, targets, ctx)
 
         ((result, grad_in), compute_s), queue_s = await self._timed(run)
-        enc = EMPTY if grad_in is None else encode(grad_in.float())
+        enc = EMPTY if grad_in is None else _reply_tensor(sess, grad_in.float())
         reply = TrainLossResult(
             session_id=msg.session_id,
             mb=msg.mb,
@@ -402,6 +407,11 @@ class TrainHost:
             self._metrics.inc("train_refused_total", code="bad_input")
             raise ExecRefused("bad_input", f"{type(exc).__name__}: {exc}") from None
         return done, (started[0] - queued if started else 0.0)
+
+
+def _reply_tensor(sess: _Session, t: torch.Tensor) -> Encoded:
+    """An answer's tensor in the hop's codec (floats; anything else raw)."""
+    return encode(t, sess.opened.codec if t.is_floating_point() else "raw")
 
 
 def _decode(header: object, payload: bytes) -> torch.Tensor:

@@ -10,6 +10,11 @@ rebuilds the input ids from the targets and runs the teacher on them, so teacher
 Rule 3: validation is the hard-label perplexity of the student, and the teacher's on the
 same examples is reported beside it; the student saved under `output` records the teacher,
 its digest, temperature and alpha in its lineage, as `train lm` records its parent.
+Rule 4: a teacher or student that ends in the pooling atom (MiniLM) is an embedding
+distillation (`distill_embeddings`, `atoms.distill_embed`): the data is one example per
+paragraph (at most `seq_len` tokens), the micro-batch's targets carry the input ids the
+teacher needs, the loss is the cosine to the teacher's sentence vectors, every parameter of
+the student trains, and the reply reports the validation cosine (mean and min).
 """
 
 from __future__ import annotations
@@ -17,14 +22,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import structlog
 import torch
 import trio
 
 from atoms.atom import ForwardContext
-from atoms.datasets import Examples, special_ids
+from atoms.corpus import corpus_path, read_text
+from atoms.datasets import Dataset, Examples, file_digest, special_ids
 from atoms.distill import DistillConfig, TeacherLoss
+from atoms.distill_embed import (
+    EmbedDistillConfig,
+    EmbedTeacherLoss,
+    cosines,
+    embed_dataset,
+    ends_in_pooling,
+)
+from atoms.errors import AtomError
 from atoms.model import Model
 from atoms.span import Span
 from atoms.training import IGNORE, apply_trained, renamed
@@ -65,17 +80,21 @@ def validate_distill(req: TrainRequest) -> DistillConfig:
         raise ApiError("bad_request", str(exc)) from None
 
 
-def _check_pair(teacher: Model, student: Model) -> None:
-    for m in (teacher, student):
-        if m.family not in ("nexus", "llama") or m.atoms[-1].spec.kind.value != "lm_head":
-            raise ApiError("bad_request", f"model {m.model_id}: train distill needs decoders")
+def _same_tokenizer(teacher: Model, student: Model, why: str) -> None:
     t_tok, s_tok = teacher.tokenizer, student.tokenizer
     if t_tok is None or s_tok is None or t_tok.to_json() != s_tok.to_json():
         raise ApiError(
             "bad_request",
             f"teacher {teacher.model_id} and student {student.model_id} must share one "
-            "tokenizer (soft targets are over the same vocabulary)",
+            f"tokenizer ({why})",
         )
+
+
+def _check_pair(teacher: Model, student: Model) -> None:
+    for m in (teacher, student):
+        if m.family not in ("nexus", "llama") or m.atoms[-1].spec.kind.value != "lm_head":
+            raise ApiError("bad_request", f"model {m.model_id}: train distill needs decoders")
+    _same_tokenizer(teacher, student, "soft targets are over the same vocabulary")
 
 
 def teacher_perplexity(teacher: Model, data: Examples, batch: int, limit: int) -> float:
@@ -130,6 +149,8 @@ async def distill(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Tra
         )
     student = await trio.to_thread.run_sync(mesh.registry.load_model, req.model)
     teacher = await trio.to_thread.run_sync(mesh.registry.load_model, req.teacher)
+    if ends_in_pooling(teacher) or ends_in_pooling(student):
+        return await distill_embeddings(req, job_id, emit, mesh, student, teacher)
     _check_pair(teacher, student)
     as_lm = dataclasses.replace(req, task="lm")
     data = await trio.to_thread.run_sync(load_data, as_lm, student)
@@ -197,5 +218,123 @@ async def distill(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Tra
         teacher=req.teacher,
         val_ppl=reply.val_perplexity,
         teacher_val_ppl=reply.teacher_val_perplexity,
+    )
+    return reply
+
+
+# ---- embedding models (`atoms.distill_embed`) ---------------------------------------------
+
+
+def _check_embed_pair(teacher: Model, student: Model) -> None:
+    """Both end in the pooling atom, share a tokenizer and a vector width."""
+    for m in (teacher, student):
+        if not ends_in_pooling(m):
+            other = student if m is teacher else teacher
+            raise ApiError(
+                "bad_request",
+                f"model {m.model_id} ends in {m.atoms[-1].spec.kind.value}, but "
+                f"{other.model_id} is an embedding model (ends in pooling): embedding "
+                "distillation needs a teacher and a student that both pool sentence vectors",
+            )
+    _same_tokenizer(teacher, student, "the teacher reads the student's input ids")
+    widths = [m.atoms[-1].spec.dim("hidden") for m in (teacher, student)]
+    if widths[0] != widths[1]:
+        raise ApiError(
+            "bad_request",
+            f"teacher {teacher.model_id} pools {widths[0]}-wide vectors, student "
+            f"{student.model_id} {widths[1]}-wide: the loss compares them",
+        )
+
+
+def load_embed_data(req: TrainRequest, student: Model) -> Dataset:
+    """Paragraphs of `--data` (default: the shipped corpus) as embedding examples of at
+    most `seq_len` tokens (blocking: run it in a thread)."""
+    tok = student.tokenizer
+    assert tok is not None  # _check_embed_pair
+    try:
+        path = Path(req.data) if req.data else corpus_path()
+        val = read_text(Path(req.validation)) if req.validation else None
+        return embed_dataset(
+            read_text(path),
+            tok,
+            length=req.seq_len,
+            digest=file_digest(path),
+            validation_text=val,
+            max_validation=req.eval_examples,
+        )
+    except AtomError as exc:
+        raise ApiError("bad_request", f"data: {exc}") from None
+
+
+async def distill_embeddings(
+    req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh, student: Model, teacher: Model
+) -> TrainReply:
+    """`train distill` of an embedding model: the student's layers over the mesh, its
+    pooling atom and the teacher here; loss `atoms.distill_embed` (cosine to the teacher's
+    vectors, default weights). Every parameter of the student trains."""
+    _check_embed_pair(teacher, student)
+    cfg = EmbedDistillConfig()
+    data = await trio.to_thread.run_sync(load_embed_data, req, student)
+    loss = EmbedTeacherLoss(Span(teacher.atoms), cfg)
+    n = len(student)
+    head = student.span(n - 1, n)
+
+    def span_for(model_id: str, start: int, end: int) -> Span:
+        if model_id != req.model or (start, end) != (n - 1, n):
+            raise ExecRefused("not_hosted", f"this job trains only {req.model}[{n - 1},{n})")
+        return head
+
+    head_host = TrainHost(
+        span_for,
+        limiter=mesh.limiter,
+        metrics=mesh.metrics,
+        graph_budget_bytes=mesh.graph_budget_bytes,
+        loss_fn=loss,
+        eval_fn=loss,
+    )
+    plan = Plan(
+        parent=student,
+        first_trainable=first_trainable(student),
+        causal=False,
+        data=data,
+        optim=optim_of(req),
+        schedule=schedule_of(req),
+    )
+    run = TrainRun(
+        req, job_id, plan, _route(mesh, req, n, head_host), folder=mesh.folder / job_id, emit=emit
+    )
+    state, elapsed = await run.run()
+    trained = apply_trained(student, state)
+    val = data.validation.take(range(min(req.eval_examples, len(data.validation))))
+    cos = await trio.to_thread.run_sync(
+        cosines, trained, teacher, val, req.micro_batch, limiter=mesh.limiter
+    )
+    reply = dataclasses.replace(
+        reply_of(run, req.output, elapsed),
+        val_cosine_mean=round(float(cos.mean()), 6),
+        val_cosine_min=round(float(cos.min()), 6),
+    )
+    metrics = {
+        "val_loss": reply.val_loss,
+        "val_cosine_mean": reply.val_cosine_mean,
+        "val_cosine_min": reply.val_cosine_min,
+        "train_loss": reply.train_loss,
+        "steps": float(reply.steps),
+    }
+    extra = lineage(req, mesh.registry.manifest(req.model).digest, data.digest, metrics)
+    extra |= {
+        "teacher": req.teacher,
+        "teacher_digest": mesh.registry.manifest(req.teacher).digest,
+        "distill": json.dumps({"loss": "embedding", "w_cos": cfg.w_cos, "w_mse": cfg.w_mse}),
+    }
+    await trio.to_thread.run_sync(mesh.registry.save, renamed(trained, req.output, config=extra))
+    mesh.metrics.inc("train_jobs_models_total", task=req.task)
+    log.info(
+        "distill_model_saved",
+        model=req.output,
+        student=req.model,
+        teacher=req.teacher,
+        val_cosine_mean=reply.val_cosine_mean,
+        val_cosine_min=reply.val_cosine_min,
     )
     return reply
