@@ -4,32 +4,37 @@ The idea is vLLM's PagedAttention (Kwon et al., SOSP 2023, §4.2-4.3): a session
 values live in fixed-size blocks found through a block table, so a session holds memory
 in proportion to its length and a freed block serves anyone.
 
-Rule 1: the pool is one tensor of `pages` x `page_bytes`, allocated once and never moved
-(worker threads write into it while the event loop takes and frees pages); every page has
-the same size, so memory cannot fragment: any free page serves any session. It is made with
-`torch.empty`: the OS maps a page of it only when a session first writes there, and free
-pages are taken lowest id first, so the resident memory is the high-water mark of use.
+Rule 1: the pool is one tensor allocated once and never moved (worker threads write into it
+while the event loop takes and frees pages); every page has the same size, so memory cannot
+fragment: any free page serves any session. It is made with `torch.empty`: the OS maps
+memory only where a session writes, so the resident memory is the high-water mark of use.
 Rule 2: a page holds `tokens` consecutive tokens of ONE sequence row for EVERY attention
 layer of a span (`PageFormat` says where each layer lives inside it); a session keeps one
 page table per row and takes a page only when its length crosses into it.
-Rule 3: page 0 is the pad page: always zero, never handed out. A batched gather pads shorter
+Rule 3: the pool is stored LAYER-major when every hosted layer's region has one size (the
+`stripe`, `pool_shape`): (page_bytes / stripe, pages + 1, stripe) bytes, so one layer's
+regions of consecutive pages are consecutive memory. With mixed layouts it is page-major
+(stripe = page_bytes) and always gathers.
+Rule 4: page 0 is the pad page: always zero, never handed out. A batched gather pads shorter
 rows with it, so the keys and values a mask hides are finite.
-Rule 4: a page is zeroed when taken; `release` gives every page back; asking for more pages
-than are free raises `CacheExhausted` and takes none.
-Rule 5: attention reads a gather of the session's pages into one contiguous-per-page view
-(`gather_rows`): one index copy of the row's keys and values per layer and step, measured
-in README "Benchmarks" (Serving many sessions).
+Rule 5: a page is zeroed when taken; `release` gives every page back; asking for more pages
+than are free raises `CacheExhausted` and takes none. Which page a row gets is
+`kv_alloc.PageAllocator`'s: the next one after its last when it can (a run).
+Rule 6: attention reads one session's rows IN PLACE when every row's pages form a run (and
+the rows one spacing): a strided view of the layer's stripe, no copy, like the contiguous
+cache. Otherwise (a fragmented row, a batch of sessions) it reads a gather of the pages
+(`gather_rows`, one index copy per layer and step). Both measured in README "Benchmarks".
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import torch
 
 from .cache import KVLayout
 from .errors import CacheExhausted, CacheNotReady
+from .kv_alloc import PageAllocator, run_length
 
 PAD_PAGE = 0
 ALIGN = 16  # byte alignment of each layer's region inside a page (any dtype view fits)
@@ -79,37 +84,52 @@ class PageFormat:
         return sum(s.layout.bytes_per_token(1) for s in self.layers)
 
 
+def pool_shape(formats: list[PageFormat]) -> tuple[int, int]:
+    """(page_bytes, stripe) of a pool serving spans of these formats (Rule 3): pages that fit
+    the largest, layer-major when every layer region of every format has one size."""
+    page_bytes = max([ALIGN, *(f.nbytes for f in formats)])
+    sizes = {_aligned(f.tokens * s.layout.bytes_per_token(1)) for f in formats for s in f.layers}
+    if len(sizes) == 1 and page_bytes % (stripe := sizes.pop()) == 0:
+        return page_bytes, stripe
+    return page_bytes, page_bytes
+
+
 class KVPool:
     """`pages` usable pages of `page_bytes` each, plus the pad page.
 
     Args:
         page_bytes: size of every page (a multiple of 16; at least the largest span format).
         pages: usable pages (0 is allowed: every request is then refused).
+        stripe: bytes of a page stored together over all pages (Rule 3); a multiple of 16
+            dividing page_bytes; None: page_bytes (page-major).
     """
 
-    def __init__(self, *, page_bytes: int, pages: int) -> None:
+    def __init__(self, *, page_bytes: int, pages: int, stripe: int | None = None) -> None:
+        stripe = page_bytes if stripe is None else stripe
         if page_bytes < ALIGN or page_bytes % ALIGN or pages < 0:
             raise ValueError(f"pool needs page_bytes a multiple of {ALIGN} and pages >= 0")
+        if stripe < ALIGN or stripe % ALIGN or page_bytes % stripe:
+            raise ValueError(f"stripe {stripe} must be a multiple of {ALIGN} dividing page_bytes")
         self.page_bytes = page_bytes
+        self.stripe = stripe
         self.capacity = pages
-        self._storage = torch.empty((pages + 1, page_bytes), dtype=torch.uint8)
-        self._storage[PAD_PAGE].zero_()
-        self._free = list(range(PAD_PAGE + 1, pages + 1))  # a heap: the lowest id first
-        self._used: set[int] = set()
+        self.pages = PageAllocator(pages, page_bytes)
+        self._storage = torch.empty((page_bytes // stripe, pages + 1, stripe), dtype=torch.uint8)
+        self._storage[:, PAD_PAGE].zero_()
         self._views: dict[tuple[int, LayerSlot], torch.Tensor] = {}
 
     @classmethod
-    def for_budget(cls, budget_bytes: int, page_bytes: int) -> KVPool:
+    def for_budget(cls, budget_bytes: int, page_bytes: int, stripe: int | None = None) -> KVPool:
         """As many pages as `budget_bytes` holds (the pad page comes on top)."""
-        return cls(page_bytes=page_bytes, pages=max(0, budget_bytes) // page_bytes)
+        return cls(page_bytes=page_bytes, pages=max(0, budget_bytes) // page_bytes, stripe=stripe)
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return self.pages.free
 
     @property
     def used_pages(self) -> int:
-        return len(self._used)
+        return self.pages.taken
 
     def take(self, n: int) -> list[int]:
         """`n` zeroed pages, lowest free ids first.
@@ -117,15 +137,12 @@ class KVPool:
         Raises:
             CacheExhausted: fewer than `n` pages are free (none are taken).
         """
-        if n > len(self._free):
-            raise CacheExhausted(
-                f"KV pool: {n} pages requested, {len(self._free)} of {self.capacity} free "
-                f"({self.page_bytes} bytes each)"
-            )
-        pages = [heapq.heappop(self._free) for _ in range(n)]
+        return self.zeroed(self.pages.take_lowest(n))
+
+    def zeroed(self, pages: list[int]) -> list[int]:
+        """Zero freshly taken `pages` (Rule 5); returns them."""
         if pages:
-            self._storage[torch.tensor(pages)] = 0
-        self._used.update(pages)
+            self._storage[:, torch.tensor(pages)] = 0
         return pages
 
     def give_back(self, pages: list[int]) -> None:
@@ -134,20 +151,15 @@ class KVPool:
         Raises:
             ValueError: a page that is not in use (a double release is a bug).
         """
-        stray = [p for p in pages if p not in self._used]
-        if stray:
-            raise ValueError(f"KV pool: pages {stray[:4]} are not in use")
-        self._used.difference_update(pages)
-        for p in pages:
-            heapq.heappush(self._free, p)
+        self.pages.give_back(pages)
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes of the pool's tensor (address space; resident only where written)."""
         return self._storage.numel()
 
-    def layer_view(self, fmt: PageFormat, slot: LayerSlot) -> torch.Tensor:
-        """Every page's region of one layer, typed: (pages + 1, tokens, 2, H_kv, D).
+    def _region(self, fmt: PageFormat, slot: LayerSlot) -> torch.Tensor:
+        """One layer's region of every page, as bytes: (pages + 1, region bytes).
 
         Raises:
             CacheExhausted: the span's pages need more bytes than this pool's pages have.
@@ -157,19 +169,40 @@ class KVPool:
                 f"KV pool: a page of {fmt.nbytes} bytes is needed, the pool's are "
                 f"{self.page_bytes} (the pool is resized when it is idle)"
             )
+        nbytes = fmt.tokens * slot.layout.bytes_per_token(1)
+        stripe, at = divmod(slot.offset, self.stripe)
+        if at + nbytes > self.stripe:  # pool_shape makes stripes that hold whole regions
+            raise ValueError(f"KV pool: layer {slot.uid} crosses a stripe of {self.stripe} bytes")
+        return self._storage[stripe, :, at : at + nbytes]
+
+    def layer_view(self, fmt: PageFormat, slot: LayerSlot) -> torch.Tensor:
+        """Every page's region of one layer, typed: (pages + 1, tokens, 2, H_kv, D).
+
+        Raises:
+            CacheExhausted: the span's pages need more bytes than this pool's pages have.
+        """
         key = (fmt.tokens, slot)
         view = self._views.get(key)
         if view is None:
             lay = slot.layout
-            nbytes = fmt.tokens * lay.bytes_per_token(1)
-            raw = self._storage[:, slot.offset : slot.offset + nbytes]
-            shape = (self._storage.shape[0], fmt.tokens, 2, lay.kv_heads, lay.head_dim)
-            view = raw.view(lay.dtype).view(shape)
+            shape = (self.capacity + 1, fmt.tokens, 2, lay.kv_heads, lay.head_dim)
+            view = self._region(fmt, slot).view(lay.dtype).view(shape)
             self._views[key] = view
         return view
 
+    def token_view(self, fmt: PageFormat, slot: LayerSlot) -> torch.Tensor | None:
+        """One layer's tokens of all pages end to end, (pages + 1) x tokens rows of
+        (2, H_kv, D), when its regions are one stripe (Rule 3); else None."""
+        view = self.layer_view(fmt, slot)
+        if not view.is_contiguous():
+            return None
+        return view.view(-1, *view.shape[2:])
+
     def __repr__(self) -> str:
-        return f"KVPool({self.used_pages}/{self.capacity} pages of {self.page_bytes} bytes)"
+        return (
+            f"KVPool({self.used_pages}/{self.capacity} pages of {self.page_bytes} bytes, "
+            f"stripe {self.stripe})"
+        )
 
 
 def write_rows(
@@ -236,6 +269,8 @@ class PagedCache:
         self.tables: list[list[int]] = [[] for _ in range(batch)]
         self.lengths: dict[int, int] = {s.index: 0 for s in fmt.layers}
         self._slots = {s.index: s for s in fmt.layers}
+        self._holds: list[tuple[int, int]] = [(0, 0)] * batch  # kv_alloc Rule 1
+        self._runs = [0] * batch  # leading pages of each row that are consecutive ids
 
     @property
     def length(self) -> int:
@@ -272,18 +307,31 @@ class PagedCache:
                 f"{tokens - self.length} more requested"
             )
         per_row = -(-tokens // self.format.tokens)
-        missing = sum(max(0, per_row - len(t)) for t in self.tables)
-        if missing:
-            fresh = self.pool.take(missing)
-            for t in self.tables:
-                while len(t) < per_row:
-                    t.append(fresh.pop())
+        if any(len(t) < per_row for t in self.tables):
+            most = -(-self.max_len // self.format.tokens)
+            self.pool.zeroed(self.pool.pages.grow(self.tables, self._holds, per_row, most))
+            self._runs = [run_length(t, n) for t, n in zip(self.tables, self._runs, strict=True)]
 
     def release(self) -> None:
         """Give every page back; the session's cache is empty afterwards."""
         self.pool.give_back([p for t in self.tables for p in t])
+        for hold in self._holds:
+            self.pool.pages.drop_hold(hold)
         self.tables = [[] for _ in range(self.batch)]
+        self._holds = [(0, 0)] * self.batch
+        self._runs = [0] * self.batch
         self.lengths = dict.fromkeys(self.lengths, 0)
+
+    def run(self, pages: int) -> tuple[int, int] | None:
+        """(first page, row spacing in pages) when the first `pages` pages of every row are
+        consecutive and the rows start at one spacing (Rule 6); else None."""
+        if any(n < pages for n in self._runs):
+            return None
+        first = self.tables[0][0]
+        step = self.tables[1][0] - first if self.batch > 1 else pages
+        if step <= 0 or any(t[0] != first + r * step for r, t in enumerate(self.tables)):
+            return None
+        return first, step
 
     def slot(self, index: int, uid: str = "?") -> LayerSlot:
         try:
@@ -329,6 +377,10 @@ class PagedLayer:
         Raises:
             CacheExhausted: past a session's max_len, or no free page.
         """
+        if len(self._caches) == 1:
+            done = self._append_in_place(self._caches[0], k_new, v_new)
+            if done is not None:
+                return done
         idx, t = self._slot.index, k_new.shape[2]
         starts: list[int] = []
         tables: list[list[int]] = []
@@ -345,6 +397,32 @@ class PagedLayer:
         for cache in self._caches:
             cache.lengths[idx] += t
         return gather_rows(view, table, length)
+
+    def _append_in_place(
+        self, cache: PagedCache, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`append` for one session whose rows are runs (Rule 6): write into and return a
+        strided view of the pool, no copy; None when the rows are not runs."""
+        idx, t = self._slot.index, k_new.shape[2]
+        start = cache.lengths[idx]
+        length = start + t
+        cache.reserve(length)  # a no-op when the host reserved the step beforehand
+        per_page = cache.format.tokens
+        run = cache.run(-(-length // per_page))
+        flat = cache.pool.token_view(cache.format, self._slot) if run else None
+        if run is None or flat is None:
+            return None
+        first, step = run
+        tok = flat.stride(0)  # elements per token: 2 x H_kv x D
+        rows = flat.as_strided(
+            (cache.batch, length, *flat.shape[1:]),
+            (step * per_page * tok, tok, *flat.stride()[1:]),
+            flat.storage_offset() + first * per_page * tok,
+        )  # (R, L, 2, H_kv, D)
+        rows[:, start:, 0] = k_new.transpose(1, 2)
+        rows[:, start:, 1] = v_new.transpose(1, 2)
+        cache.lengths[idx] = length
+        return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
 
 
 class PagedBatch:

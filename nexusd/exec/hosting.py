@@ -32,7 +32,7 @@ from atoms.atom import ForwardContext, IOKind
 from atoms.batched import BatchItem, batchable
 from atoms.codecs import Encoded, encode
 from atoms.errors import AtomError, CacheExhausted, CacheNotReady
-from atoms.kv_pool import KVPool, PagedCache, PageFormat
+from atoms.kv_pool import KVPool, PagedCache, PageFormat, pool_shape
 from atoms.span import Span
 from mesh.errors import MeshError, PeerProtocolError
 from mesh.state import HostedSpan, SpanProfile
@@ -261,20 +261,25 @@ class SpanHost:
             out.append(SpanProfile(s.model_id, s.start, s.end, c, kv, key in auto, cap))
         return out
 
+    def _pool_shape(self) -> tuple[int, int]:
+        """(page bytes, stripe) that fit every hosted span (`kv_pool.pool_shape`)."""
+        return pool_shape([PageFormat.of(s.kv_layouts(), self._page_tokens) for s in self._spans])
+
     def _page_bytes(self) -> int:
         """Page size that fits the most demanding hosted span (at least 16 bytes)."""
-        sizes = [PageFormat.of(s.kv_layouts(), self._page_tokens).nbytes for s in self._spans]
-        return max([16, *sizes])
+        return self._pool_shape()[0]
 
     def _pool_for(self, span: Span) -> tuple[KVPool, PageFormat]:
-        """The pool, (re)built while no page is in use when the hosted spans need bigger
+        """The pool, (re)built while no page is in use when the hosted spans need other
         pages than it has (a span added later); and `span`'s page format."""
         fmt = PageFormat.of(span.kv_layouts(), self._page_tokens)
-        pool = self._pool
-        if pool is None or (pool.used_pages == 0 and pool.page_bytes != self._page_bytes()):
+        pool, shape = self._pool, self._pool_shape()
+        if pool is None or (pool.used_pages == 0 and (pool.page_bytes, pool.stripe) != shape):
             budget = min(self._budget, _physical_memory() // 4)  # e.g. the arbiter's 2**40
-            pool = self._pool = KVPool.for_budget(budget, self._page_bytes())
-            log.info("kv_pool_built", pages=pool.capacity, page_bytes=pool.page_bytes)
+            pool = self._pool = KVPool.for_budget(budget, *shape)
+            log.info(
+                "kv_pool_built", pages=pool.capacity, page_bytes=pool.page_bytes, stripe=shape[1]
+            )
         return pool, fmt
 
     def kv_pages(self) -> tuple[int, int]:

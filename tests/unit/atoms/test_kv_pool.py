@@ -14,7 +14,16 @@ from atoms.atom import ForwardContext, IOKind
 from atoms.batched import BATCH_RTOL, BatchItem, batchable, run_batched
 from atoms.cache import KVLayout, SessionCache
 from atoms.errors import CacheExhausted, CacheNotReady
-from atoms.kv_pool import PAD_PAGE, KVPool, PagedCache, PageFormat
+from atoms.kv_alloc import HELD, PageAllocator
+from atoms.kv_pool import (
+    PAD_PAGE,
+    KVPool,
+    PagedCache,
+    PageFormat,
+    gather_rows,
+    page_table,
+    pool_shape,
+)
 from atoms.span import Span
 from tests.unit.exec_fixtures import tiny_llama
 
@@ -52,9 +61,12 @@ def inputs(span: Span, batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randn((batch, length, WIDTH), generator=gen)
 
 
-def pool_for(span: Span, tokens: int = 4, pages: int = 256) -> tuple[KVPool, PageFormat]:
+def pool_for(
+    span: Span, tokens: int = 4, pages: int = 256, *, layer_major: bool = True
+) -> tuple[KVPool, PageFormat]:
     fmt = PageFormat.of(span.kv_layouts(), tokens)
-    return KVPool(page_bytes=fmt.nbytes, pages=pages), fmt
+    page_bytes, stripe = pool_shape([fmt])
+    return KVPool(page_bytes=page_bytes, pages=pages, stripe=stripe if layer_major else None), fmt
 
 
 def decode(span: Span, cache: object, x: torch.Tensor, prefill: int) -> list[torch.Tensor]:
@@ -72,19 +84,44 @@ def prefix(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if mask is None else mask[:, :n]
 
 
+@pytest.mark.parametrize("layout", ["runs", "fragmented", "page-major"])
 @pytest.mark.parametrize("family", sorted(SPANS))
-def test_paged_cache_is_bit_identical_to_the_contiguous_cache(family: str) -> None:
+def test_paged_cache_is_bit_identical_to_the_contiguous_cache(family: str, layout: str) -> None:
+    """Read in place (rows that are runs of a layer-major pool) or gathered (rows whose
+    pages another session interleaves, or a page-major pool): the same outputs."""
     span = SPANS[family]()
     x = inputs(span, 2, 13, seed=1)
     flat = SessionCache.allocate(span.kv_layouts(), batch=2, max_len=32, budget_bytes=1 << 30)
-    pool, fmt = pool_for(span)
+    pool, fmt = pool_for(span, pages=16, layer_major=layout != "page-major")
     paged = PagedCache(pool, fmt, batch=2, max_len=32)
+    other = PagedCache(pool, fmt, batch=1, max_len=4 * 16)  # holds every page first
+    if layout == "fragmented":
+        other.reserve(4)  # its hold covers the pool: paged's rows take pages one by one
     with torch.inference_mode():
         want = decode(span, flat, x, prefill=5)
         got = decode(span, paged, x, prefill=5)
+        other.reserve(8)  # interleaved with paged's pages
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
     assert paged.pages == 2 * 4  # 13 tokens in pages of 4, per row
     assert paged.used_bytes == 2 * 13 * fmt.token_bytes
+    assert (paged.run(4) is not None) == (layout != "fragmented")
+
+
+def test_a_session_whose_rows_are_runs_reads_the_pool_in_place() -> None:
+    span = tiny_nexus()
+    pool, fmt = pool_for(span, pages=64)
+    assert pool.stripe < pool.page_bytes  # layer-major
+    cache = PagedCache(pool, fmt, batch=2, max_len=20)  # 5 pages a row
+    k = torch.randn((2, 4, 6, 8))
+    slot = fmt.layers[0]
+    got_k, got_v = cache.layer(slot.index).append(k, -k)
+    base = pool.token_view(fmt, slot)
+    assert base is not None
+    assert got_k.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # no copy
+    assert cache.tables == [[1, 2], [6, 7]] and cache.run(2) == (1, 5)  # rows 5 pages apart
+    assert torch.equal(got_k, k) and torch.equal(got_v, -k)
+    gathered = gather_rows(pool.layer_view(fmt, slot), page_table(cache.tables, 2), 6)
+    assert torch.equal(gathered[0], k) and torch.equal(gathered[1], -k)
 
 
 @pytest.mark.parametrize("family", sorted(SPANS))
@@ -251,3 +288,44 @@ def test_a_span_without_kv_layers_batches_at_any_position() -> None:
             ctx = ForwardContext.for_tokens(1, 1, start=it.position, causal=True)
             want = head(it.x, ctx)
             assert float((want - out).abs().max() / want.abs().max()) <= BATCH_RTOL
+
+
+def test_sessions_growing_in_turn_keep_their_pages_in_runs() -> None:
+    """Each new row holds the run its max_len may need; rows growing in turn stay runs, a
+    hold never blocks another session, and release gives the unused tail back."""
+    alloc = PageAllocator(pages=20, page_bytes=64)
+    a: list[list[int]] = [[]]
+    b: list[list[int]] = [[], []]
+    holds_a, holds_b = [(0, 0)], [(0, 0), (0, 0)]
+    for n in range(1, 5):  # interleaved growth, a: up to 6 pages, b: 2 rows of up to 3
+        alloc.grow(a, holds_a, n, most=6)
+        alloc.grow(b, holds_b, min(n, 3), most=3)
+    assert a == [[1, 2, 3, 4]] and b == [[7, 8, 9], [10, 11, 12]]
+    assert (alloc.taken, alloc.free) == (10, 10)  # held pages stay free
+    assert alloc.state(5) == alloc.state(6) == HELD
+    c: list[list[int]] = [[]]
+    holds_c = [(0, 0)]
+    alloc.grow(c, holds_c, 9, most=9)  # no FREE run of 9: the longest (13-20), then any
+    assert c == [[13, 14, 15, 16, 17, 18, 19, 20, 5]]
+    alloc.drop_hold(holds_a[0])
+    alloc.give_back(a[0])
+    assert alloc.state(6) != HELD and alloc.take_lowest(2) == [1, 2]
+    with pytest.raises(CacheExhausted, match="7 pages requested, 3 of 20 free"):
+        alloc.grow(c, holds_c, 16, most=16)
+    assert len(c[0]) == 9  # nothing taken
+
+
+def test_a_host_pool_is_layer_major_for_one_layout_and_page_major_for_mixed() -> None:
+    small = KVLayout(kv_heads=2, head_dim=4, dtype=torch.float32)
+    big = KVLayout(kv_heads=4, head_dim=4, dtype=torch.float32)
+    one = PageFormat.of({0: ("m/000", small), 1: ("m/001", small)}, tokens=4)
+    two = PageFormat.of({3: ("n/003", small)}, tokens=4)
+    assert pool_shape([one, two]) == (one.nbytes, one.nbytes // 2)
+    mixed = PageFormat.of({0: ("m/000", small), 1: ("m/001", big)}, tokens=4)
+    assert pool_shape([mixed]) == (mixed.nbytes, mixed.nbytes)
+    pool = KVPool(page_bytes=one.nbytes, pages=3, stripe=one.nbytes // 2)
+    assert pool.token_view(one, one.layers[1]) is not None
+    pool = KVPool(page_bytes=one.nbytes, pages=3)
+    assert pool.token_view(one, one.layers[1]) is None  # page-major: pages gathered
+    with pytest.raises(ValueError, match="stripe"):
+        KVPool(page_bytes=64, pages=1, stripe=48)
