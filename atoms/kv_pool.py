@@ -271,6 +271,7 @@ class PagedCache:
         self._slots = {s.index: s for s in fmt.layers}
         self._holds: list[tuple[int, int]] = [(0, 0)] * batch  # kv_alloc Rule 1
         self._runs = [0] * batch  # leading pages of each row that are consecutive ids
+        self._tokens: dict[int, torch.Tensor | None] = {}  # token_view per layer index
 
     @property
     def length(self) -> int:
@@ -321,6 +322,12 @@ class PagedCache:
         self._holds = [(0, 0)] * self.batch
         self._runs = [0] * self.batch
         self.lengths = dict.fromkeys(self.lengths, 0)
+
+    def token_view(self, slot: LayerSlot) -> torch.Tensor | None:
+        """`KVPool.token_view` of one of this session's layers (looked up once)."""
+        if slot.index not in self._tokens:
+            self._tokens[slot.index] = self.pool.token_view(self.format, slot)
+        return self._tokens[slot.index]
 
     def run(self, pages: int) -> tuple[int, int] | None:
         """(first page, row spacing in pages) when the first `pages` pages of every row are
@@ -401,28 +408,28 @@ class PagedLayer:
     def _append_in_place(
         self, cache: PagedCache, k_new: torch.Tensor, v_new: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`append` for one session whose rows are runs (Rule 6): write into and return a
-        strided view of the pool, no copy; None when the rows are not runs."""
+        """`append` for one session whose rows are runs (Rule 6): write into and return
+        strided views of the pool, no copy; None when the rows are not runs."""
         idx, t = self._slot.index, k_new.shape[2]
         start = cache.lengths[idx]
         length = start + t
         cache.reserve(length)  # a no-op when the host reserved the step beforehand
         per_page = cache.format.tokens
         run = cache.run(-(-length // per_page))
-        flat = cache.pool.token_view(cache.format, self._slot) if run else None
+        flat = cache.token_view(self._slot) if run else None
         if run is None or flat is None:
             return None
         first, step = run
-        tok = flat.stride(0)  # elements per token: 2 x H_kv x D
-        rows = flat.as_strided(
-            (cache.batch, length, *flat.shape[1:]),
-            (step * per_page * tok, tok, *flat.stride()[1:]),
-            flat.storage_offset() + first * per_page * tok,
-        )  # (R, L, 2, H_kv, D)
-        rows[:, start:, 0] = k_new.transpose(1, 2)
-        rows[:, start:, 1] = v_new.transpose(1, 2)
+        tok, heads, dim = flat.stride(0), flat.shape[2], flat.shape[3]  # tok = 2 x H_kv x D
+        size = (cache.batch, heads, length, dim)  # (R, H_kv, L, D)
+        stride = (step * per_page * tok, dim, tok, 1)
+        at = flat.storage_offset() + first * per_page * tok
+        k = flat.as_strided(size, stride, at)
+        v = flat.as_strided(size, stride, at + heads * dim)
+        k[:, :, start:] = k_new
+        v[:, :, start:] = v_new
         cache.lengths[idx] = length
-        return rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
+        return k, v
 
 
 class PagedBatch:
