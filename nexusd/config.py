@@ -25,6 +25,7 @@ MiB = 1024 * 1024
 ENV_PREFIX = "NEXUSD_"
 _MESH_NODE = MeshNodeConfig()  # the defaults of the mesh node's knobs
 MAX_PROBE_BYTES = 4 * MiB  # a bandwidth probe frame, on both sides
+WIRE_CODECS = ("raw", "fp16", "bf16", "int8")  # atoms.codecs.CODECS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,10 +190,12 @@ class ExecConfig:
     verify_first_steps: int = 1  # a host's first N steps in a session are always checked
     verify_tol_fp32: float = 1e-4  # max |diff| / max |reference|, float32 outputs, raw codec
     verify_tol_bf16: float = 5e-2  # the same when either output is bfloat16/float16
-    # jobs with `--codec auto`: a hop whose link to this node is measured below
-    # slow_link_bytes_per_s carries slow_link_codec (the error the job accepts), others raw
+    # jobs with `--codec auto` (exec/adaptive.py): a hop whose link to this node is measured
+    # below slow_link_bytes_per_s gets the codec within slow_link_codec (the error the job
+    # accepts: the lossiest codec allowed) that the link's RTT, bandwidth and the codecs'
+    # CPU costs make fastest, if it saves >= 10 % of the raw step; others raw
     slow_link_bytes_per_s: float = 6.25e6  # 50 Mbit/s
-    slow_link_codec: str = "int8"  # fp16 | bf16 | int8
+    slow_link_codec: str = "int8"  # raw (never lossy) | fp16 | bf16 | int8
     batch_window_ms: float = 5.0  # as a host: a decode step waits this for others to batch
     # as the origin: "relay" (every activation through the origin) or "forward" (hosts send
     # activations straight to the next host, copies to the origin; exec/wire.py Rule 5;
@@ -208,10 +211,10 @@ class ExecConfig:
             raise ConfigError(f"exec.batch_window_ms: expected 0..1000, got {self.batch_window_ms}")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"exec.verify_rate: expected 0..1, got {self.verify_rate}")
-        if self.slow_link_bytes_per_s < 0 or self.slow_link_codec not in ("fp16", "bf16", "int8"):
+        if self.slow_link_bytes_per_s < 0 or self.slow_link_codec not in WIRE_CODECS:
             raise ConfigError(
-                "exec.slow_link_bytes_per_s / slow_link_codec: expected >= 0 / fp16, bf16 or "
-                f"int8, got {self.slow_link_bytes_per_s} / {self.slow_link_codec!r}"
+                "exec.slow_link_bytes_per_s / slow_link_codec: expected >= 0 / raw, fp16, bf16 "
+                f"or int8, got {self.slow_link_bytes_per_s} / {self.slow_link_codec!r}"
             )
         if self.verify_first_steps < 0:
             raise ConfigError(
@@ -241,6 +244,9 @@ class TrainConfig:
     clip: float = 1.0  # global gradient norm; 0: no clipping
     precision: str = "fp32"  # fp32 | bf16 (autocast over fp32 master weights)
     schedule: str = "1f1b"  # 1f1b | gpipe
+    # wire codec of activations and gradients between stages: raw (exact, equal to one
+    # process) | fp16 | bf16 | int8 | auto (per hop, from the link: [exec] slow_link_*)
+    codec: str = "raw"
     eval_interval: int = 50  # optimiser steps between validations; 0: only at the end
     eval_examples: int = 200
     checkpoint_interval: int = 50  # optimiser steps between checkpoints; 0: only at the end
@@ -265,6 +271,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"train.verify_rate: expected 0..1, got {self.verify_rate}")
+        if self.codec not in (*WIRE_CODECS, "auto"):
+            raise ConfigError(
+                f"train.codec: expected one of raw, fp16, bf16, int8, auto, got {self.codec!r}"
+            )
         for name in (
             "steps",
             "micro_batch",

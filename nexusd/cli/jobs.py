@@ -103,8 +103,9 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
         "--codec",
         default="raw",
         choices=("raw", "fp16", "bf16", "int8", "auto"),
-        help="wire codec for activations (default raw: exact; auto: per hop, "
-        "[exec] slow_link_codec on links measured below slow_link_bytes_per_s, else raw)",
+        help="wire codec for activations (default raw: exact; auto: per hop, the codec "
+        "within [exec] slow_link_codec that the link's measured RTT and bandwidth make "
+        "fastest on links below slow_link_bytes_per_s, raw when it saves little)",
     )
     _job_flags(p)
 
@@ -174,8 +175,9 @@ def _embed_flags(p: argparse.ArgumentParser) -> None:
         "--codec",
         default="raw",
         choices=("raw", "fp16", "bf16", "int8", "auto"),
-        help="wire codec for activations (default raw: exact; auto: per hop, "
-        "[exec] slow_link_codec on links measured below slow_link_bytes_per_s, else raw)",
+        help="wire codec for activations (default raw: exact; auto: per hop, the codec "
+        "within [exec] slow_link_codec that the link's measured RTT and bandwidth make "
+        "fastest on links below slow_link_bytes_per_s, raw when it saves little)",
     )
     _job_flags(p)
 

@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import trio
 
-from atoms.codecs import Encoded, encode
+from atoms.codecs import Encoded, decode, encode
 from atoms.errors import AtomError
 from atoms.training import LossSum, OptimConfig
 from mesh.closing import close_bounded
 from mesh.errors import MeshError, PeerProtocolError
 
 from ..errors import NexusError
+from .hops import raw_bytes, wire_error
 from .session import (
     HopFailed,
     HopPlan,
@@ -176,7 +177,8 @@ class Turnstile:
 
 class TrainHop:
     """A training session on one hop's host, over a `Link` (a remote channel or this
-    node's own `TrainHost`)."""
+    node's own `TrainHost`). Float activations and gradients travel both ways in `codec`
+    (the job's, or the one `exec.adaptive` chose for the link); checkpoints always raw."""
 
     def __init__(
         self,
@@ -186,12 +188,14 @@ class TrainHop:
         *,
         remote: bool,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        codec: str = "raw",
     ) -> None:
         self.plan = plan
         self._model = model_id
         self._link = link
         self._remote = remote
         self._on_close = on_close
+        self.codec = codec
         self.sid = os.urandom(SESSION_ID_BYTES)
         self.trainable_params = 0
 
@@ -222,10 +226,25 @@ class TrainHop:
                 self.plan.host, f"invalid output: {exc}", penalty="bad_output"
             ) from None
 
+    def _encode(self, t: torch.Tensor) -> Encoded:
+        return encode(t, self.codec if t.is_floating_point() else "raw")
+
+    def seen(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as the host decodes it from this hop's codec (spot-checks replay this)."""
+        return t if self.codec == "raw" or not t.is_floating_point() else decode(self._encode(t))
+
     def _timing(
-        self, compute_s: float, queue_s: float, elapsed: float, out_b: int, in_b: int
+        self,
+        reply: TrainOutput | TrainLossResult,
+        elapsed: float,
+        sent: tuple[torch.Tensor, Encoded],
+        got: tuple[torch.Tensor | None, bytes],
     ) -> HopTiming:
+        """One exchange's costs; bytes_saved and wire_error as an inference hop's."""
+        compute_s, queue_s = reply.compute_s, reply.queue_s
         transfer = max(0.0, elapsed - compute_s - queue_s) if self._remote else 0.0
+        (x, enc), (out, payload) = sent, got
+        raw = raw_bytes(x) + (raw_bytes(out) if out is not None else 0)
         return HopTiming(
             host=self.plan.host,
             start=self.plan.start,
@@ -233,8 +252,11 @@ class TrainHop:
             compute_s=compute_s,
             queue_s=queue_s,
             transfer_s=transfer,
-            bytes_out=out_b,
-            bytes_in=in_b,
+            bytes_out=len(enc.data),
+            bytes_in=len(payload),
+            codec=self.codec if self._remote or self.codec != "raw" else "",
+            bytes_saved=raw - len(enc.data) - len(payload),
+            wire_error=wire_error(x, enc),
         )
 
     async def open(self, optim: OptimConfig, *, needs_input_grad: bool, next_step: int) -> None:
@@ -251,6 +273,7 @@ class TrainHop:
             dropout=optim.dropout,
             precision=optim.precision,
             next_step=next_step,
+            codec=self.codec,
         )
         reply, _ = self._one(await self._call(msg), TrainOpened)
         assert isinstance(reply, TrainOpened)
@@ -266,7 +289,7 @@ class TrainHop:
         causal: bool,
         pad_mask: bytes = b"",
     ) -> tuple[torch.Tensor, HopTiming]:
-        enc = encode(x)
+        enc = self._encode(x)
         msg = TrainForward(
             session_id=self.sid,
             mb=mb,
@@ -287,22 +310,20 @@ class TrainHop:
                 f"invalid output: {tuple(out.shape)} does not fit input {tuple(x.shape)}",
                 penalty="bad_output",
             )
-        return out, self._timing(
-            reply.compute_s, reply.queue_s, trio.current_time() - t0, len(enc.data), len(payload)
-        )
+        return out, self._timing(reply, trio.current_time() - t0, (x, enc), (out, payload))
 
     async def backward(
         self, mb: int, grad: torch.Tensor, like: torch.Tensor
     ) -> tuple[torch.Tensor | None, HopTiming]:
         """Send d loss / d output of `mb`; returns d loss / d input (shaped like `like`)."""
-        enc = encode(grad)
+        enc = self._encode(grad)
         msg = TrainBackward(session_id=self.sid, mb=mb, tensor=header_of(enc))
         t0 = trio.current_time()
         reply, payload = self._one(await self._call(msg, enc), TrainOutput)
         assert isinstance(reply, TrainOutput)
         grad_in = self._input_grad(reply.has_tensor, reply.tensor, payload, like)
         return grad_in, self._timing(
-            reply.compute_s, reply.queue_s, trio.current_time() - t0, len(enc.data), len(payload)
+            reply, trio.current_time() - t0, (grad, enc), (grad_in, payload)
         )
 
     def _input_grad(
@@ -331,7 +352,7 @@ class TrainHop:
         evaluate: bool,
         pad_mask: bytes = b"",
     ) -> tuple[LossSum, torch.Tensor | None, HopTiming]:
-        enc = encode(x)
+        enc = self._encode(x)
         t = targets.to(torch.int64).contiguous()
         msg = TrainLoss(
             session_id=self.sid,
@@ -355,17 +376,8 @@ class TrainHop:
             )
         result = LossSum(loss=reply.loss, count=reply.count, correct=reply.correct)
         grad_in = self._input_grad(reply.has_tensor, reply.tensor, payload, x)
-        return (
-            result,
-            grad_in,
-            self._timing(
-                reply.compute_s,
-                reply.queue_s,
-                trio.current_time() - t0,
-                len(enc.data),
-                len(payload),
-            ),
-        )
+        elapsed = trio.current_time() - t0
+        return result, grad_in, self._timing(reply, elapsed, (x, enc), (grad_in, payload))
 
     async def norm(self, step: int) -> tuple[float, int]:
         reply, _ = self._one(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from atoms.codecs import CODECS
 from mesh.wire import record
 
 from .wire import SESSION_ID_BYTES, TensorHeader
@@ -43,7 +44,8 @@ def _check_sid(session_id: bytes) -> None:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainOpen:
     """Start training atoms [start, end) of a model: a private fp32 copy of the trainable
-    atoms, AdamW state, and `next_step` as the first optimiser step to apply."""
+    atoms, AdamW state, and `next_step` as the first optimiser step to apply. `codec` is
+    the wire codec of the host's float answers (outputs, input gradients): the hop's."""
 
     session_id: bytes
     model_id: str
@@ -57,6 +59,7 @@ class TrainOpen:
     dropout: float
     precision: str
     next_step: int = 0
+    codec: str = "raw"
 
     def __post_init__(self) -> None:
         _check_sid(self.session_id)
@@ -64,6 +67,8 @@ class TrainOpen:
             raise ValueError(f"span: expected 0 <= start < end, got [{self.start}, {self.end})")
         if self.next_step < 0:
             raise ValueError(f"next_step must be >= 0, got {self.next_step}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec: expected one of {sorted(CODECS)}, got {self.codec!r}")
 
 
 @record("t.opened")

@@ -169,12 +169,7 @@ class JobEngine:
             if p.host == self.view.node_id:
                 return LocalHop(p, model_id, self.host, self.view.node_id)
             channel = await self._open_channel(p.host)
-            chosen = hop_codec(
-                codec, self.view.links(), self.view.node_id, p.host, self._codec_policy
-            )
-            if codec == AUTO:
-                log.info("hop_codec", host=self.view.name_of(p.host), codec=chosen)
-                self._metrics.inc("wire_codec_hops_total", codec=chosen)
+            chosen = self._hop_codec(codec, p.host, bytes_per_hop)
             return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=chosen)
 
         async def arbiter(
@@ -205,6 +200,16 @@ class JobEngine:
             verify=verify,
             forward=self._forward,
         )
+
+    def _hop_codec(self, codec: str, host: bytes, payload_bytes: int) -> str:
+        """The wire codec of a remote hop to `host` (`exec.adaptive`; "auto" is logged and
+        counted in wire_codec_hops_total)."""
+        links = self.view.links()
+        chosen = hop_codec(codec, links, self.view.node_id, host, self._codec_policy, payload_bytes)
+        if codec == AUTO:
+            log.info("hop_codec", host=self.view.name_of(host), codec=chosen)
+            self._metrics.inc("wire_codec_hops_total", codec=chosen)
+        return chosen
 
     async def _own_output(
         self, model_id: str, start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
@@ -487,6 +492,10 @@ class JobEngine:
                 rng=self._rng,
             )
 
+        _check_codec(req.codec)
+        hidden = self.registry.config_int(req.model, "hidden_size", 384)
+        payload = req.micro_batch * req.seq_len * hidden * 4  # one stage boundary, float32
+
         async def connect(p: HopPlan, model_id: str) -> TrainHop:
             if p.host == self.view.node_id:
                 return TrainHop(p, model_id, local_link(setup.host, p.host), remote=False)
@@ -497,6 +506,7 @@ class JobEngine:
                 channel_link(channel, p.host, timeout_s=setup.timeout_s),
                 remote=True,
                 on_close=channel.aclose,
+                codec=self._hop_codec(req.codec, p.host, payload),
             )
 
         mesh = TrainMesh(

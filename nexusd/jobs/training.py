@@ -54,6 +54,7 @@ from mesh.closing import close_bounded
 
 from ..api.records import TRAIN_TASKS, HopReport, TrainProgressEvent, TrainReply, TrainRequest
 from ..errors import ApiError
+from ..exec.adaptive import JOB_CODECS
 from ..exec.hosting import ExecRefused
 from ..exec.session import HopFailed, HopPlan, JobFailed
 from ..exec.train_host import TrainHost, local_link
@@ -136,6 +137,7 @@ def validate(req: TrainRequest) -> None:
         (0 <= req.warmup_steps <= req.steps, "warmup_steps", "0..steps"),
         (req.clip >= 0 and math.isfinite(req.clip), "clip", ">= 0 (0: no clipping)"),
         (req.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
+        (req.codec in JOB_CODECS, "codec", f"one of {JOB_CODECS}"),
         (req.eval_interval >= 0, "eval_interval", ">= 0"),
         (1 <= req.eval_examples <= 100_000, "eval_examples", "1..100000"),
         (req.checkpoint_interval >= 0, "checkpoint_interval", ">= 0"),
@@ -264,6 +266,8 @@ def request_digest(req: TrainRequest) -> str:
     """BLAKE2b of a request's settings (not its job id): a checkpoint names the run it is of."""
     fields = dataclasses.asdict(req)
     fields.pop("job_id")
+    if fields["codec"] == "raw":
+        fields.pop("codec")  # the default: the digests of runs from before the field hold
     return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 

@@ -18,7 +18,18 @@ from nexusd.api.records import HopReport
 from nexusd.cli.output import wire_summary
 from nexusd.config import ConfigError, load_config
 from nexusd.errors import ApiError
-from nexusd.exec.adaptive import AUTO, CodecPolicy, codec_policy_of, hop_codec, link_bandwidth
+from nexusd.exec.adaptive import (
+    AUTO,
+    CPU_COSTS,
+    ERROR_BOUND,
+    CodecCost,
+    CodecPolicy,
+    choose,
+    codec_policy_of,
+    hop_codec,
+    link_bandwidth,
+    step_seconds,
+)
 from nexusd.exec.session import RoutedSession, StepInput
 from nexusd.jobs.costs import HopCosts
 from nexusd.jobs.engine import JobEngine, _check_codec
@@ -36,13 +47,67 @@ def link(src: bytes, dst: bytes, bw: float) -> Link:
     return Link(src, dst, rtt_s=0.01, bandwidth_bytes_per_s=bw)
 
 
+MB = 1_572_864  # one embed micro-batch's activations: 32 x 32 tokens x 384 float32
+
+
 def test_slow_links_get_the_slow_codec_and_fast_or_unmeasured_ones_raw() -> None:
     links = [link(A, B, 50e6), link(C, A, 0.5e6), link(A, C, 80e6)]
-    assert hop_codec(AUTO, links, A, B, POLICY) == "raw"
-    assert hop_codec(AUTO, links, A, C, POLICY) == "int8"  # the slower direction counts
-    assert hop_codec(AUTO, [], A, B, POLICY) == "raw"  # never measured: not assumed slow
-    assert hop_codec("bf16", links, A, C, POLICY) == "bf16"  # a fixed job codec is kept
+    assert hop_codec(AUTO, links, A, B, POLICY, MB) == "raw"
+    assert hop_codec(AUTO, links, A, C, POLICY, MB) == "int8"  # the slower direction counts
+    assert hop_codec(AUTO, [], A, B, POLICY, MB) == "raw"  # never measured: not assumed slow
+    assert hop_codec("bf16", links, A, C, POLICY, MB) == "bf16"  # a fixed job codec is kept
     assert link_bandwidth(links, A, C) == 0.5e6 and link_bandwidth(links, B, C) is None
+
+
+def test_a_fast_link_stays_raw() -> None:
+    # 1 Gbit/s: above the slow-link line, and the codecs' CPU time would cost more than
+    # the bytes they save even where the line is lifted (Rule 2 alone)
+    assert choose(MB, 0.001, 125e6, CodecPolicy()) == "raw"
+    unlimited = CodecPolicy(slow_bytes_per_s=math.inf)
+    assert choose(MB, 0.001, 1.25e9, unlimited) == "raw"
+    raw = step_seconds("raw", MB, 0.001, 1.25e9, unlimited)
+    assert step_seconds("int8", MB, 0.001, 1.25e9, unlimited) > raw
+
+
+def test_a_slow_link_gets_int8() -> None:
+    # 10 Mbit/s: raw fp32 takes 2 x 1.26 s per micro-batch, int8 about a quarter of that
+    assert choose(MB, 0.002, 1.25e6, CodecPolicy()) == "int8"
+    saved = 1 - step_seconds("int8", MB, 0.002, 1.25e6, CodecPolicy()) / step_seconds(
+        "raw", MB, 0.002, 1.25e6, CodecPolicy()
+    )
+    assert 0.7 < saved < 0.75  # int8 + scales: 1.0625 bytes of 4
+
+
+def test_rtt_decides_when_the_payload_is_small() -> None:
+    """The same slow link and 4 KiB of activations (one generated token's hidden states):
+    a short path compresses, a 300 ms one stays raw (int8 would save 1.2 ms of 302)."""
+    small = 4096
+    assert choose(small, 0.001, 5e6, CodecPolicy()) == "int8"
+    assert choose(small, 0.3, 5e6, CodecPolicy()) == "raw"
+    # a fast link with a long RTT: nothing to save either
+    assert choose(small, 0.3, 1.25e9, CodecPolicy(slow_bytes_per_s=math.inf)) == "raw"
+    far = [Link(A, B, rtt_s=0.3, bandwidth_bytes_per_s=5e6)]
+    assert hop_codec(AUTO, far, A, B, CodecPolicy(), small) == "raw"
+    assert hop_codec(AUTO, far, A, B, CodecPolicy(), MB) == "int8"  # a big payload gains
+
+
+def test_the_error_budget_bounds_the_choice() -> None:
+    slow = (MB, 0.002, 1.25e6)
+    assert choose(*slow, CodecPolicy(slow_codec="raw")) == "raw"  # no lossy codec allowed
+    assert choose(*slow, CodecPolicy(slow_codec="bf16")) == "bf16"  # int8 is beyond it
+    assert choose(*slow, CodecPolicy(slow_codec="fp16")) == "fp16"
+    assert CodecPolicy(slow_codec="int8").candidates() == ["bf16", "int8"]  # bf16 over fp16
+    assert CodecPolicy(slow_codec="raw").candidates() == []
+    assert sorted(ERROR_BOUND, key=ERROR_BOUND.__getitem__) == ["raw", "fp16", "bf16", "int8"]
+    # a costly int8 (a slow CPU) loses to bf16 on a middling link
+    slow_cpu = {**CPU_COSTS, "int8": CodecCost(per_byte=100e-9, per_message=0.0)}
+    assert choose(MB, 0.002, 6e6, CodecPolicy(costs=slow_cpu)) == "bf16"
+    with pytest.raises(ValueError, match="min_saving"):
+        CodecPolicy(min_saving=1.0)
+    with pytest.raises(ValueError, match="costs"):
+        CodecPolicy(costs={"raw": CodecCost(0.0, 0.0)})
+    with pytest.raises(ValueError, match="per_byte"):
+        CodecCost(per_byte=math.nan, per_message=0.0)
 
 
 def test_policy_comes_from_exec_and_bad_values_are_refused() -> None:
@@ -51,6 +116,8 @@ def test_policy_comes_from_exec_and_bad_values_are_refused() -> None:
     assert codec_policy_of(load_config(None, env=env).exec) == CodecPolicy(1e7, "bf16")
     with pytest.raises(ConfigError, match="slow_link_codec"):
         load_config(None, env={"NEXUSD_EXEC__SLOW_LINK_CODEC": "zip"})
+    never = load_config(None, env={"NEXUSD_EXEC__SLOW_LINK_CODEC": "raw"}).exec
+    assert codec_policy_of(never).candidates() == []
     with pytest.raises(ValueError, match="slow_codec"):
         CodecPolicy(slow_codec="auto")
     _check_codec(AUTO)
