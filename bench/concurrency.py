@@ -165,7 +165,7 @@ def batch_compute(
     what batching can give on this machine."""
     from atoms.atom import ForwardContext
     from atoms.batched import BatchItem, run_batched
-    from atoms.kv_pool import KVPool, PagedCache, PageFormat
+    from atoms.kv_pool import KVPool, PagedCache, PageFormat, pool_shape
 
     out = []
     for specs in layout:
@@ -173,7 +173,9 @@ def batch_compute(
         a, b = (int(v) for v in rng.split("-"))
         span = registry.load_span(BENCH_MODEL, a, b)
         fmt = PageFormat.of(span.kv_layouts(), 16)
-        pool = KVPool(page_bytes=max(fmt.nbytes, 16), pages=4 * streams * (length // 16 + 2))
+        page_bytes, stripe = pool_shape([fmt])  # as a host builds it
+        pages = 4 * streams * (length // 16 + 2)
+        pool = KVPool(page_bytes=page_bytes, pages=pages, stripe=stripe)
         caches = [PagedCache(pool, fmt, batch=1, max_len=length + 64) for _ in range(streams)]
         ids = span.atom_list()[0].spec.in_kind.value == "ids"
         width = span.atom_list()[0].input_width() or 1
