@@ -6,6 +6,9 @@ links does: MiniLM embedding cosine against raw (mean / min over held-out paragr
 Nexus 1.1 logits cosine, top-1 next-token agreement with raw and perplexity. Bytes per
 hidden vector against raw, and the transfer time of one embed micro-batch (32 x 128 tokens
 x 384) over a 10 Mbit/s link: the figures `--codec auto` ([exec] slow_link_codec) trades.
+The "cpu" section times one encode plus one decode per codec on one core (a 1.5 MB float32
+micro-batch and a 1.5 KB token): the per-byte and per-message costs
+`nexusd.exec.adaptive.CPU_COSTS` holds.
 
     python -m bench.wire_codecs [--smoke]
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
 from collections.abc import Sequence
 
 import torch
@@ -90,6 +95,40 @@ def sizes(hidden: int) -> dict[str, object]:
     }
 
 
+def _encode_decode_s(x: torch.Tensor, codec: str, repeats: int) -> float:
+    """Median seconds of one encode plus one decode of `x` in `codec`."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        decode(encode(x, codec))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_costs(repeats: int = 30) -> dict[str, object]:
+    """Each codec's CPU cost on one core: seconds per raw float32 byte and per message,
+    from a 1.5 MB micro-batch (32 x 32 tokens x 384) and a 1.5 KB one (a token)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        big = torch.randn(32 * 32 * 384, generator=gen)
+        small = torch.randn(384, generator=gen)
+        out: dict[str, object] = {}
+        for codec in sorted(CODECS):
+            t_big = _encode_decode_s(big, codec, repeats)
+            t_small = _encode_decode_s(small, codec, repeats * 10)
+            per_byte = max(0.0, (t_big - t_small) / (4 * (big.numel() - small.numel())))
+            out[codec] = {
+                "per_byte_ns": round(per_byte * 1e9, 4),
+                "per_message_us": round(max(0.0, t_small - per_byte * 4 * small.numel()) * 1e6, 2),
+                "big_ms": round(t_big * 1e3, 3),
+            }
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_all(minilm: Model, nexus: Model | None, *, texts: int) -> dict[str, object]:
     settings = CompressSettings(model_id="x", calib_texts=1, eval_texts=texts)
     _, mb = text_batches(minilm, settings)
@@ -97,6 +136,7 @@ def measure_all(minilm: Model, nexus: Model | None, *, texts: int) -> dict[str, 
         "cuts": "three spans, codec at both cuts",
         "minilm_embeddings": embeddings(minilm, mb, (3, 6)),
         "sizes_hidden_384": sizes(384),
+        "cpu": cpu_costs(),
     }
     if nexus is not None:
         _, nb = text_batches(nexus, settings)
