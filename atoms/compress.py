@@ -33,7 +33,7 @@ from .embed import embedding_context
 from .model import Model, build_atom, load_state
 from .partition import ConfigValue
 from .precision import cosine_report
-from .prune import importance, prunable, prune_block
+from .prune import plan, prunable, prune_greedy
 from .quant import LEVELS, quantize_atom
 from .weights import canonical_bytes
 
@@ -49,7 +49,8 @@ class CompressSettings:
         model_id: the id of the derived model.
         quant: "int8", "int4" or None (no quantisation).
         group: int4 group size (32, 64 or 128).
-        prune_heads / prune_ffn: fraction of heads / FFN neurons removed per block.
+        prune_heads / prune_ffn: fraction of all the model's heads / FFN neurons removed
+            (spread over the blocks by measured error, `atoms.prune.plan`).
         int4_budget: int4 only: weight bytes allowed, as a fraction of the original's.
         calib_texts / eval_texts: paragraphs used to calibrate / to measure.
     """
@@ -294,22 +295,34 @@ def has_weights(atom: Atom) -> bool:
 
 
 def prune_model(model: Model, settings: CompressSettings, calib: Batch) -> list[Atom]:
-    """The model's atoms with every block pruned (`atoms.prune`), chosen on `calib`."""
-    x = xp = calib.ids
-    out = []
-    for atom in model.atoms:
-        new = atom
-        if prunable(atom) and (settings.prune_heads > 0 or settings.prune_ffn > 0):
-            scores = importance(atom, x, calib.ctx)
-            new = prune_block(
-                atom,
-                scores,
+    """The model's atoms with its blocks pruned (`atoms.prune`): the fractions are of all the
+    model's heads / neurons, spread over the blocks by `plan` on the dense chain, then each
+    block pruned in order on the output of the already pruned ones (`prune_greedy`)."""
+    if settings.prune_heads == 0 and settings.prune_ffn == 0:
+        return list(model.atoms)
+    xs = _chain(model.atoms, calib)
+    where = [i for i, a in enumerate(model.atoms) if prunable(a)]
+    removals = dict(
+        zip(
+            where,
+            plan(
+                [model.atoms[i] for i in where],
+                [xs[i] for i in where],
+                calib.ctx,
                 heads=settings.prune_heads,
                 ffn=settings.prune_ffn,
-                calib=(x, xp, calib.ctx),
-            )
+            ),
+            strict=True,
+        )
+    )
+    xp = calib.ids
+    out = []
+    for i, atom in enumerate(model.atoms):
+        new = atom
+        if i in removals:
+            new = prune_greedy(atom, removals[i], (xs[i], xp, calib.ctx))
         with torch.no_grad():
-            x, xp = atom(x, calib.ctx), new(xp, calib.ctx)
+            xp = new(xp, calib.ctx)
         out.append(new)
     return out
 

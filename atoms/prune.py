@@ -4,9 +4,12 @@ Rule 1: structured pruning makes an atom physically smaller: the pruned spec say
 heads (`heads`, with `head_dim` kept) and feed-forward neurons (`intermediate`) remain, the
 family builder builds the smaller module, and the kept rows/columns of every weight are
 copied into it. A pruned atom is an ordinary atom (saved, loaded and verified alike).
-Rule 2: what is removed is chosen on calibration data, not on weights alone: a head's score
-is the mean norm of its contribution to the attention output projection, a neuron's is the
-mean |activation| times the norm of its output column (`importance`).
+Rule 2: what is removed is chosen on calibration data, not on weights alone. `prune_greedy`
+(what `compress` uses) removes, one at a time, the head or neuron whose removal raises the
+least-squares reconstruction error of its sublayer least once the output projection is refit
+(optimal brain surgeon over groups of columns, `eliminate`), and `plan` spreads a model-wide
+budget over the blocks by those measured errors. `importance` is a cheaper ranking (FLAP's
+fluctuation: variance of a unit's output-projection input times its column's squared norm).
 Rule 3: nothing here mutates its input; every function returns new atoms.
 Supported blocks: BERT encoder layers (`BertLayer`) and Nexus blocks (`NexusBlock`).
 """
@@ -14,6 +17,7 @@ Supported blocks: BERT encoder layers (`BertLayer`) and Nexus blocks (`NexusBloc
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +30,7 @@ from .model import build_atom, load_state
 from .nexus import NexusBlock
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Sequence
 
 # (dense chain's input, pruned chain's input, context) of one block
 Calibration = tuple[torch.Tensor, torch.Tensor, ForwardContext]
@@ -64,39 +68,31 @@ class Importance:
 
 
 def importance(atom: Atom, x: torch.Tensor, ctx: ForwardContext) -> Importance:
-    """Score the heads and FFN neurons of a block on its calibration input `x`.
+    """Score the heads and FFN neurons of a block on its calibration input `x`: FLAP's
+    fluctuation (An et al. 2024), the variance over real tokens of each input channel of the
+    output projection times the squared norm of its weight column (a head sums its channels).
+    The variance, not the mean: a unit's mean contribution is what a refit bias keeps.
 
     Raises:
         ValueError: `atom` is not a prunable block.
     """
     block = _block(atom)
-    h, d = block.heads, block.head_dim
-    attn_out: nn.Linear = block.attn_out
     ffn_out = _ffn_out(block)
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            seen[name] = args[0].detach().float().reshape(-1, args[0].shape[-1])
-
-        return hook
-
-    hooks = [
-        attn_out.register_forward_pre_hook(keep("attn")),
-        ffn_out.register_forward_pre_hook(keep("ffn")),
-    ]
-    try:
-        with torch.no_grad():
-            atom(x, ctx)
-    finally:
-        for hk in hooks:
-            hk.remove()
-    a = seen["attn"].reshape(-1, h, d)  # (M, H, D)
-    w_o = attn_out.weight.detach().float().reshape(-1, h, d)  # (C, H, D)
-    contrib = torch.einsum("mhd,chd->mhc", a, w_o)  # each head's share of the projection
-    heads = contrib.norm(dim=2).mean(dim=0)  # (H,)
-    neurons = seen["ffn"].abs().mean(dim=0) * ffn_out.weight.detach().float().norm(dim=0)
+    real = _real(x, ctx)
+    seen = _capture(block, x, ctx, {"attn": (block.attn_out, False), "ffn": (ffn_out, False)})
+    col = block.attn_out.weight.detach().float().pow(2).sum(dim=0)  # (H*D,)
+    heads = (seen["attn"][real].var(dim=0, correction=0) * col).view(block.heads, -1).sum(dim=1)
+    neurons = seen["ffn"][real].var(dim=0, correction=0) * (
+        ffn_out.weight.detach().float().pow(2).sum(dim=0)
+    )
     return Importance(heads=heads, neurons=neurons)
+
+
+def _real(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """(B*T,) True where a row of the block input `x` (B, T, C) is a real token."""
+    if ctx.pad_mask is None:
+        return torch.ones(x.shape[0] * x.shape[1], dtype=torch.bool)
+    return ctx.pad_mask[:, -x.shape[1] :].bool().reshape(-1)
 
 
 def _kept(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -203,9 +199,7 @@ def reconstruct(pruned: Block, dense: Block, calib: Calibration) -> None:
     the dense chain's input, the pruned chain's input (so the refit also absorbs the error of
     the blocks before) and the context."""
     x_dense, x_pruned, ctx = calib
-    real = torch.ones(x_dense.shape[:2], dtype=torch.bool).reshape(-1)
-    if ctx.pad_mask is not None:
-        real = ctx.pad_mask[:, -x_dense.shape[1] :].bool().reshape(-1)
+    real = _real(x_dense, ctx)
     ref = _capture(
         dense,
         x_dense,
@@ -249,6 +243,273 @@ def prune_block(
         reconstruct(new, block, calib)
     new.requires_grad_(any(p.requires_grad for p in atom.parameters()))
     return new
+
+
+@dataclass(frozen=True, slots=True)
+class Elimination:
+    """The result of `eliminate`: which groups of input columns stay, the refit projection
+    over them, and the squared-error increase each removal cost, in removal order."""
+
+    kept: torch.Tensor  # (G_kept,) sorted group indexes
+    weight: torch.Tensor  # (C, G_kept * group)
+    bias: torch.Tensor  # (C,)
+    costs: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.kept.dim() != 1 or self.weight.dim() != 2 or self.bias.dim() != 1:
+            raise ValueError("elimination: kept and bias must be 1-D, weight 2-D")
+        if any(c < 0 or not math.isfinite(c) for c in self.costs):
+            raise ValueError("elimination: costs must be finite and >= 0")
+
+
+def eliminate(
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group: int,
+    remove: int,
+    row_weight: torch.Tensor | None = None,
+) -> Elimination:
+    """Greedy backward elimination of `remove` groups of `group` adjacent input columns of a
+    projection fit by (ridge) least squares with a bias: linear(inputs) ~ target.
+
+    Optimal brain surgeon over groups (Hassibi & Stork 1993; ZipLM, Kurtic et al. 2023): with
+    H^-1 the inverse Gram matrix and W the least-squares solution, removing group S costs
+    exactly tr(W_S^T [(H^-1)_SS]^-1 W_S) of squared error after the refit of the rest, and
+    W and H^-1 are updated in closed form. A head's columns are independent of the other
+    heads' (the heads see the same input), so the cost is the sublayer's true error.
+    `row_weight` (M,) weighs each row's error (weighted least squares).
+
+    Raises:
+        ValueError: shapes disagree, or `remove` is not below the number of groups.
+    """
+    m, k = inputs.shape
+    if target.shape[0] != m or k % group:
+        raise ValueError(f"eliminate: inputs {tuple(inputs.shape)}, target {tuple(target.shape)}")
+    n = k // group
+    if not 0 <= remove < n:
+        raise ValueError(f"eliminate: can remove 0..{n - 1} of {n} groups, not {remove}")
+    a = torch.cat((inputs.double(), torch.ones(m, 1, dtype=torch.float64)), dim=1)  # (M, K+1)
+    y = target.double()
+    if row_weight is not None:
+        root = row_weight.double().sqrt()[:, None]
+        a, y = a * root, y * root
+    gram = a.T @ a
+    gram += RIDGE * gram.diagonal().mean() * torch.eye(k + 1, dtype=torch.float64)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    w = hinv @ (a.T @ y)  # (K+1, C)
+    cols = torch.arange(k).view(n, group)
+    alive = torch.ones(n, dtype=torch.bool)
+    costs = []
+    for _ in range(remove):
+        cand = alive.nonzero().squeeze(1)
+        idx = cols[cand]  # (G, g)
+        blocks = hinv[idx[:, :, None], idx[:, None, :]]  # (G, g, g)
+        ws = w[idx]  # (G, g, C)
+        cost = (ws * torch.linalg.solve(blocks, ws)).sum(dim=(1, 2))  # (G,)
+        best = int(torch.argmin(cost))
+        s = cols[cand[best]]
+        inv_ss = torch.linalg.inv(hinv[s][:, s])
+        side = hinv[:, s]  # (K+1, g)
+        w -= side @ (inv_ss @ w[s])
+        hinv -= side @ inv_ss @ side.T
+        alive[cand[best]] = False
+        costs.append(max(0.0, float(cost[best])))
+    kept = alive.nonzero().squeeze(1)
+    w_kept = w[cols[kept].reshape(-1)]
+    return Elimination(kept=kept, weight=w_kept.T.float(), bias=w[-1].float(), costs=tuple(costs))
+
+
+def _rebuilt(block: Block, heads: torch.Tensor, neurons: torch.Tensor) -> Block:
+    """A new block of `block`'s kept `heads` and `neurons` (sorted indexes), weights copied."""
+    spec = pruned_spec(block.spec, heads.numel(), block.head_dim, neurons.numel())
+    new = _block(build_atom(spec))
+    load_state(new, _sliced_state(block, heads, neurons), f"pruning of {block.spec.uid}")
+    new.eval()
+    return new
+
+
+def _set(linear: nn.Linear, fit: Elimination) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(fit.weight.to(linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.copy_(fit.bias.to(linear.bias.dtype))
+
+
+def _inverse_variance(x: torch.Tensor) -> torch.Tensor:
+    """(M,) 1 / per-row variance of (M, C): the weight that makes an error on a row count as
+    it will after the next LayerNorm divides the row by its standard deviation."""
+    return 1.0 / x.var(dim=1, correction=0).clamp_min(1e-6)
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """How many heads and feed-forward neurons to remove from one block."""
+
+    heads: int
+    neurons: int
+
+    def __post_init__(self) -> None:
+        if self.heads < 0 or self.neurons < 0:
+            raise ValueError(f"removal counts must be >= 0, got {self.heads}, {self.neurons}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Targets:
+    """What a block's sublayers added in the dense chain, and how to weigh their errors."""
+
+    attn: torch.Tensor  # (M, C) attention output projection's output, dense input
+    ffn: torch.Tensor  # (M, C) FFN output projection's output
+    res: torch.Tensor  # (M, C) the residual stream the FFN output is added to
+    attn_weight: torch.Tensor  # (M,) row weights of the attention sublayer's error
+    ffn_weight: torch.Tensor  # (M,)
+
+
+def _targets(dense: Block, x: torch.Tensor, ctx: ForwardContext) -> _Targets:
+    ref = _capture(
+        dense,
+        x,
+        ctx,
+        {
+            "attn": (dense.attn_out, True),
+            "ffn": (_ffn_out(dense), True),
+            "res": (_residual(dense), False),
+        },
+    )
+    stream = x.float().reshape(-1, x.shape[-1])
+    return _Targets(
+        attn=ref["attn"],
+        ffn=ref["ffn"],
+        res=ref["res"],
+        # both families normalise the residual stream after each sublayer before using it
+        attn_weight=_inverse_variance(ref["attn"] + stream),
+        ffn_weight=_inverse_variance(ref["ffn"] + ref["res"]),
+    )
+
+
+def prune_greedy(atom: Atom, removal: Removal, calib: Calibration) -> Atom:
+    """A copy of block `atom` without `removal.heads` heads and `removal.neurons` neurons,
+    each chosen by `eliminate` on the calibration tokens, its output projections refit.
+
+    Sequential (SparseGPT-style): `calib` holds the dense chain's input (the targets: what the
+    dense block's sublayers added) and the pruned chain's input (what the pruned block will
+    see), so the refit also absorbs the error of the blocks before; the FFN is chosen on the
+    output of the already pruned attention. Errors are weighed per token by the inverse
+    variance of the residual stream they land in (the next LayerNorm's scale).
+
+    Raises:
+        ValueError: not a prunable block, or a count that would remove every head or neuron.
+    """
+    block = _block(atom)
+    x_dense, x_pruned, ctx = calib
+    real = _real(x_dense, ctx)
+    ref = _targets(block, x_dense, ctx)
+    got = _capture(block, x_pruned, ctx, {"attn": (block.attn_out, False)})
+    shift = (x_dense - x_pruned).float().reshape(-1, x_dense.shape[-1])
+    heads = eliminate(
+        got["attn"][real],
+        (ref.attn + shift)[real],
+        group=block.head_dim,
+        remove=removal.heads,
+        row_weight=ref.attn_weight[real],
+    )
+    mid = _rebuilt(block, heads.kept, torch.arange(_ffn_out(block).in_features))
+    _set(mid.attn_out, heads)
+    got = _capture(
+        mid, x_pruned, ctx, {"ffn": (_ffn_out(mid), False), "res": (_residual(mid), False)}
+    )
+    neurons = eliminate(
+        got["ffn"][real],
+        (ref.ffn + ref.res - got["res"])[real],
+        group=1,
+        remove=removal.neurons,
+        row_weight=ref.ffn_weight[real],
+    )
+    new = _rebuilt(mid, torch.arange(mid.heads), neurons.kept)
+    _set(_ffn_out(new), neurons)
+    new.requires_grad_(any(p.requires_grad for p in atom.parameters()))
+    return new
+
+
+def removal_costs(
+    atom: Atom, x: torch.Tensor, ctx: ForwardContext, *, heads: int, neurons: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The weighted squared error each successive greedy removal of a head (up to `heads`)
+    and of a neuron (up to `neurons`) adds to its sublayer, per calibration token, on the
+    dense input `x` (sublayers scored independently): what `plan` compares across blocks.
+
+    Raises:
+        ValueError: not a prunable block, or counts that would remove every unit.
+    """
+    block = _block(atom)
+    real = _real(x, ctx)
+    ref = _targets(block, x, ctx)
+    got = _capture(
+        block, x, ctx, {"attn": (block.attn_out, False), "ffn": (_ffn_out(block), False)}
+    )
+    tokens = int(real.sum())
+    out = []
+    for name, target, weight, group, remove in (
+        ("attn", ref.attn, ref.attn_weight, block.head_dim, heads),
+        ("ffn", ref.ffn, ref.ffn_weight, 1, neurons),
+    ):
+        fit = eliminate(
+            got[name][real], target[real], group=group, remove=remove, row_weight=weight[real]
+        )
+        out.append(tuple(c / tokens for c in fit.costs))
+    return out[0], out[1]
+
+
+def allocate(costs: Sequence[Sequence[float]], budget: int) -> list[int]:
+    """How many units to remove from each block so that `budget` are removed in all: the
+    `budget` cheapest removals model-wide, each block's taken in its greedy order (a block's
+    k-th removal is available once its first k-1 are taken).
+
+    Raises:
+        ValueError: the budget exceeds the removals on offer.
+    """
+    if not 0 <= budget <= sum(len(c) for c in costs):
+        raise ValueError(f"allocate: budget {budget} outside 0..{sum(len(c) for c in costs)}")
+    taken = [0] * len(costs)
+    for _ in range(budget):
+        best = min(
+            (i for i, c in enumerate(costs) if taken[i] < len(c)),
+            key=lambda i: (costs[i][taken[i]], i),
+        )
+        taken[best] += 1
+    return taken
+
+
+def plan(
+    blocks: Sequence[Atom],
+    inputs: Sequence[torch.Tensor],
+    ctx: ForwardContext,
+    *,
+    heads: float,
+    ffn: float,
+) -> list[Removal]:
+    """Spread a model-wide budget (`heads` of all heads, `ffn` of all FFN neurons, rounded)
+    over `blocks` (each with its dense-chain calibration input) by `allocate` on the
+    `removal_costs` (non-uniform: blocks whose units matter less give more). A block is
+    offered at most min(2 x its share, all but one) of its units.
+
+    Raises:
+        ValueError: a fraction outside [0, 1), or a block that is not prunable.
+    """
+    for name, frac in (("heads", heads), ("ffn", ffn)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"prune fraction {name} must be in [0, 1), got {frac}")
+    sizes = [(_block(b).heads, _ffn_out(_block(b)).in_features) for b in blocks]
+    offer = [
+        (min(h - 1, math.ceil(2 * heads * h)), min(f - 1, math.ceil(2 * ffn * f))) for h, f in sizes
+    ]
+    curves = [
+        removal_costs(b, x, ctx, heads=oh, neurons=of)
+        for b, x, (oh, of) in zip(blocks, inputs, offer, strict=True)
+    ]
+    n_heads = allocate([c[0] for c in curves], round(heads * sum(h for h, _ in sizes)))
+    n_neurons = allocate([c[1] for c in curves], round(ffn * sum(f for _, f in sizes)))
+    return [Removal(h, n) for h, n in zip(n_heads, n_neurons, strict=True)]
 
 
 def magnitude_prune(atom: Atom, sparsity: float) -> Atom:
