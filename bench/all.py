@@ -37,11 +37,16 @@ ORDER = (
     "placement",
     "train",
     "compress",
+    "distill_embed",
     "slow_link",
     "http",
 )
 FULL_TIMEOUT_S = 420.0
-TIMEOUTS_S = {"train": 900.0, "placement": 900.0}  # train: five clusters' worth of runs
+TIMEOUTS_S = {  # train: five clusters' worth of runs; distill_embed: two students' training
+    "train": 900.0,
+    "placement": 900.0,
+    "distill_embed": 1200.0,
+}
 SMOKE_TIMEOUT_S = 180.0
 
 Doc = dict[str, object]
@@ -307,6 +312,20 @@ ROWS = (
         lambda d: _met(d, "nexus_int8_perplexity_2pct"),
     ),
     Row(
+        "distill_embed",
+        "MiniLM 3-layer student distilled: cosine to the teacher, speed",
+        "≥ 0.95, ≥ 1.8x",
+        lambda d: _distilled(d, "s3"),
+        lambda d: _met(d, "s3_cosine_0.95_speed_1.8"),
+    ),
+    Row(
+        "distill_embed",
+        "MiniLM pruned 25 % heads + FFN, distilled: cosine to the teacher",
+        "≥ 0.98",
+        lambda d: _distilled(d, "pruned"),
+        lambda d: _met(d, "pruned_cosine_0.98"),
+    ),
+    Row(
         "slow_link",
         "MiniLM embeddings/s over a 10 Mbit/s tbf link, --codec auto vs raw",
         "≥ 2x",
@@ -337,6 +356,18 @@ def _compress(doc: Doc, run: str) -> str:
         f"cosine {_fmt(_num(doc, 'minilm', run, 'cosine'), '', 4)}, "
         f"{_fmt(_num(doc, 'minilm', run, 'bytes_ratio'), 'x', 3)} bytes, "
         f"{_fmt(_num(doc, 'minilm', run, 'speedup'), 'x')} fp32 speed"
+    )
+
+
+def _distilled(doc: Doc, name: str) -> str:
+    return (
+        f"cosine {_fmt(_num(doc, f'{name}_distilled', 'cosine_mean'), '', 4)} "
+        f"(min {_fmt(_num(doc, f'{name}_distilled', 'cosine_min'), '', 4)}; before "
+        f"{_fmt(_num(doc, f'{name}_cut', 'cosine_mean'), '', 4)}), "
+        f"{_fmt(_num(doc, f'{name}_distilled', 'speedup'))}x speed, linear-head accuracy "
+        f"{_fmt(_num(doc, f'{name}_distilled', 'accuracy', 'linear_head'), '', 3)} vs teacher "
+        f"{_fmt(_num(doc, 'teacher', 'accuracy', 'linear_head'), '', 3)}, "
+        f"{_get(doc, 'settings', 'steps')} steps"
     )
 
 

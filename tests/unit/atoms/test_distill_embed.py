@@ -211,3 +211,26 @@ def test_steps_move_a_cut_student_toward_its_teacher(teacher: Model) -> None:
     ex = Examples(inputs=ids, targets=targets, mask=mask)
     cos = cosines(trained, teacher, ex, batch=2)
     assert math.isclose(float((1 - cos).sum()), after.loss, rel_tol=1e-4)
+
+
+def test_bench_table_rows_read_the_bench_json() -> None:
+    from bench import all as bench_all
+
+    student = {"cosine_mean": 0.9612, "cosine_min": 0.81, "speedup": 1.93}
+    doc: dict[str, object] = {
+        "settings": {"steps": 300},
+        "teacher": {"accuracy": {"linear_head": 0.56}},
+        "s3_cut": {"cosine_mean": 0.61},
+        "s3_distilled": {**student, "accuracy": {"linear_head": 0.52}},
+        "pruned_cut": {"cosine_mean": 0.88},
+        "pruned_distilled": {**student, "accuracy": {"linear_head": 0.55}},
+        "targets_met": {"s3_cosine_0.95_speed_1.8": True, "pruned_cosine_0.98": False},
+    }
+    rows = [
+        line
+        for line in bench_all.table({"distill_embed": doc}).splitlines()
+        if "bench.distill_embed" in line
+    ]
+    assert len(rows) == 2
+    assert "cosine 0.9612 (min 0.8100; before 0.6100), 1.93x speed" in rows[0]
+    assert rows[0].count("✓") == 1 and rows[1].count("✗") == 1
