@@ -86,6 +86,14 @@ BUILTINS: dict[str, Callable[[], Model]] = {
     "nexus-1.1": _build_nexus,  # trained by the mesh itself
     "nexus-1.1-random": _build_nexus_random,  # the same architecture, blocks untrained
 }
+# What each built-in is built from: a folder materialised from another version is rebuilt
+# (a node updated to new shipped weights must not keep serving the old ones). Bump a
+# built-in's entry whenever its builder changes what it produces.
+BUILTIN_VERSIONS: dict[str, str] = {
+    "minilm": "1",
+    "nexus-1.1": NEXUS_SHIPPED_SHA256,
+    "nexus-1.1-random": f"seed-{NEXUS_SEED}",
+}
 DEFAULT_GENERATE_MODEL = "nexus-1.1"
 DEFAULT_EMBED_MODEL = "minilm"
 
@@ -121,7 +129,7 @@ class ModelRegistry:
         if not model_id or "/" in model_id or model_id.startswith("."):
             raise ApiError("bad_request", f"invalid model id {model_id!r}")
         folder = self.models_dir / model_id
-        if (folder / "manifest.json").is_file():
+        if (folder / "manifest.json").is_file() and self._current(model_id):
             return folder
         if model_id not in BUILTINS:
             known = sorted(set(BUILTINS) | set(self.available()))
@@ -138,18 +146,39 @@ class ModelRegistry:
             return []
         return sorted(p.name for p in self.models_dir.iterdir() if (p / "manifest.json").is_file())
 
+    def _version_path(self, model_id: str) -> Path:
+        return self.models_dir / f".{model_id}.builtin"
+
+    def _current(self, model_id: str) -> bool:
+        """Whether a built-in's folder was built from this version (other ids: always)."""
+        if model_id not in BUILTINS:
+            return True
+        try:
+            return self._version_path(model_id).read_text() == BUILTIN_VERSIONS[model_id]
+        except OSError:
+            return False  # materialised before versions were recorded
+
     def _materialise(self, model_id: str, folder: Path) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.models_dir / f".{model_id}.lock"
         with open(lock_path, "w") as lock:  # several daemons may share a models dir
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            if (folder / "manifest.json").is_file():
-                return
-            log.info("model_materialising", model=model_id, folder=str(folder))
+            stale = (folder / "manifest.json").is_file()
+            if stale and self._current(model_id):
+                return  # another process built it meanwhile
+            log.info("model_materialising", model=model_id, folder=str(folder), stale=stale)
             tmp = self.models_dir / f".{model_id}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             _save(BUILTINS[model_id](), tmp)
+            old = self.models_dir / f".{model_id}.old{os.getpid()}"
+            if stale:  # a running process keeps the files it has open
+                os.replace(folder, old)
             os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+            version, written = self._version_path(model_id), tmp.with_suffix(".version")
+            written.write_text(BUILTIN_VERSIONS[model_id])
+            os.replace(written, version)
+            self._manifests.pop(model_id, None)
 
     def save(self, model: Model) -> Path:
         """Add a model made on this node (a training result) as a folder of its own.

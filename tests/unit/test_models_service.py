@@ -133,3 +133,26 @@ async def test_only_a_weightless_older_manifest_is_refetched(tmp_path: Path) -> 
     assert not svc._stale("m", v1)  # the mesh's version: nothing to do
     assert svc._stale("m", v2)  # an older one: fetched again
     assert svc._stale("other", v2)  # missing
+
+
+def test_a_builtin_built_from_older_weights_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node updated to new shipped weights rebuilds the built-in's folder instead of
+    serving the old one; an up-to-date folder is kept as it is."""
+    from nexusd import model_registry
+
+    registry = model_registry.ModelRegistry(tmp_path)
+    folder = registry.folder("nexus-1.1-random")
+    manifest = (folder / "manifest.json").read_bytes()
+    assert registry.folder("nexus-1.1-random") == folder  # current: not rebuilt
+    marker = folder / "local-note"
+    marker.write_text("kept while current")
+    assert registry.folder("nexus-1.1-random") == folder and marker.exists()
+    versions = {**model_registry.BUILTIN_VERSIONS, "nexus-1.1-random": "next"}
+    monkeypatch.setattr(model_registry, "BUILTIN_VERSIONS", versions)
+    assert registry.folder("nexus-1.1-random") == folder
+    assert not marker.exists()  # rebuilt from scratch
+    assert (folder / "manifest.json").read_bytes() == manifest  # the same builder
+    assert (tmp_path / ".nexus-1.1-random.builtin").read_text() == "next"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["nexus-1.1-random"]
