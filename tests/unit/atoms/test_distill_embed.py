@@ -4,6 +4,7 @@ and a few steps moving a cut student toward its teacher."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -234,3 +235,45 @@ def test_bench_table_rows_read_the_bench_json() -> None:
     assert len(rows) == 2
     assert "cosine 0.9612 (min 0.8100; before 0.6100), 1.93x speed" in rows[0]
     assert rows[0].count("✓") == 1 and rows[1].count("✗") == 1
+
+
+def test_make_student_cuts_an_embedding_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nexusd.cli.app import main
+    from nexusd.model_registry import ModelRegistry
+
+    data = tmp_path / "node"
+    tok = TextTokenizer.from_file(minilm_dir() / "tokenizer.json", max_length=32)
+    big = random_bert(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=32,
+        ),
+        model_id="tiny-embed",
+        seed=2,
+    )
+    registry = ModelRegistry(data / "models")
+    registry.save(
+        Model(
+            model_id="tiny-embed",
+            family="bert",
+            config=big.config,
+            atoms=big.atoms,
+            tokenizer=tok,
+        )
+    )
+    capsys.readouterr()
+    argv = ["make-student", "tiny-embed", "--base-layers", "0,3", "--id", "tiny-s2"]
+    assert main([*argv, "--data-dir", str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["atoms"] == 4 and out["teacher_atoms"] == 6
+    student = registry.load_model("tiny-s2")
+    assert student.config["student_base_layers"] == "0,3" and ends_in_pooling(student)
+    assert all(p.requires_grad for p in student.span().parameters())
+    bad = ["make-student", "tiny-embed", "--blocks", "0", "--id", "tiny-b"]
+    assert main([*bad, "--data-dir", str(data)]) != 0
