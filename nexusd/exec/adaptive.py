@@ -54,13 +54,14 @@ class CodecCost:
                 raise ValueError(f"codec cost {name}: expected finite >= 0, got {value}")
 
 
-# Measured once with `python -m bench.wire_codecs` ("cpu" section: a 1.5 MB float32
-# micro-batch and a 1.5 KB one, encode + decode, median of repeats, one core).
+# Measured with `python -m bench.wire_codecs` ("cpu" section: a 1.5 MB float32 micro-batch
+# and a 1.5 KB token, encode + decode, median of 30, one core of this 2-core x86 machine;
+# repeats on the shared machine varied up to 2x, int8 stays the dearest per byte).
 CPU_COSTS: dict[str, CodecCost] = {
-    "raw": CodecCost(per_byte=0.10e-9, per_message=10e-6),
-    "fp16": CodecCost(per_byte=0.45e-9, per_message=20e-6),
-    "bf16": CodecCost(per_byte=0.45e-9, per_message=20e-6),
-    "int8": CodecCost(per_byte=2.0e-9, per_message=80e-6),
+    "raw": CodecCost(per_byte=0.6e-9, per_message=18e-6),
+    "fp16": CodecCost(per_byte=0.6e-9, per_message=24e-6),
+    "bf16": CodecCost(per_byte=1.0e-9, per_message=26e-6),
+    "int8": CodecCost(per_byte=2.6e-9, per_message=84e-6),
 }
 
 
