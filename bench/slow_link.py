@@ -11,7 +11,8 @@ Setup: two daemons, each in its own network namespace. The origin hosts MiniLM a
 node 1 atoms 4-8 behind a tbf-limited 10 Mbit/s link (both ends of its veth), so each
 micro-batch's hidden states (micro x tokens x 384 floats) cross the slow link. With
 `auto` the origin measures that link (bandwidth probes) below `[exec] slow_link_bytes_per_s`
-and sends the hop int8; the reply's route says the codec and the bytes it saved. The error
+and its RTT; the rule (`nexusd.exec.adaptive`) estimates int8 the fastest and sends the hop
+int8; the reply's route says the codec and the bytes it saved. The error
 introduced: the cosine of the auto embeddings to the raw ones (min over the batch).
 
     python -m bench.slow_link [--count 64] [--repeat 3] [--rate 10mbit] [--smoke]
