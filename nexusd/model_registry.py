@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 NEXUS_SEED = 11  # the seed of the built-in Nexus 1.1 blocks: same weights on every node
 # data/models/nexus-1.1.safetensors, written by scripts/ship_default_model.py
-NEXUS_SHIPPED_SHA256 = "8c1bad084d8f5d3a96d47c30521aea3a82bd28fc2a6ecd16da7254081faa2ce1"
+NEXUS_SHIPPED_SHA256 = "a815ccf74416debf6d330f79315e7f2ab747c07f0260f33dd75b8ee200991364"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

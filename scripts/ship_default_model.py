@@ -22,10 +22,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from atoms.model import load_model
+from atoms.model import Model, load_model
 from atoms.nexus import trainable_tensors
+from atoms.training import apply_trained
+from nexusd.model_registry import ModelRegistry
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "models"
 
@@ -34,15 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="the folder train_default_model wrote")
     p.add_argument("--model", default="nexus-1.1-trained", help="the trained model's id")
+    p.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="ship the job's checkpoint of this step instead of its finished model (a run "
+        "stopped early: its metrics are cut at that step)",
+    )
     args = p.parse_args(argv)
-    run = json.loads((args.run / "run.json").read_text())
-    model = load_model(args.run / "models" / args.model)
+    if args.checkpoint is None:
+        run = json.loads((args.run / "run.json").read_text())
+        model = load_model(args.run / "models" / args.model)
+        metrics = args.run / "metrics.csv"
+        command = run["command"]
+    else:
+        model, metrics = from_checkpoint(args.run, args.checkpoint)
+        command = (args.run / "command.txt").read_text().strip()
     tensors = {n: t.to(torch.bfloat16).contiguous() for n, t in trainable_tensors(model).items()}
     DATA.mkdir(parents=True, exist_ok=True)
     out = DATA / "nexus-1.1.safetensors"
-    save_file(tensors, str(out), metadata={"model": "nexus-1.1", "trained_by": run["command"]})
+    save_file(tensors, str(out), metadata={"model": "nexus-1.1", "trained_by": command})
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
-    shutil.copy(args.run / "metrics.csv", DATA / "nexus-1.1-training.csv")
+    shutil.copy(metrics, DATA / "nexus-1.1-training.csv")
     plot(DATA / "nexus-1.1-training.csv", DATA / "nexus-1.1-training.png")
     params = sum(t.numel() for t in tensors.values())
     print(
@@ -52,12 +68,26 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes": out.stat().st_size,
                 "sha256": digest,
                 "parameters": params,
-                "wall_s": run["wall_s"],
+                "checkpoint": args.checkpoint,
             },
             indent=2,
         )
     )
     return 0
+
+
+def from_checkpoint(run: Path, step: int) -> tuple[Model, Path]:
+    """The random-init parent with the trained parameters of the job's checkpoint at `step`,
+    and the job's metrics up to that step (written beside the run as metrics-STEP.csv)."""
+    job = run / "mesh" / "node0" / "train" / "default-model"
+    model = ModelRegistry(run / "models").load_model("nexus-1.1-random")
+    apply_trained(model, load_file(str(job / f"step-{step:08d}.safetensors")))
+    with open(job / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    cut = run / f"metrics-{step}.csv"
+    with open(cut, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *(r for r in rows[1:] if int(r[0]) <= step)])
+    return model, cut
 
 
 def plot(csv_path: Path, png: Path) -> None:
