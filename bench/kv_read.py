@@ -24,7 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from atoms.cache import KVLayout, LayerCache
+from atoms.atom import ForwardContext
+from atoms.cache import KVLayout, LayerCache, SessionCache
 from atoms.kv_pool import KVPool, PagedCache, PageFormat, pool_shape
 
 from .common import emit_json, rounded
@@ -92,10 +93,54 @@ def measure(kind: str, length: int, repeat: int) -> dict[str, float]:
     return {key: rounded(s * 1e6, 1) for key, s in best.items()}
 
 
+def model_steps(length: int, repeat: int) -> dict[str, float]:
+    """Milliseconds of one whole-model decode step of Nexus 1.1 (untrained blocks, one row,
+    `length` cached tokens) per cache kind, rounds interleaved, minimum over `repeat`."""
+    from nexusd.harness.demo import default_models_dir
+    from nexusd.model_registry import ModelRegistry
+
+    from .generate import BENCH_MODEL
+
+    registry = ModelRegistry(default_models_dir())
+    span = registry.load_span(BENCH_MODEL, 0, registry.info(BENCH_MODEL).n_atoms)
+    fmt = PageFormat.of(span.kv_layouts(), PAGE_TOKENS)
+    page_bytes, stripe = pool_shape([fmt])
+    caches: dict[str, object] = {
+        "contiguous": SessionCache.allocate(
+            span.kv_layouts(), batch=1, max_len=length + 1, budget_bytes=1 << 40
+        )
+    }
+    for kind, cut in (("gather", None), ("in_place", stripe)):
+        pool = KVPool(page_bytes=page_bytes, pages=length // PAGE_TOKENS + 2, stripe=cut)
+        caches[kind] = PagedCache(pool, fmt, batch=1, max_len=length + 1)
+    best = dict.fromkeys(caches, float("inf"))
+    with torch.inference_mode():
+        for cache in caches.values():
+            ids = torch.ones((1, length), dtype=torch.long)
+            span(ids, ForwardContext.for_tokens(1, length, causal=True, cache=cache))  # type: ignore[arg-type]
+        for _ in range(repeat):
+            for kind, cache in caches.items():
+                for layer in range(len(fmt.layers)):  # back to `length` tokens
+                    _truncate(cache, fmt.layers[layer].index, length)
+                ctx = ForwardContext.for_tokens(1, 1, start=length, causal=True, cache=cache)  # type: ignore[arg-type]
+                t0 = time.perf_counter()
+                span(torch.ones((1, 1), dtype=torch.long), ctx)
+                best[kind] = min(best[kind], time.perf_counter() - t0)
+    return {kind: rounded(s * 1e3, 3) for kind, s in best.items()}
+
+
+def _truncate(cache: object, index: int, length: int) -> None:
+    if isinstance(cache, PagedCache):
+        cache.lengths[index] = length
+    elif isinstance(cache, SessionCache):
+        cache.layer(index).length = length
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 200, 500])
     p.add_argument("--repeat", type=int, default=200)
+    p.add_argument("--model-repeat", type=int, default=30, help="0: skip the model steps")
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -110,6 +155,11 @@ def main() -> None:
             "layer": f"{HEADS} heads x {HEAD_DIM} dims fp32, pages of {PAGE_TOKENS} tokens",
             "repeat": args.repeat,
             "per_layer_step": rows,
+            "nexus_1_1_decode_step_ms": {
+                str(n): model_steps(n, args.model_repeat) for n in args.lengths
+            }
+            if args.model_repeat
+            else {},
         }
     )
 
