@@ -31,7 +31,8 @@ def _flags(p: argparse.ArgumentParser) -> None:
         "base stays frozen); classify: a classifier head over an encoder's "
         "pooled features; distill: train a student decoder (--model, hosted by the "
         "mesh, e.g. made by `nexusd make-student`) on a teacher's soft targets "
-        "(--teacher, run on this node) mixed with the hard labels",
+        "(--teacher, run on this node) mixed with the hard labels, or an embedding "
+        "student (MiniLM) on the cosine to the teacher's sentence vectors",
     )
     p.add_argument(
         "--output",
