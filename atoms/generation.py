@@ -344,6 +344,12 @@ class TokenGenerator:
         )
 
 
+# Tails a WordPiece decode rewrites once the next token comes ("father '" + "s" ->
+# "father's", "well -" + "known" -> "well-known"): held back, so a stream never shows text
+# the final text changes.
+HELD_TAILS = (" '", " -")
+
+
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
@@ -354,6 +360,8 @@ def _safe_length(text: str, stops: tuple[str, ...]) -> int:
     end = len(text)
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
+    if text.endswith(HELD_TAILS, 0, end):
+        end -= 2  # the next token may join it to the word before (atoms.tokenizer)
     hold = 0
     for s in stops:
         for n in range(min(len(s) - 1, end), 0, -1):

@@ -10,12 +10,13 @@ token type ids, all (B, T).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from .errors import ModelFormatError
 
@@ -81,6 +82,7 @@ class TextTokenizer:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self._tok = tokenizer
+        self._wordpiece = isinstance(tokenizer.decoder, decoders.WordPiece)
         self.max_length = max_length
         self.padding_side = padding_side
         self.pad_token, self.pad_id = self._find_pad(pad_token)
@@ -211,10 +213,33 @@ class TextTokenizer:
             if ids.dim() != 1:
                 raise ValueError(f"decode takes a 1-D id sequence, got shape {tuple(ids.shape)}")
             ids = [int(i) for i in ids]
-        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        text = str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        return tidy_wordpiece(text) if self._wordpiece else text
 
     def __repr__(self) -> str:
         return (
             f"TextTokenizer(vocab={self.vocab_size}, max_length={self.max_length}, "
             f"pad={self.pad_token!r}:{self.pad_id}, side={self.padding_side})"
         )
+
+
+# A WordPiece decoder (BERT) joins tokens with spaces and its own clean-up sees one token at
+# a time, so punctuation split off a word comes back spaced: "father ' s", "isn ' t",
+# "well - known", "( a )", "word ;". These rules rejoin what the pre-tokeniser split
+# (contractions and possessives only before their known suffixes, so quoted ' words ' stay
+# apart). Applied to the whole text, so a streamed generation's pieces stay a prefix of it
+# except where a later token completes a rule (the stream then holds, see atoms.generation).
+_WORDPIECE_TIDY = (
+    (re.compile(r"(\w) ' (s|t|ll|re|ve|m|d)\b"), r"\1'\2"),
+    (re.compile(r"(\w) - (?=\w)"), r"\1-"),
+    (re.compile(r"- -"), "--"),
+    (re.compile(r" ([;:%)\]}])"), r"\1"),
+    (re.compile(r"([(\[{$]) "), r"\1"),
+)
+
+
+def tidy_wordpiece(text: str) -> str:
+    """Spacing of a WordPiece decode made readable (see `_WORDPIECE_TIDY`)."""
+    for pattern, repl in _WORDPIECE_TIDY:
+        text = pattern.sub(repl, text)
+    return text

@@ -224,3 +224,31 @@ def test_a_decoder_that_rewrites_text_keeps_done_text_exact() -> None:
     done = drive(gen, "abc")
     assert done.text == "Xc"
     assert pieces == ["a", "", "c"]
+
+
+def test_a_stream_never_shows_text_the_wordpiece_tidy_rewrites() -> None:
+    """Streamed pieces of a BERT-vocabulary generation concatenate to the final text even
+    where a later token joins punctuation to the word before ("father ' s" -> "father's")."""
+    from atoms.minilm import minilm_dir
+    from atoms.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_file(minilm_dir() / "tokenizer.json", max_length=64)
+    ids = tok.encode_prompt("so his father's well-known account (at last) -- isn't it; yes.")
+    prompt, rest = ids[:2], ids[2:]
+    pieces: list[str] = []
+    gen = TokenGenerator(
+        GenerationParams(max_new_tokens=len(rest), temperature=0.0),
+        decode=tok.decode,
+        on_token=lambda _t, s: pieces.append(s),
+    )
+    gen.start(prompt)
+    for token in rest:
+        logits = torch.full((tok.vocab_size,), -1e9)
+        logits[token] = 0.0
+        done = gen.feed(logits)
+    assert isinstance(done, Done)
+    assert (
+        "".join(pieces)
+        == done.text
+        == " his father's well-known account (at last) -- isn't it; yes."
+    )

@@ -69,3 +69,22 @@ def test_a_prompt_keeps_its_start_token_but_is_not_ended() -> None:
     assert tok.encode_prompt("It was a truth") == full[:-1]
     assert tok.encode_untruncated(["It was a truth " * 40])[0][-1] != sep  # no specials
     assert len(tok.encode_untruncated(["word " * 100])[0]) == 100  # not cut at max_length
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("his father's account, isn't it? yes.", "his father's account, isn't it? yes."),
+        ("a well-known man; (at last) -- he said: 'no' $5", None),
+        ("we'll see what you've done, i'm sure they're here", None),
+    ],
+)
+def test_wordpiece_decode_rejoins_split_punctuation(text: str, want: str | None) -> None:
+    """A BERT tokenizer's decode gives back contractions, hyphens, dashes and brackets as
+    written (the quoted 'no' keeps its spaces: the tokenizer cannot tell it apart)."""
+    tok = TextTokenizer.from_file(minilm_dir() / "tokenizer.json", max_length=64)
+    got = tok.decode(tok.encode_prompt(text))
+    if want is None:
+        want = text.replace("'no'", "' no '")
+    assert got == want
+    assert "##" not in got
