@@ -33,7 +33,7 @@ from .embed import embedding_context
 from .model import Model, build_atom, load_state
 from .partition import ConfigValue
 from .precision import cosine_report
-from .prune import plan, prunable, prune_greedy
+from .prune import prunable, prune_greedy, uniform_removal
 from .quant import LEVELS, quantize_atom
 from .weights import canonical_bytes
 
@@ -49,8 +49,7 @@ class CompressSettings:
         model_id: the id of the derived model.
         quant: "int8", "int4" or None (no quantisation).
         group: int4 group size (32, 64 or 128).
-        prune_heads / prune_ffn: fraction of all the model's heads / FFN neurons removed
-            (spread over the blocks by measured error, `atoms.prune.plan`).
+        prune_heads / prune_ffn: fraction of heads / FFN neurons removed per block.
         int4_budget: int4 only: weight bytes allowed, as a fraction of the original's.
         calib_texts / eval_texts: paragraphs used to calibrate / to measure.
     """
@@ -295,32 +294,20 @@ def has_weights(atom: Atom) -> bool:
 
 
 def prune_model(model: Model, settings: CompressSettings, calib: Batch) -> list[Atom]:
-    """The model's atoms with its blocks pruned (`atoms.prune`): the fractions are of all the
-    model's heads / neurons, spread over the blocks by `plan` on the dense chain, then each
-    block pruned in order on the output of the already pruned ones (`prune_greedy`)."""
+    """The model's atoms with every block pruned (`atoms.prune.prune_greedy`: the same
+    fractions of each block's heads / neurons), each block in order on the output of the
+    already pruned ones. A model-wide budget spread by measured error (`atoms.prune.plan`)
+    measured worse on MiniLM (cosine 0.931 against 0.940), so it is not used."""
     if settings.prune_heads == 0 and settings.prune_ffn == 0:
         return list(model.atoms)
     xs = _chain(model.atoms, calib)
-    where = [i for i, a in enumerate(model.atoms) if prunable(a)]
-    removals = dict(
-        zip(
-            where,
-            plan(
-                [model.atoms[i] for i in where],
-                [xs[i] for i in where],
-                calib.ctx,
-                heads=settings.prune_heads,
-                ffn=settings.prune_ffn,
-            ),
-            strict=True,
-        )
-    )
     xp = calib.ids
     out = []
     for i, atom in enumerate(model.atoms):
         new = atom
-        if i in removals:
-            new = prune_greedy(atom, removals[i], (xs[i], xp, calib.ctx))
+        if prunable(atom):
+            removal = uniform_removal(atom, heads=settings.prune_heads, ffn=settings.prune_ffn)
+            new = prune_greedy(atom, removal, (xs[i], xp, calib.ctx))
         with torch.no_grad():
             xp = new(xp, calib.ctx)
         out.append(new)

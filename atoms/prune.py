@@ -7,9 +7,10 @@ copied into it. A pruned atom is an ordinary atom (saved, loaded and verified al
 Rule 2: what is removed is chosen on calibration data, not on weights alone. `prune_greedy`
 (what `compress` uses) removes, one at a time, the head or neuron whose removal raises the
 least-squares reconstruction error of its sublayer least once the output projection is refit
-(optimal brain surgeon over groups of columns, `eliminate`), and `plan` spreads a model-wide
-budget over the blocks by those measured errors. `importance` is a cheaper ranking (FLAP's
-fluctuation: variance of a unit's output-projection input times its column's squared norm).
+(optimal brain surgeon over groups of columns, `eliminate`); `plan` spreads a model-wide
+budget over the blocks by those errors (measured worse on MiniLM, not used by `compress`).
+`importance` is a cheaper ranking (FLAP's fluctuation: variance of a unit's output-projection
+input times its column's squared norm).
 Rule 3: nothing here mutates its input; every function returns new atoms.
 Supported blocks: BERT encoder layers (`BertLayer`) and Nexus blocks (`NexusBlock`).
 """
@@ -394,8 +395,7 @@ def prune_greedy(atom: Atom, removal: Removal, calib: Calibration) -> Atom:
     Sequential (SparseGPT-style): `calib` holds the dense chain's input (the targets: what the
     dense block's sublayers added) and the pruned chain's input (what the pruned block will
     see), so the refit also absorbs the error of the blocks before; the FFN is chosen on the
-    output of the already pruned attention. Errors are weighed per token by the inverse
-    variance of the residual stream they land in (the next LayerNorm's scale).
+    output of the already pruned attention.
 
     Raises:
         ValueError: not a prunable block, or a count that would remove every head or neuron.
@@ -411,7 +411,6 @@ def prune_greedy(atom: Atom, removal: Removal, calib: Calibration) -> Atom:
         (ref.attn + shift)[real],
         group=block.head_dim,
         remove=removal.heads,
-        row_weight=ref.attn_weight[real],
     )
     mid = _rebuilt(block, heads.kept, torch.arange(_ffn_out(block).in_features))
     _set(mid.attn_out, heads)
@@ -423,12 +422,26 @@ def prune_greedy(atom: Atom, removal: Removal, calib: Calibration) -> Atom:
         (ref.ffn + ref.res - got["res"])[real],
         group=1,
         remove=removal.neurons,
-        row_weight=ref.ffn_weight[real],
     )
     new = _rebuilt(mid, torch.arange(mid.heads), neurons.kept)
     _set(_ffn_out(new), neurons)
     new.requires_grad_(any(p.requires_grad for p in atom.parameters()))
     return new
+
+
+def uniform_removal(atom: Atom, *, heads: float, ffn: float) -> Removal:
+    """The `heads` fraction of the block's heads and `ffn` of its neurons (rounded, at least
+    one of each kept).
+
+    Raises:
+        ValueError: not a prunable block, or a fraction outside [0, 1).
+    """
+    block = _block(atom)
+    for name, frac in (("heads", heads), ("ffn", ffn)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"prune fraction {name} must be in [0, 1), got {frac}")
+    h, f = block.heads, _ffn_out(block).in_features
+    return Removal(min(h - 1, round(h * heads)), min(f - 1, round(f * ffn)))
 
 
 def removal_costs(
@@ -491,7 +504,10 @@ def plan(
     """Spread a model-wide budget (`heads` of all heads, `ffn` of all FFN neurons, rounded)
     over `blocks` (each with its dense-chain calibration input) by `allocate` on the
     `removal_costs` (non-uniform: blocks whose units matter less give more). A block is
-    offered at most min(2 x its share, all but one) of its units.
+    offered at most min(2 x its share, all but one) of its units. Errors are weighed per
+    token by the inverse variance of the residual stream they land in (the next LayerNorm's
+    scale). Measured on MiniLM (25 %): cosine 0.931 against 0.940 for the same fraction of
+    every block, so `compress` does not use it.
 
     Raises:
         ValueError: a fraction outside [0, 1), or a block that is not prunable.

@@ -44,14 +44,14 @@ def _flags(p: argparse.ArgumentParser) -> None:
         type=_fraction,
         default=0.0,
         metavar="F",
-        help="fraction of the model's attention heads removed, spread over blocks by measured error (default 0)",
+        help="fraction of attention heads removed per block (default 0)",
     )
     p.add_argument(
         "--prune-ffn",
         type=_fraction,
         default=0.0,
         metavar="F",
-        help="fraction of the model's feed-forward neurons removed, spread likewise (default 0)",
+        help="fraction of feed-forward neurons removed per block (default 0)",
     )
     p.add_argument(
         "--int4-budget",

@@ -10,7 +10,15 @@ from atoms.atom import Atom, ForwardContext
 from atoms.bert import BertConfig, random_bert
 from atoms.model import build_atom
 from atoms.nexus import NexusConfig, init_random, nexus_atom_from_spec, nexus_specs
-from atoms.prune import RIDGE, Removal, allocate, eliminate, plan, prune_greedy
+from atoms.prune import (
+    RIDGE,
+    Removal,
+    allocate,
+    eliminate,
+    plan,
+    prune_greedy,
+    uniform_removal,
+)
 
 CFG = BertConfig(
     vocab_size=100,
@@ -88,6 +96,14 @@ def test_plan_removes_exactly_the_model_wide_budget() -> None:
     assert all(r.heads <= 2 and r.neurons <= 29 for r in removals)  # at most 2x a block's share
     with pytest.raises(ValueError, match="in \\[0, 1\\)"):
         plan(blocks, inputs, ctx, heads=1.0, ffn=0.0)
+
+
+def test_uniform_removal_is_the_fraction_of_each_block_keeping_one() -> None:
+    block = _bert_blocks()[0]
+    assert uniform_removal(block, heads=0.25, ffn=0.25) == Removal(heads=1, neurons=12)
+    assert uniform_removal(block, heads=0.99, ffn=0.0) == Removal(heads=3, neurons=0)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        uniform_removal(block, heads=0.0, ffn=1.0)
 
 
 @pytest.mark.parametrize("family", ["bert", "nexus"])
