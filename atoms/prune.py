@@ -7,8 +7,9 @@ copied into it. A pruned atom is an ordinary atom (saved, loaded and verified al
 Rule 2: what is removed is chosen on calibration data, not on weights alone. `prune_greedy`
 (what `compress` uses) removes, one at a time, the head or neuron whose removal raises the
 least-squares reconstruction error of its sublayer least once the output projection is refit
-(optimal brain surgeon over groups of columns, `eliminate`); `plan` spreads a model-wide
-budget over the blocks by those errors (measured worse on MiniLM, not used by `compress`).
+(optimal brain surgeon over groups of columns, `eliminate`), the same fraction of every
+block (a model-wide budget spread over the blocks by those errors, weighed by the next
+LayerNorm's scale, measured worse on MiniLM: cosine 0.931 against 0.940, so it was removed).
 `importance` is a cheaper ranking (FLAP's fluctuation: variance of a unit's output-projection
 input times its column's squared norm).
 Rule 3: nothing here mutates its input; every function returns new atoms.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,9 +29,6 @@ from .atom import Atom, AtomSpec, ForwardContext, make_dims
 from .bert import BertLayer
 from .model import build_atom, load_state
 from .nexus import NexusBlock
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 # (dense chain's input, pruned chain's input, context) of one block
 Calibration = tuple[torch.Tensor, torch.Tensor, ForwardContext]
@@ -269,7 +266,6 @@ def eliminate(
     *,
     group: int,
     remove: int,
-    row_weight: torch.Tensor | None = None,
 ) -> Elimination:
     """Greedy backward elimination of `remove` groups of `group` adjacent input columns of a
     projection fit by (ridge) least squares with a bias: linear(inputs) ~ target.
@@ -279,7 +275,6 @@ def eliminate(
     exactly tr(W_S^T [(H^-1)_SS]^-1 W_S) of squared error after the refit of the rest, and
     W and H^-1 are updated in closed form. A head's columns are independent of the other
     heads' (the heads see the same input), so the cost is the sublayer's true error.
-    `row_weight` (M,) weighs each row's error (weighted least squares).
 
     Raises:
         ValueError: shapes disagree, or `remove` is not below the number of groups.
@@ -292,9 +287,6 @@ def eliminate(
         raise ValueError(f"eliminate: can remove 0..{n - 1} of {n} groups, not {remove}")
     a = torch.cat((inputs.double(), torch.ones(m, 1, dtype=torch.float64)), dim=1)  # (M, K+1)
     y = target.double()
-    if row_weight is not None:
-        root = row_weight.double().sqrt()[:, None]
-        a, y = a * root, y * root
     gram = a.T @ a
     gram += RIDGE * gram.diagonal().mean() * torch.eye(k + 1, dtype=torch.float64)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
@@ -337,12 +329,6 @@ def _set(linear: nn.Linear, fit: Elimination) -> None:
             linear.bias.copy_(fit.bias.to(linear.bias.dtype))
 
 
-def _inverse_variance(x: torch.Tensor) -> torch.Tensor:
-    """(M,) 1 / per-row variance of (M, C): the weight that makes an error on a row count as
-    it will after the next LayerNorm divides the row by its standard deviation."""
-    return 1.0 / x.var(dim=1, correction=0).clamp_min(1e-6)
-
-
 @dataclass(frozen=True, slots=True)
 class Removal:
     """How many heads and feed-forward neurons to remove from one block."""
@@ -357,13 +343,11 @@ class Removal:
 
 @dataclass(frozen=True, slots=True)
 class _Targets:
-    """What a block's sublayers added in the dense chain, and how to weigh their errors."""
+    """What a block's sublayers added in the dense chain."""
 
     attn: torch.Tensor  # (M, C) attention output projection's output, dense input
     ffn: torch.Tensor  # (M, C) FFN output projection's output
     res: torch.Tensor  # (M, C) the residual stream the FFN output is added to
-    attn_weight: torch.Tensor  # (M,) row weights of the attention sublayer's error
-    ffn_weight: torch.Tensor  # (M,)
 
 
 def _targets(dense: Block, x: torch.Tensor, ctx: ForwardContext) -> _Targets:
@@ -377,15 +361,7 @@ def _targets(dense: Block, x: torch.Tensor, ctx: ForwardContext) -> _Targets:
             "res": (_residual(dense), False),
         },
     )
-    stream = x.float().reshape(-1, x.shape[-1])
-    return _Targets(
-        attn=ref["attn"],
-        ffn=ref["ffn"],
-        res=ref["res"],
-        # both families normalise the residual stream after each sublayer before using it
-        attn_weight=_inverse_variance(ref["attn"] + stream),
-        ffn_weight=_inverse_variance(ref["ffn"] + ref["res"]),
-    )
+    return _Targets(attn=ref["attn"], ffn=ref["ffn"], res=ref["res"])
 
 
 def prune_greedy(atom: Atom, removal: Removal, calib: Calibration) -> Atom:
@@ -442,90 +418,6 @@ def uniform_removal(atom: Atom, *, heads: float, ffn: float) -> Removal:
             raise ValueError(f"prune fraction {name} must be in [0, 1), got {frac}")
     h, f = block.heads, _ffn_out(block).in_features
     return Removal(min(h - 1, round(h * heads)), min(f - 1, round(f * ffn)))
-
-
-def removal_costs(
-    atom: Atom, x: torch.Tensor, ctx: ForwardContext, *, heads: int, neurons: int
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The weighted squared error each successive greedy removal of a head (up to `heads`)
-    and of a neuron (up to `neurons`) adds to its sublayer, per calibration token, on the
-    dense input `x` (sublayers scored independently): what `plan` compares across blocks.
-
-    Raises:
-        ValueError: not a prunable block, or counts that would remove every unit.
-    """
-    block = _block(atom)
-    real = _real(x, ctx)
-    ref = _targets(block, x, ctx)
-    got = _capture(
-        block, x, ctx, {"attn": (block.attn_out, False), "ffn": (_ffn_out(block), False)}
-    )
-    tokens = int(real.sum())
-    out = []
-    for name, target, weight, group, remove in (
-        ("attn", ref.attn, ref.attn_weight, block.head_dim, heads),
-        ("ffn", ref.ffn, ref.ffn_weight, 1, neurons),
-    ):
-        fit = eliminate(
-            got[name][real], target[real], group=group, remove=remove, row_weight=weight[real]
-        )
-        out.append(tuple(c / tokens for c in fit.costs))
-    return out[0], out[1]
-
-
-def allocate(costs: Sequence[Sequence[float]], budget: int) -> list[int]:
-    """How many units to remove from each block so that `budget` are removed in all: the
-    `budget` cheapest removals model-wide, each block's taken in its greedy order (a block's
-    k-th removal is available once its first k-1 are taken).
-
-    Raises:
-        ValueError: the budget exceeds the removals on offer.
-    """
-    if not 0 <= budget <= sum(len(c) for c in costs):
-        raise ValueError(f"allocate: budget {budget} outside 0..{sum(len(c) for c in costs)}")
-    taken = [0] * len(costs)
-    for _ in range(budget):
-        best = min(
-            (i for i, c in enumerate(costs) if taken[i] < len(c)),
-            key=lambda i: (costs[i][taken[i]], i),
-        )
-        taken[best] += 1
-    return taken
-
-
-def plan(
-    blocks: Sequence[Atom],
-    inputs: Sequence[torch.Tensor],
-    ctx: ForwardContext,
-    *,
-    heads: float,
-    ffn: float,
-) -> list[Removal]:
-    """Spread a model-wide budget (`heads` of all heads, `ffn` of all FFN neurons, rounded)
-    over `blocks` (each with its dense-chain calibration input) by `allocate` on the
-    `removal_costs` (non-uniform: blocks whose units matter less give more). A block is
-    offered at most min(2 x its share, all but one) of its units. Errors are weighed per
-    token by the inverse variance of the residual stream they land in (the next LayerNorm's
-    scale). Measured on MiniLM (25 %): cosine 0.931 against 0.940 for the same fraction of
-    every block, so `compress` does not use it.
-
-    Raises:
-        ValueError: a fraction outside [0, 1), or a block that is not prunable.
-    """
-    for name, frac in (("heads", heads), ("ffn", ffn)):
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"prune fraction {name} must be in [0, 1), got {frac}")
-    sizes = [(_block(b).heads, _ffn_out(_block(b)).in_features) for b in blocks]
-    offer = [
-        (min(h - 1, math.ceil(2 * heads * h)), min(f - 1, math.ceil(2 * ffn * f))) for h, f in sizes
-    ]
-    curves = [
-        removal_costs(b, x, ctx, heads=oh, neurons=of)
-        for b, x, (oh, of) in zip(blocks, inputs, offer, strict=True)
-    ]
-    n_heads = allocate([c[0] for c in curves], round(heads * sum(h for h, _ in sizes)))
-    n_neurons = allocate([c[1] for c in curves], round(ffn * sum(f for _, f in sizes)))
-    return [Removal(h, n) for h, n in zip(n_heads, n_neurons, strict=True)]
 
 
 def magnitude_prune(atom: Atom, sparsity: float) -> Atom:

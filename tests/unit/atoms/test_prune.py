@@ -13,9 +13,7 @@ from atoms.nexus import NexusConfig, init_random, nexus_atom_from_spec, nexus_sp
 from atoms.prune import (
     RIDGE,
     Removal,
-    allocate,
     eliminate,
-    plan,
     prune_greedy,
     uniform_removal,
 )
@@ -71,31 +69,6 @@ def test_elimination_costs_are_the_refit_error_and_it_drops_the_useless_columns(
     assert torch.allclose(fit.weight, direct[:-1].T.float(), atol=1e-4)
     with pytest.raises(ValueError, match="can remove"):
         eliminate(a, y, group=2, remove=6)
-
-
-def test_allocate_takes_the_cheapest_removals_model_wide_in_each_blocks_order() -> None:
-    costs = [[1.0, 5.0, 9.0], [2.0, 3.0, 4.0], [10.0, 0.5]]
-    assert allocate(costs, 0) == [0, 0, 0]
-    assert allocate(costs, 4) == [1, 3, 0]  # 1, 2, 3, 4: block 2's 0.5 waits behind its 10
-    assert sum(allocate(costs, 8)) == 8
-    with pytest.raises(ValueError, match="budget"):
-        allocate(costs, 9)
-
-
-def test_plan_removes_exactly_the_model_wide_budget() -> None:
-    blocks = _bert_blocks()
-    x = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(1))
-    ctx = ForwardContext.for_tokens(3, 10)
-    inputs = [x]
-    with torch.no_grad():
-        for b in blocks[:-1]:
-            inputs.append(b(inputs[-1], ctx))
-    removals = plan(blocks, inputs, ctx, heads=0.25, ffn=0.3)
-    assert sum(r.heads for r in removals) == 3  # 25 % of 12 heads
-    assert sum(r.neurons for r in removals) == round(0.3 * 144)
-    assert all(r.heads <= 2 and r.neurons <= 29 for r in removals)  # at most 2x a block's share
-    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
-        plan(blocks, inputs, ctx, heads=1.0, ffn=0.0)
 
 
 def test_uniform_removal_is_the_fraction_of_each_block_keeping_one() -> None:
