@@ -42,7 +42,7 @@ from atoms.distill_embed import (
 from atoms.errors import AtomError
 from atoms.model import Model
 from atoms.span import Span
-from atoms.training import IGNORE, apply_trained, renamed
+from atoms.training import IGNORE, LossFn, apply_trained, renamed
 
 from ..api.records import TrainReply, TrainRequest
 from ..errors import ApiError
@@ -158,32 +158,7 @@ async def distill(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Tra
     assert tok is not None  # _check_pair
     bos, eos = special_ids(tok)
     loss = TeacherLoss(Span(teacher.atoms), cfg, bos=bos, pad=eos)
-    n = len(student)
-    head = student.span(n - 1, n)
-
-    def span_for(model_id: str, start: int, end: int) -> Span:
-        if model_id != req.model or (start, end) != (n - 1, n):
-            raise ExecRefused("not_hosted", f"this job trains only {req.model}[{n - 1},{n})")
-        return head
-
-    head_host = TrainHost(
-        span_for,
-        limiter=mesh.limiter,
-        metrics=mesh.metrics,
-        graph_budget_bytes=mesh.graph_budget_bytes,
-        loss_fn=loss,
-    )
-    plan = Plan(
-        parent=student,
-        first_trainable=first_trainable(student),
-        causal=True,
-        data=data,
-        optim=optim_of(req),
-        schedule=schedule_of(req),
-    )
-    route = _route(mesh, req, n, head_host)
-    run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit)
-    state, elapsed = await run.run()
+    run, state, elapsed = await _run_student(req, job_id, emit, mesh, student, data, loss)
     reply = reply_of(run, req.output, elapsed)
     val_loss = run.val[0]
     teacher_ppl = await trio.to_thread.run_sync(
@@ -202,15 +177,9 @@ async def distill(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Tra
         "train_loss": reply.train_loss,
         "steps": float(reply.steps),
     }
-    extra = lineage(req, mesh.registry.manifest(req.model).digest, data.digest, metrics)
-    extra |= {
-        "teacher": req.teacher,
-        "teacher_digest": mesh.registry.manifest(req.teacher).digest,
-        "distill": json.dumps({"temperature": cfg.temperature, "alpha": cfg.alpha}),
-    }
-    trained = renamed(apply_trained(student, state), req.output, config=extra)
-    await trio.to_thread.run_sync(mesh.registry.save, trained)
-    mesh.metrics.inc("train_jobs_models_total", task=req.task)
+    settings: dict[str, str | float] = {"temperature": cfg.temperature, "alpha": cfg.alpha}
+    trained = apply_trained(student, state)
+    await _save_student(req, mesh, trained, data.digest, metrics, settings)
     log.info(
         "distill_model_saved",
         model=req.output,
@@ -276,34 +245,9 @@ async def distill_embeddings(
     cfg = EmbedDistillConfig()
     data = await trio.to_thread.run_sync(load_embed_data, req, student)
     loss = EmbedTeacherLoss(Span(teacher.atoms), cfg)
-    n = len(student)
-    head = student.span(n - 1, n)
-
-    def span_for(model_id: str, start: int, end: int) -> Span:
-        if model_id != req.model or (start, end) != (n - 1, n):
-            raise ExecRefused("not_hosted", f"this job trains only {req.model}[{n - 1},{n})")
-        return head
-
-    head_host = TrainHost(
-        span_for,
-        limiter=mesh.limiter,
-        metrics=mesh.metrics,
-        graph_budget_bytes=mesh.graph_budget_bytes,
-        loss_fn=loss,
-        eval_fn=loss,
+    run, state, elapsed = await _run_student(
+        req, job_id, emit, mesh, student, data, loss, causal=False, eval_fn=loss
     )
-    plan = Plan(
-        parent=student,
-        first_trainable=first_trainable(student),
-        causal=False,
-        data=data,
-        optim=optim_of(req),
-        schedule=schedule_of(req),
-    )
-    run = TrainRun(
-        req, job_id, plan, _route(mesh, req, n, head_host), folder=mesh.folder / job_id, emit=emit
-    )
-    state, elapsed = await run.run()
     trained = apply_trained(student, state)
     val = data.validation.take(range(min(req.eval_examples, len(data.validation))))
     cos = await trio.to_thread.run_sync(
@@ -321,14 +265,8 @@ async def distill_embeddings(
         "train_loss": reply.train_loss,
         "steps": float(reply.steps),
     }
-    extra = lineage(req, mesh.registry.manifest(req.model).digest, data.digest, metrics)
-    extra |= {
-        "teacher": req.teacher,
-        "teacher_digest": mesh.registry.manifest(req.teacher).digest,
-        "distill": json.dumps({"loss": "embedding", "w_cos": cfg.w_cos, "w_mse": cfg.w_mse}),
-    }
-    await trio.to_thread.run_sync(mesh.registry.save, renamed(trained, req.output, config=extra))
-    mesh.metrics.inc("train_jobs_models_total", task=req.task)
+    settings: dict[str, str | float] = {"loss": "embedding", "w_cos": cfg.w_cos, "w_mse": cfg.w_mse}
+    await _save_student(req, mesh, trained, data.digest, metrics, settings)
     log.info(
         "distill_model_saved",
         model=req.output,
@@ -338,3 +276,68 @@ async def distill_embeddings(
         val_cosine_min=reply.val_cosine_min,
     )
     return reply
+
+
+async def _run_student(
+    req: TrainRequest,
+    job_id: str,
+    emit: Emit,
+    mesh: Mesh,
+    student: Model,
+    data: Dataset,
+    loss: LossFn,
+    *,
+    causal: bool = True,
+    eval_fn: LossFn | None = None,
+) -> tuple[TrainRun, dict[str, torch.Tensor], float]:
+    """Train `student` with `loss` computed here, on the span holding its last atom (the
+    head or the pooling, with the teacher), its body over the mesh: the run, its final
+    state and wall time."""
+    n = len(student)
+    head = student.span(n - 1, n)
+
+    def span_for(model_id: str, start: int, end: int) -> Span:
+        if model_id != req.model or (start, end) != (n - 1, n):
+            raise ExecRefused("not_hosted", f"this job trains only {req.model}[{n - 1},{n})")
+        return head
+
+    head_host = TrainHost(
+        span_for,
+        limiter=mesh.limiter,
+        metrics=mesh.metrics,
+        graph_budget_bytes=mesh.graph_budget_bytes,
+        loss_fn=loss,
+        eval_fn=eval_fn,
+    )
+    plan = Plan(
+        parent=student,
+        first_trainable=first_trainable(student),
+        causal=causal,
+        data=data,
+        optim=optim_of(req),
+        schedule=schedule_of(req),
+    )
+    route = _route(mesh, req, n, head_host)
+    run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit)
+    state, elapsed = await run.run()
+    return run, state, elapsed
+
+
+async def _save_student(
+    req: TrainRequest,
+    mesh: Mesh,
+    trained: Model,
+    data_digest: str,
+    metrics: dict[str, float],
+    settings: dict[str, str | float],
+) -> None:
+    """Register the trained student as `req.output`, recording its parent, data, teacher and
+    distillation settings."""
+    extra = lineage(req, mesh.registry.manifest(req.model).digest, data_digest, metrics)
+    extra |= {
+        "teacher": req.teacher,
+        "teacher_digest": mesh.registry.manifest(req.teacher).digest,
+        "distill": json.dumps(settings),
+    }
+    await trio.to_thread.run_sync(mesh.registry.save, renamed(trained, req.output, config=extra))
+    mesh.metrics.inc("train_jobs_models_total", task=req.task)
