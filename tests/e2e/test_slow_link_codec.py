@@ -3,19 +3,17 @@ the same hop on a fast link in raw, and the job's reply says which codec and the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 
+from bench.slow_link import cosine, fresh_bandwidth
 from nexusd.api.records import (
     EmbedReply,
     EmbedRequest,
     HopReport,
-    PeersReply,
     StatusReply,
     StatusRequest,
-    WaitRequest,
     vectors_of,
 )
 from nexusd.harness.cluster import LocalCluster, local_cluster
@@ -37,20 +35,6 @@ ENV = {
     "NEXUSD_EXEC__VERIFY_FIRST_STEPS": "0",
     "NEXUSD_EXEC__VERIFY_RATE": "0",
 }
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b, strict=True))
-    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
-
-
-def fresh_bandwidth(cluster: LocalCluster, node: str) -> float:
-    """Wait for three fresh probes of `node` (the median of the last three then stands on
-    the current link alone); its measured bandwidth, MB/s."""
-    for _ in range(3):
-        reply = cluster.call(0, WaitRequest("probed", node, timeout_s=60))
-    assert isinstance(reply, PeersReply)
-    return next(p.bandwidth_mb_per_s for p in reply.peers if p.node_id == node)
 
 
 def auto_job(cluster: LocalCluster, node: str) -> tuple[HopReport, list[list[float]]]:
