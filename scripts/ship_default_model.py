@@ -29,6 +29,8 @@ from atoms.nexus import trainable_tensors
 from atoms.training import apply_trained
 from nexusd.model_registry import ModelRegistry
 
+from .train_default_model import JOB_ID
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 def from_checkpoint(run: Path, step: int) -> tuple[Model, Path]:
     """The random-init parent with the trained parameters of the job's checkpoint at `step`,
     and the job's metrics up to that step (written beside the run as metrics-STEP.csv)."""
-    job = run / "mesh" / "node0" / "train" / "default-model"
+    job = run / "mesh" / "node0" / "train" / JOB_ID
     model = ModelRegistry(run / "models").load_model("nexus-1.1-random")
     apply_trained(model, load_file(str(job / f"step-{step:08d}.safetensors")))
     with open(job / "metrics.csv", newline="") as f:

@@ -50,6 +50,7 @@ SETTINGS = {
     "--checkpoint-interval": "110",
     "--seed": "1",
 }
+JOB_ID = "default-model"  # the job's checkpoints: OUT/mesh/node0/train/JOB_ID/
 PARENT = "nexus-1.1-random"  # the architecture with untrained blocks
 LAYOUTS = {
     "replicas": ((f"{PARENT}:0-11", f"{PARENT}:0-11"), ["--replicas", "2"]),
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             "--steps",
             str(args.steps),
             "--job-id",
-            "default-model",
+            JOB_ID,
             *[x for kv in SETTINGS.items() for x in kv],
             *layout_flags,
             "--json",
