@@ -265,6 +265,7 @@ class PeerSessions:
                 error: PeerProtocolError | None = None
                 try:
                     await self._on_start(peer)
+                    log.info("peer_session_started", peer=short_id(peer))
                     await ping_loop(
                         self._transport,
                         peer,
@@ -274,7 +275,7 @@ class PeerSessions:
                         perf=self._perf,
                     )
                 except (TransportBroken, ClosedError) as exc:
-                    log.debug("peer_session_ended", peer=short_id(peer), error=str(exc))
+                    log.info("peer_session_ended", peer=short_id(peer), error=str(exc))
                 except PeerProtocolError as exc:
                     error = exc
                 if self._scopes.get(peer) is scope:

@@ -63,7 +63,8 @@ class DaemonProcess:
             text=True,
             env=daemon_env(env),
         )
-        self._log: IO[str] | None = log_file.open("w") if log_file else None
+        # appended: a restarted daemon's log follows its earlier lives in the same file
+        self._log: IO[str] | None = log_file.open("a") if log_file else None
         self.lines: queue.Queue[Event | None] = queue.Queue()
         self.seen: list[Event] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

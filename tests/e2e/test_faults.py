@@ -336,13 +336,6 @@ def four(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
         cluster.stop_all()
 
 
-def keep_log(cluster: LocalCluster, i: int, tag: str) -> None:
-    """Keep node i's log before a restart (the harness starts each run's log afresh)."""
-    log = cluster.root / f"{cluster.names[i]}.log"
-    if log.exists():
-        log.rename(log.with_name(f"{cluster.names[i]}.{tag}.log"))
-
-
 @dataclass
 class Killer:
     """One fault at a time on a host (never the origin), timed by job progress: mostly a
@@ -385,7 +378,6 @@ class Killer:
                     self.kills += 1
                     self.log.append(f"kill node{victim} at job {self.progress.done}")
                     self._after_jobs(self.rng.randint(1, 2), deadline_s=30)
-                    keep_log(self.cluster, victim, f"kill{self.kills}")
                     self.cluster.start(victim)
                 else:
                     daemon.proc.send_signal(signal.SIGSTOP)
@@ -440,7 +432,6 @@ def test_jobs_survive_hosts_killed_and_frozen(
     bans = dict(peers.counters).get("ban", 0)
     banned = sorted(p.name for p in peers.peers if p.banned)  # the flags, as `peers` shows them
     four.daemon(0).stop()
-    keep_log(four, 0, "run")
     four.start(0)
     outcomes, details = check_all(four, 0, references, jobs)
     figures[f"kill_stop_{n_jobs}"] = {
