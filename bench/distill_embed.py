@@ -83,21 +83,23 @@ def vectors(model: Model, ex: Examples, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def forward_ms(model: Model, ex: Examples) -> float:
-    """Best of 5 forwards of `ex` on one thread."""
+def forward_ms(models: list[Model], ex: Examples, rounds: int = 7) -> list[float]:
+    """Each model's best forward of `ex` on one thread, the models taking turns each round
+    (a speed ratio from one pass each, minutes apart, was off by 20-40 % on this shared box)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     b = trimmed(ex)
     assert b.mask is not None
-    best = math.inf
+    best = [math.inf] * len(models)
     try:
-        for _ in range(5):
-            t0 = time.perf_counter()
-            pooled(Span(model.atoms), b.inputs, b.mask)
-            best = min(best, time.perf_counter() - t0)
+        for _ in range(rounds):
+            for i, model in enumerate(models):
+                t0 = time.perf_counter()
+                pooled(Span(model.atoms), b.inputs, b.mask)
+                best[i] = min(best[i], time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
-    return best * 1000.0
+    return [t * 1000.0 for t in best]
 
 
 class Classify:
@@ -188,10 +190,10 @@ def distill(
 
 
 def report(
-    model: Model, teacher_v: torch.Tensor, val: Examples, teacher_ms: float, cls: Classify
+    model: Model, teacher: Model, teacher_v: torch.Tensor, val: Examples, cls: Classify
 ) -> dict[str, object]:
     cos = F.cosine_similarity(vectors(model, val, 32), teacher_v, dim=-1)
-    ms = forward_ms(model, val.take(range(min(32, len(val)))))
+    teacher_ms, ms = forward_ms([teacher, model], val.take(range(min(32, len(val)))))
     return {
         "cosine_mean": round(float(cos.mean()), 4),
         "cosine_min": round(float(cos.min()), 4),
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     val = data.validation
     cls = Classify(teacher, limit)
     teacher_v = vectors(teacher, val, 32)
-    teacher_ms = forward_ms(teacher, val.take(range(min(32, len(val)))))
+    (teacher_ms,) = forward_ms([teacher], val.take(range(min(32, len(val)))))
     doc: dict[str, object] = {
         "bench": "distill_embed",
         "smoke": args.smoke,
@@ -288,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         students["pruned"] = compress(teacher, settings)[0]
     done: dict[str, dict[str, object]] = {}
     for name, student in students.items():
-        doc[f"{name}_cut"] = report(student, teacher_v, val, teacher_ms, cls)
+        doc[f"{name}_cut"] = report(student, teacher, teacher_v, val, cls)
         print(f"{name} before: {doc[f'{name}_cut']}", file=sys.stderr, flush=True)
         trained, timing = distill(student, teacher, data.train, args)
-        done[name] = {**report(trained, teacher_v, val, teacher_ms, cls), **timing}
+        done[name] = {**report(trained, teacher, teacher_v, val, cls), **timing}
         doc[f"{name}_distilled"] = done[name]
     met: dict[str, bool] = {}
     if "s3" in done:
