@@ -18,7 +18,8 @@ Driving it over remote spans (what the daemon does)::
     done = req                                     # Done(token_ids, text, reason)
 
 On fail-over the origin replays earlier inputs to the new host; the generator is untouched
-because it only ever sees logits.
+because it only ever sees logits. With greedy params, the caller may pick the token where
+the logits are (the last host takes the argmax) and hand it to `feed_token(token)`.
 
 Rule 1: all randomness comes from one `torch.Generator` seeded from `GenerationParams.seed`;
 the same seed, prompt and logits give the same tokens. No global RNG.
@@ -275,7 +276,30 @@ class TokenGenerator:
         if self._state is not _State.RUNNING:
             raise GenerationStateError(f"feed() on a generator in state {self._state.value}")
         last = self._last_logits(logits)
-        token = int(sample_next(last, self.params, self._rng))
+        return self._accept(int(sample_next(last, self.params, self._rng)))
+
+    def feed_token(self, token: int) -> StepRequest | Done:
+        """Take the next token picked elsewhere (the greedy argmax of the last request's
+        logits, e.g. by the host of the LM head); say what to run next, as `feed` does.
+
+        Raises:
+            GenerationStateError: not waiting for the next token, or the params are not
+                greedy (a sampled token needs this generator's RNG: use `feed`).
+            ValueError: `token` is not an int >= 0.
+        """
+        if self._state is not _State.RUNNING:
+            raise GenerationStateError(f"feed_token() on a generator in state {self._state.value}")
+        if not self.params.greedy:
+            raise GenerationStateError(
+                f"feed_token() needs greedy params (temperature 0), got temperature "
+                f"{self.params.temperature}: sampling happens here, from logits (feed)"
+            )
+        if not _is_int(token) or token < 0:
+            raise ValueError(f"token must be an int >= 0, got {token!r}")
+        return self._accept(token)
+
+    def _accept(self, token: int) -> StepRequest | Done:
+        """Append the next token; stop tokens, text pieces, and the next request."""
         self.generated.append(token)
         self._step += 1
         reason = self._stop_reason(token)

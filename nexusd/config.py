@@ -201,6 +201,9 @@ class ExecConfig:
     # activations straight to the next host, copies to the origin; exec/wire.py Rule 5;
     # measured 1.01-1.12x relay's tokens/s over 3 daemons, bench.generate --mode both)
     forward_mode: str = "forward"
+    # as the origin of a greedy generation: the LM head's host sends the next token (its
+    # argmax, 8 bytes) instead of the logits (122 KB for Nexus 1.1); exec/wire.py Rule 6
+    host_argmax: bool = True
 
     def __post_init__(self) -> None:
         if self.forward_mode not in ("relay", "forward"):

@@ -4,7 +4,8 @@ Rule 1: a hop answers one step at a time (`step`), or a batch of stored steps at
 (`replay`, used to rebuild a replacement's KV cache); every failure is a `HopFailed` that
 says whether to blame the host and how to score it (`RoutedSession` decides what to do).
 Rule 2: outputs are checked before use: decodable, finite, and of the batch/token shape
-the input had.
+the input had; a reduced output (wire Rule 6, asked with `argmax_vocab` > 0) is int64 of
+shape (B,) with every id in [0, vocab).
 Rule 3: every step reports compute, queue and transfer time (`HopTiming`).
 """
 
@@ -185,7 +186,9 @@ class Hop(Protocol):
     plan: HopPlan
 
     async def open(self, batch: int, max_len: int) -> None: ...
-    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]: ...
+    async def step(
+        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0
+    ) -> tuple[torch.Tensor, HopTiming]: ...
     async def replay(
         self, first_id: int, inputs: list[StepInput], *, per_step_s: float
     ) -> list[torch.Tensor]: ...
@@ -241,7 +244,11 @@ class RemoteHop:
                 penalty="malformed",
             )
 
-    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
+    async def step(
+        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0
+    ) -> tuple[torch.Tensor, HopTiming]:
+        """One step; with `argmax_vocab` > 0 the host sends the argmax of its last position
+        (int64 (B,), ids below `argmax_vocab`) instead of its output (wire Rule 6)."""
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
         msg = Step(
             session_id=self._sid,
@@ -250,6 +257,7 @@ class RemoteHop:
             causal=inp.causal,
             tensor=header_of(enc),
             pad_mask=inp.pad_mask,
+            reduce="argmax" if argmax_vocab else "",
         )
         t0 = trio.current_time()
         reply, payload = await self._exchange(lambda: self._ch.send(msg, enc), step_id)
@@ -260,7 +268,7 @@ class RemoteHop:
                 f"expected StepResult {step_id}, got {reply!r:.80}",
                 penalty="malformed",
             )
-        out = _checked_output(self.plan.host, reply, payload, inp.x)
+        out = _checked_output(self.plan.host, reply, payload, inp.x, argmax_vocab)
         timing = HopTiming(
             host=self.plan.host,
             start=self.plan.start,
@@ -363,10 +371,10 @@ class RemoteHop:
         return ForwardHop(self.plan.host, self._sid, step_id, self._token)
 
     async def send_forward(
-        self, step_id: int, inp: StepInput, route: tuple[ForwardHop, ...]
+        self, step_id: int, inp: StepInput, route: tuple[ForwardHop, ...], *, argmax: bool = False
     ) -> tuple[int, float]:
         """Send step `step_id` to be forwarded along `route` after this hop; the bytes sent
-        and their `wire_error`."""
+        and their `wire_error`. `argmax`: the route's last host reduces its output."""
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
         msg = Step(
             session_id=self._sid,
@@ -376,6 +384,7 @@ class RemoteHop:
             tensor=header_of(enc),
             pad_mask=inp.pad_mask,
             route=route,
+            reduce="argmax" if argmax else "",
         )
         try:
             with trio.fail_after(self._timeout):
@@ -387,10 +396,11 @@ class RemoteHop:
         return len(enc.data), wire_error(inp.x, enc)
 
     async def receive_forwarded(
-        self, step_id: int, x: torch.Tensor
+        self, step_id: int, x: torch.Tensor, *, argmax_vocab: int = 0
     ) -> tuple[torch.Tensor, StepResult, int]:
         """This hop's copy of its output of step `step_id` (its input was `x`, forwarded by
-        the previous host): (output, the host's result record, payload bytes)."""
+        the previous host): (output, the host's result record, payload bytes); reduced
+        (checked against `argmax_vocab`) when > 0."""
 
         async def nothing() -> None:
             return None
@@ -402,7 +412,8 @@ class RemoteHop:
                 f"expected StepResult {step_id}, got {reply!r:.80}",
                 penalty="malformed",
             )
-        return _checked_output(self.plan.host, reply, payload, x), reply, len(payload)
+        out = _checked_output(self.plan.host, reply, payload, x, argmax_vocab)
+        return out, reply, len(payload)
 
     async def _receive_reply(self, step_id: int | None) -> tuple[object, bytes]:
         """The next reply, skipping answers to earlier steps: after a forwarded step falls
@@ -464,7 +475,9 @@ class LocalHop:
         except ExecRefused as exc:
             raise refused(self.plan.host, exc.code, str(exc)) from None
 
-    async def step(self, step_id: int, inp: StepInput) -> tuple[torch.Tensor, HopTiming]:
+    async def step(
+        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0
+    ) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x)
         msg = Step(
             session_id=self._sid,
@@ -473,6 +486,7 @@ class LocalHop:
             causal=inp.causal,
             tensor=header_of(enc),
             pad_mask=inp.pad_mask,
+            reduce="argmax" if argmax_vocab else "",
         )
         try:
             reply, out_enc = await self._host.step(self._self, msg, enc.data)
@@ -483,7 +497,7 @@ class LocalHop:
             raise HopFailed(
                 self.plan.host, f"invalid output: {exc}", penalty="bad_output"
             ) from None
-        _check_output(self.plan.host, inp.x, out)
+        _check_output(self.plan.host, inp.x, out, argmax_vocab)
         timing = HopTiming(
             host=self.plan.host,
             start=self.plan.start,
@@ -506,19 +520,24 @@ class LocalHop:
 
 
 def _checked_output(
-    host: bytes, reply: StepResult, payload: bytes, x: torch.Tensor
+    host: bytes, reply: StepResult, payload: bytes, x: torch.Tensor, argmax_vocab: int = 0
 ) -> torch.Tensor:
-    """The reply's tensor, decoded (dtype, length, finiteness) and shape-checked against `x`."""
+    """The reply's tensor, decoded (dtype, length, finiteness) and shape-checked against `x`
+    (a reduced one against `argmax_vocab`, see `_check_output`)."""
     try:
         out = tensor_of(reply.tensor, payload)
     except AtomError as exc:
         raise HopFailed(host, f"invalid output: {exc}", penalty="bad_output") from None
-    _check_output(host, x, out)
+    _check_output(host, x, out, argmax_vocab)
     return out
 
 
-def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor) -> None:
-    """A wrong shape is a bad output, scored as one (not as a timeout)."""
+def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor, argmax_vocab: int = 0) -> None:
+    """A wrong shape is a bad output, scored as one (not as a timeout). With `argmax_vocab`
+    > 0 the output must be the reduced one: int64 (B,), every id in [0, argmax_vocab)."""
+    if argmax_vocab:
+        _check_reduced(host, x, out, argmax_vocab)
+        return
     if out.dim() < 2 or out.shape[0] != x.shape[0]:
         raise HopFailed(
             host,
@@ -529,6 +548,22 @@ def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor) -> None:
         raise HopFailed(
             host,
             f"invalid output: {out.shape[1]} tokens, input had {x.shape[1]}",
+            penalty="bad_output",
+        )
+
+
+def _check_reduced(host: bytes, x: torch.Tensor, out: torch.Tensor, vocab: int) -> None:
+    if out.dtype != torch.int64 or tuple(out.shape) != (x.shape[0],):
+        raise HopFailed(
+            host,
+            f"invalid reduced output: expected int64 ({x.shape[0]},), "
+            f"got {out.dtype} {tuple(out.shape)}",
+            penalty="bad_output",
+        )
+    if out.numel() and not (int(out.min()) >= 0 and int(out.max()) < vocab):
+        raise HopFailed(
+            host,
+            f"invalid reduced output: token ids {out.tolist()[:8]} outside [0, {vocab})",
             penalty="bad_output",
         )
 

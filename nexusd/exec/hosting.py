@@ -12,6 +12,9 @@ fails mid-way drops its session (its cache may be half-written) and says so.
 Rule 4: torch runs in worker threads behind one CapacityLimiter per device; the time spent
 waiting for it is the step's queue time, reported back with the compute time. Decode steps
 of different sessions that wait together run as one batch (`batching.StepBatcher`).
+Rule 5: a step asking `reduce="argmax"` (wire Rule 6) that this host answers last (no
+further route) gets its own output's last-position argmax, int64 (B,), in the `raw` codec
+whatever the session's codec; a span that does not end in logits refuses it (`bad_input`).
 """
 
 from __future__ import annotations
@@ -113,6 +116,18 @@ def warm_up(span: Span) -> float:
     with torch.inference_mode():
         span(x, ForwardContext.for_tokens(1, 2))
     return time.perf_counter() - t0
+
+
+def _reduces(msg: Step) -> bool:
+    """Whether this host reduces the step's output: asked to, and it returns the final
+    result (no further route: in forward mode only the route's last host does)."""
+    return msg.reduce == "argmax" and not msg.route
+
+
+def argmax_last(out: torch.Tensor) -> torch.Tensor:
+    """The int64 (B,) argmax of the last position of logits (B, T, V), or of (B, V)."""
+    last = out[:, -1] if out.dim() == 3 else out
+    return last.argmax(dim=-1).to(torch.int64).contiguous()
 
 
 def _physical_memory() -> int:
@@ -400,6 +415,13 @@ class SpanHost:
             raise ExecRefused("out_of_order", f"step {msg.step_id} is too old to answer again")
         if msg.step_id > sess.next_step:
             raise ExecRefused("out_of_order", f"expected step {sess.next_step}, got {msg.step_id}")
+        if _reduces(msg) and sess.span.out_kind is not IOKind.LOGITS:
+            span = sess.span
+            raise ExecRefused(
+                "bad_input",
+                f"reduce {msg.reduce!r} needs a span ending at the model's LM head; atoms "
+                f"{span.model_id}[{span.start},{span.end}) give {span.out_kind.value}",
+            )
         try:
             x = tensor_of(msg.tensor, payload)
             ctx = self._context(sess, msg, x)
@@ -506,7 +528,8 @@ class SpanHost:
         self.profile.observe(
             sess.span.model_id, len(sess.span.atom_list()), tokens, done - started[0]
         )
-        enc = encode(out, sess.reply_codec)
+        # a reduction runs per session, after the (maybe batched) forward
+        enc = self._reduced(peer, msg, out) if _reduces(msg) else encode(out, sess.reply_codec)
         queue_s = started[0] - queued_at if started else 0.0
         self._metrics.inc("exec_steps_total", model=sess.span.model_id)
         result = StepResult(
@@ -517,6 +540,17 @@ class SpanHost:
             queue_s=queue_s,
         )
         return result, enc
+
+    def _reduced(self, peer: bytes, msg: Step, out: torch.Tensor) -> Encoded:
+        """The argmax of `out`'s last position, in the exact `raw` codec (token ids never
+        pass a lossy codec). Non-finite logits are refused, as the origin would refuse them
+        in full (its check cannot see them once reduced), and the session is dropped."""
+        last = out[:, -1] if out.dim() == 3 else out
+        if not bool(torch.isfinite(last).all()):
+            self._drop((peer, msg.session_id))
+            self._metrics.inc("exec_refused_total", code="internal")
+            raise ExecRefused("internal", "the step's logits hold NaN or Inf")
+        return encode(argmax_last(out), "raw")
 
     async def serve(
         self, channel: ExecChannel, *, idle_timeout_s: float, train: TrainHandler | None = None
@@ -619,6 +653,7 @@ class SpanHost:
             route=msg.route[1:],
             origin=owner,
             token=nxt.token,
+            reduce=msg.reduce,  # applied by the route's last host only
         )
         if self.dial is None:
             return "this host does not forward"

@@ -181,12 +181,21 @@ class RoutedSession:
         if len(self.failovers) > self._budget:
             raise JobFailed(f"gave up after {len(self.failovers)} failovers; last: {exc}")
 
-    async def step(self, inp: StepInput) -> tuple[torch.Tensor, list[HopTiming]]:
-        """Run one step through every hop; fail over hops that fail."""
+    async def step(
+        self, inp: StepInput, *, argmax_vocab: int = 0
+    ) -> tuple[torch.Tensor, list[HopTiming]]:
+        """Run one step through every hop; fail over hops that fail.
+
+        Args:
+            argmax_vocab: > 0 asks the last hop for the int64 (B,) argmax of its output's
+                last position instead of the logits (wire Rule 6), checked to lie in
+                [0, argmax_vocab). A step whose last hop is spot-checked gets the full
+                logits anyway (the check compares them): an int64 output says it was reduced.
+        """
         picks = {id(live): self._sampled(live) for live in self._hops}
         timings: list[HopTiming] = []
         if not self._forward or any(picks.values()):
-            return (await self._relay(inp, 0, None, timings, picks)).x, timings
+            return (await self._relay(inp, 0, None, timings, picks, argmax_vocab)).x, timings
         x, i = inp, 0
         while i < len(self._hops):  # runs of 2+ remote hops forward; the rest relays
             run = 0
@@ -195,9 +204,9 @@ class RoutedSession:
             size = run if run >= 2 else 1
             stop = self._hops[i + size] if i + size < len(self._hops) else None
             if run >= 2:
-                x = await self._forward_run(x, i, run, stop, timings)
+                x = await self._forward_run(x, i, run, stop, timings, picks, argmax_vocab)
             else:
-                x = await self._relay(x, i, stop, timings, {})
+                x = await self._relay(x, i, stop, timings, picks, argmax_vocab)
             i = len(self._hops) if stop is None else self._hops.index(stop)
         return x.x, timings
 
@@ -217,17 +226,20 @@ class RoutedSession:
         stop: _Live | None,
         timings: list[HopTiming],
         picks: dict[int, bool],
+        argmax_vocab: int,
     ) -> StepInput:
         """The step from hop i up to `stop` (None: the end), each hop's input sent by the
-        origin (relay mode); a failed hop is replaced and the step goes on from it."""
+        origin (relay mode); a failed hop is replaced and the step goes on from it. The
+        last hop reduces its output when `argmax_vocab` > 0, unless it is spot-checked."""
         while i < len(self._hops) and self._hops[i] is not stop:
             live = self._hops[i]
             sampled = picks.pop(id(live), None)
+            vocab = argmax_vocab if live is self._hops[-1] else 0
             try:
                 if sampled if sampled is not None else self._sampled(live):
                     out, timing = await self._checked_step(live, x)
                 else:
-                    out, timing = await live.hop.step(live.next_id, x)
+                    out, timing = await live.hop.step(live.next_id, x, argmax_vocab=vocab)
             except HopFailed as exc:
                 self._fail(exc)
                 await self._replace(i)
@@ -246,14 +258,22 @@ class RoutedSession:
         live.compute_s += timing.compute_s + timing.queue_s
 
     async def _forward_run(
-        self, x: StepInput, i: int, run: int, stop: _Live | None, timings: list[HopTiming]
+        self,
+        x: StepInput,
+        i: int,
+        run: int,
+        stop: _Live | None,
+        timings: list[HopTiming],
+        picks: dict[int, bool],
+        argmax_vocab: int,
     ) -> StepInput:
         """Hops [i, i + run), all remote, in forward mode: the step goes to hop i with the
         rest of the run as its route. Copies arrive in route order; the first hop that fails
         (or whose host could not forward) is failed over as in relay mode and the step
         continues from it in relay mode: the hops before it applied the step (their copies
         are here), the hops after it are asked again by step id, so one that did apply it
-        answers from its stored result."""
+        answers from its stored result (reduced as asked here: the same `picks` keep them
+        unchecked). A run to the route's end has its last host reduce (wire Rule 6)."""
         lives = self._hops[i : i + run]
         remote = [live.hop for live in lives if isinstance(live.hop, RemoteHop)]
         assert len(remote) == run
@@ -261,20 +281,23 @@ class RoutedSession:
             hop.forward_target(live.next_id)
             for live, hop in zip(lives[1:], remote[1:], strict=True)
         )
+        vocab = argmax_vocab if stop is None else 0  # the run ends at the model's last hop
         try:
-            sent, error = await remote[0].send_forward(lives[0].next_id, x, route)
+            sent, error = await remote[0].send_forward(lives[0].next_id, x, route, argmax=vocab > 0)
         except HopFailed as exc:
             self._fail(exc)
             await self._replace(i)
-            return await self._relay(x, i, stop, timings, {})
+            return await self._relay(x, i, stop, timings, picks, argmax_vocab)
         before = trio.current_time()
         for j, (live, hop) in enumerate(zip(lives, remote, strict=True)):
             try:
-                out, reply, got = await hop.receive_forwarded(live.next_id, x.x)
+                out, reply, got = await hop.receive_forwarded(
+                    live.next_id, x.x, argmax_vocab=vocab if j == run - 1 else 0
+                )
             except HopFailed as exc:
                 self._fail(exc)
                 await self._replace(i + j)
-                return await self._relay(x, i + j, stop, timings, {})
+                return await self._relay(x, i + j, stop, timings, picks, argmax_vocab)
             now = trio.current_time()
             timing = HopTiming(
                 host=hop.plan.host,
@@ -297,7 +320,7 @@ class RoutedSession:
                 log.info(
                     "forward_fell_back", host=hop.plan.host.hex()[:8], reason=reply.forward_error
                 )
-                return await self._relay(x, i + j + 1, stop, timings, {})
+                return await self._relay(x, i + j + 1, stop, timings, picks, argmax_vocab)
         return x
 
     # ---- spot checks (Rule 4) -------------------------------------------------------------

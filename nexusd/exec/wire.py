@@ -23,6 +23,11 @@ to the next host, into the session the origin opened there (`Step.origin`, autho
 that session's secret `forward_token`, which only the origin and the route's hosts learn,
 over encrypted channels), and a copy of it to the origin after that (off the critical
 path): the origin keeps every hop's input for replay and spot checks as in relay mode.
+Rule 6 (reduction, `[exec] host_argmax`): a step whose `reduce` is "argmax" asks the host
+that returns the final result (the one with no further `route`) for the int64 (B,) argmax
+of its output's last position instead of the (B, T, V) logits, sent in the exact `raw`
+codec; hosts that forward pass the field on and send full outputs (their copies to the
+origin included). Only a span that ends in logits (the model's LM head) reduces.
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ class ForwardHop:
 
 
 MAX_ROUTE_HOPS = 64
+REDUCTIONS = ("", "argmax")  # Step.reduce: "" = the full output (Rule 6)
 
 
 @record("x.step")
@@ -129,6 +135,8 @@ class Step:
     Forwarding (Rule 5): `route` names the hops the output goes to next (the first gets
     it from this host); `origin` and `token` are set when another host forwards the step
     into a session `origin` opened (the token is that session's `forward_token`).
+    `reduce` (Rule 6): "argmax" asks the final host for the int64 (B,) argmax of the last
+    position instead of its full output; "" for the full output.
     """
 
     session_id: bytes
@@ -140,8 +148,11 @@ class Step:
     route: tuple[ForwardHop, ...] = ()
     origin: bytes = b""
     token: bytes = b""
+    reduce: str = ""
 
     def __post_init__(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {self.reduce!r:.40}")
         if self.step_id < 0 or self.position < 0:
             raise ValueError(
                 f"step_id and position must be >= 0, got {self.step_id}, {self.position}"

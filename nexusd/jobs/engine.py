@@ -96,6 +96,8 @@ class JobEngine:
         training: this node's training host and limits; None: no training jobs.
         verify: spot-checks of the hosts a session goes through ([exec] verify_*); None: none.
         codec_policy: how a job with codec "auto" picks each hop's codec ([exec] slow_link_*).
+        host_argmax: greedy generation asks the LM head's host for the next token instead of
+            the logits ([exec] host_argmax; exec/wire.py Rule 6).
     """
 
     def __init__(
@@ -113,8 +115,10 @@ class JobEngine:
         verify: VerifyPolicy | None = None,
         codec_policy: CodecPolicy | None = None,
         forward: bool = False,
+        host_argmax: bool = True,
     ) -> None:
         self.view = view
+        self._host_argmax = host_argmax
         self._forward = forward  # [exec] forward_mode = "forward" (exec/wire.py Rule 5)
         self.host = host
         self.registry = registry
@@ -326,6 +330,9 @@ class JobEngine:
             on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)),
         )
         hidden = self.registry.config_int(req.model, "hidden_size", 0)
+        # greedy: the last host sends the argmax, 8 bytes, not the logits (wire Rule 6)
+        reduce = self._host_argmax and params.greedy
+        vocab = self.registry.config_int(req.model, "vocab_size", 0) if reduce else 0
         session = self._session(
             req.model,
             n_atoms=info.n_atoms,
@@ -345,11 +352,12 @@ class JobEngine:
             pending.clear()
             step: StepRequest | Done = gen.start(prompt_ids)
             while isinstance(step, StepRequest):
-                logits, timings = await session.step(
-                    StepInput(step.input_ids(), step.start, True, b"")
+                out, timings = await session.step(
+                    StepInput(step.input_ids(), step.start, True, b""), argmax_vocab=vocab
                 )
                 costs.add(timings)
-                step = gen.feed(logits)
+                # int64: the token, picked by the last host; else logits (a checked step)
+                step = gen.feed_token(int(out[0])) if out.dtype == torch.int64 else gen.feed(out)
                 for event in pending:
                     await emit(event)
                 pending.clear()

@@ -202,6 +202,7 @@ class Daemon:
             verify=verify_policy(cfg.exec),
             codec_policy=codec_policy_of(cfg.exec),
             forward=cfg.exec.forward_mode == "forward",
+            host_argmax=cfg.exec.host_argmax,
         )
         self.journal = Journal(paths.jobs_db)
         self.jobs = JobService(self.engine, self.journal, self.metrics)

@@ -201,6 +201,43 @@ def test_bad_logits_and_prompts_are_rejected() -> None:
         gen.feed(bad)
 
 
+def test_feed_token_takes_the_same_path_as_feed() -> None:
+    """A token picked elsewhere (the greedy argmax on the LM head's host) gives the same
+    requests, pieces, stop handling and result as the logits it came from."""
+    eos = VOCAB.index("!")
+    params = GenerationParams(max_new_tokens=50, stop_token_ids=(eos,), stop_sequences=("xy",))
+    runs: list[tuple[list[object], list[tuple[int, str]]]] = []
+    for by_token in (False, True):
+        pieces: list[tuple[int, str]] = []
+        gen = TokenGenerator(
+            params, decode=decode, on_token=lambda t, p, out=pieces: out.append((t, p))
+        )
+        reqs: list[object] = [gen.start([1, 2])]
+        for ch in "ab e!":
+            tok = VOCAB.index(ch)
+            reqs.append(gen.feed_token(tok) if by_token else gen.feed(logits_for(tok)))
+        runs.append((reqs, pieces))
+    assert runs[0] == runs[1]
+    assert runs[1][0][-1] == Done((0, 1, 26, 4, eos), "ab e", StopReason.STOP_TOKEN)
+
+
+def test_feed_token_needs_greedy_params_and_a_token_id() -> None:
+    sampled = TokenGenerator(GenerationParams(temperature=0.7, seed=1))
+    sampled.start([1])
+    with pytest.raises(GenerationStateError, match="feed_token\\(\\) needs greedy params"):
+        sampled.feed_token(3)
+    greedy = TokenGenerator(GenerationParams(max_new_tokens=1))
+    with pytest.raises(GenerationStateError, match="state new"):
+        greedy.feed_token(3)
+    greedy.start([1])
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="token must be an int >= 0"):
+            greedy.feed_token(bad)  # type: ignore[arg-type]
+    assert isinstance(greedy.feed_token(3), Done)
+    with pytest.raises(GenerationStateError, match="state done"):
+        greedy.feed_token(3)
+
+
 # ------------------------------------------------------------------------ local driver
 
 
