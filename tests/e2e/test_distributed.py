@@ -48,8 +48,12 @@ def reference(registry: ModelRegistry) -> tuple[tuple[int, ...], torch.Tensor]:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, models_dir: Path) -> Iterator[LocalCluster]:
-    with local_cluster(tmp_path, 3, models_dir=models_dir, env=FAST) as c:
+def cluster(
+    tmp_path: Path, models_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[LocalCluster]:
+    """Three daemons; an indirect param is extra environment for all of them."""
+    env = {**FAST, **getattr(request, "param", {})}
+    with local_cluster(tmp_path, 3, models_dir=models_dir, env=env) as c:
         yield c
 
 
@@ -74,6 +78,42 @@ def test_three_daemons_equal_one_process(
     cos = torch.nn.functional.cosine_similarity(torch.tensor(vectors_of(emb)), vectors, dim=-1)
     assert float(cos.min()) >= 0.9999
     assert {h.name for h in emb.route} == {"node1", "node2"}
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    [{"NEXUSD_EXEC__FORWARD_MODE": mode} for mode in ("relay", "forward")],
+    ids=["relay", "forward"],
+    indirect=True,
+)
+def test_host_argmax_on_and_off_give_identical_tokens(
+    cluster: LocalCluster,
+    reference: tuple[tuple[int, ...], torch.Tensor],
+    registry: ModelRegistry,
+) -> None:
+    """Greedy tokens with the last host sending the argmax ([exec] host_argmax, default)
+    equal one process, and so do they with it off (node 0, the origin, restarted so)."""
+    tokens, _ = reference
+    spans = [f"nexus-1.1:{a}-{b}" for a, b in even_spans(11, 3)]
+    for i, spec in enumerate(spans):
+        cluster.host(i, spec)
+    replies: dict[bool, GenerateReply] = {}
+    for on in (True, False):
+        if not on:
+            cluster.daemon(0).stop()
+            cluster.env["NEXUSD_EXEC__HOST_ARGMAX"] = "false"
+            cluster.start(0)
+            cluster.host(0, spans[0])
+        cluster.wait_hosts(0, 3, "nexus-1.1")
+        req = GenerateRequest(prompt=PROMPT, model="nexus-1.1", max_new_tokens=16)
+        replies[on] = cluster.call(0, req, expect=GenerateReply)
+        assert replies[on].token_ids == tokens
+        assert [(h.start, h.end) for h in replies[on].route] == even_spans(11, 3)
+    # the LM head's host sent 8 bytes a token, not the logits (but for its spot-checked
+    # first step, and any other sampled step, which get the full logits)
+    logits_bytes = 4 * registry.config_int("nexus-1.1", "vocab_size", 0)
+    saved = replies[False].route[-1].bytes_in - replies[True].route[-1].bytes_in
+    assert saved >= (len(tokens) - 4) * (logits_bytes - 8)
 
 
 @pytest.mark.parametrize("how", ["killed", "frozen"])
