@@ -15,11 +15,16 @@ The memory figure runs in this process on `SpanHost` (the daemons' own host clas
 whole model as one span: `--streams` sessions of mixed lengths prefill and decode, then the
 pool bytes the sessions hold are compared with their tokens x KV bytes per token, and with
 what the previous contiguous cache reserved (batch x max_len per session).
+`--host-argmax-both`: a second mesh of the same layout runs with `[exec] host_argmax =
+false` (the origin gets every stream's logits and takes the argmax itself); each round
+runs both meshes in turn, and the JSON's "host_argmax" block compares them (tokens/s on
+over off, concurrent and one at a time; every stream's tokens must be the same on both).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -98,30 +103,57 @@ def together(sock: Path, texts: list[str], tokens: int) -> tuple[list[GenerateRe
     return [r for r in replies if r is not None], wall
 
 
-def mesh_rounds(
-    cluster: LocalCluster, texts: list[str], tokens: int, repeat: int
-) -> dict[str, object]:
-    sock = cluster.daemon(0).socket
-    one_at_a_time(sock, texts[:2], 2)  # warm-up: streams, sessions, pools
-    together(sock, texts[:2], 2)
-    alone_tps: list[float] = []
-    conc_tps: list[float] = []
-    identical = True
-    streams_ok: list[bool] = [True] * len(texts)
-    failovers = 0
-    profiles: dict[str, list[dict[str, float]]] = {"one_at_a_time": [], "concurrent": []}
-    for _ in range(repeat):
-        alone, alone_s = one_at_a_time(sock, texts, tokens)
-        conc, conc_s = together(sock, texts, tokens)
-        alone_tps.append(sum(len(r.token_ids) for r in alone) / alone_s)
-        conc_tps.append(sum(len(r.token_ids) for r in conc) / conc_s)
+class _Rounds:
+    """One mesh's rounds (one at a time, then together) and what they measured."""
+
+    def __init__(self, cluster: LocalCluster, streams: int) -> None:
+        self.sock = cluster.daemon(0).socket
+        self.alone_tps: list[float] = []
+        self.conc_tps: list[float] = []
+        self.identical = True
+        self.streams_ok = [True] * streams
+        self.failovers = 0
+        self.tokens: list[tuple[int, ...]] = []  # each stream's tokens, first round alone
+        self.profiles: dict[str, list[dict[str, float]]] = {
+            "one_at_a_time": [],
+            "concurrent": [],
+        }
+
+    def warm_up(self, texts: list[str]) -> None:
+        one_at_a_time(self.sock, texts[:2], 2)  # streams, sessions, pools
+        together(self.sock, texts[:2], 2)
+
+    def round(self, texts: list[str], tokens: int) -> None:
+        alone, alone_s = one_at_a_time(self.sock, texts, tokens)
+        conc, conc_s = together(self.sock, texts, tokens)
+        self.alone_tps.append(sum(len(r.token_ids) for r in alone) / alone_s)
+        self.conc_tps.append(sum(len(r.token_ids) for r in conc) / conc_s)
+        self.tokens = self.tokens or [r.token_ids for r in alone]
         for i, (a, c) in enumerate(zip(alone, conc, strict=True)):
-            same = a.token_ids == c.token_ids
-            streams_ok[i] &= same
-            identical &= same
-        failovers += sum(len(r.failovers) for r in (*alone, *conc))
-        profiles["one_at_a_time"].append(per_token_costs(alone))
-        profiles["concurrent"].append(per_token_costs(conc))
+            same = a.token_ids == c.token_ids == self.tokens[i]
+            self.streams_ok[i] &= same
+            self.identical &= same
+        self.failovers += sum(len(r.failovers) for r in (*alone, *conc))
+        self.profiles["one_at_a_time"].append(per_token_costs(alone))
+        self.profiles["concurrent"].append(per_token_costs(conc))
+
+
+def mesh_rounds(
+    clusters: list[LocalCluster], texts: list[str], tokens: int, repeat: int
+) -> list[_Rounds]:
+    """`repeat` rounds on every cluster, interleaved: round k runs each cluster in turn."""
+    meshes = [_Rounds(c, len(texts)) for c in clusters]
+    for m in meshes:
+        m.warm_up(texts)
+    for _ in range(repeat):
+        for m in meshes:
+            m.round(texts, tokens)
+    return meshes
+
+
+def mesh_figures(m: _Rounds) -> dict[str, object]:
+    alone_tps, conc_tps, profiles = m.alone_tps, m.conc_tps, m.profiles
+    identical, streams_ok, failovers = m.identical, m.streams_ok, m.failovers
     a_tps, c_tps = median(alone_tps), median(conc_tps)
     return {
         "one_at_a_time_tokens_per_s": rounded(a_tps, 2),
@@ -136,6 +168,23 @@ def mesh_rounds(
             mode: {k: rounded(median([r[k] for r in rows]), 2) for k in rows[0]}
             for mode, rows in profiles.items()
         },
+    }
+
+
+def argmax_figures(on: _Rounds, off: _Rounds) -> dict[str, object]:
+    """host_argmax on (the main mesh) over off, concurrent and one at a time."""
+    conc = [a / b for a, b in zip(on.conc_tps, off.conc_tps, strict=True)]
+    alone = [a / b for a, b in zip(on.alone_tps, off.alone_tps, strict=True)]
+    return {
+        "off_concurrent_tokens_per_s": rounded(median(off.conc_tps), 2),
+        "off_one_at_a_time_tokens_per_s": rounded(median(off.alone_tps), 2),
+        "concurrent_on_over_off": rounded(median(on.conc_tps) / median(off.conc_tps), 3),
+        "concurrent_on_over_off_rounds": [rounded(r, 3) for r in conc],
+        "one_at_a_time_on_over_off": rounded(median(on.alone_tps) / median(off.alone_tps), 3),
+        "one_at_a_time_on_over_off_rounds": [rounded(r, 3) for r in alone],
+        "tokens_identical_on_off": on.tokens == off.tokens and off.identical,
+        "off_ms_per_token_per_stream": mesh_figures(off)["ms_per_token_per_stream"],
+        "failovers_off": off.failovers,
     }
 
 
@@ -276,6 +325,7 @@ def run(
     tokens: int,
     repeat: int,
     window_ms: float | None = None,
+    argmax_both: bool = False,
 ) -> dict[str, object]:
     torch.set_num_threads(1)  # like the daemons
     registry = ModelRegistry(models_dir)
@@ -287,9 +337,26 @@ def run(
     t0 = time.perf_counter()
     env = {} if window_ms is None else {"NEXUSD_EXEC__BATCH_WINDOW_MS": str(window_ms)}
     wait = [(BENCH_MODEL, nodes)]
-    with hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait, env=env) as cl:
+    with contextlib.ExitStack() as stack:
+        clusters = [
+            stack.enter_context(
+                hosted_mesh(root / "mesh", layout, models_dir=models_dir, wait=wait, env=env)
+            )
+        ]
+        if argmax_both:
+            off_env = {**env, "NEXUSD_EXEC__HOST_ARGMAX": "false"}
+            clusters.append(
+                stack.enter_context(
+                    hosted_mesh(
+                        root / "no_argmax", layout, models_dir=models_dir, wait=wait, env=off_env
+                    )
+                )
+            )
         setup_s = time.perf_counter() - t0
-        mesh = mesh_rounds(cl, texts, tokens, repeat)
+        meshes = mesh_rounds(clusters, texts, tokens, repeat)
+    mesh = mesh_figures(meshes[0])
+    if argmax_both:
+        mesh["host_argmax"] = argmax_figures(meshes[0], meshes[1])
     return {
         "bench": "concurrency",
         "model": BENCH_MODEL,
@@ -322,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--batch-window-ms", type=float, default=None, help="the daemons' [exec] batch_window_ms"
     )
+    p.add_argument(
+        "--host-argmax-both",
+        action="store_true",
+        help="also run a mesh with [exec] host_argmax = false and compare (rounds interleaved)",
+    )
     args = p.parse_args(argv)
     nodes, streams, tokens, repeat = args.nodes, args.streams, args.tokens, args.repeat
     if args.smoke:
@@ -339,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=tokens,
             repeat=repeat,
             window_ms=args.batch_window_ms,
+            argmax_both=args.host_argmax_both,
         )
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)

@@ -19,6 +19,11 @@ one process, the mesh without checks and the mesh with the default checks, and t
 `--mode relay|forward` runs the mesh in that `[exec] forward_mode` (default: the config's
 default); `--mode both` runs a relay mesh and a forward mesh of the same layout, rounds
 interleaved, and the JSON's "modes" block compares them (tokens must be identical).
+`--host-argmax-both`: a second mesh of the same layout and mode runs with `[exec]
+host_argmax = false` (the origin gets the LM head's logits and takes the argmax itself);
+rounds interleave, and the JSON's "host_argmax" block compares it with the main mesh
+(host_argmax on, the default): tokens/s, their ratio per round, and the bytes the last hop
+sent the origin (tokens must be identical).
 
 The cluster helpers here are shared with `bench.failover` and `bench.embed`.
 """
@@ -58,6 +63,7 @@ BENCH_MODEL = "nexus-1.1-random"
 TARGET_RATIO = 0.9  # mesh tokens/s over one-process tokens/s (issue #15)
 VERIFY_TARGET = 0.10  # tokens/s lost to spot checks at the default rate
 NO_VERIFY_ENV = {"NEXUSD_EXEC__VERIFY_RATE": "0", "NEXUSD_EXEC__VERIFY_FIRST_STEPS": "0"}
+NO_HOST_ARGMAX_ENV = {"NEXUSD_EXEC__HOST_ARGMAX": "false"}
 MODES = ("default", "relay", "forward", "both")
 
 
@@ -117,6 +123,7 @@ def run(
     repeat: int,
     verify_overhead: bool = False,
     mode: str = "default",
+    argmax_both: bool = False,
 ) -> dict[str, object]:
     """The measurement (see the module docstring); returns the JSON document."""
     torch.set_num_threads(1)  # like the daemons (node.torch_threads = 1)
@@ -150,15 +157,27 @@ def run(
                     root / "unchecked", layout, models_dir=models_dir, wait=wait, env=NO_VERIFY_ENV
                 )
             )
+        no_argmax = None
+        if argmax_both:
+            no_argmax = stack.enter_context(
+                hosted_mesh(
+                    root / "no_argmax",
+                    layout,
+                    models_dir=models_dir,
+                    wait=wait,
+                    env={**main_env, **NO_HOST_ARGMAX_ENV},
+                )
+            )
         setup_s = time.perf_counter() - t_setup
         ref, _ = local_generation(model, prompt_ids, tokens)  # warm-up, and the reference
-        for c in (cluster, unchecked, forward):
+        for c in (cluster, unchecked, forward, no_argmax):
             if c is not None:
                 mesh_generation(c, min(tokens, 4))  # warm-up: streams, sessions, caches
         local_s: list[float] = []
         replies: list[tuple[GenerateReply, float]] = []
         bare: list[GenerateReply] = []
         forwarded: list[GenerateReply] = []
+        full_logits: list[GenerateReply] = []
         identical = True
         for _ in range(repeat):
             ids, secs = local_generation(model, prompt_ids, tokens)
@@ -172,6 +191,10 @@ def run(
                 fwd, _ = mesh_generation(forward, tokens)
                 identical &= fwd.token_ids == ref
                 forwarded.append(fwd)
+            if no_argmax is not None:
+                full, _ = mesh_generation(no_argmax, tokens)
+                identical &= full.token_ids == ref
+                full_logits.append(full)
             reply, wall = mesh_generation(cluster, tokens)
             identical &= reply.token_ids == ref
             replies.append((reply, wall))
@@ -206,6 +229,8 @@ def run(
             "forward_origin_bytes_out": [h.bytes_out for h in forwarded[-1].route],
             "relay_origin_bytes_out": [h.bytes_out for h in replies[-1][0].route],
         }
+    if full_logits:
+        doc["host_argmax"] = argmax_block([r for r, _ in replies], full_logits)
     if bare:
         on = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
         off = median([len(r.token_ids) / r.elapsed_s for r in bare])
@@ -219,6 +244,29 @@ def run(
             "failovers_unchecked": sum(len(r.failovers) for r in bare),
         }
     return doc
+
+
+def argmax_block(on: list[GenerateReply], off: list[GenerateReply]) -> dict[str, object]:
+    """host_argmax on (the main mesh) vs off, round by round (`--host-argmax-both`)."""
+    on_tps = [len(r.token_ids) / r.elapsed_s for r in on]
+    off_tps = [len(r.token_ids) / r.elapsed_s for r in off]
+    return {
+        "on_tokens_per_s": rounded(median(on_tps), 2),
+        "off_tokens_per_s": rounded(median(off_tps), 2),
+        "on_over_off": rounded(median(on_tps) / median(off_tps), 3),
+        "on_over_off_rounds": [rounded(a / b, 3) for a, b in zip(on_tps, off_tps, strict=True)],
+        "on_per_hop_origin_ms_per_token": rounded(
+            median([hop_costs(r)["origin"] for r in on]) * 1e3, 3
+        ),
+        "off_per_hop_origin_ms_per_token": rounded(
+            median([hop_costs(r)["origin"] for r in off]) * 1e3, 3
+        ),
+        # bytes the LM head's hop sent the origin over the last job (prefill and spot-checked
+        # steps are full logits either way)
+        "on_last_hop_bytes_in": on[-1].route[-1].bytes_in,
+        "off_last_hop_bytes_in": off[-1].route[-1].bytes_in,
+        "failovers_off": sum(len(r.failovers) for r in off),
+    }
 
 
 def summarise(
@@ -300,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help="[exec] forward_mode of the mesh; 'both': a relay and a forward mesh, compared",
     )
+    p.add_argument(
+        "--host-argmax-both",
+        action="store_true",
+        help="also run a mesh with [exec] host_argmax = false and compare (rounds interleaved)",
+    )
     args = p.parse_args(argv)
     nodes, tokens, repeat = args.nodes, args.tokens, args.repeat
     if args.smoke:
@@ -317,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             repeat=repeat,
             verify_overhead=args.verify_overhead,
             mode=args.mode,
+            argmax_both=args.host_argmax_both,
         )
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)
