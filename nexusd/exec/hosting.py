@@ -417,6 +417,7 @@ class SpanHost:
             raise ExecRefused("out_of_order", f"expected step {sess.next_step}, got {msg.step_id}")
         if _reduces(msg) and sess.span.out_kind is not IOKind.LOGITS:
             span = sess.span
+            self._metrics.inc("exec_refused_total", code="bad_input")
             raise ExecRefused(
                 "bad_input",
                 f"reduce {msg.reduce!r} needs a span ending at the model's LM head; atoms "

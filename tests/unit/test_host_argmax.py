@@ -100,6 +100,7 @@ async def test_a_span_that_does_not_end_in_logits_refuses_to_reduce() -> None:
     with pytest.raises(ExecRefused, match=r"LM head; atoms tiny\[0,3\) give hidden") as err:
         await host_step(host, sid, 0, 0, PROMPT, "argmax")
     assert err.value.code == "bad_input"
+    assert host._metrics.value("exec_refused_total", code="bad_input") == 1
     out, _ = await host_step(host, sid, 0, 0, PROMPT)  # refused before anything ran: usable
     assert out.shape == (1, PROMPT.shape[1], TINY.hidden_size)
 
