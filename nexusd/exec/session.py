@@ -192,7 +192,10 @@ class RoutedSession:
                 [0, argmax_vocab). A step whose last hop is spot-checked gets the full
                 logits anyway (the check compares them): an int64 output says it was reduced.
         """
-        picks = {id(live): self._sampled(live) for live in self._hops}
+        # held until the step returns: their ids key `picks`, and a replaced hop collected
+        # mid-step could hand its id to its replacement
+        lives = list(self._hops)
+        picks = {id(live): self._sampled(live) for live in lives}
         timings: list[HopTiming] = []
         if not self._forward or any(picks.values()):
             return (await self._relay(inp, 0, None, timings, picks, argmax_vocab)).x, timings
