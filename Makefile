@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/nexusd demo --failover
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

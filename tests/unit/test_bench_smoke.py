@@ -96,6 +96,7 @@ def test_converge_smoke_simulation(tmp_path: Path) -> None:
     assert sim["heal"]["heal_virtual_s"] > 0 and sim["cpu_s"] > 0
 
 
+@pytest.mark.bench  # 1-2 min: `make test-all` runs it
 def test_train_smoke_mesh_learns_like_one_process(tmp_path: Path) -> None:
     doc = run_bench("train", tmp_path=tmp_path)
     assert doc["losses_match"] is True and doc["max_loss_diff_vs_one_process"] < 1e-3
@@ -125,6 +126,7 @@ def test_train_smoke_mesh_learns_like_one_process(tmp_path: Path) -> None:
     assert len(rows) == 4 and not any("n/a" in row for row in rows)
 
 
+@pytest.mark.bench  # 1-2 min: `make test-all` runs it
 def test_compress_smoke_measures_every_level() -> None:
     res = subprocess.run(
         [sys.executable, "-m", "bench.compress", "--smoke"],
