@@ -9,7 +9,11 @@ cut/pruned and after distillation, one JSON object reports:
 
 - cosine of its sentence vectors to the teacher's on the corpus's held-out paragraphs
   (mean and min; `--eval-examples` of them, at most `--seq-len` tokens);
-- forward time against the teacher's (32 held-out paragraphs, best of 5, both on one thread);
+- the same cosine on `nexusd compress`'s evaluation set (the first 32 paragraphs of the
+  corpus's validation split, whole, up to the tokenizer's limit: `compress_cosine`), the
+  figure `bench.compress` and the compressed manifests report;
+- forward time against the teacher's (32 held-out paragraphs, best of 7, the two models
+  taking turns, on one thread);
 - accuracy on the held-out classification set (`data/classify/`, 420 validation passages,
   7 novels): zero-shot (cosine to "This text is about {label}.", as `nexusd classify`
   does) and a linear head on the frozen embeddings (softmax regression, Adam lr 0.05, 300
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from atoms.atom import ForwardContext
-from atoms.compress import CompressSettings, compress
+from atoms.compress import Batch, CompressSettings, compress, text_batches
 from atoms.corpus import corpus_path, read_text
 from atoms.datasets import Examples, Order, read_labelled
 from atoms.distill_embed import (
@@ -50,6 +54,7 @@ from atoms.distill_embed import (
 )
 from atoms.minilm import load_minilm
 from atoms.model import Model
+from atoms.precision import cosine_report
 from atoms.span import Span
 from atoms.training import (
     OptimConfig,
@@ -189,14 +194,30 @@ def distill(
     }
 
 
+@torch.no_grad()
+def final_output(model: Model, batch: Batch) -> torch.Tensor:
+    x = batch.ids
+    for atom in model.atoms:
+        x = atom(x, batch.ctx)
+    return x
+
+
 def report(
-    model: Model, teacher: Model, teacher_v: torch.Tensor, val: Examples, cls: Classify
+    model: Model,
+    teacher: Model,
+    teacher_v: torch.Tensor,
+    val: Examples,
+    cls: Classify,
+    evaluation: Batch,
 ) -> dict[str, object]:
     cos = F.cosine_similarity(vectors(model, val, 32), teacher_v, dim=-1)
+    whole = cosine_report(final_output(teacher, evaluation), final_output(model, evaluation))
     teacher_ms, ms = forward_ms([teacher, model], val.take(range(min(32, len(val)))))
     return {
         "cosine_mean": round(float(cos.mean()), 4),
         "cosine_min": round(float(cos.min()), 4),
+        "compress_cosine_mean": round(whole.mean, 4),
+        "compress_cosine_min": round(whole.min, 4),
         "forward_ms": round(ms, 2),
         "speedup": round(teacher_ms / ms, 3),
         "params": sum(p.numel() for a in model.atoms for p in a.parameters()),
@@ -282,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_texts=8 if args.smoke else 96,
         eval_texts=4 if args.smoke else 32,
     )
+    _, evaluation = text_batches(teacher, settings)
     wanted = args.students.split(",")
     students = {}
     if "s3" in wanted:
@@ -290,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         students["pruned"] = compress(teacher, settings)[0]
     done: dict[str, dict[str, object]] = {}
     for name, student in students.items():
-        doc[f"{name}_cut"] = report(student, teacher, teacher_v, val, cls)
+        doc[f"{name}_cut"] = report(student, teacher, teacher_v, val, cls, evaluation)
         print(f"{name} before: {doc[f'{name}_cut']}", file=sys.stderr, flush=True)
         trained, timing = distill(student, teacher, data.train, args)
-        done[name] = {**report(trained, teacher, teacher_v, val, cls), **timing}
+        done[name] = {**report(trained, teacher, teacher_v, val, cls, evaluation), **timing}
         doc[f"{name}_distilled"] = done[name]
     met: dict[str, bool] = {}
     if "s3" in done:
@@ -302,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             _num(s3, "cosine_mean") >= 0.95 and _num(s3, "speedup") >= 1.8
         )
     if "pruned" in done:
-        met["pruned_cosine_0.98"] = _num(done["pruned"], "cosine_mean") >= 0.98
+        # the pruning target is bench.compress's figure: cosine on compress's evaluation set
+        met["pruned_cosine_0.98"] = _num(done["pruned"], "compress_cosine_mean") >= 0.98
     doc["targets_met"] = met
     doc["took_s"] = round(time.perf_counter() - t_start, 1)
     emit_json(doc)
