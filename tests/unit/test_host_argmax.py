@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import trio
@@ -14,14 +12,14 @@ from atoms.span import Span
 from mesh.wire import decode_any
 from mesh.wire import encode as encode_record
 from nexusd.exec.hosting import ExecRefused, SpanHost
-from nexusd.exec.session import RoutedSession, StepInput, Verification
+from nexusd.exec.session import RoutedSession, StepInput
 from nexusd.exec.verify import VerifyPolicy
 from nexusd.exec.wire import OpenSession, Step, TensorHeader, header_of, tensor_of
 from nexusd.metrics import Metrics
 
 from .exec_fixtures import TINY, Cluster, Node, tiny_llama
 from .test_exec import PROMPT, reference_greedy, split
-from .test_verify import own_output
+from .test_verify import verified
 
 PEER = b"o" * 32
 VOCAB = TINY.vocab_size
@@ -289,22 +287,9 @@ async def test_spot_checked_steps_get_the_full_logits() -> None:
         outcomes: list[str] = []
         async with trio.open_nursery() as nursery:
             cl = Cluster(nursery, [a, b], forward=forward)
-            verify = Verification(
-                policy=VerifyPolicy(rate=0.0, first_steps=1),
-                arbiter=own_output,
-                rng=random.Random(0),
-                on_check=outcomes.append,
-            )
-            sess = RoutedSession(
-                n_atoms=6,
-                plan=cl.planner([(0, 3, [a.id]), (3, 6, [b.id])]),
-                make_hop=cl.make_hop,
-                report_failure=cl.report,
-                batch=1,
-                max_len=32,
-                verify=verify,
-                forward=forward,
-            )
+            layout = [(0, 3, [a.id]), (3, 6, [b.id])]
+            policy = VerifyPolicy(rate=0.0, first_steps=1)
+            sess = verified(cl, layout, policy, outcomes, forward=forward)
             await sess.open()
             got, reduced = await reduced_greedy(sess, 5)
             await sess.close()
