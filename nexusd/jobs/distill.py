@@ -60,6 +60,7 @@ from .training import (
     lineage,
     load_data,
     optim_of,
+    reply_metrics,
     reply_of,
     schedule_of,
     validate,
@@ -169,25 +170,14 @@ async def distill(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Tra
         val_perplexity=round(math.exp(min(val_loss, 50)), 4) if not math.isnan(val_loss) else 0.0,
         teacher_val_perplexity=round(teacher_ppl, 4),
     )
-    metrics = {
-        "val_loss": reply.val_loss,
+    figures = {
         "val_perplexity": reply.val_perplexity,
         "teacher_val_perplexity": reply.teacher_val_perplexity,
         "val_accuracy": reply.val_accuracy,
-        "train_loss": reply.train_loss,
-        "steps": float(reply.steps),
     }
     settings: dict[str, str | float] = {"temperature": cfg.temperature, "alpha": cfg.alpha}
     trained = apply_trained(student, state)
-    await _save_student(req, mesh, trained, data.digest, metrics, settings)
-    log.info(
-        "distill_model_saved",
-        model=req.output,
-        student=req.model,
-        teacher=req.teacher,
-        val_ppl=reply.val_perplexity,
-        teacher_val_ppl=reply.teacher_val_perplexity,
-    )
+    await _save_student(req, mesh, trained, data.digest, reply, figures, settings)
     return reply
 
 
@@ -258,23 +248,9 @@ async def distill_embeddings(
         val_cosine_mean=round(float(cos.mean()), 6),
         val_cosine_min=round(float(cos.min()), 6),
     )
-    metrics = {
-        "val_loss": reply.val_loss,
-        "val_cosine_mean": reply.val_cosine_mean,
-        "val_cosine_min": reply.val_cosine_min,
-        "train_loss": reply.train_loss,
-        "steps": float(reply.steps),
-    }
+    figures = {"val_cosine_mean": reply.val_cosine_mean, "val_cosine_min": reply.val_cosine_min}
     settings: dict[str, str | float] = {"loss": "embedding", "w_cos": cfg.w_cos, "w_mse": cfg.w_mse}
-    await _save_student(req, mesh, trained, data.digest, metrics, settings)
-    log.info(
-        "distill_model_saved",
-        model=req.output,
-        student=req.model,
-        teacher=req.teacher,
-        val_cosine_mean=reply.val_cosine_mean,
-        val_cosine_min=reply.val_cosine_min,
-    )
+    await _save_student(req, mesh, trained, data.digest, reply, figures, settings)
     return reply
 
 
@@ -328,11 +304,14 @@ async def _save_student(
     mesh: Mesh,
     trained: Model,
     data_digest: str,
-    metrics: dict[str, float],
+    reply: TrainReply,
+    figures: dict[str, float],
     settings: dict[str, str | float],
 ) -> None:
-    """Register the trained student as `req.output`, recording its parent, data, teacher and
-    distillation settings."""
+    """Register the trained student as `req.output`, recording its parent, data, teacher,
+    distillation settings and metrics: the run's losses and steps around the kind's own
+    `figures` (perplexities; cosines), which the log line gives too."""
+    metrics = reply_metrics(reply, figures)
     extra = lineage(req, mesh.registry.manifest(req.model).digest, data_digest, metrics)
     extra |= {
         "teacher": req.teacher,
@@ -341,3 +320,6 @@ async def _save_student(
     }
     await trio.to_thread.run_sync(mesh.registry.save, renamed(trained, req.output, config=extra))
     mesh.metrics.inc("train_jobs_models_total", task=req.task)
+    log.info(
+        "distill_model_saved", model=req.output, student=req.model, teacher=req.teacher, **figures
+    )

@@ -608,6 +608,17 @@ def reply_of(run: TrainRun, output: str, elapsed: float) -> TrainReply:
     )
 
 
+def reply_metrics(reply: TrainReply, figures: dict[str, float]) -> dict[str, float]:
+    """A trained model's manifest metrics (`lineage`): the run's losses and steps around the
+    task's own `figures` (perplexity, accuracy; a distilled student's cosines)."""
+    return {
+        "val_loss": reply.val_loss,
+        **figures,
+        "train_loss": reply.train_loss,
+        "steps": float(reply.steps),
+    }
+
+
 def lineage(
     req: TrainRequest, parent_digest: str, data_digest: str, reply_metrics: dict[str, float]
 ) -> dict[str, str | int | float | bool]:
@@ -708,13 +719,9 @@ async def train(req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh) -> Train
     run = TrainRun(req, job_id, plan, route, folder=mesh.folder / job_id, emit=emit, verify=verify)
     state, elapsed = await run.run()
     reply = reply_of(run, req.output, elapsed)
-    metrics = {
-        "val_loss": reply.val_loss,
-        "val_perplexity": reply.val_perplexity,
-        "val_accuracy": reply.val_accuracy,
-        "train_loss": reply.train_loss,
-        "steps": float(reply.steps),
-    }
+    metrics = reply_metrics(
+        reply, {"val_perplexity": reply.val_perplexity, "val_accuracy": reply.val_accuracy}
+    )
     extra = lineage(req, mesh.registry.manifest(req.model).digest, data.digest, metrics)
     if data.labels:
         extra |= {"labels": json.dumps(list(data.labels)), "head_of": req.model}
