@@ -8,16 +8,15 @@ import trio
 
 from atoms.atom import ForwardContext
 from atoms.codecs import Encoded, encode
-from atoms.span import Span
 from mesh.wire import decode_any
 from mesh.wire import encode as encode_record
 from nexusd.exec.hosting import ExecRefused, SpanHost
 from nexusd.exec.session import RoutedSession, StepInput
 from nexusd.exec.verify import VerifyPolicy
 from nexusd.exec.wire import OpenSession, Step, TensorHeader, header_of, tensor_of
-from nexusd.metrics import Metrics
 
 from .exec_fixtures import TINY, Cluster, Node, tiny_llama
+from .test_batching import make_host
 from .test_exec import PROMPT, reference_greedy, split
 from .test_verify import verified
 
@@ -61,17 +60,6 @@ def test_step_reduce_is_argmax_or_nothing_and_travels() -> None:
 # ---- the host ---------------------------------------------------------------------------
 
 
-def host_of(span: Span, window_s: float = 0.0) -> SpanHost:
-    return SpanHost(
-        [span],
-        kv_budget_bytes=1 << 24,
-        max_sessions=16,
-        limiter=trio.CapacityLimiter(1),
-        metrics=Metrics(),
-        batch_window_s=window_s,
-    )
-
-
 async def host_step(
     host: SpanHost, sid: bytes, step_id: int, pos: int, x: torch.Tensor, reduce: str = ""
 ) -> tuple[torch.Tensor, TensorHeader]:
@@ -90,7 +78,7 @@ async def host_step(
 
 async def test_a_span_that_does_not_end_in_logits_refuses_to_reduce() -> None:
     body = split(tiny_llama(), [(0, 3)])[0]
-    host = host_of(body)
+    host = make_host(body)
     sid = b"a" * 16
     await host.open(
         PEER, OpenSession(session_id=sid, model_id="tiny", start=0, end=3, batch=1, max_len=16)
@@ -108,7 +96,7 @@ async def test_the_head_sends_its_last_positions_argmax_raw_whatever_the_codec()
     head = split(model, [(3, 6)])[0]
     body = split(model, [(0, 3)])[0]
     hidden = body(PROMPT, _ctx())
-    host = host_of(head)
+    host = make_host(head)
     for i, codec in enumerate(("raw", "int8")):
         for reduce in ("", "argmax"):
             sid = bytes([i * 2 + (1 if reduce else 0)]) * 16
@@ -167,8 +155,8 @@ async def test_batched_reduced_steps_equal_reduced_steps_alone() -> None:
                     await one(i, r)
         return tokens
 
-    alone = await run(host_of(span), together=False)
-    host = host_of(span, window_s=10.0)  # the wait ends when all 8 active sessions arrive
+    alone = await run(make_host(span), together=False)
+    host = make_host(span, window_s=10.0)  # the wait ends when all 8 active sessions arrive
     batched = await run(host, together=True)
     assert batched == alone
     assert host._metrics.value("exec_batched_steps_total") == 8 * 5  # 4 rounds batched
