@@ -122,7 +122,9 @@ class TeacherLoss:
             out: torch.Tensor = self.teacher(ids, ctx, check=False)
         return out.float()
 
-    def __call__(self, out: torch.Tensor, targets: torch.Tensor) -> tuple[LossSum, torch.Tensor]:
+    def __call__(
+        self, out: torch.Tensor, targets: torch.Tensor, _span_input: torch.Tensor
+    ) -> tuple[LossSum, torch.Tensor]:
         if targets.dim() != 2:
             raise TrainingError("distill: targets must be (B, T) next-token ids")
         return distill_loss(out, self.teacher_logits(targets), targets, self.cfg)

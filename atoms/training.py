@@ -158,8 +158,11 @@ class LossSum:
     correct: int  # argmax == target among them
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[LossSum, torch.Tensor]]
-"""(span output, targets) -> (the summed loss's figures, the loss tensor to backpropagate)."""
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[LossSum, torch.Tensor]]
+"""(span output, targets, span input) -> (the summed loss's figures, the loss tensor to
+backpropagate). The span input is what the span received (ids, or hidden states that carry
+the input gradient): most losses read only the output; an embedding student's token targets
+read the hidden states its pooling span pools (`atoms.distill_embed`)."""
 
 
 @dataclass(slots=True)
@@ -192,7 +195,8 @@ class SpanTrainer:
             holding the first trainable atom: the frozen prefix before it needs none).
         graph_budget_bytes: autograd memory kept between forwards and backwards; past it,
             a micro-batch keeps only its input and is recomputed in its backward.
-        loss_fn: the training loss of `loss` (outputs, targets) -> (sums, summed loss);
+        loss_fn: the training loss of `loss` (outputs, targets, span input) -> (sums,
+            summed loss), `LossFn`;
             None: cross-entropy against the targets (e.g. `atoms.distill.TeacherLoss`
             instead).
         eval_fn: the validation loss of `evaluate`; None: cross-entropy (an embedding
@@ -326,7 +330,7 @@ class SpanTrainer:
         """
         self.span.check_input(x)
         leaf, out = self._run(x, ctx)
-        result, loss = (self.loss_fn or _cross_entropy)(out, targets)
+        result, loss = (self.loss_fn or _cross_entropy)(out, targets, leaf)
         if not math.isfinite(result.loss):
             raise NonFiniteLoss(f"micro-batch {mb}: loss is {result.loss}")
         with self._autocast():
@@ -341,7 +345,7 @@ class SpanTrainer:
         with torch.no_grad(), self._autocast():
             out = self.span(x, ctx, check=False)
         with torch.no_grad():
-            return (self.eval_fn or _cross_entropy)(out, targets)[0]
+            return (self.eval_fn or _cross_entropy)(out, targets, x)[0]
 
     def infer(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """A forward with no gradient and no dropout (the frozen spans of a training run)."""
@@ -509,7 +513,9 @@ class SpanTrainer:
         self.next_step = next_step
 
 
-def _cross_entropy(out: torch.Tensor, targets: torch.Tensor) -> tuple[LossSum, torch.Tensor]:
+def _cross_entropy(
+    out: torch.Tensor, targets: torch.Tensor, _span_input: torch.Tensor
+) -> tuple[LossSum, torch.Tensor]:
     if targets.dtype != torch.long or tuple(targets.shape) != tuple(out.shape[:-1]):
         raise TrainingError(
             f"targets: expected int64 {tuple(out.shape[:-1])}, got {targets.dtype} "

@@ -20,10 +20,10 @@ cut/pruned and after distillation, one JSON object reports:
   full-batch steps, weight decay 1e-4: the procedure of data/classify/README.md), the
   same procedure for teacher and students.
 
-Training runs the student's whole span in one `SpanTrainer` with the loss function
-(`atoms.distill_embed.EmbedTeacherLoss`) the `nexusd train distill` job gives the span
-holding the student's pooling atom, on the same paragraph examples, data order and dropout
-seeds (the e2e test shows the distributed run equals this one). One difference, speed only:
+Training runs the student in one process split as the `nexusd train distill` job splits it
+(`atoms.distill_embed.PooledStudent`: the body, and the pooling span with the job's loss
+function, `EmbedTeacherLoss`, weights `--token-weight`), on the same paragraph examples,
+data order and dropout seeds (the e2e test shows the distributed run equals this one). One difference, speed only:
 each micro-batch is cut to its longest example (the job pads every example to the longest
 of the data set; the masked tokens change nothing but the time).
 
@@ -48,6 +48,7 @@ from atoms.datasets import Examples, Order, read_labelled
 from atoms.distill_embed import (
     EmbedDistillConfig,
     EmbedTeacherLoss,
+    PooledStudent,
     embed_dataset,
     encoder_student_of,
     pooled,
@@ -59,7 +60,6 @@ from atoms.span import Span
 from atoms.training import (
     OptimConfig,
     Schedule,
-    SpanTrainer,
     fp32_copy,
     micro_batch_seed,
 )
@@ -154,12 +154,11 @@ def distill(
     student: Model, teacher: Model, train: Examples, args: argparse.Namespace
 ) -> tuple[Model, dict[str, float]]:
     """`args.steps` steps of the job's embedding loss; (trained model, timing and loss)."""
-    loss = EmbedTeacherLoss(Span(teacher.atoms), EmbedDistillConfig())
-    trainer = SpanTrainer(
-        Span(fp32_copy(student.atoms)),
+    cfg = EmbedDistillConfig(w_token=args.token_weight)
+    trainer = PooledStudent(
+        fp32_copy(student.atoms),
+        EmbedTeacherLoss(Span(teacher.atoms), cfg),
         OptimConfig(dropout=args.dropout),
-        needs_input_grad=False,
-        loss_fn=loss,
     )
     sched = Schedule(lr=args.lr, warmup_steps=max(1, args.steps // 10), total_steps=args.steps)
     order = Order(len(train), args.micro_batch, args.seed)
@@ -172,7 +171,7 @@ def distill(
                 ex.inputs.shape[0], ex.inputs.shape[1], causal=False, pad_mask=ex.mask
             )
             ctx.dropout, ctx.seed = args.dropout, micro_batch_seed(args.seed, step, k)
-            result = trainer.loss(k, ex.inputs, ex.targets, ctx)[0]
+            result = trainer.loss(k, ex.inputs, ex.targets, ctx)
             count, total = count + result.count, total + result.loss
         norm = math.sqrt(trainer.grad_sq_norm()) / count
         trainer.apply(step, lr=sched.lr_at(step), scale=min(1.0, 1.0 / max(norm, 1e-12)) / count)
@@ -185,9 +184,8 @@ def distill(
                 flush=True,
             )
     per_step = (time.perf_counter() - t0) / args.steps
-    trainer.span.train(False)
     tail = losses[-max(1, len(losses) // 10) :]
-    return student.with_atoms(trainer.span.atom_list()), {
+    return student.with_atoms(trainer.atom_list()), {
         "s_per_step": round(per_step, 3),
         "train_loss_first": round(losses[0], 5),
         "train_loss_last_10pct": round(sum(tail) / len(tail), 5),
@@ -241,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument(
+        "--token-weight",
+        type=float,
+        default=EmbedDistillConfig().w_token,
+        help="weight of the loss's token term (0: pooled vectors only)",
+    )
     p.add_argument("--eval-examples", type=int, default=320)
     p.add_argument("--threads", type=int, default=2, help="torch threads while training")
     p.add_argument("--seed", type=int, default=0)
@@ -283,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seq_len",
                 "lr",
                 "dropout",
+                "token_weight",
                 "eval_examples",
                 "threads",
                 "seed",

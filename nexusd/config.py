@@ -263,6 +263,8 @@ class TrainConfig:
     teacher: str = "nexus-1.1"
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5
+    # an embedding student's token term: its last hidden states against the teacher's
+    distill_token_weight: float = 1.0
     op_timeout_s: float = 300.0  # deadline of one training exchange with a host
     route_wait_s: float = 60.0  # a run waits this long for hosts to appear before failing
     graph_budget_bytes: int = 1024 * MiB  # autograd memory a host keeps per session
@@ -294,6 +296,10 @@ class TrainConfig:
             "outer_lr",
         ):
             _positive(f"train.{name}", getattr(self, name))
+        if not 0.0 <= self.distill_token_weight <= 100.0:
+            raise ConfigError(
+                f"train.distill_token_weight: expected 0..100, got {self.distill_token_weight}"
+            )
         if not 0.0 < self.distill_temperature <= 100.0 or not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(
                 "train.distill_temperature / distill_alpha: expected (0, 100] / [0, 1], got "

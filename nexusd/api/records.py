@@ -496,10 +496,12 @@ class TrainRequest:
     average_every: int = 1
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
-    # distill: the teacher model (run at the origin) and the loss's temperature and alpha
+    # distill: the teacher model (run at the origin) and the loss's temperature and alpha;
+    # an embedding student's token term weight (`atoms.distill_embed`)
     teacher: str = ""
     temperature: float = 2.0
     alpha: float = 0.5
+    token_weight: float = 1.0
     # wire codec of activations and gradients between stages ("raw": exact; "auto": per hop)
     codec: str = "raw"
     job_id: str = ""

@@ -111,6 +111,15 @@ def _flags(p: argparse.ArgumentParser) -> None:
         "cross-entropy (0: hard labels only)",
     )
     g.add_argument(
+        "--token-weight",
+        type=float,
+        dest="train.distill_token_weight",
+        metavar="W",
+        help="distill, embedding models: weight of the token term (the student's last "
+        "hidden states against the teacher's, relative squared error) beside the cosine "
+        "of the sentence vectors; 0: vectors only",
+    )
+    g.add_argument(
         "--decay",
         choices=("cosine", "linear", "constant"),
         dest="train.decay",
@@ -190,6 +199,7 @@ def _request(args: argparse.Namespace, cfg: Config) -> TrainRequest:
         teacher=t.teacher if args.task == "distill" else "",
         temperature=t.distill_temperature,
         alpha=t.distill_alpha,
+        token_weight=t.distill_token_weight,
         codec=t.codec,
         job_id=args.job_id,
     )

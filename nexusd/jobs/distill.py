@@ -33,6 +33,7 @@ from atoms.corpus import corpus_path, read_text
 from atoms.datasets import Dataset, Examples, file_digest, special_ids
 from atoms.distill import DistillConfig, TeacherLoss
 from atoms.distill_embed import (
+    COSINE_ONLY,
     EmbedDistillConfig,
     EmbedTeacherLoss,
     cosines,
@@ -229,14 +230,21 @@ async def distill_embeddings(
     req: TrainRequest, job_id: str, emit: Emit, mesh: Mesh, student: Model, teacher: Model
 ) -> TrainReply:
     """`train distill` of an embedding model: the student's layers over the mesh, its
-    pooling atom and the teacher here; loss `atoms.distill_embed` (cosine to the teacher's
-    vectors, default weights). Every parameter of the student trains."""
+    pooling atom and the teacher here; loss `atoms.distill_embed`: the cosine to the
+    teacher's vectors and, weighted by `token_weight`, the student's last hidden states
+    against the teacher's token by token (read from the pooling span's input). Every
+    parameter of the student trains."""
     _check_embed_pair(teacher, student)
-    cfg = EmbedDistillConfig()
+    try:
+        cfg = EmbedDistillConfig(w_token=req.token_weight)
+    except ValueError as exc:
+        raise ApiError("bad_request", f"token_weight: {exc}") from None
     data = await trio.to_thread.run_sync(load_embed_data, req, student)
     loss = EmbedTeacherLoss(Span(teacher.atoms), cfg)
+    # validation: the cosine term alone, so the run's val loss is 1 - the mean cosine
+    cosine = EmbedTeacherLoss(Span(teacher.atoms), COSINE_ONLY)
     run, state, elapsed = await _run_student(
-        req, job_id, emit, mesh, student, data, loss, causal=False, eval_fn=loss
+        req, job_id, emit, mesh, student, data, loss, causal=False, eval_fn=cosine
     )
     trained = apply_trained(student, state)
     val = data.validation.take(range(min(req.eval_examples, len(data.validation))))
@@ -249,7 +257,12 @@ async def distill_embeddings(
         val_cosine_min=round(float(cos.min()), 6),
     )
     figures = {"val_cosine_mean": reply.val_cosine_mean, "val_cosine_min": reply.val_cosine_min}
-    settings: dict[str, str | float] = {"loss": "embedding", "w_cos": cfg.w_cos, "w_mse": cfg.w_mse}
+    settings: dict[str, str | float] = {
+        "loss": "embedding",
+        "w_cos": cfg.w_cos,
+        "w_mse": cfg.w_mse,
+        "w_token": cfg.w_token,
+    }
     await _save_student(req, mesh, trained, data.digest, reply, figures, settings)
     return reply
 

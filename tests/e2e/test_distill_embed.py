@@ -16,13 +16,14 @@ from atoms.datasets import Order
 from atoms.distill_embed import (
     EmbedDistillConfig,
     EmbedTeacherLoss,
+    PooledStudent,
     cosines,
     embed_dataset,
     encoder_student_of,
 )
 from atoms.model import Model
 from atoms.span import Span
-from atoms.training import OptimConfig, Schedule, SpanTrainer, fp32_copy
+from atoms.training import OptimConfig, Schedule, fp32_copy
 from nexusd.api.records import TrainProgressEvent, TrainReply, TrainRequest
 from nexusd.errors import ApiError
 from nexusd.harness.cluster import local_cluster
@@ -39,18 +40,17 @@ STUDENT = "minilm-s3"
 def reference(
     teacher: Model, student: Model, req: TrainRequest, data: Path, validation: Path
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The same distillation in one process: one SpanTrainer over the whole student;
-    (trained parameters, validation cosines to the teacher)."""
+    """The same distillation in one process, the student split as the job splits it (body,
+    and the pooling span that computes the loss: `PooledStudent`); (trained parameters,
+    validation cosines to the teacher)."""
     tok = student.tokenizer
     assert tok is not None
     ds = embed_dataset(
         data.read_text(), tok, length=req.seq_len, digest="", validation_text=validation.read_text()
     )
-    loss = EmbedTeacherLoss(Span(teacher.atoms), EmbedDistillConfig())
+    loss = EmbedTeacherLoss(Span(teacher.atoms), EmbedDistillConfig(w_token=req.token_weight))
     optim = OptimConfig(weight_decay=req.weight_decay, dropout=req.dropout)
-    trainer = SpanTrainer(
-        Span(fp32_copy(student.atoms)), optim, needs_input_grad=False, loss_fn=loss
-    )
+    trainer = PooledStudent(fp32_copy(student.atoms), loss, optim)
     sched = Schedule(
         lr=req.lr, warmup_steps=req.warmup_steps, total_steps=req.steps, decay=req.decay
     )
@@ -62,11 +62,11 @@ def reference(
                 mb.x.shape[0], mb.x.shape[1], causal=False, pad_mask=mb.mask
             )
             ctx.dropout, ctx.seed = req.dropout, mb.seed
-            count += trainer.loss(k, mb.x, mb.targets, ctx)[0].count
+            count += trainer.loss(k, mb.x, mb.targets, ctx).count
         norm = math.sqrt(trainer.grad_sq_norm()) / count
         trainer.apply(step, lr=sched.lr_at(step), scale=min(1.0, req.clip / norm) / count)
-    params = {n: p.detach() for n, p in trainer.span.named_parameters() if p.requires_grad}
-    done = student.with_atoms(list(fp32_copy(list(trainer.span.atoms))))
+    params = {n: p.detach() for n, p in trainer.body.span.named_parameters() if p.requires_grad}
+    done = student.with_atoms(fp32_copy(trainer.atom_list()))
     return params, cosines(done, teacher, ds.validation, req.micro_batch)
 
 
@@ -123,7 +123,8 @@ def test_distilled_embedding_student_equals_one_process(
     assert math.isclose(reply.val_loss, 1.0 - float(ref_cos.mean()), abs_tol=1e-5)
     saved = registry.load_model(reply.model)
     assert saved.config["teacher"] == "minilm" and saved.config["parent"] == STUDENT
-    assert json.loads(str(saved.config["distill"]))["loss"] == "embedding"
+    settings = json.loads(str(saved.config["distill"]))
+    assert settings["loss"] == "embedding" and settings["w_token"] == req.token_weight == 1.0
 
 
 def _fields(req: TrainRequest) -> dict[str, object]:

@@ -70,6 +70,14 @@ def test_range_checks_name_the_key(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[mesh]\nlisten_port = 70000\n"))
     with pytest.raises(ConfigError, match=r"mesh\.advert_lease_s: expected at least 2 x"):
         load_config(write(tmp_path, "[mesh]\nadvert_lease_s = 5.0\n"))
+    with pytest.raises(ConfigError, match=r"train\.distill_token_weight: expected 0\.\.100"):
+        load_config(write(tmp_path, "[train]\ndistill_token_weight = -1.0\n"))
+    assert (
+        load_config(
+            write(tmp_path, "[train]\ndistill_token_weight = 0.0\n")
+        ).train.distill_token_weight
+        == 0.0
+    )
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:

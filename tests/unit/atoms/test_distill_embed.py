@@ -1,6 +1,7 @@
-"""Embedding distillation: the loss against a direct computation, the teacher's input rebuilt
-from targets with its padding mask, encoder students cut from a teacher, the paragraph data,
-and a few steps moving a cut student toward its teacher."""
+"""Embedding distillation: the loss against a direct computation (vectors and token terms),
+the teacher's input rebuilt from targets with its padding mask, encoder students cut from a
+teacher, the paragraph data, the body/pooling split equal to one span, and a few steps
+moving a cut student toward its teacher."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from atoms.bert import BertConfig, random_bert
 from atoms.datasets import Examples
 from atoms.distill_embed import (
     COSINE_HIT,
+    COSINE_ONLY,
     EmbedDistillConfig,
     EmbedTeacherLoss,
+    PooledStudent,
     cosines,
     embed_dataset,
     embed_distill_loss,
@@ -27,6 +30,7 @@ from atoms.distill_embed import (
     encoder_student_of,
     ends_in_pooling,
     pooled,
+    token_distill_loss,
 )
 from atoms.errors import DataError, ModelFormatError
 from atoms.minilm import minilm_dir
@@ -99,15 +103,53 @@ def test_loss_gradient_is_the_direct_one() -> None:
 def test_bad_inputs_are_refused(teacher: Model) -> None:
     with pytest.raises(TrainingError, match="must both be"):
         embed_distill_loss(vectors(1), vectors(2, n=4), EmbedDistillConfig())
-    for bad in ({"w_cos": -1.0}, {"w_mse": math.nan}, {"w_cos": 0.0, "w_mse": 0.0}):
+    bads = (
+        {"w_cos": -1.0},
+        {"w_mse": math.nan},
+        {"w_token": 101.0},
+        {"w_cos": 0.0, "w_mse": 0.0, "w_token": 0.0},
+    )
+    for bad in bads:
         with pytest.raises(ValueError):
             EmbedDistillConfig(**bad)  # type: ignore[arg-type]
     loss = EmbedTeacherLoss(Span(teacher.atoms), EmbedDistillConfig())
+    hidden = torch.zeros(3, 4, 16)
     with pytest.raises(TrainingError, match="input ids"):
-        loss(vectors(1, n=3, width=16), torch.zeros(3, dtype=torch.long))
+        loss(vectors(1, n=3, width=16), torch.zeros(3, dtype=torch.long), hidden)
     empty = torch.full((3, 4), IGNORE, dtype=torch.long)
     with pytest.raises(TrainingError, match="at least one real token"):
-        loss(vectors(1, n=3, width=16), empty)
+        loss(vectors(1, n=3, width=16), empty, hidden)
+    # the token term needs hidden states: a whole-model span's input (ids) is refused
+    ids, mask = batch()
+    with pytest.raises(TrainingError, match="pooling receives"):
+        loss(vectors(1, n=3, width=16), embed_targets(ids, mask), ids)
+    with pytest.raises(TrainingError, match="must both be"):
+        token_distill_loss(torch.zeros(3, 7, 16), torch.zeros(3, 7, 8), mask)
+    with pytest.raises(TrainingError, match="mask"):
+        token_distill_loss(torch.zeros(3, 7, 16), torch.zeros(3, 7, 16), mask[:, :4])
+
+
+def test_token_term_equals_a_direct_computation() -> None:
+    _, mask = batch()
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(3, 7, 8, generator=gen)
+    s = torch.randn(3, 7, 8, generator=gen).requires_grad_(True)
+    rel = token_distill_loss(s, t, mask)
+    assert torch.allclose(token_distill_loss(t, t, mask), torch.zeros(3))
+    assert torch.allclose(token_distill_loss(torch.zeros_like(t), t, mask), torch.ones(3))
+    moved = s.detach().clone()
+    moved[~mask] += 100.0  # padded positions carry no loss
+    assert torch.allclose(token_distill_loss(moved, t, mask), rel.detach())
+    rel.sum().backward()
+    ref = s.detach().clone().requires_grad_(True)
+    direct = torch.zeros(())
+    for i in range(3):
+        n = int(mask[i].sum())
+        direct = direct + ((ref[i, :n] - t[i, :n]) ** 2).sum() / (t[i, :n] ** 2).sum()
+    direct.backward()
+    assert s.grad is not None and ref.grad is not None
+    assert torch.allclose(s.grad, ref.grad, atol=1e-6)
+    assert math.isclose(float(rel.detach().sum()), float(direct.detach()), rel_tol=1e-5)
 
 
 def test_teacher_sees_the_students_input_with_its_padding(teacher: Model) -> None:
@@ -122,13 +164,17 @@ def test_teacher_sees_the_students_input_with_its_padding(teacher: Model) -> Non
         n = int(mask[i].sum())
         alone = pooled(Span(teacher.atoms), ids[i : i + 1, :n], mask[i : i + 1, :n])
         assert torch.allclose(padded[i], alone[0], atol=1e-5)
-    # the student's pooling span, fed the same mask, against the teacher: zero loss
+    # the student's pooling span, fed the same mask, against the teacher: zero loss, the
+    # token term included (its input: the teacher's own hidden states)
     body = Span(teacher.atoms[:-1])
     ctx = ForwardContext.for_tokens(3, 7, causal=False, pad_mask=mask)
     with torch.no_grad():
-        out = Span(teacher.atoms[-1:])(body(ids, ctx), ctx)
-    result, _ = loss(out, targets)
+        hidden = body(ids, ctx)
+        out = Span(teacher.atoms[-1:])(hidden, ctx)
+    result, _ = loss(out, targets, hidden)
     assert abs(result.loss) < 1e-5 and result.count == 3
+    hidden_t, vectors_t = loss.teacher_outputs(targets)
+    assert torch.allclose(hidden_t, hidden, atol=1e-6) and torch.equal(vectors_t, padded)
 
 
 def test_encoder_student_keeps_the_teachers_weights(teacher: Model, tmp_path: Path) -> None:
@@ -178,63 +224,78 @@ def test_paragraph_examples_truncate_and_split() -> None:
         embed_dataset(text, tok, length=2, digest="d")
 
 
-def test_steps_move_a_cut_student_toward_its_teacher(teacher: Model) -> None:
+def perturbed_student(teacher: Model) -> Model:
     student = encoder_student_of(teacher, "s2", layers=[0, 3])
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():  # a random BERT's layers barely move its mean: make them differ
         for p in student.span().parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    return student
+
+
+def ctx3(mask: torch.Tensor) -> ForwardContext:
+    return ForwardContext.for_tokens(3, 7, causal=False, pad_mask=mask)
+
+
+def test_split_student_equals_one_span_without_the_token_term(teacher: Model) -> None:
+    """`PooledStudent` (body + pooling span, as the job splits a student) takes the same
+    steps as one SpanTrainer over the whole student when the loss reads only the vectors."""
+    student = perturbed_student(teacher)
     ids, mask = batch()
     targets = embed_targets(ids, mask)
-    loss = EmbedTeacherLoss(Span(teacher.atoms), EmbedDistillConfig())
-    trainer = SpanTrainer(
+    cfg = EmbedDistillConfig(w_token=0.0)
+    optim = OptimConfig(weight_decay=0.01, dropout=0.0)
+    whole = SpanTrainer(
         Span(fp32_copy(student.atoms)),
-        OptimConfig(weight_decay=0.0, dropout=0.0),
+        optim,
         needs_input_grad=False,
-        loss_fn=loss,
-        eval_fn=loss,
+        loss_fn=EmbedTeacherLoss(Span(teacher.atoms), cfg),
     )
+    split = PooledStudent(
+        fp32_copy(student.atoms), EmbedTeacherLoss(Span(teacher.atoms), cfg), optim
+    )
+    for step in range(3):
+        a = whole.loss(0, ids, targets, ctx3(mask))[0]
+        b = split.loss(0, ids, targets, ctx3(mask))
+        assert math.isclose(a.loss, b.loss, rel_tol=1e-5) and a.count == b.count == 3
+        assert math.isclose(whole.grad_sq_norm(), split.grad_sq_norm(), rel_tol=1e-4)
+        whole.apply(step, lr=3e-3, scale=1.0 / 3)
+        split.apply(step, lr=3e-3, scale=1.0 / 3)
+    for p, q in zip(whole.span.atom_list(), split.atom_list(), strict=True):
+        for (name, x), (_, y) in zip(p.state_dict().items(), q.state_dict().items(), strict=True):
+            assert torch.allclose(x, y, atol=1e-5), name
 
-    def ctx() -> ForwardContext:
-        return ForwardContext.for_tokens(3, 7, causal=False, pad_mask=mask)
 
-    before = trainer.evaluate(ids, targets, ctx())
-    assert before.loss > 0.05
-    first = trainer.loss(0, ids, targets, ctx())[0]
-    assert math.isclose(first.loss, before.loss, rel_tol=1e-5)  # no dropout: the same loss
+def test_steps_move_a_cut_student_toward_its_teacher(teacher: Model) -> None:
+    student = perturbed_student(teacher)
+    ids, mask = batch()
+    targets = embed_targets(ids, mask)
+    ex = Examples(inputs=ids, targets=targets, mask=mask)
+    before = cosines(student, teacher, ex, batch=2)
+    trainer = PooledStudent(
+        fp32_copy(student.atoms),
+        EmbedTeacherLoss(Span(teacher.atoms), EmbedDistillConfig()),  # token term on
+        OptimConfig(weight_decay=0.0, dropout=0.0),
+    )
+    cosine = EmbedTeacherLoss(Span(teacher.atoms), COSINE_ONLY)
+    first = trainer.loss(0, ids, targets, ctx3(mask))
+    # the default loss = the cosine term + the token term (each example's relative error)
+    hidden, _ = cosine.teacher_outputs(targets)
+    with torch.no_grad():
+        s_hidden = Span(student.atoms[:-1])(ids, ctx3(mask))
+    vec = cosine(pooled(Span(student.atoms), ids, mask), targets, s_hidden)[0]
+    assert math.isclose(vec.loss, float((1 - before).sum()), rel_tol=1e-4)
+    tokens = float(token_distill_loss(s_hidden, hidden, mask).sum())
+    assert math.isclose(first.loss, vec.loss + tokens, rel_tol=1e-4)
     trainer.apply(0, lr=3e-3, scale=1.0 / 3)
     for step in range(1, 15):
-        trainer.loss(0, ids, targets, ctx())
+        trainer.loss(0, ids, targets, ctx3(mask))
         trainer.apply(step, lr=3e-3, scale=1.0 / 3)
-    after = trainer.evaluate(ids, targets, ctx())
-    assert after.loss < 0.5 * before.loss
-    trained = student.with_atoms(list(trainer.span.atoms))
-    ex = Examples(inputs=ids, targets=targets, mask=mask)
-    cos = cosines(trained, teacher, ex, batch=2)
-    assert math.isclose(float((1 - cos).sum()), after.loss, rel_tol=1e-4)
-
-
-def test_bench_table_rows_read_the_bench_json() -> None:
-    from bench import all as bench_all
-
-    student = {"cosine_mean": 0.9612, "cosine_min": 0.81, "speedup": 1.93}
-    doc: dict[str, object] = {
-        "settings": {"steps": 300},
-        "teacher": {"accuracy": {"linear_head": 0.56}},
-        "s3_cut": {"cosine_mean": 0.61},
-        "s3_distilled": {**student, "accuracy": {"linear_head": 0.52}},
-        "pruned_cut": {"cosine_mean": 0.88},
-        "pruned_distilled": {**student, "accuracy": {"linear_head": 0.55}},
-        "targets_met": {"s3_cosine_0.95_speed_1.8": True, "pruned_cosine_0.98": False},
-    }
-    rows = [
-        line
-        for line in bench_all.table({"distill_embed": doc}).splitlines()
-        if "bench.distill_embed" in line
-    ]
-    assert len(rows) == 2
-    assert "cosine 0.9612 (min 0.8100; before 0.6100), 1.93x speed" in rows[0]
-    assert rows[0].count("✓") == 1 and rows[1].count("✗") == 1
+    last = trainer.loss(0, ids, targets, ctx3(mask))
+    assert last.loss < 0.5 * first.loss
+    trained = student.with_atoms(trainer.atom_list())
+    after = cosines(trained, teacher, ex, batch=2)
+    assert float((1 - after).sum()) < 0.6 * float((1 - before).sum())
 
 
 def test_make_student_cuts_an_embedding_model(
