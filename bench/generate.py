@@ -24,6 +24,9 @@ host_argmax = false` (the origin gets the LM head's logits and takes the argmax 
 rounds interleave, and the JSON's "host_argmax" block compares it with the main mesh
 (host_argmax on, the default): tokens/s, their ratio per round, and the bytes the last hop
 sent the origin (tokens must be identical).
+`--inline-both`: the same with `[exec] inline_step_max_ms = 0` on the second mesh (every
+step computed on a worker thread, as before issue #15's inline steps; exec/batching.py Rule
+5); the JSON's "inline" block compares the main mesh (inline on, the default) with it.
 
 The cluster helpers here are shared with `bench.failover` and `bench.embed`.
 """
@@ -64,6 +67,9 @@ TARGET_RATIO = 0.9  # mesh tokens/s over one-process tokens/s (issue #15)
 VERIFY_TARGET = 0.10  # tokens/s lost to spot checks at the default rate
 NO_VERIFY_ENV = {"NEXUSD_EXEC__VERIFY_RATE": "0", "NEXUSD_EXEC__VERIFY_FIRST_STEPS": "0"}
 NO_HOST_ARGMAX_ENV = {"NEXUSD_EXEC__HOST_ARGMAX": "false"}
+NO_INLINE_ENV = {"NEXUSD_EXEC__INLINE_STEP_MAX_MS": "0"}
+# --host-argmax-both / --inline-both: the JSON block and the second mesh's environment
+COMPARED = {"host_argmax": NO_HOST_ARGMAX_ENV, "inline": NO_INLINE_ENV}
 MODES = ("default", "relay", "forward", "both")
 
 
@@ -123,7 +129,7 @@ def run(
     repeat: int,
     verify_overhead: bool = False,
     mode: str = "default",
-    argmax_both: bool = False,
+    compare: str = "",
 ) -> dict[str, object]:
     """The measurement (see the module docstring); returns the JSON document."""
     torch.set_num_threads(1)  # like the daemons (node.torch_threads = 1)
@@ -157,15 +163,15 @@ def run(
                     root / "unchecked", layout, models_dir=models_dir, wait=wait, env=NO_VERIFY_ENV
                 )
             )
-        no_argmax = None
-        if argmax_both:
+        no_argmax = None  # the mesh with the compared feature off
+        if compare:
             no_argmax = stack.enter_context(
                 hosted_mesh(
-                    root / "no_argmax",
+                    root / f"no_{compare}",
                     layout,
                     models_dir=models_dir,
                     wait=wait,
-                    env={**main_env, **NO_HOST_ARGMAX_ENV},
+                    env={**main_env, **COMPARED[compare]},
                 )
             )
         setup_s = time.perf_counter() - t_setup
@@ -230,7 +236,7 @@ def run(
             "relay_origin_bytes_out": [h.bytes_out for h in replies[-1][0].route],
         }
     if full_logits:
-        doc["host_argmax"] = argmax_block([r for r, _ in replies], full_logits)
+        doc[compare] = argmax_block([r for r, _ in replies], full_logits)
     if bare:
         on = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
         off = median([len(r.token_ids) / r.elapsed_s for r in bare])
@@ -247,7 +253,8 @@ def run(
 
 
 def argmax_block(on: list[GenerateReply], off: list[GenerateReply]) -> dict[str, object]:
-    """host_argmax on (the main mesh) vs off, round by round (`--host-argmax-both`)."""
+    """A feature on (the main mesh) vs off, round by round (`--host-argmax-both`,
+    `--inline-both`)."""
     on_tps = [len(r.token_ids) / r.elapsed_s for r in on]
     off_tps = [len(r.token_ids) / r.elapsed_s for r in off]
     return {
@@ -353,12 +360,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run a mesh with [exec] host_argmax = false and compare (rounds interleaved)",
     )
+    p.add_argument(
+        "--inline-both",
+        action="store_true",
+        help="also run a mesh with [exec] inline_step_max_ms = 0 and compare (rounds interleaved)",
+    )
     args = p.parse_args(argv)
     nodes, tokens, repeat = args.nodes, args.tokens, args.repeat
     if args.smoke:
         nodes, tokens, repeat = 2, 4, 1
     if nodes < 1 or tokens < 1 or repeat < 1:
         p.error(f"--nodes, --tokens and --repeat must be >= 1, got {nodes}, {tokens}, {repeat}")
+    if args.host_argmax_both and args.inline_both:
+        p.error("--host-argmax-both and --inline-both: one comparison at a time")
     quiet_logs()
     models_dir = args.models_dir or default_models_dir()
     with work_dir(args.workdir) as root:
@@ -370,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             repeat=repeat,
             verify_overhead=args.verify_overhead,
             mode=args.mode,
-            argmax_both=args.host_argmax_both,
+            compare="host_argmax"
+            if args.host_argmax_both
+            else "inline"
+            if args.inline_both
+            else "",
         )
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)

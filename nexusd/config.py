@@ -197,6 +197,9 @@ class ExecConfig:
     slow_link_bytes_per_s: float = 6.25e6  # 50 Mbit/s
     slow_link_codec: str = "int8"  # raw (never lossy) | fp16 | bf16 | int8
     batch_window_ms: float = 5.0  # as a host: a decode step waits this for others to batch
+    # as a host: a lone decode step whose span's recent steps took at most this runs on the
+    # event loop's thread (no worker-thread hand-offs; exec/batching.py Rule 5); 0: never
+    inline_step_max_ms: float = 20.0
     # as the origin: "relay" (every activation through the origin) or "forward" (hosts send
     # activations straight to the next host, copies to the origin; exec/wire.py Rule 5;
     # measured 1.01-1.12x relay's tokens/s over 3 daemons, bench.generate --mode both)
@@ -212,6 +215,10 @@ class ExecConfig:
             )
         if not 0.0 <= self.batch_window_ms <= 1000.0:
             raise ConfigError(f"exec.batch_window_ms: expected 0..1000, got {self.batch_window_ms}")
+        if not 0.0 <= self.inline_step_max_ms <= 1000.0:
+            raise ConfigError(
+                f"exec.inline_step_max_ms: expected 0..1000, got {self.inline_step_max_ms}"
+            )
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"exec.verify_rate: expected 0..1, got {self.verify_rate}")
         if self.slow_link_bytes_per_s < 0 or self.slow_link_codec not in WIRE_CODECS:

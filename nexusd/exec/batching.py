@@ -12,6 +12,16 @@ Rule 3: a batch that fails is undone (each cache's lengths restored; its pages s
 their sessions) and its steps run one by one, so one session's bad step fails only itself.
 Rule 4: one step alone runs exactly the unbatched code (`single`): bit-identical to a host
 without batching.
+Rule 5 (inline steps): a step runs on the event loop's own thread instead of a worker
+thread when it is alone on an idle host (fewer than two sessions active, as in Rule 1) and
+its span's recent steps of its shape took at most `inline_max_s` each (a running average;
+the first step of a shape always goes to a worker, which measures it). That saves the two
+thread hand-offs of `trio.to_thread` per step (the worker's wake-up and the loop's), which
+on a loaded 2-core machine cost a single stream over three daemons 12 % of its tokens/s
+(README, "Speed"); the price is a loop that does not read its sockets for those few
+milliseconds, which an idle host does not miss. Under concurrency (two or more active
+sessions) every step goes to a worker, so steps arriving during a computation still queue
+here and form the next batch.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ class StepBatcher:
         max_batch: most steps in one batch.
         active: how many sessions stepped recently on this host (the company to expect).
         on_batch: called with (steps, seconds) after every run (metrics, load meter).
+        inline_max_s: Rule 5's bound on a step computed on the loop's thread (0: never).
     """
 
     def __init__(
@@ -86,9 +97,13 @@ class StepBatcher:
         max_batch: int,
         active: Callable[[], int],
         on_batch: Callable[[int, float], None],
+        inline_max_s: float = 0.0,
     ) -> None:
-        if window_s < 0 or max_batch < 1:
-            raise ValueError(f"batcher needs window_s >= 0 and max_batch >= 1, got {window_s}")
+        if window_s < 0 or max_batch < 1 or inline_max_s < 0:
+            raise ValueError(
+                "batcher needs window_s >= 0, max_batch >= 1 and inline_max_s >= 0, got "
+                f"{window_s}, {max_batch}, {inline_max_s}"
+            )
         self._limiter = limiter
         self._window = window_s
         self._max = max_batch
@@ -97,6 +112,9 @@ class StepBatcher:
         self._waiting: list[BatchedStep] = []
         self._arrived = trio.Event()
         self._gathering: trio.Event | None = None
+        self._inline_max = inline_max_s
+        self._step_s: dict[tuple[object, ...], float] = {}  # Rule 5: recent seconds per key
+        self.inline_steps = 0  # steps computed on the loop's thread (Rule 5)
 
     def __repr__(self) -> str:
         return f"StepBatcher({len(self._waiting)} waiting, window {self._window * 1e3:.1f} ms)"
@@ -157,10 +175,26 @@ class StepBatcher:
 
     async def _execute(self, batch: list[BatchedStep]) -> None:
         t0 = time.perf_counter()
-        await trio.to_thread.run_sync(_compute, batch)  # the device is held by the caller
+        if self._inline(batch):
+            _compute(batch)  # Rule 5: on this thread, the loop held for the step
+            self.inline_steps += 1
+        else:
+            await trio.to_thread.run_sync(_compute, batch)  # the device is held by the caller
         for s in batch:
             s.done = True
+        if len(batch) == 1 and batch[0].batchable and batch[0].error is None:
+            s = batch[0]
+            took = s.finished - s.started
+            last = self._step_s.get(s.key)
+            self._step_s[s.key] = took if last is None else 0.7 * last + 0.3 * took
         self._on_batch(len(batch), time.perf_counter() - t0)
+
+    def _inline(self, batch: list[BatchedStep]) -> bool:
+        """Rule 5: a lone step of a measured, fast-enough shape on an idle host."""
+        if self._inline_max <= 0 or len(batch) != 1 or not batch[0].batchable:
+            return False
+        recent = self._step_s.get(batch[0].key)
+        return recent is not None and recent <= self._inline_max and self._active() < 2
 
 
 def _compute(batch: list[BatchedStep]) -> None:

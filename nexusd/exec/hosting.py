@@ -185,6 +185,9 @@ class SpanHost:
         kv_page_tokens: tokens per page of the KV pool ([atoms] kv_page_tokens).
         batch_window_s: how long a decode step waits for other sessions' steps to batch
             with ([exec] batch_window_ms); 0 batches only steps that queue anyway.
+        inline_max_s: a lone decode step whose span's recent steps took at most this runs
+            on the event loop's thread, not a worker's ([exec] inline_step_max_ms;
+            `exec.batching` Rule 5); 0: never.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class SpanHost:
         max_step_tokens: int = 65536,
         kv_page_tokens: int = 8,
         batch_window_s: float = 0.0,
+        inline_max_s: float = 0.0,
     ) -> None:
         self._spans = list(spans)
         self._max_step_tokens = max_step_tokens
@@ -219,6 +223,7 @@ class SpanHost:
             max_batch=MAX_BATCH,
             active=self._active_sessions,
             on_batch=self._batched,
+            inline_max_s=inline_max_s,
         )
         self.profile = ComputeProfile()  # measured seconds per atom, per model
         # Forwarding (wire Rule 5): opens an exec channel to another host (set by the daemon;

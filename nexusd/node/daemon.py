@@ -147,6 +147,7 @@ class Daemon:
             max_step_tokens=cfg.atoms.max_step_tokens,
             kv_page_tokens=cfg.atoms.kv_page_tokens,
             batch_window_s=cfg.exec.batch_window_ms / 1000,
+            inline_max_s=cfg.exec.inline_step_max_ms / 1000,
         )
         self.signer = Signer(self.key, HybridClock(max_drift_s=cfg.mesh.max_clock_drift_s))
         self.verifier = EnvelopeVerifier(

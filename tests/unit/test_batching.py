@@ -1,15 +1,20 @@
-"""A host's KV pool accounting and batched decode steps (SpanHost over atoms.kv_pool)."""
+"""A host's KV pool accounting, batched decode steps (SpanHost over atoms.kv_pool), and lone
+steps computed on the event loop's thread (exec/batching.py Rule 5)."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 import torch
 import trio
 import trio.testing
 
-from atoms.batched import BATCH_RTOL
+from atoms.batched import BATCH_RTOL, BatchItem
 from atoms.codecs import encode
 from atoms.span import Span
+from nexusd.exec.batching import BatchedStep, StepBatcher
 from nexusd.exec.hosting import ExecRefused, SpanHost
 from nexusd.exec.wire import OpenSession, Step, header_of, tensor_of
 from nexusd.metrics import Metrics
@@ -21,7 +26,9 @@ LENGTHS = [3, 7, 2, 12, 5, 9, 2, 16]  # 8 sessions of mixed prompt lengths (pref
 # tokens run alone: a batch is made of one-token steps)
 
 
-def make_host(span: Span, *, budget: int = 1 << 24, window_s: float = 0.0) -> SpanHost:
+def make_host(
+    span: Span, *, budget: int = 1 << 24, window_s: float = 0.0, inline_max_s: float = 0.0
+) -> SpanHost:
     """A host whose clock stands still: every open session counts as recently active."""
     return SpanHost(
         [span],
@@ -31,6 +38,7 @@ def make_host(span: Span, *, budget: int = 1 << 24, window_s: float = 0.0) -> Sp
         metrics=Metrics(),
         kv_page_tokens=4,
         batch_window_s=window_s,
+        inline_max_s=inline_max_s,
         clock=lambda: 0.0,
     )
 
@@ -174,3 +182,66 @@ async def test_a_session_closed_mid_step_gives_its_pages_back_when_the_step_ends
         host.close(PEER, sid(0))
         assert host.kv_pages()[0] == 3  # the step will still write them
     assert host.kv_pages()[0] == 0
+
+
+def lone_step(span: Span, threads: list[int], seconds: float = 0.0) -> BatchedStep:
+    """A one-token step whose computation notes the thread it ran on."""
+
+    def single() -> torch.Tensor:
+        threads.append(threading.get_ident())
+        time.sleep(seconds)
+        return torch.zeros(1)
+
+    item = BatchItem(x=torch.zeros(1, 1, 4), position=0, causal=True, pad_mask=None, cache=None)
+    return BatchedStep(span=span, item=item, single=single, batchable=True)
+
+
+async def test_lone_steps_run_on_the_loop_once_measured_fast_and_not_under_company() -> None:
+    span = tiny_llama()
+    active, threads, loop = [1], [], threading.get_ident()
+
+    def batcher(inline_max_s: float) -> StepBatcher:
+        return StepBatcher(
+            limiter=trio.CapacityLimiter(1),
+            window_s=0.0,
+            max_batch=8,
+            active=lambda: active[0],
+            on_batch=lambda steps, seconds: None,
+            inline_max_s=inline_max_s,
+        )
+
+    fast = batcher(0.05)
+    for _ in range(3):
+        await fast.run(lone_step(span, threads))
+    # the first step of a shape is measured on a worker; the next ones run on the loop
+    assert threads[0] != loop and threads[1:] == [loop, loop] and fast.inline_steps == 2
+    active[0] = 2  # company: every step goes to a worker, so arrivals can batch
+    await fast.run(lone_step(span, threads))
+    assert threads[-1] != loop and fast.inline_steps == 2
+    active[0] = 1
+    slow = batcher(0.002)  # a shape slower than the bound stays on workers
+    for _ in range(3):
+        await slow.run(lone_step(span, threads, seconds=0.01))
+    never = batcher(0.0)  # 0: never inline
+    for _ in range(3):
+        await never.run(lone_step(span, threads))
+    assert all(t != loop for t in threads[-6:]) and slow.inline_steps == never.inline_steps == 0
+    with pytest.raises(ValueError, match="inline_max_s"):
+        batcher(-1.0)
+
+
+async def test_a_lone_session_inline_equals_worker_threads_bit_for_bit() -> None:
+    span = tiny_llama()
+    outs = []
+    for inline_max_s in (0.0, 10.0):
+        host = make_host(span, inline_max_s=inline_max_s)
+        await open_session(host, 0)
+        got = [await step(host, 0, 0, 0, prompt(0, 5))]
+        for r in range(6):
+            token = int(got[-1][0, -1].argmax())
+            got.append(await step(host, 0, r + 1, 5 + r, [token]))
+        outs.append((got, host._batcher.inline_steps))
+    (worker, none), (inline, some) = outs
+    assert none == 0 and some == 5  # the prefill and the first decode step ran on workers
+    for a, b in zip(worker, inline, strict=True):
+        assert torch.equal(a, b)
