@@ -141,12 +141,17 @@ def embed_inputs(targets: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.T
     return torch.where(mask, targets, torch.full_like(targets, pad)), mask
 
 
-def pooled(span: Span, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A whole embedding model's vectors (B, C) of padded ids, no gradient, no dropout."""
+def _eval_context(ids: torch.Tensor, mask: torch.Tensor) -> ForwardContext:
+    """A bidirectional context for padded ids, dropout off."""
     ctx = ForwardContext.for_tokens(ids.shape[0], ids.shape[1], causal=False, pad_mask=mask)
     ctx.dropout = 0.0
+    return ctx
+
+
+def pooled(span: Span, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A whole embedding model's vectors (B, C) of padded ids, no gradient, no dropout."""
     with torch.no_grad():
-        out: torch.Tensor = span(ids, ctx, check=False)
+        out: torch.Tensor = span(ids, _eval_context(ids, mask), check=False)
     return out.float()
 
 
@@ -172,8 +177,7 @@ class EmbedTeacherLoss:
     def teacher_outputs(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's (B, T, C) last hidden states and (B, C) vectors of the examples."""
         ids, mask = embed_inputs(targets, self.pad)
-        ctx = ForwardContext.for_tokens(ids.shape[0], ids.shape[1], causal=False, pad_mask=mask)
-        ctx.dropout = 0.0
+        ctx = _eval_context(ids, mask)
         with torch.no_grad():
             hidden: torch.Tensor = self.body(ids, ctx, check=False)
             vectors: torch.Tensor = self.pooling(hidden, ctx, check=False)
@@ -192,8 +196,10 @@ class EmbedTeacherLoss:
             )
         if not bool((targets != IGNORE).any(dim=1).all()):
             raise TrainingError("distill: every example needs at least one real token")
+        hidden, vectors = self.teacher_outputs(targets)
+        sums, pooled_loss = embed_distill_loss(out, vectors, self.cfg)
         if self.cfg.w_token == 0.0:
-            return embed_distill_loss(out, self.teacher_vectors(targets), self.cfg)
+            return sums, pooled_loss
         if not span_input.is_floating_point() or span_input.dim() != 3:
             raise TrainingError(
                 "distill: the token term reads the hidden states the student's pooling "
@@ -201,8 +207,6 @@ class EmbedTeacherLoss:
                 f"{tuple(span_input.shape)} (train the pooling atom as its own span, "
                 "`PooledStudent`, or set w_token 0)"
             )
-        hidden, vectors = self.teacher_outputs(targets)
-        sums, pooled_loss = embed_distill_loss(out, vectors, self.cfg)
         tokens = token_distill_loss(span_input, hidden, targets != IGNORE)
         loss = pooled_loss + self.cfg.w_token * tokens.sum()
         return LossSum(loss=float(loss.detach()), count=sums.count, correct=sums.correct), loss

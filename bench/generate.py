@@ -163,9 +163,9 @@ def run(
                     root / "unchecked", layout, models_dir=models_dir, wait=wait, env=NO_VERIFY_ENV
                 )
             )
-        no_argmax = None  # the mesh with the compared feature off
+        compared_mesh = None  # the mesh with the compared feature off
         if compare:
-            no_argmax = stack.enter_context(
+            compared_mesh = stack.enter_context(
                 hosted_mesh(
                     root / f"no_{compare}",
                     layout,
@@ -176,14 +176,14 @@ def run(
             )
         setup_s = time.perf_counter() - t_setup
         ref, _ = local_generation(model, prompt_ids, tokens)  # warm-up, and the reference
-        for c in (cluster, unchecked, forward, no_argmax):
+        for c in (cluster, unchecked, forward, compared_mesh):
             if c is not None:
                 mesh_generation(c, min(tokens, 4))  # warm-up: streams, sessions, caches
         local_s: list[float] = []
         replies: list[tuple[GenerateReply, float]] = []
         bare: list[GenerateReply] = []
         forwarded: list[GenerateReply] = []
-        full_logits: list[GenerateReply] = []
+        compared: list[GenerateReply] = []
         identical = True
         for _ in range(repeat):
             ids, secs = local_generation(model, prompt_ids, tokens)
@@ -197,10 +197,10 @@ def run(
                 fwd, _ = mesh_generation(forward, tokens)
                 identical &= fwd.token_ids == ref
                 forwarded.append(fwd)
-            if no_argmax is not None:
-                full, _ = mesh_generation(no_argmax, tokens)
-                identical &= full.token_ids == ref
-                full_logits.append(full)
+            if compared_mesh is not None:
+                other, _ = mesh_generation(compared_mesh, tokens)
+                identical &= other.token_ids == ref
+                compared.append(other)
             reply, wall = mesh_generation(cluster, tokens)
             identical &= reply.token_ids == ref
             replies.append((reply, wall))
@@ -235,8 +235,8 @@ def run(
             "forward_origin_bytes_out": [h.bytes_out for h in forwarded[-1].route],
             "relay_origin_bytes_out": [h.bytes_out for h in replies[-1][0].route],
         }
-    if full_logits:
-        doc[compare] = argmax_block([r for r, _ in replies], full_logits)
+    if compared:
+        doc[compare] = compare_block([r for r, _ in replies], compared)
     if bare:
         on = median([len(r.token_ids) / r.elapsed_s for r, _ in replies])
         off = median([len(r.token_ids) / r.elapsed_s for r in bare])
@@ -252,7 +252,7 @@ def run(
     return doc
 
 
-def argmax_block(on: list[GenerateReply], off: list[GenerateReply]) -> dict[str, object]:
+def compare_block(on: list[GenerateReply], off: list[GenerateReply]) -> dict[str, object]:
     """A feature on (the main mesh) vs off, round by round (`--host-argmax-both`,
     `--inline-both`)."""
     on_tps = [len(r.token_ids) / r.elapsed_s for r in on]
