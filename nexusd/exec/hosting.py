@@ -33,7 +33,7 @@ import trio
 
 from atoms.atom import ForwardContext, IOKind
 from atoms.batched import BatchItem, batchable
-from atoms.codecs import Encoded, encode
+from atoms.codecs import Encoded, all_finite, encode
 from atoms.errors import AtomError, CacheExhausted, CacheNotReady
 from atoms.kv_pool import KVPool, PagedCache, PageFormat, pool_shape
 from atoms.span import Span
@@ -552,7 +552,7 @@ class SpanHost:
         pass a lossy codec). Non-finite logits are refused, as the origin would refuse them
         in full (its check cannot see them once reduced), and the session is dropped."""
         last = out[:, -1] if out.dim() == 3 else out
-        if not bool(torch.isfinite(last).all()):
+        if not all_finite(last):
             self._drop((peer, msg.session_id))
             self._metrics.inc("exec_refused_total", code="internal")
             raise ExecRefused("internal", "the step's logits hold NaN or Inf")

@@ -141,6 +141,7 @@ class RoutedSession:
         self._budget = max_failovers
         self._excluded: set[bytes] = set()
         self._hops: list[_Live] = []
+        self._while_waiting: Callable[[], Awaitable[None]] | None = None
         self.failovers: list[str] = []
         self._on_route = on_route
 
@@ -182,7 +183,11 @@ class RoutedSession:
             raise JobFailed(f"gave up after {len(self.failovers)} failovers; last: {exc}")
 
     async def step(
-        self, inp: StepInput, *, argmax_vocab: int = 0
+        self,
+        inp: StepInput,
+        *,
+        argmax_vocab: int = 0,
+        while_waiting: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[torch.Tensor, list[HopTiming]]:
         """Run one step through every hop; fail over hops that fail.
 
@@ -191,7 +196,27 @@ class RoutedSession:
                 last position instead of the logits (wire Rule 6), checked to lie in
                 [0, argmax_vocab). A step whose last hop is spot-checked gets the full
                 logits anyway (the check compares them): an int64 output says it was reduced.
+            while_waiting: awaited once per step: in forward mode as soon as the step has
+                left for the hosts (the origin's own work, e.g. streaming the last token,
+                then costs nothing on the critical path), else when the step is done.
         """
+        self._while_waiting = while_waiting
+        try:
+            out, timings = await self._step(inp, argmax_vocab)
+            await self._waited()
+        finally:
+            self._while_waiting = None
+        return out, timings
+
+    async def _waited(self) -> None:
+        """Run the step's `while_waiting` unless it ran already."""
+        waiting, self._while_waiting = self._while_waiting, None
+        if waiting is not None:
+            await waiting()
+
+    async def _step(
+        self, inp: StepInput, argmax_vocab: int
+    ) -> tuple[torch.Tensor, list[HopTiming]]:
         # held until the step returns: their ids key `picks`, and a replaced hop collected
         # mid-step could hand its id to its replacement
         lives = list(self._hops)
@@ -292,6 +317,7 @@ class RoutedSession:
             await self._replace(i)
             return await self._relay(x, i, stop, timings, picks, argmax_vocab)
         before = trio.current_time()
+        await self._waited()  # the hosts compute meanwhile; replies wait in the stream
         for j, (live, hop) in enumerate(zip(lives, remote, strict=True)):
             try:
                 out, reply, got = await hop.receive_forwarded(

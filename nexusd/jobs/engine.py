@@ -46,7 +46,7 @@ from ..api.records import (
     TrainReply,
     TrainRequest,
 )
-from ..errors import NEXUS_ERRORS, ApiError
+from ..errors import NEXUS_ERRORS, ApiError, NexusError
 from ..exec.adaptive import AUTO, JOB_CODECS, CodecPolicy, hop_codec, tolerance_codec
 from ..exec.hosting import SpanHost
 from ..exec.planner import MeshView, make_planner
@@ -344,23 +344,32 @@ class JobEngine:
             on_route=lambda hops, why: pending.append(self.route_event(job_id, hops, why)),
         )
         costs = HopCosts()
+
+        async def flush() -> None:  # token k's events go out while step k + 1 computes
+            events = pending[:]
+            pending.clear()
+            for event in events:
+                await emit(event)
+
         t0 = time.perf_counter()
         try:
             await session.open()
-            for event in pending:
-                await emit(event)
-            pending.clear()
+            await flush()
             step: StepRequest | Done = gen.start(prompt_ids)
             while isinstance(step, StepRequest):
-                out, timings = await session.step(
-                    StepInput(step.input_ids(), step.start, True, b""), argmax_vocab=vocab
-                )
+                try:
+                    out, timings = await session.step(
+                        StepInput(step.input_ids(), step.start, True, b""),
+                        argmax_vocab=vocab,
+                        while_waiting=flush,
+                    )
+                except NexusError:  # the tokens made so far reach the client, then the error
+                    await flush()
+                    raise
                 costs.add(timings)
                 # int64: the token, picked by the last host; else logits (a checked step)
                 step = gen.feed_token(int(out[0])) if out.dtype == torch.int64 else gen.feed(out)
-                for event in pending:
-                    await emit(event)
-                pending.clear()
+            await flush()
         finally:
             await close_bounded(session.close, SESSION_CLOSE_S)
         elapsed = time.perf_counter() - t0

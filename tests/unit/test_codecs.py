@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atoms.codecs import CodecError, Encoded, decode, encode, measure, wire_bytes
+from atoms.codecs import CodecError, Encoded, all_finite, decode, encode, measure, wire_bytes
 from atoms.errors import NonFiniteInput
 
 
@@ -65,3 +65,20 @@ def test_nan_and_inf_are_rejected_on_decode() -> None:
         t[2] = bad
         with pytest.raises(NonFiniteInput, match="NaN or Inf"):
             decode(encode(t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_any_nan_or_inf_as_isfinite_does(dtype: torch.dtype, bad: float) -> None:
+    x = torch.randn(3, 7, 11).to(dtype)
+    assert all_finite(x) and bool(torch.isfinite(x).all())
+    for index in ((0, 0, 0), (1, 3, 5), (2, 6, 10)):
+        y = x.clone()
+        y[index] = bad
+        assert not all_finite(y) and not bool(torch.isfinite(y).all())
+
+
+def test_all_finite_on_empty_and_integer_tensors() -> None:
+    assert all_finite(torch.empty(0, 5))
+    assert all_finite(torch.tensor([1, 2, -(2**40)]))
+    assert all_finite(torch.tensor(3.0)) and not all_finite(torch.tensor(float("nan")))

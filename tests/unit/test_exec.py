@@ -323,6 +323,49 @@ async def test_forward_mode_equals_relay_mode_and_one_process() -> None:
     assert got[True] == got[False] == want
 
 
+@pytest.mark.parametrize("forward", [True, False])
+async def test_while_waiting_runs_once_per_step_while_the_hosts_compute(forward: bool) -> None:
+    """Forward mode: the origin's own work (`while_waiting`: the generate job streams the
+    last token there) runs once the step has left, while the hosts compute: here the last
+    host computes only after it ran, so a call after the step would never return. Relay
+    mode: once, after the step. Tokens equal one process either way."""
+    model = tiny_llama()
+    want = reference_greedy(model, 4)
+    a, b, c = (
+        Node(n, [s]) for n, s in zip("abc", split(model, [(0, 2), (2, 4), (4, 6)]), strict=True)
+    )
+    gate = trio.Event()
+    calls: list[int] = []  # the steps the last host had computed when it ran
+    real = c.host.step
+
+    async def gated(peer: bytes, msg: Step, payload: bytes) -> tuple[StepResult, Encoded]:
+        if forward:
+            await gate.wait()
+        return await real(peer, msg, payload)
+
+    async def waiting() -> None:
+        calls.append(int(c.metrics.value("exec_steps_total", model="tiny")))
+        gate.set()
+
+    c.host.step = gated  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b, c], forward=forward)
+        sess = cl.session(cl.planner([(0, 2, [a.id]), (2, 4, [b.id]), (4, 6, [c.id])]))
+        await sess.open()
+        x, pos, got = PROMPT, 0, []
+        with trio.fail_after(10):
+            for _ in range(4):
+                gate = trio.Event()
+                logits, _t = await sess.step(StepInput(x, pos, True, b""), while_waiting=waiting)
+                pos += x.shape[1]
+                got.append(int(logits[0, -1].argmax()))
+                x = torch.tensor([[got[-1]]])
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == want
+    assert calls == [k + (0 if forward else 1) for k in range(4)]
+
+
 async def test_forward_mode_with_two_spans_in_a_row_on_one_host() -> None:
     """A host serving two consecutive spans never forwards to itself: those two hops relay,
     and the run from its second span on forwards (found by the two-versions e2e test)."""

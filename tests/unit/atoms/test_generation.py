@@ -289,3 +289,41 @@ def test_a_stream_never_shows_text_the_wordpiece_tidy_rewrites() -> None:
         == done.text
         == " his father's well-known account (at last) -- isn't it; yes."
     )
+
+
+def test_a_long_stream_decodes_a_bounded_window_and_stays_exact() -> None:
+    """Streaming decodes at most a window of the latest tokens per step (not the whole
+    text: quadratic over a long generation), and the pieces still add up to the whole
+    decode, across WordPiece "##" pieces and tidied punctuation at every window cut."""
+    from atoms.generation import WINDOW_MAX
+    from atoms.minilm import minilm_dir
+    from atoms.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_file(minilm_dir() / "tokenizer.json", max_length=4096)
+    sentence = "his father's unremarkable well-known account (at last) -- isn't it; yes. "
+    (ids,) = tok.encode_untruncated([sentence * 12])
+    prompt, rest = ids[:2], ids[2:]
+    sizes: list[int] = []
+
+    def counting(seq: Sequence[int]) -> str:
+        sizes.append(len(seq))
+        return tok.decode(seq)
+
+    pieces: list[str] = []
+    gen = TokenGenerator(
+        GenerationParams(max_new_tokens=len(rest), temperature=0.0),
+        decode=counting,
+        on_token=lambda _t, s: pieces.append(s),
+    )
+    gen.start(prompt)
+    for token in rest:
+        done = gen.feed_token(token)
+    assert isinstance(done, Done) and len(rest) > 6 * WINDOW_MAX
+    assert (
+        "".join(pieces)
+        == done.text
+        == tok.decode([prompt[-1], *rest])[len(tok.decode(prompt[-1:])) :]
+    )
+    final = max(i for i, n in enumerate(sizes) if n >= len(rest))  # the last step: all
+    # the window (+ the token before it), a few tokens wider where a cut had to wait
+    assert max(sizes[:final]) <= 2 * WINDOW_MAX < len(rest)
