@@ -29,6 +29,7 @@ RESULTS = ROOT / "bench" / "results" / "latest.json"
 ORDER = (
     "route",
     "hop",
+    "wake",
     "generate",
     "concurrency",
     "embed",
@@ -165,6 +166,19 @@ ROWS = (
             f"{_fmt(_hop_ratio(d, 'libp2p_over_tcp'), 'x')})"
         ),
         lambda d: _of_target(_hop_ratio(d), 2.0, higher_is_better=False),
+    ),
+    Row(
+        "wake",
+        "decode of a 1.5 KB activation after 15 ms asleep vs hot (what each hop pays here)",
+        "(no target: the machine's floor)",
+        lambda d: (
+            f"{_fmt(_num(d, 'decode_cold_over_hot'), 'x')} "
+            f"({_fmt(_num(d, 'decode_after_sleep_ms', '15', 'first_us'), ' us', 0)} vs "
+            f"{_fmt(_num(d, 'decode_after_sleep_ms', '0', 'first_us'), ' us', 1)}); TCP round "
+            f"trip {_fmt(_num(d, 'tcp_after_sleep_ms', '15', 'rtt_us'), ' us', 0)} vs "
+            f"{_fmt(_num(d, 'tcp_after_sleep_ms', '0', 'rtt_us'), ' us', 0)}"
+        ),
+        lambda d: "—",
     ),
     Row(
         "generate",
