@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.wake", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=100, help="rounds per gap (median)")
     p.add_argument("--smoke", action="store_true", help="5 rounds, for a test")
+    p.add_argument("--workdir", default=None, help="unused (the benches' common flag)")
     args = p.parse_args(argv)
     rounds = 5 if args.smoke else args.rounds
     if rounds < 1:

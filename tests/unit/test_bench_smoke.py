@@ -178,3 +178,16 @@ def test_all_table_has_a_row_per_figure_and_marks_errors() -> None:
     assert any("exit 1" in line and "bench.failover" in line for line in lines)
     assert any("not in this tree" in line and "bench.hop" in line for line in lines)
     assert not any("bench.embed" in line for line in lines)  # not run: no row
+
+
+def test_wake_smoke_measures_every_gap(tmp_path: Path) -> None:
+    doc = run_bench("wake", tmp_path=tmp_path)
+    assert doc["smoke"] is True and doc["rounds"] == 5
+    gaps = {"0", "1", "5", "15"}
+    assert set(doc["decode_after_sleep_ms"]) == gaps
+    for figures in doc["decode_after_sleep_ms"].values():
+        assert figures["first_us"] > 0 and figures["second_us"] > 0
+    for key in ("tcp_after_sleep_ms", "tcp_after_spin_ms"):
+        assert set(doc[key]) == gaps and all(v["rtt_us"] > 0 for v in doc[key].values())
+    rows = [line for line in bench_all.table({"wake": doc}).splitlines() if "bench.wake" in line]
+    assert len(rows) == 1 and "n/a" not in rows[0]
