@@ -168,6 +168,9 @@ class _Session:
     dropped: bool = False  # forgotten meanwhile: its pages go back when the step ends
     results: OrderedDict[int, tuple[StepResult, Encoded]] = field(default_factory=OrderedDict)
     channel: ExecChannel | None = None  # the origin's channel: forwarded steps answer there
+    # One step of a session at a time, whichever channel or task brings it: a repeated id
+    # waits for the first and is answered from its stored result (wire Rule 3).
+    stepping: trio.Lock = field(default_factory=trio.Lock)
 
 
 class SpanHost:
@@ -230,6 +233,7 @@ class SpanHost:
         # None: this host cannot forward, and says so in `StepResult.forward_error`).
         self.dial: Callable[[bytes], Awaitable[ExecChannel]] | None = None
         self._forward_to: dict[bytes, tuple[ExecChannel, float]] = {}  # host -> (channel, used)
+        self._dialing = trio.Lock()
         self._idle_s = 60.0  # the serve loops' idle timeout: a peer closes idle channels
 
     def __repr__(self) -> str:
@@ -412,6 +416,14 @@ class SpanHost:
         sess = self._sessions.get((peer, msg.session_id))
         if sess is None:
             raise ExecRefused("no_session", "no such session here (expired, reclaimed or failed)")
+        async with sess.stepping:
+            if sess.dropped:
+                raise ExecRefused("no_session", "the session was dropped while this step waited")
+            return await self._step(sess, peer, msg, payload)
+
+    async def _step(
+        self, sess: _Session, peer: bytes, msg: Step, payload: bytes
+    ) -> tuple[StepResult, Encoded]:
         sess.last_used = self._clock()
         if msg.step_id < sess.next_step:
             if msg.step_id in sess.results:
@@ -571,8 +583,33 @@ class SpanHost:
         signature, malformed record) or a broken stream ends the loop and propagates to the
         caller, which scores the peer and closes the stream.
         """
-        peer = channel.stream.remote_id
         self._idle_s = idle_timeout_s
+        error: Exception | None = None
+        async with trio.open_nursery() as steps:
+            try:
+                await self._receive_loop(channel, steps, idle_timeout_s, train)
+            except Exception as exc:  # re-raised below, as itself, once the steps stopped
+                error = exc
+                steps.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _receive_loop(
+        self,
+        channel: ExecChannel,
+        steps: trio.Nursery,
+        idle_timeout_s: float,
+        train: TrainHandler | None,
+    ) -> None:
+        """`serve`'s loop. Steps run as tasks of `steps`, at most `max_sessions` of this
+        channel at once (then the loop waits before reading on): a forwarding host sends
+        every session's steps to the next host on one channel, and steps of different
+        sessions must reach the batcher together to be batched. The rest runs in order."""
+        peer = channel.stream.remote_id
+        slots = trio.Semaphore(self._max_sessions)
+        # the last step read of each session: a session's steps run in the order read (a
+        # replay sends many at once), steps of different sessions side by side
+        tails: dict[tuple[bytes, bytes], trio.Event] = {}
         while True:
             try:
                 msg, payload = await channel.receive(timeout_s=idle_timeout_s)
@@ -580,15 +617,19 @@ class SpanHost:
                 if isinstance(exc, PeerProtocolError):
                     raise
                 return  # idle or gone: sessions stay until reclaimed, a new stream may resume
+            if isinstance(msg, Step):
+                await slots.acquire()
+                key = (msg.origin or peer, msg.session_id)
+                after, done = tails.get(key), trio.Event()
+                tails[key] = done
+                steps.start_soon(
+                    self._serve_step, channel, peer, msg, payload, after, done, slots, tails
+                )
+                continue
             try:
                 if isinstance(msg, OpenSession):
                     await channel.send(await self.open(peer, msg))
                     self._sessions[(peer, msg.session_id)].channel = channel
-                elif isinstance(msg, Step) and msg.origin and msg.origin != peer:
-                    await self._forwarded(peer, msg, payload)
-                elif isinstance(msg, Step):
-                    result, enc = await self.step(peer, msg, payload)
-                    await self._answer(channel, peer, msg, result, enc)
                 elif isinstance(msg, CloseSession):
                     self.close(peer, msg.session_id)
                 elif train is not None:
@@ -603,6 +644,41 @@ class SpanHost:
                 step_id = getattr(msg, "step_id", -1)
                 log.info("exec_refused", peer=peer.hex()[:8], code=exc.code, reason=str(exc))
                 await channel.send(ExecFailure(sid, step_id, exc.code, str(exc)))
+
+    async def _serve_step(
+        self,
+        channel: ExecChannel,
+        peer: bytes,
+        msg: Step,
+        payload: bytes,
+        after: trio.Event | None,
+        done: trio.Event,
+        slots: trio.Semaphore,
+        tails: dict[tuple[bytes, bytes], trio.Event],
+    ) -> None:
+        """One step read by `serve`, once the step of its session read before it is done
+        (`after`): applied and answered (a refusal goes back as `ExecFailure`); a broken
+        channel only ends this step's answer."""
+        try:
+            if after is not None:
+                await after.wait()
+            if msg.origin and msg.origin != peer:
+                await self._forwarded(peer, msg, payload)
+                return
+            try:
+                result, enc = await self.step(peer, msg, payload)
+                await self._answer(channel, peer, msg, result, enc)
+            except ExecRefused as exc:
+                log.info("exec_refused", peer=peer.hex()[:8], code=exc.code, reason=str(exc))
+                await channel.send(ExecFailure(msg.session_id, msg.step_id, exc.code, str(exc)))
+        except MeshError as exc:  # the stream broke or closed: the loop ends on its next read
+            log.info("step_answer_lost", peer=peer.hex()[:8], reason=str(exc))
+        finally:
+            done.set()
+            key = (msg.origin or peer, msg.session_id)
+            if tails.get(key) is done:
+                del tails[key]
+            slots.release()
 
     # ---- forwarding (wire Rule 5) ----------------------------------------------------------
 
@@ -681,13 +757,14 @@ class SpanHost:
     async def _forward_channel(self, host: bytes, *, fresh: bool) -> ExecChannel:
         """A channel to `host`, reused while the host would not have closed it as idle."""
         assert self.dial is not None
-        now = self._clock()
-        cached = self._forward_to.pop(host, None)
-        if cached is not None and not fresh and now - cached[1] < self._idle_s / 2:
-            channel = cached[0]
-        else:
-            if cached is not None:
-                await cached[0].aclose()
-            channel = await self.dial(host)
-        self._forward_to[host] = (channel, now)
-        return channel
+        async with self._dialing:  # steps forward side by side: one dial, no orphan channel
+            now = self._clock()
+            cached = self._forward_to.pop(host, None)
+            if cached is not None and not fresh and now - cached[1] < self._idle_s / 2:
+                channel = cached[0]
+            else:
+                if cached is not None:
+                    await cached[0].aclose()
+                channel = await self.dial(host)
+            self._forward_to[host] = (channel, now)
+            return channel

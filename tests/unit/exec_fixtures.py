@@ -85,7 +85,9 @@ def stream_pair(a_id: bytes, b_id: bytes) -> tuple[FakeStream, FakeStream]:
 
 
 class Node:
-    def __init__(self, name: str, spans: list[Span], budget: int = 1 << 24) -> None:
+    def __init__(
+        self, name: str, spans: list[Span], budget: int = 1 << 24, batch_window_s: float = 0.0
+    ) -> None:
         self.name = name
         self.key = NodeKey.generate()
         self.id = self.key.node_id
@@ -100,6 +102,7 @@ class Node:
             max_sessions=8,
             limiter=trio.CapacityLimiter(1),
             metrics=self.metrics,
+            batch_window_s=batch_window_s,
         )
         self.streams: list[FakeStream] = []
 

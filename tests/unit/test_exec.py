@@ -366,6 +366,41 @@ async def test_while_waiting_runs_once_per_step_while_the_hosts_compute(forward:
     assert calls == [k + (0 if forward else 1) for k in range(4)]
 
 
+async def test_sessions_forwarded_on_one_channel_are_served_side_by_side_and_batch() -> None:
+    """A forwarding host sends every session's steps to the next host on one channel; that
+    host serves them side by side, so they reach its batcher together. Its batch window is
+    10 s here and a step waits for every active session's: served one at a time (as before),
+    each decode step would wait the whole window. Each session's tokens equal one process."""
+    model = tiny_llama()
+    want = reference_greedy(model, 6)
+    first, last = split(model, [(0, 3), (3, 6)])
+    a, b = Node("a", [first]), Node("b", [last], batch_window_s=10.0)
+    got: dict[int, list[int]] = {}
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b], forward=True)
+        plan = cl.planner([(0, 3, [a.id]), (3, 6, [b.id])])
+        sessions = [cl.session(plan) for _ in range(3)]
+        for sess in sessions:
+            await sess.open()
+
+        async def run(i: int, sess: RoutedSession) -> None:
+            got[i] = await routed_greedy(sess, 6)
+
+        with trio.fail_after(8):
+            async with trio.open_nursery() as streams:
+                for i, sess in enumerate(sessions):
+                    streams.start_soon(run, i, sess)
+        for sess in sessions:
+            await sess.close()
+        nursery.cancel_scope.cancel()
+    assert got == dict.fromkeys(range(3), want)
+    assert cl.failures == []
+    assert a.metrics.value("exec_forwarded_total") == 3 * 6  # one channel a -> b carried them
+    batches = b.metrics.value("exec_batches_total")
+    assert b.metrics.value("exec_batched_steps_total") == 3 * 6
+    assert batches == 3 + 5  # the prefills alone, then each decode round as one batch
+
+
 async def test_forward_mode_with_two_spans_in_a_row_on_one_host() -> None:
     """A host serving two consecutive spans never forwards to itself: those two hops relay,
     and the run from its second span on forwards (found by the two-versions e2e test)."""
