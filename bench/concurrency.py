@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -326,6 +328,7 @@ def run(
     repeat: int,
     window_ms: float | None = None,
     argmax_both: bool = False,
+    cuts: tuple[int, ...] = (),
 ) -> dict[str, object]:
     torch.set_num_threads(1)  # like the daemons
     registry = ModelRegistry(models_dir)
@@ -334,6 +337,13 @@ def run(
     tok = registry.tokenizer(BENCH_MODEL)
     prompt_ids = [tok.encode_prompt(t) for t in texts]
     layout = even_layout(BENCH_MODEL, info.n_atoms, nodes)
+    if cuts:
+        bounds = (0, *cuts, info.n_atoms)
+        if len(cuts) != nodes - 1 or any(a >= b for a, b in itertools.pairwise(bounds)):
+            raise ValueError(
+                f"--cuts: expected {nodes - 1} increasing atoms in (0, {info.n_atoms}), got {cuts}"
+            )
+        layout = [[f"{BENCH_MODEL}:{a}-{b}"] for a, b in itertools.pairwise(bounds)]
     t0 = time.perf_counter()
     env = {} if window_ms is None else {"NEXUSD_EXEC__BATCH_WINDOW_MS": str(window_ms)}
     wait = [(BENCH_MODEL, nodes)]
@@ -376,6 +386,17 @@ def run(
     }
 
 
+@contextlib.contextmanager
+def _usage_error(p: argparse.ArgumentParser) -> Iterator[None]:
+    """A ValueError about the flags (e.g. --cuts against the model) exits as usage."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc).startswith("--"):
+            p.error(str(exc))
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one JSON object; returns the exit code."""
     p = argparse.ArgumentParser(
@@ -394,7 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run a mesh with [exec] host_argmax = false and compare (rounds interleaved)",
     )
+    p.add_argument(
+        "--cuts",
+        default="",
+        help="the layout's cut atoms, e.g. 6,10 (default: even spans by atom count)",
+    )
     args = p.parse_args(argv)
+    try:
+        cuts = tuple(int(c) for c in args.cuts.split(",") if c)
+    except ValueError:
+        p.error(f"--cuts: comma-separated atom indices, got {args.cuts!r}")
     nodes, streams, tokens, repeat = args.nodes, args.streams, args.tokens, args.repeat
     if args.smoke:
         nodes, streams, tokens, repeat = 2, 3, 3, 1
@@ -402,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--nodes, --streams, --tokens and --repeat must be >= 1")
     quiet_logs()
     models_dir = args.models_dir or default_models_dir()
-    with work_dir(args.workdir) as root:
+    with work_dir(args.workdir) as root, _usage_error(p):
         doc = run(
             models_dir,
             root,
@@ -412,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             repeat=repeat,
             window_ms=args.batch_window_ms,
             argmax_both=args.host_argmax_both,
+            cuts=cuts,
         )
     doc["smoke"] = bool(args.smoke)
     emit_json(doc)
