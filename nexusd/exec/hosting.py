@@ -155,6 +155,42 @@ class ExecRefused(NexusError):
         self.code = code
 
 
+# Steps of one channel in flight hold their payloads: beyond the first, at most this many
+# bytes (one frame at the transport's default limit), so serving a channel's steps side
+# by side holds no more memory than about two frames, as reading them in turn did.
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+
+
+class InFlight:
+    """How many steps, and how many payload bytes, one channel has in flight; `admit` waits
+    (the channel is not read meanwhile) until a step fits both bounds. A step is always
+    admitted when none is in flight, whatever its size (the transport bounded its frame)."""
+
+    def __init__(self, *, steps: int, budget_bytes: int) -> None:
+        if steps < 1 or budget_bytes < 0:
+            raise ValueError(
+                f"in-flight bounds: steps >= 1, bytes >= 0, got {steps}, {budget_bytes}"
+            )
+        self._steps = steps
+        self._budget = budget_bytes
+        self.count = 0
+        self.bytes = 0
+        self._changed = trio.Event()
+
+    async def admit(self, size: int) -> None:
+        while self.count and (self.count >= self._steps or self.bytes + size > self._budget):
+            if self._changed.is_set():
+                self._changed = trio.Event()
+            await self._changed.wait()
+        self.count += 1
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.count -= 1
+        self.bytes -= size
+        self._changed.set()
+
+
 @dataclass(slots=True, kw_only=True)
 class _Session:
     opened: OpenSession
@@ -602,11 +638,12 @@ class SpanHost:
         train: TrainHandler | None,
     ) -> None:
         """`serve`'s loop. Steps run as tasks of `steps`, at most `max_sessions` of this
-        channel at once (then the loop waits before reading on): a forwarding host sends
+        channel at once and `MAX_IN_FLIGHT_BYTES` of their payloads beyond the first (then
+        the loop waits before reading on): a forwarding host sends
         every session's steps to the next host on one channel, and steps of different
         sessions must reach the batcher together to be batched. The rest runs in order."""
         peer = channel.stream.remote_id
-        slots = trio.Semaphore(self._max_sessions)
+        slots = InFlight(steps=self._max_sessions, budget_bytes=MAX_IN_FLIGHT_BYTES)
         # the last step read of each session: a session's steps run in the order read (a
         # replay sends many at once), steps of different sessions side by side
         tails: dict[tuple[bytes, bytes], trio.Event] = {}
@@ -618,7 +655,7 @@ class SpanHost:
                     raise
                 return  # idle or gone: sessions stay until reclaimed, a new stream may resume
             if isinstance(msg, Step):
-                await slots.acquire()
+                await slots.admit(len(payload))
                 key = (msg.origin or peer, msg.session_id)
                 after, done = tails.get(key), trio.Event()
                 tails[key] = done
@@ -653,7 +690,7 @@ class SpanHost:
         payload: bytes,
         after: trio.Event | None,
         done: trio.Event,
-        slots: trio.Semaphore,
+        slots: InFlight,
         tails: dict[tuple[bytes, bytes], trio.Event],
     ) -> None:
         """One step read by `serve`, once the step of its session read before it is done
@@ -678,7 +715,7 @@ class SpanHost:
             key = (msg.origin or peer, msg.session_id)
             if tails.get(key) is done:
                 del tails[key]
-            slots.release()
+            slots.release(len(payload))
 
     # ---- forwarding (wire Rule 5) ----------------------------------------------------------
 

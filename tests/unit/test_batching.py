@@ -15,7 +15,7 @@ from atoms.batched import BATCH_RTOL, BatchItem
 from atoms.codecs import encode
 from atoms.span import Span
 from nexusd.exec.batching import BatchedStep, StepBatcher
-from nexusd.exec.hosting import ExecRefused, SpanHost
+from nexusd.exec.hosting import ExecRefused, InFlight, SpanHost
 from nexusd.exec.wire import OpenSession, Step, header_of, tensor_of
 from nexusd.metrics import Metrics
 
@@ -245,3 +245,33 @@ async def test_a_lone_session_inline_equals_worker_threads_bit_for_bit() -> None
     assert none == 0 and some == 5  # the prefill and the first decode step ran on workers
     for a, b in zip(worker, inline, strict=True):
         assert torch.equal(a, b)
+
+
+async def test_a_channels_steps_in_flight_are_bounded_by_count_and_bytes() -> None:
+    """A host serves one channel's steps side by side, but reads no further while the
+    steps in flight reach `max_sessions` or their payloads the byte budget; a step alone
+    is always admitted, whatever its size."""
+    slots = InFlight(steps=3, budget_bytes=100)
+    await slots.admit(500)  # alone: admitted over the budget
+    admitted: list[int] = []
+
+    async def admit(size: int) -> None:
+        await slots.admit(size)
+        admitted.append(size)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admit, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert admitted == []  # 500 + 10 > 100
+        slots.release(500)
+        await trio.testing.wait_all_tasks_blocked()
+        assert admitted == [10]
+        for size in (20, 30):
+            await slots.admit(size)
+        assert (slots.count, slots.bytes) == (3, 60)
+        nursery.start_soon(admit, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert admitted == [10]  # three in flight: the count bound
+        slots.release(20)
+        await trio.testing.wait_all_tasks_blocked()
+        assert admitted == [10, 1] and (slots.count, slots.bytes) == (3, 41)
