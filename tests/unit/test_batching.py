@@ -15,7 +15,8 @@ from atoms.batched import BATCH_RTOL, BatchItem
 from atoms.codecs import encode
 from atoms.span import Span
 from nexusd.exec.batching import BatchedStep, StepBatcher
-from nexusd.exec.hosting import ExecRefused, InFlight, SpanHost
+from nexusd.exec.hosting import ExecRefused, SpanHost
+from nexusd.exec.in_flight import InFlight
 from nexusd.exec.wire import OpenSession, Step, header_of, tensor_of
 from nexusd.metrics import Metrics
 
