@@ -371,7 +371,7 @@ class TokenGenerator:
         stands, so a decoder that joins tokens across the cut (a WordPiece "##" piece, a
         byte-level character split over tokens) keeps the wider window until it settles.
         """
-        if final or self._window > len(ids):
+        if final:
             return self._decode_after(self.prompt[-1], ids)
         text = self._settled + self._decode_after(
             self._anchor(ids, self._window), ids[self._window :]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from atoms.codecs import decode, encode
 
-from .common import emit_json, rounded
+from .common import emit_json, median, rounded
 
 GAPS_MS = (0.0, 1.0, 5.0, 15.0)
 PAYLOAD = 1536
@@ -63,8 +62,8 @@ def decode_after(gap_ms: float, rounds: int) -> dict[str, float]:
         first.append((t1 - t0) * 1e6)
         second.append((t2 - t1) * 1e6)
     return {
-        "first_us": rounded(statistics.median(first), 1),
-        "second_us": rounded(statistics.median(second), 1),
+        "first_us": rounded(median(first), 1),
+        "second_us": rounded(median(second), 1),
     }
 
 
@@ -116,7 +115,7 @@ def tcp_after(
                         raise ConnectionError("echo process closed the connection")
                     got += len(chunk)
                 rtts.append((time.perf_counter() - t0) * 1e6)
-            out[f"{gap:g}"] = {"rtt_us": rounded(statistics.median(rtts), 1)}
+            out[f"{gap:g}"] = {"rtt_us": rounded(median(rtts), 1)}
         sock.close()
     finally:
         listener.close()
@@ -146,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds must be >= 1")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    decodes = {f"{g:g}": decode_after(g, rounds) for g in GAPS_MS}
+    hot, cold = decodes["0"]["first_us"], decodes["15"]["first_us"]
     doc: dict[str, object] = {
         "bench": "wake",
         "smoke": args.smoke,
@@ -156,13 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         "cpuidle_governor": _sysfs("/sys/devices/system/cpu/cpuidle/current_governor_ro")
         or _sysfs("/sys/devices/system/cpu/cpuidle/current_governor"),
         "guest_halt_poll_ns": _sysfs("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
-        "decode_after_sleep_ms": {f"{g:g}": decode_after(g, rounds) for g in GAPS_MS},
+        "decode_after_sleep_ms": decodes,
         "tcp_after_sleep_ms": tcp_after(_sleep, GAPS_MS, rounds),
         "tcp_after_spin_ms": tcp_after(_spin, GAPS_MS, rounds),
+        "decode_cold_over_hot": rounded(cold / hot, 2) if hot else None,
     }
-    hot = doc["decode_after_sleep_ms"]["0"]["first_us"]  # type: ignore[index]
-    cold = doc["decode_after_sleep_ms"]["15"]["first_us"]  # type: ignore[index]
-    doc["decode_cold_over_hot"] = rounded(cold / hot, 2) if hot else None
     doc["took_s"] = rounded(time.perf_counter() - t0, 1)
     emit_json(doc)
     return 0

@@ -585,12 +585,12 @@ class SpanHost:
         caller, which scores the peer and closes the stream.
         """
         self._idle_s = idle_timeout_s
-        error: Exception | None = None
+        error: MeshError | None = None
         async with trio.open_nursery() as steps:
             try:
                 await self._receive_loop(channel, steps, idle_timeout_s, train)
-            except Exception as exc:  # re-raised below, as itself, once the steps stopped
-                error = exc
+            except MeshError as exc:  # re-raised below as itself (not in a group) for the
+                error = exc  # caller, which tells protocol errors from broken streams
                 steps.cancel_scope.cancel()
         if error is not None:
             raise error
@@ -625,7 +625,7 @@ class SpanHost:
                 after, done = tails.get(key), trio.Event()
                 tails[key] = done
                 steps.start_soon(
-                    self._serve_step, channel, peer, msg, payload, after, done, slots, tails
+                    self._serve_step, channel, peer, msg, payload, key, after, done, slots, tails
                 )
                 continue
             try:
@@ -653,13 +653,14 @@ class SpanHost:
         peer: bytes,
         msg: Step,
         payload: bytes,
+        key: tuple[bytes, bytes],
         after: trio.Event | None,
         done: trio.Event,
         slots: InFlight,
         tails: dict[tuple[bytes, bytes], trio.Event],
     ) -> None:
-        """One step read by `serve`, once the step of its session read before it is done
-        (`after`): applied and answered (a refusal goes back as `ExecFailure`); a broken
+        """One step read by `serve` (its session's `key` in `tails`), once the step of its
+        session read before it is done (`after`): applied and answered (a refusal goes back as `ExecFailure`); a broken
         channel only ends this step's answer."""
         try:
             if after is not None:
@@ -677,7 +678,6 @@ class SpanHost:
             log.info("step_answer_lost", peer=peer.hex()[:8], reason=str(exc))
         finally:
             done.set()
-            key = (msg.origin or peer, msg.session_id)
             if tails.get(key) is done:
                 del tails[key]
             slots.release(len(payload))
