@@ -145,6 +145,10 @@ class ForwardContext:
         dropout: the dropout rate of this call (0 in inference; training sets it).
         seed: seeds every dropout mask of this call (`dropout_mask`): the same seed gives the
             same masks, so a recompute, a retry or a replay is bit-identical.
+        logits_to_keep: > 0: an LM head projects only the last `logits_to_keep` positions
+            (`kept_positions`; Hugging Face's argument of the same name): a generation
+            step reads only the last position's logits, and over a prompt of T tokens the
+            vocabulary projection is most of the span's work. 0: every position.
     """
 
     positions: torch.Tensor
@@ -154,6 +158,7 @@ class ForwardContext:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     dropout: float = 0.0
     seed: int = 0
+    logits_to_keep: int = 0
 
     @classmethod
     def for_tokens(
@@ -165,9 +170,23 @@ class ForwardContext:
         causal: bool = False,
         pad_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> ForwardContext:
         pos = torch.arange(start, start + length, dtype=torch.long).unsqueeze(0).expand(batch, -1)
-        return cls(positions=pos, pad_mask=pad_mask, causal=causal, cache=cache)
+        return cls(
+            positions=pos,
+            pad_mask=pad_mask,
+            causal=causal,
+            cache=cache,
+            logits_to_keep=logits_to_keep,
+        )
+
+
+def kept_positions(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """The positions of hidden states `x` (B, T, C) an LM head projects: the last
+    `ctx.logits_to_keep` of them, or all when it is 0 (or T is no more)."""
+    k = ctx.logits_to_keep
+    return x if k <= 0 or x.shape[1] <= k else x[:, -k:]
 
 
 def dropout(x: torch.Tensor, ctx: ForwardContext, atom: AtomSpec, site: int) -> torch.Tensor:

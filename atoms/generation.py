@@ -178,9 +178,10 @@ class StepRequest:
         return torch.tensor([self.token_ids], dtype=torch.long)
 
     def context(self, cache: SessionCache | None = None) -> ForwardContext:
-        """The causal `ForwardContext` every span of this step runs with."""
+        """The causal `ForwardContext` every span of this step runs with: the LM head
+        projects the last position only (the next token reads no other)."""
         return ForwardContext.for_tokens(
-            1, len(self.token_ids), start=self.start, causal=True, cache=cache
+            1, len(self.token_ids), start=self.start, causal=True, cache=cache, logits_to_keep=1
         )
 
 

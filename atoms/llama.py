@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from .atom import Atom, AtomKind, AtomSpec, ForwardContext, IOKind, make_attrs, make_dims
+from .atom import (
+    Atom,
+    AtomKind,
+    AtomSpec,
+    ForwardContext,
+    IOKind,
+    kept_positions,
+    make_attrs,
+    make_dims,
+)
 from .cache import KVLayout
 from .errors import InputOutOfRange, ModelFormatError, ShapeMismatch, WeightsError
 from .model import Model, read_hf_config
@@ -480,7 +489,8 @@ class LlamaBlock(Atom):
 
 
 class LlamaHead(Atom):
-    """Final RMSNorm then the vocabulary projection: hidden (B, T, C) -> logits (B, T, V)."""
+    """Final RMSNorm then the vocabulary projection: hidden (B, T, C) -> logits (B, T, V)
+    (T' = `ctx.logits_to_keep` positions when set, `atom.kept_positions`)."""
 
     def __init__(self, spec: AtomSpec) -> None:
         super().__init__(spec)
@@ -490,7 +500,7 @@ class LlamaHead(Atom):
         materialize(self, spec.torch_dtype)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        logits: torch.Tensor = self.lm_head(self.norm(x))  # (B, T, V)
+        logits: torch.Tensor = self.lm_head(self.norm(kept_positions(x, ctx)))  # (B, T, V)
         return logits
 
 

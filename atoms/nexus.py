@@ -40,6 +40,7 @@ from .atom import (
     IOKind,
     build_from_table,
     dropout,
+    kept_positions,
     make_attrs,
     make_dims,
 )
@@ -247,7 +248,8 @@ class NexusBlock(Atom):
 
 
 class NexusHead(Atom):
-    """hidden (B, T, C) -> logits (B, T, V): final LayerNorm, then the output projection.
+    """hidden (B, T, C) -> logits (B, T, V): final LayerNorm, then the output projection
+    (of the last `ctx.logits_to_keep` positions when set, `atom.kept_positions`).
 
     Untied (attr tied False): Linear(C, V) without bias, all trainable.
     Tied (attr tied True): logits = (W LN(x)) E^T + b, where E (V, C) is a frozen copy of the
@@ -274,7 +276,7 @@ class NexusHead(Atom):
             self.table.requires_grad_(False)  # frozen: the base's word embeddings
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h: torch.Tensor = self.proj(self.norm(x))
+        h: torch.Tensor = self.proj(self.norm(kept_positions(x, ctx)))
         if not self.tied:
             return h  # (B, T, V)
         table = self.table.rows() if isinstance(self.table, QuantTable) else self.table

@@ -116,6 +116,9 @@ class ModelRegistry:
         self._manifests: dict[str, ModelManifest] = {}
         self.reader = reader  # reads weight files (decrypting those sealed at rest)
         self.on_saved: Callable[[str], None] | None = None  # a model was added (`save`)
+        # model -> (what the file was when verified, its tokenizer): parsing tokenizer.json
+        # costs ~16 ms, more than a short job's whole prefill on the origin
+        self._tokenizers: dict[str, tuple[tuple[str, int, int], TextTokenizer]] = {}
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self.models_dir}, loaded={sorted(self._manifests)})"
@@ -270,7 +273,8 @@ class ModelRegistry:
         return Span([to_dtype(a, dtype) for a in span.atom_list()])
 
     def tokenizer(self, model_id: str) -> TextTokenizer:
-        """The model's tokenizer, its file verified against the manifest.
+        """The model's tokenizer, its file verified against the manifest. Kept parsed while
+        the file stays as verified (same manifest digest, size and modification time).
 
         Raises:
             ApiError(bad_request): the model takes no text.
@@ -281,14 +285,24 @@ class ModelRegistry:
             raise ApiError("bad_request", f"model {model_id} has no tokenizer (it takes no text)")
         path = self.folder(model_id) / "tokenizer.json"
         try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise WeightsError(f"tokenizer file {path} is missing") from None
+        seen = (m.tokenizer.digest, st.st_size, st.st_mtime_ns)
+        kept = self._tokenizers.get(model_id)
+        if kept is not None and kept[0] == seen:
+            return kept[1]
+        try:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise WeightsError(f"tokenizer file {path} is missing") from None
         if digest_hex(raw) != m.tokenizer.digest:
             raise WeightsError(f"tokenizer file {path} is corrupt (digest mismatch)")
-        return TextTokenizer.from_json(
+        tok = TextTokenizer.from_json(
             raw.decode(), max_length=m.tokenizer.max_length, padding_side=m.tokenizer.padding_side
         )
+        self._tokenizers[model_id] = (seen, tok)
+        return tok
 
     def load_model(self, model_id: str) -> Model:
         return load_model(self.folder(model_id), reader=self.reader)

@@ -5,7 +5,8 @@ Rule 1: a hop answers one step at a time (`step`), or a batch of stored steps at
 says whether to blame the host and how to score it (`RoutedSession` decides what to do).
 Rule 2: outputs are checked before use: decodable, finite, and of the batch/token shape
 the input had; a reduced output (wire Rule 6, asked with `argmax_vocab` > 0) is int64 of
-shape (B,) with every id in [0, vocab).
+shape (B,) with every id in [0, vocab); a last-position one (asked with `last_only`) has
+one token.
 Rule 3: every step reports compute, queue and transfer time (`HopTiming`).
 """
 
@@ -187,10 +188,15 @@ class Hop(Protocol):
 
     async def open(self, batch: int, max_len: int) -> None: ...
     async def step(
-        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0
+        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0, last_only: bool = False
     ) -> tuple[torch.Tensor, HopTiming]: ...
     async def replay(
-        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
+        self,
+        first_id: int,
+        inputs: list[StepInput],
+        *,
+        per_step_s: float,
+        last_only: bool = False,
     ) -> list[torch.Tensor]: ...
     async def close(self) -> None: ...
 
@@ -245,10 +251,11 @@ class RemoteHop:
             )
 
     async def step(
-        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0
+        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0, last_only: bool = False
     ) -> tuple[torch.Tensor, HopTiming]:
         """One step; with `argmax_vocab` > 0 the host sends the argmax of its last position
-        (int64 (B,), ids below `argmax_vocab`) instead of its output (wire Rule 6)."""
+        (int64 (B,), ids below `argmax_vocab`) instead of its output, with `last_only` its
+        last position's logits (wire Rule 6)."""
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
         msg = Step(
             session_id=self._sid,
@@ -257,7 +264,7 @@ class RemoteHop:
             causal=inp.causal,
             tensor=header_of(enc),
             pad_mask=inp.pad_mask,
-            reduce="argmax" if argmax_vocab else "",
+            reduce=reduction(argmax_vocab, last_only),
         )
         t0 = trio.current_time()
         reply, payload = await self._exchange(lambda: self._ch.send(msg, enc), step_id)
@@ -268,7 +275,7 @@ class RemoteHop:
                 f"expected StepResult {step_id}, got {reply!r:.80}",
                 penalty="malformed",
             )
-        out = _checked_output(self.plan.host, reply, payload, inp.x, argmax_vocab)
+        out = _checked_output(self.plan.host, reply, payload, inp.x, argmax_vocab, last_only)
         timing = HopTiming(
             host=self.plan.host,
             start=self.plan.start,
@@ -285,7 +292,12 @@ class RemoteHop:
         return out, timing
 
     async def replay(
-        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
+        self,
+        first_id: int,
+        inputs: list[StepInput],
+        *,
+        per_step_s: float,
+        last_only: bool = False,
     ) -> list[torch.Tensor]:
         """Send every stored step at once and collect the answers (one round trip plus the
         compute, instead of one round trip per step). Sending and receiving run
@@ -294,7 +306,9 @@ class RemoteHop:
         Args:
             per_step_s: expected compute per step (measured on the failed host), for the
                 deadline: step_timeout + 2 x per_step_s x len(inputs).
+            last_only: the final step's output is its last position only (wire Rule 6).
         """
+        final = len(inputs) - 1
         outs: list[torch.Tensor] = []
 
         async def send_all() -> None:
@@ -307,6 +321,7 @@ class RemoteHop:
                     causal=inp.causal,
                     tensor=header_of(enc),
                     pad_mask=inp.pad_mask,
+                    reduce=reduction(0, last_only and k == final),
                 )
                 try:
                     await self._ch.send(msg, enc)
@@ -333,7 +348,8 @@ class RemoteHop:
                         f"expected StepResult {first_id + k}, got {reply!r:.80}",
                         penalty="malformed",
                     )
-                outs.append(_checked_output(self.plan.host, reply, payload, inp.x))
+                last = last_only and k == final
+                outs.append(_checked_output(self.plan.host, reply, payload, inp.x, 0, last))
 
         deadline_s = self._timeout + 2 * per_step_s * len(inputs)
         try:
@@ -371,10 +387,17 @@ class RemoteHop:
         return ForwardHop(self.plan.host, self._sid, step_id, self._token)
 
     async def send_forward(
-        self, step_id: int, inp: StepInput, route: tuple[ForwardHop, ...], *, argmax: bool = False
+        self,
+        step_id: int,
+        inp: StepInput,
+        route: tuple[ForwardHop, ...],
+        *,
+        argmax: bool = False,
+        last_only: bool = False,
     ) -> tuple[int, float]:
         """Send step `step_id` to be forwarded along `route` after this hop; the bytes sent
-        and their `wire_error`. `argmax`: the route's last host reduces its output."""
+        and their `wire_error`. `argmax`, `last_only`: the route's last host reduces its
+        output to its argmax, or to its last position (wire Rule 6)."""
         enc = encode(inp.x, self._codec if inp.x.is_floating_point() else "raw")
         msg = Step(
             session_id=self._sid,
@@ -384,7 +407,7 @@ class RemoteHop:
             tensor=header_of(enc),
             pad_mask=inp.pad_mask,
             route=route,
-            reduce="argmax" if argmax else "",
+            reduce=reduction(int(argmax), last_only),
         )
         try:
             with trio.fail_after(self._timeout):
@@ -396,11 +419,11 @@ class RemoteHop:
         return len(enc.data), wire_error(inp.x, enc)
 
     async def receive_forwarded(
-        self, step_id: int, x: torch.Tensor, *, argmax_vocab: int = 0
+        self, step_id: int, x: torch.Tensor, *, argmax_vocab: int = 0, last_only: bool = False
     ) -> tuple[torch.Tensor, StepResult, int]:
         """This hop's copy of its output of step `step_id` (its input was `x`, forwarded by
         the previous host): (output, the host's result record, payload bytes); reduced
-        (checked against `argmax_vocab`) when > 0."""
+        (checked against `argmax_vocab`) when > 0, else its last position with `last_only`."""
 
         async def nothing() -> None:
             return None
@@ -412,7 +435,7 @@ class RemoteHop:
                 f"expected StepResult {step_id}, got {reply!r:.80}",
                 penalty="malformed",
             )
-        out = _checked_output(self.plan.host, reply, payload, x, argmax_vocab)
+        out = _checked_output(self.plan.host, reply, payload, x, argmax_vocab, last_only)
         return out, reply, len(payload)
 
     async def _receive_reply(self, step_id: int | None) -> tuple[object, bytes]:
@@ -476,7 +499,7 @@ class LocalHop:
             raise refused(self.plan.host, exc.code, str(exc)) from None
 
     async def step(
-        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0
+        self, step_id: int, inp: StepInput, *, argmax_vocab: int = 0, last_only: bool = False
     ) -> tuple[torch.Tensor, HopTiming]:
         enc = encode(inp.x)
         msg = Step(
@@ -486,7 +509,7 @@ class LocalHop:
             causal=inp.causal,
             tensor=header_of(enc),
             pad_mask=inp.pad_mask,
-            reduce="argmax" if argmax_vocab else "",
+            reduce=reduction(argmax_vocab, last_only),
         )
         try:
             reply, out_enc = await self._host.step(self._self, msg, enc.data)
@@ -497,7 +520,7 @@ class LocalHop:
             raise HopFailed(
                 self.plan.host, f"invalid output: {exc}", penalty="bad_output"
             ) from None
-        _check_output(self.plan.host, inp.x, out, argmax_vocab)
+        _check_output(self.plan.host, inp.x, out, argmax_vocab, last_only)
         timing = HopTiming(
             host=self.plan.host,
             start=self.plan.start,
@@ -511,16 +534,36 @@ class LocalHop:
         return out, timing
 
     async def replay(
-        self, first_id: int, inputs: list[StepInput], *, per_step_s: float
+        self,
+        first_id: int,
+        inputs: list[StepInput],
+        *,
+        per_step_s: float,
+        last_only: bool = False,
     ) -> list[torch.Tensor]:
-        return [(await self.step(first_id + k, inp))[0] for k, inp in enumerate(inputs)]
+        final = len(inputs) - 1
+        return [
+            (await self.step(first_id + k, inp, last_only=last_only and k == final))[0]
+            for k, inp in enumerate(inputs)
+        ]
 
     async def close(self) -> None:
         self._host.close(self._self, self._sid)
 
 
+def reduction(argmax_vocab: int, last_only: bool) -> str:
+    """`Step.reduce` for a hop asked for its argmax (`argmax_vocab` > 0), its last position
+    (`last_only`), or its full output (wire Rule 6)."""
+    return "argmax" if argmax_vocab else "last" if last_only else ""
+
+
 def _checked_output(
-    host: bytes, reply: StepResult, payload: bytes, x: torch.Tensor, argmax_vocab: int = 0
+    host: bytes,
+    reply: StepResult,
+    payload: bytes,
+    x: torch.Tensor,
+    argmax_vocab: int = 0,
+    last_only: bool = False,
 ) -> torch.Tensor:
     """The reply's tensor, decoded (dtype, length, finiteness) and shape-checked against `x`
     (a reduced one against `argmax_vocab`, see `_check_output`)."""
@@ -528,13 +571,16 @@ def _checked_output(
         out = tensor_of(reply.tensor, payload)
     except AtomError as exc:
         raise HopFailed(host, f"invalid output: {exc}", penalty="bad_output") from None
-    _check_output(host, x, out, argmax_vocab)
+    _check_output(host, x, out, argmax_vocab, last_only)
     return out
 
 
-def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor, argmax_vocab: int = 0) -> None:
+def _check_output(
+    host: bytes, x: torch.Tensor, out: torch.Tensor, argmax_vocab: int = 0, last_only: bool = False
+) -> None:
     """A wrong shape is a bad output, scored as one (not as a timeout). With `argmax_vocab`
-    > 0 the output must be the reduced one: int64 (B,), every id in [0, argmax_vocab)."""
+    > 0 the output must be the reduced one: int64 (B,), every id in [0, argmax_vocab); with
+    `last_only` (B, 1, ...) logits."""
     if argmax_vocab:
         _check_reduced(host, x, out, argmax_vocab)
         return
@@ -544,7 +590,14 @@ def _check_output(host: bytes, x: torch.Tensor, out: torch.Tensor, argmax_vocab:
             f"invalid output: shape {tuple(out.shape)} does not fit input {tuple(x.shape)}",
             penalty="bad_output",
         )
-    if x.dim() >= 2 and out.dim() >= 3 and x.dim() in (2, 3) and out.shape[1] != x.shape[1]:
+    if last_only and (out.dim() != 3 or out.shape[1] != 1):
+        raise HopFailed(
+            host,
+            f"invalid output: expected the last position's logits (B, 1, V), "
+            f"got {tuple(out.shape)}",
+            penalty="bad_output",
+        )
+    if not last_only and x.dim() in (2, 3) and out.dim() >= 3 and out.shape[1] != x.shape[1]:
         raise HopFailed(
             host,
             f"invalid output: {out.shape[1]} tokens, input had {x.shape[1]}",

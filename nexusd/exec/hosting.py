@@ -14,7 +14,9 @@ waiting for it is the step's queue time, reported back with the compute time. De
 of different sessions that wait together run as one batch (`batching.StepBatcher`).
 Rule 5: a step asking `reduce="argmax"` (wire Rule 6) that this host answers last (no
 further route) gets its own output's last-position argmax, int64 (B,), in the `raw` codec
-whatever the session's codec; a span that does not end in logits refuses it (`bad_input`).
+whatever the session's codec; `reduce="last"` gets the last position's logits (B, 1, V).
+Both run the LM head on the last position only; a span that does not end in logits
+refuses them (`bad_input`).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def warm_up(span: Span) -> float:
 def _reduces(msg: Step) -> bool:
     """Whether this host reduces the step's output: asked to, and it returns the final
     result (no further route: in forward mode only the route's last host does)."""
-    return msg.reduce == "argmax" and not msg.route
+    return bool(msg.reduce) and not msg.route
 
 
 def argmax_last(out: torch.Tensor) -> torch.Tensor:
@@ -503,6 +505,7 @@ class SpanHost:
             causal=msg.causal,
             pad_mask=pad,
             cache=sess.cache,
+            logits_to_keep=1 if _reduces(msg) else 0,
         )
 
     async def _compute(
@@ -548,7 +551,8 @@ class SpanHost:
             sess.span.model_id, len(sess.span.atom_list()), tokens, done - started[0]
         )
         # a reduction runs per session, after the (maybe batched) forward
-        enc = self._reduced(peer, msg, out) if _reduces(msg) else encode(out, sess.reply_codec)
+        argmax = _reduces(msg) and msg.reduce == "argmax"
+        enc = self._reduced(peer, msg, out) if argmax else encode(out, sess.reply_codec)
         queue_s = started[0] - queued_at if started else 0.0
         self._metrics.inc("exec_steps_total", model=sess.span.model_id)
         result = StepResult(

@@ -57,9 +57,10 @@ Planner = Callable[[int, int, frozenset[bytes]], list[HopPlan]]
 HopFactory = Callable[[HopPlan], Awaitable[Hop]]
 FailureReporter = Callable[[bytes, str, str], None]  # (host, penalty, reason)
 _Opinion = tuple[torch.Tensor | None, bytes | None, bool]  # (output, replica host, the origin's?)
-# (start, end, inputs, batch, max_len) -> the origin's own output of the last input, computed
-# on a fresh session of atoms [start, end) from its model files
-Arbiter = Callable[[int, int, list[StepInput], int, int], Awaitable[torch.Tensor]]
+# (start, end, inputs, batch, max_len, last_only) -> the origin's own output of the last
+# input (its last position only with last_only), computed on a fresh session of atoms
+# [start, end) from its model files
+Arbiter = Callable[[int, int, list[StepInput], int, int, bool], Awaitable[torch.Tensor]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +115,9 @@ class RoutedSession:
             the route and each host sends its output straight to the next; every host also
             sends the origin a copy, which is what failover replays and spot checks use.
             A step with a sampled hop, or with a hop on this node, runs in relay mode.
+        last_only: the last hop returns its output's last position only (wire Rule 6,
+            "last"; its LM head projects no other): a generation reads no other, and a
+            spot check of the last hop then compares that position alone.
     """
 
     def __init__(
@@ -129,9 +133,11 @@ class RoutedSession:
         on_route: Callable[[list[HopPlan], str], None] | None = None,
         verify: Verification | None = None,
         forward: bool = False,
+        last_only: bool = False,
     ) -> None:
         self._n = n_atoms
         self._forward = forward
+        self._last_only = last_only
         self._verify = verify if verify is not None and verify.policy.enabled else None
         self._plan = plan
         self._make_hop = make_hop
@@ -262,12 +268,16 @@ class RoutedSession:
         while i < len(self._hops) and self._hops[i] is not stop:
             live = self._hops[i]
             sampled = picks.pop(id(live), None)
-            vocab = argmax_vocab if live is self._hops[-1] else 0
+            final = live is self._hops[-1]
+            vocab = argmax_vocab if final else 0
+            last = self._last_only and final
             try:
                 if sampled if sampled is not None else self._sampled(live):
-                    out, timing = await self._checked_step(live, x)
+                    out, timing = await self._checked_step(live, x, last)
                 else:
-                    out, timing = await live.hop.step(live.next_id, x, argmax_vocab=vocab)
+                    out, timing = await live.hop.step(
+                        live.next_id, x, argmax_vocab=vocab, last_only=last
+                    )
             except HopFailed as exc:
                 self._fail(exc)
                 await self._replace(i)
@@ -310,8 +320,11 @@ class RoutedSession:
             for live, hop in zip(lives[1:], remote[1:], strict=True)
         )
         vocab = argmax_vocab if stop is None else 0  # the run ends at the model's last hop
+        last = self._last_only and stop is None
         try:
-            sent, error = await remote[0].send_forward(lives[0].next_id, x, route, argmax=vocab > 0)
+            sent, error = await remote[0].send_forward(
+                lives[0].next_id, x, route, argmax=vocab > 0, last_only=last
+            )
         except HopFailed as exc:
             self._fail(exc)
             await self._replace(i)
@@ -321,7 +334,10 @@ class RoutedSession:
         for j, (live, hop) in enumerate(zip(lives, remote, strict=True)):
             try:
                 out, reply, got = await hop.receive_forwarded(
-                    live.next_id, x.x, argmax_vocab=vocab if j == run - 1 else 0
+                    live.next_id,
+                    x.x,
+                    argmax_vocab=vocab if j == run - 1 else 0,
+                    last_only=last and j == run - 1,
                 )
             except HopFailed as exc:
                 self._fail(exc)
@@ -374,18 +390,22 @@ class RoutedSession:
             return steps
         return [StepInput(torch.cat(xs, dim=1), steps[0].position, x.causal, x.pad_mask)]
 
-    async def _checked_step(self, live: _Live, x: StepInput) -> tuple[torch.Tensor, HopTiming]:
+    async def _checked_step(
+        self, live: _Live, x: StepInput, last: bool
+    ) -> tuple[torch.Tensor, HopTiming]:
         """The hop's step, and at the same time the same step elsewhere (a second replica,
-        or the origin's own computation); HopFailed("wrong_output") if the hop lied."""
+        or the origin's own computation); HopFailed("wrong_output") if the hop lied.
+        `last`: the hop's output is its last position only, and so is the one it is
+        compared with (the model's last hop in a generation)."""
         inputs = self._check_inputs(live, x)
         done: list[tuple[torch.Tensor, HopTiming]] = []
         opinion: list[_Opinion] = []
 
         async def run_step() -> None:
-            done.append(await live.hop.step(live.next_id, x))
+            done.append(await live.hop.step(live.next_id, x, last_only=last))
 
         async def run_opinion() -> None:
-            opinion.append(await self._second_opinion(live.hop.plan, inputs, live.per_step_s))
+            opinion.append(await self._second_opinion(live.hop.plan, inputs, live.per_step_s, last))
 
         try:
             async with trio.open_nursery() as nursery:
@@ -397,11 +417,16 @@ class RoutedSession:
                 raise
             raise failure from None
         out, timing = done[0]
-        await self._judge(live.hop.plan, inputs, out, opinion[0])
+        await self._judge(live.hop.plan, inputs, out, opinion[0], last)
         return out, timing
 
     async def _judge(
-        self, plan: HopPlan, inputs: list[StepInput], out: torch.Tensor, opinion: _Opinion
+        self,
+        plan: HopPlan,
+        inputs: list[StepInput],
+        out: torch.Tensor,
+        opinion: _Opinion,
+        last: bool,
     ) -> None:
         v = self._verify
         assert v is not None
@@ -411,7 +436,7 @@ class RoutedSession:
             if difference(out, ref) <= v.policy.tolerance(out.dtype, ref.dtype, v.codec):
                 self._outcome("agreed")
                 return
-            truth = await self._own(plan, inputs)  # they disagree: the origin decides
+            truth = await self._own(plan, inputs, last)  # they disagree: the origin decides
             if truth is not None:
                 truth = last_tokens(truth, out)
                 wrong = difference(ref, truth)
@@ -444,12 +469,12 @@ class RoutedSession:
             )
         self._outcome("agreed")
 
-    async def _own(self, plan: HopPlan, inputs: list[StepInput]) -> torch.Tensor | None:
+    async def _own(self, plan: HopPlan, inputs: list[StepInput], last: bool) -> torch.Tensor | None:
         """The origin's own output (the arbiter); None when it cannot compute it."""
         v = self._verify
         assert v is not None
         try:
-            return await v.arbiter(plan.start, plan.end, inputs, self._batch, self._max_len)
+            return await v.arbiter(plan.start, plan.end, inputs, self._batch, self._max_len, last)
         except (HopFailed, NexusError, AtomError) as exc:
             log.warning(
                 "verify_undecided",
@@ -461,14 +486,14 @@ class RoutedSession:
             return None
 
     async def _second_opinion(
-        self, plan: HopPlan, inputs: list[StepInput], per_step_s: float
+        self, plan: HopPlan, inputs: list[StepInput], per_step_s: float, last: bool
     ) -> _Opinion:
         """Another replica's output of `plan`'s span on `inputs` and its host (None when the
         span's other hosts form a chain); with no other replica, the origin's own output."""
         try:
             plans = self._plan(plan.start, plan.end, frozenset({*self._excluded, plan.host}))
         except (NexusError, LookupError):  # nobody else hosts it: the origin is the second opinion
-            return await self._own(plan, inputs), None, True
+            return await self._own(plan, inputs, last), None, True
         chain: list[_Live] = []
         try:
             xs = inputs
@@ -476,7 +501,8 @@ class RoutedSession:
                 hop = await self._make_hop(p)
                 chain.append(_Live(hop=hop))
                 await hop.open(self._batch, self._max_len)
-                outs = await hop.replay(0, xs, per_step_s=per_step_s)
+                final = last and p is plans[-1]
+                outs = await hop.replay(0, xs, per_step_s=per_step_s, last_only=final)
                 xs = [
                     StepInput(o, s.position, s.causal, s.pad_mask)
                     for o, s in zip(outs, xs, strict=True)
@@ -486,7 +512,7 @@ class RoutedSession:
                 self._report(exc.host, exc.penalty, exc.reason)
             self._excluded.add(exc.host)
             log.info("verify_replica_failed", host=exc.host.hex()[:8], reason=exc.reason)
-            return await self._own(plan, inputs), None, True
+            return await self._own(plan, inputs, last), None, True
         finally:
             await _close_all(chain)
         return xs[-1].x, (plans[0].host if len(plans) == 1 else None), False

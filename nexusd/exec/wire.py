@@ -26,8 +26,11 @@ path): the origin keeps every hop's input for replay and spot checks as in relay
 Rule 6 (reduction, `[exec] host_argmax`): a step whose `reduce` is "argmax" asks the host
 that returns the final result (the one with no further `route`) for the int64 (B,) argmax
 of its output's last position instead of the (B, T, V) logits, sent in the exact `raw`
-codec; hosts that forward pass the field on and send full outputs (their copies to the
-origin included). Only a span that ends in logits (the model's LM head) reduces.
+codec; "last" asks it for the last position's logits only, (B, 1, V), in the session's
+codec (a generation that samples, or a spot check of a reducing step, reads no other).
+Either way its LM head projects the last position only (`ForwardContext.logits_to_keep`).
+Hosts that forward pass the field on and send full outputs (their copies to the origin
+included). Only a span that ends in logits (the model's LM head) reduces.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class ForwardHop:
 
 
 MAX_ROUTE_HOPS = 64
-REDUCTIONS = ("", "argmax")  # Step.reduce: "" = the full output (Rule 6)
+REDUCTIONS = ("", "argmax", "last")  # Step.reduce: "" = the full output (Rule 6)
 
 
 @record("x.step")
@@ -136,7 +139,8 @@ class Step:
     it from this host); `origin` and `token` are set when another host forwards the step
     into a session `origin` opened (the token is that session's `forward_token`).
     `reduce` (Rule 6): "argmax" asks the final host for the int64 (B,) argmax of the last
-    position instead of its full output; "" for the full output.
+    position instead of its full output; "last" for the last position's logits (B, 1, V);
+    "" for the full output.
     """
 
     session_id: bytes

@@ -159,6 +159,7 @@ class JobEngine:
         kind: Literal["latency", "batch"],
         codec: str,
         on_route: Callable[[list[HopPlan], str], None] | None = None,
+        last_only: bool = False,
     ) -> RoutedSession:
         plan = make_planner(
             self.view,
@@ -177,9 +178,9 @@ class JobEngine:
             return RemoteHop(p, model_id, channel, step_timeout_s=self._timeout, codec=chosen)
 
         async def arbiter(
-            start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
+            start: int, end: int, inputs: list[StepInput], batch: int, max_len: int, last: bool
         ) -> torch.Tensor:
-            return await self._own_output(model_id, start, end, inputs, batch, max_len)
+            return await self._own_output(model_id, start, end, inputs, batch, max_len, last)
 
         verify = (
             None
@@ -203,6 +204,7 @@ class JobEngine:
             on_route=on_route,
             verify=verify,
             forward=self._forward,
+            last_only=last_only,
         )
 
     def _hop_codec(self, codec: str, host: bytes, payload_bytes: int) -> str:
@@ -216,10 +218,18 @@ class JobEngine:
         return chosen
 
     async def _own_output(
-        self, model_id: str, start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
+        self,
+        model_id: str,
+        start: int,
+        end: int,
+        inputs: list[StepInput],
+        batch: int,
+        max_len: int,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """This node's own output of atoms [start, end) (float32, from its model files, on a
-        fresh session) for the last of `inputs`: the judge of a spot check. The last
+        fresh session) for the last of `inputs` (its last position only with `last_only`,
+        wire Rule 6): the judge of a spot check. The last
         `ARBITER_SPANS` spans loaded stay loaded (checks of one job reuse them)."""
         key = (model_id, start, end)
         span = self._arbiter_spans.pop(key, None)
@@ -238,7 +248,7 @@ class JobEngine:
         hop = LocalHop(HopPlan(self.view.node_id, start, end), model_id, host, self.view.node_id)
         try:
             await hop.open(batch, max_len)
-            outs = await hop.replay(0, inputs, per_step_s=0.0)
+            outs = await hop.replay(0, inputs, per_step_s=0.0, last_only=last_only)
         finally:
             await hop.close()
         return outs[-1]
@@ -342,6 +352,7 @@ class JobEngine:
             kind="latency",
             codec=req.codec,
             on_route=lambda hops, why: pending.append(self.route_event(job_id, hops, why)),
+            last_only=True,  # the next token reads the last position's logits alone
         )
         costs = HopCosts()
 

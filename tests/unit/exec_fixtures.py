@@ -157,7 +157,11 @@ class Cluster:
         self.penalties.append((host, penalty))
 
     def session(
-        self, plan: Callable[[int, int, frozenset[bytes]], list[HopPlan]], *, max_len: int = 32
+        self,
+        plan: Callable[[int, int, frozenset[bytes]], list[HopPlan]],
+        *,
+        max_len: int = 32,
+        last_only: bool = False,
     ) -> RoutedSession:
         """A batch-1 session over the tiny model's 6 atoms, hops opened in this cluster."""
         return RoutedSession(
@@ -168,6 +172,7 @@ class Cluster:
             batch=1,
             max_len=max_len,
             forward=self.forward,
+            last_only=last_only,
         )
 
     def planner(

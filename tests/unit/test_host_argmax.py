@@ -50,8 +50,9 @@ def step_msg(reduce: str = "") -> Step:
 
 def test_step_reduce_is_argmax_or_nothing_and_travels() -> None:
     assert step_msg().reduce == ""
-    msg = step_msg("argmax")
-    assert decode_any(encode_record(msg), (Step,)) == msg
+    for reduce in ("argmax", "last"):
+        msg = step_msg(reduce)
+        assert decode_any(encode_record(msg), (Step,)) == msg
     for bad in ("top2", "ARGMAX", " argmax"):
         with pytest.raises(ValueError, match="reduce: expected one of"):
             step_msg(bad)
@@ -83,10 +84,11 @@ async def test_a_span_that_does_not_end_in_logits_refuses_to_reduce() -> None:
     await host.open(
         PEER, OpenSession(session_id=sid, model_id="tiny", start=0, end=3, batch=1, max_len=16)
     )
-    with pytest.raises(ExecRefused, match=r"LM head; atoms tiny\[0,3\) give hidden") as err:
-        await host_step(host, sid, 0, 0, PROMPT, "argmax")
-    assert err.value.code == "bad_input"
-    assert host._metrics.value("exec_refused_total", code="bad_input") == 1
+    for reduce in ("argmax", "last"):
+        with pytest.raises(ExecRefused, match=r"LM head; atoms tiny\[0,3\) give hidden") as err:
+            await host_step(host, sid, 0, 0, PROMPT, reduce)
+        assert err.value.code == "bad_input"
+    assert host._metrics.value("exec_refused_total", code="bad_input") == 2
     out, _ = await host_step(host, sid, 0, 0, PROMPT)  # refused before anything ran: usable
     assert out.shape == (1, PROMPT.shape[1], TINY.hidden_size)
 
@@ -97,9 +99,10 @@ async def test_the_head_sends_its_last_positions_argmax_raw_whatever_the_codec()
     body = split(model, [(0, 3)])[0]
     hidden = body(PROMPT, _ctx())
     host = make_host(head)
+    want = model(PROMPT, _ctx())[:, -1:]
     for i, codec in enumerate(("raw", "int8")):
-        for reduce in ("", "argmax"):
-            sid = bytes([i * 2 + (1 if reduce else 0)]) * 16
+        for j, reduce in enumerate(("", "argmax", "last")):
+            sid = bytes([i * 3 + j]) * 16
             await host.open(
                 PEER,
                 OpenSession(
@@ -113,9 +116,13 @@ async def test_the_head_sends_its_last_positions_argmax_raw_whatever_the_codec()
                 ),
             )
             out, header = await host_step(host, sid, 0, 0, hidden, reduce)
-            if reduce:
+            if reduce == "argmax":
                 assert header == TensorHeader("int64", (1,), "raw")
-                assert int(out[0]) == int(model(PROMPT, _ctx())[0, -1].argmax())
+                assert int(out[0]) == int(want[0, -1].argmax())
+            elif reduce == "last":  # the head projected the last position alone
+                assert header.codec == codec and out.shape == (1, 1, VOCAB)
+                if codec == "raw":
+                    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
             else:
                 assert header.codec == codec and out.shape == (1, PROMPT.shape[1], VOCAB)
 
@@ -285,3 +292,30 @@ async def test_spot_checked_steps_get_the_full_logits() -> None:
         assert got == want and cl.failures == []
         assert reduced == [False, True, True, True, True]
         assert outcomes == ["agreed", "agreed"]  # each host's first step
+
+
+async def test_a_generation_session_checks_the_last_position_alone() -> None:
+    """With `last_only` (a generation's session) the checked step's logits are the last
+    position's, (1, 1, V), on the host and in the origin's own computation alike."""
+    model = tiny_llama()
+    want = reference_greedy(model, 5)
+    a, b = Node("a", split(model, [(0, 3)])), Node("b", split(model, [(3, 6)]))
+    outcomes: list[str] = []
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [a, b])
+        policy = VerifyPolicy(rate=0.0, first_steps=1)
+        sess = verified(cl, [(0, 3, [a.id]), (3, 6, [b.id])], policy, outcomes, last_only=True)
+        await sess.open()
+        out, _ = await sess.step(StepInput(PROMPT, 0, True, b""), argmax_vocab=VOCAB)
+        assert out.shape == (1, 1, VOCAB)  # checked: logits, of the last position only
+        tokens = [int(out[0, -1].argmax())]
+        x, pos = torch.tensor([[tokens[-1]]]), PROMPT.shape[1]
+        for _ in range(4):
+            out, _ = await sess.step(StepInput(x, pos, True, b""), argmax_vocab=VOCAB)
+            assert out.dtype == torch.int64  # unchecked: reduced
+            tokens.append(int(out[0]))
+            x, pos = torch.tensor([[tokens[-1]]]), pos + 1
+        await sess.close()
+        nursery.cancel_scope.cancel()
+    assert tokens == want and cl.failures == []
+    assert outcomes == ["agreed", "agreed"]

@@ -60,7 +60,7 @@ def spans(cuts: list[tuple[int, int]], *, lie_from: int | None = None) -> list[S
 
 
 async def own_output(
-    start: int, end: int, inputs: list[StepInput], batch: int, max_len: int
+    start: int, end: int, inputs: list[StepInput], batch: int, max_len: int, last: bool = False
 ) -> torch.Tensor:
     """The origin's own computation (what the engine does from its model files)."""
     host = SpanHost(
@@ -73,7 +73,7 @@ async def own_output(
     hop = LocalHop(HopPlan(b"origin", start, end), "tiny", host, b"origin")
     await hop.open(batch, max_len)
     try:
-        outs = await hop.replay(0, inputs, per_step_s=0.0)
+        outs = await hop.replay(0, inputs, per_step_s=0.0, last_only=last)
     finally:
         await hop.close()
     return outs[-1]
@@ -101,6 +101,7 @@ def verified(
     outcomes: list[str],
     *,
     forward: bool = False,
+    last_only: bool = False,
 ) -> RoutedSession:
     verify = Verification(
         policy=policy, arbiter=own_output, rng=random.Random(0), on_check=outcomes.append
@@ -114,6 +115,7 @@ def verified(
         max_len=32,
         verify=verify,
         forward=forward,
+        last_only=last_only,
     )
 
 
@@ -211,6 +213,29 @@ async def test_a_lying_host_is_caught_on_its_first_step_and_the_output_is_the_ho
         assert outcomes.count("wrong_output") == 1 and outcomes.count("agreed") >= 2
         for got, want in zip(logits, honest, strict=True):
             assert_same_output(got, want)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("forward", [False, True])
+async def test_a_lying_last_host_is_caught_on_the_last_position_alone(forward: bool) -> None:
+    """A generation's session asks the last hop for its last position only (wire Rule 6,
+    "last"): the check compares that position with the origin's own, and still catches a
+    liar on its first step; every output is the honest one's last position."""
+    honest = await honest_logits()
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=0))
+        good = Node("good", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, liar, good], forward=forward)
+        outcomes: list[str] = []
+        layout = [(0, 3, [head.id]), (3, 6, [liar.id, good.id])]
+        session = verified(cl, layout, VerifyPolicy(), outcomes, forward=forward, last_only=True)
+        logits = await generate(session)
+        assert cl.penalties == [(liar.id, "wrong_output")]
+        assert [h.host for h in session.route] == [head.id, good.id]
+        for got, want in zip(logits, honest, strict=True):
+            assert got.shape == (1, 1, want.shape[-1])
+            assert_same_output(got, want[:, -1:])
         nursery.cancel_scope.cancel()
 
 

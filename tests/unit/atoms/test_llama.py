@@ -290,3 +290,11 @@ def test_eos_ids_are_recorded_and_stop_generation(tmp_path: Path, atoms: list[At
     stopped = generate(atoms, [1, 2], GenerationParams(max_new_tokens=10, stop_token_ids=(eos,)))
     assert stopped.token_ids == free[: free.index(eos) + 1]
     assert stopped.reason is StopReason.STOP_TOKEN
+
+
+def test_logits_to_keep_projects_the_last_positions_alone(atoms: list[Atom]) -> None:
+    full = _forward(atoms, IDS)
+    with torch.no_grad():
+        ctx = ForwardContext.for_tokens(2, IDS.shape[1], causal=True, logits_to_keep=1)
+        got = Span(atoms)(IDS, ctx)
+    torch.testing.assert_close(got, full[:, -1:], atol=1e-5, rtol=1e-5)

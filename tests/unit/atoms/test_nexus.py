@@ -221,3 +221,15 @@ def test_save_load_round_trip(model: Model, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match=r"nexus_version '1\.1', got .*'1\.0'"):
         load_nexus(tmp_path)
+
+
+def test_logits_to_keep_projects_the_last_positions_alone(model: Model) -> None:
+    """`ForwardContext.logits_to_keep` (what a generation step and a reducing host ask):
+    the head's output is the full forward's last positions, and nothing else changes."""
+    with torch.no_grad():
+        full = model.span()(IDS, _ctx(IDS.shape[1]))
+        for keep in (1, 3, IDS.shape[1] + 2):
+            ctx = ForwardContext.for_tokens(1, IDS.shape[1], causal=True, logits_to_keep=keep)
+            got = model.span()(IDS, ctx)
+            want = full[:, -min(keep, IDS.shape[1]) :]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
