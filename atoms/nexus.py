@@ -43,6 +43,7 @@ from .atom import (
     kept_positions,
     make_attrs,
     make_dims,
+    vocab_major,
 )
 from .cache import KVLayout
 from .errors import InputOutOfRange, ModelFormatError, WeightsError
@@ -272,6 +273,7 @@ class NexusHead(Atom):
         else:
             self.proj = nn.Linear(c, v, bias=False, device="meta")
         materialize(self, spec.torch_dtype)
+        vocab_major(self.table if self.tied else self.proj.weight)
         if self.tied:
             self.table.requires_grad_(False)  # frozen: the base's word embeddings
 
