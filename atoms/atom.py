@@ -191,6 +191,7 @@ def vocab_major(weight: torch.Tensor) -> None:
     (bit-identical from four on; fewer differ in the last bits, within 1e-6 relative).
     Values, shape, state dicts and the stored bytes (saved contiguous) stay as they were;
     `load_state_dict` copies into this layout, and gradients and optimiser state follow it.
+    Called on a meta-device weight it costs nothing, and materialising keeps the layout.
     """
     with torch.no_grad():
         weight.data = weight.data.t().contiguous().t()

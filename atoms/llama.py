@@ -498,8 +498,8 @@ class LlamaHead(Atom):
         c = spec.dim("hidden")
         self.norm = RMSNorm(c, float(spec.attr("rms_norm_eps")))
         self.lm_head = nn.Linear(c, spec.dim("vocab"), bias=False, device="meta")
+        vocab_major(self.lm_head.weight)  # on meta: no copy
         materialize(self, spec.torch_dtype)
-        vocab_major(self.lm_head.weight)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         logits: torch.Tensor = self.lm_head(self.norm(kept_positions(x, ctx)))  # (B, T, V)

@@ -272,8 +272,8 @@ class NexusHead(Atom):
             self.table = nn.Parameter(torch.zeros(v, c, device="meta"), requires_grad=False)
         else:
             self.proj = nn.Linear(c, v, bias=False, device="meta")
+        vocab_major(self.table if self.tied else self.proj.weight)  # on meta: no copy
         materialize(self, spec.torch_dtype)
-        vocab_major(self.table if self.tied else self.proj.weight)
         if self.tied:
             self.table.requires_grad_(False)  # frozen: the base's word embeddings
 
