@@ -121,6 +121,15 @@ def warm_up(span: Span) -> float:
     return time.perf_counter() - t0
 
 
+def session_kv_bytes(span: Span, *, batch: int, max_len: int, page_tokens: int) -> int:
+    """The pool bytes one session of `batch` rows x `max_len` tokens can take on `span`
+    (whole pages of `page_tokens`): the budget of a host that serves that session alone."""
+    if max_len <= 0 or not span.kv_layouts():
+        return 0
+    page_bytes, _ = pool_shape([PageFormat.of(span.kv_layouts(), page_tokens)])
+    return page_bytes * batch * -(-max_len // page_tokens)
+
+
 def _reduces(msg: Step) -> bool:
     """Whether this host reduces the step's output: asked to, and it returns the final
     result (no further route: in forward mode only the route's last host does)."""
@@ -302,7 +311,7 @@ class SpanHost:
         fmt = PageFormat.of(span.kv_layouts(), self._page_tokens)
         pool, shape = self._pool, self._pool_shape()
         if pool is None or (pool.used_pages == 0 and (pool.page_bytes, pool.stripe) != shape):
-            budget = min(self._budget, _physical_memory() // 4)  # e.g. the arbiter's 2**40
+            budget = min(self._budget, _physical_memory() // 4)
             pool = self._pool = KVPool.for_budget(budget, *shape)
             log.info(
                 "kv_pool_built", pages=pool.capacity, page_bytes=pool.page_bytes, stripe=shape[1]

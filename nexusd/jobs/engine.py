@@ -48,7 +48,7 @@ from ..api.records import (
 )
 from ..errors import NEXUS_ERRORS, ApiError, NexusError
 from ..exec.adaptive import AUTO, JOB_CODECS, CodecPolicy, hop_codec, tolerance_codec
-from ..exec.hosting import SpanHost
+from ..exec.hosting import SpanHost, session_kv_bytes
 from ..exec.planner import MeshView, make_planner
 from ..exec.session import (
     Hop,
@@ -81,6 +81,7 @@ MAX_LABELS = 1_000
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
 ARBITER_SPANS = 2  # spans kept loaded for spot checks' own computation
+ARBITER_PAGE_TOKENS = 64  # its one session's pool: a few large pages, sized to the check
 SESSION_CLOSE_S = 5.0  # closing every hop of a job's session (each bounded on its own)
 
 
@@ -240,7 +241,10 @@ class JobEngine:
             self._arbiter_spans.popitem(last=False)
         host = SpanHost(
             [span],
-            kv_budget_bytes=1 << 40,
+            kv_budget_bytes=session_kv_bytes(
+                span, batch=batch, max_len=max_len, page_tokens=ARBITER_PAGE_TOKENS
+            ),
+            kv_page_tokens=ARBITER_PAGE_TOKENS,
             max_sessions=1,
             limiter=self._arbiter_limiter,
             metrics=Metrics(),

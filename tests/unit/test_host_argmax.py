@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import trio
@@ -10,7 +12,7 @@ from atoms.atom import ForwardContext
 from atoms.codecs import Encoded, encode
 from mesh.wire import decode_any
 from mesh.wire import encode as encode_record
-from nexusd.exec.hosting import ExecRefused, SpanHost
+from nexusd.exec.hosting import ExecRefused, SpanHost, session_kv_bytes
 from nexusd.exec.session import RoutedSession, StepInput
 from nexusd.exec.verify import VerifyPolicy
 from nexusd.exec.wire import OpenSession, Step, TensorHeader, header_of, tensor_of
@@ -319,3 +321,22 @@ async def test_a_generation_session_checks_the_last_position_alone() -> None:
         nursery.cancel_scope.cancel()
     assert tokens == want and cl.failures == []
     assert outcomes == ["agreed", "agreed"]
+
+
+async def test_a_session_sized_budget_holds_that_session_and_not_a_token_more() -> None:
+    """`session_kv_bytes` (the origin's own computation sizes its one-session host by it,
+    instead of reserving a quarter of the machine's memory per spot check)."""
+    span = tiny_llama()
+    budget = session_kv_bytes(span, batch=1, max_len=7, page_tokens=4)
+    assert budget > 0 and session_kv_bytes(span, batch=1, max_len=0, page_tokens=4) == 0
+    host = make_host(span, budget=budget)  # 4-token pages, as sized
+    sid = b"k" * 16
+    msg = OpenSession(session_id=sid, model_id="tiny", start=0, end=6, batch=1, max_len=7)
+    await host.open(PEER, msg)
+    out, _ = await host_step(host, sid, 0, 0, PROMPT)  # 5 tokens, then 2 more: max_len
+    for k in range(2):
+        out, _ = await host_step(host, sid, k + 1, 5 + k, out[:, -1:].argmax(-1))
+    assert host.kv_pages() == (2, 2)  # all of it, held by the one session
+    with pytest.raises(ExecRefused) as err:
+        await host.open(PEER, dataclasses.replace(msg, session_id=b"l" * 16))
+    assert err.value.code == "cache_exhausted"

@@ -366,12 +366,14 @@ class MemView:
         self.reports.append((node_id, penalty))
 
 
+@pytest.mark.parametrize("last_only", [False, True])
 async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
-    tmp_path: Path,
+    tmp_path: Path, last_only: bool
 ) -> None:
     """No other replica of the liar's span: the origin computes it from its model folder,
     catches the lie on the first step, reports "wrong_output" and continues on the honest
-    (slower, so not preferred) host; the outputs are the honest ones."""
+    (slower, so not preferred) host; the outputs are the honest ones (with `last_only`, as
+    a generation asks: the last position's, judged against the origin's own of it)."""
     model = tiny_llama()
     save_model(
         Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
@@ -397,13 +399,20 @@ async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
             verify=VerifyPolicy(),
         )
         session = engine._session(
-            "tiny", n_atoms=6, batch=1, max_len=32, bytes_per_hop=1024, kind="latency", codec="raw"
+            "tiny",
+            n_atoms=6,
+            batch=1,
+            max_len=32,
+            bytes_per_hop=1024,
+            kind="latency",
+            codec="raw",
+            last_only=last_only,
         )
         logits = await generate(session)
         assert view.reports == [(liar.id, "wrong_output")]
         assert [h.host for h in session.route] == [head.id, good.id]
         for got, want in zip(logits, honest, strict=True):
-            assert_same_output(got, want)
+            assert_same_output(got, want[:, -1:] if last_only else want)
         text = metrics.render()
         assert 'verify_checks_total{outcome="wrong_output"} 1' in text
         assert 'hop_failures_total{reason="wrong_output"} 1' in text
