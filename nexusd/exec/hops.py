@@ -306,9 +306,9 @@ class RemoteHop:
         Args:
             per_step_s: expected compute per step (measured on the failed host), for the
                 deadline: step_timeout + 2 x per_step_s x len(inputs).
-            last_only: the final step's output is its last position only (wire Rule 6).
+            last_only: every step's output is its last position only (wire Rule 6; the
+                callers read the last step's, or only each step's next token).
         """
-        final = len(inputs) - 1
         outs: list[torch.Tensor] = []
 
         async def send_all() -> None:
@@ -321,7 +321,7 @@ class RemoteHop:
                     causal=inp.causal,
                     tensor=header_of(enc),
                     pad_mask=inp.pad_mask,
-                    reduce=reduction(0, last_only and k == final),
+                    reduce=reduction(0, last_only),
                 )
                 try:
                     await self._ch.send(msg, enc)
@@ -348,8 +348,7 @@ class RemoteHop:
                         f"expected StepResult {first_id + k}, got {reply!r:.80}",
                         penalty="malformed",
                     )
-                last = last_only and k == final
-                outs.append(_checked_output(self.plan.host, reply, payload, inp.x, 0, last))
+                outs.append(_checked_output(self.plan.host, reply, payload, inp.x, 0, last_only))
 
         deadline_s = self._timeout + 2 * per_step_s * len(inputs)
         try:
@@ -541,9 +540,8 @@ class LocalHop:
         per_step_s: float,
         last_only: bool = False,
     ) -> list[torch.Tensor]:
-        final = len(inputs) - 1
         return [
-            (await self.step(first_id + k, inp, last_only=last_only and k == final))[0]
+            (await self.step(first_id + k, inp, last_only=last_only))[0]
             for k, inp in enumerate(inputs)
         ]
 

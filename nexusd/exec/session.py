@@ -16,6 +16,13 @@ second replica of the hop's span (or, when there is none, to the origin's own co
 the arbiter); if the two disagree the arbiter decides, a host that disagrees with it is
 blamed with "wrong_output" and failed over like any other failure, so the step continues
 with the honest output.
+Rule 5: a replacement's replay is itself a check. A host's first steps in a session are
+checked (Rule 4), but a replacement that has just replayed the session's stored steps is
+compared on all of them at no extra cost: its outputs against what the failed host gave
+(the next hop's stored inputs; for the model's last hop of a generation, the token each
+step gave). If every step agrees within the check's tolerance, the replacement is vouched
+for and its first steps are not checked again (the sampled ones still are); if not, they
+are checked as a new host's would be.
 """
 
 from __future__ import annotations
@@ -92,6 +99,10 @@ class _Live:
     next_id: int = 0  # the step id of the next step sent on this hop's session
     steps: int = 0  # timed steps (not replays), for the average below
     compute_s: float = 0.0  # summed over timed steps: the replay deadline scales with it
+    # the model's last hop of a last_only session with a KV cache: each applied step's
+    # next token (int64 (B,)), what a replacement's replay is compared with (Rule 5)
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    vouched: bool = False  # its replay agreed with the failed host's outputs (Rule 5)
 
     @property
     def per_step_s(self) -> float:
@@ -282,15 +293,17 @@ class RoutedSession:
                 self._fail(exc)
                 await self._replace(i)
                 continue  # the same step again, on the replacement
-            self._applied(live, x, timing)
+            self._applied(live, x, timing, out)
             timings.append(timing)
             x = StepInput(out, x.position, x.causal, x.pad_mask)
             i += 1
         return x
 
-    def _applied(self, live: _Live, x: StepInput, timing: HopTiming) -> None:
+    def _applied(self, live: _Live, x: StepInput, timing: HopTiming, out: torch.Tensor) -> None:
         if self._max_len > 0:  # a KV cache to rebuild on failover: keep what built it
             live.history.append(x)
+            if self._last_only and live is self._hops[-1]:
+                live.tokens.append(next_token(out))
         live.next_id += 1
         live.steps += 1
         live.compute_s += timing.compute_s + timing.queue_s
@@ -358,7 +371,7 @@ class RoutedSession:
                 wire_error=error if j == 0 else 0.0,
             )
             before = now
-            self._applied(live, x, timing)
+            self._applied(live, x, timing, out)
             timings.append(timing)
             x = StepInput(out, x.position, x.causal, x.pad_mask)
             if reply.forward_error and j + 1 < run:
@@ -372,11 +385,9 @@ class RoutedSession:
 
     def _sampled(self, live: _Live) -> bool:
         v = self._verify
-        return (
-            v is not None
-            and live.hop.plan.host != v.trusted
-            and v.policy.sampled(live.steps, v.rng)
-        )
+        vouched = v is not None and live.vouched
+        steps = max(live.steps, v.policy.first_steps) if v is not None and vouched else live.steps
+        return v is not None and live.hop.plan.host != v.trusted and v.policy.sampled(steps, v.rng)
 
     def _check_inputs(self, live: _Live, x: StepInput) -> list[StepInput]:
         """What a fresh session needs to give this step's output: this step alone without a
@@ -526,12 +537,18 @@ class RoutedSession:
         """Swap hop i for a fresh chain over its span and replay its stored inputs."""
         old = self._hops[i]
         await old.hop.close()
+        final = old is self._hops[-1]
         while True:
             new = await self._open_chain(old.hop.plan.start, old.hop.plan.end)
             try:
                 xs = list(old.history)
                 for live in new:  # the same step shapes as before: bit-identical caches
-                    outs = await live.hop.replay(live.next_id, xs, per_step_s=old.per_step_s)
+                    outs = await live.hop.replay(
+                        live.next_id,
+                        xs,
+                        per_step_s=old.per_step_s,
+                        last_only=final and self._last_only and live is new[-1],
+                    )
                     live.history.extend(xs)
                     live.next_id += len(xs)
                     xs = [
@@ -545,6 +562,9 @@ class RoutedSession:
             except BaseException:  # cleanup, then re-raise: not a boundary
                 await _close_all(new)
                 raise
+            if final:
+                new[-1].tokens = list(old.tokens)
+            self._vouch(i, new, [x.x for x in xs])
             self._hops[i : i + 1] = new
             if self._on_route is not None:
                 self._on_route(self.route, self.failovers[-1] if self.failovers else "rerouted")
@@ -557,8 +577,39 @@ class RoutedSession:
             )
             return
 
+    def _vouch(self, i: int, new: list[_Live], outs: list[torch.Tensor]) -> None:
+        """Rule 5: vouch for the chain `new` replacing hop i when its replayed `outs` agree
+        with what the failed host gave at every stored step."""
+        v = self._verify
+        if v is None or not outs:
+            return
+        if i + 1 < len(self._hops):  # the failed host's outputs: the next hop's inputs
+            given = [x.x for x in self._hops[i + 1].history]
+            mine = outs
+        elif self._last_only and len(new[-1].tokens) == len(outs):
+            given, mine = new[-1].tokens, [next_token(o) for o in outs]
+        else:
+            return  # nothing of the failed host's outputs is kept to compare with
+        agreed = len(given) == len(mine) and all(
+            difference(a, b) <= v.policy.tolerance(a.dtype, b.dtype, v.codec)
+            for a, b in zip(mine, given, strict=True)
+        )
+        log.info("replay_compared", steps=len(mine), agreed=agreed)
+        if agreed:
+            for live in new:
+                live.vouched = True
+            self._outcome("replay_agreed")
+
     async def close(self) -> None:
         await _close_all(self._hops)
+
+
+def next_token(out: torch.Tensor) -> torch.Tensor:
+    """The token a step of the model's last hop gave: its int64 (B,) reduced output, or
+    the argmax of its logits' last position."""
+    if out.dtype == torch.int64:
+        return out
+    return (out[:, -1] if out.dim() == 3 else out).argmax(-1)
 
 
 async def _close_all(hops: list[_Live]) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -417,3 +418,108 @@ async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
         assert 'verify_checks_total{outcome="wrong_output"} 1' in text
         assert 'hop_failures_total{reason="wrong_output"} 1' in text
         nursery.cancel_scope.cancel()
+
+
+# ---- a replacement's replay as its first check (session Rule 5) ---------------------------
+
+
+async def failover_generation(
+    layout_hosts: list[Node], spares: list[Node], victim: int, *, forward: bool
+) -> tuple[list[int], list[str], int, Cluster]:
+    """Greedy generation of 8 tokens over [(0, 2), (2, 4), (4, 6)] with host argmax and
+    last_only (as the engine runs a generation), first steps checked; hop `victim`'s host
+    dies after 4 tokens and `spares` (in that order) host its span. Returns the tokens, the
+    check outcomes, how often the origin computed a check itself, and the cluster."""
+    calls: list[int] = []
+
+    async def counted(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return await own_output(*args)
+
+    cuts = [(0, 2), (2, 4), (4, 6)]
+    outcomes: list[str] = []
+    tokens: list[int] = []
+    async with trio.open_nursery() as nursery:
+        cl = Cluster(nursery, [*layout_hosts, *spares], forward=forward)
+        layout = [
+            (s, e, [h.id] + ([p.id for p in spares] if i == victim else []))
+            for i, ((s, e), h) in enumerate(zip(cuts, layout_hosts, strict=True))
+        ]
+        verify = Verification(
+            policy=VerifyPolicy(rate=0.0, first_steps=1),
+            arbiter=counted,
+            rng=random.Random(0),
+            on_check=outcomes.append,
+        )
+        session = RoutedSession(
+            n_atoms=6,
+            plan=cl.planner(layout),
+            make_hop=cl.make_hop,
+            report_failure=cl.report,
+            batch=1,
+            max_len=32,
+            verify=verify,
+            forward=forward,
+            last_only=True,
+        )
+        await session.open()
+        x, pos = PROMPT, 0
+        for k in range(8):
+            if k == 4:
+                for s in layout_hosts[victim].streams:
+                    s.break_()
+            out, _ = await session.step(StepInput(x, pos, True, b""), argmax_vocab=100)
+            tokens.append(int(out[0]) if out.dtype == torch.int64 else int(out[0, -1].argmax()))
+            pos += x.shape[1]
+            x = torch.tensor([[tokens[-1]]])
+        await session.close()
+        nursery.cancel_scope.cancel()
+    return tokens, outcomes, len(calls), cl
+
+
+def greedy_tokens(n: int) -> list[int]:
+    model = Span(tiny_llama().atom_list())
+    cache = model.new_session_cache(1, 32, 1 << 24)
+    x, pos, out = PROMPT, 0, []
+    with torch.inference_mode():
+        for _ in range(n):
+            ctx = ForwardContext.for_tokens(1, x.shape[1], start=pos, causal=True, cache=cache)
+            nxt = int(model(x, ctx)[0, -1].argmax())
+            out.append(nxt)
+            pos += x.shape[1]
+            x = torch.tensor([[nxt]])
+    return out
+
+
+@pytest.mark.parametrize("victim", [1, 2])
+@pytest.mark.parametrize("forward", [False, True])
+async def test_a_replacement_whose_replay_agrees_is_not_checked_again(
+    victim: int, forward: bool
+) -> None:
+    """The middle or the last hop's host dies: its spare replays the stored steps, agrees
+    with what the dead host gave on every one (the next hop's inputs, or the tokens), and
+    goes on unchecked: three first-step checks (the victim's span by its spare, as the
+    second replica), then the replay's agreement and no fourth check."""
+    cuts = [(0, 2), (2, 4), (4, 6)]
+    hosts = [Node(n, spans([c])) for n, c in zip("abc", cuts, strict=True)]
+    spare = Node("spare", spans([cuts[victim]]))
+    tokens, outcomes, own, cl = await failover_generation(hosts, [spare], victim, forward=forward)
+    assert tokens == greedy_tokens(8)
+    assert [h for h, _ in cl.failures] == [hosts[victim].id]
+    assert outcomes == ["agreed", "agreed", "agreed", "replay_agreed"]
+    assert own == 2  # the spans without a second replica
+
+
+async def test_a_lying_replacement_disagrees_on_replay_and_is_caught_on_its_first_step() -> None:
+    """The first spare lies once it replaces the dead host (honest in the one check it
+    served as the second replica): its replay disagrees with the dead host's outputs, so
+    its first step is checked, it is caught and replaced by the honest spare, whose replay
+    agrees; the tokens are the honest ones."""
+    cuts = [(0, 2), (2, 4), (4, 6)]
+    hosts = [Node(n, spans([c])) for n, c in zip("abc", cuts, strict=True)]
+    liar = Node("liar", spans([cuts[1]], lie_from=1))
+    good = Node("good", spans([cuts[1]]))
+    tokens, outcomes, _, cl = await failover_generation(hosts, [liar, good], 1, forward=False)
+    assert tokens == greedy_tokens(8)
+    assert cl.penalties[-1] == (liar.id, "wrong_output")
+    assert outcomes[3:] == ["wrong_output", "replay_agreed"]
