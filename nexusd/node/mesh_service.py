@@ -126,6 +126,9 @@ class MeshService:
         self.advertised: tuple[str, ...] = ()  # hosts in our addresses (never 0.0.0.0)
         self.tcfg: TransportConfig | None = None
         self.bandwidth = BandwidthTable()  # bytes/s per peer, from timed probes
+        # peer -> the lease of the advert under which no exec stream could be opened to it:
+        # routes leave it out until it advertises again (a new lease: it is back)
+        self.unreachable: dict[bytes, int] = {}
         self.stream_handlers: dict[str, Callable[[Stream], Awaitable[None]]] = {}  # e.g. weights
         self.manifest_of: Callable[[str], bytes] = lambda _model: b""  # digest we serve/route
         self.swarm_report: Callable[[], tuple[BottleneckRow, ...]] = tuple  # set by the daemon
@@ -275,7 +278,14 @@ class MeshService:
             except (MeshError, ValueError, OSError) as exc:
                 log.warning("direct_dial_failed", peer=peer.hex()[:8], reason=str(exc))
                 self.metrics.inc("direct_dial_failures_total")
-        return await node.open_stream(peer, EXEC_PROTOCOL)
+        try:
+            return await node.open_stream(peer, EXEC_PROTOCOL)
+        except MeshError as exc:  # neither way in: routes skip it until it re-advertises
+            if advert is not None:
+                self.unreachable[peer] = advert.lease_expires_ms
+                log.info("peer_unreachable", peer=peer.hex()[:8], reason=str(exc)[:200])
+                self.metrics.inc("exec_unreachable_peers_total")
+            raise
 
     async def _serve_exec_direct(self, stream: Stream) -> None:
         """Exec over the direct channel; a peer breaking the protocol is scored, as on libp2p
@@ -460,11 +470,16 @@ class NodeView:
         if node is None:
             return out
         loads = node.loads()
+        unreachable = self._svc.unreachable
         for peer, advert in sorted(node.live_adverts().items()):
             if peer == self.node_id or node.is_banned(peer) or not self._svc.is_member(peer):
                 continue
             if advert.state is not NodeState.ONLINE:
                 continue
+            if peer in unreachable:  # could not be reached under this very advert
+                if unreachable[peer] == advert.lease_expires_ms:
+                    continue
+                del unreachable[peer]  # it advertised since: try it again
             load = loads.get(peer)
             for s in advert.spans:  # only hosts of our manifest: versions never chain
                 if s.model_id == model_id and s.manifest == want:

@@ -20,6 +20,7 @@ from mesh.errors import (
     DecryptionFailed,
     JoinRefused,
     MalformedMessage,
+    MeshError,
     NotAdmin,
     OversizeMessage,
     ReplayedMessage,
@@ -553,3 +554,32 @@ def test_invite_book_round_trips_through_its_file(tmp_path: Path) -> None:
 
 def sim_wall_fixed() -> float:
     return 1_800_000_000.0
+
+
+async def test_a_peer_that_cannot_be_reached_is_left_out_of_routes_until_it_advertises(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A host dies while its advert is still live: the first exec stream to it fails, and
+    from then on `NodeView.host_spans` (what routes and spot checks plan from) leaves it
+    out, instead of every new job dialling it again; a newer advert (another lease) lets
+    it back in."""
+    async with trio.open_nursery() as nursery:
+        mesh = Mesh(nursery)
+        founder = await mesh.start_founder()
+        a = await mesh.add_joiner(name="a")
+        a.set_local_advert((HostedSpan("m", 0, 2, "float32"),), 1 << 20, 512, ("fp32",))
+        with trio.fail_after(30):
+            await founder.wait_for(lambda: a.node_id in founder.live_adverts())
+        svc = daemon_view_of(founder, tmp_path, nursery)
+        view = NodeView(svc)
+        assert [h.host for h in view.host_spans("m")] == [a.node_id]
+        lease = founder.live_adverts()[a.node_id].lease_expires_ms
+        await mesh.sims[1].stop()
+        with pytest.raises(MeshError), trio.fail_after(60):
+            await svc.open_exec_stream(a.node_id)
+        assert svc.unreachable == {a.node_id: lease}
+        assert view.host_spans("m") == []
+        svc.unreachable[a.node_id] = lease - 1  # marked under an older advert than this one
+        assert [h.host for h in view.host_spans("m")] == [a.node_id]
+        assert svc.unreachable == {}
+        nursery.cancel_scope.cancel()
