@@ -7,6 +7,8 @@ boundaries catch `NEXUS_ERRORS`, the tuple of all three.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from atoms.errors import AtomError
 from mesh.errors import MeshError
 
@@ -41,3 +43,21 @@ class ApiError(NexusError):
 
 
 NEXUS_ERRORS: tuple[type[Exception], ...] = (NexusError, MeshError, AtomError)
+E = TypeVar("E", bound=BaseException)
+
+
+def first_in_group(
+    group: BaseExceptionGroup[BaseException], kinds: type[E] | tuple[type[E], ...]
+) -> E | None:
+    """The first exception of `kinds` inside a nursery's exception group, depth first
+    (nested groups included); None when there is none. The one home of this unwrapping:
+    a trio nursery wraps its children's errors, and the caller wants the one that says
+    what went wrong (a hop's failure, a job's error)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = first_in_group(exc, kinds)
+            if inner is not None:
+                return inner
+        elif isinstance(exc, kinds):
+            return exc
+    return None

@@ -26,7 +26,7 @@ from mesh.closing import close_bounded
 from mesh.errors import MeshError, PeerProtocolError
 from mesh.sync import classify_rejection
 
-from ..errors import NexusError
+from ..errors import NexusError, first_in_group
 from .hosting import ExecRefused, SpanHost
 from .wire import (
     SESSION_ID_BYTES,
@@ -88,15 +88,8 @@ def refused(host: bytes, code: str, message: str) -> HopFailed:
 
 
 def first_hop_failure(group: BaseExceptionGroup[BaseException]) -> HopFailed | None:
-    """The first HopFailed (or transport failure, as one) inside a nursery's exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            inner = first_hop_failure(exc)
-            if inner is not None:
-                return inner
-        elif isinstance(exc, HopFailed):
-            return exc
-    return None
+    """The first HopFailed inside a nursery's exception group."""
+    return first_in_group(group, HopFailed)
 
 
 @dataclass(frozen=True, slots=True)

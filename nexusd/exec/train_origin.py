@@ -34,7 +34,7 @@ from atoms.training import LossSum, OptimConfig
 from mesh.closing import close_bounded
 from mesh.errors import MeshError, PeerProtocolError
 
-from ..errors import NexusError
+from ..errors import NexusError, first_in_group
 from .hops import raw_bytes, wire_error
 from .session import (
     HopFailed,
@@ -74,7 +74,6 @@ Link = Callable[[object, Encoded | None, int], Awaitable[Replies]]
 """(message, tensor, replies expected: 0, 1, or -1 for "until TrainStateEnd") -> replies."""
 
 T = TypeVar("T")
-E = TypeVar("E", bound=BaseException)
 _ATOM_NAME = re.compile(r"^(param|exp_avg|exp_avg_sq|grad)/atoms\.(\d+)\.(.+)$")
 
 
@@ -731,19 +730,8 @@ async def _gather(fns: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
         failure = first_hop_failure(group)
         if failure is not None:
             raise failure from None
-        job = _first_of(group, JobFailed)
+        job = first_in_group(group, JobFailed)
         if job is not None:
             raise job from None
         raise
     return results  # type: ignore[return-value]
-
-
-def _first_of(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E | None:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            inner = _first_of(exc, kind)
-            if inner is not None:
-                return inner
-        elif isinstance(exc, kind):
-            return exc
-    return None

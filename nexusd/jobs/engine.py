@@ -46,7 +46,7 @@ from ..api.records import (
     TrainReply,
     TrainRequest,
 )
-from ..errors import NEXUS_ERRORS, ApiError, NexusError
+from ..errors import NEXUS_ERRORS, ApiError, NexusError, first_in_group
 from ..exec.adaptive import AUTO, JOB_CODECS, CodecPolicy, hop_codec, tolerance_codec
 from ..exec.hosting import SpanHost, session_kv_bytes
 from ..exec.planner import MeshView, make_planner
@@ -679,8 +679,4 @@ def _sized(codec: str) -> str:
 def _first_job_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error a job should fail with, from its lanes' exception group: an ApiError or
     other NEXUS error when there is one (the first), else the group itself (a bug)."""
-    for exc in group.exceptions:
-        inner = _first_job_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-        if isinstance(inner, (ApiError, *NEXUS_ERRORS)):
-            return inner
-    return group
+    return first_in_group(group, (ApiError, *NEXUS_ERRORS)) or group
