@@ -48,6 +48,7 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "future": 10.0,
     "stale": 5.0,
     "timeout": 5.0,
+    "unreachable": 5.0,  # a host whose exec stream broke or could not be opened
     "rate_limited": 2.0,
 }
 

@@ -23,7 +23,7 @@ import trio
 from atoms.codecs import Encoded, decode, encode
 from atoms.errors import AtomError
 from mesh.closing import close_bounded
-from mesh.errors import MeshError, PeerProtocolError
+from mesh.errors import MeshError, PeerProtocolError, TransportBroken
 from mesh.sync import classify_rejection
 
 from ..errors import NexusError, first_in_group
@@ -75,6 +75,14 @@ class HopFailed(NexusError):
 
 
 HONEST_REFUSALS = frozenset({"busy", "cache_exhausted", "no_session", "out_of_order", "not_hosted"})
+
+
+def transport_failure(host: bytes, exc: MeshError) -> HopFailed:
+    """The HopFailed for a transport error. A broken stream (`TransportBroken`: closed or
+    reset under us) says the host is gone: penalty "unreachable" (scored as a timeout),
+    and the daemon stops planning the host until it advertises again."""
+    penalty = "unreachable" if isinstance(exc, TransportBroken) else "timeout"
+    return HopFailed(host, f"{type(exc).__name__}: {exc}", penalty=penalty)
 
 
 def refused(host: bytes, code: str, message: str) -> HopFailed:
@@ -319,7 +327,7 @@ class RemoteHop:
                 try:
                     await self._ch.send(msg, enc)
                 except MeshError as exc:
-                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
+                    raise transport_failure(self.plan.host, exc) from None
 
         async def receive_all() -> None:
             for k, inp in enumerate(inputs):
@@ -332,7 +340,7 @@ class RemoteHop:
                         penalty=protocol_penalty(exc),
                     ) from None
                 except MeshError as exc:
-                    raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
+                    raise transport_failure(self.plan.host, exc) from None
                 if isinstance(reply, ExecFailure):
                     raise refused(self.plan.host, reply.code, reply.message)
                 if not isinstance(reply, StepResult) or reply.step_id != first_id + k:
@@ -407,7 +415,7 @@ class RemoteHop:
         except trio.TooSlowError:
             raise HopFailed(self.plan.host, f"could not send within {self._timeout} s") from None
         except MeshError as exc:
-            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
+            raise transport_failure(self.plan.host, exc) from None
         return len(enc.data), wire_error(inp.x, enc)
 
     async def receive_forwarded(
@@ -460,7 +468,7 @@ class RemoteHop:
                 self.plan.host, f"{type(exc).__name__}: {exc}", penalty=protocol_penalty(exc)
             ) from None
         except MeshError as exc:
-            raise HopFailed(self.plan.host, f"{type(exc).__name__}: {exc}") from None
+            raise transport_failure(self.plan.host, exc) from None
         if isinstance(reply, ExecFailure):
             raise refused(self.plan.host, reply.code, reply.message)
         return reply, payload

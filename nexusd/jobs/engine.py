@@ -29,6 +29,7 @@ from atoms.codecs import wire_bytes
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
 from atoms.span import Span
 from mesh.closing import close_bounded
+from mesh.errors import MeshError
 from mesh.identity import EnvelopeVerifier
 
 from ..api.records import (
@@ -267,6 +268,10 @@ class JobEngine:
             stream = await self.view.open_exec_stream(host)
         except (ApiError, OSError) as exc:
             raise HopFailed(host, f"cannot open a stream: {exc}") from None
+        except MeshError as exc:  # neither its direct channel nor libp2p answered
+            raise HopFailed(
+                host, f"cannot open a stream: {type(exc).__name__}: {exc}", penalty="unreachable"
+            ) from None
         except Exception as exc:  # boundary: any transport failure is this hop's failure
             raise HopFailed(host, f"cannot open a stream: {type(exc).__name__}: {exc}") from None
         return ExecChannel(

@@ -282,10 +282,15 @@ class MeshService:
             return await node.open_stream(peer, EXEC_PROTOCOL)
         except MeshError as exc:  # neither way in: routes skip it until it re-advertises
             if advert is not None:
-                self.unreachable[peer] = advert.lease_expires_ms
-                log.info("peer_unreachable", peer=peer.hex()[:8], reason=str(exc)[:200])
-                self.metrics.inc("exec_unreachable_peers_total")
+                self.mark_unreachable(peer, advert.lease_expires_ms, str(exc))
             raise
+
+    def mark_unreachable(self, peer: bytes, lease_ms: int, reason: str) -> None:
+        """Leave `peer` out of routes while its advert is the one of lease `lease_ms`."""
+        if self.unreachable.get(peer) != lease_ms:
+            self.unreachable[peer] = lease_ms
+            log.info("peer_unreachable", peer=peer.hex()[:8], reason=reason[:200])
+            self.metrics.inc("exec_unreachable_peers_total")
 
     async def _serve_exec_direct(self, stream: Stream) -> None:
         """Exec over the direct channel; a peer breaking the protocol is scored, as on libp2p
@@ -524,8 +529,14 @@ class NodeView:
 
     def report(self, node_id: bytes, penalty: str) -> None:
         """Score a host that failed a hop: `penalty` is the session's verdict ("bad_output",
-        "malformed", "timeout", ...; anything without a weight counts as "timeout")."""
+        "malformed", "timeout", ...; anything without a weight counts as "timeout").
+        "unreachable" (its stream broke) also leaves it out of routes until it advertises
+        again, as a failed open does."""
         svc = self._svc
+        if penalty == "unreachable" and svc.node is not None:
+            advert = svc.node.live_adverts().get(node_id)
+            if advert is not None:
+                svc.mark_unreachable(node_id, advert.lease_expires_ms, "its exec stream broke")
         if svc.node is not None and svc._nursery is not None:
             known = penalty in DEFAULT_WEIGHTS
             svc._nursery.start_soon(svc.node.report, node_id, penalty if known else "timeout")

@@ -112,7 +112,7 @@ async def test_host_killed_mid_generation_output_identical() -> None:
         nursery.cancel_scope.cancel()
     assert got == want
     assert [h for h, _ in cl.failures] == [b1.id]
-    assert cl.penalties == [(b1.id, "timeout")]  # a dead host is a failure, not misbehaviour
+    assert cl.penalties == [(b1.id, "unreachable")]  # a dead host: a failure, not misbehaviour
     assert b2.metrics.value("exec_steps_total", model="tiny") == 12 - 6 + 6  # replay + rest
 
 
@@ -449,7 +449,7 @@ async def test_forward_mode_host_killed_mid_generation_output_identical(victim: 
     assert got == want
     assert route[victim] == spare.id
     assert [h for h, _ in cl.failures] == [hosts[victim].id]
-    assert cl.penalties == [(hosts[victim].id, "timeout")]
+    assert cl.penalties == [(hosts[victim].id, "unreachable")]
     # the spare replayed the victim's 6 steps from the origin's copies, then took the rest
     assert spare.metrics.value("exec_steps_total", model="tiny") == 12
 

@@ -562,7 +562,7 @@ async def test_a_peer_that_cannot_be_reached_is_left_out_of_routes_until_it_adve
     """A host dies while its advert is still live: the first exec stream to it fails, and
     from then on `NodeView.host_spans` (what routes and spot checks plan from) leaves it
     out, instead of every new job dialling it again; a newer advert (another lease) lets
-    it back in."""
+    it back in. A session's report of a broken stream ("unreachable") marks it the same."""
     async with trio.open_nursery() as nursery:
         mesh = Mesh(nursery)
         founder = await mesh.start_founder()
@@ -582,4 +582,7 @@ async def test_a_peer_that_cannot_be_reached_is_left_out_of_routes_until_it_adve
         svc.unreachable[a.node_id] = lease - 1  # marked under an older advert than this one
         assert [h.host for h in view.host_spans("m")] == [a.node_id]
         assert svc.unreachable == {}
+        view.report(a.node_id, "unreachable")  # a session's stream to it broke
+        assert svc.unreachable == {a.node_id: lease}
+        assert view.host_spans("m") == []
         nursery.cancel_scope.cancel()
