@@ -21,7 +21,14 @@ from mesh.scoring import PeerScores
 from nexusd.config import ConfigError, ExecConfig, load_config
 from nexusd.exec.hosting import SpanHost
 from nexusd.exec.planner import ExecStream
-from nexusd.exec.session import HopPlan, LocalHop, RoutedSession, StepInput, Verification
+from nexusd.exec.session import (
+    Arbiter,
+    HopPlan,
+    LocalHop,
+    RoutedSession,
+    StepInput,
+    Verification,
+)
 from nexusd.exec.verify import VerifyPolicy, difference, last_tokens
 from nexusd.exec.wire import HOST_INBOUND, ExecChannel
 from nexusd.jobs.engine import JobEngine
@@ -30,6 +37,7 @@ from nexusd.model_registry import ModelRegistry
 from nexusd.node.daemon import verify_policy
 
 from .exec_fixtures import Cluster, Node, stream_pair, tiny_llama
+from .test_exec import reference_greedy
 
 PROMPT = torch.tensor([[5, 17, 42, 8, 3]])
 STEPS = 5
@@ -103,9 +111,10 @@ def verified(
     *,
     forward: bool = False,
     last_only: bool = False,
+    arbiter: Arbiter = own_output,
 ) -> RoutedSession:
     verify = Verification(
-        policy=policy, arbiter=own_output, rng=random.Random(0), on_check=outcomes.append
+        policy=policy, arbiter=arbiter, rng=random.Random(0), on_check=outcomes.append
     )
     return RoutedSession(
         n_atoms=6,
@@ -445,22 +454,9 @@ async def failover_generation(
             (s, e, [h.id] + ([p.id for p in spares] if i == victim else []))
             for i, ((s, e), h) in enumerate(zip(cuts, layout_hosts, strict=True))
         ]
-        verify = Verification(
-            policy=VerifyPolicy(rate=0.0, first_steps=1),
-            arbiter=counted,
-            rng=random.Random(0),
-            on_check=outcomes.append,
-        )
-        session = RoutedSession(
-            n_atoms=6,
-            plan=cl.planner(layout),
-            make_hop=cl.make_hop,
-            report_failure=cl.report,
-            batch=1,
-            max_len=32,
-            verify=verify,
-            forward=forward,
-            last_only=True,
+        policy = VerifyPolicy(rate=0.0, first_steps=1)
+        session = verified(
+            cl, layout, policy, outcomes, forward=forward, last_only=True, arbiter=counted
         )
         await session.open()
         x, pos = PROMPT, 0
@@ -477,20 +473,6 @@ async def failover_generation(
     return tokens, outcomes, len(calls), cl
 
 
-def greedy_tokens(n: int) -> list[int]:
-    model = Span(tiny_llama().atom_list())
-    cache = model.new_session_cache(1, 32, 1 << 24)
-    x, pos, out = PROMPT, 0, []
-    with torch.inference_mode():
-        for _ in range(n):
-            ctx = ForwardContext.for_tokens(1, x.shape[1], start=pos, causal=True, cache=cache)
-            nxt = int(model(x, ctx)[0, -1].argmax())
-            out.append(nxt)
-            pos += x.shape[1]
-            x = torch.tensor([[nxt]])
-    return out
-
-
 @pytest.mark.parametrize("victim", [1, 2])
 @pytest.mark.parametrize("forward", [False, True])
 async def test_a_replacement_whose_replay_agrees_is_not_checked_again(
@@ -504,7 +486,7 @@ async def test_a_replacement_whose_replay_agrees_is_not_checked_again(
     hosts = [Node(n, spans([c])) for n, c in zip("abc", cuts, strict=True)]
     spare = Node("spare", spans([cuts[victim]]))
     tokens, outcomes, own, cl = await failover_generation(hosts, [spare], victim, forward=forward)
-    assert tokens == greedy_tokens(8)
+    assert tokens == reference_greedy(tiny_llama(), 8)
     assert [h for h, _ in cl.failures] == [hosts[victim].id]
     assert outcomes == ["agreed", "agreed", "agreed", "replay_agreed"]
     assert own == 2  # the spans without a second replica
@@ -520,6 +502,6 @@ async def test_a_lying_replacement_disagrees_on_replay_and_is_caught_on_its_firs
     liar = Node("liar", spans([cuts[1]], lie_from=1))
     good = Node("good", spans([cuts[1]]))
     tokens, outcomes, _, cl = await failover_generation(hosts, [liar, good], 1, forward=False)
-    assert tokens == greedy_tokens(8)
+    assert tokens == reference_greedy(tiny_llama(), 8)
     assert cl.penalties[-1] == (liar.id, "wrong_output")
     assert outcomes[3:] == ["wrong_output", "replay_agreed"]
