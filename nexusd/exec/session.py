@@ -385,9 +385,10 @@ class RoutedSession:
 
     def _sampled(self, live: _Live) -> bool:
         v = self._verify
-        vouched = v is not None and live.vouched
-        steps = max(live.steps, v.policy.first_steps) if v is not None and vouched else live.steps
-        return v is not None and live.hop.plan.host != v.trusted and v.policy.sampled(steps, v.rng)
+        if v is None or live.hop.plan.host == v.trusted:
+            return False
+        steps = max(live.steps, v.policy.first_steps) if live.vouched else live.steps  # Rule 5
+        return v.policy.sampled(steps, v.rng)
 
     def _check_inputs(self, live: _Live, x: StepInput) -> list[StepInput]:
         """What a fresh session needs to give this step's output: this step alone without a
