@@ -13,11 +13,6 @@ from typing import Any
 import pytest
 import trio
 
-from atoms.bert import BertConfig, random_bert
-from atoms.errors import WeightsError
-from atoms.minilm import minilm_dir
-from atoms.model import Model, save_model
-from atoms.tokenizer import TextTokenizer
 from atoms.training import renamed
 from mesh.errors import AdminRequired
 from mesh.identity.at_rest import SealedFiles, is_sealed
@@ -161,35 +156,3 @@ def test_a_builtin_built_from_older_weights_is_rebuilt(
     assert (folder / "manifest.json").read_bytes() == manifest  # the same builder
     assert (tmp_path / ".nexus-1.1-random.builtin").read_text() == "next"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["nexus-1.1-random"]
-
-
-def test_registry_keeps_the_parsed_tokenizer_while_the_file_is_as_verified(
-    tmp_path: Path,
-) -> None:
-    tok = TextTokenizer.from_file(minilm_dir() / "tokenizer.json", max_length=16)
-    bert = random_bert(
-        BertConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=16,
-            max_position_embeddings=16,
-        ),
-        model_id="tiny",
-        seed=0,
-    )
-    model = Model(
-        model_id="tiny", family="bert", config=bert.config, atoms=bert.atoms, tokenizer=tok
-    )
-    save_model(model, tmp_path / "tiny")
-    registry = ModelRegistry(tmp_path)
-    first = registry.tokenizer("tiny")
-    assert registry.tokenizer("tiny") is first  # parsed once
-    path = tmp_path / "tiny" / "tokenizer.json"
-    path.write_text(path.read_text().replace('"[UNK]"', '"[UNX]"', 1))  # changed on disk
-    with pytest.raises(WeightsError, match="is corrupt"):
-        registry.tokenizer("tiny")
-    path.unlink()
-    with pytest.raises(WeightsError, match="is missing"):
-        registry.tokenizer("tiny")

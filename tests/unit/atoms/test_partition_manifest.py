@@ -195,3 +195,21 @@ def test_weights_of_another_shape_are_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(bad.to_json())
     with pytest.raises(ModelFormatError, match="tiny/001-block expects tensors"):
         load_span(tmp_path, 1, 2)
+
+
+def test_registry_keeps_the_parsed_tokenizer_while_the_file_is_as_verified(
+    tmp_path: Path,
+) -> None:
+    _saved(tmp_path / "tiny")  # a tiny BERT with the MiniLM tokenizer, id "tiny"
+    from nexusd.model_registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path)
+    first = registry.tokenizer("tiny")
+    assert registry.tokenizer("tiny") is first  # parsed once
+    path = tmp_path / "tiny" / "tokenizer.json"
+    path.write_text(path.read_text().replace('"[UNK]"', '"[UNX]"', 1))  # changed on disk
+    with pytest.raises(WeightsError, match="is corrupt"):
+        registry.tokenizer("tiny")
+    path.unlink()
+    with pytest.raises(WeightsError, match="is missing"):
+        registry.tokenizer("tiny")
