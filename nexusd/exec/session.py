@@ -587,7 +587,7 @@ class RoutedSession:
         if i + 1 < len(self._hops):  # the failed host's outputs: the next hop's inputs
             given = [x.x for x in self._hops[i + 1].history]
             mine = outs
-        elif self._last_only and len(new[-1].tokens) == len(outs):
+        elif self._last_only:
             given, mine = new[-1].tokens, [next_token(o) for o in outs]
         else:
             return  # nothing of the failed host's outputs is kept to compare with
