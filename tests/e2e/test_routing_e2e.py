@@ -12,6 +12,7 @@ from nexusd.api.records import (
     CancelRequest,
     GenerateReply,
     GenerateRequest,
+    PeersReply,
     StatusReply,
     StatusRequest,
     WaitRequest,
@@ -115,13 +116,18 @@ def test_route_avoids_the_host_behind_a_slow_link(tmp_path: Path, models_dir: Pa
         ids = {i: node_hex(cluster, i) for i in (1, 2)}
         for slow, fast in ((1, 2), (2, 1)):
             ns.fast(fast)
-            ns.slow(slow)
+            # 512 kbit/s: an activation's estimated transfer (~24 ms a leg) outweighs any
+            # difference in the two hosts' compute figures (~10 ms a step, one of them timed
+            # at load beside the other's load, the other by real steps).
+            ns.slow(slow, "512kbit")
             # Three fresh probes of each (the first may have started before the change): the
             # median of the last three then stands on probes of the new link alone.
             for _ in range(3):
                 for i in (1, 2):
-                    cluster.call(0, WaitRequest("probed", ids[i], timeout_s=60))
+                    seen = cluster.call(0, WaitRequest("probed", ids[i], timeout_s=60))
             req = GenerateRequest(prompt="slow links", model="nexus-1.1-random", max_new_tokens=3)
             reply = cluster.call(0, req)
             assert isinstance(reply, GenerateReply)
-            assert [h.host for h in reply.route] == [ids[fast]], (slow, reply.route)
+            assert isinstance(seen, PeersReply)
+            view = [r for r in seen.peers if r.node_id in ids.values()]  # what the origin saw
+            assert [h.host for h in reply.route] == [ids[fast]], (slow, reply.route, view)

@@ -568,8 +568,13 @@ async def test_a_peer_that_cannot_be_reached_is_left_out_of_routes_until_it_adve
         founder = await mesh.start_founder()
         a = await mesh.add_joiner(name="a")
         a.set_local_advert((HostedSpan("m", 0, 2, "float32"),), 1 << 20, 512, ("fp32",))
-        with trio.fail_after(30):
-            await founder.wait_for(lambda: a.node_id in founder.live_adverts())
+        with trio.fail_after(30):  # the advert with the span (a's first may have come before)
+            await founder.wait_for(
+                lambda: (
+                    a.node_id in founder.live_adverts()
+                    and bool(founder.live_adverts()[a.node_id].spans)
+                )
+            )
         svc = daemon_view_of(founder, tmp_path, nursery)
         view = NodeView(svc)
         assert [h.host for h in view.host_spans("m")] == [a.node_id]
