@@ -196,7 +196,8 @@ class ExecConfig:
     # CPU costs make fastest, if it saves >= 10 % of the raw step; others raw
     slow_link_bytes_per_s: float = 6.25e6  # 50 Mbit/s
     slow_link_codec: str = "int8"  # raw (never lossy) | fp16 | bf16 | int8
-    batch_window_ms: float = 5.0  # as a host: a decode step waits this for others to batch
+    # as a host: a decode step waits at most this for the sessions due to step (batching.py)
+    batch_window_ms: float = 20.0
     # as a host: a lone decode step whose span's recent steps took at most this runs on the
     # event loop's thread (no worker-thread hand-offs; exec/batching.py Rule 5); 0: never
     inline_step_max_ms: float = 20.0

@@ -2,8 +2,15 @@
 
 Rule 1: a step that can join a batch (`atoms.batched.batchable`: one new token per row)
 waits at most `window_s` for steps of other sessions, and not at all when fewer than two
-sessions stepped recently (an idle host or a lone session pays nothing); the wait ends as
-soon as every recently active session has a step waiting.
+sessions stepped recently (an idle host or a lone session pays nothing). It waits only for
+the sessions that are due: each session's steps arrive here about once per period (a
+running average of the gaps between its arrivals), so a session is awaited when its next
+step is expected within the window, until a quarter period (at least `MIN_GRACE_S`) past
+that expectation; a session with one arrival so far is awaited for the whole window. The
+wait ends as soon as no awaited session is missing. Waiting for every recently active
+session instead made streams that had drifted apart wait out the window at every hop for
+steps that were a whole cycle away (measured under 8 concurrent generations: the median
+first step of a batch waited 5.9 ms of a 5 ms window).
 Rule 2: whoever gets the device first runs every waiting step of its span and key (up to
 `max_batch`) as ONE forward (`atoms.batched.run_batched`); steps that arrive while the
 device is busy simply wait, and the next holder takes them together (continuous batching
@@ -27,7 +34,7 @@ here and form the next batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +50,18 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 STEP_ERRORS = (AtomError, ValueError, RuntimeError)  # what a forward raises on bad input
+ACTIVE_S = 1.0  # a session that stepped this recently counts as company for a batch
+PERIOD_SMOOTHING = 0.5  # weight of the latest gap in a session's arrival period
+GRACE = 0.25  # a due session is awaited this fraction of its period past its expected step
+MIN_GRACE_S = 0.001  # ... and at least this long (scheduling jitter)
+
+
+@dataclass(slots=True)
+class _Arrivals:
+    """When a session's latest step arrived, and its running period (None: one arrival)."""
+
+    last: float
+    period: float | None = None
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -55,12 +74,15 @@ class BatchedStep:
         single: runs the step alone, exactly as an unbatched host would.
         batchable: whether it may join others (`atoms.batched.batchable`); if not, it
             runs alone at its turn, without waiting for company.
+        session: the session the step belongs to (any hashable key): its arrivals tell
+            when its next step is due (Rule 1).
     """
 
     span: Span
     item: BatchItem
     single: Callable[[], torch.Tensor]
     batchable: bool
+    session: Hashable = None  # whose step (Rule 1's arrival periods); None: not tracked
     queued_at: float = 0.0
     started: float = 0.0
     finished: float = 0.0
@@ -114,6 +136,7 @@ class StepBatcher:
         self._gathering: trio.Event | None = None
         self._inline_max = inline_max_s
         self._step_s: dict[tuple[object, ...], float] = {}  # Rule 5: recent seconds per key
+        self._arrivals: dict[Hashable, _Arrivals] = {}  # Rule 1: per session
         self.inline_steps = 0  # steps computed on the loop's thread (Rule 5)
 
     def __repr__(self) -> str:
@@ -129,6 +152,7 @@ class StepBatcher:
         finishes (torch threads are not abandoned), and its results are delivered.
         """
         step.queued_at = time.perf_counter()
+        self._arrival(step.session)
         self._waiting.append(step)
         self._arrived.set()
         try:
@@ -146,18 +170,63 @@ class StepBatcher:
         assert step.out is not None
         return step.out
 
+    def _arrival(self, session: Hashable) -> None:
+        """Note a step of `session` arriving now (its period, Rule 1); forget sessions that
+        have not stepped for `ACTIVE_S`."""
+        if session is None:
+            return
+        now = trio.current_time()
+        seen = self._arrivals.get(session)
+        if seen is None:
+            stale = [k for k, a in self._arrivals.items() if now - a.last > ACTIVE_S]
+            for k in stale:
+                del self._arrivals[k]
+            self._arrivals[session] = _Arrivals(now)
+            return
+        gap = now - seen.last
+        old = seen.period
+        seen.period = gap if old is None else old + PERIOD_SMOOTHING * (gap - old)
+        seen.last = now
+
+    def forget(self, session: Hashable) -> None:
+        """`session` has ended here: no step of it is awaited any more."""
+        self._arrivals.pop(session, None)
+
+    def _awaited_until(self, start: float, now: float) -> float | None:
+        """How long the gather that began at `start` still waits (Rule 1): the latest time
+        an awaited session that has no step waiting may still arrive; None: nobody."""
+        end = start + self._window
+        here = {s.session for s in self._waiting}
+        until = None
+        for session, a in self._arrivals.items():
+            if session in here or now - a.last > ACTIVE_S:
+                continue
+            if a.period is None:
+                late = end  # one arrival so far: no period to go by
+            else:
+                due = a.last + a.period
+                if due > end:
+                    continue  # next step due after the window: not this batch's company
+                late = min(end, due + max(MIN_GRACE_S, GRACE * a.period))
+            if late > now and (until is None or late > until):
+                until = late
+        return until
+
     async def _gather(self) -> None:
-        """The first waiting step holds the others back for up to the window (Rule 1)."""
+        """The first waiting step holds the others back while sessions are due (Rule 1)."""
         if self._gathering is not None:
             await self._gathering.wait()
             return
-        expected = min(self._max, self._active())
-        if self._window <= 0 or expected < 2:
+        if self._window <= 0 or min(self._max, self._active()) < 2:
             return
         self._gathering = trio.Event()
+        start = trio.current_time()
         try:
-            with trio.move_on_after(self._window):
-                while len(self._waiting) < expected:
+            while len(self._waiting) < self._max:
+                until = self._awaited_until(start, trio.current_time())
+                if until is None:
+                    break
+                with trio.move_on_at(until):
                     self._arrived = trio.Event()
                     await self._arrived.wait()
         finally:

@@ -44,7 +44,7 @@ from mesh.state import HostedSpan, SpanProfile
 
 from ..errors import NexusError
 from ..metrics import Metrics
-from .batching import BatchedStep, StepBatcher
+from .batching import ACTIVE_S, BatchedStep, StepBatcher
 from .in_flight import MAX_IN_FLIGHT_BYTES, InFlight
 from .profile import ComputeProfile
 from .wire import (
@@ -61,7 +61,6 @@ from .wire import (
 
 log = structlog.get_logger(__name__)
 KEPT_RESULTS = 1  # answers kept per session for a repeated step id (a resend after a timeout)
-ACTIVE_S = 1.0  # a session that stepped this recently counts as company for a batch
 MAX_BATCH = 32  # decode steps in one batch at most
 
 
@@ -401,6 +400,7 @@ class SpanHost:
     def _drop(self, key: tuple[bytes, bytes]) -> None:
         """Forget a session and give its pages back to the pool."""
         sess = self._sessions.pop(key, None)
+        self._batcher.forget(key)  # no step of it to wait for
         if sess is None or sess.cache is None:
             return
         if sess.in_flight:  # a worker thread still writes its pages: release them after
@@ -529,6 +529,7 @@ class SpanHost:
             item=item,
             single=lambda: sess.span(x, ctx),
             batchable=sess.span.in_kind in kinds and batchable(item),
+            session=(peer, msg.session_id),
         )
         self.queued += 1
         self.load.queue(self.queued)

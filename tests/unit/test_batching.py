@@ -231,6 +231,47 @@ async def test_lone_steps_run_on_the_loop_once_measured_fast_and_not_under_compa
         batcher(-1.0)
 
 
+async def test_a_step_waits_only_for_the_sessions_that_are_due(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Rule 1: "a" and "b" step every 100 ms, b 1 ms after a; "d" every 100 ms 50 ms after
+    them. At 200 ms a's step waits for b (due) and not for d (due after the window): the
+    batch {a, b} runs at b's arrival, not at the window's end. Once b has ended here
+    (`forget`), a's step at 300 ms waits for nobody."""
+    autojump_clock.autojump_threshold = 0.1  # real seconds idle: worker steps finish first
+    span, threads = tiny_llama(), []
+    sizes: list[int] = []
+    done: dict[tuple[str, int], float] = {}
+    batcher = StepBatcher(
+        limiter=trio.CapacityLimiter(1),
+        window_s=0.010,
+        max_batch=8,
+        active=lambda: 3,
+        on_batch=lambda steps, seconds: sizes.append(steps),
+    )
+    t0 = trio.current_time()
+
+    async def arrive(session: str, k: int, offset: float) -> None:
+        await trio.sleep_until(t0 + 0.1 * k + offset)
+        one = torch.ones(1, 1, dtype=torch.long)
+        ids = BatchItem(x=one, position=0, causal=True, pad_mask=None, cache=None)
+        step = lone_step(span, threads)
+        step.item, step.session = ids, session  # token ids: batchable through the span
+        await batcher.run(step)
+        done[session, k] = trio.current_time() - t0
+
+    async with trio.open_nursery() as nursery:
+        for k in range(3):
+            nursery.start_soon(arrive, "a", k, 0.0)
+            nursery.start_soon(arrive, "b", k, 0.001)
+        for k in range(2):
+            nursery.start_soon(arrive, "d", k, 0.05)
+    assert sizes[-1] == 2 and done["a", 2] == done["b", 2] == pytest.approx(0.201, abs=1e-3)
+    batcher.forget("b")
+    await arrive("a", 3, 0.0)
+    assert done["a", 3] == pytest.approx(0.3, abs=1e-3) and sizes[-1] == 1
+
+
 async def test_a_lone_session_inline_equals_worker_threads_bit_for_bit() -> None:
     span = tiny_llama()
     outs = []
