@@ -4,13 +4,14 @@ Rule 1: a step that can join a batch (`atoms.batched.batchable`: one new token p
 waits at most `window_s` for steps of other sessions, and not at all when fewer than two
 sessions stepped recently (an idle host or a lone session pays nothing). It waits only for
 the sessions that are due: each session's steps arrive here about once per period (a
-running average of the gaps between its arrivals), so a session is awaited when its next
-step is expected within the window, until a quarter period (at least `MIN_GRACE_S`) past
-that expectation; a session with one arrival so far is awaited for the whole window. The
-wait ends as soon as no awaited session is missing. Waiting for every recently active
-session instead made streams that had drifted apart wait out the window at every hop for
-steps that were a whole cycle away (measured under 8 concurrent generations: the median
-first step of a batch waited 5.9 ms of a 5 ms window).
+running average of the gaps between its decode steps; the gap after its first step, which
+holds its prefill and first checks, does not count), so a session whose next step is
+expected after the window ends is not awaited; one without a period yet, or due (or
+overdue) within the window, is, until the window ends; a session the host has dropped is
+forgotten at once. The wait ends as soon as no awaited session is missing. Waiting for
+every recently active session instead made streams that had drifted a cycle apart wait
+out the window at every hop for steps that could not come in it (traced under 8
+concurrent generations: the median first step of a batch waited 5.9 ms of a 5 ms window).
 Rule 2: whoever gets the device first runs every waiting step of its span and key (up to
 `max_batch`) as ONE forward (`atoms.batched.run_batched`); steps that arrive while the
 device is busy simply wait, and the next holder takes them together (continuous batching
@@ -52,15 +53,15 @@ log = structlog.get_logger(__name__)
 STEP_ERRORS = (AtomError, ValueError, RuntimeError)  # what a forward raises on bad input
 ACTIVE_S = 1.0  # a session that stepped this recently counts as company for a batch
 PERIOD_SMOOTHING = 0.5  # weight of the latest gap in a session's arrival period
-GRACE = 0.25  # a due session is awaited this fraction of its period past its expected step
-MIN_GRACE_S = 0.001  # ... and at least this long (scheduling jitter)
 
 
 @dataclass(slots=True)
 class _Arrivals:
-    """When a session's latest step arrived, and its running period (None: one arrival)."""
+    """When a session's latest step arrived, how many gaps it has had, and its running
+    period (None until a gap after the first one)."""
 
     last: float
+    gaps: int = 0
     period: float | None = None
 
 
@@ -183,34 +184,27 @@ class StepBatcher:
                 del self._arrivals[k]
             self._arrivals[session] = _Arrivals(now)
             return
-        gap = now - seen.last
-        old = seen.period
-        seen.period = gap if old is None else old + PERIOD_SMOOTHING * (gap - old)
+        gap, old = now - seen.last, seen.period
+        seen.gaps += 1
+        if seen.gaps >= 2:  # the first gap holds the prefill and its checks
+            seen.period = gap if old is None else old + PERIOD_SMOOTHING * (gap - old)
         seen.last = now
 
     def forget(self, session: Hashable) -> None:
         """`session` has ended here: no step of it is awaited any more."""
         self._arrivals.pop(session, None)
 
-    def _awaited_until(self, start: float, now: float) -> float | None:
-        """How long the gather that began at `start` still waits (Rule 1): the latest time
-        an awaited session that has no step waiting may still arrive; None: nobody."""
-        end = start + self._window
+    def _awaited(self, end: float, now: float) -> bool:
+        """Whether a session is still awaited by a gather that ends at `end` (Rule 1): one
+        that stepped recently, has no step waiting, and is due before `end` (or has no
+        period yet)."""
         here = {s.session for s in self._waiting}
-        until = None
         for session, a in self._arrivals.items():
             if session in here or now - a.last > ACTIVE_S:
                 continue
-            if a.period is None:
-                late = end  # one arrival so far: no period to go by
-            else:
-                due = a.last + a.period
-                if due > end:
-                    continue  # next step due after the window: not this batch's company
-                late = min(end, due + max(MIN_GRACE_S, GRACE * a.period))
-            if late > now and (until is None or late > until):
-                until = late
-        return until
+            if a.period is None or a.last + a.period <= end:
+                return True
+        return False
 
     async def _gather(self) -> None:
         """The first waiting step holds the others back while sessions are due (Rule 1)."""
@@ -220,13 +214,10 @@ class StepBatcher:
         if self._window <= 0 or min(self._max, self._active()) < 2:
             return
         self._gathering = trio.Event()
-        start = trio.current_time()
+        end = trio.current_time() + self._window
         try:
-            while len(self._waiting) < self._max:
-                until = self._awaited_until(start, trio.current_time())
-                if until is None:
-                    break
-                with trio.move_on_at(until):
+            with trio.move_on_at(end):
+                while len(self._waiting) < self._max and self._awaited(end, trio.current_time()):
                     self._arrived = trio.Event()
                     await self._arrived.wait()
         finally:

@@ -235,9 +235,10 @@ async def test_a_step_waits_only_for_the_sessions_that_are_due(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Rule 1: "a" and "b" step every 100 ms, b 1 ms after a; "d" every 100 ms 50 ms after
-    them. At 200 ms a's step waits for b (due) and not for d (due after the window): the
-    batch {a, b} runs at b's arrival, not at the window's end. Once b has ended here
-    (`forget`), a's step at 300 ms waits for nobody."""
+    them. At 300 ms (periods known: the gap after a first step does not count) a's step
+    waits for b (due) and not for d (due after the window): the batch {a, b} runs at b's
+    arrival, not at the window's end. Once b has ended here (`forget`), a's step at 400 ms
+    waits for nobody."""
     autojump_clock.autojump_threshold = 0.1  # real seconds idle: worker steps finish first
     span, threads = tiny_llama(), []
     sizes: list[int] = []
@@ -261,15 +262,15 @@ async def test_a_step_waits_only_for_the_sessions_that_are_due(
         done[session, k] = trio.current_time() - t0
 
     async with trio.open_nursery() as nursery:
-        for k in range(3):
+        for k in range(4):
             nursery.start_soon(arrive, "a", k, 0.0)
             nursery.start_soon(arrive, "b", k, 0.001)
-        for k in range(2):
             nursery.start_soon(arrive, "d", k, 0.05)
-    assert sizes[-1] == 2 and done["a", 2] == done["b", 2] == pytest.approx(0.201, abs=1e-3)
+    assert done["a", 3] == done["b", 3] == pytest.approx(0.301, abs=1e-3)
+    assert sizes[-2:] == [2, 1]  # {a, b}, then d alone
     batcher.forget("b")
-    await arrive("a", 3, 0.0)
-    assert done["a", 3] == pytest.approx(0.3, abs=1e-3) and sizes[-1] == 1
+    await arrive("a", 4, 0.0)
+    assert done["a", 4] == pytest.approx(0.4, abs=1e-3) and sizes[-1] == 1
 
 
 async def test_a_lone_session_inline_equals_worker_threads_bit_for_bit() -> None:
