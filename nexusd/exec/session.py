@@ -23,6 +23,11 @@ compared on all of them at no extra cost: its outputs against what the failed ho
 step gave). If every step agrees within the check's tolerance, the replacement is vouched
 for and its first steps are not checked again (the sampled ones still are); if not, they
 are checked as a new host's would be.
+Rule 6: a sampled check (not one of a host's first steps) whose judge would be the origin's
+own computation of a span it has not loaded is deferred, not made to wait for the load: the
+step goes on unchecked, the judge loads in the background (`Verification.judge_ready`), and
+the hop owes a check that its first step after the load gets. A first-steps check still
+waits for its judge.
 """
 
 from __future__ import annotations
@@ -81,7 +86,11 @@ class Verification:
         codec: the session's wire codec (it widens the tolerance).
         trusted: a host whose outputs are never checked (the origin itself).
         rng: decides the sampled steps.
-        on_check: told the outcome of each check ("agreed", "wrong_output", "undecided").
+        on_check: told the outcome of each check ("agreed", "wrong_output", "undecided",
+            "deferred").
+        judge_ready: (start, end) -> whether the arbiter can judge atoms [start, end)
+            without loading them first (False also starts that load in the background;
+            Rule 6); None: it always can.
     """
 
     policy: VerifyPolicy
@@ -90,6 +99,7 @@ class Verification:
     trusted: bytes = b""
     rng: random.Random = field(default_factory=random.Random)
     on_check: Callable[[str], None] | None = None
+    judge_ready: Callable[[int, int], bool] | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -103,6 +113,7 @@ class _Live:
     # next token (int64 (B,)), what a replacement's replay is compared with (Rule 5)
     tokens: list[torch.Tensor] = field(default_factory=list)
     vouched: bool = False  # its replay agreed with the failed host's outputs (Rule 5)
+    owed: bool = False  # a sampled check was deferred while its judge loaded (Rule 6)
 
     @property
     def per_step_s(self) -> float:
@@ -387,8 +398,20 @@ class RoutedSession:
         v = self._verify
         if v is None or live.hop.plan.host == v.trusted:
             return False
-        steps = max(live.steps, v.policy.first_steps) if live.vouched else live.steps  # Rule 5
-        return v.policy.sampled(steps, v.rng)
+        if live.owed:  # Rule 6: checked once its judge has loaded
+            return self._judge_ready(live.hop.plan)
+        return v.policy.sampled(self._checked_steps(live), v.rng)
+
+    def _checked_steps(self, live: _Live) -> int:
+        """The steps `live` counts towards its first checked ones (Rule 5: a vouched
+        replacement has had them)."""
+        v = self._verify
+        assert v is not None
+        return max(live.steps, v.policy.first_steps) if live.vouched else live.steps
+
+    def _judge_ready(self, plan: HopPlan) -> bool:
+        v = self._verify
+        return v is None or v.judge_ready is None or v.judge_ready(plan.start, plan.end)
 
     def _check_inputs(self, live: _Live, x: StepInput) -> list[StepInput]:
         """What a fresh session needs to give this step's output: this step alone without a
@@ -410,14 +433,18 @@ class RoutedSession:
         `last`: the hop's output is its last position only, and so is the one it is
         compared with (the model's last hop in a generation)."""
         inputs = self._check_inputs(live, x)
+        v = self._verify
+        assert v is not None
+        deferrable = self._checked_steps(live) >= v.policy.first_steps  # Rule 6
         done: list[tuple[torch.Tensor, HopTiming]] = []
-        opinion: list[_Opinion] = []
+        opinion: list[_Opinion | None] = []
+
+        async def run_opinion() -> None:
+            plan, per_step_s = live.hop.plan, live.per_step_s
+            opinion.append(await self._second_opinion(plan, inputs, per_step_s, last, deferrable))
 
         async def run_step() -> None:
             done.append(await live.hop.step(live.next_id, x, last_only=last))
-
-        async def run_opinion() -> None:
-            opinion.append(await self._second_opinion(live.hop.plan, inputs, live.per_step_s, last))
 
         try:
             async with trio.open_nursery() as nursery:
@@ -429,6 +456,13 @@ class RoutedSession:
                 raise
             raise failure from None
         out, timing = done[0]
+        if opinion[0] is None:  # Rule 6: owed once the judge has loaded
+            if not live.owed:
+                log.info("verify_deferred", host=live.hop.plan.host.hex()[:8])
+            live.owed = True
+            self._outcome("deferred")
+            return out, timing
+        live.owed = False
         await self._judge(live.hop.plan, inputs, out, opinion[0], last)
         return out, timing
 
@@ -498,13 +532,21 @@ class RoutedSession:
             return None
 
     async def _second_opinion(
-        self, plan: HopPlan, inputs: list[StepInput], per_step_s: float, last: bool
-    ) -> _Opinion:
+        self,
+        plan: HopPlan,
+        inputs: list[StepInput],
+        per_step_s: float,
+        last: bool,
+        deferrable: bool = False,
+    ) -> _Opinion | None:
         """Another replica's output of `plan`'s span on `inputs` and its host (None when the
-        span's other hosts form a chain); with no other replica, the origin's own output."""
+        span's other hosts form a chain); with no other replica, the origin's own output;
+        None (deferred, Rule 6) when that is needed, `deferrable`, and not ready."""
         try:
             plans = self._plan(plan.start, plan.end, frozenset({*self._excluded, plan.host}))
         except (NexusError, LookupError):  # nobody else hosts it: the origin is the second opinion
+            if deferrable and not self._judge_ready(plan):
+                return None
             return await self._own(plan, inputs, last), None, True
         chain: list[_Live] = []
         try:
@@ -524,6 +566,8 @@ class RoutedSession:
                 self._report(exc.host, exc.penalty, exc.reason)
             self._excluded.add(exc.host)
             log.info("verify_replica_failed", host=exc.host.hex()[:8], reason=exc.reason)
+            if deferrable and not self._judge_ready(plan):
+                return None
             return await self._own(plan, inputs, last), None, True
         finally:
             await _close_all(chain)

@@ -26,6 +26,7 @@ import trio
 
 from atoms.atom import ForwardContext
 from atoms.codecs import wire_bytes
+from atoms.errors import AtomError
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
 from atoms.span import Span
 from mesh.closing import close_bounded
@@ -134,6 +135,10 @@ class JobEngine:
         self._codec_policy = codec_policy or CodecPolicy()
         self._arbiter_spans: OrderedDict[tuple[str, int, int], Span] = OrderedDict()
         self._arbiter_limiter = trio.CapacityLimiter(1)
+        # judges loading in the background (session.py Rule 6), and those that failed to
+        self._judges_loading: dict[tuple[str, int, int], trio.Event] = {}
+        self._judges_failed: set[tuple[str, int, int]] = set()
+        self._background: trio.Nursery | None = None  # while `run` runs
         # As a host in another origin's forward-mode route, ours sends its outputs on to the
         # next host over the channels this opens (exec/wire.py Rule 5).
         host.dial = self._host_channel
@@ -147,6 +152,17 @@ class JobEngine:
 
     def __repr__(self) -> str:
         return f"JobEngine(node={self.view.node_id.hex()[:8]}, models={self.registry.available()})"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery that background work (a spot check's judge loading) runs in.
+        Without it every judge loads when a check needs it."""
+        async with trio.open_nursery() as nursery:
+            self._background = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._background = None
 
     # ---- sessions ------------------------------------------------------------------------
 
@@ -194,6 +210,7 @@ class JobEngine:
                 trusted=self.view.node_id,
                 rng=random.Random(self._rng.getrandbits(64)),
                 on_check=lambda outcome: self._metrics.inc("verify_checks_total", outcome=outcome),
+                judge_ready=lambda start, end: self._judge_ready((model_id, start, end)),
             )
         )
         return RoutedSession(
@@ -234,12 +251,13 @@ class JobEngine:
         wire Rule 6): the judge of a spot check. The last
         `ARBITER_SPANS` spans loaded stay loaded (checks of one job reuse them)."""
         key = (model_id, start, end)
+        loading = self._judges_loading.get(key)
+        if loading is not None:  # loading in the background: wait for it rather than twice
+            await loading.wait()
         span = self._arbiter_spans.pop(key, None)
         if span is None:
             span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end)
-        self._arbiter_spans[key] = span
-        while len(self._arbiter_spans) > ARBITER_SPANS:
-            self._arbiter_spans.popitem(last=False)
+        self._keep_judge(key, span)
         host = SpanHost(
             [span],
             kv_budget_bytes=session_kv_bytes(
@@ -257,6 +275,46 @@ class JobEngine:
         finally:
             await hop.close()
         return outs[-1]
+
+    def _keep_judge(self, key: tuple[str, int, int], span: Span) -> None:
+        """Keep `span` loaded as the most recent of the last `ARBITER_SPANS` judges."""
+        self._arbiter_spans.pop(key, None)
+        self._arbiter_spans[key] = span
+        while len(self._arbiter_spans) > ARBITER_SPANS:
+            self._arbiter_spans.popitem(last=False)
+
+    def _judge_ready(self, key: tuple[str, int, int]) -> bool:
+        """Whether a spot check can be judged here on `key`'s span without loading it first
+        (session.py Rule 6); if not, it starts loading in the background. True when there
+        is no background to load in, or the load failed there (the check then loads it, or
+        reports itself undecided, as it would have)."""
+        if key in self._arbiter_spans or self._background is None or key in self._judges_failed:
+            return True
+        if key not in self._judges_loading:
+            self._judges_loading[key] = trio.Event()
+            self._background.start_soon(self._load_judge, key)
+        return False
+
+    async def _load_judge(self, key: tuple[str, int, int]) -> None:
+        t0 = time.perf_counter()
+        try:
+            span = await trio.to_thread.run_sync(self.registry.load_span, *key)
+        except (NexusError, AtomError, OSError, ValueError) as exc:
+            self._judges_failed.add(key)
+            log.warning(
+                "judge_load_failed", model=key[0], start=key[1], end=key[2], reason=str(exc)
+            )
+        else:
+            self._keep_judge(key, span)
+            log.info(
+                "judge_loaded",
+                model=key[0],
+                start=key[1],
+                end=key[2],
+                load_s=round(time.perf_counter() - t0, 3),
+            )
+        finally:
+            self._judges_loading.pop(key).set()
 
     async def _open_channel(self, host: bytes) -> ExecChannel:
         """An exec channel to `host` (the origin's side: replies of inference and training).

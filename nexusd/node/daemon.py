@@ -243,6 +243,7 @@ class Daemon:
                 await nursery.start(self.mesh.run)
                 await nursery.start(self.model_side.run)
                 await nursery.start(self.placement.run)
+                await nursery.start(self.engine.run)
                 await nursery.start(self.jobs.run)
                 await nursery.start(self.api.run)
                 if self.cfg.metrics.listen_port:

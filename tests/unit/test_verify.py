@@ -429,6 +429,110 @@ async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
         nursery.cancel_scope.cancel()
 
 
+# ---- a sampled check never waits for its judge to load (session Rule 6) ------------------
+
+
+async def test_a_sampled_check_does_not_wait_for_its_judge_and_is_owed_until_it_loads() -> None:
+    """No other replica of either span: every check is judged by the origin's own
+    computation. The first steps' checks wait for it; a sampled one while the judge is
+    not loaded is deferred (the step goes on unchecked, nothing waits), the hop owes a
+    check, and its first step once the judge is ready is checked; outputs stay honest."""
+    honest = await honest_logits()
+    ready, asked, judged = [False], [], []
+
+    def judge_ready(start: int, end: int) -> bool:
+        asked.append((start, end))
+        return ready[0]
+
+    async def arbiter(*args: Any) -> torch.Tensor:
+        judged.append(args[0])
+        return await own_output(*args)
+
+    async with trio.open_nursery() as nursery:
+        head, tail = Node("head", spans([(0, 3)])), Node("tail", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, tail])
+        outcomes: list[str] = []
+        verify = Verification(
+            policy=VerifyPolicy(rate=1.0, first_steps=1),
+            arbiter=arbiter,
+            rng=random.Random(0),
+            on_check=outcomes.append,
+            judge_ready=judge_ready,
+        )
+        session = RoutedSession(
+            n_atoms=6,
+            plan=cl.planner([(0, 3, [head.id]), (3, 6, [tail.id])]),
+            make_hop=cl.make_hop,
+            report_failure=cl.report,
+            batch=1,
+            max_len=32,
+            verify=verify,
+        )
+        await session.open()
+        x, pos, per_step = PROMPT, 0, []
+        for k in range(STEPS):
+            ready[0] = k >= 3  # the judge has loaded by the fourth step
+            before = len(outcomes)
+            out, _ = await session.step(StepInput(x, pos, True, b""))
+            per_step.append(outcomes[before:])
+            assert_same_output(out, honest[k])
+            pos += x.shape[1]
+            x = out[:, -1:].argmax(-1)
+        await session.close()
+        assert per_step == [
+            ["agreed", "agreed"],  # first steps: judged, the judge loaded for them
+            ["deferred", "deferred"],  # sampled, judge not ready: nothing waits
+            [],  # owed, judge still not ready: unchecked
+            ["agreed", "agreed"],  # the owed checks, once it is ready
+            ["agreed", "agreed"],  # sampled again (rate 1)
+        ]
+        assert judged == [0, 3, 0, 3, 0, 3] and (0, 3) in asked and (3, 6) in asked
+        assert cl.penalties == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_engine_loads_a_judge_in_the_background_once(tmp_path: Path) -> None:
+    """`JobEngine._judge_ready`: False and a background load the first time; the span is
+    loaded once however often it is asked for meanwhile (and a check that needs it then
+    waits for that load); True once loaded; without `run`, always True."""
+    model = tiny_llama()
+    save_model(
+        Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
+        tmp_path / "models" / "tiny",
+    )
+    registry = ModelRegistry(tmp_path / "models")
+    loads: list[tuple[str, int, int]] = []
+    load_span = registry.load_span
+
+    def counted(model_id: str, start: int, end: int) -> Span:
+        loads.append((model_id, start, end))
+        return load_span(model_id, start, end)
+
+    registry.load_span = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        origin = Node("origin", [])
+        view = MemView(nursery, origin, [])
+        engine = JobEngine(
+            view=view,
+            host=origin.host,
+            registry=registry,
+            signer=origin.signer,
+            verifier=origin.verifier,
+            metrics=Metrics(),
+            step_timeout_s=10,
+            verify=VerifyPolicy(),
+        )
+        key = ("tiny", 3, 6)
+        assert engine._judge_ready(key)  # no background yet: a check loads its own judge
+        await nursery.start(engine.run)
+        assert not engine._judge_ready(key) and not engine._judge_ready(key)
+        inputs = [StepInput(torch.randn(1, 5, 32), 0, True, b"")]
+        own = await engine._own_output("tiny", 3, 6, inputs, 1, 32)  # waits for that load
+        assert engine._judge_ready(key) and loads == [key]
+        assert_same_output(own, await own_output(3, 6, inputs, 1, 32))
+        nursery.cancel_scope.cancel()
+
+
 # ---- a replacement's replay as its first check (session Rule 5) ---------------------------
 
 
