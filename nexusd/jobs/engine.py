@@ -135,7 +135,7 @@ class JobEngine:
         self._codec_policy = codec_policy or CodecPolicy()
         self._arbiter_spans: OrderedDict[tuple[str, int, int], Span] = OrderedDict()
         self._arbiter_limiter = trio.CapacityLimiter(1)
-        # judges loading in the background (session.py Rule 6), and those that failed to
+        # judges loading in the background (session.py Rule 6), and those whose load failed
         self._judges_loading: dict[tuple[str, int, int], trio.Event] = {}
         self._judges_failed: set[tuple[str, int, int]] = set()
         self._background: trio.Nursery | None = None  # while `run` runs
