@@ -83,6 +83,10 @@ class PageFormat:
         """Bytes one token of one row really uses, over all layers (no page rounding)."""
         return sum(s.layout.bytes_per_token(1) for s in self.layers)
 
+    def pages(self, tokens: int) -> int:
+        """Pages one row needs to hold `tokens` tokens."""
+        return -(-tokens // self.tokens)
+
 
 def pool_shape(formats: list[PageFormat]) -> tuple[int, int]:
     """(page_bytes, stripe) of a pool serving spans of these formats (Rule 3): pages that fit
@@ -294,7 +298,7 @@ class PagedCache:
 
     def pages_for(self, tokens: int) -> int:
         """Pages every row needs in all to hold `tokens` tokens."""
-        return self.batch * -(-tokens // self.format.tokens)
+        return self.batch * self.format.pages(tokens)
 
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` in all (cached + new) in every row, before any write.
@@ -307,9 +311,9 @@ class PagedCache:
                 f"KV cache holds {self.max_len} tokens, {self.length} used, "
                 f"{tokens - self.length} more requested"
             )
-        per_row = -(-tokens // self.format.tokens)
+        per_row = self.format.pages(tokens)
         if any(len(t) < per_row for t in self.tables):
-            most = -(-self.max_len // self.format.tokens)
+            most = self.format.pages(self.max_len)
             self.pool.zeroed(self.pool.pages.grow(self.tables, self._holds, per_row, most))
             self._runs = [run_length(t, n) for t, n in zip(self.tables, self._runs, strict=True)]
 
@@ -399,7 +403,7 @@ class PagedLayer:
         length = max(starts) + t
         pool, fmt = self._caches[0].pool, self._caches[0].format
         view = pool.layer_view(fmt, self._slot)
-        table = page_table(tables, -(-length // fmt.tokens))
+        table = page_table(tables, fmt.pages(length))
         write_rows(view, table, torch.tensor(starts), k_new, v_new)
         for cache in self._caches:
             cache.lengths[idx] += t
@@ -415,7 +419,7 @@ class PagedLayer:
         length = start + t
         cache.reserve(length)  # a no-op when the host reserved the step beforehand
         per_page = cache.format.tokens
-        run = cache.run(-(-length // per_page))
+        run = cache.run(cache.format.pages(length))
         flat = cache.token_view(self._slot) if run else None
         if run is None or flat is None:
             return None

@@ -125,8 +125,9 @@ def session_kv_bytes(span: Span, *, batch: int, max_len: int, page_tokens: int) 
     (whole pages of `page_tokens`): the budget of a host that serves that session alone."""
     if max_len <= 0 or not span.kv_layouts():
         return 0
-    page_bytes, _ = pool_shape([PageFormat.of(span.kv_layouts(), page_tokens)])
-    return page_bytes * batch * -(-max_len // page_tokens)
+    fmt = PageFormat.of(span.kv_layouts(), page_tokens)
+    page_bytes, _ = pool_shape([fmt])
+    return page_bytes * batch * fmt.pages(max_len)
 
 
 def _reduces(msg: Step) -> bool:

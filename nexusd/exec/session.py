@@ -531,6 +531,15 @@ class RoutedSession:
             )
             return None
 
+    async def _own_opinion(
+        self, plan: HopPlan, inputs: list[StepInput], last: bool, deferrable: bool
+    ) -> _Opinion | None:
+        """The origin's own output as the second opinion; None (deferred, Rule 6) when the
+        check is `deferrable` and its judge is not loaded yet."""
+        if deferrable and not self._judge_ready(plan):
+            return None
+        return await self._own(plan, inputs, last), None, True
+
     async def _second_opinion(
         self,
         plan: HopPlan,
@@ -545,9 +554,7 @@ class RoutedSession:
         try:
             plans = self._plan(plan.start, plan.end, frozenset({*self._excluded, plan.host}))
         except (NexusError, LookupError):  # nobody else hosts it: the origin is the second opinion
-            if deferrable and not self._judge_ready(plan):
-                return None
-            return await self._own(plan, inputs, last), None, True
+            return await self._own_opinion(plan, inputs, last, deferrable)
         chain: list[_Live] = []
         try:
             xs = inputs
@@ -566,9 +573,7 @@ class RoutedSession:
                 self._report(exc.host, exc.penalty, exc.reason)
             self._excluded.add(exc.host)
             log.info("verify_replica_failed", host=exc.host.hex()[:8], reason=exc.reason)
-            if deferrable and not self._judge_ready(plan):
-                return None
-            return await self._own(plan, inputs, last), None, True
+            return await self._own_opinion(plan, inputs, last, deferrable)
         finally:
             await _close_all(chain)
         return xs[-1].x, (plans[0].host if len(plans) == 1 else None), False

@@ -254,10 +254,10 @@ class JobEngine:
         loading = self._judges_loading.get(key)
         if loading is not None:  # loading in the background: wait for it rather than twice
             await loading.wait()
-        span = self._arbiter_spans.pop(key, None)
+        span = self._arbiter_spans.get(key)
         if span is None:
             span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end)
-        self._keep_judge(key, span)
+        self._keep_judge(key, span)  # the most recent judge
         host = SpanHost(
             [span],
             kv_budget_bytes=session_kv_bytes(
