@@ -376,6 +376,33 @@ class MemView:
         self.reports.append((node_id, penalty))
 
 
+def tiny_registry(tmp_path: Path) -> ModelRegistry:
+    """A model folder holding the tiny Llama as model "tiny" (the origin's judge's files)."""
+    model = tiny_llama()
+    save_model(
+        Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
+        tmp_path / "models" / "tiny",
+    )
+    return ModelRegistry(tmp_path / "models")
+
+
+def origin_engine(
+    view: MemView, origin: Node, registry: ModelRegistry, metrics: Metrics
+) -> JobEngine:
+    """The origin's engine over `view`, checking with the default policy."""
+    return JobEngine(
+        view=view,
+        host=origin.host,
+        registry=registry,
+        signer=origin.signer,
+        verifier=origin.verifier,
+        metrics=metrics,
+        step_timeout_s=10,
+        rng=random.Random(0),
+        verify=VerifyPolicy(),
+    )
+
+
 @pytest.mark.parametrize("last_only", [False, True])
 async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
     tmp_path: Path, last_only: bool
@@ -384,11 +411,7 @@ async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
     catches the lie on the first step, reports "wrong_output" and continues on the honest
     (slower, so not preferred) host; the outputs are the honest ones (with `last_only`, as
     a generation asks: the last position's, judged against the origin's own of it)."""
-    model = tiny_llama()
-    save_model(
-        Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
-        tmp_path / "models" / "tiny",
-    )
+    registry = tiny_registry(tmp_path)
     honest = await honest_logits()
     async with trio.open_nursery() as nursery:
         origin = Node("origin", [])
@@ -397,17 +420,7 @@ async def test_the_engine_judges_with_its_own_model_files_and_counts_the_checks(
         good = Node("good", spans([(3, 6)]))
         view = MemView(nursery, origin, [(head, 0.002), (liar, 0.001), (good, 0.05)])
         metrics = Metrics()
-        engine = JobEngine(
-            view=view,
-            host=origin.host,
-            registry=ModelRegistry(tmp_path / "models"),
-            signer=origin.signer,
-            verifier=origin.verifier,
-            metrics=metrics,
-            step_timeout_s=10,
-            rng=random.Random(0),
-            verify=VerifyPolicy(),
-        )
+        engine = origin_engine(view, origin, registry, metrics)
         session = engine._session(
             "tiny",
             n_atoms=6,
@@ -495,12 +508,7 @@ async def test_the_engine_loads_a_judge_in_the_background_once(tmp_path: Path) -
     """`JobEngine._judge_ready`: False and a background load the first time; the span is
     loaded once however often it is asked for meanwhile (and a check that needs it then
     waits for that load); True once loaded; without `run`, always True."""
-    model = tiny_llama()
-    save_model(
-        Model(model_id="tiny", family="llama", config={}, atoms=model.atom_list()),
-        tmp_path / "models" / "tiny",
-    )
-    registry = ModelRegistry(tmp_path / "models")
+    registry = tiny_registry(tmp_path)
     loads: list[tuple[str, int, int]] = []
     load_span = registry.load_span
 
@@ -512,16 +520,7 @@ async def test_the_engine_loads_a_judge_in_the_background_once(tmp_path: Path) -
     async with trio.open_nursery() as nursery:
         origin = Node("origin", [])
         view = MemView(nursery, origin, [])
-        engine = JobEngine(
-            view=view,
-            host=origin.host,
-            registry=registry,
-            signer=origin.signer,
-            verifier=origin.verifier,
-            metrics=Metrics(),
-            step_timeout_s=10,
-            verify=VerifyPolicy(),
-        )
+        engine = origin_engine(view, origin, registry, Metrics())
         key = ("tiny", 3, 6)
         assert engine._judge_ready(key)  # no background yet: a check loads its own judge
         await nursery.start(engine.run)
