@@ -190,6 +190,10 @@ class ExecConfig:
     verify_first_steps: int = 1  # a host's first N steps in a session are always checked
     verify_tol_fp32: float = 1e-4  # max |diff| / max |reference|, float32 outputs, raw codec
     verify_tol_bf16: float = 5e-2  # the same when either output is bfloat16/float16
+    # a generation's checks run beside its stream, its tokens held back until checked; a
+    # lie found reruns the job without the liar (exec/session.py Rule 7); false: a checked
+    # step waits for its check
+    verify_beside: bool = True
     # jobs with `--codec auto` (exec/adaptive.py): a hop whose link to this node is measured
     # below slow_link_bytes_per_s gets the codec within slow_link_codec (the error the job
     # accepts: the lossiest codec allowed) that the link's RTT, bandwidth and the codecs'

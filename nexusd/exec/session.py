@@ -28,11 +28,20 @@ own computation of a span it has not loaded is deferred, not made to wait for th
 step goes on unchecked, the judge loads in the background (`Verification.judge_ready`), and
 the hop owes a check that its first step after the load gets. A first-steps check still
 waits for its judge.
+Rule 7 (checks beside the stream): a session given `spawn` (a generation's) does not hold a
+step for its checks. The step runs as an unchecked one would (host to host in forward mode,
+in its hosts' batches); each sampled hop's input history and output are then checked in a
+task of their own, and the step counts as `confirmed` once every check of it and of the
+steps before it has passed. The caller releases nothing of an unconfirmed step (the engine
+holds its tokens back). A check that finds a lie fails the host over as in Rule 4, and the
+session's next `step` (or `settle`) raises `CheckFailed`: every step from the lying one on
+is void, and the caller reruns the job on a fresh session that excludes the liar
+(`excluded`, `failovers` carry over). A lie costs a rerun; an honest mesh never waits for a
+check (a sampled one re-runs the hop's whole history as one prefill; README, "Spot checks").
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -56,7 +65,9 @@ from .hops import first_hop_failure as first_hop_failure
 from .hops import protocol_penalty as protocol_penalty
 from .hops import raw_bytes
 from .hops import refused as refused
-from .verify import VerifyPolicy, difference, last_tokens
+from .verify import Arbiter as Arbiter
+from .verify import Opinion, difference, joined_steps, last_tokens
+from .verify import Verification as Verification
 
 log = structlog.get_logger(__name__)
 
@@ -65,41 +76,22 @@ class JobFailed(NexusError):
     """The job cannot complete (no route left, input rejected, too many failovers)."""
 
 
+class CheckFailed(JobFailed):
+    """A check beside the stream (Rule 7) found a host's output wrong at step `step`: that
+    step and every later one are void. The caller reruns on a fresh session."""
+
+    def __init__(
+        self, message: str, *, step: int, excluded: frozenset[bytes], failovers: tuple[str, ...]
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.excluded = excluded  # the session's, the liar among them
+        self.failovers = failovers
+
+
 Planner = Callable[[int, int, frozenset[bytes]], list[HopPlan]]
 HopFactory = Callable[[HopPlan], Awaitable[Hop]]
 FailureReporter = Callable[[bytes, str, str], None]  # (host, penalty, reason)
-_Opinion = tuple[torch.Tensor | None, bytes | None, bool]  # (output, replica host, the origin's?)
-# (start, end, inputs, batch, max_len, last_only) -> the origin's own output of the last
-# input (its last position only with last_only), computed on a fresh session of atoms
-# [start, end) from its model files
-Arbiter = Callable[[int, int, list[StepInput], int, int, bool], Awaitable[torch.Tensor]]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Verification:
-    """How a session spot-checks its hops (see `verify.py`).
-
-    Attributes:
-        policy: which steps, which tolerance.
-        arbiter: the origin's own computation, the judge when two replicas disagree and
-            the second opinion when no other replica exists.
-        codec: the session's wire codec (it widens the tolerance).
-        trusted: a host whose outputs are never checked (the origin itself).
-        rng: decides the sampled steps.
-        on_check: told the outcome of each check ("agreed", "wrong_output", "undecided",
-            "deferred").
-        judge_ready: (start, end) -> whether the arbiter can judge atoms [start, end)
-            without loading them first (False also starts that load in the background;
-            Rule 6); None: it always can.
-    """
-
-    policy: VerifyPolicy
-    arbiter: Arbiter
-    codec: str = "raw"
-    trusted: bytes = b""
-    rng: random.Random = field(default_factory=random.Random)
-    on_check: Callable[[str], None] | None = None
-    judge_ready: Callable[[int, int], bool] | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -114,10 +106,27 @@ class _Live:
     tokens: list[torch.Tensor] = field(default_factory=list)
     vouched: bool = False  # its replay agreed with the failed host's outputs (Rule 5)
     owed: bool = False  # a sampled check was deferred while its judge loaded (Rule 6)
+    watch: bool = False  # the current step is checked beside the stream (Rule 7)
+    out: torch.Tensor | None = None  # ... and this was its output
 
     @property
     def per_step_s(self) -> float:
         return self.compute_s / self.steps if self.steps else 0.05
+
+
+@dataclass(slots=True, kw_only=True)
+class _Beside:
+    """A check running beside the stream (Rule 7): hop `live`'s output at session step
+    `step`, from `inputs` (its whole history as one step)."""
+
+    step: int
+    live: _Live
+    inputs: list[StepInput]
+    out: torch.Tensor
+    last: bool
+    deferrable: bool
+    done: trio.Event = field(default_factory=trio.Event)
+    failure: HopFailed | None = None
 
 
 class RoutedSession:
@@ -140,6 +149,9 @@ class RoutedSession:
         last_only: the last hop returns its output's last position only (wire Rule 6,
             "last"; its LM head projects no other): a generation reads no other, and a
             spot check of the last hop then compares that position alone.
+        spawn: starts a task (a nursery's `start_soon`) for each check beside the stream
+            (Rule 7; a session with a KV cache); None: checks hold their step (Rule 4).
+        excluded, failovers: carried over from a session this one reruns (Rule 7).
     """
 
     def __init__(
@@ -156,6 +168,9 @@ class RoutedSession:
         verify: Verification | None = None,
         forward: bool = False,
         last_only: bool = False,
+        spawn: Callable[..., object] | None = None,
+        excluded: frozenset[bytes] = frozenset(),
+        failovers: tuple[str, ...] = (),
     ) -> None:
         self._n = n_atoms
         self._forward = forward
@@ -167,11 +182,25 @@ class RoutedSession:
         self._batch = batch
         self._max_len = max_len
         self._budget = max_failovers
-        self._excluded: set[bytes] = set()
+        self._excluded: set[bytes] = set(excluded)
         self._hops: list[_Live] = []
         self._while_waiting: Callable[[], Awaitable[None]] | None = None
-        self.failovers: list[str] = []
+        self.failovers: list[str] = list(failovers)
         self._on_route = on_route
+        self._spawn = spawn if self._verify is not None and max_len > 0 else None
+        self._beside: list[_Beside] = []  # Rule 7: checks not yet passed
+        self._steps = 0  # steps done
+
+    @property
+    def excluded(self) -> frozenset[bytes]:
+        """Hosts this session no longer uses (failed, lied, or refused)."""
+        return frozenset(self._excluded)
+
+    @property
+    def confirmed(self) -> int:
+        """Steps every check of which, and of every step before them, has passed (Rule 7):
+        all steps done when no check is running beside the stream."""
+        return min((c.step for c in self._beside), default=self._steps)
 
     @property
     def route(self) -> list[HopPlan]:
@@ -228,13 +257,25 @@ class RoutedSession:
                 left for the hosts (the origin's own work, e.g. streaming the last token,
                 then costs nothing on the critical path), else when the step is done.
         """
+        self._raise_failed_check()
         self._while_waiting = while_waiting
         try:
             out, timings = await self._step(inp, argmax_vocab)
             await self._waited()
         finally:
             self._while_waiting = None
+        self._steps += 1
         return out, timings
+
+    async def settle(self) -> None:
+        """Wait for every check beside the stream (Rule 7).
+
+        Raises:
+            CheckFailed: one found a lie (the liar is failed over and excluded).
+        """
+        for check in list(self._beside):
+            await check.done.wait()
+        self._raise_failed_check()
 
     async def _waited(self) -> None:
         """Run the step's `while_waiting` unless it ran already."""
@@ -249,6 +290,26 @@ class RoutedSession:
         # mid-step could hand its id to its replacement
         lives = list(self._hops)
         picks = {id(live): self._sampled(live) for live in lives}
+        beside: list[tuple[_Live, bool]] = []
+        if self._spawn is not None and any(picks.values()):  # Rule 7
+            beside = [(live, self._deferrable(live)) for live in lives if picks[id(live)]]
+            picks = dict.fromkeys(picks, False)
+            for live, _ in beside:
+                live.watch = True  # `_applied` keeps its output
+            if lives[-1].watch:
+                argmax_vocab = 0  # the check compares the last hop's logits
+        try:
+            done = await self._step_on(inp, argmax_vocab, lives, picks)
+        except BaseException:  # no check of a step that did not complete: not a boundary
+            for live, _ in beside:
+                live.watch, live.out = False, None
+            raise
+        self._check_beside(beside)
+        return done
+
+    async def _step_on(
+        self, inp: StepInput, argmax_vocab: int, lives: list[_Live], picks: dict[int, bool]
+    ) -> tuple[torch.Tensor, list[HopTiming]]:
         timings: list[HopTiming] = []
         if not self._forward or any(picks.values()):
             return (await self._relay(inp, 0, None, timings, picks, argmax_vocab)).x, timings
@@ -318,6 +379,8 @@ class RoutedSession:
         live.next_id += 1
         live.steps += 1
         live.compute_s += timing.compute_s + timing.queue_s
+        if live.watch:  # checked beside the stream (Rule 7)
+            live.out = out
 
     async def _forward_run(
         self,
@@ -413,17 +476,82 @@ class RoutedSession:
         v = self._verify
         return v is None or v.judge_ready is None or v.judge_ready(plan.start, plan.end)
 
+    def _deferrable(self, live: _Live) -> bool:
+        """Whether a check of `live`'s next step may be deferred (Rule 6): not one of its
+        first checked steps."""
+        v = self._verify
+        assert v is not None
+        return self._checked_steps(live) >= v.policy.first_steps
+
     def _check_inputs(self, live: _Live, x: StepInput) -> list[StepInput]:
         """What a fresh session needs to give this step's output: this step alone without a
-        KV cache; else the stored inputs and this one as ONE step, concatenated along the
-        tokens (one prefill; falls back to every step when the inputs are not token-shaped)."""
-        steps = [*live.history, x] if self._max_len > 0 else [x]
-        if len(steps) == 1:
-            return steps
-        xs = [s.x for s in steps]
-        if any(t.dim() not in (2, 3) or t.dim() != xs[0].dim() for t in xs):
-            return steps
-        return [StepInput(torch.cat(xs, dim=1), steps[0].position, x.causal, x.pad_mask)]
+        KV cache; else the stored inputs and this one as ONE step (`joined_steps`)."""
+        return joined_steps([*live.history, x] if self._max_len > 0 else [x])
+
+    # ---- checks beside the stream (Rule 7) --------------------------------------------------
+
+    def _check_beside(self, picked: list[tuple[_Live, bool]]) -> None:
+        """Start the checks of the step just done on the `picked` hops (those failed over
+        during the step have no output of it: their replacements replayed, Rule 5)."""
+        assert self._spawn is not None or not picked
+        for live, deferrable in picked:
+            out, live.out, live.watch = live.out, None, False
+            if out is None or self._spawn is None:
+                continue
+            check = _Beside(
+                step=self._steps,
+                live=live,
+                inputs=joined_steps(list(live.history)),
+                out=out,
+                last=self._last_only and live is self._hops[-1],
+                deferrable=deferrable,
+            )
+            self._beside.append(check)
+            self._spawn(self._run_beside, check)
+
+    async def _run_beside(self, check: _Beside) -> None:
+        live = check.live
+        try:
+            plan = live.hop.plan
+            opinion = await self._second_opinion(
+                plan, check.inputs, live.per_step_s, check.last, check.deferrable
+            )
+            if opinion is None:
+                self._deferred(live)
+            else:
+                live.owed = False
+                await self._judge(plan, check.inputs, check.out, opinion, check.last)
+        except HopFailed as exc:
+            check.failure = exc
+        finally:
+            check.done.set()
+            if check.failure is None and check in self._beside:  # passed: it holds nothing
+                self._beside.remove(check)
+
+    def _raise_failed_check(self) -> None:
+        """CheckFailed for the earliest step a check beside the stream found a lie in."""
+        failed = [c for c in self._beside if c.failure is not None]
+        if not failed:
+            return
+        check = min(failed, key=lambda c: c.step)
+        assert check.failure is not None
+        self._beside.clear()
+        self._fail(check.failure)  # reported, excluded, counted
+        raise CheckFailed(
+            f"step {check.step} is void: {check.failure}",
+            step=check.step,
+            excluded=self.excluded,
+            failovers=tuple(self.failovers),
+        )
+
+    def _deferred(self, live: _Live) -> None:
+        """Rule 6: the check is owed once the judge has loaded."""
+        if not live.owed:
+            log.info("verify_deferred", host=live.hop.plan.host.hex()[:8])
+        live.owed = True
+        self._outcome("deferred")
+
+    # ---- checks that hold their step (Rule 4) -------------------------------------------------
 
     async def _checked_step(
         self, live: _Live, x: StepInput, last: bool
@@ -433,11 +561,9 @@ class RoutedSession:
         `last`: the hop's output is its last position only, and so is the one it is
         compared with (the model's last hop in a generation)."""
         inputs = self._check_inputs(live, x)
-        v = self._verify
-        assert v is not None
-        deferrable = self._checked_steps(live) >= v.policy.first_steps  # Rule 6
+        deferrable = self._deferrable(live)  # Rule 6
         done: list[tuple[torch.Tensor, HopTiming]] = []
-        opinion: list[_Opinion | None] = []
+        opinion: list[Opinion | None] = []
 
         async def run_opinion() -> None:
             plan, per_step_s = live.hop.plan, live.per_step_s
@@ -457,10 +583,7 @@ class RoutedSession:
             raise failure from None
         out, timing = done[0]
         if opinion[0] is None:  # Rule 6: owed once the judge has loaded
-            if not live.owed:
-                log.info("verify_deferred", host=live.hop.plan.host.hex()[:8])
-            live.owed = True
-            self._outcome("deferred")
+            self._deferred(live)
             return out, timing
         live.owed = False
         await self._judge(live.hop.plan, inputs, out, opinion[0], last)
@@ -471,7 +594,7 @@ class RoutedSession:
         plan: HopPlan,
         inputs: list[StepInput],
         out: torch.Tensor,
-        opinion: _Opinion,
+        opinion: Opinion,
         last: bool,
     ) -> None:
         v = self._verify
@@ -533,7 +656,7 @@ class RoutedSession:
 
     async def _own_opinion(
         self, plan: HopPlan, inputs: list[StepInput], last: bool, deferrable: bool
-    ) -> _Opinion | None:
+    ) -> Opinion | None:
         """The origin's own output as the second opinion; None (deferred, Rule 6) when the
         check is `deferrable` and its judge is not loaded yet."""
         if deferrable and not self._judge_ready(plan):
@@ -547,7 +670,7 @@ class RoutedSession:
         per_step_s: float,
         last: bool,
         deferrable: bool = False,
-    ) -> _Opinion | None:
+    ) -> Opinion | None:
         """Another replica's output of `plan`'s span on `inputs` and its host (None when the
         span's other hosts form a chain); with no other replica, the origin's own output;
         None (deferred, Rule 6) when that is needed, `deferrable`, and not ready."""

@@ -10,18 +10,22 @@ Rule 3: a checked step of a session with a KV cache is recomputed on a fresh ses
 step: the hop's stored inputs and this step's input concatenated along the tokens
 (`session.RoutedSession._check_inputs`); a causal model gives the same last tokens as the incremental steps, up
 to rounding, and the check costs one prefill instead of one step per stored input.
-The session (`session.RoutedSession`) runs the check; this module is pure torch.
+The session (`session.RoutedSession`) runs the checks; this module holds the policy, the
+records a check is made of, and the comparison.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from atoms.codecs import CODECS
+
+from .hops import StepInput
 
 # Extra tolerance a lossy codec adds: both outputs are rounded by it, so up to two quanta
 # relative to the tensor's largest value (fp16 2**-11, bf16 2**-8, int8 absmax/127 per
@@ -40,12 +44,14 @@ class VerifyPolicy:
         first_steps: a host's first N steps in a session are always checked.
         tol_fp32: relative tolerance when both outputs are float32 and the codec is raw.
         tol_bf16: relative tolerance when either output is bfloat16 or float16.
+        beside: a generation's checks run beside its stream (`session.py` Rule 7).
     """
 
     rate: float = 0.02
     first_steps: int = 1
     tol_fp32: float = 1e-4
     tol_bf16: float = 5e-2
+    beside: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate, (int, float)) and 0.0 <= self.rate <= 1.0):
@@ -101,3 +107,49 @@ def last_tokens(ref: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if ref.dim() >= 3 and like.dim() == ref.dim() and ref.shape[1] >= like.shape[1]:
         return ref[:, ref.shape[1] - like.shape[1] :]
     return ref
+
+
+def joined_steps(steps: list[StepInput]) -> list[StepInput]:
+    """`steps` as ONE step, concatenated along the tokens (one prefill: verify Rule 3);
+    unchanged when they are not token-shaped."""
+    if len(steps) <= 1:
+        return steps
+    xs = [s.x for s in steps]
+    if any(t.dim() not in (2, 3) or t.dim() != xs[0].dim() for t in xs):
+        return steps
+    last = steps[-1]
+    return [StepInput(torch.cat(xs, dim=1), steps[0].position, last.causal, last.pad_mask)]
+
+
+Opinion = tuple[torch.Tensor | None, bytes | None, bool]  # (output, replica host, the origin's?)
+# (start, end, inputs, batch, max_len, last_only) -> the origin's own output of the last
+# input (its last position only with last_only), computed on a fresh session of atoms
+# [start, end) from its model files
+Arbiter = Callable[[int, int, list[StepInput], int, int, bool], Awaitable[torch.Tensor]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verification:
+    """How a session spot-checks its hops (the rules above; `session.py` Rules 4-7).
+
+    Attributes:
+        policy: which steps, which tolerance.
+        arbiter: the origin's own computation, the judge when two replicas disagree and
+            the second opinion when no other replica exists.
+        codec: the session's wire codec (it widens the tolerance).
+        trusted: a host whose outputs are never checked (the origin itself).
+        rng: decides the sampled steps.
+        on_check: told the outcome of each check ("agreed", "wrong_output", "undecided",
+            "deferred").
+        judge_ready: (start, end) -> whether the arbiter can judge atoms [start, end)
+            without loading them first (False also starts that load in the background;
+            Rule 6); None: it always can.
+    """
+
+    policy: VerifyPolicy
+    arbiter: Arbiter
+    codec: str = "raw"
+    trusted: bytes = b""
+    rng: random.Random = field(default_factory=random.Random)
+    on_check: Callable[[str], None] | None = None
+    judge_ready: Callable[[int, int], bool] | None = None

@@ -12,9 +12,9 @@ sampled among near-best replicas so concurrent clients spread out.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +26,7 @@ import trio
 
 from atoms.atom import ForwardContext
 from atoms.codecs import wire_bytes
-from atoms.errors import AtomError
 from atoms.generation import Done, GenerationParams, StepRequest, TokenGenerator
-from atoms.span import Span
 from mesh.closing import close_bounded
 from mesh.errors import MeshError
 from mesh.identity import EnvelopeVerifier
@@ -50,12 +48,14 @@ from ..api.records import (
 )
 from ..errors import NEXUS_ERRORS, ApiError, NexusError, first_in_group
 from ..exec.adaptive import AUTO, JOB_CODECS, CodecPolicy, hop_codec, tolerance_codec
-from ..exec.hosting import SpanHost, session_kv_bytes
+from ..exec.hosting import SpanHost
 from ..exec.planner import MeshView, make_planner
 from ..exec.session import (
+    CheckFailed,
     Hop,
     HopFailed,
     HopPlan,
+    JobFailed,
     LocalHop,
     Planner,
     RemoteHop,
@@ -72,6 +72,7 @@ from ..metrics import Metrics
 from ..model_registry import ModelRegistry, TrainedHead
 from .costs import HopCosts
 from .distill import distill as run_distill
+from .judges import Judges
 from .training import Mesh as TrainMesh
 from .training import train as run_training
 
@@ -82,8 +83,6 @@ MAX_TEXTS = 10_000
 MAX_LABELS = 1_000
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
-ARBITER_SPANS = 2  # spans kept loaded for spot checks' own computation
-ARBITER_PAGE_TOKENS = 64  # its one session's pool: a few large pages, sized to the check
 SESSION_CLOSE_S = 5.0  # closing every hop of a job's session (each bounded on its own)
 
 
@@ -133,12 +132,7 @@ class JobEngine:
         self.training = training
         self._verify = verify
         self._codec_policy = codec_policy or CodecPolicy()
-        self._arbiter_spans: OrderedDict[tuple[str, int, int], Span] = OrderedDict()
-        self._arbiter_limiter = trio.CapacityLimiter(1)
-        # judges loading in the background (session.py Rule 6), and those whose load failed
-        self._judges_loading: dict[tuple[str, int, int], trio.Event] = {}
-        self._judges_failed: set[tuple[str, int, int]] = set()
-        self._background: trio.Nursery | None = None  # while `run` runs
+        self.judges = Judges(registry)  # spot checks' own computation
         # As a host in another origin's forward-mode route, ours sends its outputs on to the
         # next host over the channels this opens (exec/wire.py Rule 5).
         host.dial = self._host_channel
@@ -156,13 +150,7 @@ class JobEngine:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery that background work (a spot check's judge loading) runs in.
         Without it every judge loads when a check needs it."""
-        async with trio.open_nursery() as nursery:
-            self._background = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._background = None
+        await self.judges.run(task_status=task_status)
 
     # ---- sessions ------------------------------------------------------------------------
 
@@ -178,6 +166,8 @@ class JobEngine:
         codec: str,
         on_route: Callable[[list[HopPlan], str], None] | None = None,
         last_only: bool = False,
+        spawn: Callable[..., object] | None = None,
+        rerun: CheckFailed | None = None,
     ) -> RoutedSession:
         plan = make_planner(
             self.view,
@@ -198,7 +188,7 @@ class JobEngine:
         async def arbiter(
             start: int, end: int, inputs: list[StepInput], batch: int, max_len: int, last: bool
         ) -> torch.Tensor:
-            return await self._own_output(model_id, start, end, inputs, batch, max_len, last)
+            return await self.judges.output((model_id, start, end), inputs, batch, max_len, last)
 
         verify = (
             None
@@ -210,7 +200,7 @@ class JobEngine:
                 trusted=self.view.node_id,
                 rng=random.Random(self._rng.getrandbits(64)),
                 on_check=lambda outcome: self._metrics.inc("verify_checks_total", outcome=outcome),
-                judge_ready=lambda start, end: self._judge_ready((model_id, start, end)),
+                judge_ready=lambda start, end: self.judges.ready((model_id, start, end)),
             )
         )
         return RoutedSession(
@@ -224,6 +214,9 @@ class JobEngine:
             verify=verify,
             forward=self._forward,
             last_only=last_only,
+            spawn=spawn if self._verify is not None and self._verify.beside else None,
+            excluded=frozenset() if rerun is None else rerun.excluded,
+            failovers=() if rerun is None else rerun.failovers,
         )
 
     def _hop_codec(self, codec: str, host: bytes, payload_bytes: int) -> str:
@@ -235,86 +228,6 @@ class JobEngine:
             log.info("hop_codec", host=self.view.name_of(host), codec=chosen)
             self._metrics.inc("wire_codec_hops_total", codec=chosen)
         return chosen
-
-    async def _own_output(
-        self,
-        model_id: str,
-        start: int,
-        end: int,
-        inputs: list[StepInput],
-        batch: int,
-        max_len: int,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """This node's own output of atoms [start, end) (float32, from its model files, on a
-        fresh session) for the last of `inputs` (its last position only with `last_only`,
-        wire Rule 6): the judge of a spot check. The last
-        `ARBITER_SPANS` spans loaded stay loaded (checks of one job reuse them)."""
-        key = (model_id, start, end)
-        loading = self._judges_loading.get(key)
-        if loading is not None:  # loading in the background: wait for it rather than twice
-            await loading.wait()
-        span = self._arbiter_spans.get(key)
-        if span is None:
-            span = await trio.to_thread.run_sync(self.registry.load_span, model_id, start, end)
-        self._keep_judge(key, span)  # the most recent judge
-        host = SpanHost(
-            [span],
-            kv_budget_bytes=session_kv_bytes(
-                span, batch=batch, max_len=max_len, page_tokens=ARBITER_PAGE_TOKENS
-            ),
-            kv_page_tokens=ARBITER_PAGE_TOKENS,
-            max_sessions=1,
-            limiter=self._arbiter_limiter,
-            metrics=Metrics(),
-        )
-        hop = LocalHop(HopPlan(self.view.node_id, start, end), model_id, host, self.view.node_id)
-        try:
-            await hop.open(batch, max_len)
-            outs = await hop.replay(0, inputs, per_step_s=0.0, last_only=last_only)
-        finally:
-            await hop.close()
-        return outs[-1]
-
-    def _keep_judge(self, key: tuple[str, int, int], span: Span) -> None:
-        """Keep `span` loaded as the most recent of the last `ARBITER_SPANS` judges."""
-        self._arbiter_spans.pop(key, None)
-        self._arbiter_spans[key] = span
-        while len(self._arbiter_spans) > ARBITER_SPANS:
-            self._arbiter_spans.popitem(last=False)
-
-    def _judge_ready(self, key: tuple[str, int, int]) -> bool:
-        """Whether a spot check can be judged here on `key`'s span without loading it first
-        (session.py Rule 6); if not, it starts loading in the background. True when there
-        is no background to load in, or the load failed there (the check then loads it, or
-        reports itself undecided, as it would have)."""
-        if key in self._arbiter_spans or self._background is None or key in self._judges_failed:
-            return True
-        if key not in self._judges_loading:
-            self._judges_loading[key] = trio.Event()
-            self._background.start_soon(self._load_judge, key)
-        return False
-
-    async def _load_judge(self, key: tuple[str, int, int]) -> None:
-        t0 = time.perf_counter()
-        try:
-            span = await trio.to_thread.run_sync(self.registry.load_span, *key)
-        except (NexusError, AtomError, OSError, ValueError) as exc:
-            self._judges_failed.add(key)
-            log.warning(
-                "judge_load_failed", model=key[0], start=key[1], end=key[2], reason=str(exc)
-            )
-        else:
-            self._keep_judge(key, span)
-            log.info(
-                "judge_loaded",
-                model=key[0],
-                start=key[1],
-                end=key[2],
-                load_s=round(time.perf_counter() - t0, 3),
-            )
-        finally:
-            self._judges_loading.pop(key).set()
 
     async def _open_channel(self, host: bytes) -> ExecChannel:
         """An exec channel to `host` (the origin's side: replies of inference and training).
@@ -400,56 +313,21 @@ class JobEngine:
                 f"({req.max_new_tokens}) exceeds {req.model}'s context "
                 f"of {context} positions",
             )
-        pending: list[object] = []
-        gen = TokenGenerator(
-            params,
-            decode=tok.decode,
-            on_token=lambda t, s: pending.append(TokenEvent(job_id, t, s)),
-        )
-        hidden = self.registry.config_int(req.model, "hidden_size", 0)
-        # greedy: the last host sends the argmax, 8 bytes, not the logits (wire Rule 6)
-        reduce = self._host_argmax and params.greedy
-        vocab = self.registry.config_int(req.model, "vocab_size", 0) if reduce else 0
-        session = self._session(
-            req.model,
-            n_atoms=info.n_atoms,
-            batch=1,
-            max_len=len(prompt_ids) + req.max_new_tokens,
-            bytes_per_hop=wire_bytes(hidden, torch.float32, _sized(req.codec)),
-            kind="latency",
-            codec=req.codec,
-            on_route=lambda hops, why: pending.append(self.route_event(job_id, hops, why)),
-            last_only=True,  # the next token reads the last position's logits alone
-        )
-        costs = HopCosts()
-
-        async def flush() -> None:  # token k's events go out while step k + 1 computes
-            events = pending[:]
-            pending.clear()
-            for event in events:
-                await emit(event)
-
+        if params.seed is None:  # a rerun (session Rule 7) must draw the same tokens
+            params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
+        sent: list[int] = []  # the tokens the client has had, over every run
+        rerun: CheckFailed | None = None
         t0 = time.perf_counter()
-        try:
-            await session.open()
-            await flush()
-            step: StepRequest | Done = gen.start(prompt_ids)
-            while isinstance(step, StepRequest):
-                try:
-                    out, timings = await session.step(
-                        StepInput(step.input_ids(), step.start, True, b""),
-                        argmax_vocab=vocab,
-                        while_waiting=flush,
-                    )
-                except NexusError:  # the tokens made so far reach the client, then the error
-                    await flush()
-                    raise
-                costs.add(timings)
-                # int64: the token, picked by the last host; else logits (a checked step)
-                step = gen.feed_token(int(out[0])) if out.dtype == torch.int64 else gen.feed(out)
-            await flush()
-        finally:
-            await close_bounded(session.close, SESSION_CLOSE_S)
+        while True:  # each rerun excludes one more host: bounded by the failover budget
+            try:
+                step, costs, session = await self._generation(
+                    req, job_id, emit, params, prompt_ids, sent, rerun
+                )
+                break
+            except CheckFailed as exc:
+                log.warning("generation_rerun", job=job_id, step=exc.step, reason=str(exc))
+                self._metrics.inc("jobs_reruns_total")
+                rerun = exc
         elapsed = time.perf_counter() - t0
         self._metrics.inc("jobs_tokens_total", len(step.token_ids), model=req.model)
         return GenerateReply(
@@ -464,6 +342,107 @@ class JobEngine:
             route=costs.report(self.view.name_of),
             failovers=tuple(session.failovers),
         )
+
+    async def _generation(
+        self,
+        req: GenerateRequest,
+        job_id: str,
+        emit: Emit,
+        params: GenerationParams,
+        prompt_ids: list[int],
+        sent: list[int],
+        rerun: CheckFailed | None,
+    ) -> tuple[Done, HopCosts, RoutedSession]:
+        """One run of a generation on a fresh session. A step's events are held until its
+        checks pass (session.py Rule 7); `sent` grows by the tokens emitted, and a rerun
+        emits none of those again (its tokens must equal them).
+
+        Raises:
+            CheckFailed: a check found a lie; rerun with it (the liar is excluded).
+        """
+        info = self.registry.info(req.model)
+        tok = self.registry.tokenizer(req.model)
+        pending: list[tuple[int, object]] = []  # (the step it came from, event)
+        steps = 0
+        made: list[int] = []  # this run's tokens
+
+        def on_token(token: int, text: str) -> None:
+            made.append(token)
+            if len(made) > len(sent):
+                pending.append((steps - 1, TokenEvent(job_id, token, text)))
+            elif sent[len(made) - 1] != token:
+                raise JobFailed(
+                    f"a rerun after a failed check gave token {token} where the client "
+                    f"already has {sent[len(made) - 1]} (position {len(made) - 1})"
+                )
+
+        gen = TokenGenerator(params, decode=tok.decode, on_token=on_token)
+        hidden = self.registry.config_int(req.model, "hidden_size", 0)
+        # greedy: the last host sends the argmax, 8 bytes, not the logits (wire Rule 6)
+        reduce = self._host_argmax and params.greedy
+        vocab = self.registry.config_int(req.model, "vocab_size", 0) if reduce else 0
+        costs = HopCosts()
+        try:
+            async with trio.open_nursery() as checks:
+                session = self._session(
+                    req.model,
+                    n_atoms=info.n_atoms,
+                    batch=1,
+                    max_len=len(prompt_ids) + req.max_new_tokens,
+                    bytes_per_hop=wire_bytes(hidden, torch.float32, _sized(req.codec)),
+                    kind="latency",
+                    codec=req.codec,
+                    on_route=lambda hops, why: pending.append(
+                        (steps, self.route_event(job_id, hops, why))
+                    ),
+                    last_only=True,  # the next token reads the last position's logits alone
+                    spawn=checks.start_soon,
+                    rerun=rerun,
+                )
+
+                async def flush() -> None:  # token k's events go out while step k + 1 computes
+                    confirmed = session.confirmed
+                    while pending and pending[0][0] < confirmed:
+                        event = pending.pop(0)[1]
+                        if isinstance(event, TokenEvent):
+                            sent.append(event.token_id)
+                        await emit(event)
+
+                try:
+                    await session.open()
+                    await flush()
+                    step: StepRequest | Done = gen.start(prompt_ids)
+                    while isinstance(step, StepRequest):
+                        try:
+                            out, timings = await session.step(
+                                StepInput(step.input_ids(), step.start, True, b""),
+                                argmax_vocab=vocab,
+                                while_waiting=flush,
+                            )
+                        except CheckFailed:
+                            raise
+                        except (
+                            NexusError
+                        ):  # the tokens made so far reach the client, then the error
+                            await session.settle()
+                            await flush()
+                            raise
+                        steps += 1
+                        costs.add(timings)
+                        # int64: the token, picked by the last host; else logits (a checked step)
+                        step = (
+                            gen.feed_token(int(out[0]))
+                            if out.dtype == torch.int64
+                            else gen.feed(out)
+                        )
+                    await session.settle()
+                    await flush()
+                finally:
+                    checks.cancel_scope.cancel()  # checks of a run that ended have no use
+                    await close_bounded(session.close, SESSION_CLOSE_S)
+        except BaseExceptionGroup as group:  # the run's own error, not the nursery's group
+            raise _first_job_error(group) from None
+        return step, costs, session
 
     # ---- embeddings ----------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ def verify_policy(cfg: ExecConfig) -> VerifyPolicy | None:
         first_steps=cfg.verify_first_steps,
         tol_fp32=cfg.verify_tol_fp32,
         tol_bf16=cfg.verify_tol_bf16,
+        beside=cfg.verify_beside,
     )
     return policy if policy.enabled else None
 

@@ -505,7 +505,7 @@ async def test_a_sampled_check_does_not_wait_for_its_judge_and_is_owed_until_it_
 
 
 async def test_the_engine_loads_a_judge_in_the_background_once(tmp_path: Path) -> None:
-    """`JobEngine._judge_ready`: False and a background load the first time; the span is
+    """`Judges.ready`: False and a background load the first time; the span is
     loaded once however often it is asked for meanwhile (and a check that needs it then
     waits for that load); True once loaded; without `run`, always True."""
     registry = tiny_registry(tmp_path)
@@ -522,12 +522,12 @@ async def test_the_engine_loads_a_judge_in_the_background_once(tmp_path: Path) -
         view = MemView(nursery, origin, [])
         engine = origin_engine(view, origin, registry, Metrics())
         key = ("tiny", 3, 6)
-        assert engine._judge_ready(key)  # no background yet: a check loads its own judge
+        assert engine.judges.ready(key)  # no background yet: a check loads its own judge
         await nursery.start(engine.run)
-        assert not engine._judge_ready(key) and not engine._judge_ready(key)
+        assert not engine.judges.ready(key) and not engine.judges.ready(key)
         inputs = [StepInput(torch.randn(1, 5, 32), 0, True, b"")]
-        own = await engine._own_output("tiny", 3, 6, inputs, 1, 32)  # waits for that load
-        assert engine._judge_ready(key) and loads == [key]
+        own = await engine.judges.output(key, inputs, 1, 32)  # waits for that load
+        assert engine.judges.ready(key) and loads == [key]
         assert_same_output(own, await own_output(3, 6, inputs, 1, 32))
         nursery.cancel_scope.cancel()
 
