@@ -66,6 +66,7 @@ DEFAULT_LIMITS = Limits()
 _KIND_RE = re.compile(r"[A-Za-z][A-Za-z0-9_./-]{0,63}")
 _KINDS: dict[str, type] = {}  # kind -> record class; filled by @record at import time
 _SCHEMAS: dict[type, _RecordSchema] = {}  # built lazily: annotations may name later classes
+_EXPECTED: dict[tuple[type, ...], dict[str, _RecordSchema]] = {}  # decode's `expect`, by kind
 
 
 def record(kind: str) -> Callable[[type[T]], type[T]]:
@@ -379,8 +380,19 @@ def _compile(tp: Any, owner: str) -> _Spec:
     raise TypeError(f"record {owner}: field type {tp!r} is not allowed on the wire")
 
 
+def _exact(spec: _Spec) -> type | None:
+    """The one Python type a field's value may have to pass as it is, both ways (a scalar
+    other than int, or float), else None. The fast path of `_RecordSchema`: such a value is
+    taken when its type is exactly this one, and anything else goes to the spec, which
+    accepts or names the error exactly as before. An int is range-checked on the way out,
+    and a float from msgpack may be an int on the way in, so neither is exact."""
+    if isinstance(spec, _Scalar) and spec.tp is not int:
+        return spec.tp
+    return None
+
+
 class _RecordSchema:
-    __slots__ = ("cls", "fields", "kind", "names")
+    __slots__ = ("cls", "exact", "fields", "kind", "names", "plan")
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
@@ -391,19 +403,50 @@ class _RecordSchema:
             raise TypeError(f"record {self.kind!r}: cannot resolve field types: {exc}") from None
         self.names = tuple(f.name for f in dataclasses.fields(cls))
         self.fields = tuple(_compile(hints[n], self.kind) for n in self.names)
+        # per field: (name, spec, exact type or None, int scalar?, scalar item type of a
+        # tuple[X, ...] or None), in the order of the wire
+        self.plan = tuple(
+            (
+                n,
+                s,
+                _exact(s),
+                isinstance(s, _Scalar) and s.tp is int,
+                s.item.tp if isinstance(s, _VarTuple) and isinstance(s.item, _Scalar) else None,
+            )
+            for n, s in zip(self.names, self.fields, strict=True)
+        )
 
     def enc_fields(self, rec: object) -> list[Any]:
-        return [s.enc(getattr(rec, n), n) for s, n in zip(self.fields, self.names, strict=True)]
+        out = []
+        for n, s, exact, is_int, _ in self.plan:
+            value = getattr(rec, n)
+            if type(value) is exact or (
+                is_int and type(value) is int and -(2**63) <= value < 2**64
+            ):
+                out.append(value)  # what `s.enc` returns for it, without the call
+            else:
+                out.append(s.enc(value, n))
+        return out
 
     def dec_fields(self, raw: list[Any], ctx: _Ctx, depth: int) -> object:
         if len(raw) != len(self.fields):
             raise MalformedMessage(
                 f"record {self.kind!r}: expected {len(self.fields)} fields, got {len(raw)}"
             )
-        values = {
-            n: s.dec(v, ctx, depth, self.kind, n)
-            for s, v, n in zip(self.fields, raw, self.names, strict=True)
-        }
+        values: dict[str, Any] = {}
+        nested_ok = depth + 1 <= ctx.limits.max_depth
+        for (n, s, exact, is_int, items), v in zip(self.plan, raw, strict=True):
+            if type(v) is exact or (is_int and type(v) is int):
+                values[n] = v  # what `s.dec` returns for it, without the call
+            elif (
+                items is not None
+                and nested_ok
+                and type(v) is list
+                and all(type(x) is items for x in v)
+            ):
+                values[n] = tuple(v)  # a msgpack int always fits: `s.dec`'s result
+            else:
+                values[n] = s.dec(v, ctx, depth, self.kind, n)
         try:
             return self.cls(**values)  # by name: records with many fields are kw_only
         except (ValueError, TypeError) as exc:  # __post_init__ rejected the values
@@ -564,7 +607,9 @@ def _unpack(buf: bytes, limits: Limits) -> Any:
 
 
 def _decode_top(buf: bytes, expect: tuple[type, ...], limits: Limits) -> object:
-    schemas = {_schema(cls).kind: _schema(cls) for cls in expect}
+    schemas = _EXPECTED.get(expect)
+    if schemas is None:
+        schemas = _EXPECTED[expect] = {_schema(cls).kind: _schema(cls) for cls in expect}
     raw = _unpack(bytes(buf) if not isinstance(buf, bytes) else buf, limits)
     if type(raw) is not list or len(raw) < 2:
         raise MalformedMessage(f"expected an array [version, kind, ...], got {_got(raw)}")

@@ -253,6 +253,8 @@ def test_not_an_array() -> None:
         ("nothing", 0, "field 'nothing': expected None, got int"),
         ("maybe", 1.5, r"field 'maybe': expected int \| None, got float"),
         ("many", [1, "2"], r"field 'many\[1\]': expected int, got str"),
+        ("many", [1, True], r"field 'many\[1\]': expected int, got bool"),
+        ("label", None, "field 'label': expected str, got None"),
         ("pair", ["s"], r"field 'pair': expected tuple\[str, bytes\] of 2 items, got 1"),
         ("color", "green", "field 'color': expected a Color value, got 'green'"),
         ("level", True, "field 'level': expected Level, got bool"),
