@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from nexusd.exec.hosting import SpanHost
 from nexusd.exec.planner import ExecStream
 from nexusd.exec.session import (
     Arbiter,
+    CheckFailed,
     HopPlan,
     LocalHop,
     RoutedSession,
@@ -112,7 +114,11 @@ def verified(
     forward: bool = False,
     last_only: bool = False,
     arbiter: Arbiter = own_output,
+    spawn: Callable[..., object] | None = None,
+    rerun: CheckFailed | None = None,
 ) -> RoutedSession:
+    """A checked session in `cl`; with `spawn`, its checks run beside the stream (session
+    Rule 7), and `rerun` carries over a failed session's exclusions and failovers."""
     verify = Verification(
         policy=policy, arbiter=arbiter, rng=random.Random(0), on_check=outcomes.append
     )
@@ -126,6 +132,9 @@ def verified(
         verify=verify,
         forward=forward,
         last_only=last_only,
+        spawn=spawn,
+        excluded=frozenset() if rerun is None else rerun.excluded,
+        failovers=() if rerun is None else rerun.failovers,
     )
 
 
@@ -387,9 +396,15 @@ def tiny_registry(tmp_path: Path) -> ModelRegistry:
 
 
 def origin_engine(
-    view: MemView, origin: Node, registry: ModelRegistry, metrics: Metrics
+    view: MemView,
+    origin: Node,
+    registry: ModelRegistry,
+    metrics: Metrics,
+    *,
+    policy: VerifyPolicy | None = None,
+    forward: bool = False,
 ) -> JobEngine:
-    """The origin's engine over `view`, checking with the default policy."""
+    """The origin's engine over `view`, checking with `policy` (the default one if None)."""
     return JobEngine(
         view=view,
         host=origin.host,
@@ -399,7 +414,8 @@ def origin_engine(
         metrics=metrics,
         step_timeout_s=10,
         rng=random.Random(0),
-        verify=VerifyPolicy(),
+        verify=policy or VerifyPolicy(),
+        forward=forward,
     )
 
 

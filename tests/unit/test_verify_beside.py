@@ -4,7 +4,6 @@ from the lying one on; the caller's rerun without the liar gives the honest outp
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,8 @@ import torch
 import trio
 
 from nexusd.api.records import GenerateRequest, TokenEvent
-from nexusd.exec.session import CheckFailed, RoutedSession, StepInput, Verification
+from nexusd.exec.session import CheckFailed, RoutedSession, StepInput
 from nexusd.exec.verify import VerifyPolicy
-from nexusd.jobs.engine import JobEngine
 from nexusd.metrics import Metrics
 
 from .exec_fixtures import Cluster, Node
@@ -24,9 +22,10 @@ from .test_verify import (
     MemView,
     assert_same_output,
     honest_logits,
-    own_output,
+    origin_engine,
     spans,
     tiny_registry,
+    verified,
 )
 
 
@@ -39,24 +38,14 @@ def beside(
     policy: VerifyPolicy | None = None,
 ) -> RoutedSession:
     """A forward-mode session whose checks run in the cluster's nursery, beside its steps."""
-    verify = Verification(
-        policy=policy or VerifyPolicy(),
-        arbiter=own_output,
-        rng=random.Random(0),
-        on_check=outcomes.append,
-    )
-    return RoutedSession(
-        n_atoms=6,
-        plan=cl.planner(layout),
-        make_hop=cl.make_hop,
-        report_failure=cl.report,
-        batch=1,
-        max_len=32,
-        verify=verify,
+    return verified(
+        cl,
+        layout,
+        policy or VerifyPolicy(),
+        outcomes,
         forward=True,
         spawn=cl.nursery.start_soon,
-        excluded=frozenset() if rerun is None else rerun.excluded,
-        failovers=() if rerun is None else rerun.failovers,
+        rerun=rerun,
     )
 
 
@@ -187,18 +176,8 @@ async def test_the_engine_holds_tokens_until_checked_and_reruns_without_the_liar
         good = Node("good", spans([(3, 6)]))
         view = MemView(nursery, origin, [(head, 0.002), (liar, 0.001), (good, 0.05)])
         metrics = Metrics()
-        engine = JobEngine(
-            view=view,
-            host=origin.host,
-            registry=registry,
-            signer=origin.signer,
-            verifier=origin.verifier,
-            metrics=metrics,
-            step_timeout_s=10,
-            rng=random.Random(0),
-            verify=VerifyPolicy(rate=1.0),
-            forward=True,
-            host_argmax=True,
+        engine = origin_engine(
+            view, origin, registry, metrics, policy=VerifyPolicy(rate=1.0), forward=True
         )
         events: list[object] = []
 
