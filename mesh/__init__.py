@@ -17,6 +17,8 @@ from .errors import OversizeMessage as OversizeMessage
 from .errors import PeerProtocolError as PeerProtocolError
 from .errors import StreamRefused as StreamRefused
 from .errors import TransportBroken as TransportBroken
+from .framing import FrameDecoder as FrameDecoder
+from .framing import frame as frame
 from .hlc import HybridClock as HybridClock
 from .hlc import Timestamp as Timestamp
 from .identity import EnvelopeVerifier as EnvelopeVerifier
@@ -27,11 +29,9 @@ from .identity import seal as seal
 from .identity import seal_large as seal_large
 from .identity import short_id as short_id
 from .identity import verify_signature as verify_signature
-from .wire import FrameDecoder as FrameDecoder
 from .wire import Limits as Limits
 from .wire import TensorBlob as TensorBlob
 from .wire import decode as decode
 from .wire import decode_any as decode_any
 from .wire import encode as encode
-from .wire import frame as frame
 from .wire import record as record

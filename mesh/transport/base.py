@@ -3,7 +3,7 @@
 Rule 1: everything above `mesh/transport/` talks to a network only through the `Transport`
 and `Stream` protocols defined here; `memory.py` and `libp2p.py` are interchangeable and both
 pass `tests/unit/transport_conformance.py`.
-Rule 2: a stream carries whole frames (length-prefixed by `mesh.wire.frame`), never a byte
+Rule 2: a stream carries whole frames (length-prefixed by `mesh.framing.frame`), never a byte
 stream; a frame over `TransportConfig.max_frame_bytes` raises `OversizeMessage` on send and is
 a peer protocol error on receive; `receive(max_bytes=...)` lowers the limit per call, and a
 frame over it is refused on its length prefix, before its body is read.

@@ -6,7 +6,7 @@ Rule 2: Noise only, Yamux only, one connection per peer, gossipsub with StrictSi
 no UPnP, no auto-connector: the mesh decides whom to dial (see docs/architecture.md §13).
 Rule 3: the PeerID is derived from our 32-byte Ed25519 seed, so the Noise handshake
 authenticates the same key that signs application envelopes; node id == public key bytes.
-Rule 4: frames are ours (`mesh.wire.frame`) over libp2p streams, with a deadline on every read
+Rule 4: frames are ours (`mesh.framing.frame`) over libp2p streams, with a deadline on every read
 and write; `libp2p.io.utils.read_exactly` is never used (it fails over ~6.5 MB).
 Rule 5: every stream handler is a boundary: nothing escapes it (an escaping exception crashes
 the host or leaves a zombie connection, pitfall 2).
@@ -62,6 +62,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from mesh.closing import close_bounded
 from mesh.errors import ClosedError, OversizeMessage, TransportBroken
+from mesh.framing import FrameDecoder, frame
 from mesh.transport.base import (
     StreamHandler,
     Subscribers,
@@ -70,7 +71,6 @@ from mesh.transport.base import (
     local_ipv4_addresses,
     serve_stream,
 )
-from mesh.wire import FrameDecoder, frame
 
 if TYPE_CHECKING:
     from libp2p.abc import IHost, INetConn, INetStream, INetwork

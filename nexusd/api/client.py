@@ -15,7 +15,8 @@ from typing import TypeVar
 import trio
 
 from mesh.errors import MalformedMessage, OversizeMessage
-from mesh.wire import FrameDecoder, decode_any, encode, frame
+from mesh.framing import FrameDecoder, frame
+from mesh.wire import decode_any, encode
 
 from ..errors import ApiError, DaemonUnavailable
 from .records import EVENT_TYPES, MAX_REPLY_BYTES, REPLY_TYPES, ErrorReply

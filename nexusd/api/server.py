@@ -21,7 +21,8 @@ import trio
 
 from mesh.closing import close_bounded
 from mesh.errors import MalformedMessage, OversizeMessage
-from mesh.wire import FrameDecoder, decode_any, encode, frame
+from mesh.framing import FrameDecoder, frame
+from mesh.wire import decode_any, encode
 
 from ..errors import NEXUS_ERRORS, ApiError
 from ..metrics import Metrics

@@ -27,7 +27,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.errors import NoRoute
-from mesh.wire import FrameDecoder, decode_any, encode, frame, kind_of
+from mesh.framing import FrameDecoder, frame
+from mesh.wire import decode_any, encode, kind_of
 from nexusd.api.records import (
     ERROR_CODES,
     EVENT_TYPES,

@@ -12,16 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import MalformedMessage, OversizeMessage
+from mesh.framing import FrameDecoder, frame
 from mesh.wire import (
     DTYPE_ITEMSIZE,
     WIRE_VERSION,
-    FrameDecoder,
     Limits,
     TensorBlob,
     decode,
     decode_any,
     encode,
-    frame,
     record,
 )
 
