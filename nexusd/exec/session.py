@@ -29,15 +29,15 @@ step goes on unchecked, the judge loads in the background (`Verification.judge_r
 the hop owes a check that its first step after the load gets. A first-steps check still
 waits for its judge.
 Rule 7 (checks beside the stream): a session given `spawn` (a generation's) does not hold a
-step for its checks. The step runs as an unchecked one would (host to host in forward mode,
-in its hosts' batches); each sampled hop's input history and output are then checked in a
-task of their own, and the step counts as `confirmed` once every check of it and of the
-steps before it has passed. The caller releases nothing of an unconfirmed step (the engine
-holds its tokens back). A check that finds a lie fails the host over as in Rule 4, and the
-session's next `step` (or `settle`) raises `CheckFailed`: every step from the lying one on
-is void, and the caller reruns the job on a fresh session that excludes the liar
-(`excluded`, `failovers` carry over). A lie costs a rerun; an honest mesh never waits for a
-check (a sampled one re-runs the hop's whole history as one prefill; README, "Spot checks").
+step for its checks: it runs as an unchecked one would (host to host, in its hosts'
+batches), each sampled hop's history and output are checked in a task of their own, and the
+step is `confirmed` once its checks and those of every step before it have passed; the
+caller releases nothing unconfirmed (the engine holds its tokens back). A lie found fails
+every liar found over as in Rule 4; the next `step` (or `settle`) raises `CheckFailed`, the
+steps from the lying one on are void, and the caller reruns the job on a fresh session
+(`excluded`, `failovers` carry over). An honest mesh never waits for a check (a sampled
+one re-runs the hop's whole history as one prefill). At most `MAX_BESIDE` checks of a
+session run at once (each holds a prefill's memory); beyond that a step's are held.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ from .hops import protocol_penalty as protocol_penalty
 from .hops import raw_bytes
 from .hops import refused as refused
 from .verify import Arbiter as Arbiter
-from .verify import Opinion, difference, joined_steps, last_tokens
+from .verify import Opinion, difference, joined_steps, last_tokens, next_token
 from .verify import Verification as Verification
 
 log = structlog.get_logger(__name__)
+
+
+MAX_BESIDE = 4  # checks one session runs beside its stream at once (Rule 7)
 
 
 class JobFailed(NexusError):
@@ -190,17 +193,18 @@ class RoutedSession:
         self._spawn = spawn if self._verify is not None and max_len > 0 else None
         self._beside: list[_Beside] = []  # Rule 7: checks not yet passed
         self._steps = 0  # steps done
+        self._void_from = 2**63  # the earliest step a check found a lie in (Rule 7)
+        self._caught: set[bytes] = set()  # hosts failed over for a wrong output
 
     @property
-    def excluded(self) -> frozenset[bytes]:
-        """Hosts this session no longer uses (failed, lied, or refused)."""
+    def excluded(self) -> frozenset[bytes]:  # hosts no longer used (failed, lied, refused)
         return frozenset(self._excluded)
 
     @property
     def confirmed(self) -> int:
         """Steps every check of which, and of every step before them, has passed (Rule 7):
         all steps done when no check is running beside the stream."""
-        return min((c.step for c in self._beside), default=self._steps)
+        return min(self._void_from, *(c.step for c in self._beside), self._steps)
 
     @property
     def route(self) -> list[HopPlan]:
@@ -229,6 +233,8 @@ class RoutedSession:
                 raise
 
     def _fail(self, exc: HopFailed) -> None:
+        if exc.penalty == "wrong_output":
+            self._caught.add(exc.host)
         if exc.blame:
             self._report(exc.host, exc.penalty, exc.reason)
         if not exc.retryable:
@@ -268,11 +274,7 @@ class RoutedSession:
         return out, timings
 
     async def settle(self) -> None:
-        """Wait for every check beside the stream (Rule 7).
-
-        Raises:
-            CheckFailed: one found a lie (the liar is failed over and excluded).
-        """
+        """Wait for every check beside the stream (Rule 7); CheckFailed if one found a lie."""
         for check in list(self._beside):
             await check.done.wait()
         self._raise_failed_check()
@@ -291,7 +293,8 @@ class RoutedSession:
         lives = list(self._hops)
         picks = {id(live): self._sampled(live) for live in lives}
         beside: list[tuple[_Live, bool]] = []
-        if self._spawn is not None and any(picks.values()):  # Rule 7
+        # Rule 7, while fewer than MAX_BESIDE checks run (else this step's are held, Rule 4)
+        if self._spawn is not None and any(picks.values()) and len(self._beside) < MAX_BESIDE:
             beside = [(live, self._deferrable(live)) for live in lives if picks[id(live)]]
             picks = dict.fromkeys(picks, False)
             for live, _ in beside:
@@ -477,11 +480,11 @@ class RoutedSession:
         return v is None or v.judge_ready is None or v.judge_ready(plan.start, plan.end)
 
     def _deferrable(self, live: _Live) -> bool:
-        """Whether a check of `live`'s next step may be deferred (Rule 6): not one of its
-        first checked steps."""
-        v = self._verify
-        assert v is not None
-        return self._checked_steps(live) >= v.policy.first_steps
+        """Whether a check of `live`'s next step may be deferred (Rule 6): not a first one."""
+        return (
+            self._verify is not None
+            and self._checked_steps(live) >= self._verify.policy.first_steps
+        )
 
     def _check_inputs(self, live: _Live, x: StepInput) -> list[StepInput]:
         """What a fresh session needs to give this step's output: this step alone without a
@@ -491,8 +494,8 @@ class RoutedSession:
     # ---- checks beside the stream (Rule 7) --------------------------------------------------
 
     def _check_beside(self, picked: list[tuple[_Live, bool]]) -> None:
-        """Start the checks of the step just done on the `picked` hops (those failed over
-        during the step have no output of it: their replacements replayed, Rule 5)."""
+        """Start the checks of the step just done on the `picked` hops (not those failed over
+        in it: their replacements replayed, Rule 5)."""
         assert self._spawn is not None or not picked
         for live, deferrable in picked:
             out, live.out, live.watch = live.out, None, False
@@ -529,14 +532,27 @@ class RoutedSession:
                 self._beside.remove(check)
 
     def _raise_failed_check(self) -> None:
-        """CheckFailed for the earliest step a check beside the stream found a lie in."""
-        failed = [c for c in self._beside if c.failure is not None]
+        """CheckFailed for the earliest step a check beside the stream found a lie in, once
+        every liar found is failed over (reported, excluded, counted); JobFailed instead
+        when that exhausts the failover budget. Either way no step from the earliest lie on
+        is ever confirmed."""
+        failed = sorted((c for c in self._beside if c.failure is not None), key=lambda c: c.step)
         if not failed:
             return
-        check = min(failed, key=lambda c: c.step)
-        assert check.failure is not None
-        self._beside.clear()
-        self._fail(check.failure)  # reported, excluded, counted
+        check = failed[0]
+        self._void_from = min(self._void_from, check.step)
+        self._beside.clear()  # the checks still running judge void steps
+        exhausted: JobFailed | None = None
+        for lie in failed:
+            assert lie.failure is not None
+            if lie.failure.host in self._caught:
+                continue  # a liar caught on several steps (or held, Rule 4) fails over once
+            try:
+                self._fail(lie.failure)
+            except JobFailed as exc:  # over the budget: the liars after it are still reported
+                exhausted = exhausted or exc
+        if exhausted is not None:
+            raise exhausted
         raise CheckFailed(
             f"step {check.step} is void: {check.failure}",
             step=check.step,
@@ -775,14 +791,6 @@ class RoutedSession:
 
     async def close(self) -> None:
         await _close_all(self._hops)
-
-
-def next_token(out: torch.Tensor) -> torch.Tensor:
-    """The token a step of the model's last hop gave: its int64 (B,) reduced output, or
-    the argmax of its logits' last position."""
-    if out.dtype == torch.int64:
-        return out
-    return (out[:, -1] if out.dim() == 3 else out).argmax(-1)
 
 
 async def _close_all(hops: list[_Live]) -> None:

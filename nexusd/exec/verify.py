@@ -109,6 +109,14 @@ def last_tokens(ref: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return ref
 
 
+def next_token(out: torch.Tensor) -> torch.Tensor:
+    """The token a step of the model's last hop gave: its int64 (B,) reduced output, or
+    the argmax of its logits' last position."""
+    if out.dtype == torch.int64:
+        return out
+    return (out[:, -1] if out.dim() == 3 else out).argmax(-1)
+
+
 def joined_steps(steps: list[StepInput]) -> list[StepInput]:
     """`steps` as ONE step, concatenated along the tokens (one prefill: verify Rule 3);
     unchanged when they are not token-shaped."""

@@ -12,6 +12,7 @@ sampled among near-best replicas so concurrent clients spread out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -421,10 +422,9 @@ class JobEngine:
                             )
                         except CheckFailed:
                             raise
-                        except (
-                            NexusError
-                        ):  # the tokens made so far reach the client, then the error
-                            await session.settle()
+                        except NexusError:  # the checked tokens reach the client, then the error
+                            with contextlib.suppress(CheckFailed):  # its steps stay unconfirmed
+                                await session.settle()
                             await flush()
                             raise
                         steps += 1

@@ -4,14 +4,17 @@ from the lying one on; the caller's rerun without the liar gives the honest outp
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import trio
 
+import nexusd.exec.session as session_module
 from nexusd.api.records import GenerateRequest, TokenEvent
-from nexusd.exec.session import CheckFailed, RoutedSession, StepInput
+from nexusd.exec.session import MAX_BESIDE, CheckFailed, JobFailed, RoutedSession, StepInput
 from nexusd.exec.verify import VerifyPolicy
 from nexusd.metrics import Metrics
 
@@ -23,10 +26,18 @@ from .test_verify import (
     assert_same_output,
     honest_logits,
     origin_engine,
+    own_output,
     spans,
     tiny_registry,
     verified,
 )
+
+
+@pytest.fixture(autouse=True)
+def uncapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cap on the checks running beside a stream (the cap has its own test): how fast a
+    judge answers here must not decide which steps' checks are held."""
+    monkeypatch.setattr(session_module, "MAX_BESIDE", 1_000)
 
 
 def beside(
@@ -162,7 +173,9 @@ class PromptTokenizer:
 async def test_the_engine_holds_tokens_until_checked_and_reruns_without_the_liar(
     tmp_path: Path,
 ) -> None:
-    """The liar answers honestly twice, then lies; every step is checked beside the stream.
+    """The liar answers honestly once, then lies; every step is checked, beside the stream
+    while fewer than MAX_BESIDE checks run (a later lie may be caught by a held check
+    first: it is failed over once either way, and the void steps rerun).
     The engine emits no token before its step's checks pass; the lie voids the steps from
     it on, the job reruns without the liar, and the client sees each token once: the
     honest generation's, as the reply says."""
@@ -172,7 +185,7 @@ async def test_the_engine_holds_tokens_until_checked_and_reruns_without_the_liar
     async with trio.open_nursery() as nursery:
         origin = Node("origin", [])
         head = Node("head", spans([(0, 3)]))
-        liar = Node("liar", spans([(3, 6)], lie_from=2))
+        liar = Node("liar", spans([(3, 6)], lie_from=1))
         good = Node("good", spans([(3, 6)]))
         view = MemView(nursery, origin, [(head, 0.002), (liar, 0.001), (good, 0.05)])
         metrics = Metrics()
@@ -192,4 +205,103 @@ async def test_the_engine_holds_tokens_until_checked_and_reruns_without_the_liar
         assert len(reply.failovers) == 1 and "wrong output" in reply.failovers[0]
         assert {h.name for h in reply.route if h.start == 3} == {good.id.hex()[:8]}
         assert "jobs_reruns_total 1" in metrics.render()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lie_that_exhausts_the_failover_budget_leaves_its_steps_unconfirmed() -> None:
+    """No failover left: the lie fails the job (JobFailed, not a rerun), and the steps from
+    the lying one on stay unconfirmed after it, so the engine releases none of them."""
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        liar = Node("liar", spans([(3, 6)], lie_from=2))
+        good = Node("good", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, liar, good], forward=True)
+        layout = [(0, 3, [head.id]), (3, 6, [liar.id, good.id])]
+        session = beside(cl, layout, [], policy=VerifyPolicy(rate=1.0, first_steps=0))
+        session._budget = 0  # as a session built with max_failovers=0
+        with pytest.raises(JobFailed, match="gave up") as caught:
+            await run(session, [])
+        assert not isinstance(caught.value, CheckFailed)
+        with contextlib.suppress(CheckFailed):  # a check beside it may find the lie again
+            await session.settle()
+        assert session.confirmed <= 2
+        assert cl.penalties == [(liar.id, "wrong_output")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_liar_is_failed_over_and_the_reruns_end_honest() -> None:
+    """Two spans, a liar on each: every liar a failed check has found is failed over (once,
+    however many of its steps were caught), and the reruns, each carrying the exclusions
+    over, end on the honest hosts with the honest outputs."""
+    honest = await honest_logits()
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 2)]))
+        liar_a = Node("liar_a", spans([(2, 4)], lie_from=0))
+        good_a = Node("good_a", spans([(2, 4)]))
+        liar_b = Node("liar_b", spans([(4, 6)], lie_from=0))
+        good_b = Node("good_b", spans([(4, 6)]))
+        cl = Cluster(nursery, [head, liar_a, good_a, liar_b, good_b], forward=True)
+        layout = [
+            (0, 2, [head.id]),
+            (2, 4, [liar_a.id, good_a.id]),
+            (4, 6, [liar_b.id, good_b.id]),
+        ]
+        rerun: CheckFailed | None = None
+        for _ in range(3):  # two liars: at most two reruns
+            session = beside(cl, layout, [], rerun=rerun)
+            try:
+                logits = await run(session, [])
+                break
+            except CheckFailed as exc:
+                rerun = exc
+        assert [h.host for h in session.route] == [head.id, good_a.id, good_b.id]
+        assert sorted(cl.penalties) == sorted(
+            [(liar_a.id, "wrong_output"), (liar_b.id, "wrong_output")]
+        )
+        assert len(session.failovers) == 2
+        for got, want in zip(logits, honest, strict=True):
+            assert_same_output(got, want)
+        nursery.cancel_scope.cancel()
+
+
+async def test_checks_beyond_the_cap_hold_their_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_BESIDE checks of a session run at once: while they wait for their judge,
+    a further sampled step is checked held (Rule 4) and does not complete before it."""
+    monkeypatch.setattr(session_module, "MAX_BESIDE", MAX_BESIDE)  # the shipped cap
+    gate = trio.Event()
+    calls: list[int] = []
+
+    async def slow_judge(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        await gate.wait()
+        return await own_output(*args)
+
+    async with trio.open_nursery() as nursery:
+        head = Node("head", spans([(0, 3)]))
+        tail = Node("tail", spans([(3, 6)]))
+        cl = Cluster(nursery, [head, tail], forward=True)
+        session = verified(
+            cl,
+            [(0, 3, [head.id]), (3, 6, [tail.id])],
+            VerifyPolicy(rate=1.0),
+            [],
+            forward=True,
+            arbiter=slow_judge,
+            spawn=nursery.start_soon,
+        )
+        done: list[list[torch.Tensor]] = []
+
+        async def generation() -> None:
+            done.append(await run(session, []))
+
+        nursery.start_soon(generation)
+        with trio.fail_after(10):
+            while len(calls) <= MAX_BESIDE:  # noqa: ASYNC110 (two steps' checks beside, one held)
+                await trio.sleep(0.01)
+        assert session._steps == MAX_BESIDE // 2 and session.confirmed == 0
+        gate.set()
+        with trio.fail_after(10):
+            while not done:  # noqa: ASYNC110 (polls the generation's result)
+                await trio.sleep(0.01)
+        assert session.confirmed == STEPS
         nursery.cancel_scope.cancel()
