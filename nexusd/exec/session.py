@@ -70,8 +70,6 @@ from .verify import Opinion, difference, joined_steps, last_tokens, next_token
 from .verify import Verification as Verification
 
 log = structlog.get_logger(__name__)
-
-
 MAX_BESIDE = 4  # checks one session runs beside its stream at once (Rule 7)
 
 
@@ -117,10 +115,9 @@ class _Live:
         return self.compute_s / self.steps if self.steps else 0.05
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(eq=False, slots=True, kw_only=True)
 class _Beside:
-    """A check running beside the stream (Rule 7): hop `live`'s output at session step
-    `step`, from `inputs` (its whole history as one step)."""
+    """A check beside the stream (Rule 7): hop `live`'s `out` at step `step`, from `inputs`."""
 
     step: int
     live: _Live
@@ -515,15 +512,10 @@ class RoutedSession:
     async def _run_beside(self, check: _Beside) -> None:
         live = check.live
         try:
-            plan = live.hop.plan
             opinion = await self._second_opinion(
-                plan, check.inputs, live.per_step_s, check.last, check.deferrable
+                live.hop.plan, check.inputs, live.per_step_s, check.last, check.deferrable
             )
-            if opinion is None:
-                self._deferred(live)
-            else:
-                live.owed = False
-                await self._judge(plan, check.inputs, check.out, opinion, check.last)
+            await self._verdict(live, check.inputs, check.out, opinion, check.last)
         except HopFailed as exc:
             check.failure = exc
         finally:
@@ -560,12 +552,24 @@ class RoutedSession:
             failovers=tuple(self.failovers),
         )
 
-    def _deferred(self, live: _Live) -> None:
-        """Rule 6: the check is owed once the judge has loaded."""
-        if not live.owed:
-            log.info("verify_deferred", host=live.hop.plan.host.hex()[:8])
-        live.owed = True
-        self._outcome("deferred")
+    async def _verdict(
+        self,
+        live: _Live,
+        inputs: list[StepInput],
+        out: torch.Tensor,
+        opinion: Opinion | None,
+        last: bool,
+    ) -> None:
+        """Judge `live`'s `out` against the second `opinion` (HopFailed if it lied), or, with
+        no opinion (Rule 6, deferred), owe a check once the judge has loaded."""
+        if opinion is None:
+            if not live.owed:
+                log.info("verify_deferred", host=live.hop.plan.host.hex()[:8])
+            live.owed = True
+            self._outcome("deferred")
+            return
+        live.owed = False
+        await self._judge(live.hop.plan, inputs, out, opinion, last)
 
     # ---- checks that hold their step (Rule 4) -------------------------------------------------
 
@@ -598,11 +602,7 @@ class RoutedSession:
                 raise
             raise failure from None
         out, timing = done[0]
-        if opinion[0] is None:  # Rule 6: owed once the judge has loaded
-            self._deferred(live)
-            return out, timing
-        live.owed = False
-        await self._judge(live.hop.plan, inputs, out, opinion[0], last)
+        await self._verdict(live, inputs, out, opinion[0], last)
         return out, timing
 
     async def _judge(
