@@ -157,6 +157,11 @@ class _Spec:
         raise NotImplementedError
 
 
+def _fits(value: int) -> bool:
+    """Whether an int fits msgpack's 64 bits (signed or unsigned)."""
+    return -(2**63) <= value < 2**64
+
+
 class _Scalar(_Spec):
     """bool, int, str, bytes, None: exact types (a bool is never an int here)."""
 
@@ -175,7 +180,7 @@ class _Scalar(_Spec):
     def enc(self, value: Any, path: str) -> Any:
         if not self._ok(value):
             raise TypeError(f"field {path!r}: expected {self.name}, got {_got(value)}")
-        if self.tp is int and not -(2**63) <= value < 2**64:
+        if self.tp is int and not _fits(value):
             raise ValueError(f"field {path!r}: int {value} does not fit in 64 bits")
         return int(value) if self.tp is int else value
 
@@ -419,9 +424,7 @@ class _RecordSchema:
         out = []
         for n, s, exact, is_int, _ in self.plan:
             value = getattr(rec, n)
-            if type(value) is exact or (
-                is_int and type(value) is int and -(2**63) <= value < 2**64
-            ):
+            if type(value) is exact or (is_int and type(value) is int and _fits(value)):
                 out.append(value)  # what `s.enc` returns for it, without the call
             else:
                 out.append(s.enc(value, n))
