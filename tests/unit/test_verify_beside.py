@@ -269,10 +269,14 @@ async def test_checks_beyond_the_cap_hold_their_step(monkeypatch: pytest.MonkeyP
     a further sampled step is checked held (Rule 4) and does not complete before it."""
     monkeypatch.setattr(session_module, "MAX_BESIDE", MAX_BESIDE)  # the shipped cap
     gate = trio.Event()
+    held = trio.Event()  # a judge asked once more than the cap: a held step's check
+    finished = trio.Event()
     calls: list[int] = []
 
     async def slow_judge(*args: Any) -> torch.Tensor:
         calls.append(1)
+        if len(calls) > MAX_BESIDE:
+            held.set()
         await gate.wait()
         return await own_output(*args)
 
@@ -289,19 +293,17 @@ async def test_checks_beyond_the_cap_hold_their_step(monkeypatch: pytest.MonkeyP
             arbiter=slow_judge,
             spawn=nursery.start_soon,
         )
-        done: list[list[torch.Tensor]] = []
 
         async def generation() -> None:
-            done.append(await run(session, []))
+            await run(session, [])
+            finished.set()
 
         nursery.start_soon(generation)
         with trio.fail_after(10):
-            while len(calls) <= MAX_BESIDE:  # noqa: ASYNC110 (two steps' checks beside, one held)
-                await trio.sleep(0.01)
+            await held.wait()  # two steps' checks beside, then one held
         assert session._steps == MAX_BESIDE // 2 and session.confirmed == 0
         gate.set()
         with trio.fail_after(10):
-            while not done:  # noqa: ASYNC110 (polls the generation's result)
-                await trio.sleep(0.01)
+            await finished.wait()
         assert session.confirmed == STEPS
         nursery.cancel_scope.cancel()
