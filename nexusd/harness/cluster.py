@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TypeVar, overload
 
@@ -118,10 +119,16 @@ class DaemonProcess:
         self.wait_for("daemon_started", timeout_s)
         return self
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        """Signal the daemon and wait for it; returns its exit code (SIGKILL after timeout)."""
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` to the daemon if it is still running (no wait)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+
+    def stop(self, sig: int | None = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        """Signal the daemon (unless `sig` is None: already signalled) and wait for it;
+        returns its exit code (SIGKILL after timeout)."""
+        if sig is not None:
+            self.send_signal(sig)
         try:
             code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -218,11 +225,16 @@ class LocalCluster:
         return d
 
     def init(self) -> None:
-        for i in range(self.size):
-            args = ["init", "--data-dir", str(self.data_dir(i)), "--name", self.names[i]]
-            res = run_cli([*args, "--new-mesh"] if i == 0 else args, env=self.env)
+        """`nexusd init` every node, side by side (node 0 founds the mesh)."""
+        with ThreadPoolExecutor(max_workers=self.size) as pool:
+            results = list(pool.map(self._init_one, range(self.size)))
+        for i, res in enumerate(results):
             if res.returncode != 0:
                 raise ClusterError(f"init of {self.names[i]} failed: {res.stderr.strip()}")
+
+    def _init_one(self, i: int) -> subprocess.CompletedProcess[str]:
+        args = ["init", "--data-dir", str(self.data_dir(i)), "--name", self.names[i]]
+        return run_cli([*args, "--new-mesh"] if i == 0 else args, env=self.env)
 
     def _spawn(self, i: int) -> DaemonProcess:
         return DaemonProcess(
@@ -322,10 +334,13 @@ class LocalCluster:
         return reply
 
     def stop_all(self) -> None:
-        """Stop every daemon (graceful first); also reaps ones that already exited."""
-        for d in self.daemons:
-            if d is not None:
-                d.stop()
+        """Stop every daemon (graceful first); also reaps ones that already exited. All are
+        signalled before any is waited for, so they wind down side by side."""
+        running = [d for d in self.daemons if d is not None]
+        for d in running:
+            d.send_signal(signal.SIGTERM)
+        for d in running:
+            d.stop(None)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,10 @@ Rule 3: SIGHUP (`systemctl reload`) re-reads the config and applies what is safe
 running: `log.level`, and entries added to `atoms.host` (hosted at once). Anything else
 that changed (ports, keys, budgets, removed spans) is named in a warning: it takes a
 restart. A config that does not load is logged and the running one is kept.
+Rule 4: once serving, the heap built at start-up (torch, libp2p and the hosted spans:
+~280k tracked objects) is moved out of the garbage collector's sight (`gc.freeze` after
+one collection). A full collection walked all of it: 0.15-0.25 s with the event loop
+stopped, five or six times in a few minutes of serving, and again for seconds at exit.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import os
 import signal
 import time
@@ -94,6 +99,19 @@ def node_lock(paths: NodePaths) -> Iterator[IO[str]]:
         yield fh
     finally:
         fh.close()
+
+
+def _settle_heap() -> None:
+    """Rule 4: collect the start-up garbage once, then freeze what is left: later
+    collections walk only what the node allocates while it serves."""
+    t0 = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "heap_settled",
+        frozen_objects=gc.get_freeze_count(),
+        collect_ms=round((time.perf_counter() - t0) * 1e3, 1),
+    )
 
 
 def verify_policy(cfg: ExecConfig) -> VerifyPolicy | None:
@@ -267,6 +285,7 @@ class Daemon:
                     hosted=[f"{h.model_id}:{h.start}-{h.end}" for h in self.host.hosted()],
                     version=__version__,
                 )
+                _settle_heap()
                 task_status.started()
                 await self._stop.wait()
                 grace = self.cfg.node.shutdown_grace_s

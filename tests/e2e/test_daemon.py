@@ -57,6 +57,8 @@ def test_run_status_and_sigterm(node_dir: Path) -> None:
         human = run_cli(["status", "--data-dir", str(node_dir)])
         assert "alpha" in human.stdout and str(daemon.proc.pid) in human.stdout
         assert daemon.stop(signal.SIGTERM) == 0
+        settled = daemon.wait_for("heap_settled", 1)  # daemon Rule 4: start-up heap frozen
+        assert settled["frozen_objects"] > 10_000
         daemon.wait_for("daemon_stopped", 1)
         assert not sock.exists()
 

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,26 @@ PROMPT = "The history of the mesh begins"
 TEXTS = ["A man is eating food.", "A man is riding a horse.", "The new movie is awesome."]
 
 
-@pytest.fixture
-def node(tmp_path: Path, models_dir: Path) -> tuple[Path, dict[str, str]]:
-    data = tmp_path / "node"
+def _new_node(data: Path, models_dir: Path) -> tuple[Path, dict[str, str]]:
     assert run_cli(["init", "--data-dir", str(data), "--new-mesh"]).returncode == 0
     env = {
         "NEXUSD_ATOMS__MODELS_DIR": str(models_dir),
         "NEXUSD_ATOMS__HOST": "nexus-1.1,nexus-1.1-random,minilm",
     }
     return data, env
+
+
+@pytest.fixture
+def node(tmp_path: Path, models_dir: Path) -> tuple[Path, dict[str, str]]:
+    return _new_node(tmp_path / "node", models_dir)
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[DaemonProcess]:
+    """One running node shared by the bad-request cases (each leaves it as it was)."""
+    data, env = _new_node(tmp_path_factory.mktemp("serving") / "node", models_dir)
+    with running(data, "--port", "0", env=env) as daemon:
+        yield daemon
 
 
 def cli_json(data: Path, *args: str) -> dict[str, object]:
@@ -132,11 +144,11 @@ def test_no_acknowledged_job_is_lost_across_a_crash(node: tuple[Path, dict[str, 
     ],
 )
 def test_bad_requests_get_clear_errors(
-    node: tuple[Path, dict[str, str]], args: list[str], code: str, words: str
+    serving: DaemonProcess, args: list[str], code: str, words: str
 ) -> None:
-    data, env = node
-    with running(data, "--port", "0", env=env):
-        res = run_cli([*args, "--data-dir", str(data)], timeout_s=120)
-        assert res.returncode == 1
-        assert f"[{code}]" in res.stderr and words in res.stderr, res.stderr
-        assert run_cli(["status", "--data-dir", str(data)]).returncode == 0
+    data = serving.data_dir
+    res = run_cli([*args, "--data-dir", str(data)], timeout_s=120)
+    assert res.returncode == 1
+    assert f"[{code}]" in res.stderr and words in res.stderr, res.stderr
+    assert serving.proc.poll() is None
+    assert run_cli(["status", "--data-dir", str(data)]).returncode == 0
