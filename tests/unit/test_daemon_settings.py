@@ -4,6 +4,8 @@ the hosted spans' own bytes per token), the metrics endpoint, and the systemd re
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from atoms.span import Span
 from mesh.transport.base import local_ipv4_addresses
 from nexusd.config import MeshConfig, load_config
 from nexusd.errors import ConfigError
-from nexusd.exec.hosting import SpanHost
+from nexusd.exec.hosting import SpanHost, warm_up
+from nexusd.exec.profile import measure_step
 from nexusd.metrics import Metrics, serve_metrics
 from nexusd.node.mesh_service import (
     UNBOUNDED_KV_TOKENS,
@@ -115,3 +118,23 @@ def test_systemd_reload_sends_sighup_not_sigterm() -> None:
         assert [ln for ln in lines if ln.startswith("ExecReload=")] == [
             "ExecReload=/bin/kill -HUP $MAINPID"
         ], unit
+
+
+def test_a_span_hosted_before_the_heap_is_frozen_is_freed_when_unhosted() -> None:
+    """Daemon Rule 4 freezes the start-up heap, config-hosted spans included; frozen
+    objects are never collected, so a span must be freed by reference counts alone when
+    it is unhosted (no cycle may hold its weights)."""
+    span = tiny_llama()
+    warm_up(span)
+    measure_step(span)
+    host = host_of(span)
+    weight = weakref.ref(next(span.atom_list()[1].parameters()))
+    held = weakref.ref(span)
+    del span
+    gc.collect()
+    gc.freeze()
+    try:
+        assert host.remove_span("tiny", 0, TINY.num_hidden_layers + 2)
+        assert held() is None and weight() is None
+    finally:
+        gc.unfreeze()
