@@ -11,8 +11,9 @@ that changed (ports, keys, budgets, removed spans) is named in a warning: it tak
 restart. A config that does not load is logged and the running one is kept.
 Rule 4: once serving, the heap built at start-up (torch, libp2p and the hosted spans:
 ~280k tracked objects) is moved out of the garbage collector's sight (`gc.freeze` after
-one collection). A full collection walked all of it: 0.15-0.25 s with the event loop
-stopped, five or six times in a few minutes of serving, and again for seconds at exit.
+one collection). A full collection walked all of it with the event loop stopped: 0.24 s
+every few minutes of serving under 8 concurrent generations (0.04 s frozen), and at exit
+(SIGTERM to exit ~1.0 s, 0.4-0.5 s frozen).
 """
 
 from __future__ import annotations
