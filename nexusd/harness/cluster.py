@@ -333,14 +333,21 @@ class LocalCluster:
             )
         return reply
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> dict[str, int]:
         """Stop every daemon (graceful first); also reaps ones that already exited. All are
-        signalled before any is waited for, so they wind down side by side."""
-        running = [d for d in self.daemons if d is not None]
-        for d in running:
+        signalled before any is waited for, so they wind down side by side.
+
+        Returns:
+            The exit code of each daemon that was still running, by node name.
+        """
+        started = [
+            (name, d) for name, d in zip(self.names, self.daemons, strict=True) if d is not None
+        ]
+        running = {name for name, d in started if d.proc.poll() is None}
+        for _, d in started:
             d.send_signal(signal.SIGTERM)
-        for d in running:
-            d.stop(None)
+        codes = {name: d.stop(None) for name, d in started}
+        return {name: code for name, code in codes.items() if name in running}
 
 
 @contextlib.contextmanager

@@ -146,11 +146,12 @@ def run_demo(opts: DemoOptions) -> int:
             _wait_for_interrupt(cluster)
     finally:
         say("\n[6/6] stopping the daemons (SIGTERM, graceful)")
-        codes = []
-        for i, d in enumerate(cluster.daemons):
-            if d is not None and d.proc.poll() is None:
-                codes.append((names[i], d.stop(signal.SIGTERM)))
-        say("  " + ", ".join(f"{n}: exit {c}" for n, c in codes) if codes else "  none running")
+        codes = cluster.stop_all()
+        say(
+            "  " + ", ".join(f"{n}: exit {c}" for n, c in codes.items())
+            if codes
+            else "  none running"
+        )
         if not opts.keep and opts.workdir is None:
             _rmtree(workdir)
         else:
