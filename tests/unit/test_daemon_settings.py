@@ -128,13 +128,14 @@ def test_a_span_hosted_before_the_heap_is_frozen_is_freed_when_unhosted() -> Non
     warm_up(span)
     measure_step(span)
     host = host_of(span)
+    key = (span.model_id, span.start, span.end)
     weight = weakref.ref(next(span.atom_list()[1].parameters()))
     held = weakref.ref(span)
     del span
     gc.collect()
     gc.freeze()
     try:
-        assert host.remove_span("tiny", 0, TINY.num_hidden_layers + 2)
+        assert host.remove_span(*key)
         assert held() is None and weight() is None
     finally:
         gc.unfreeze()

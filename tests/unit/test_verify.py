@@ -116,9 +116,11 @@ def verified(
     arbiter: Arbiter = own_output,
     spawn: Callable[..., object] | None = None,
     rerun: CheckFailed | None = None,
+    **options: Any,
 ) -> RoutedSession:
     """A checked session in `cl`; with `spawn`, its checks run beside the stream (session
-    Rule 7), and `rerun` carries over a failed session's exclusions and failovers."""
+    Rule 7), and `rerun` carries over a failed session's exclusions and failovers; `options`
+    are further `RoutedSession` keywords (e.g. `max_failovers`)."""
     verify = Verification(
         policy=policy, arbiter=arbiter, rng=random.Random(0), on_check=outcomes.append
     )
@@ -135,6 +137,7 @@ def verified(
         spawn=spawn,
         excluded=frozenset() if rerun is None else rerun.excluded,
         failovers=() if rerun is None else rerun.failovers,
+        **options,
     )
 
 

@@ -47,8 +47,10 @@ def beside(
     *,
     rerun: CheckFailed | None = None,
     policy: VerifyPolicy | None = None,
+    **options: Any,
 ) -> RoutedSession:
-    """A forward-mode session whose checks run in the cluster's nursery, beside its steps."""
+    """A forward-mode session whose checks run in the cluster's nursery, beside its steps
+    (`options`: further `RoutedSession` keywords)."""
     return verified(
         cl,
         layout,
@@ -57,6 +59,7 @@ def beside(
         forward=True,
         spawn=cl.nursery.start_soon,
         rerun=rerun,
+        **options,
     )
 
 
@@ -217,8 +220,8 @@ async def test_a_lie_that_exhausts_the_failover_budget_leaves_its_steps_unconfir
         good = Node("good", spans([(3, 6)]))
         cl = Cluster(nursery, [head, liar, good], forward=True)
         layout = [(0, 3, [head.id]), (3, 6, [liar.id, good.id])]
-        session = beside(cl, layout, [], policy=VerifyPolicy(rate=1.0, first_steps=0))
-        session._budget = 0  # as a session built with max_failovers=0
+        policy = VerifyPolicy(rate=1.0, first_steps=0)
+        session = beside(cl, layout, [], policy=policy, max_failovers=0)
         with pytest.raises(JobFailed, match="gave up") as caught:
             await run(session, [])
         assert not isinstance(caught.value, CheckFailed)
